@@ -1,0 +1,138 @@
+"""Which implementation each op runs: decided once, overridable, observable.
+
+``python -m vosgan.backend`` prints the whole report. Overrides (environment variables):
+
+- ``VOSGAN_IMPL=reference`` forces the plain PyTorch reference for every op;
+- ``VOSGAN_IMPL_<OP>=reference|<impl>`` (e.g. ``VOSGAN_IMPL_GRU=reference``) for one op.
+
+Every ``vosgan.ops.<op>`` module exposes ``fused_impl(device) -> (name | None, reason)``: the
+fused implementation that ``impl="auto"`` picks on that device, or ``None`` and the reason why the
+reference runs. A fallback warns once, with that reason, through :func:`warn_once`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import platform
+import sys
+import warnings
+from dataclasses import dataclass
+from functools import cache
+
+import torch
+
+#: op name -> the ``vosgan.ops`` module implementing it.
+OPS: dict[str, str] = {
+    "composite": "vosgan.ops.composite",
+    "flow_warp_loss": "vosgan.ops.flow_warp",
+    "conv3d_block": "vosgan.ops.conv3d_block",
+    "gru": "vosgan.ops.gru",
+}
+
+_warned: set[str] = set()
+
+
+def warn_once(key: str, message: str) -> None:
+    """Emit ``message`` as a ``UserWarning`` the first time ``key`` is seen in this process."""
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(message, UserWarning, stacklevel=3)
+
+
+@dataclass(frozen=True)
+class OpChoice:
+    """The implementation an op runs on one device, and why."""
+
+    op: str
+    impl: str  # "reference" or the fused implementation's name ("triton", "numba", "cpp", ...)
+    reason: str
+
+    @property
+    def fused(self) -> bool:
+        return self.impl != "reference"
+
+
+def forced_impl(op: str) -> str | None:
+    """The implementation forced for ``op`` by environment variable, or ``None``."""
+    return os.environ.get(f"VOSGAN_IMPL_{op.upper()}") or os.environ.get("VOSGAN_IMPL") or None
+
+
+def choose(op: str, device: torch.device | str) -> OpChoice:
+    """Decide which implementation ``op`` runs on ``device`` (cached per op and device type)."""
+    return _choose(op, torch.device(device).type)
+
+
+@cache
+def _choose(op: str, device_type: str) -> OpChoice:
+    if op not in OPS:
+        raise ValueError(f"unknown op {op!r}; known ops: {sorted(OPS)}")
+    forced = forced_impl(op)
+    if forced == "reference":
+        return OpChoice(op, "reference", "forced by environment variable")
+    module = importlib.import_module(OPS[op])
+    name, reason = module.fused_impl(torch.device(device_type))
+    if forced is not None and forced != name:
+        raise RuntimeError(
+            f"VOSGAN_IMPL{'_' + op.upper() if os.environ.get(f'VOSGAN_IMPL_{op.upper()}') else ''}"
+            f"={forced!r} asks for an implementation of {op!r} that is not available on "
+            f"{device_type}: {reason}"
+        )
+    if name is None:
+        return OpChoice(op, "reference", reason)
+    return OpChoice(op, name, reason)
+
+
+def triton_mode() -> tuple[str, str]:
+    """Triton's state: ("gpu" | "interpreter" | "absent", detail)."""
+    try:
+        import triton
+    except ImportError as exc:  # reported, never swallowed
+        return "absent", f"import failed: {exc}"
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return "interpreter", f"triton {triton.__version__}, TRITON_INTERPRET=1 (CPU tensors)"
+    if torch.cuda.is_available():
+        return "gpu", f"triton {triton.__version__} on {torch.cuda.get_device_name()}"
+    return "absent", f"triton {triton.__version__} installed, but no CUDA device"
+
+
+def _probe(module: str, attr: str = "__version__") -> str:
+    try:
+        mod = importlib.import_module(module)
+    except Exception as exc:  # noqa: BLE001 - the report must show any import failure
+        return f"not available ({type(exc).__name__}: {exc})"
+    return f"available ({getattr(mod, attr, 'unknown version')})"
+
+
+def extension_status() -> tuple[bool, str]:
+    """Whether the C++ extension ``vosgan._C`` loads, and why not."""
+    try:
+        importlib.import_module("vosgan._C")
+    except ImportError as exc:
+        return False, f"vosgan._C not importable ({exc}); reinstall with a C++ compiler"
+    return True, "vosgan._C loaded"
+
+
+def report(device: torch.device | str | None = None) -> str:
+    """A multi-line report of the platform and of every op's implementation on ``device``."""
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    cuda = torch.cuda.get_device_name() if torch.cuda.is_available() else "no CUDA device"
+    lines = [
+        f"python   {sys.version.split()[0]} on {platform.machine()}, {os.cpu_count()} CPUs",
+        f"torch    {torch.__version__}; {cuda}; device for this report: {dev}",
+        f"triton   {': '.join(triton_mode())}",
+        f"C++ ext  {extension_status()[1]}",
+        f"numba    {_probe('numba')}",
+        f"DALI     {_probe('nvidia.dali')}",
+        f"cupy     {_probe('cupy')}",
+        f"PyAV     {_probe('av')}",
+        "ops:",
+    ]
+    for op in OPS:
+        c = choose(op, dev)
+        lines.append(f"  {op:<16} {c.impl:<10} {c.reason}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(report(sys.argv[1] if len(sys.argv) > 1 else None))
