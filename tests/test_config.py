@@ -1,0 +1,52 @@
+import json
+
+import pytest
+
+from vosgan import config as C
+
+
+def test_presets_validate_and_shapes():
+    small, paper = C.load("cpu-small"), C.load("paper")
+    assert (small.model.size, small.model.frames) == (32, 16)
+    assert (paper.model.size, paper.model.frames) == (64, 32)
+    assert paper.model.first_frames == 2 and paper.model.up_stages == 4
+    assert small.model.first_frames == 2 and small.model.up_stages == 3
+
+
+def test_overrides_are_typed():
+    cfg = C.load("cpu-small", C.parse_overrides(["--model.gru_hidden=96", "--train.steps", "7",
+                                                  "--loss.adversarial=hinge", "--data.cache=true"]))
+    assert cfg.model.gru_hidden == 96 and cfg.train.steps == 7
+    assert cfg.loss.adversarial == "hinge" and cfg.data.cache is True
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"model.nope": "1"}, "unknown config key 'model.nope'"),
+        ({"nosection.x": "1"}, "unknown config key"),
+        ({"model.size": "abc"}, "model.size must be int"),
+        ({"model.size": "48"}, "power of two"),
+        ({"train.steps": "0"}, "train.steps must be >= 1"),
+        ({"loss.adversarial": "wgan"}, "loss.adversarial must be one of"),
+        ({"data.cache": "maybe"}, "data.cache must be a boolean"),
+        ({"optim.beta1": "1.5"}, "optim.beta1"),
+        ({"model.frames": "20"}, "model.frames must be a positive multiple"),
+    ],
+)
+def test_bad_values_are_named(overrides, message):
+    with pytest.raises(C.ConfigError, match=message):
+        C.load("cpu-small", overrides)
+
+
+def test_unknown_preset_and_bad_cli_argument():
+    with pytest.raises(C.ConfigError, match="unknown preset"):
+        C.load("huge")
+    with pytest.raises(C.ConfigError, match="unrecognised argument"):
+        C.parse_overrides(["--steps=3"])
+
+
+def test_json_round_trip():
+    cfg = C.load("paper", {"model.gru_hidden": "128", "loss.r1": "0.5"})
+    again = C.from_dict(json.loads(cfg.to_json()))
+    assert again == cfg

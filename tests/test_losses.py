@@ -1,0 +1,64 @@
+import math
+
+import torch
+
+from vosgan import losses as L
+from vosgan.config import LossConfig
+
+
+def test_adversarial_known_values():
+    zero = torch.zeros(4)
+    assert math.isclose(L.d_adversarial(zero, zero).item(), 2 * math.log(2), rel_tol=1e-6)
+    assert math.isclose(L.g_adversarial(zero).item(), math.log(2), rel_tol=1e-6)
+    real, fake = torch.tensor([2.0, 0.0]), torch.tensor([-2.0, 0.5])
+    # hinge: relu(1 - [2, 0]) = [0, 1] -> 0.5; relu(1 + [-2, .5]) = [0, 1.5] -> 0.75
+    assert math.isclose(L.d_adversarial(real, fake, "hinge").item(), 1.25, rel_tol=1e-6)
+    assert math.isclose(L.g_adversarial(fake, "hinge").item(), 0.75, rel_tol=1e-6)
+
+
+def test_flow_validity_marks_flows_leaving_the_frame():
+    flow = torch.zeros(1, 2, 1, 3, 4)
+    flow[0, 0, 0, 0, 3] = 0.5  # right edge, moves out
+    flow[0, 1, 0, 2, 0] = -3.0  # moves above the top
+    valid = L.flow_validity(flow)
+    assert valid.shape == (1, 1, 1, 3, 4)
+    assert valid.sum() == 10 and valid[0, 0, 0, 0, 3] == 0 and valid[0, 0, 0, 2, 0] == 0
+
+
+def test_smoothness_zero_for_constant_flow_and_edge_aware():
+    video = torch.zeros(1, 3, 3, 4, 4)
+    const = torch.ones(1, 2, 2, 4, 4)
+    assert L.flow_smoothness(const, video).item() == 0
+    step = torch.zeros(1, 2, 2, 4, 4)
+    step[..., 2:] = 1.0  # a flow edge between columns 1 and 2
+    flat = L.flow_smoothness(step, video).item()
+    video_edge = video.clone()
+    video_edge[..., 2:] = 1.0  # an image edge at the same place damps the penalty
+    assert L.flow_smoothness(step, video_edge, edge=10.0).item() < flat * 1e-3
+    # |du/dx| = 1 on 1 of 3 column pairs for both channels -> 1/3
+    assert math.isclose(flat, 1 / 3, rel_tol=1e-6)
+
+
+def test_segmentation_loss_detaches_the_mask():
+    logit = torch.zeros(1, 1, 2, 2, 2, requires_grad=True)
+    mask = torch.ones(1, 1, 2, 2, 2, requires_grad=True)
+    loss = L.segmentation_loss(logit, mask)
+    assert math.isclose(loss.item(), math.log(2), rel_tol=1e-6)
+    loss.backward()
+    assert mask.grad is None and logit.grad is not None
+
+
+def test_r1_penalty_matches_closed_form():
+    x = torch.randn(3, 5, requires_grad=True)
+    w = torch.randn(5)
+    logit = x @ w  # d logit_b / d x_b = w
+    torch.testing.assert_close(L.r1_penalty(logit, x), w.pow(2).sum())
+
+
+def test_motion_loss_zero_when_flow_explains_the_motion():
+    torch.manual_seed(0)
+    frame = torch.rand(1, 3, 1, 6, 7)
+    video = torch.cat([frame, frame], dim=2)  # static: zero flow is exact
+    loss = L.VosGanLoss(LossConfig(charbonnier_eps=1e-6))
+    warp, smooth = loss.motion(video, torch.zeros(1, 2, 1, 6, 7))
+    assert warp.item() < 1e-5 and smooth.item() == 0

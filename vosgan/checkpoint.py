@@ -1,0 +1,117 @@
+"""Full-state checkpoints, written atomically, and the RNG state that makes resume exact."""
+
+from __future__ import annotations
+
+import glob
+import os
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from vosgan import config as config_mod
+from vosgan.config import Config, ConfigError
+
+FORMAT = "vosgan-checkpoint-v1"
+LAST = "last.pt"
+
+
+def save_atomic(obj: Any, path: str | os.PathLike) -> None:
+    """``torch.save`` to a temporary file beside ``path``, fsync, then rename over ``path``.
+
+    A crash or Ctrl-C at any moment leaves either the old file or the new one, never half of one.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as fh:
+            torch.save(obj, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def rng_state() -> dict[str, Any]:
+    """Every RNG the training loop draws from."""
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what :func:`rng_state` captured."""
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load a vosgan checkpoint file (or a run folder's latest), with errors that name the file."""
+    path = Path(path)
+    if path.is_dir():
+        found = latest_in(path)
+        if found is None:
+            raise FileNotFoundError(f"no checkpoint in run folder {path} (expected {path}/checkpoints/{LAST})")
+        path = found
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=False)
+    except Exception as exc:  # noqa: BLE001 - any unpickling failure means "not readable"
+        raise ValueError(f"checkpoint {path} is not readable ({type(exc).__name__}: {exc})") from exc
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+        raise ValueError(f"{path} is not a vosgan checkpoint (no '{FORMAT}' marker)")
+    ckpt["path"] = str(path)
+    return ckpt
+
+
+def checkpoint_config(ckpt: dict[str, Any]) -> Config:
+    """The resolved config a checkpoint was trained with."""
+    try:
+        return config_mod.from_dict(ckpt["config"])
+    except ConfigError as exc:
+        raise ValueError(f"checkpoint {ckpt.get('path')} holds an invalid config: {exc}") from exc
+
+
+def latest_in(run_dir: str | os.PathLike) -> Path | None:
+    """``<run_dir>/checkpoints/last.pt`` if it exists."""
+    path = Path(run_dir) / "checkpoints" / LAST
+    return path if path.exists() else None
+
+
+def find_resume(resume: str, out: str | None, preset: str, runs_root: str = "runs") -> Path | None:
+    """Resolve ``--resume``: a checkpoint file, a run folder, or ``auto``.
+
+    ``auto`` continues ``out`` when given (starting fresh if it holds no checkpoint yet), else the
+    most recently modified ``runs/<preset>-*`` folder with a checkpoint (fresh if none).
+    """
+    if resume != "auto":
+        path = Path(resume)
+        if path.is_dir():
+            found = latest_in(path)
+            if found is None:
+                raise FileNotFoundError(f"--resume {resume}: no checkpoint in {path}/checkpoints/")
+            return found
+        if not path.exists():
+            raise FileNotFoundError(f"--resume {resume}: no such file or folder")
+        return path
+    if out is not None:
+        return latest_in(out)
+    candidates = [latest_in(d) for d in glob.glob(os.path.join(runs_root, f"{preset}-*"))]
+    candidates = [c for c in candidates if c is not None]
+    return max(candidates, key=lambda p: p.stat().st_mtime) if candidates else None
+
+
+def model_config_diff(a: Config, b: Config) -> list[str]:
+    """Model fields whose values differ between two configs: ``["size: 32 != 64", ...]``."""
+    da, db = a.to_dict()["model"], b.to_dict()["model"]
+    return [f"model.{k}: {da[k]!r} != {db[k]!r}" for k in da if da[k] != db.get(k)]

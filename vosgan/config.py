@@ -1,0 +1,251 @@
+"""One source of truth for every setting: frozen dataclasses, presets, typed CLI overrides.
+
+``--section.key=value`` overrides a field (``--model.gru_hidden=128``, ``--train.steps=200``);
+unknown keys, wrong types and invalid values are rejected with a message naming the field.
+Fields marked [paper] follow the paper; everything else is our choice (see README, "Method").
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import typing
+from dataclasses import dataclass, field, fields, replace
+from typing import Any, Literal
+
+
+class ConfigError(ValueError):
+    """An invalid configuration value, named by its ``section.key``."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    size: int = 32  # frame height = width
+    frames: int = 16  # T
+    z_content: int = 100  # content (background) latent [paper: two latent spaces]
+    z_motion: int = 32  # motion latent space dimension d_m
+    anchors: int = 3  # K points the motion trajectory passes through [paper: trajectory]
+    interpolation: Literal["linear", "slerp"] = "linear"
+    gru_hidden: int = 64  # trajectory encoder state size [paper: RNN encoder]
+    g_channels: int = 128  # channels of G's first stage (halved each stage)
+    d_channels: int = 16  # channels of D's first stage (doubled each stage)
+    flow_scale: float = 1.0  # D's flow head output is multiplied by this (pixels)
+
+    @property
+    def up_stages(self) -> int:
+        """Number of x2 upsampling stages from 4x4 to ``size``."""
+        return int(math.log2(self.size // 4))
+
+    @property
+    def first_frames(self) -> int:
+        """Temporal size of G's first foreground stage (``frames / 2**up_stages``)."""
+        return self.frames // 2**self.up_stages
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    adversarial: Literal["nonsaturating", "hinge"] = "nonsaturating"
+    mask_sparsity: float = 0.1  # lambda_m * mean|m| (VGAN's 0.1)
+    segmentation: float = 1.0  # BCE(D seg of fake, G mask) [paper: G's masks supervise D]
+    flow: float = 1.0  # flow-warping photometric loss on real and fake [paper: motion estimation]
+    flow_smoothness: float = 0.05  # edge-aware first-order smoothness of D's flow
+    smoothness_edge: float = 10.0  # edge-awareness: weight exp(-edge * |dI|)
+    charbonnier_eps: float = 1e-3
+    r1: float = 0.0  # R1 gradient penalty weight (0 disables)
+    r1_every: int = 16  # lazy regularisation interval
+    consistency: float = 0.0  # G-side: BCE(D seg of fake, m) pulled toward agreement
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    lr_g: float = 2e-4
+    lr_d: float = 2e-4
+    beta1: float = 0.5
+    beta2: float = 0.999
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    source: str = "synthetic"  # "synthetic" or a path (real video: issue #6)
+    train_clips: int = 8192
+    val_clips: int = 64
+    seed: int = 0
+    batch_size: int = 16
+    num_workers: int = 0
+    cache: bool = False  # render the synthetic clips once into memory
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 1200
+    seed: int = 0
+    device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1", ...
+    amp: Literal["auto", "off", "bf16", "fp16"] = "auto"  # auto: bf16 on CUDA, off on CPU
+    log_every: int = 20
+    eval_every: int = 400
+    sample_every: int = 400
+    checkpoint_every: int = 200
+    eval_clips: int = 64
+
+
+@dataclass(frozen=True)
+class Config:
+    preset: str = "cpu-small"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+
+PRESETS: dict[str, Config] = {
+    # Sized so the default run finishes in minutes on 2 CPU cores and still learns the synthetic data.
+    "cpu-small": Config(),
+    # The paper's resolution and VGAN-sized channels (about 26 GFLOP per sample, G+D fwd+bwd).
+    "paper": Config(
+        preset="paper",
+        model=ModelConfig(size=64, frames=32, gru_hidden=256, g_channels=512, d_channels=64),
+        data=DataConfig(batch_size=32, val_clips=256),
+        train=TrainConfig(steps=60_000, eval_every=2000, sample_every=2000, checkpoint_every=2000,
+                          log_every=50, eval_clips=256),
+    ),
+}
+
+SECTIONS = ("model", "loss", "optim", "data", "train")
+
+
+def _coerce(name: str, raw: Any, hint: Any) -> Any:
+    """Convert ``raw`` (a string from the CLI or a JSON value) to the field type ``hint``."""
+    origin = typing.get_origin(hint)
+    if origin is Literal:
+        choices = typing.get_args(hint)
+        if raw not in choices:
+            raise ConfigError(f"{name} must be one of {list(choices)}, got {raw!r}")
+        return raw
+    if hint is bool:
+        if isinstance(raw, bool):
+            return raw
+        if str(raw).lower() in ("1", "true", "yes", "on"):
+            return True
+        if str(raw).lower() in ("0", "false", "no", "off"):
+            return False
+        raise ConfigError(f"{name} must be a boolean (true/false), got {raw!r}")
+    try:
+        if hint is int:
+            if isinstance(raw, float) or (isinstance(raw, str) and not raw.lstrip("-").isdigit()):
+                raise ValueError
+            return int(raw)
+        if hint is float:
+            return float(raw)
+        if hint is str:
+            return str(raw)
+    except ValueError:
+        raise ConfigError(f"{name} must be {hint.__name__}, got {raw!r}") from None
+    raise ConfigError(f"{name}: unsupported field type {hint!r}")
+
+
+def apply_overrides(cfg: Config, overrides: dict[str, Any]) -> Config:
+    """Return ``cfg`` with ``{"section.key": value}`` overrides applied, type-checked."""
+    by_section: dict[str, dict[str, Any]] = {}
+    for key, raw in overrides.items():
+        section, _, name = key.partition(".")
+        if section not in SECTIONS or not name:
+            raise ConfigError(f"unknown config key {key!r}; keys look like <section>.<field> with "
+                              f"section one of {list(SECTIONS)}")
+        sub = getattr(cfg, section)
+        hints = typing.get_type_hints(type(sub))
+        if name not in hints:
+            known = ", ".join(f.name for f in fields(sub))
+            raise ConfigError(f"unknown config key {key!r}; {section} has: {known}")
+        by_section.setdefault(section, {})[name] = _coerce(key, raw, hints[name])
+    new = replace(cfg, **{s: replace(getattr(cfg, s), **kv) for s, kv in by_section.items()})
+    validate(new)
+    return new
+
+
+def parse_overrides(args: list[str]) -> dict[str, str]:
+    """``["--model.size=64", "--train.steps", "10"]`` -> ``{"model.size": "64", "train.steps": "10"}``."""
+    out: dict[str, str] = {}
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--") or "." not in arg.split("=", 1)[0]:
+            raise ConfigError(f"unrecognised argument {arg!r} (overrides look like --section.key=value)")
+        if "=" in arg:
+            key, value = arg[2:].split("=", 1)
+        else:
+            if i + 1 >= len(args):
+                raise ConfigError(f"{arg} needs a value")
+            key, value = arg[2:], args[i + 1]
+            i += 1
+        out[key] = value
+        i += 1
+    return out
+
+
+def validate(cfg: Config) -> None:
+    """Reject values no run can use, naming the field."""
+    m, d, t = cfg.model, cfg.data, cfg.train
+    if m.size < 8 or m.size & (m.size - 1):
+        raise ConfigError(f"model.size must be a power of two >= 8, got {m.size}")
+    stages = m.up_stages
+    if m.frames % 2**stages or m.frames < 2**stages:
+        raise ConfigError(f"model.frames must be a positive multiple of {2**stages} "
+                          f"(2**up_stages for model.size={m.size}), got {m.frames}")
+    if m.frames < 2**4:
+        raise ConfigError(f"model.frames must be >= 16 (D has 4 stride-2 stages), got {m.frames}")
+    if m.size < 2**4:
+        raise ConfigError(f"model.size must be >= 16 (D has 4 stride-2 stages), got {m.size}")
+    for name in ("z_content", "z_motion", "anchors", "gru_hidden", "g_channels", "d_channels"):
+        if getattr(m, name) < 1:
+            raise ConfigError(f"model.{name} must be >= 1, got {getattr(m, name)}")
+    if m.anchors < 2:
+        raise ConfigError(f"model.anchors must be >= 2 (a trajectory needs two points), got {m.anchors}")
+    if m.g_channels % 2 ** (stages - 1):
+        raise ConfigError(f"model.g_channels must be divisible by {2 ** (stages - 1)}, got {m.g_channels}")
+    for section, names in (
+        ("data", ("train_clips", "val_clips", "batch_size")),
+        ("train", ("steps", "log_every", "eval_every", "sample_every", "checkpoint_every", "eval_clips")),
+        ("loss", ("r1_every",)),
+    ):
+        for name in names:
+            if getattr(getattr(cfg, section), name) < 1:
+                raise ConfigError(f"{section}.{name} must be >= 1, got {getattr(getattr(cfg, section), name)}")
+    if d.num_workers < 0:
+        raise ConfigError(f"data.num_workers must be >= 0, got {d.num_workers}")
+    for name in ("lr_g", "lr_d"):
+        if getattr(cfg.optim, name) <= 0:
+            raise ConfigError(f"optim.{name} must be > 0, got {getattr(cfg.optim, name)}")
+    for name in ("beta1", "beta2"):
+        if not 0 <= getattr(cfg.optim, name) < 1:
+            raise ConfigError(f"optim.{name} must be in [0, 1), got {getattr(cfg.optim, name)}")
+    for f in fields(cfg.loss):
+        value = getattr(cfg.loss, f.name)
+        if isinstance(value, float) and value < 0:
+            raise ConfigError(f"loss.{f.name} must be >= 0, got {value}")
+    if cfg.loss.charbonnier_eps <= 0:
+        raise ConfigError(f"loss.charbonnier_eps must be > 0, got {cfg.loss.charbonnier_eps}")
+    if t.eval_clips > d.val_clips:
+        raise ConfigError(f"train.eval_clips ({t.eval_clips}) must be <= data.val_clips ({d.val_clips})")
+
+
+def from_dict(data: dict[str, Any]) -> Config:
+    """Rebuild a :class:`Config` from :meth:`Config.to_dict` output (e.g. a checkpoint)."""
+    preset = data.get("preset", "cpu-small")
+    base = PRESETS.get(preset, PRESETS["cpu-small"])
+    flat = {f"{s}.{k}": v for s in SECTIONS for k, v in data.get(s, {}).items()}
+    return replace(apply_overrides(base, flat), preset=preset)
+
+
+def load(preset: str = "cpu-small", overrides: dict[str, Any] | None = None) -> Config:
+    """The preset ``preset`` with ``overrides`` applied and validated."""
+    if preset not in PRESETS:
+        raise ConfigError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
+    return apply_overrides(PRESETS[preset], overrides or {})

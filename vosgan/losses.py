@@ -1,0 +1,123 @@
+"""VOS-GAN losses: adversarial, mask sparsity, self-supervised segmentation and flow, R1.
+
+The flow-warping loss runs through :class:`vosgan.nn.FlowWarpLoss`, so ``fuse_modules`` on a
+:class:`VosGanLoss` switches it to the fused op.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from vosgan.config import LossConfig
+from vosgan.models import DiscOutput, Discriminator, GenOutput
+from vosgan.nn import FlowWarpLoss
+
+
+def d_adversarial(real_logit: Tensor, fake_logit: Tensor, kind: str = "nonsaturating") -> Tensor:
+    """Discriminator loss on logits ``(B,)``: logistic (``softplus``) or hinge."""
+    if kind == "nonsaturating":
+        return F.softplus(-real_logit).mean() + F.softplus(fake_logit).mean()
+    if kind == "hinge":
+        return F.relu(1 - real_logit).mean() + F.relu(1 + fake_logit).mean()
+    raise ValueError(f"loss.adversarial must be 'nonsaturating' or 'hinge', got {kind!r}")
+
+
+def g_adversarial(fake_logit: Tensor, kind: str = "nonsaturating") -> Tensor:
+    """Generator loss on D's logits for fakes ``(B,)``: ``softplus(-l)`` or ``-l`` (hinge)."""
+    if kind == "nonsaturating":
+        return F.softplus(-fake_logit).mean()
+    if kind == "hinge":
+        return -fake_logit.mean()
+    raise ValueError(f"loss.adversarial must be 'nonsaturating' or 'hinge', got {kind!r}")
+
+
+def flow_validity(flow: Tensor) -> Tensor:
+    """1 where ``pixel + flow`` lands inside the frame, else 0: ``(B, 2, T-1, H, W) -> (B, 1, T-1, H, W)``.
+
+    Pixels whose flow points out of the frame have no counterpart in the next frame (they are
+    "occluded" by the border), so the photometric loss must not score them.
+    """
+    _, _, _, h, w = flow.shape
+    ys = torch.arange(h, device=flow.device, dtype=flow.dtype).view(1, h, 1)
+    xs = torch.arange(w, device=flow.device, dtype=flow.dtype).view(1, 1, w)
+    px, py = xs + flow[:, 0], ys + flow[:, 1]
+    inside = (px >= 0) & (px <= w - 1) & (py >= 0) & (py <= h - 1)
+    return inside.unsqueeze(1).to(flow.dtype)
+
+
+def flow_smoothness(flow: Tensor, video: Tensor, edge: float = 10.0) -> Tensor:
+    """Edge-aware first-order smoothness: ``mean |du/dx| exp(-edge |dI/dx|)`` (+ the y term).
+
+    Args:
+        flow: ``(B, 2, T-1, H, W)``.
+        video: ``(B, C, T, H, W)`` in [-1, 1]; frames ``0..T-2`` give the edges.
+        edge: how strongly image edges switch the penalty off.
+    """
+    img = video[:, :, :-1].to(flow.dtype)
+    wx = torch.exp(-edge * (img[..., :, 1:] - img[..., :, :-1]).abs().mean(1, keepdim=True))
+    wy = torch.exp(-edge * (img[..., 1:, :] - img[..., :-1, :]).abs().mean(1, keepdim=True))
+    dx = (flow[..., :, 1:] - flow[..., :, :-1]).abs()
+    dy = (flow[..., 1:, :] - flow[..., :-1, :]).abs()
+    return (dx * wx).mean() + (dy * wy).mean()
+
+
+def segmentation_loss(seg_logit: Tensor, mask: Tensor) -> Tensor:
+    """BCE between D's segmentation logits and the generator's (detached) mask, both ``(B,1,T,H,W)``."""
+    return F.binary_cross_entropy_with_logits(seg_logit.float(), mask.detach().float())
+
+
+def r1_penalty(logit: Tensor, inputs: Tensor) -> Tensor:
+    """``mean_b ||d logit_b / d x_b||^2`` (needs double backward through D)."""
+    (grad,) = torch.autograd.grad(logit.sum(), inputs, create_graph=True)
+    return grad.float().pow(2).flatten(1).sum(1).mean()
+
+
+class VosGanLoss(nn.Module):
+    """All VOS-GAN objectives; weights from :class:`vosgan.config.LossConfig`."""
+
+    def __init__(self, cfg: LossConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.warp = FlowWarpLoss(eps=cfg.charbonnier_eps, impl="reference")
+
+    def motion(self, video: Tensor, flow: Tensor) -> tuple[Tensor, Tensor]:
+        """(photometric warping loss, smoothness) of D's ``flow`` on ``video``."""
+        flow = flow.float()
+        weight = flow_validity(flow.detach())
+        return self.warp(video.float(), flow, weight), flow_smoothness(flow, video, self.cfg.smoothness_edge)
+
+    def discriminator(self, real: Tensor, d_real: DiscOutput, fake: GenOutput, d_fake: DiscOutput
+                      ) -> tuple[Tensor, dict[str, Tensor]]:
+        """D's total loss and its parts (real/fake adversarial, segmentation, flow, smoothness)."""
+        c = self.cfg
+        parts = {"d_adv": d_adversarial(d_real.logit.float(), d_fake.logit.float(), c.adversarial)}
+        total = parts["d_adv"]
+        if c.segmentation > 0:
+            parts["d_seg"] = segmentation_loss(d_fake.seg_logit, fake.mask)
+            total = total + c.segmentation * parts["d_seg"]
+        if c.flow > 0 or c.flow_smoothness > 0:
+            warp_r, smooth_r = self.motion(real, d_real.flow)
+            warp_f, smooth_f = self.motion(fake.video.detach(), d_fake.flow)
+            parts["d_flow"] = 0.5 * (warp_r + warp_f)
+            parts["d_smooth"] = 0.5 * (smooth_r + smooth_f)
+            total = total + c.flow * parts["d_flow"] + c.flow_smoothness * parts["d_smooth"]
+        return total, parts
+
+    def generator(self, fake: GenOutput, d_fake: DiscOutput) -> tuple[Tensor, dict[str, Tensor]]:
+        """G's total loss and its parts (adversarial, mask sparsity, optional consistency)."""
+        c = self.cfg
+        parts = {"g_adv": g_adversarial(d_fake.logit.float(), c.adversarial),
+                 "g_mask": fake.mask.float().abs().mean()}
+        total = parts["g_adv"] + c.mask_sparsity * parts["g_mask"]
+        if c.consistency > 0:
+            parts["g_consistency"] = F.binary_cross_entropy(
+                fake.mask.float(), torch.sigmoid(d_fake.seg_logit.float()).detach())
+            total = total + c.consistency * parts["g_consistency"]
+        return total, parts
+
+    def r1(self, disc: Discriminator, real: Tensor) -> Tensor:
+        """The R1 penalty on real videos, weighted and scaled by the lazy interval."""
+        real = real.detach().requires_grad_(True)
+        return 0.5 * self.cfg.r1 * self.cfg.r1_every * r1_penalty(disc(real, dense=False).logit, real)

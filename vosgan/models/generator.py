@@ -1,0 +1,122 @@
+"""Generator: static background from a content latent, moving masked foreground from a trajectory.
+
+``G(z_c, anchors) -> (v, f, m, b)`` with ``v = m * f + (1 - m) * b``.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from vosgan.config import ModelConfig
+from vosgan.nn import MaskComposite
+from vosgan.ops.conv3d_block import conv3d_block_reference
+
+
+class GenOutput(NamedTuple):
+    video: Tensor  # v (B, 3, T, H, W) in [-1, 1]
+    fg: Tensor  # f (B, 3, T, H, W) in [-1, 1]
+    mask: Tensor  # m (B, 1, T, H, W) in [0, 1]
+    bg: Tensor  # b (B, 3, H, W) in [-1, 1]
+
+
+def interpolate_trajectory(anchors: Tensor, steps: int, mode: str = "linear") -> Tensor:
+    """A ``steps``-point path through ``anchors`` in order.
+
+    Args:
+        anchors: ``(B, K, D)`` points in the motion latent space, K >= 2.
+        steps: T, the number of points on the path (the first and last are the end anchors).
+        mode: ``"linear"`` (piecewise linear) or ``"slerp"`` (spherical, radius interpolated).
+
+    Returns:
+        ``(B, T, D)``.
+    """
+    b, k, _ = anchors.shape
+    pos = torch.linspace(0, k - 1, steps, device=anchors.device, dtype=anchors.dtype)
+    seg = pos.floor().clamp(max=k - 2).long()  # segment index of each step
+    w = (pos - seg.to(pos.dtype)).view(1, steps, 1)
+    p0, p1 = anchors[:, seg], anchors[:, seg + 1]  # (B, T, D)
+    if mode == "linear":
+        return p0 + w * (p1 - p0)
+    if mode != "slerp":
+        raise ValueError(f"mode must be 'linear' or 'slerp', got {mode!r}")
+    r0, r1 = p0.norm(dim=-1, keepdim=True), p1.norm(dim=-1, keepdim=True)
+    u0, u1 = p0 / r0.clamp_min(1e-8), p1 / r1.clamp_min(1e-8)
+    omega = torch.acos((u0 * u1).sum(-1, keepdim=True).clamp(-1 + 1e-6, 1 - 1e-6))
+    so = torch.sin(omega)
+    direction = (torch.sin((1 - w) * omega) * u0 + torch.sin(w * omega) * u1) / so
+    return direction * (r0 + w * (r1 - r0))
+
+
+class Generator(nn.Module):
+    """VOS-GAN generator (VGAN-sized two-stream design; see README "Method").
+
+    Background: ``z_c (B, Zc)`` -> 2D transposed convs -> ``b (B, 3, H, W)``.
+    Foreground: anchors ``(B, K, Dm)`` -> trajectory ``(B, T, Dm)`` -> GRU ``(B, T, Hg)`` -> pooled to
+    ``T0 = T / 2**stages`` steps, projected to ``C0 x 4 x 4`` maps, joined with a projection of
+    ``z_c`` -> 3D transposed convs -> ``f (B, 3, T, H, W)`` and ``m (B, 1, T, H, W)``.
+    """
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        n = cfg.up_stages
+        ch = [cfg.g_channels // 2**i for i in range(n)]  # e.g. 512, 256, 128, 64
+
+        # Background stream (2D): 1x1 -> 4x4 -> ... -> size.
+        bg: list[nn.Module] = [
+            nn.ConvTranspose2d(cfg.z_content, ch[0], 4, 1, 0, bias=False),
+            nn.BatchNorm2d(ch[0]),
+            nn.ReLU(),
+        ]
+        for i in range(n - 1):
+            bg += [nn.ConvTranspose2d(ch[i], ch[i + 1], 4, 2, 1, bias=False),
+                   nn.BatchNorm2d(ch[i + 1]), nn.ReLU()]
+        bg += [nn.ConvTranspose2d(ch[-1], 3, 4, 2, 1), nn.Tanh()]
+        self.background = nn.Sequential(*bg)
+
+        # Motion: trajectory encoder (the op the C++ extension fuses).
+        self.gru = nn.GRU(cfg.z_motion, cfg.gru_hidden, batch_first=True)
+        self.motion_proj = nn.Linear(cfg.gru_hidden, ch[0] * 16)
+        self.content_proj = nn.Linear(cfg.z_content, ch[0] * 16)
+        self.fg_in = nn.Sequential(nn.BatchNorm3d(2 * ch[0]), nn.ReLU())
+
+        # Foreground stream (3D): (2*C0, T0, 4, 4) -> (C_last, T/2, H/2, W/2), then the two heads.
+        blocks = []
+        c_in = 2 * ch[0]
+        for i in range(n - 1):
+            blocks.append(conv3d_block_reference(c_in, ch[i + 1], transpose=True, act="relu"))
+            c_in = ch[i + 1]
+        self.foreground = nn.Sequential(*blocks)
+        self.fg_head = nn.ConvTranspose3d(c_in, 3, 4, 2, 1)
+        self.mask_head = nn.ConvTranspose3d(c_in, 1, 4, 2, 1)
+        self.composite = MaskComposite(impl="reference")
+
+    def sample_latents(
+        self, batch: int, device: torch.device | str | None = None, generator: torch.Generator | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """Draw ``(z_c (B, Zc), anchors (B, K, Dm))`` from N(0, I)."""
+        device = device or next(self.parameters()).device
+        z_c = torch.randn(batch, self.cfg.z_content, device=device, generator=generator)
+        anchors = torch.randn(batch, self.cfg.anchors, self.cfg.z_motion, device=device,
+                              generator=generator)
+        return z_c, anchors
+
+    def forward(self, z_c: Tensor, anchors: Tensor) -> GenOutput:
+        """``z_c (B, Zc)``, ``anchors (B, K, Dm)`` -> :class:`GenOutput`."""
+        cfg, bsz = self.cfg, z_c.shape[0]
+        c0 = cfg.g_channels
+        b = self.background(z_c.view(bsz, -1, 1, 1))
+
+        traj = interpolate_trajectory(anchors, cfg.frames, cfg.interpolation)
+        states, _ = self.gru(traj)  # (B, T, Hg)
+        pooled = nn.functional.adaptive_avg_pool1d(states.transpose(1, 2), cfg.first_frames)
+        motion = self.motion_proj(pooled.transpose(1, 2))  # (B, T0, C0*16)
+        motion = motion.view(bsz, cfg.first_frames, c0, 4, 4).permute(0, 2, 1, 3, 4)
+        content = self.content_proj(z_c).view(bsz, c0, 1, 4, 4).expand(-1, -1, cfg.first_frames, -1, -1)
+        h = self.foreground(self.fg_in(torch.cat([motion, content], dim=1)))
+        f = torch.tanh(self.fg_head(h))
+        m = torch.sigmoid(self.mask_head(h))
+        return GenOutput(self.composite(f, m, b), f, m, b)
