@@ -112,8 +112,8 @@ def _trajectory(rng: np.random.Generator, frames: int, size: int, radius: float,
     """Sub-pixel centre positions ``(T, 2)`` as (y, x): smooth path, reflected in a border band."""
     speed = rng.uniform(min_speed, max_speed)
     t = np.arange(max(frames - 1, 0), dtype=np.float64)
-    theta = (rng.uniform(0, 2 * np.pi) + rng.uniform(-0.12, 0.12) * t
-             + rng.uniform(0.0, 0.5) * np.sin(2 * np.pi * t / rng.uniform(8, 32) + rng.uniform(0, 6.3)))
+    wobble = np.sin(2 * np.pi * t / rng.uniform(8, 32) + rng.uniform(0, 2 * np.pi))
+    theta = rng.uniform(0, 2 * np.pi) + rng.uniform(-0.12, 0.12) * t + rng.uniform(0, 0.5) * wobble
     s = speed * (1.0 + 0.2 * np.sin(2 * np.pi * t / rng.uniform(10, 40) + rng.uniform(0, 6.3)))
     steps = np.stack((s * np.sin(theta), s * np.cos(theta)), axis=1)
     lo, hi = -0.4 * radius, size - 1 + 0.4 * radius
@@ -135,6 +135,7 @@ def _sprite(rng: np.random.Generator, pos: np.ndarray, radius_a: float, radius_b
     """
     kind = rng.integers(3)  # 0 ellipse, 1 rounded rectangle (superellipse), 2 blob
     harmonics = rng.uniform(0.0, 0.12, 3) if kind == 2 else np.zeros(3)
+    phases = rng.uniform(0, 2 * np.pi, 3)
     reach = max(radius_a, radius_b) * (1.0 + harmonics.sum())
     c = int(np.ceil(reach)) + 1
     p = 2 * c + 1
@@ -170,9 +171,14 @@ def _sprite(rng: np.random.Generator, pos: np.ndarray, radius_a: float, radius_b
     elif kind == 1:
         inside = u ** 4 + v ** 4 <= 1.0
     else:
-        ang = np.arctan2(v, u)
-        r = 1.0 + sum(h * np.cos((k + 2) * ang + 1.7 * k) for k, h in enumerate(harmonics))
-        inside = u * u + v * v <= r * r
+        # r(angle) = 1 + sum_k h_k cos(k * angle + phase_k), k = 2..4, via powers of e^(i angle)
+        rho2 = u * u + v * v
+        e = (u + 1j * v) / np.sqrt(np.maximum(rho2, 1e-12))
+        ek, r = e * e, np.ones_like(u)
+        for k, h in enumerate(harmonics):
+            r += h * (ek * np.exp(1j * phases[k])).real
+            ek = ek * e
+        inside = rho2 <= r * r
     offsets = np.arange(p) - c
     return patch, inside, ipos[:, 0, None] + offsets, ipos[:, 1, None] + offsets
 
@@ -196,12 +202,14 @@ def render_clip(rng: np.random.Generator, frames: int, size: int, num_sprites: i
         canvas.reshape(-1, 3)[flat] = patch[keep]
         ids.reshape(-1)[flat] = k
         velocity[k] = np.diff(pos, axis=0)[:, ::-1]  # (dy, dx) -> (dx, dy)
-    gain = 1.0 + flicker * rng.standard_normal((frames, 1, 1, 1)).astype(np.float32)
-    canvas *= gain
-    if noise_std > 0:  # uniform noise with standard deviation noise_std
-        canvas += (rng.random(canvas.shape, dtype=np.float32) - 0.5) * np.float32(
-            noise_std * np.sqrt(12.0))
-    video = np.clip(canvas * 255.0 + 0.5, 0, 255).astype(np.uint8)
+    # Post-processing in torch: numpy's float -> uint8 cast alone took ~2 ms for a 32x64x64 clip,
+    # torch's 0.3 ms (2-core CPU dev box).
+    gain = 1.0 + flicker * rng.standard_normal(frames).astype(np.float32)
+    out = torch.from_numpy(canvas).mul_(torch.from_numpy(gain).view(frames, 1, 1, 1) * 255.0)
+    if noise_std > 0:  # uniform sensor noise from random bytes, standard deviation noise_std
+        noise = torch.frombuffer(bytearray(rng.bytes(canvas.size)), dtype=torch.uint8)
+        out.add_(noise.view(out.shape).float().sub_(127.5).mul_(noise_std * 255 * 12**0.5 / 256))
+    video = out.add_(0.5).clamp_(0, 255).to(torch.uint8).numpy()
     return Clip(video, ids, velocity, bg)
 
 
@@ -223,11 +231,10 @@ def clips_to_tensors(video: np.ndarray, ids: np.ndarray, velocity: np.ndarray
     out.div_(127.5).sub_(1.0)
     ids_t = torch.from_numpy(ids)
     mask = (ids_t > 0).unsqueeze(1).float()
-    vel = torch.from_numpy(velocity).transpose(1, 2)  # (B, T-1, K+1, 2)
-    bi = torch.arange(b).view(b, 1, 1, 1)
-    ti = torch.arange(t - 1).view(1, t - 1, 1, 1)
-    flow = vel[bi, ti, ids_t[:, :-1].long()]  # (B, T-1, H, W, 2)
-    return {"video": out, "mask": mask, "flow": flow.permute(0, 4, 1, 2, 3).contiguous()}
+    table = torch.from_numpy(velocity).permute(0, 3, 2, 1)  # (B, 2, T-1, K+1)
+    index = ids_t[:, None, :-1].reshape(b, 1, t - 1, h * w).expand(b, 2, t - 1, h * w).long()
+    flow = torch.gather(table, 3, index).view(b, 2, t - 1, h, w)
+    return {"video": out, "mask": mask, "flow": flow}
 
 
 class SyntheticVideos(Dataset):
