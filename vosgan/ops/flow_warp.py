@@ -8,9 +8,37 @@ Conventions (the fused kernels match them):
   (``padding_mode="zeros"``) or the nearest edge pixel (``"border"``).
 - ``rho(d) = sqrt(d^2 + eps^2)`` (Charbonnier), per channel; ``reduction="mean"`` averages
   ``w * rho`` over every element of ``(B, C, T-1, H, W)``, ``w`` broadcast over channels.
+- Gradients follow ``grid_sample``: at an integer sample position the derivative w.r.t. the flow
+  is the one-sided difference towards the next pixel, and the fused kernels round the sample
+  position exactly as ``flow_to_grid`` + ``grid_sample`` do in fp32, so they pick the same side;
+  with ``"border"`` the derivative is 0 at and beyond the border; with ``W == 1`` (``H == 1``) the
+  horizontal (vertical) flow gets no gradient.
+
+Fused op (``vosgan::flow_warp_loss`` and ``vosgan::flow_warp_loss_backward``, ``torch.library``
+custom ops with fake implementations and registered autograd): ``"triton"`` on CUDA tensors,
+``"numba"`` on CPU tensors. The backward recomputes the warp from ``x`` and ``flow`` instead of
+saving per-pixel gradients in the forward: both move the same bytes (the forward would write
+fp32 ``dflow``/``dx`` buffers that the backward must rescale by the incoming gradient), and the
+recompute costs nothing when no backward runs.
+
+- Gradients: ``flow`` always, ``x`` only when ``x.requires_grad``; ``weight`` is a constant (a
+  fused call raises when it requires grad: pass ``weight.detach()``).
+- Determinism: ``d/dflow`` is a gather (no atomics). ``d/dx`` is a bilinear scatter: fp32 atomics
+  on GPU, or with ``deterministic=True`` int64 fixed-point atomics (associative: bitwise
+  reproducible, 2^-50 of the largest gradient per unit at 64x64). The numba path is race-free
+  (private per-frame-pair scatter buffers) and always deterministic.
+- dtype/AMP policy: inputs run in their own dtypes (fp32/fp16/bf16; ``x``, ``flow``, ``weight``
+  may differ); positions, Charbonnier and sums are computed in fp32. The loss has ``x.dtype``,
+  ``dflow`` ``flow.dtype``, ``dx`` ``x.dtype``. Autocast does not cast the op's inputs (it is
+  not on an autocast list). The numba path computes in fp32 (fp16/bf16 are upcast); float64
+  inputs run the reference (``impl="auto"`` warns once).
+- Double backward: with ``create_graph=True`` the registered backward runs the reference
+  (``grid_sample``) under autograd, so second derivatives are exact; otherwise the fused
+  backward runs. R1 differentiates D's real/fake logit w.r.t. its input and never goes through
+  this loss, so the R1 step always uses the fused path where the loss appears at all.
 """
 
-from __future__ import annotations
+import os
 
 import torch
 import torch.nn.functional as F
@@ -19,6 +47,7 @@ from torch import Tensor
 from vosgan import backend
 
 PADDING_MODES = ("zeros", "border")
+IMPLS = ("auto", "reference", "triton", "numba")
 
 
 def flow_to_grid(flow: Tensor) -> Tensor:
@@ -51,16 +80,24 @@ def warp_reference(x: Tensor, flow: Tensor, padding_mode: str = "zeros") -> Tens
 
 
 def check_inputs(x: Tensor, flow: Tensor, weight: Tensor | None, padding_mode: str) -> None:
-    """Validate shapes and options; messages name the offending argument."""
+    """Validate shapes, dtypes, devices and options; messages name the offending argument."""
     if x.dim() != 5:
         raise ValueError(f"x must be (B, C, T, H, W), got shape {tuple(x.shape)}")
     b, _, t, h, w = x.shape
     if t < 2:
         raise ValueError(f"x needs at least 2 frames (T >= 2), got T={t}")
     if tuple(flow.shape) != (b, 2, t - 1, h, w):
-        raise ValueError(f"flow must be {(b, 2, t - 1, h, w)} for x {tuple(x.shape)}, got {tuple(flow.shape)}")
+        raise ValueError(f"flow must be {(b, 2, t - 1, h, w)} for x {tuple(x.shape)}, "
+                         f"got {tuple(flow.shape)}")
     if weight is not None and tuple(weight.shape) != (b, 1, t - 1, h, w):
         raise ValueError(f"weight must be {(b, 1, t - 1, h, w)}, got {tuple(weight.shape)}")
+    for name, ten in (("x", x), ("flow", flow), ("weight", weight)):
+        if ten is None:
+            continue
+        if not ten.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor, got {ten.dtype}")
+        if ten.device != x.device:
+            raise ValueError(f"{name} is on {ten.device} but x is on {x.device}")
     if padding_mode not in PADDING_MODES:
         raise ValueError(f"padding_mode must be one of {PADDING_MODES}, got {padding_mode!r}")
 
@@ -100,7 +137,144 @@ def flow_warp_loss_reference(
 
 def fused_impl(device: torch.device) -> tuple[str | None, str]:
     """The fused implementation ``impl="auto"`` uses on ``device`` (see :mod:`vosgan.backend`)."""
-    return None, "no fused flow-warp loss kernel yet (issue #4)"
+    if device.type == "cuda":
+        mode, detail = backend.triton_mode()
+        if mode == "gpu":
+            return "triton", f"Triton kernels ({detail})"
+        return None, f"Triton unavailable on CUDA: {detail}"
+    if device.type == "cpu":
+        try:
+            import vosgan.ops._numba.flow_warp  # noqa: F401
+        except ImportError as exc:
+            return None, f"numba kernels not importable ({exc})"
+        return "numba", "numba CPU kernels (fp32; float64 inputs run the reference)"
+    return None, f"no fused flow-warp loss for device type {device.type!r}"
+
+
+def _resolve(impl: str, device: torch.device) -> str:
+    """Check that the fused ``impl`` can run on ``device`` (raises with the reason otherwise)."""
+    if impl == "numba" and device.type != "cpu":
+        raise ValueError(f"flow_warp_loss: impl='numba' runs on CPU tensors, got {device.type}")
+    if impl == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError("flow_warp_loss: impl='triton' needs CUDA tensors (or TRITON_INTERPRET=1 "
+                         f"for CPU tensors), got {device.type}")
+    if impl not in ("triton", "numba"):
+        raise ValueError(f"flow_warp_loss: unknown impl {impl!r}; use one of {IMPLS}")
+    return impl
+
+
+def _f32(t: Tensor):  # noqa: ANN202 - numpy array
+    """C-contiguous fp32 numpy view (a copy only when needed)."""
+    return t.detach().to(torch.float32).contiguous().numpy()
+
+
+def _numba_fwd(x: Tensor, flow: Tensor, weight: Tensor | None, eps: float, border: bool,
+               mean: bool) -> Tensor:
+    import numpy as np
+
+    from vosgan.ops._numba import flow_warp as nb
+
+    b, c, t, h, w = x.shape
+    out = np.empty((b, c, t - 1, h, w) if not mean else (1, 1, 1, 1, 1), np.float32)
+    wa = _f32(weight) if weight is not None else out
+    sums = nb.fwd(_f32(x), _f32(flow), wa, weight is not None, eps, border, out, not mean)
+    if mean:
+        return torch.tensor(sums.sum() / (b * c * (t - 1) * h * w), dtype=x.dtype)
+    return torch.from_numpy(out).to(x.dtype)
+
+
+def _numba_bwd(grad: Tensor, x: Tensor, flow: Tensor, weight: Tensor | None, eps: float,
+               border: bool, grad_x: bool) -> tuple[Tensor, Tensor | None]:
+    import numpy as np
+
+    from vosgan.ops._numba import flow_warp as nb
+
+    b, c, t, h, w = x.shape
+    dummy = np.zeros((1, 1, 1, 1, 1), np.float32)
+    g_scalar = grad.numel() == 1
+    ga = _f32(grad.reshape(1, 1, 1, 1, 1) if g_scalar else grad)
+    dflow = np.empty((b, 2, t - 1, h, w), np.float32)
+    dx = np.zeros((b, c, t, h, w), np.float32) if grad_x else dummy
+    scat = np.zeros((b, c, t - 1, h, w), np.float32) if grad_x else dummy
+    wa = _f32(weight) if weight is not None else dummy
+    nb.bwd(_f32(x), _f32(flow), wa, weight is not None, ga, g_scalar, eps, border, grad_x,
+           dflow, dx, scat)
+    dxt = torch.from_numpy(dx).to(x.dtype) if grad_x else None
+    return torch.from_numpy(dflow).to(flow.dtype), dxt
+
+
+@torch.library.custom_op("vosgan::flow_warp_loss", mutates_args=())
+def flow_warp_loss_op(x: Tensor, flow: Tensor, weight: Tensor | None, eps: float, border: bool,
+                      mean: bool, deterministic: bool, impl: str) -> Tensor:
+    """Fused forward: the mean (0-dim) or the map ``(B, C, T-1, H, W)``, in ``x.dtype``."""
+    if _resolve(impl, x.device) == "numba":
+        return _numba_fwd(x, flow, weight, eps, border, mean)
+    from vosgan.kernels.flow_warp import flow_warp_loss_fwd
+
+    out = flow_warp_loss_fwd(x, flow, weight, eps, border, reduce=mean)
+    if mean:
+        b, c, t, h, w = x.shape
+        return (out.sum() / (b * c * (t - 1) * h * w)).to(x.dtype)
+    return out
+
+
+@flow_warp_loss_op.register_fake
+def _(x: Tensor, flow: Tensor, weight: Tensor | None, eps: float, border: bool, mean: bool,
+      deterministic: bool, impl: str) -> Tensor:
+    b, c, t, h, w = x.shape
+    return x.new_empty(() if mean else (b, c, t - 1, h, w))
+
+
+@torch.library.custom_op("vosgan::flow_warp_loss_backward", mutates_args=())
+def flow_warp_loss_backward_op(grad: Tensor, x: Tensor, flow: Tensor, weight: Tensor | None,
+                               eps: float, border: bool, grad_x: bool, deterministic: bool,
+                               impl: str) -> tuple[Tensor, Tensor]:
+    """Fused backward: ``(dflow, dx)``; ``grad`` is ``d loss / d (w * rho)`` (one element, or the
+    map); ``dx`` is an empty tensor when ``grad_x`` is False."""
+    if _resolve(impl, x.device) == "numba":
+        dflow, dx = _numba_bwd(grad, x, flow, weight, eps, border, grad_x)
+    else:
+        from vosgan.kernels.flow_warp import flow_warp_loss_bwd
+
+        dflow, dx = flow_warp_loss_bwd(grad, x, flow, weight, eps, border, grad_x, deterministic)
+    return dflow, dx if dx is not None else x.new_empty(0)
+
+
+@flow_warp_loss_backward_op.register_fake
+def _(grad: Tensor, x: Tensor, flow: Tensor, weight: Tensor | None, eps: float, border: bool,
+      grad_x: bool, deterministic: bool, impl: str) -> tuple[Tensor, Tensor]:
+    return flow.new_empty(flow.shape), x.new_empty(x.shape if grad_x else (0,))
+
+
+def _setup_context(ctx, inputs: tuple, output: Tensor) -> None:  # noqa: ANN001 - torch's ctx
+    x, flow, weight, eps, border, mean, deterministic, impl = inputs
+    ctx.save_for_backward(x, flow, weight)
+    ctx.cfg = (eps, border, mean, deterministic, impl)
+
+
+def _backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:  # noqa: ANN001
+    x, flow, weight = ctx.saved_tensors
+    eps, border, mean, deterministic, impl = ctx.cfg
+    need_flow, need_x = ctx.needs_input_grad[1], ctx.needs_input_grad[0]
+    dflow = dx = None
+    if torch.is_grad_enabled():  # create_graph=True: the reference under autograd
+        inputs = [t for t, need in ((flow, need_flow), (x, need_x)) if need]
+        loss = flow_warp_loss_reference(x, flow, weight, eps, "border" if border else "zeros",
+                                        "mean" if mean else "none")
+        grads = list(torch.autograd.grad(loss, inputs, grad, create_graph=True))
+        dflow = grads.pop(0) if need_flow else None
+        dx = grads.pop(0) if need_x else None
+    elif need_flow or need_x:
+        b, c, t, h, w = x.shape
+        g = (grad.float() / (b * c * (t - 1) * h * w)).reshape(1) if mean else grad.contiguous()
+        dflow, dx = flow_warp_loss_backward_op(g, x, flow, weight, eps, border, need_x,
+                                               deterministic, impl)
+        dflow = dflow if need_flow else None
+        dx = dx if need_x else None
+    return dx, dflow, None, None, None, None, None, None
+
+
+flow_warp_loss_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def flow_warp_loss(
@@ -111,16 +285,47 @@ def flow_warp_loss(
     padding_mode: str = "zeros",
     reduction: str = "mean",
     impl: str = "auto",
+    deterministic: bool = False,
 ) -> Tensor:
-    """Flow-warping loss with the implementation chosen by ``impl`` (``"auto"`` or ``"reference"``).
+    """Flow-warping loss with the implementation chosen by ``impl``.
 
-    Arguments and shapes as in :func:`flow_warp_loss_reference`.
+    Arguments and shapes as in :func:`flow_warp_loss_reference`, plus:
+
+    Args:
+        impl: ``"auto"`` (asks :mod:`vosgan.backend`; warns once when it falls back to the
+            reference), ``"reference"``, ``"triton"`` (CUDA tensors, or CPU tensors under
+            ``TRITON_INTERPRET=1``) or ``"numba"`` (CPU tensors).
+        deterministic: make ``d loss / d x`` bitwise reproducible on GPU (fixed-point atomics);
+            the other outputs are deterministic anyway.
+
+    Returns:
+        ``reduction="mean"``: a 0-dim tensor in ``x.dtype``; ``"none"``: ``(B, C, T-1, H, W)``.
     """
+    check_inputs(x, flow, weight, padding_mode)
+    if reduction not in ("mean", "none"):
+        raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
+    if not eps > 0:
+        raise ValueError(f"eps must be > 0 (the Charbonnier gradient needs it), got {eps}")
     if impl == "auto":
         choice = backend.choose("flow_warp_loss", x.device)
-        if not choice.fused:
-            backend.warn_once(f"flow_warp-{x.device.type}", f"flow_warp_loss: reference ({choice.reason})")
         impl = choice.impl
+        if not choice.fused:
+            backend.warn_once(f"flow_warp-{x.device.type}",
+                              f"flow_warp_loss: reference ({choice.reason})")
+        elif impl == "numba" and torch.float64 in (x.dtype, flow.dtype):
+            backend.warn_once("flow_warp-f64", "flow_warp_loss: float64 inputs run the reference "
+                                               "(the numba kernels are fp32)")
+            impl = "reference"
     if impl == "reference":
         return flow_warp_loss_reference(x, flow, weight, eps, padding_mode, reduction)
-    raise ValueError(f"flow_warp_loss: unknown impl {impl!r}; use 'auto' or 'reference'")
+    _resolve(impl, x.device)
+    if weight is not None and weight.requires_grad and torch.is_grad_enabled():
+        raise ValueError("flow_warp_loss: weight requires grad, but the fused op treats it as a "
+                         "constant; pass weight.detach() or impl='reference'")
+
+    def plane(t: Tensor) -> Tensor:  # the kernels need contiguous (H, W) planes
+        return t if t.stride(-1) == 1 and t.stride(-2) == t.shape[-1] else t.contiguous()
+
+    return flow_warp_loss_op(plane(x), plane(flow), None if weight is None else plane(weight),
+                             float(eps), padding_mode == "border", reduction == "mean",
+                             deterministic, impl)

@@ -1,0 +1,310 @@
+"""Flow-warping loss kernels: ``mean(w * sqrt((x_t - warp(x_{t+1}, u_t))^2 + eps^2))``.
+
+Layout: one program handles ``BLOCK`` pixels of one frame pair ``(b, t)`` and loops over the
+channels, so the flow, the weight and the bilinear corner indices are loaded and computed once per
+pixel. Every ``(H, W)`` plane must be contiguous (row stride ``W``, column stride 1); the batch,
+channel and time strides are passed explicitly. Sampling replicates ``grid_sample``'s
+``align_corners=True`` arithmetic bit for bit in fp32 (``flow_to_grid``'s normalisation followed by
+``grid_sample``'s unnormalisation), so the cell chosen at integer positions, and hence the
+one-sided gradient there, is the reference's.
+
+- ``_fwd_kernel``: the per-pixel Charbonnier map or one fp32 partial sum per program.
+- ``_bwd_kernel``: ``d loss / d flow`` (a gather: no atomics) and, optionally, ``d loss / d x``
+  (a bilinear scatter into frame ``t + 1``: fp32 atomics, or int64 fixed-point atomics that make it
+  bitwise reproducible).
+
+No autograd here: :mod:`vosgan.ops.flow_warp` wraps these launchers into a PyTorch op.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _coords(p, ux, uy, W, H, half_wm1, half_hm1, wm1, hm1, BORDER: tl.constexpr):
+    """Pixel coordinates sampled by pixel ``p``, corners, bilinear weights and clip gradients."""
+    i = p // W
+    j = p - i * W
+    # grid_sample(align_corners=True) on flow_to_grid's grid, as the reference rounds it.
+    gx = tl.math.div_rn(2.0 * (j.to(tl.float32) + ux), wm1) - 1.0
+    gy = tl.math.div_rn(2.0 * (i.to(tl.float32) + uy), hm1) - 1.0
+    ix = (gx + 1.0) * half_wm1
+    iy = (gy + 1.0) * half_hm1
+    if BORDER:
+        # Borders count as out of bounds for the gradient, as in grid_sample.
+        cgx = tl.where((ix > 0.0) & (ix < 2.0 * half_wm1), 1.0, 0.0)
+        cgy = tl.where((iy > 0.0) & (iy < 2.0 * half_hm1), 1.0, 0.0)
+        ix = tl.minimum(tl.maximum(ix, 0.0), 2.0 * half_wm1)
+        iy = tl.minimum(tl.maximum(iy, 0.0), 2.0 * half_hm1)
+    else:
+        # Clamping far outside changes nothing (every corner stays outside) but keeps ints small.
+        cgx = tl.full(ix.shape, 1.0, tl.float32)
+        cgy = tl.full(iy.shape, 1.0, tl.float32)
+        ix = tl.minimum(tl.maximum(ix, -2.0), W + 1.0)
+        iy = tl.minimum(tl.maximum(iy, -2.0), H + 1.0)
+    x0f = tl.floor(ix)
+    y0f = tl.floor(iy)
+    ax = (x0f + 1.0) - ix
+    bx = ix - x0f
+    ay = (y0f + 1.0) - iy
+    by = iy - y0f
+    x0 = x0f.to(tl.int32)
+    y0 = y0f.to(tl.int32)
+    return x0, y0, ax, bx, ay, by, cgx, cgy
+
+
+@triton.jit
+def _corners(x0, y0, W, H, pm):
+    """Flat in-plane offsets and in-bounds masks of the four corners (zero padding)."""
+    vx0 = (x0 >= 0) & (x0 < W)
+    vx1 = (x0 >= -1) & (x0 < W - 1)
+    vy0 = (y0 >= 0) & (y0 < H)
+    vy1 = (y0 >= -1) & (y0 < H - 1)
+    o_nw = y0 * W + x0
+    return o_nw, pm & vy0 & vx0, pm & vy0 & vx1, pm & vy1 & vx0, pm & vy1 & vx1
+
+
+@triton.jit
+def _fwd_kernel(
+    x_ptr, flow_ptr, w_ptr, out_ptr,
+    C, Tm1, H, W, HW,
+    x_sb, x_sc, x_st, f_sb, f_sc, f_st, w_sb, w_st, o_sb, o_sc, o_st,
+    half_wm1, half_hm1, wm1, hm1, eps2,
+    HAS_W: tl.constexpr, BORDER: tl.constexpr, REDUCE: tl.constexpr, BLOCK: tl.constexpr,
+):
+    pid_p = tl.program_id(0)
+    pid_bt = tl.program_id(1)
+    b = (pid_bt // Tm1).to(tl.int64)
+    t = (pid_bt % Tm1).to(tl.int64)
+    p = pid_p * BLOCK + tl.arange(0, BLOCK)
+    pm = p < HW
+    # Per-pixel work shared by all channels: flow, weight, corners.
+    f_base = flow_ptr + b * f_sb + t * f_st
+    ux = tl.load(f_base + p, mask=pm, other=0.0).to(tl.float32)
+    uy = tl.load(f_base + f_sc + p, mask=pm, other=0.0).to(tl.float32)
+    x0, y0, ax, bx, ay, by, _cgx, _cgy = _coords(p, ux, uy, W, H, half_wm1, half_hm1, wm1, hm1,
+                                                 BORDER)
+    o_nw, m_nw, m_ne, m_sw, m_se = _corners(x0, y0, W, H, pm)
+    if HAS_W:
+        wt = tl.load(w_ptr + b * w_sb + t * w_st + p, mask=pm, other=0.0).to(tl.float32)
+    acc = tl.zeros((BLOCK,), tl.float32)
+    xt_base = x_ptr + b * x_sb + t * x_st
+    for c in range(C):
+        # Charbonnier of x_t minus the bilinear sample of x_{t+1}, in fp32.
+        xt = tl.load(xt_base + c * x_sc + p, mask=pm, other=0.0).to(tl.float32)
+        n_base = xt_base + x_st + c * x_sc + o_nw
+        v_nw = tl.load(n_base, mask=m_nw, other=0.0).to(tl.float32)
+        v_ne = tl.load(n_base + 1, mask=m_ne, other=0.0).to(tl.float32)
+        v_sw = tl.load(n_base + W, mask=m_sw, other=0.0).to(tl.float32)
+        v_se = tl.load(n_base + W + 1, mask=m_se, other=0.0).to(tl.float32)
+        warped = v_nw * (ax * ay) + v_ne * (bx * ay) + v_sw * (ax * by) + v_se * (bx * by)
+        d = xt - warped
+        r = tl.sqrt_rn(d * d + eps2)
+        if HAS_W:
+            r = r * wt
+        if REDUCE:
+            acc += tl.where(pm, r, 0.0)
+        else:
+            o = out_ptr + b * o_sb + c * o_sc + t * o_st + p
+            tl.store(o, r.to(out_ptr.dtype.element_ty), mask=pm)
+    if REDUCE:
+        tl.store(out_ptr + pid_bt * tl.num_programs(0) + pid_p, tl.sum(acc, axis=0))
+
+
+@triton.jit
+def _bwd_kernel(
+    x_ptr, flow_ptr, w_ptr, g_ptr, dflow_ptr, dx_ptr, qscale_ptr,
+    C, Tm1, H, W, HW,
+    x_sb, x_sc, x_st, f_sb, f_sc, f_st, w_sb, w_st, g_sb, g_sc, g_st,
+    df_sb, df_sc, df_st, dx_sb, dx_sc, dx_st,
+    half_wm1, half_hm1, wm1, hm1, eps2, gx_scale, gy_scale,
+    HAS_W: tl.constexpr, BORDER: tl.constexpr, G_SCALAR: tl.constexpr,
+    GRAD_X: tl.constexpr, FIXED_POINT: tl.constexpr, BLOCK: tl.constexpr,
+):
+    pid_p = tl.program_id(0)
+    pid_bt = tl.program_id(1)
+    b = (pid_bt // Tm1).to(tl.int64)
+    t = (pid_bt % Tm1).to(tl.int64)
+    p = pid_p * BLOCK + tl.arange(0, BLOCK)
+    pm = p < HW
+    f_base = flow_ptr + b * f_sb + t * f_st
+    ux = tl.load(f_base + p, mask=pm, other=0.0).to(tl.float32)
+    uy = tl.load(f_base + f_sc + p, mask=pm, other=0.0).to(tl.float32)
+    x0, y0, ax, bx, ay, by, cgx, cgy = _coords(p, ux, uy, W, H, half_wm1, half_hm1, wm1, hm1,
+                                               BORDER)
+    o_nw, m_nw, m_ne, m_sw, m_se = _corners(x0, y0, W, H, pm)
+    if HAS_W:
+        wt = tl.load(w_ptr + b * w_sb + t * w_st + p, mask=pm, other=0.0).to(tl.float32)
+    if G_SCALAR:
+        g_s = tl.load(g_ptr).to(tl.float32)
+    if FIXED_POINT:
+        qscale = tl.load(qscale_ptr)
+    gix = tl.zeros((BLOCK,), tl.float32)
+    giy = tl.zeros((BLOCK,), tl.float32)
+    xt_base = x_ptr + b * x_sb + t * x_st
+    dx_base = dx_ptr + b * dx_sb + t * dx_st
+    for c in range(C):
+        xt = tl.load(xt_base + c * x_sc + p, mask=pm, other=0.0).to(tl.float32)
+        n_base = xt_base + x_st + c * x_sc + o_nw
+        v_nw = tl.load(n_base, mask=m_nw, other=0.0).to(tl.float32)
+        v_ne = tl.load(n_base + 1, mask=m_ne, other=0.0).to(tl.float32)
+        v_sw = tl.load(n_base + W, mask=m_sw, other=0.0).to(tl.float32)
+        v_se = tl.load(n_base + W + 1, mask=m_se, other=0.0).to(tl.float32)
+        warped = v_nw * (ax * ay) + v_ne * (bx * ay) + v_sw * (ax * by) + v_se * (bx * by)
+        d = xt - warped
+        # g = dL/dd = grad * w * rho'(d); dL/dwarped = -g.
+        if G_SCALAR:
+            go = g_s
+        else:
+            go = tl.load(g_ptr + b * g_sb + c * g_sc + t * g_st + p, mask=pm, other=0.0)
+            go = go.to(tl.float32)
+        g = go * d / tl.sqrt_rn(d * d + eps2)
+        if HAS_W:
+            g = g * wt
+        g = tl.where(pm, g, 0.0)
+        # Bilinear derivative w.r.t. the sample position (grid_sample's one-sided convention).
+        gix -= g * ((v_ne - v_nw) * ay + (v_se - v_sw) * by)
+        giy -= g * ((v_sw - v_nw) * ax + (v_se - v_ne) * bx)
+        if GRAD_X:
+            # x_t gets g; x_{t+1} gets -g spread over the four corners.
+            d_cur = dx_base + c * dx_sc + p
+            d_nw = dx_base + dx_st + c * dx_sc + o_nw
+            if FIXED_POINT:
+                tl.atomic_add(d_cur, (g * qscale).to(tl.int64), mask=pm, sem="relaxed")
+                tl.atomic_add(d_nw, (-g * (ax * ay) * qscale).to(tl.int64), mask=m_nw,
+                              sem="relaxed")
+                tl.atomic_add(d_nw + 1, (-g * (bx * ay) * qscale).to(tl.int64), mask=m_ne,
+                              sem="relaxed")
+                tl.atomic_add(d_nw + W, (-g * (ax * by) * qscale).to(tl.int64), mask=m_sw,
+                              sem="relaxed")
+                tl.atomic_add(d_nw + W + 1, (-g * (bx * by) * qscale).to(tl.int64), mask=m_se,
+                              sem="relaxed")
+            else:
+                tl.atomic_add(d_cur, g, mask=pm, sem="relaxed")
+                tl.atomic_add(d_nw, -g * (ax * ay), mask=m_nw, sem="relaxed")
+                tl.atomic_add(d_nw + 1, -g * (bx * ay), mask=m_ne, sem="relaxed")
+                tl.atomic_add(d_nw + W, -g * (ax * by), mask=m_sw, sem="relaxed")
+                tl.atomic_add(d_nw + W + 1, -g * (bx * by), mask=m_se, sem="relaxed")
+    # Chain rule through flow_to_grid and the clip (1 inside, 0 at/outside a border).
+    df = dflow_ptr + b * df_sb + t * df_st + p
+    tl.store(df, (gix * cgx * gx_scale).to(dflow_ptr.dtype.element_ty), mask=pm)
+    tl.store(df + df_sc, (giy * cgy * gy_scale).to(dflow_ptr.dtype.element_ty), mask=pm)
+
+
+def _block(hw: int, device: torch.device) -> tuple[int, int]:
+    """(BLOCK, num_warps): 512 pixels per program on a GPU; one program per frame pair in the
+    interpreter (about 0.4 ms per program there, whatever its size)."""
+    if device.type == "cuda":
+        return 512, 4
+    return min(triton.next_power_of_2(hw), 4096), 4
+
+
+def _geometry(h: int, w: int, eps: float) -> dict[str, float]:
+    return {
+        "half_wm1": (w - 1) * 0.5, "half_hm1": (h - 1) * 0.5,
+        "wm1": float(max(w - 1, 1)), "hm1": float(max(h - 1, 1)), "eps2": float(eps) ** 2,
+    }
+
+
+def _plane_contiguous(t: torch.Tensor, name: str) -> None:
+    if t.stride(-1) != 1 or t.stride(-2) != t.shape[-1]:
+        raise ValueError(f"{name}: each (H, W) plane must be contiguous, got strides {t.stride()}")
+
+
+def flow_warp_loss_fwd(
+    x: torch.Tensor, flow: torch.Tensor, weight: torch.Tensor | None, eps: float, border: bool,
+    reduce: bool,
+) -> torch.Tensor:
+    """Forward launcher.
+
+    Args: ``x (B, C, T, H, W)``, ``flow (B, 2, T-1, H, W)``, ``weight (B, 1, T-1, H, W)`` or None.
+
+    Returns:
+        ``reduce=True``: fp32 partial sums of ``w * rho``, one per program (sum them for the total);
+        ``reduce=False``: the map ``w * rho`` ``(B, C, T-1, H, W)`` in ``x.dtype``.
+    """
+    b, c, t, h, w = x.shape
+    for name, ten in (("x", x), ("flow", flow), ("weight", weight)):
+        if ten is not None:
+            _plane_contiguous(ten, name)
+    hw = h * w
+    block, warps = _block(hw, x.device)
+    grid = (triton.cdiv(hw, block), b * (t - 1))
+    if reduce:
+        out = torch.empty(grid[0] * grid[1], device=x.device, dtype=torch.float32)
+        o_strides = (0, 0, 0)
+    else:
+        out = torch.empty((b, c, t - 1, h, w), device=x.device, dtype=x.dtype)
+        o_strides = (out.stride(0), out.stride(1), out.stride(2))
+    wt = weight if weight is not None else flow
+    _fwd_kernel[grid](
+        x, flow, wt, out, c, t - 1, h, w, hw,
+        x.stride(0), x.stride(1), x.stride(2), flow.stride(0), flow.stride(1), flow.stride(2),
+        wt.stride(0), wt.stride(2), *o_strides, **_geometry(h, w, eps),
+        HAS_W=weight is not None, BORDER=border, REDUCE=reduce, BLOCK=block, num_warps=warps,
+    )
+    return out
+
+
+def flow_warp_loss_bwd(
+    grad: torch.Tensor, x: torch.Tensor, flow: torch.Tensor, weight: torch.Tensor | None,
+    eps: float, border: bool, grad_x: bool, deterministic: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Backward launcher.
+
+    Args:
+        grad: ``d loss / d (w * rho)`` per element: a one-element tensor (the mean's incoming
+            gradient divided by the element count) or a map ``(B, C, T-1, H, W)``.
+        grad_x: also compute ``d loss / d x``.
+        deterministic: accumulate ``d loss / d x`` in int64 fixed point (integer atomics are
+            associative, so the result is bitwise reproducible); else fp32 atomics.
+
+    Returns:
+        ``(dflow (B, 2, T-1, H, W) in flow.dtype, dx (B, C, T, H, W) in x.dtype or None)``.
+    """
+    b, c, t, h, w = x.shape
+    for name, ten in (("x", x), ("flow", flow), ("weight", weight), ("grad", grad)):
+        if ten is not None and ten.dim() == 5:
+            _plane_contiguous(ten, name)
+    hw = h * w
+    block, warps = _block(hw, x.device)
+    grid = (triton.cdiv(hw, block), b * (t - 1))
+    g_scalar = grad.numel() == 1
+    g_strides = (0, 0, 0) if g_scalar else (grad.stride(0), grad.stride(1), grad.stride(2))
+    dflow = torch.empty(flow.shape, device=x.device, dtype=flow.dtype)
+    qscale = None
+    if not grad_x:
+        dx_acc = flow  # never written (GRAD_X=False)
+    elif deterministic:
+        # Fixed-point scale: a power of two leaving room for HW + 1 contributions of max |g|
+        # (|rho'| <= 1) in int64, i.e. about 2^-50 of max |g| per unit at 64x64.
+        gmax = grad.detach().abs().amax().float()
+        if weight is not None:
+            gmax = gmax * weight.detach().abs().amax().float()
+        room = torch.tensor(2.0**62 / (hw + 1), device=x.device)
+        qscale = torch.exp2(torch.floor(torch.log2(room / gmax.clamp_min(1e-30)))).clamp(max=2**62)
+        dx_acc = torch.zeros(x.shape, device=x.device, dtype=torch.int64)
+    else:
+        dx_acc = torch.zeros(x.shape, device=x.device, dtype=torch.float32)
+    wt = weight if weight is not None else flow
+    gx_scale = 1.0 if w > 1 else 0.0  # W == 1: grid_sample samples column 0 whatever the flow
+    gy_scale = 1.0 if h > 1 else 0.0
+    _bwd_kernel[grid](
+        x, flow, wt, grad, dflow, dx_acc, qscale if qscale is not None else grad,
+        c, t - 1, h, w, hw,
+        x.stride(0), x.stride(1), x.stride(2), flow.stride(0), flow.stride(1), flow.stride(2),
+        wt.stride(0), wt.stride(2), *g_strides,
+        dflow.stride(0), dflow.stride(1), dflow.stride(2),
+        dx_acc.stride(0), dx_acc.stride(1), dx_acc.stride(2),
+        **_geometry(h, w, eps), gx_scale=gx_scale, gy_scale=gy_scale,
+        HAS_W=weight is not None, BORDER=border, G_SCALAR=g_scalar, GRAD_X=grad_x,
+        FIXED_POINT=grad_x and deterministic, BLOCK=block, num_warps=warps,
+    )
+    if not grad_x:
+        return dflow, None
+    if deterministic:
+        return dflow, (dx_acc.double() / qscale.double()).to(x.dtype)
+    return dflow, dx_acc if x.dtype == torch.float32 else dx_acc.to(x.dtype)

@@ -1,0 +1,302 @@
+"""Flow-warping loss: Triton (interpreter on CPU) and numba vs the grid_sample reference."""
+
+import re
+
+import pytest
+import torch
+from conftest import requires_cuda
+
+from vosgan import backend
+from vosgan.nn import FlowWarpLoss, fuse_modules
+from vosgan.ops.flow_warp import (
+    flow_to_grid,
+    flow_warp_loss,
+    flow_warp_loss_backward_op,
+    flow_warp_loss_op,
+    flow_warp_loss_reference,
+    fused_impl,
+)
+
+# (B, C, T, H, W): T=2, B=1, H=1, H and W not multiples of any block, one 64-wide row set.
+SHAPES = [(1, 3, 2, 5, 7), (2, 2, 3, 9, 13), (1, 1, 2, 1, 6), (1, 3, 2, 4, 64)]
+IMPLS = ["triton", "numba"]
+
+
+def make_flow(kind: str, b: int, t: int, h: int, w: int, dtype=torch.float32) -> torch.Tensor:
+    """Flows that stress the sampler: random, zero, out of the frame, large, integer."""
+    shape = (b, 2, t - 1, h, w)
+    if kind == "random":
+        return torch.randn(shape) * 2.5
+    if kind == "zero":
+        return torch.zeros(shape)
+    if kind == "out":  # mostly pointing past the borders, some straddling them
+        return torch.randn(shape) * 0.5 + torch.tensor([1.1 * w, -1.1 * h]).view(1, 2, 1, 1, 1)
+    if kind == "large":
+        return torch.randn(shape) * 4 * max(h, w)
+    if kind == "integer":  # exact integer sample positions, in and out of the frame
+        return torch.randint(-3, 4, shape).float()
+    raise ValueError(kind)
+
+
+def grads(loss: torch.Tensor, inputs: list[torch.Tensor], g: torch.Tensor) -> list[torch.Tensor]:
+    return list(torch.autograd.grad(loss, inputs, g))
+
+
+def assert_close_rel(a: torch.Tensor, b: torch.Tensor, rtol: float, what: str) -> None:
+    scale = b.abs().max().clamp_min(1e-6)
+    err = (a.float() - b.float()).abs().max() / scale
+    assert err <= rtol, f"{what}: max error {err:.3g} of max |ref| {scale:.3g}"
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("padding", ["zeros", "border"])
+@pytest.mark.parametrize("kind", ["random", "zero", "out", "large", "integer"])
+def test_matches_reference_fp32(impl: str, padding: str, kind: str) -> None:
+    for i, (b, c, t, h, w) in enumerate(SHAPES):
+        reduction = "mean" if i % 2 == 0 else "none"
+        x = torch.randn(b, c, t, h, w, requires_grad=True)
+        flow = make_flow(kind, b, t, h, w).requires_grad_()
+        weight = torch.rand(b, 1, t - 1, h, w) if i != 1 else None
+        ref = flow_warp_loss_reference(x, flow, weight, 1e-2, padding, reduction)
+        out = flow_warp_loss(x, flow, weight, 1e-2, padding, reduction, impl=impl)
+        assert out.shape == ref.shape and out.dtype == ref.dtype
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+        g = torch.randn_like(ref)
+        for name, got, want in zip(("dx", "dflow"), grads(out, [x, flow], g),
+                                   grads(ref, [x, flow], g), strict=True):
+            assert_close_rel(got, want, 2e-5, f"{impl} {padding} {kind} {(b, c, t, h, w)} {name}")
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_integer_positions_pick_grid_sample_side(impl: str) -> None:
+    """At zero flow the sample sits on a pixel centre; grid_sample's fp32 round trip puts some
+    positions a hair below the integer, so its derivative there is the backward difference.
+    The kernels must reproduce that choice, not the mathematically 'clean' forward difference."""
+    b, c, t, h, w = 1, 2, 2, 3, 64
+    xs = torch.arange(w, dtype=torch.float32)
+    ix = (flow_to_grid(torch.zeros(1, 2, h, w))[0, 0, :, 0] + 1) * ((w - 1) / 2)
+    assert (ix < xs).any() and (ix == xs).any(), "the case must exercise both sides"
+    x = torch.randn(b, c, t, h, w) ** 3  # curvature: left and right differences differ
+    flow = torch.zeros(b, 2, t - 1, h, w, requires_grad=True)
+    want = torch.autograd.grad(flow_warp_loss_reference(x, flow), flow)[0]
+    got = torch.autograd.grad(flow_warp_loss(x, flow, impl=impl), flow)[0]
+    assert_close_rel(got, want, 1e-5, f"{impl} dflow at integer positions")
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision(impl: str, dtype: torch.dtype) -> None:
+    """Error vs the fp32 reference at most 2x that of the reference run in the same dtype."""
+    if impl == "triton" and dtype == torch.bfloat16:
+        pytest.skip("bf16 arithmetic is not supported by the Triton interpreter (GPU test below)")
+    b, c, t, h, w = 2, 3, 3, 6, 11
+    x = torch.randn(b, c, t, h, w).to(dtype).requires_grad_()
+    flow = make_flow("random", b, t, h, w).to(dtype).requires_grad_()
+    weight = torch.rand(b, 1, t - 1, h, w).to(dtype)
+    x32, f32 = x.detach().float().requires_grad_(), flow.detach().float().requires_grad_()
+    ref32 = flow_warp_loss_reference(x32, f32, weight.float(), reduction="none")
+    g = torch.randn_like(ref32)
+    want = [ref32, *grads(ref32, [x32, f32], g)]
+    ref_lp = flow_warp_loss_reference(x, flow, weight, reduction="none")
+    base = [ref_lp, *grads(ref_lp, [x, flow], g.to(dtype))]
+    out = flow_warp_loss(x, flow, weight, reduction="none", impl=impl)
+    got = [out, *grads(out, [x, flow], g.to(dtype))]
+    for name, a, r, w32 in zip(("loss", "dx", "dflow"), got, base, want, strict=True):
+        assert a.dtype == r.dtype, name
+        err = (a.float() - w32).abs().max()
+        err_ref = (r.float() - w32).abs().max()
+        assert err <= 2 * err_ref + 1e-3 * w32.abs().max(), f"{name}: {err} vs ref {err_ref}"
+
+
+def test_deterministic_fixed_point_dx() -> None:
+    """The int64 fixed-point scatter matches the reference and repeats bit for bit."""
+    b, c, t, h, w = 1, 3, 3, 5, 9
+    x = torch.randn(b, c, t, h, w, requires_grad=True)
+    flow = (torch.randn(b, 2, t - 1, h, w) * 0.4).requires_grad_()  # many shared targets
+    weight = torch.rand(b, 1, t - 1, h, w)
+    want = grads(flow_warp_loss_reference(x, flow, weight), [x, flow], torch.tensor(3.0))
+    runs = [grads(flow_warp_loss(x, flow, weight, impl="triton", deterministic=True), [x, flow],
+                  torch.tensor(3.0)) for _ in range(2)]
+    for name, got, ref in zip(("dx", "dflow"), runs[0], want, strict=True):
+        assert_close_rel(got, ref, 2e-5, f"deterministic {name}")
+    assert all(torch.equal(a, b) for a, b in zip(*runs, strict=True))
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_grad_only_when_requested(impl: str) -> None:
+    b, c, t, h, w = 1, 2, 3, 4, 5
+    x = torch.randn(b, c, t, h, w)
+    flow = make_flow("random", b, t, h, w).requires_grad_()
+    loss = flow_warp_loss(x, flow, impl=impl)
+    (dflow,) = torch.autograd.grad(loss, [flow])
+    assert x.grad is None and dflow.shape == flow.shape
+    # x only (flow detached) also works
+    xg = x.clone().requires_grad_()
+    (dx,) = torch.autograd.grad(flow_warp_loss(xg, flow.detach(), impl=impl), [xg])
+    assert_close_rel(dx, torch.autograd.grad(flow_warp_loss_reference(xg, flow.detach()), [xg])[0],
+                     2e-5, "dx only")
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_double_backward_uses_reference(impl: str) -> None:
+    b, c, t, h, w = 1, 2, 2, 4, 6
+    x = torch.randn(b, c, t, h, w, requires_grad=True)
+    flow = make_flow("random", b, t, h, w).requires_grad_()
+    outs = []
+    for fused in (True, False):
+        loss = flow_warp_loss(x, flow, impl=impl) if fused else flow_warp_loss_reference(x, flow)
+        (gf,) = torch.autograd.grad(loss, [flow], create_graph=True)
+        outs.append(torch.autograd.grad((gf * gf).sum(), [x, flow]))
+    for a, r in zip(*outs, strict=True):
+        assert_close_rel(a, r, 1e-5, f"{impl} double backward")
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_opcheck(impl: str) -> None:
+    b, c, t, h, w = 1, 2, 3, 4, 5
+    x = torch.randn(b, c, t, h, w, requires_grad=True)
+    flow = make_flow("random", b, t, h, w).requires_grad_()
+    weight = torch.rand(b, 1, t - 1, h, w)
+    for mean in (True, False):
+        torch.library.opcheck(flow_warp_loss_op, (x, flow, weight, 1e-3, False, mean, False, impl))
+    g = torch.full((1,), 0.1)
+    torch.library.opcheck(flow_warp_loss_backward_op,
+                          (g, x.detach(), flow.detach(), None, 1e-3, True, True, False, impl))
+
+
+@pytest.mark.parametrize("padding", ["zeros", "border"])
+def test_gradcheck_reference_float64(padding: str) -> None:
+    b, c, t, h, w = 1, 2, 3, 4, 5
+    x = torch.randn(b, c, t, h, w, dtype=torch.float64, requires_grad=True)
+    flow = (torch.rand(b, 2, t - 1, h, w, dtype=torch.float64) * 3 - 1.5).requires_grad_()
+    weight = torch.rand(b, 1, t - 1, h, w, dtype=torch.float64)
+    assert torch.autograd.gradcheck(
+        lambda a, f: flow_warp_loss_reference(a, f, weight, 1e-2, padding, "none"), (x, flow))
+
+
+def test_validation_messages() -> None:
+    x = torch.randn(1, 3, 3, 4, 5)
+    flow = torch.zeros(1, 2, 2, 4, 5)
+    with pytest.raises(ValueError, match="flow must be"):
+        flow_warp_loss(x, flow[:, :, :1], impl="numba")
+    with pytest.raises(ValueError, match="weight must be"):
+        flow_warp_loss(x, flow, torch.ones(1, 1, 3, 4, 5), impl="numba")
+    with pytest.raises(ValueError, match="weight requires grad"):
+        flow_warp_loss(x, flow, torch.ones(1, 1, 2, 4, 5, requires_grad=True), impl="numba")
+    with pytest.raises(ValueError, match="eps must be > 0"):
+        flow_warp_loss(x, flow, eps=0.0, impl="numba")
+    with pytest.raises(ValueError, match="reduction"):
+        flow_warp_loss(x, flow, reduction="sum", impl="numba")
+    with pytest.raises(ValueError, match="padding_mode"):
+        flow_warp_loss(x, flow, padding_mode="reflection", impl="numba")
+    with pytest.raises(ValueError, match="unknown impl"):
+        flow_warp_loss(x, flow, impl="cuda")
+    with pytest.raises(TypeError, match="flow must be a floating-point"):
+        flow_warp_loss(x, flow.long(), impl="numba")
+
+
+def test_auto_dispatch_and_module() -> None:
+    assert fused_impl(torch.device("cpu"))[0] == "numba"
+    assert backend.choose("flow_warp_loss", "cpu").impl in ("numba", "reference")
+    b, c, t, h, w = 1, 3, 3, 5, 6
+    x = torch.randn(b, c, t, h, w)
+    flow = make_flow("random", b, t, h, w)
+    model = torch.nn.Sequential(FlowWarpLoss(eps=1e-2, padding_mode="border", impl="reference"))
+    assert any("FlowWarpLoss" in line for line in fuse_modules(model))
+    assert model[0].impl == "auto"
+    torch.testing.assert_close(model[0](x, flow),
+                               flow_warp_loss_reference(x, flow, None, 1e-2, "border"))
+
+
+_I32 = "i32"
+_FWD_SIG = {
+    "x_ptr": "*bf16", "flow_ptr": "*bf16", "w_ptr": "*bf16", "out_ptr": "*fp32",
+    **{k: _I32 for k in ("C", "Tm1", "H", "W", "HW", "x_sb", "x_sc", "x_st", "f_sb", "f_sc",
+                         "f_st", "w_sb", "w_st", "o_sb", "o_sc", "o_st")},
+    **{k: "fp32" for k in ("half_wm1", "half_hm1", "wm1", "hm1", "eps2")},
+    **{k: "constexpr" for k in ("HAS_W", "BORDER", "REDUCE", "BLOCK")},
+}
+_BWD_SIG = {
+    "x_ptr": "*bf16", "flow_ptr": "*bf16", "w_ptr": "*bf16", "g_ptr": "*fp32",
+    "dflow_ptr": "*bf16", "dx_ptr": "*fp32", "qscale_ptr": "*fp32",
+    **{k: _I32 for k in ("C", "Tm1", "H", "W", "HW", "x_sb", "x_sc", "x_st", "f_sb", "f_sc",
+                         "f_st", "w_sb", "w_st", "g_sb", "g_sc", "g_st", "df_sb", "df_sc",
+                         "df_st", "dx_sb", "dx_sc", "dx_st")},
+    **{k: "fp32" for k in ("half_wm1", "half_hm1", "wm1", "hm1", "eps2", "gx_scale",
+                           "gy_scale")},
+    **{k: "constexpr" for k in ("HAS_W", "BORDER", "G_SCALAR", "GRAD_X", "FIXED_POINT",
+                                "BLOCK")},
+}
+# The launch configurations the GPU path uses (BLOCK=512, 4 warps), both accumulation modes.
+AOT_CASES = {
+    "fwd-sum": ("_fwd_kernel", _FWD_SIG, {"HAS_W": True, "BORDER": False, "REDUCE": True}),
+    "bwd-atomic": ("_bwd_kernel", _BWD_SIG, {"HAS_W": True, "BORDER": True, "G_SCALAR": True,
+                                             "GRAD_X": True, "FIXED_POINT": False}),
+    "bwd-fixed": ("_bwd_kernel", {**_BWD_SIG, "dx_ptr": "*i64", "g_ptr": "*bf16"},
+                  {"HAS_W": True, "BORDER": False, "G_SCALAR": False, "GRAD_X": True,
+                   "FIXED_POINT": True}),
+}
+
+
+@pytest.mark.parametrize("arch", [80, 90])
+@pytest.mark.parametrize("case", sorted(AOT_CASES))
+def test_aot_compile_no_spills(case: str, arch: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    from vosgan import aot
+
+    # aot assembles with the bundled legacy ptxas, while Triton 3.9 emits sm_90 PTX for its newer
+    # ptxas-blackwell (PTX 9.4): point Triton at the legacy one (as tests/test_conv3d_block.py).
+    monkeypatch.setenv("TRITON_PTXAS_BLACKWELL_PATH", aot._ptxas())
+
+    kernel, sig, constexprs = AOT_CASES[case]
+    # Pointers, the plane size and the strides are multiples of 16 at VOS-GAN shapes (32x32,
+    # 64x64), as Triton's launch-time specialisation would see them; C, T, H, W are generic.
+    names = list(sig)
+    generic = {"C", "Tm1", "H", "W"}
+    aligned = tuple(i for i, n in enumerate(names)
+                    if sig[n].startswith("*") or (sig[n] == _I32 and n not in generic))
+    rep = aot.compile_kernel("vosgan.kernels.flow_warp", kernel, sig, {**constexprs, "BLOCK": 512},
+                         arch=arch, aligned=aligned, num_warps=4)
+    assert rep.registers > 0, "ptxas reported no register count"
+    assert rep.spill_stores == 0 and rep.spill_loads == 0, (
+        f"{case} sm_{arch}: {rep.spill_stores} B spill stores, {rep.spill_loads} B spill loads")
+    # The per-pixel streams (x_t, flow, weight) are contiguous and vectorised (4 bf16 per thread
+    # at BLOCK=512: 64-bit loads); the four bilinear corner loads are gathers.
+    assert re.search(r"ld\.global(?:\.\w+)*\.v[24]", rep.ptx), f"{case} sm_{arch}: no vector loads"
+
+
+@requires_cuda
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_gpu_matches_reference(dtype: torch.dtype, deterministic: bool) -> None:
+    b, c, t, h, w = 4, 3, 9, 64, 61
+    x = torch.randn(b, c, t, h, w, device="cuda").to(dtype).requires_grad_()
+    flow = (torch.randn(b, 2, t - 1, h, w, device="cuda") * 3).to(dtype).requires_grad_()
+    weight = torch.rand(b, 1, t - 1, h, w, device="cuda").to(dtype)
+    x32, f32 = x.detach().float().requires_grad_(), flow.detach().float().requires_grad_()
+    ref32 = flow_warp_loss_reference(x32, f32, weight.float())
+    want = [ref32, *grads(ref32, [x32, f32], torch.tensor(1.0, device="cuda"))]
+    ref_lp = flow_warp_loss_reference(x, flow, weight)
+    base = [ref_lp, *grads(ref_lp, [x, flow], torch.tensor(1.0, device="cuda", dtype=dtype))]
+    out = flow_warp_loss(x, flow, weight, impl="triton", deterministic=deterministic)
+    got = [out, *grads(out, [x, flow], torch.tensor(1.0, device="cuda", dtype=dtype))]
+    for name, a, r, w32 in zip(("loss", "dx", "dflow"), got, base, want, strict=True):
+        err = (a.float() - w32).abs().max()
+        err_ref = (r.float() - w32).abs().max()
+        tol = 2 * err_ref + (1e-5 if dtype == torch.float32 else 1e-3) * w32.abs().max()
+        assert err <= tol, f"{name} {dtype}: {err} vs ref {err_ref}"
+
+
+@requires_cuda
+@pytest.mark.gpu
+def test_gpu_torch_compile_fullgraph() -> None:
+    b, c, t, h, w = 2, 3, 5, 32, 32
+    x = torch.randn(b, c, t, h, w, device="cuda", requires_grad=True)
+    flow = (torch.randn(b, 2, t - 1, h, w, device="cuda") * 2).requires_grad_()
+    fn = torch.compile(lambda a, f: flow_warp_loss(a, f, impl="triton"), fullgraph=True)
+    out = fn(x, flow)
+    ref = flow_warp_loss_reference(x, flow)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    got, want = torch.autograd.grad(out, [x, flow]), torch.autograd.grad(ref, [x, flow])
+    for a, r in zip(got, want, strict=True):
+        assert_close_rel(a, r, 1e-4, "compiled grads")

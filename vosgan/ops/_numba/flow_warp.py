@@ -1,0 +1,153 @@
+"""numba CPU kernels of the flow-warping loss (fp32 in, fp32/fp64 accumulation).
+
+Same arithmetic as the Triton kernels (:mod:`vosgan.kernels.flow_warp`): sample positions are
+rounded exactly as ``flow_to_grid`` + ``grid_sample(align_corners=True)`` round them in fp32, so
+the bilinear cell, and the one-sided derivative at integer positions, is the reference's.
+
+Parallelism is over frame pairs ``(b, t)``. The backward is race-free without atomics: each pair
+writes its own ``dflow[b, :, t]`` and ``d x_t`` term, and scatters ``d x_{t+1}`` into a private
+buffer ``scat[b, :, t]`` that a second parallel loop adds into ``dx[b, :, t + 1]``.
+All arrays are C-contiguous float32; ``weight`` and ``grad`` are dummies when unused.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange
+
+_F1 = np.float32(1.0)
+_F2 = np.float32(2.0)
+
+
+@njit(cache=True, inline="always")
+def _coords(i, j, ux, uy, h, w, border):
+    """Corner (x0, y0), weights (ax, bx, ay, by) and clip gradients (cgx, cgy) of pixel (i, j)."""
+    wm1 = np.float32(max(w - 1, 1))
+    hm1 = np.float32(max(h - 1, 1))
+    half_wm1 = np.float32((w - 1) * 0.5)
+    half_hm1 = np.float32((h - 1) * 0.5)
+    gx = (_F2 * (np.float32(j) + ux)) / wm1 - _F1
+    gy = (_F2 * (np.float32(i) + uy)) / hm1 - _F1
+    ix = (gx + _F1) * half_wm1
+    iy = (gy + _F1) * half_hm1
+    cgx = _F1
+    cgy = _F1
+    if border:
+        # Borders count as out of bounds for the gradient, as in grid_sample.
+        if not (ix > 0 and ix < 2 * half_wm1):
+            cgx = np.float32(0.0)
+        if not (iy > 0 and iy < 2 * half_hm1):
+            cgy = np.float32(0.0)
+        ix = min(max(ix, np.float32(0.0)), np.float32(w - 1))
+        iy = min(max(iy, np.float32(0.0)), np.float32(h - 1))
+    else:
+        # Far outside every corner is out of bounds already: clamping keeps the ints small.
+        ix = min(max(ix, np.float32(-2.0)), np.float32(w + 1))
+        iy = min(max(iy, np.float32(-2.0)), np.float32(h + 1))
+    x0f = np.floor(ix)
+    y0f = np.floor(iy)
+    ax = (x0f + _F1) - ix
+    bx = ix - x0f
+    ay = (y0f + _F1) - iy
+    by = iy - y0f
+    if w == 1:
+        cgx = np.float32(0.0)
+    if h == 1:
+        cgy = np.float32(0.0)
+    return int(x0f), int(y0f), ax, bx, ay, by, cgx, cgy
+
+
+@njit(cache=True, inline="always")
+def _corner_values(plane, x0, y0, h, w):
+    """The four corner values of ``plane`` (zero outside)."""
+    z = np.float32(0.0)
+    in_x0 = 0 <= x0 < w
+    in_x1 = 0 <= x0 + 1 < w
+    in_y0 = 0 <= y0 < h
+    in_y1 = 0 <= y0 + 1 < h
+    v_nw = plane[y0, x0] if in_y0 and in_x0 else z
+    v_ne = plane[y0, x0 + 1] if in_y0 and in_x1 else z
+    v_sw = plane[y0 + 1, x0] if in_y1 and in_x0 else z
+    v_se = plane[y0 + 1, x0 + 1] if in_y1 and in_x1 else z
+    return v_nw, v_ne, v_sw, v_se
+
+
+@njit(parallel=True, cache=True)
+def fwd(x, flow, weight, has_w, eps, border, out_map, write_map):
+    """Per-pair sums of ``w * rho`` (float64, shape ``(B * (T-1),)``); fills ``out_map``
+    ``(B, C, T-1, H, W)`` too when ``write_map``."""
+    b_, c_, t_, h, w = x.shape
+    eps2 = np.float32(eps) * np.float32(eps)
+    sums = np.zeros(b_ * (t_ - 1), np.float64)
+    for n in prange(b_ * (t_ - 1)):
+        b = n // (t_ - 1)
+        t = n % (t_ - 1)
+        acc = 0.0
+        for i in range(h):
+            for j in range(w):
+                x0, y0, ax, bx, ay, by, _, _ = _coords(i, j, flow[b, 0, t, i, j],
+                                                       flow[b, 1, t, i, j], h, w, border)
+                wt = weight[b, 0, t, i, j] if has_w else _F1
+                for c in range(c_):
+                    v_nw, v_ne, v_sw, v_se = _corner_values(x[b, c, t + 1], x0, y0, h, w)
+                    warped = v_nw * (ax * ay) + v_ne * (bx * ay) + v_sw * (ax * by) + v_se * (
+                        bx * by)
+                    d = x[b, c, t, i, j] - warped
+                    r = np.sqrt(d * d + eps2) * wt
+                    acc += r
+                    if write_map:
+                        out_map[b, c, t, i, j] = r
+        sums[n] = acc
+    return sums
+
+
+@njit(parallel=True, cache=True)
+def bwd(x, flow, weight, has_w, grad, g_scalar, eps, border, grad_x, dflow, dx, scat):
+    """Fill ``dflow (B, 2, T-1, H, W)`` and, when ``grad_x``, ``dx (B, C, T, H, W)`` (zeroed by
+    the caller) using ``scat (B, C, T-1, H, W)`` (zeroed) as the per-pair scatter buffer.
+
+    ``grad`` is ``d loss / d (w * rho)``: shape ``(1, 1, 1, 1, 1)`` when ``g_scalar``, else the
+    full map.
+    """
+    b_, c_, t_, h, w = x.shape
+    eps2 = np.float32(eps) * np.float32(eps)
+    for n in prange(b_ * (t_ - 1)):
+        b = n // (t_ - 1)
+        t = n % (t_ - 1)
+        for i in range(h):
+            for j in range(w):
+                x0, y0, ax, bx, ay, by, cgx, cgy = _coords(i, j, flow[b, 0, t, i, j],
+                                                           flow[b, 1, t, i, j], h, w, border)
+                wt = weight[b, 0, t, i, j] if has_w else _F1
+                gix = np.float32(0.0)
+                giy = np.float32(0.0)
+                for c in range(c_):
+                    v_nw, v_ne, v_sw, v_se = _corner_values(x[b, c, t + 1], x0, y0, h, w)
+                    warped = v_nw * (ax * ay) + v_ne * (bx * ay) + v_sw * (ax * by) + v_se * (
+                        bx * by)
+                    d = x[b, c, t, i, j] - warped
+                    go = grad[0, 0, 0, 0, 0] if g_scalar else grad[b, c, t, i, j]
+                    g = go * d / np.sqrt(d * d + eps2) * wt
+                    gix -= g * ((v_ne - v_nw) * ay + (v_se - v_sw) * by)
+                    giy -= g * ((v_sw - v_nw) * ax + (v_se - v_ne) * bx)
+                    if grad_x:
+                        dx[b, c, t, i, j] += g
+                        s = scat[b, c, t]
+                        if 0 <= y0 < h:
+                            if 0 <= x0 < w:
+                                s[y0, x0] -= g * (ax * ay)
+                            if 0 <= x0 + 1 < w:
+                                s[y0, x0 + 1] -= g * (bx * ay)
+                        if 0 <= y0 + 1 < h:
+                            if 0 <= x0 < w:
+                                s[y0 + 1, x0] -= g * (ax * by)
+                            if 0 <= x0 + 1 < w:
+                                s[y0 + 1, x0 + 1] -= g * (bx * by)
+                dflow[b, 0, t, i, j] = gix * cgx
+                dflow[b, 1, t, i, j] = giy * cgy
+    if grad_x:
+        # Frame t + 1 receives pair t's scatter; pairs own disjoint (b, t) slices here.
+        for n in prange(b_ * (t_ - 1)):
+            b = n // (t_ - 1)
+            t = n % (t_ - 1)
+            dx[b, :, t + 1] += scat[b, :, t]
