@@ -4,7 +4,17 @@
 """
 
 from vosgan.nn.composite import MaskComposite
+from vosgan.nn.conv3d_block import FusedConv3dBlock, FusedConvTranspose3dBlock
 from vosgan.nn.flow_warp import FlowWarpLoss
 from vosgan.nn.fuse import fuse_modules, register_fuser
+from vosgan.nn.gru import FusedGRU
 
-__all__ = ["FlowWarpLoss", "MaskComposite", "fuse_modules", "register_fuser"]
+__all__ = [
+    "FlowWarpLoss",
+    "FusedConv3dBlock",
+    "FusedConvTranspose3dBlock",
+    "FusedGRU",
+    "MaskComposite",
+    "fuse_modules",
+    "register_fuser",
+]

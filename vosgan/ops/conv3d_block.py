@@ -2,12 +2,32 @@
 
 The reference block is a plain ``nn.Sequential(conv, bn, act)`` (``bn`` omitted where a stage has
 no normalisation); the fused drop-in modules in :mod:`vosgan.nn` load its ``state_dict``.
+
+The convolution stays with cuDNN (any memory format; ``channels_last_3d`` recommended with bf16).
+What is fused is the rest of the block, :func:`bn_act`: BatchNorm (batch statistics in training,
+running statistics in eval) + affine + optional residual add + LeakyReLU/ReLU, as the
+``torch.library`` ops ``vosgan::bn_act_fwd`` / ``vosgan::bn_act_bwd`` backed by the Triton
+kernels of :mod:`vosgan.kernels.bn_act` (2 passes over ``y`` forward, 2 backward; only ``y`` is
+saved for backward, against ``y`` and the BN output for the eager block).
+
+Dtypes: ``y``/``residual``/output fp32, fp16 or bf16 (the output has ``y``'s dtype and memory
+format); BN parameters and statistics fp32; all reductions fp32. Under autocast the conv output
+arrives in the low precision, the BN parameters stay fp32, exactly as for the eager block.
+
+Double backward (R1 penalty) works: when the backward runs with grad mode on (i.e.
+``create_graph=True``) it computes the gradients with differentiable PyTorch ops (batch statistics
+recomputed from ``y``), otherwise with the fused Triton kernels.
 """
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
-from torch import nn
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from vosgan import backend
 
 ACTIVATIONS = ("lrelu", "relu")
 
@@ -42,6 +62,226 @@ def conv3d_block_reference(
     return nn.Sequential(*layers)
 
 
+_DIMS = (0, 2, 3, 4)
+_CH = (1, -1, 1, 1, 1)
+IMPLS = ("auto", "reference", "triton")
+
+
+def bn_act_reference(
+    y: Tensor, weight: Tensor, bias: Tensor, running_mean: Tensor | None,
+    running_var: Tensor | None, *, training: bool, momentum: float, eps: float,
+    negative_slope: float, residual: Tensor | None = None,
+) -> Tensor:
+    """``act(BatchNorm3d(y) [+ residual])`` with PyTorch's own ops (updates running stats)."""
+    z = F.batch_norm(y, running_mean, running_var, weight, bias, training, momentum, eps)
+    if residual is not None:
+        z = z + residual
+    return F.relu(z) if negative_slope == 0 else F.leaky_relu(z, negative_slope)
+
+
+def _grads_differentiable(
+    grad_out: Tensor, y: Tensor, weight: Tensor, bias: Tensor, residual: Tensor | None,
+    mean: Tensor, var: Tensor, eps: float, slope: float, training: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+    """The backward of :func:`bn_act` in differentiable PyTorch ops (for double backward).
+
+    In training the batch statistics are recomputed from ``y`` so that their dependence on ``y``
+    is part of the graph; in eval ``mean``/``var`` are the (constant) running statistics.
+    """
+    yf, go = y.float(), grad_out.float()
+    if training:
+        mean, var = yf.mean(_DIMS), yf.var(_DIMS, unbiased=False)
+    invstd = torch.rsqrt(var + eps)
+    xhat = (yf - mean.view(_CH)) * invstd.view(_CH)
+    z = xhat * weight.float().view(_CH) + bias.float().view(_CH)
+    if residual is not None:
+        z = z + residual.float()
+    g = torch.where(z > 0, go, go * slope)  # the mask is piecewise constant: no gradient
+    db = g.sum(_DIMS)
+    dw = (g * xhat).sum(_DIMS)
+    scale = (weight.float() * invstd).view(_CH)
+    if training:
+        n = y.numel() // y.shape[1]
+        dy = scale * (g - db.view(_CH) / n - xhat * (dw.view(_CH) / n))
+    else:
+        dy = scale * g
+    dres = g.to(residual.dtype) if residual is not None else None
+    return dy.to(y.dtype), dw.to(weight.dtype), db.to(bias.dtype), dres
+
+
+def _fwd_impl(
+    y: Tensor, weight: Tensor, bias: Tensor, residual: Optional[Tensor],  # noqa: UP045
+    stat_mean: Optional[Tensor], stat_var: Optional[Tensor],  # noqa: UP045
+    eps: float, negative_slope: float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Fused forward. ``stat_mean``/``stat_var`` ``None``: batch statistics (training).
+
+    Returns ``(out, mean, var)``: ``out`` like ``y``; ``mean``/biased ``var`` fp32 ``(C,)``.
+    """
+    from vosgan.kernels import bn_act as kernels
+
+    if stat_mean is None or stat_var is None:
+        mean, var = kernels.bn_stats(y)
+    else:
+        mean, var = stat_mean.float().clone(), stat_var.float().clone()
+    out = kernels.bn_act_forward(y, mean, var, weight, bias, residual, eps, negative_slope)
+    return out, mean, var
+
+
+_bn_act_fwd = torch.library.custom_op("vosgan::bn_act_fwd", _fwd_impl, mutates_args=())
+
+
+@_bn_act_fwd.register_fake
+def _(y, weight, bias, residual, stat_mean, stat_var, eps, negative_slope):
+    c = y.shape[1]
+    return (torch.empty_like(y), y.new_empty(c, dtype=torch.float32),
+            y.new_empty(c, dtype=torch.float32))
+
+
+def _bwd_impl(
+    grad_out: Tensor, y: Tensor, weight: Tensor, bias: Tensor,
+    residual: Optional[Tensor], mean: Tensor, var: Tensor,  # noqa: UP045
+    eps: float, negative_slope: float, training: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Fused backward: ``(dy, dweight, dbias, dresidual)``; ``dresidual`` is empty without one."""
+    from vosgan.kernels import bn_act as kernels
+
+    dy, dw, db, dres = kernels.bn_act_backward(
+        grad_out, y, residual, mean, var, weight, bias, eps, negative_slope, training)
+    return dy, dw.to(weight.dtype), db.to(bias.dtype), dres if dres is not None else y.new_empty(0)
+
+
+_bn_act_bwd = torch.library.custom_op("vosgan::bn_act_bwd", _bwd_impl, mutates_args=())
+
+
+@_bn_act_bwd.register_fake
+def _(grad_out, y, weight, bias, residual, mean, var, eps, negative_slope, training):
+    dres = torch.empty_like(y) if residual is not None else y.new_empty(0)
+    return torch.empty_like(y), torch.empty_like(weight), torch.empty_like(bias), dres
+
+
+def _setup_context(ctx, inputs, output, eager: bool = False) -> None:
+    y, weight, bias, residual, stat_mean, _, eps, slope = inputs
+    _, mean, var = output
+    ctx.save_for_backward(y, weight, bias, residual, mean, var)
+    ctx.training = stat_mean is None
+    ctx.eps, ctx.slope, ctx.eager = eps, slope, eager
+    ctx.mark_non_differentiable(mean, var)
+
+
+def _backward(ctx, grad_out, _grad_mean, _grad_var):
+    y, weight, bias, residual, mean, var = ctx.saved_tensors
+    args = (y, weight, bias, residual, mean, var, ctx.eps, ctx.slope, ctx.training)
+    if torch.is_grad_enabled():  # create_graph=True: a differentiable backward
+        dy, dw, db, dres = _grads_differentiable(grad_out, *args)
+    else:
+        bwd = _bwd_impl if ctx.eager else torch.ops.vosgan.bn_act_bwd
+        dy, dw, db, dres = bwd(grad_out, *args)
+        dres = dres if residual is not None else None
+    return dy, dw, db, dres, None, None, None, None
+
+
+_bn_act_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _BnActFunction(torch.autograd.Function):
+    """Eager fast path: ``vosgan::bn_act_fwd``'s forward and backward without the
+    ``torch.library`` dispatch, whose Python overhead (hundreds of us per block on an H100 host)
+    showed in the block timings; ``torch.compile`` traces the registered op instead."""
+
+    @staticmethod
+    def forward(ctx, *inputs):
+        output = _fwd_impl(*inputs)
+        _setup_context(ctx, inputs, output, eager=True)
+        return output
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_mean, grad_var):
+        return _backward(ctx, grad_out, grad_mean, grad_var)
+
+
 def fused_impl(device: torch.device) -> tuple[str | None, str]:
     """The fused implementation ``impl="auto"`` uses on ``device`` (see :mod:`vosgan.backend`)."""
-    return None, "no fused conv3d block kernels yet (issue #5)"
+    if device.type == "cuda":
+        mode, detail = backend.triton_mode()
+        if mode == "gpu":
+            return "triton", f"Triton BN+act kernels, cuDNN conv ({detail})"
+        return None, f"Triton unavailable for CUDA tensors: {detail}"
+    return None, (
+        f"on {device.type} the block runs PyTorch's native batch_norm + activation (no numba path: "
+        "the eager CPU BN is already a fused, vectorised 2-pass kernel, see benchmarks/RESULTS.md)"
+    )
+
+
+def _validate(y: Tensor, weight: Tensor, bias: Tensor, running_mean: Tensor | None,
+              running_var: Tensor | None, residual: Tensor | None, negative_slope: float,
+              impl: str) -> None:
+    if y.dim() != 5 or not y.is_floating_point():
+        raise ValueError(f"y must be a floating (B, C, T, H, W) tensor, got {y.dtype} {y.shape}")
+    c = y.shape[1]
+    for name, t in (("weight", weight), ("bias", bias), ("running_mean", running_mean),
+                    ("running_var", running_var)):
+        if t is not None and t.shape != (c,):
+            raise ValueError(f"{name} must have shape ({c},) for y {tuple(y.shape)}, got "
+                             f"{tuple(t.shape)}")
+    if (running_mean is None) != (running_var is None):
+        raise ValueError("running_mean and running_var must be given together")
+    if residual is not None and residual.shape != y.shape:
+        raise ValueError(f"residual must have y's shape {tuple(y.shape)}, got "
+                         f"{tuple(residual.shape)}")
+    if negative_slope < 0:
+        raise ValueError(f"negative_slope must be >= 0 (the mask is taken from the output), "
+                         f"got {negative_slope}")
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+
+
+def bn_act(
+    y: Tensor, weight: Tensor, bias: Tensor, running_mean: Tensor | None = None,
+    running_var: Tensor | None = None, *, training: bool = True, momentum: float = 0.1,
+    eps: float = 1e-5, negative_slope: float = 0.2, residual: Tensor | None = None,
+    impl: str = "auto",
+) -> Tensor:
+    """``act(BatchNorm3d(y) [+ residual])``, fused where available; semantics of ``nn.BatchNorm3d``.
+
+    Args:
+        y: conv output ``(B, C, T, H, W)``, contiguous or ``channels_last_3d``.
+        weight, bias: BN affine parameters ``(C,)``.
+        running_mean, running_var: ``(C,)`` running statistics or ``None``
+            (``track_running_stats=False``: batch statistics in eval too).
+        training: batch statistics, and an in-place running-stat update with ``momentum``
+            (unbiased variance), exactly as ``nn.BatchNorm3d``; else the running statistics.
+        negative_slope: LeakyReLU slope (``0`` for ReLU); must be >= 0.
+        residual: optional ``(B, C, T, H, W)`` added after the affine, before the activation.
+        impl: ``"auto"`` (see :func:`fused_impl`), ``"reference"`` or ``"triton"``.
+
+    Returns:
+        ``(B, C, T, H, W)`` with ``y``'s dtype and memory format.
+    """
+    _validate(y, weight, bias, running_mean, running_var, residual, negative_slope, impl)
+    if impl == "auto":
+        choice = backend.choose("conv3d_block", y.device)
+        if not choice.fused:
+            backend.warn_once(f"conv3d_block-{y.device.type}",
+                              f"conv3d_block: reference ({choice.reason})")
+        impl = choice.impl
+    batch_stats = training or running_mean is None
+    if batch_stats and y.numel() // y.shape[1] <= 1:
+        raise ValueError(f"Expected more than 1 value per channel when training, got input size "
+                         f"{list(y.shape)}")
+    if impl == "reference":
+        return bn_act_reference(y, weight, bias, running_mean, running_var, training=batch_stats,
+                                momentum=momentum, eps=eps, negative_slope=negative_slope,
+                                residual=residual)
+    if not (y.is_contiguous() or y.is_contiguous(memory_format=torch.channels_last_3d)):
+        y = y.contiguous()
+    fwd = torch.ops.vosgan.bn_act_fwd if torch.compiler.is_compiling() else _BnActFunction.apply
+    out, mean, var = fwd(
+        y, weight, bias, residual, None if batch_stats else running_mean,
+        None if batch_stats else running_var, eps, negative_slope)
+    if batch_stats and running_mean is not None and running_var is not None:
+        n = y.numel() // y.shape[1]
+        with torch.no_grad():  # the formula of ATen's batch_norm update
+            running_mean.mul_(1 - momentum).add_(mean, alpha=momentum)
+            running_var.mul_(1 - momentum).add_(var * (n / (n - 1)), alpha=momentum)
+    return out

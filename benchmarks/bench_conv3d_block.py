@@ -1,0 +1,147 @@
+"""Conv3d/ConvTranspose3d + BatchNorm3d + (Leaky)ReLU blocks: eager vs fused vs torch.compile.
+
+Providers: ``eager`` (the ``nn.Sequential`` block: cuDNN/oneDNN conv, native BN, activation),
+``fused`` (:class:`vosgan.nn.FusedConv3dBlock`: same conv, fused BN + activation), ``compile``
+(``torch.compile`` of the eager block). Modes: training ``fwd`` and ``fwd+bwd``.
+
+- GPU (bf16 autocast, ``channels_last_3d``): every block shape of the ``paper`` preset's G and D,
+  batch 16 and 64. ``python benchmarks/bench_conv3d_block.py [batch...]`` prints the markdown
+  rows of ``benchmarks/RESULTS.md`` (``triton.testing.do_bench`` medians).
+- CPU (fp32): the ``cpu-small`` preset's shapes through pytest-benchmark.
+"""
+
+from __future__ import annotations
+
+import copy
+import platform
+import sys
+from collections.abc import Callable
+
+import pytest
+import torch
+
+from vosgan.nn import FusedConv3dBlock, FusedConvTranspose3dBlock
+from vosgan.ops.conv3d_block import conv3d_block_reference
+
+# (name, transpose, act, C_in, C_out, (T, H, W) of the input); k=4, s=2, p=1 everywhere
+PAPER = [
+    ("D.enc2", False, "lrelu", 64, 128, (16, 32, 32)),
+    ("D.enc3", False, "lrelu", 128, 256, (8, 16, 16)),
+    ("D.enc4", False, "lrelu", 256, 512, (4, 8, 8)),
+    ("D.dec1", True, "relu", 512, 256, (2, 4, 4)),
+    ("D.dec2", True, "relu", 512, 128, (4, 8, 8)),
+    ("D.dec3", True, "relu", 256, 64, (8, 16, 16)),
+    ("D.dec4", True, "relu", 128, 32, (16, 32, 32)),
+    ("G.fg1", True, "relu", 1024, 512, (2, 4, 4)),
+    ("G.fg2", True, "relu", 512, 256, (4, 8, 8)),
+    ("G.fg3", True, "relu", 256, 128, (8, 16, 16)),
+]
+# the cpu-small preset: channels / 4, input (B, 3, 16, 32, 32)
+CPU_SMALL = [
+    ("D.enc2", False, "lrelu", 16, 32, (8, 16, 16)),
+    ("D.enc3", False, "lrelu", 32, 64, (4, 8, 8)),
+    ("D.dec3", True, "relu", 64, 16, (4, 8, 8)),
+    ("D.dec4", True, "relu", 32, 8, (8, 16, 16)),
+    ("G.fg2", True, "relu", 128, 64, (2, 4, 4)),
+]
+CPU_BATCH = 8
+PROVIDERS = ("eager", "fused", "compile")
+
+
+def make_step(provider: str, case: tuple, batch: int, device: str,
+              mode: str) -> Callable[[], None]:
+    """One training-mode step of the block (``fwd`` or ``fwd+bwd``) for ``provider``."""
+    _, transpose, act, cin, cout, thw = case
+    torch.manual_seed(0)
+    block = conv3d_block_reference(cin, cout, transpose=transpose, act=act).to(device)
+    cuda = device == "cuda"
+    fmt = torch.channels_last_3d if cuda else torch.contiguous_format
+    block = block.to(memory_format=fmt)
+    if provider == "fused":
+        cls = FusedConvTranspose3dBlock if transpose else FusedConv3dBlock
+        block = cls.from_sequential(copy.deepcopy(block))
+    elif provider == "compile":
+        torch._dynamo.reset()
+        block = torch.compile(block)
+    x = torch.randn(batch, cin, *thw, device=device).to(memory_format=fmt).requires_grad_()
+    autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=cuda)
+    with autocast:
+        go = torch.randn_like(block(x))
+
+    def step() -> None:
+        with autocast:
+            out = block(x)
+        if mode == "fwd+bwd":
+            out.backward(go)
+
+    return step
+
+
+def _extra(benchmark, provider: str, case: tuple, batch: int, mode: str, device: str) -> None:
+    import triton
+
+    benchmark.extra_info.update({
+        "device": torch.cuda.get_device_name() if device == "cuda" else platform.processor()
+        or platform.machine(),
+        "torch": torch.__version__, "triton": triton.__version__, "provider": provider,
+        "block": case[0], "shape": [batch, case[3], *case[5]], "c_out": case[4], "mode": mode,
+    })
+
+
+@pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])
+@pytest.mark.parametrize("provider", PROVIDERS)
+@pytest.mark.parametrize("case", CPU_SMALL, ids=[c[0] for c in CPU_SMALL])
+def test_cpu_block(benchmark, case, provider, mode):
+    if provider == "compile" and case[0] not in ("D.enc2", "D.dec4"):
+        pytest.skip("torch.compile on CPU: the two largest blocks only (8 s per compile)")
+    step = make_step(provider, case, CPU_BATCH, "cpu", mode)
+    step()  # warm-up (and compile)
+    _extra(benchmark, provider, case, CPU_BATCH, mode, "cpu")
+    benchmark.pedantic(step, rounds=15, warmup_rounds=2)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("batch", [16, 64])
+@pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])
+@pytest.mark.parametrize("provider", PROVIDERS)
+@pytest.mark.parametrize("case", PAPER, ids=[c[0] for c in PAPER])
+def test_gpu_block(benchmark, case, provider, mode, batch):
+    step = make_step(provider, case, batch, "cuda", mode)
+    step()
+
+    def synced() -> None:
+        step()
+        torch.cuda.synchronize()
+
+    _extra(benchmark, provider, case, batch, mode, "cuda")
+    benchmark.pedantic(synced, rounds=20, warmup_rounds=3)
+
+
+def gpu_table(batches: list[int]) -> str:
+    """Markdown rows: median ms per provider (do_bench) and fused speed-ups, bf16 CL3d."""
+    import triton
+    from triton.testing import do_bench
+
+    name = torch.cuda.get_device_name()
+    rows = [f"| block | B | mode | eager ms | fused ms | compile ms | fused/eager | "
+            f"fused/compile |  ({name}, torch {torch.__version__}, triton {triton.__version__})",
+            "|---|---|---|---|---|---|---|---|"]
+    for batch in batches:
+        for case in PAPER:
+            for mode in ("fwd", "fwd+bwd"):
+                ms = {}
+                for provider in PROVIDERS:
+                    step = make_step(provider, case, batch, "cuda", mode)
+                    step()
+                    ms[provider] = do_bench(step, warmup=25, rep=100, return_mode="median")
+                rows.append(f"| {case[0]} {case[3]}->{case[4]} | {batch} | {mode} | "
+                            f"{ms['eager']:.3f} | {ms['fused']:.3f} | {ms['compile']:.3f} | "
+                            f"{ms['eager'] / ms['fused']:.2f}x | "
+                            f"{ms['compile'] / ms['fused']:.2f}x |")
+                print(rows[-1], flush=True)
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    print(gpu_table([int(b) for b in sys.argv[1:]] or [16, 64]))

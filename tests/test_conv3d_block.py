@@ -1,0 +1,324 @@
+"""Fused Conv3d/ConvTranspose3d + BatchNorm3d + (Leaky)ReLU blocks vs the plain PyTorch block.
+
+Kernels run in the Triton interpreter on CPU (tiny odd shapes: C not a power of two, T=1 and
+T=3, odd H and W), both memory layouts, fp32 and fp16; GPU-only cases are skipped without CUDA.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import HAS_CUDA, requires_cuda
+from torch import nn
+
+from vosgan import aot
+from vosgan.nn import FusedConv3dBlock, FusedConvTranspose3dBlock, fuse_modules
+from vosgan.ops import conv3d_block as ops
+from vosgan.ops.conv3d_block import bn_act, bn_act_reference, conv3d_block_reference
+
+DEV = "cuda" if HAS_CUDA else "cpu"
+SHAPES = [(2, 5, 1, 5, 3), (3, 6, 3, 7, 5)]  # (B, C, T, H, W)
+CL = torch.channels_last_3d
+
+
+def _inputs(shape, dtype, layout, residual):
+    y = (torch.randn(shape, device=DEV) * 2 + 0.5).to(dtype)
+    if layout == "cl":
+        y = y.to(memory_format=CL)
+    c = shape[1]
+    w = torch.randn(c, device=DEV) * 0.5 + 1
+    b = torch.randn(c, device=DEV) * 0.3
+    r = torch.randn(shape, device=DEV).to(dtype) if residual else None
+    return y, w, b, r
+
+
+def _run(fn, y, w, b, r, go, **kw):
+    leaves = [t.detach().clone().requires_grad_() for t in (y, w, b)]
+    res = r.detach().clone().requires_grad_() if r is not None else None
+    out = fn(*leaves, None, None, training=True, momentum=0.1, eps=1e-5, residual=res, **kw)
+    out.backward(go)
+    grads = [t.grad for t in leaves] + ([res.grad] if res is not None else [])
+    return out.detach(), grads
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("layout", ["ncdhw", "cl"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_kernels_match_reference(shape, layout, dtype):
+    """Training-mode forward and every gradient, against PyTorch in fp32 (2x-error rule)."""
+    residual = shape[2] == 3
+    slope = 0.2 if layout == "cl" else 0.0
+    y, w, b, r = _inputs(shape, dtype, layout, residual)
+    go = torch.randn(shape, device=DEV).to(dtype)
+    kw = {"negative_slope": slope}
+    out, grads = _run(lambda *a, **k: bn_act(*a, impl="triton", **k), y, w, b, r, go, **kw)
+    f32 = [t.float() if t is not None else None for t in (y, w, b, r)]
+    ref32, gref32 = _run(bn_act_reference, *f32, go.float(), **kw)
+    assert out.dtype == dtype and out.stride() == y.stride()
+    if dtype == torch.float32:
+        torch.testing.assert_close(out, ref32, rtol=1e-5, atol=1e-5)
+        for g, gr in zip(grads, gref32, strict=True):
+            torch.testing.assert_close(g.float(), gr, rtol=1e-4, atol=1e-4)
+        return
+    # low precision: error vs the fp32 oracle at most 2x PyTorch's own fp16 error (+ a floor)
+    ref16, gref16 = _run(bn_act_reference, y, w, b, r, go, **kw)
+    for mine, low, exact in zip([out, *grads], [ref16, *gref16], [ref32, *gref32], strict=True):
+        err = (mine.float() - exact).abs().max().item()
+        ref_err = (low.float() - exact).abs().max().item()
+        assert err <= 2 * ref_err + 2e-3 * exact.abs().max().item(), (err, ref_err)
+
+
+def _block(transpose, act="lrelu"):
+    return conv3d_block_reference(4, 6, transpose=transpose, act=act,
+                                  kernel_size=3, stride=1, padding=1).to(DEV)
+
+
+@pytest.mark.parametrize("transpose", [False, True])
+def test_module_train_eval_running_stats(transpose):
+    ref = _block(transpose, "relu" if transpose else "lrelu")
+    ref[1].momentum = None if transpose else 0.3  # cumulative average on one of the two
+    cls = FusedConvTranspose3dBlock if transpose else FusedConv3dBlock
+    fused = cls.from_sequential(copy.deepcopy(ref), impl="triton")
+    x = torch.randn(2, 4, 3, 5, 3, device=DEV)
+    for _ in range(2):
+        torch.testing.assert_close(fused(x), ref(x), rtol=1e-5, atol=1e-5)
+    for name in ("running_mean", "running_var", "num_batches_tracked"):
+        torch.testing.assert_close(getattr(fused[1], name), getattr(ref[1], name),
+                                   rtol=1e-6, atol=1e-7)
+    ref.eval()
+    fused.eval()
+    xe = torch.randn(2, 4, 1, 5, 3, device=DEV, requires_grad=True)
+    xe2 = xe.detach().clone().requires_grad_()
+    out_r, out_f = ref(xe), fused(xe2)
+    torch.testing.assert_close(out_f, out_r, rtol=1e-5, atol=1e-5)
+    go = torch.randn_like(out_r)
+    out_r.backward(go)
+    out_f.backward(go)
+    torch.testing.assert_close(xe2.grad, xe.grad, rtol=1e-4, atol=1e-5)
+    for p_f, p_r in zip(fused.parameters(), ref.parameters(), strict=True):
+        torch.testing.assert_close(p_f.grad, p_r.grad, rtol=1e-4, atol=1e-4)
+
+
+def test_state_dict_compatible():
+    ref = _block(False)
+    fused = FusedConv3dBlock(4, 6, 3, 1, 1).to(DEV)
+    assert fused.state_dict().keys() == ref.state_dict().keys()
+    fused.load_state_dict(ref.state_dict())
+    ref.load_state_dict(fused.state_dict())
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_double_backward(training):
+    """R1-style: grad w.r.t. the input with create_graph=True, then backprop through it."""
+    ref = _block(False)
+    ref.train(training)
+    if not training:
+        ref[1].running_mean.uniform_(-0.2, 0.2)
+        ref[1].running_var.uniform_(0.5, 2.0)
+    fused = FusedConv3dBlock.from_sequential(copy.deepcopy(ref), impl="triton")
+    x = torch.randn(2, 4, 3, 5, 3, device=DEV)
+    results = []
+    for block in (ref, fused):
+        xi = x.clone().requires_grad_()
+        (gx,) = torch.autograd.grad(block(xi).square().sum(), xi, create_graph=True)
+        second = torch.autograd.grad(gx.square().sum(), [xi, *block.parameters()])
+        results.append((gx.detach(), *second))
+    for a, b in zip(*results, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4 * b.abs().max().item())
+
+
+class _R3DStyle(nn.Module):
+    """A small torchvision ``r3d_18``-style net (not from this project)."""
+
+    class Conv3DSimple(nn.Conv3d):
+        def __init__(self, cin, cout, stride=1):
+            super().__init__(cin, cout, (3, 3, 3), stride, 1, bias=False)
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv3d(3, 6, (1, 3, 3), (1, 2, 2), (0, 1, 1), bias=False),
+                                  nn.BatchNorm3d(6), nn.ReLU(inplace=True))
+        self.conv1 = nn.Sequential(self.Conv3DSimple(6, 6), nn.BatchNorm3d(6), nn.ReLU(True))
+        self.conv2 = nn.Sequential(self.Conv3DSimple(6, 6), nn.BatchNorm3d(6))  # not a match
+        self.up = nn.Sequential(nn.ConvTranspose3d(6, 5, 4, 2, 1, bias=False),
+                                nn.BatchNorm3d(5), nn.LeakyReLU(0.1))
+        self.head = nn.Sequential(nn.Conv3d(5, 2, 1), nn.LeakyReLU(0.2))  # no BN: not a match
+
+    def forward(self, x):
+        h = self.stem(x)
+        h = F.relu(self.conv2(self.conv1(h)) + h)
+        return self.head(self.up(h))
+
+
+@torch.backends.cudnn.flags(enabled=True, allow_tf32=False)  # TF32 convs would blur the match
+def test_fuse_modules_foreign_model():
+    torch.manual_seed(1)
+    ref = _R3DStyle().to(DEV)
+    fused = copy.deepcopy(ref)
+    replaced = fuse_modules(fused)
+    assert [r.split(":")[0] for r in replaced] == ["stem", "conv1", "up"], replaced
+    assert type(fused.up) is FusedConvTranspose3dBlock and type(fused.conv2) is nn.Sequential
+    assert fuse_modules(fused) == []  # already-fused blocks are left alone
+    for m in fused.modules():
+        if isinstance(m, (FusedConv3dBlock, FusedConvTranspose3dBlock)):
+            m.impl = "triton"
+    x = torch.randn(2, 3, 3, 9, 7, device=DEV)
+    xr, xf = x.clone().requires_grad_(), x.clone().requires_grad_()
+    out_r, out_f = ref(xr), fused(xf)
+    torch.testing.assert_close(out_f, out_r, rtol=1e-5, atol=1e-5)
+    go = torch.randn_like(out_r)
+    out_r.backward(go)
+    out_f.backward(go)
+    torch.testing.assert_close(xf.grad, xr.grad, rtol=1e-4, atol=1e-5)
+    for (n, pf), pr in zip(fused.named_parameters(), ref.parameters(), strict=True):
+        torch.testing.assert_close(pf.grad, pr.grad, rtol=1e-4, atol=1e-4, msg=n)
+
+
+def test_fuser_rejects_non_matches():
+    fuser = ops_fuser()
+    seq = _block(False)
+    assert fuser(nn.Sequential(seq[0], nn.BatchNorm3d(6, affine=False), seq[2])) is None
+    assert fuser(nn.Sequential(nn.Conv2d(4, 6, 3), nn.BatchNorm2d(6), nn.ReLU())) is None
+    assert fuser(nn.Sequential(seq[0], nn.BatchNorm3d(5), seq[2])) is None
+    assert fuser(nn.Sequential(seq[0], seq[1], nn.LeakyReLU(-0.1))) is None
+    assert fuser(nn.Sequential(seq[0], seq[1], nn.GELU())) is None
+    assert fuser(conv3d_block_reference(3, 8, norm=False)) is None  # D's first stage
+    assert fuser(FusedConv3dBlock(4, 6)) is None
+    fused = fuser(seq)
+    assert isinstance(fused, FusedConv3dBlock) and fused[0] is seq[0] and fused[1] is seq[1]
+
+
+def ops_fuser():
+    from vosgan.nn.conv3d_block import _fuse
+
+    return _fuse
+
+
+def test_validation_messages():
+    y, w, b, _ = _inputs((2, 5, 1, 3, 3), torch.float32, "ncdhw", False)
+    with pytest.raises(ValueError, match="weight"):
+        bn_act(y, w[:4], b)
+    with pytest.raises(ValueError, match="residual"):
+        bn_act(y, w, b, residual=y[:, :4])
+    with pytest.raises(ValueError, match="negative_slope"):
+        bn_act(y, w, b, negative_slope=-1.0)
+    with pytest.raises(ValueError, match="impl"):
+        bn_act(y, w, b, impl="cuda")
+    with pytest.raises(ValueError, match="y must be"):
+        bn_act(y[0], w, b)
+    with pytest.raises(ValueError, match="more than 1 value"):
+        bn_act(y[:1, :, :, :1, :1], w, b, impl="reference")
+
+
+def test_auto_dispatch_reports_and_warns():
+    name, reason = ops.fused_impl(torch.device("cpu"))
+    assert name is None and "batch_norm" in reason
+    if HAS_CUDA:
+        assert ops.fused_impl(torch.device("cuda"))[0] == "triton"
+        return
+    y, w, b, _ = _inputs((2, 5, 1, 3, 3), torch.float32, "ncdhw", False)
+    with warnings.catch_warnings(record=True):
+        warnings.simplefilter("always")
+        out = bn_act(y, w, b)  # auto on CPU -> the reference ops
+    torch.testing.assert_close(out, bn_act_reference(y, w, b, None, None, training=True,
+                                                     momentum=0.1, eps=1e-5, negative_slope=0.2))
+
+
+@pytest.mark.parametrize("residual", [False, True])
+def test_opcheck(residual):
+    y, w, b, r = _inputs((2, 3, 1, 5, 3), torch.float32, "ncdhw", residual)
+    for t in (y, w, b):
+        t.requires_grad_()
+    torch.library.opcheck(torch.ops.vosgan.bn_act_fwd, (y, w, b, r, None, None, 1e-5, 0.2))
+    rm, rv = torch.zeros(3, device=DEV), torch.ones(3, device=DEV)
+    torch.library.opcheck(torch.ops.vosgan.bn_act_fwd, (y, w, b, r, rm, rv, 1e-5, 0.0))
+    _, mean, var = torch.ops.vosgan.bn_act_fwd(y, w, b, r, None, None, 1e-5, 0.2)
+    go = torch.randn_like(y)
+    torch.library.opcheck(torch.ops.vosgan.bn_act_bwd,
+                          (go, y.detach(), w.detach(), b.detach(), r, mean, var, 1e-5, 0.2, True))
+
+
+def test_reference_gradcheck_float64():
+    y, w, b, r = (t.double().requires_grad_() for t in
+                  _inputs((2, 3, 1, 3, 3), torch.float32, "ncdhw", True))
+
+    def fn(y, w, b, r):
+        return bn_act_reference(y, w, b, None, None, training=True, momentum=0.1, eps=1e-5,
+                                negative_slope=0.2, residual=r)
+
+    assert torch.autograd.gradcheck(fn, (y, w, b, r))
+    assert torch.autograd.gradgradcheck(fn, (y, w, b, r))
+
+
+_KSIG = {"C": "i32", "S": "i32", "n_sblocks": "i32", "stride_b": "i32", "stride_c": "i32",
+         "stride_s": "i32", "eps": "fp32", "slope": "fp32", "CL": "constexpr",
+         "HAS_RES": "constexpr", "BLOCK_C": "constexpr", "BLOCK_S": "constexpr"}
+_AOT = {
+    "_bn_stats_partial_kernel": ["y_ptr:*bf16", "part_ptr:*fp32", "C", "S", "n_units:i32",
+                                 "units_per_prog:i32", "n_sblocks", "stride_b", "stride_c",
+                                 "stride_s", "CL", "BLOCK_C", "BLOCK_S"],
+    "_bn_stats_finalize_kernel": ["part_ptr:*fp32", "mean_ptr:*fp32", "var_ptr:*fp32", "C",
+                                  "n_part:i32", "BLOCK_C"],
+    "_bn_act_fwd_kernel": ["y_ptr:*bf16", "r_ptr:*bf16", "out_ptr:*bf16", "mean_ptr:*fp32",
+                           "var_ptr:*fp32", "w_ptr:*fp32", "b_ptr:*fp32", "C", "S", "n_sblocks",
+                           "stride_b", "stride_c", "stride_s", "eps", "slope", "CL", "HAS_RES",
+                           "BLOCK_C", "BLOCK_S"],
+    "_bn_act_bwd_reduce_kernel": ["go_ptr:*bf16", "y_ptr:*bf16", "r_ptr:*bf16", "mean_ptr:*fp32",
+                                  "var_ptr:*fp32", "w_ptr:*fp32", "b_ptr:*fp32",
+                                  "part_ptr:*fp32", "C", "S", "n_units:i32",
+                                  "units_per_prog:i32", "n_sblocks", "stride_b", "stride_c",
+                                  "stride_s", "eps", "slope", "CL", "HAS_RES", "BLOCK_C",
+                                  "BLOCK_S"],
+    "_bn_act_bwd_kernel": ["go_ptr:*bf16", "y_ptr:*bf16", "r_ptr:*bf16", "dy_ptr:*bf16",
+                           "dr_ptr:*bf16", "mean_ptr:*fp32", "var_ptr:*fp32", "w_ptr:*fp32",
+                           "b_ptr:*fp32", "sum_g_ptr:*fp32", "sum_gx_ptr:*fp32", "C", "S",
+                           "n_sblocks", "stride_b", "stride_c", "stride_s", "inv_n:fp32", "eps",
+                           "slope", "CL", "HAS_RES", "TRAINING:constexpr", "BLOCK_C",
+                           "BLOCK_S"],
+}
+
+
+@pytest.mark.parametrize("arch", [80, 90])
+@pytest.mark.parametrize("kernel", sorted(_AOT))
+def test_aot_compiles_without_spills(kernel, arch, monkeypatch):
+    # aot.compile_kernel assembles with the bundled legacy ptxas (CUDA 12.9), while Triton 3.9
+    # emits sm_90 PTX for its newer ptxas-blackwell (PTX 9.4): point Triton at the legacy one.
+    monkeypatch.setenv("TRITON_PTXAS_BLACKWELL_PATH", aot._ptxas())
+    sig, aligned = {}, []
+    for i, spec in enumerate(_AOT[kernel]):
+        name, _, typ = spec.partition(":")
+        sig[name] = typ or _KSIG[name]
+        if sig[name].startswith("*") or name in ("C", "S", "stride_b", "stride_c", "stride_s"):
+            aligned.append(i)  # what Triton's runtime specialisation sees when C % 16 == 0
+    # the channels_last tiling of a 64-channel stage: [64, 64] bf16 tiles, 8 warps
+    consts = {"CL": True, "HAS_RES": True, "TRAINING": True, "BLOCK_C": 64, "BLOCK_S": 64}
+    consts = {k: v for k, v in consts.items() if k in sig}
+    if kernel == "_bn_stats_finalize_kernel":
+        consts["BLOCK_C"] = 128
+    rep = aot.compile_kernel("vosgan.kernels.bn_act", kernel, sig, consts, arch=arch,
+                             aligned=tuple(aligned), num_warps=8)
+    assert rep.spill_stores == 0 and rep.spill_loads == 0, rep
+    if kernel != "_bn_stats_finalize_kernel":  # streaming kernels: 128-bit loads
+        assert rep.vector_loads > 0, (rep.kernel, rep.vector_loads)
+
+
+@requires_cuda
+@pytest.mark.gpu
+def test_gpu_bf16_channels_last_and_compile():
+    block = conv3d_block_reference(64, 128).cuda().to(memory_format=CL)
+    fused = FusedConv3dBlock.from_sequential(copy.deepcopy(block))
+    x = torch.randn(4, 64, 8, 32, 32, device="cuda").to(memory_format=CL)
+    with torch.autocast("cuda", torch.bfloat16):
+        ref32 = conv3d_block_reference(64, 128).cuda()
+        ref32.load_state_dict(block.state_dict())
+        out_f, out_r = fused(x), block(x)
+    assert out_f.dtype == torch.bfloat16
+    torch.testing.assert_close(out_f.float(), out_r.float(), rtol=2e-2, atol=2e-2)
+    compiled = torch.compile(fused, fullgraph=True)
+    with torch.autocast("cuda", torch.bfloat16):
+        out_c = compiled(x)
+    torch.testing.assert_close(out_c.float(), out_r.float(), rtol=2e-2, atol=2e-2)

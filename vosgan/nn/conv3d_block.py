@@ -1,0 +1,127 @@
+"""Fused spatio-temporal conv blocks: ``FusedConv3dBlock`` and ``FusedConvTranspose3dBlock``.
+
+Both subclass ``nn.Sequential`` and keep the children of the block they replace, ``0`` (conv),
+``1`` (``BatchNorm3d``), ``2`` (``LeakyReLU``/``ReLU``), so their ``state_dict`` is the one of
+``nn.Sequential(Conv3d|ConvTranspose3d, BatchNorm3d, LeakyReLU|ReLU)``. The conv runs as is
+(cuDNN); BN + activation run as one fused op, :func:`vosgan.ops.conv3d_block.bn_act`.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from vosgan.nn.fuse import register_fuser
+from vosgan.ops.conv3d_block import IMPLS, bn_act
+
+_ACTS = (nn.LeakyReLU, nn.ReLU)
+
+
+class _FusedBlock(nn.Sequential):
+    _conv_type: type[nn.Module] = nn.Conv3d
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 4,
+                 stride: int = 2, padding: int = 1, *, act: str = "lrelu",
+                 negative_slope: float = 0.2, impl: str = "auto") -> None:
+        if act not in ("lrelu", "relu"):
+            raise ValueError(f"act must be 'lrelu' or 'relu', got {act!r}")
+        conv = self._conv_type(in_channels, out_channels, kernel_size, stride, padding,
+                               bias=False)
+        activation = nn.LeakyReLU(negative_slope) if act == "lrelu" else nn.ReLU()
+        super().__init__(conv, nn.BatchNorm3d(out_channels), activation)
+        self._check(impl)
+        self.impl = impl
+
+    def _check(self, impl: str) -> None:
+        if impl not in IMPLS:
+            raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+        if not isinstance(self[0], self._conv_type):
+            raise TypeError(f"child 0 must be a {self._conv_type.__name__}, got "
+                            f"{type(self[0]).__name__}")
+        if type(self[1]) is not nn.BatchNorm3d or not self[1].affine:
+            raise TypeError("child 1 must be an affine nn.BatchNorm3d")
+        if type(self[2]) not in _ACTS:
+            raise TypeError(f"child 2 must be nn.LeakyReLU or nn.ReLU, got "
+                            f"{type(self[2]).__name__}")
+        if self.negative_slope < 0:
+            raise ValueError(f"negative_slope must be >= 0, got {self.negative_slope}")
+
+    @classmethod
+    def from_sequential(cls, seq: nn.Sequential, impl: str = "auto") -> _FusedBlock:
+        """Wrap the children of ``seq`` (shared, not copied) into a fused block."""
+        block = cls.__new__(cls)
+        nn.Sequential.__init__(block, *seq)
+        block._check(impl)
+        block.impl = impl
+        return block
+
+    @property
+    def negative_slope(self) -> float:
+        act = self[2]
+        return float(act.negative_slope) if isinstance(act, nn.LeakyReLU) else 0.0
+
+    def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
+        """``x (B, C_in, T, H, W)`` -> ``act(bn(conv(x)) [+ residual]) (B, C_out, T', H', W')``."""
+        y = self[0](x)
+        bn: nn.BatchNorm3d = self[1]
+        # nn.BatchNorm3d.forward's bookkeeping, step for step
+        factor = 0.0 if bn.momentum is None else bn.momentum
+        if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
+            bn.num_batches_tracked.add_(1)
+            if bn.momentum is None:  # cumulative moving average
+                factor = 1.0 / float(bn.num_batches_tracked)
+        batch_stats = bn.training or (bn.running_mean is None and bn.running_var is None)
+        use_buffers = not bn.training or bn.track_running_stats
+        return bn_act(y, bn.weight, bn.bias, bn.running_mean if use_buffers else None,
+                      bn.running_var if use_buffers else None, training=batch_stats,
+                      momentum=factor, eps=bn.eps, negative_slope=self.negative_slope,
+                      residual=residual, impl=self.impl)
+
+    def extra_repr(self) -> str:
+        return f"impl={self.impl!r}"
+
+
+class FusedConv3dBlock(_FusedBlock):
+    """``Conv3d`` + ``BatchNorm3d`` + ``LeakyReLU|ReLU`` with fused BN + activation.
+
+    Args:
+        in_channels, out_channels, kernel_size, stride, padding: of the ``Conv3d`` (no bias).
+        act: ``"lrelu"`` (slope ``negative_slope``) or ``"relu"``.
+        impl: ``"auto"`` (Triton on CUDA, reference ops on CPU), ``"reference"`` or ``"triton"``.
+
+    Shapes: ``x (B, C_in, T, H, W)`` -> ``(B, C_out, T', H', W')``; optional ``residual`` of the
+    output's shape is added before the activation. Double backward is supported.
+    """
+
+    _conv_type = nn.Conv3d
+
+
+class FusedConvTranspose3dBlock(_FusedBlock):
+    """``ConvTranspose3d`` + ``BatchNorm3d`` + ``LeakyReLU|ReLU``; see :class:`FusedConv3dBlock`."""
+
+    _conv_type = nn.ConvTranspose3d
+
+
+def _match(module: nn.Module) -> type[_FusedBlock] | None:
+    if type(module) is not nn.Sequential or len(module) != 3:
+        return None
+    conv, bn, act = module
+    if type(bn) is not nn.BatchNorm3d or not bn.affine or type(act) not in _ACTS:
+        return None
+    if isinstance(act, nn.LeakyReLU) and act.negative_slope < 0:
+        return None
+    if isinstance(conv, nn.ConvTranspose3d):
+        cls = FusedConvTranspose3dBlock
+    elif isinstance(conv, nn.Conv3d):
+        cls = FusedConv3dBlock
+    else:
+        return None
+    return cls if conv.out_channels == bn.num_features else None
+
+
+@register_fuser("conv3d_block")
+def _fuse(module: nn.Module) -> nn.Module | None:
+    """Exactly ``nn.Sequential(Conv3d|ConvTranspose3d, BatchNorm3d(affine), LeakyReLU|ReLU)``
+    becomes a fused block sharing its children; anything else (already fused included): ``None``.
+    """
+    cls = _match(module)
+    return cls.from_sequential(module) if cls is not None else None
