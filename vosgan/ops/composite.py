@@ -88,7 +88,8 @@ def fused_impl(device: torch.device) -> tuple[str | None, str]:
             import numba
         except ImportError as exc:
             return None, f"numba not importable ({exc})"
-        return "numba", f"numba {numba.__version__}, parallel over {numba.get_num_threads()} threads"
+        threads = numba.get_num_threads()
+        return "numba", f"numba {numba.__version__}, parallel over {threads} threads"
     return None, f"no fused compositing kernel for device type {device.type!r}"
 
 
@@ -139,8 +140,10 @@ def _numba_bwd(g: Tensor, f: Tensor, m: Tensor, b: Tensor) -> tuple[Tensor, Tens
     dm = torch.empty((bsz, 1, t, h, w), dtype=cd)
     db = torch.zeros((bsz, c, h, w), dtype=cd)
     if df.numel():
-        arrays = (g.to(cd).contiguous().view(bsz, c, t, n), f.to(cd).contiguous().view(bsz, c, t, n),
-                  m.to(cd).contiguous().view(bsz, t, n), b.to(cd).contiguous().view(bsz, c, n))
+        arrays = (g.to(cd).contiguous().view(bsz, c, t, n),
+                  f.to(cd).contiguous().view(bsz, c, t, n),
+                  m.to(cd).contiguous().view(bsz, t, n),
+                  b.to(cd).contiguous().view(bsz, c, n))
         with nb.LAUNCH_LOCK:
             nb.composite_bwd_kernel(*(a.numpy() for a in arrays), df.view(bsz, c, t, n).numpy(),
                                     dm.view(bsz, t, n).numpy(), db.view(bsz, c, n).numpy())
@@ -238,7 +241,8 @@ def composite(f: Tensor, m: Tensor, b: Tensor, impl: str = "auto") -> Tensor:
     if impl == "auto":
         choice = backend.choose("composite", f.device)
         if not choice.fused:
-            backend.warn_once(f"composite-{f.device.type}", f"composite: reference ({choice.reason})")
+            backend.warn_once(f"composite-{f.device.type}",
+                              f"composite: reference ({choice.reason})")
         impl = choice.impl
     if impl == "reference":
         return composite_reference(f, m, b)

@@ -1,0 +1,177 @@
+"""Triton kernels for mask compositing ``v = m * f + (1 - m) * b`` and its backward.
+
+Layout: every tensor is addressed as ``(batch, channel, time, plane)`` where ``plane`` is the
+flattened ``H * W`` image, which must be dense (unit stride, ``stride(H) == W``); the batch,
+channel and time strides are passed explicitly, so channel slices of one conv output (``f =
+y[:, :3]``, ``m = y[:, 3:]``) need no copy. Outputs are allocated contiguous here.
+
+- forward: one program per ``(plane block, t, batch)``; ``m`` is loaded once for all channels and
+  ``b`` (re-read for every ``t``) is kept in L2 with ``evict_last``.
+- backward: one program per ``(plane block, batch)`` walks all ``T`` frames with a
+  ``(C_PAD, BLOCK)`` tile: ``df = g * m`` and ``dm = sum_c g * (f - b)`` are written per frame,
+  ``db = sum_t g * (1 - m)`` is accumulated in fp32 registers and written once at the end. One
+  pass over ``g, f, m``, no atomics, no workspace.
+
+Arithmetic is fp32 whatever the storage dtypes (fp16/bf16/fp32, mixed allowed; fp64 when any
+tensor is fp64);
+results are rounded once, to the output pointer's dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+
+@triton.jit
+def _up(x, FP64: tl.constexpr):
+    """Upcast a loaded tile to the arithmetic dtype: fp64 for fp64 outputs, else fp32."""
+    if FP64:
+        return x.to(tl.float64)
+    else:
+        return x.to(tl.float32)
+
+
+@triton.jit
+def composite_fwd_kernel(
+    f_ptr, m_ptr, b_ptr, v_ptr,
+    N, T,
+    sf_b, sf_c, sf_t, sm_b, sm_t, sb_b, sb_c,
+    C: tl.constexpr, BLOCK: tl.constexpr, FP64: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    t = tl.program_id(1)
+    bi = tl.program_id(2).to(tl.int64)  # 64-bit batch offsets: no overflow past 2**31 elements
+    offs = pid_n * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < N
+    # Stage 1: the mask, once for every channel.
+    m = _up(tl.load(m_ptr + bi * sm_b + t * sm_t + offs, mask=mask), FP64)
+    v_base = v_ptr + bi * C * T * N + t * N
+    # Stage 2: per channel, read f (streamed) and b (reused over T: keep in L2), write v.
+    for c in tl.static_range(C):
+        f = _up(tl.load(f_ptr + bi * sf_b + c * sf_c + t * sf_t + offs, mask=mask,
+                        eviction_policy="evict_first"), FP64)
+        b = _up(tl.load(b_ptr + bi * sb_b + c * sb_c + offs, mask=mask,
+                        eviction_policy="evict_last"), FP64)
+        v = m * f + (1.0 - m) * b
+        tl.store(v_base + c * T * N + offs, v.to(v_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def composite_bwd_kernel(
+    g_ptr, f_ptr, m_ptr, b_ptr, df_ptr, dm_ptr, db_ptr,
+    N, T,
+    sg_b, sg_c, sg_t, sf_b, sf_c, sf_t, sm_b, sm_t, sb_b, sb_c,
+    C: tl.constexpr, C_PAD: tl.constexpr, BLOCK: tl.constexpr, FP64: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    bi = tl.program_id(1).to(tl.int64)
+    offs = pid_n * BLOCK + tl.arange(0, BLOCK)
+    cs = tl.arange(0, C_PAD)
+    mask_n = offs < N
+    mask = (cs[:, None] < C) & mask_n[None, :]
+    # Stage 1: the background tile, read once, and the fp32 accumulator of db.
+    b = _up(tl.load(b_ptr + bi * sb_b + cs[:, None] * sb_c + offs[None, :], mask=mask,
+                    other=0.0), FP64)
+    db = _up(tl.zeros([C_PAD, BLOCK], dtype=tl.float32), FP64)
+    g_base = g_ptr + bi * sg_b + cs[:, None] * sg_c + offs[None, :]
+    f_base = f_ptr + bi * sf_b + cs[:, None] * sf_c + offs[None, :]
+    df_base = df_ptr + bi * C * T * N + cs[:, None] * T * N + offs[None, :]
+    # Stage 2: walk the frames; padded channels load 0 and so add nothing to dm or db.
+    for t in range(T):
+        m = _up(tl.load(m_ptr + bi * sm_b + t * sm_t + offs, mask=mask_n), FP64)
+        g = _up(tl.load(g_base + t * sg_t, mask=mask, other=0.0, eviction_policy="evict_first"),
+                FP64)
+        f = _up(tl.load(f_base + t * sf_t, mask=mask, other=0.0, eviction_policy="evict_first"),
+                FP64)
+        tl.store(df_base + t * N, (g * m[None, :]).to(df_ptr.dtype.element_ty), mask=mask)
+        dm = tl.sum(g * (f - b), axis=0)
+        tl.store(dm_ptr + (bi * T + t) * N + offs, dm.to(dm_ptr.dtype.element_ty), mask=mask_n)
+        db += g * (1.0 - m[None, :])
+    # Stage 3: db, once.
+    tl.store(db_ptr + bi * C * N + cs[:, None] * N + offs[None, :],
+             db.to(db_ptr.dtype.element_ty), mask=mask)
+
+
+def _plane_dense(x: Tensor) -> bool:
+    """Whether the last two dims of ``x`` form one dense ``H * W`` run."""
+    h, w = x.shape[-2], x.shape[-1]
+    return (x.stride(-1) == 1 or w == 1) and (x.stride(-2) == w or h == 1)
+
+
+def _dense_plane(x: Tensor) -> Tensor:
+    return x if _plane_dense(x) else x.contiguous()
+
+
+def fwd_block(n: int) -> tuple[int, int]:
+    """``(BLOCK, num_warps)`` of the forward kernel for a plane of ``n`` pixels."""
+    block = min(1024, max(128, triton.next_power_of_2(n)))
+    return block, max(1, min(4, block // 256))
+
+
+def bwd_block(n: int, batch: int) -> tuple[int, int]:
+    """``(BLOCK, num_warps)`` of the backward kernel: small enough to give the GPU many programs."""
+    block = min(256, max(64, triton.next_power_of_2(n)))
+    while block > 64 and triton.cdiv(n, block) * batch < 1024:
+        block //= 2
+    return block, max(1, min(4, block // 64))
+
+
+def composite_fwd(f: Tensor, m: Tensor, b: Tensor, out_dtype: torch.dtype) -> Tensor:
+    """Launch the forward kernel.
+
+    Args:
+        f: ``(B, C, T, H, W)``; m: ``(B, 1, T, H, W)``; b: ``(B, C, H, W)``; any float dtypes,
+            same device. Planes that are not dense are copied.
+        out_dtype: dtype of ``v``.
+
+    Returns:
+        ``v (B, C, T, H, W)``, contiguous, ``out_dtype``.
+    """
+    f, m, b = _dense_plane(f), _dense_plane(m), _dense_plane(b)
+    bsz, c, t, h, w = f.shape
+    n = h * w
+    v = torch.empty((bsz, c, t, h, w), device=f.device, dtype=out_dtype)
+    if v.numel() == 0:
+        return v
+    block, warps = fwd_block(n)
+    grid = (triton.cdiv(n, block), t, bsz)
+    composite_fwd_kernel[grid](
+        f, m, b, v, n, t,
+        f.stride(0), f.stride(1), f.stride(2), m.stride(0), m.stride(2), b.stride(0), b.stride(1),
+        C=c, BLOCK=block, FP64=out_dtype == torch.float64, num_warps=warps,
+    )
+    return v
+
+
+def composite_bwd(g: Tensor, f: Tensor, m: Tensor, b: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Launch the backward kernel.
+
+    Args:
+        g: ``dL/dv (B, C, T, H, W)``; f, m, b as in :func:`composite_fwd`.
+
+    Returns:
+        ``(df (B, C, T, H, W), dm (B, 1, T, H, W), db (B, C, H, W))``, contiguous, in the dtypes
+        of ``f``, ``m`` and ``b``.
+    """
+    g, f, m, b = _dense_plane(g), _dense_plane(f), _dense_plane(m), _dense_plane(b)
+    bsz, c, t, h, w = f.shape
+    n = h * w
+    df = torch.empty((bsz, c, t, h, w), device=f.device, dtype=f.dtype)
+    dm = torch.empty((bsz, 1, t, h, w), device=f.device, dtype=m.dtype)
+    db = torch.empty((bsz, c, h, w), device=f.device, dtype=b.dtype)
+    if df.numel() == 0:
+        db.zero_()  # an empty sum over T
+        return df, dm, db
+    block, warps = bwd_block(n, bsz)
+    grid = (triton.cdiv(n, block), bsz)
+    composite_bwd_kernel[grid](
+        g, f, m, b, df, dm, db, n, t,
+        g.stride(0), g.stride(1), g.stride(2), f.stride(0), f.stride(1), f.stride(2),
+        m.stride(0), m.stride(2), b.stride(0), b.stride(1),
+        C=c, C_PAD=triton.next_power_of_2(c), BLOCK=block,
+        FP64=torch.float64 in (g.dtype, f.dtype, m.dtype, b.dtype), num_warps=warps,
+    )
+    return df, dm, db

@@ -1,0 +1,306 @@
+"""Mask compositing: Triton (interpreter on CPU) and numba against the reference.
+
+Shapes are tiny and odd (B=1, T=2, H*W not a multiple of any block) so the interpreter runs a
+handful of programs; one plane (33 x 35 = 1155 pixels) spans several forward and backward blocks.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import torch
+from conftest import requires_cuda
+
+from vosgan.nn import MaskComposite, fuse_modules
+from vosgan.ops.composite import (
+    composite,
+    composite_backward_op,
+    composite_backward_reference,
+    composite_op,
+    composite_reference,
+    fused_impl,
+)
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+IMPLS = ["triton", "numba"] if DEV == "cpu" else ["triton"]
+SHAPES = [(1, 3, 2, 5, 7), (2, 3, 3, 33, 35), (1, 1, 2, 3, 3), (1, 5, 2, 4, 9)]
+
+
+def _inputs(shape, dtypes=(torch.float32,) * 3, device=DEV, grad=True):
+    bsz, c, t, h, w = shape
+    f = torch.randn(bsz, c, t, h, w).tanh().to(device, dtypes[0])
+    m = torch.randn(bsz, 1, t, h, w).sigmoid().to(device, dtypes[1])
+    b = torch.randn(bsz, c, h, w).tanh().to(device, dtypes[2])
+    return [x.requires_grad_(grad) for x in (f, m, b)]
+
+
+def _run(fn, f, m, b, g):
+    v = fn(f, m, b)
+    return (v, *torch.autograd.grad(v, (f, m, b), g))
+
+
+def _err(a, ref):
+    return (a.double() - ref.double()).abs().max().item()
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_matches_reference_fp32(impl, shape):
+    f, m, b = _inputs(shape)
+    g = torch.randn(f.shape, device=DEV)
+    got = _run(lambda *a: composite(*a, impl=impl), f, m, b, g)
+    want = _run(composite_reference, f, m, b, g)
+    for name, x, y in zip(("v", "df", "dm", "db"), got, want, strict=True):
+        assert x.dtype == y.dtype and x.shape == y.shape, name
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-5, msg=name)
+
+
+LOW = [torch.float16] + ([torch.bfloat16] if DEV == "cuda" else [])
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", LOW, ids=str)
+def test_low_precision_error_rule(impl, dtype):
+    """Error vs the fp64 reference is at most 2x that of the reference run in ``dtype``."""
+    f, m, b = _inputs((1, 3, 2, 33, 35), (dtype,) * 3)
+    g = torch.randn(f.shape, device=DEV).to(dtype)
+    got = _run(lambda *a: composite(*a, impl=impl), f, m, b, g)
+    low = _run(composite_reference, f, m, b, g)
+    hi = [x.detach().double().requires_grad_() for x in (f, m, b)]
+    exact = _run(composite_reference, *hi, g.double())
+    for name, x, lo, ex in zip(("v", "df", "dm", "db"), got, low, exact, strict=True):
+        assert x.dtype == dtype, name
+        assert _err(x, ex) <= 2 * _err(lo, ex) + 1e-6, name
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_mixed_dtypes_follow_result_type(impl):
+    """AMP case: low-precision f and b with an fp32 mask give an fp32 v, gradients per input."""
+    low = torch.bfloat16 if DEV == "cuda" else torch.float16
+    f, m, b = _inputs((1, 3, 2, 5, 7), (low, torch.float32, low))
+    g = torch.randn(f.shape, device=DEV)
+    got = _run(lambda *a: composite(*a, impl=impl), f, m, b, g)
+    want = _run(composite_reference, f, m, b, g)
+    assert [x.dtype for x in got] == [torch.float32, low, torch.float32, low]
+    for name, x, y in zip(("v", "df", "dm", "db"), got, want, strict=True):
+        assert x.dtype == y.dtype, name
+        torch.testing.assert_close(x.float(), y.float(), rtol=1e-2, atol=1e-2, msg=name)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_non_contiguous_inputs(impl):
+    """f, m as channel slices of one conv output (strided: no copy on Triton), b with transposed
+    planes and an expanded (all-stride-0) incoming gradient (both copied)."""
+    bsz, c, t, h, w = 2, 3, 2, 5, 7
+    results = []
+    for fn in (lambda *a: composite(*a, impl=impl), composite_reference):
+        torch.manual_seed(1)
+        y = torch.randn(bsz, c + 1, t, h, w, device=DEV, requires_grad=True)
+        bt = torch.randn(bsz, c, w, h, device=DEV, requires_grad=True)
+        f, m, b = y[:, :c], y[:, c:], bt.transpose(-1, -2)
+        assert not (f.is_contiguous() or b.is_contiguous())
+        v = fn(f, m, b)
+        v.sum().backward()
+        results.append((v, y.grad, bt.grad))
+    for got, want in zip(*results, strict=True):
+        torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_double_backward_gradcheck(impl):
+    """fp64 gradcheck and gradgradcheck of the fused op (double backward via reference ops)."""
+    f, m, b = (x.detach().double().requires_grad_() for x in _inputs((1, 2, 2, 2, 3)))
+    fn = lambda *a: composite(*a, impl=impl)
+    assert torch.autograd.gradcheck(fn, (f, m, b), fast_mode=True)
+    assert torch.autograd.gradgradcheck(fn, (f, m, b), fast_mode=True)
+
+
+def test_reference_gradcheck_fp64():
+    f, m, b = (x.detach().double().requires_grad_() for x in _inputs((1, 3, 2, 3, 5), device="cpu"))
+    assert torch.autograd.gradcheck(composite_reference, (f, m, b))
+    assert torch.autograd.gradgradcheck(composite_reference, (f, m, b))
+    g = torch.randn(f.shape, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(composite_backward_reference, (g, f, m, b))
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_opcheck(impl):
+    f, m, b = _inputs((1, 3, 2, 5, 7))
+    torch.library.opcheck(composite_op, (f, m, b, impl))
+    g = torch.randn(f.shape, device=DEV)
+    args = (g, *(x.detach() for x in (f, m, b)), impl)
+    torch.library.opcheck(composite_backward_op, args)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_torch_compile_fullgraph(impl):
+    """The op traces (fake implementations) and its backward runs inside a compiled graph."""
+    f, m, b = _inputs((1, 3, 2, 5, 7))
+    fn = torch.compile(lambda f, m, b: composite(f, m, b, impl=impl).square().mean(),
+                       fullgraph=True, backend="aot_eager")
+    loss = fn(f, m, b)
+    got = torch.autograd.grad(loss, (f, m, b))
+    want = torch.autograd.grad(composite_reference(f, m, b).square().mean(), (f, m, b))
+    torch.testing.assert_close(loss, composite_reference(f, m, b).square().mean())
+    for x, y in zip(got, want, strict=True):
+        torch.testing.assert_close(x, y)
+
+
+def test_validation_names_the_argument():
+    f, m, b = _inputs((1, 3, 2, 5, 7), device="cpu", grad=False)
+    with pytest.raises(ValueError, match="m must be"):
+        composite(f, m[:, :, :1], b)
+    with pytest.raises(ValueError, match="b must be"):
+        composite(f, m, b[..., :4])
+    with pytest.raises(ValueError, match="f must be"):
+        composite(f[0], m, b)
+    with pytest.raises(TypeError, match="m has dtype"):
+        composite(f, (m > 0.5), b)
+    with pytest.raises(ValueError, match="unknown impl"):
+        composite(f, m, b, impl="cuda")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="numba"):
+            composite(f.to("meta"), m.to("meta"), b.to("meta"), impl="numba")
+
+
+def test_triton_on_cpu_needs_the_interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    f, m, b = _inputs((1, 3, 2, 5, 7), device="cpu", grad=False)
+    with pytest.raises(ValueError, match="TRITON_INTERPRET"):
+        composite(f, m, b, impl="triton")
+
+
+def test_auto_dispatch_and_module(monkeypatch):
+    monkeypatch.delenv("VOSGAN_IMPL", raising=False)
+    monkeypatch.delenv("VOSGAN_IMPL_COMPOSITE", raising=False)
+    name, reason = fused_impl(torch.device("cpu"))
+    assert name == "numba", reason
+    if torch.cuda.is_available():
+        assert fused_impl(torch.device("cuda"))[0] == "triton"
+    module = MaskComposite(impl="reference")
+    assert module.state_dict() == {}
+
+    class G(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.comp = module
+
+    model = G()
+    assert any("comp" in line for line in fuse_modules(model, {"composite"}))
+    assert model.comp.impl == "auto"
+    f, m, b = _inputs((1, 3, 2, 5, 7), device="cpu", grad=False)
+    torch.testing.assert_close(model.comp(f, m, b), composite_reference(f, m, b))
+
+
+def test_numba_concurrent_calls():
+    """Python threads calling the numba path at once get the right answers."""
+    cases = [_inputs((2, 3, 4, 9, 11), device="cpu", grad=False) for _ in range(4)]
+    barrier = threading.Barrier(4)
+
+    def work(args):
+        barrier.wait()
+        return [composite(*args, impl="numba") for _ in range(5)]
+
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(work, cases))
+    for args, outs in zip(cases, results, strict=True):
+        for v in outs:
+            torch.testing.assert_close(v, composite_reference(*args))
+
+
+# --- Ahead-of-time compilation for real GPUs (no GPU needed) ---------------------------------
+
+_SCALARS = ("N", "T")
+_FWD = ("f_ptr", "m_ptr", "b_ptr", "v_ptr", *_SCALARS,
+        "sf_b", "sf_c", "sf_t", "sm_b", "sm_t", "sb_b", "sb_c")
+_BWD = ("g_ptr", "f_ptr", "m_ptr", "b_ptr", "df_ptr", "dm_ptr", "db_ptr", *_SCALARS,
+        "sg_b", "sg_c", "sg_t", "sf_b", "sf_c", "sf_t", "sm_b", "sm_t", "sb_b", "sb_c")
+# (kernel, pointer dtypes in argument order, block, warps): every kernel in fp32 and with 16-bit
+# loads (bf16; fp16 loads have the same width): the forward in the AMP mix (bf16 f/b, fp32 m ->
+# fp32 v), which covers 16- and 32-bit loads and a 32-bit store in one compile.
+_VARIANTS = [
+    ("composite_fwd_kernel", ("fp32",) * 4, 1024, 4),
+    ("composite_fwd_kernel", ("bf16", "fp32", "bf16", "fp32"), 1024, 4),
+    ("composite_bwd_kernel", ("fp32",) * 7, 256, 4),
+    ("composite_bwd_kernel", ("bf16",) * 7, 256, 4),
+]
+
+
+def _aot(kernel, ptrs, block, warps, arch):
+    from vosgan import aot
+
+    names = _FWD if kernel == "composite_fwd_kernel" else _BWD
+    sig = {n: (f"*{ptrs[i]}" if n.endswith("_ptr") else "i32") for i, n in enumerate(names)}
+    consts = {"C": 3, "BLOCK": block, "FP64": False}
+    if kernel == "composite_bwd_kernel":
+        consts["C_PAD"] = 4
+    sig.update(dict.fromkeys(consts, "constexpr"))
+    # Pointers, N and the strides are 16-divisible at VOS-GAN shapes (N = 64 * 64); T is not.
+    aligned = tuple(i for i, n in enumerate(names) if n != "T")
+    return aot.compile_kernel("vosgan.kernels.composite", kernel, sig, consts, arch=arch,
+                              aligned=aligned, num_warps=warps)
+
+
+@pytest.fixture(scope="module")
+def aot_reports():
+    import triton
+
+    from vosgan import aot
+
+    # Triton emits PTX newer than its legacy ptxas accepts for sm_90 (Triton itself assembles
+    # sm_90+ with ptxas-blackwell, which also takes sm_80): use the newest bundled ptxas.
+    bindir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+    newest = os.path.join(bindir, "ptxas-blackwell")
+    saved = aot._ptxas
+    if os.path.exists(newest):
+        aot._ptxas = lambda: newest
+    try:
+        jobs = [(v, arch) for v in _VARIANTS for arch in (80, 90)]
+        with ThreadPoolExecutor(2) as pool:  # each compile is a subprocess
+            reports = list(pool.map(lambda j: _aot(*j[0], j[1]), jobs))
+    finally:
+        aot._ptxas = saved
+    return dict(zip(((v[0], v[1], arch) for v, arch in jobs), reports, strict=True))
+
+
+@pytest.mark.parametrize("arch", [80, 90])
+@pytest.mark.parametrize("variant", _VARIANTS, ids=lambda v: f"{v[0][10:13]}-{'-'.join(v[1][:3])}")
+def test_aot_no_spills_vectorised(aot_reports, variant, arch):
+    r = aot_reports[(variant[0], variant[1], arch)]
+    assert r.registers > 0 and r.spill_stores == 0 and r.spill_loads == 0, r
+    assert r.vector_loads > 0, "no ld.global.v4 on 16-byte aligned inputs"
+    # Every streaming load of f, g (and b) is 128-bit, cache hints included.
+    hinted = re.findall(r"ld\.global\.L1::evict_\w+(?:\.\S+)*?\.v4", r.ptx)
+    assert hinted, "eviction-hinted loads are not vectorised"
+
+
+# --- GPU only -------------------------------------------------------------------------------
+
+@requires_cuda
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_gpu_paper_shape(dtype):
+    f, m, b = _inputs((8, 3, 32, 64, 64), (dtype,) * 3, device="cuda")
+    g = torch.randn(f.shape, device="cuda", dtype=dtype)
+    got = _run(lambda *a: composite(*a, impl="triton"), f, m, b, g)
+    hi = [x.detach().double().requires_grad_() for x in (f, m, b)]
+    exact = _run(composite_reference, *hi, g.double())
+    low = _run(composite_reference, f, m, b, g)
+    for name, x, lo, ex in zip(("v", "df", "dm", "db"), got, low, exact, strict=True):
+        assert _err(x, ex) <= 2 * _err(lo, ex) + 1e-5, name
+
+
+@requires_cuda
+@pytest.mark.gpu
+def test_gpu_inductor_and_autocast():
+    f, m, b = _inputs((2, 3, 4, 64, 64), device="cuda")
+    fn = torch.compile(lambda f, m, b: composite(f, m, b, impl="triton").sum(), fullgraph=True)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        loss = fn(f.bfloat16(), m, b.bfloat16())
+    torch.testing.assert_close(loss, composite_reference(f.bfloat16(), m, b.bfloat16()).sum())
+    loss.backward()
+    assert f.grad is not None and f.grad.dtype == torch.float32
