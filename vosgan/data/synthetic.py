@@ -136,7 +136,8 @@ def _sprite(rng: np.random.Generator, pos: np.ndarray, radius_a: float, radius_b
     kind = rng.integers(3)  # 0 ellipse, 1 rounded rectangle (superellipse), 2 blob
     harmonics = rng.uniform(0.0, 0.12, 3) if kind == 2 else np.zeros(3)
     phases = rng.uniform(0, 2 * np.pi, 3)
-    reach = max(radius_a, radius_b) * (1.0 + harmonics.sum())
+    # farthest shape point from the centre: superellipse corners at 2**0.25, blob lobes at 1+sum h
+    reach = max(radius_a, radius_b) * (2**0.25 if kind == 1 else 1.0 + harmonics.sum())
     c = int(np.ceil(reach)) + 1
     p = 2 * c + 1
     rot = rng.uniform(0, np.pi)
