@@ -6,14 +6,40 @@ Gate equations and weight layout are PyTorch's ``nn.GRU`` (gate order r, z, n)::
     z = sigmoid(W_iz x + b_iz + W_hz h + b_hz)
     n = tanh(W_in x + b_in + r * (W_hn h + b_hn))
     h' = (1 - z) * n + z * h
+
+The fused op (``vosgan._C``, sources in ``csrc/``) runs the whole sequence in one call:
+``torch.ops.vosgan.gru_forward`` returns the states and a workspace holding everything backward
+needs; ``torch.ops.vosgan.gru_backward`` returns every gradient at once. Fake (shape)
+implementations and autograd are registered here, so the op works under ``torch.compile``.
+
+Dtypes: float32, float16 and bfloat16 compute and accumulate in float32 (outputs and gradients in
+the input dtype); float64 (CPU only) computes in float64, for ``gradcheck``.
+
+Double backward is not supported: VOS-GAN's R1 penalty differentiates D only, and the generator
+needs only first-order gradients of the GRU weights. Differentiating the backward (e.g.
+``create_graph=True`` followed by another ``backward``) raises a ``RuntimeError`` instead of
+returning wrong gradients; use ``impl="reference"`` if you need it.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from vosgan import backend
+
+try:
+    from vosgan import _C
+except ImportError as exc:  # reported by fused_impl, the backend report and a one-time warning
+    _C = None
+    _EXT_ERROR = f"vosgan._C not importable ({exc}); reinstall with a C++ compiler"
+else:
+    _EXT_ERROR = ""
+
+_IMPLS = ("auto", "reference", "cpp", "cuda")
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
 def gru_reference(
@@ -46,4 +72,160 @@ def gru_reference(
 
 def fused_impl(device: torch.device) -> tuple[str | None, str]:
     """The fused implementation ``impl="auto"`` uses on ``device`` (see :mod:`vosgan.backend`)."""
-    return None, "no fused GRU extension yet (issue #3)"
+    if _C is None:
+        return None, _EXT_ERROR
+    if device.type == "cpu":
+        return "cpp", "vosgan._C CPU kernel (one call per sequence, at::parallel_for over batch)"
+    if device.type == "cuda":
+        if _C.cuda_compiled:
+            return "cuda", "vosgan._C persistent CUDA kernel (one launch per sequence)"
+        return None, (
+            "vosgan._C was built without CUDA kernels (torch was CPU-only or nvcc was missing "
+            "at build time); rebuild on a machine with both"
+        )
+    return None, f"no fused GRU for device type {device.type!r}"
+
+
+def _check_args(
+    x: Tensor, h0: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Tensor | None, b_hh: Tensor | None
+) -> None:
+    if x.dim() != 3:
+        raise ValueError(f"gru: x must be (B, T, I), got shape {tuple(x.shape)}")
+    if x.dtype not in _DTYPES:
+        raise TypeError(f"gru: x has dtype {x.dtype}; supported: {', '.join(map(str, _DTYPES))}")
+    B, T, n_in = x.shape
+    if B == 0 or T == 0 or n_in == 0:
+        raise ValueError(f"gru: x must have B, T, I > 0, got shape {tuple(x.shape)}")
+    if w_hh.dim() != 2 or w_hh.shape[0] != 3 * w_hh.shape[1]:
+        raise ValueError(f"gru: w_hh must be (3H, H), got shape {tuple(w_hh.shape)}")
+    H = w_hh.shape[1]
+    expected = {"h0": (B, H), "w_ih": (3 * H, n_in), "b_ih": (3 * H,), "b_hh": (3 * H,)}
+    for name, t in (("h0", h0), ("w_ih", w_ih), ("w_hh", w_hh), ("b_ih", b_ih), ("b_hh", b_hh)):
+        if t is None:
+            continue
+        if name in expected and tuple(t.shape) != expected[name]:
+            raise ValueError(f"gru: {name} must have shape {expected[name]}, got {tuple(t.shape)}")
+        if t.device != x.device:
+            raise ValueError(f"gru: {name} is on {t.device} but x is on {x.device}")
+        if t.dtype != x.dtype:
+            raise TypeError(
+                f"gru: {name} has dtype {t.dtype} but x has dtype {x.dtype}; "
+                "cast all arguments to one dtype"
+            )
+
+
+@torch.compiler.assume_constant_result  # decided once: a trace-time constant, no graph break
+def _auto_impl(device_type: str) -> str:
+    choice = backend.choose("gru", device_type)
+    if not choice.fused:
+        backend.warn_once(f"gru-{device_type}", f"gru: reference ({choice.reason})")
+    return choice.impl
+
+
+def gru(
+    x: Tensor,
+    h0: Tensor | None,
+    w_ih: Tensor,
+    w_hh: Tensor,
+    b_ih: Tensor | None = None,
+    b_hh: Tensor | None = None,
+    impl: str = "auto",
+) -> tuple[Tensor, Tensor]:
+    """Single-layer GRU over the whole sequence with the implementation chosen by ``impl``.
+
+    Args:
+        x: inputs ``(B, T, I)``.
+        h0: initial state ``(B, H)``, or ``None`` for zeros.
+        w_ih: ``(3H, I)``; w_hh: ``(3H, H)``; b_ih, b_hh: ``(3H,)`` or ``None`` (no bias).
+        impl: ``"auto"`` (ask :mod:`vosgan.backend`), ``"reference"``, ``"cpp"`` (CPU kernel)
+            or ``"cuda"`` (CUDA kernel).
+
+    Returns:
+        ``(out, h_T)``: every step's state ``(B, T, H)`` and the last one ``(B, H)`` (a view of
+        ``out``), in ``x``'s dtype.
+    """
+    if impl not in _IMPLS:
+        raise ValueError(f"gru: unknown impl {impl!r}; use one of {_IMPLS}")
+    _check_args(x, h0, w_ih, w_hh, b_ih, b_hh)
+    B, H = x.shape[0], w_hh.shape[1]
+    if h0 is None:
+        h0 = x.new_zeros(B, H)
+    if b_ih is None:
+        b_ih = x.new_zeros(3 * H)
+    if b_hh is None:
+        b_hh = x.new_zeros(3 * H)
+    if impl == "auto":
+        impl = _auto_impl(x.device.type)
+    if impl == "reference":
+        return gru_reference(x, h0, w_ih, w_hh, b_ih, b_hh)
+    if _C is None:
+        raise RuntimeError(f"gru: impl={impl!r} needs the C++ extension: {_EXT_ERROR}")
+    if impl != ("cuda" if x.device.type == "cuda" else "cpp"):
+        raise ValueError(f"gru: impl={impl!r} does not run on {x.device.type} tensors")
+    out, _ = torch.ops.vosgan.gru_forward(
+        x.contiguous(),
+        h0.contiguous(),
+        w_ih.contiguous(),
+        w_hh.contiguous(),
+        b_ih.contiguous(),
+        b_hh.contiguous(),
+    )
+    return out, out[:, -1]
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _setup_context(ctx: Any, inputs: tuple[Tensor, ...], output: tuple[Tensor, Tensor]) -> None:
+    x, h0, w_ih, w_hh, _, _ = inputs
+    ctx.mark_non_differentiable(output[1])
+    ctx.save_for_backward(x, h0, w_ih, w_hh, output[1])
+
+
+def _backward(ctx: Any, grad_out: Tensor | None, _grad_ws: Tensor | None) -> tuple[Tensor, ...]:
+    x, h0, w_ih, w_hh, ws = ctx.saved_tensors
+    if grad_out is None:
+        grad_out = x.new_zeros(x.shape[0], x.shape[1], w_hh.shape[1])
+    return torch.ops.vosgan.gru_backward(grad_out.contiguous(), x, h0, w_ih, w_hh, ws)
+
+
+def _no_context(ctx: Any, inputs: tuple[Tensor, ...], output: tuple[Tensor, ...]) -> None:
+    return None
+
+
+def _no_double_backward(ctx: Any, *grads: Tensor | None) -> tuple[Tensor, ...]:
+    raise RuntimeError(
+        "vosgan gru: double backward through the fused GRU is not supported (VOS-GAN's R1 "
+        "penalty differentiates D only); use impl='reference' for higher-order gradients"
+    )
+
+
+if _C is not None:
+
+    @torch.library.register_fake("vosgan::gru_forward")
+    def _gru_forward_fake(
+        x: Tensor, h0: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Tensor, b_hh: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        B, T, _ = x.shape
+        H = w_hh.shape[1]
+        return x.new_empty(B, T, H), x.new_empty(B, T, 5 * H, dtype=_acc_dtype(x.dtype))
+
+    @torch.library.register_fake("vosgan::gru_backward")
+    def _gru_backward_fake(
+        grad_out: Tensor, x: Tensor, h0: Tensor, w_ih: Tensor, w_hh: Tensor, ws: Tensor
+    ) -> tuple[Tensor, ...]:
+        H3 = w_hh.shape[0]
+        return (
+            x.new_empty(x.shape),
+            h0.new_empty(h0.shape),
+            w_ih.new_empty(w_ih.shape),
+            w_hh.new_empty(w_hh.shape),
+            w_hh.new_empty(H3),
+            w_hh.new_empty(H3),
+        )
+
+    torch.library.register_autograd("vosgan::gru_forward", _backward, setup_context=_setup_context)
+    torch.library.register_autograd(
+        "vosgan::gru_backward", _no_double_backward, setup_context=_no_context
+    )

@@ -1,0 +1,50 @@
+// Fused single-layer GRU over a whole sequence: shared declarations for the CPU and CUDA parts.
+//
+// Layout (PyTorch nn.GRU, gate order r, z, n; batch first):
+//   x (B, T, I), h0 (B, H), w_ih (3H, I), w_hh (3H, H), b_ih (3H), b_hh (3H)
+//   out (B, T, H) in x's dtype
+//   ws  (B, T, 5H) in the accumulation dtype: per step [r, z, n, W_hn h + b_hn, h_t],
+//       everything backward needs, so backward never recomputes the forward.
+// Accumulation dtype: float64 for float64 inputs, float32 for float32/float16/bfloat16.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <tuple>
+
+namespace vosgan {
+
+// Recurrent part of the forward pass, all steps in one call.
+//   gi (B, T, 3H): x W_ih^T + b_ih for every step (one GEMM, done by the caller)
+//   h0 (B, H), w_hh (3H, H), b_hh (3H): accumulation dtype, contiguous
+//   writes ws (B, T, 5H) and out_acc (B, T, H), both preallocated, accumulation dtype.
+using ForwardRecurrence = void (*)(const at::Tensor& gi, const at::Tensor& h0,
+                                   const at::Tensor& w_hh, const at::Tensor& b_hh,
+                                   at::Tensor& ws, at::Tensor& out_acc);
+
+// Recurrent part of the backward pass (reverse time), all steps in one call.
+//   grad_out (B, T, H), h0 (B, H), w_hh (3H, H), ws (B, T, 5H): accumulation dtype, contiguous
+//   writes dgi (B, T, 3H) (gradient of the input-side gate pre-activations, biases included),
+//   dgh (B, T, 3H) (same for the hidden side) and dh0 (B, H), all preallocated.
+using BackwardRecurrence = void (*)(const at::Tensor& grad_out, const at::Tensor& h0,
+                                    const at::Tensor& w_hh, const at::Tensor& ws,
+                                    at::Tensor& dgi, at::Tensor& dgh, at::Tensor& dh0);
+
+// Validates the forward arguments (names the bad argument) and returns (B, T, I, H).
+std::tuple<int64_t, int64_t, int64_t, int64_t> check_forward_args(
+    const at::Tensor& x, const at::Tensor& h0, const at::Tensor& w_ih, const at::Tensor& w_hh,
+    const at::Tensor& b_ih, const at::Tensor& b_hh);
+
+// Device-independent driver: input projection GEMM, the recurrence, dtype conversions.
+std::tuple<at::Tensor, at::Tensor> gru_forward_driver(
+    const at::Tensor& x, const at::Tensor& h0, const at::Tensor& w_ih, const at::Tensor& w_hh,
+    const at::Tensor& b_ih, const at::Tensor& b_hh, ForwardRecurrence recurrence);
+
+// Device-independent driver: the recurrence, then every weight/input gradient as one GEMM.
+// Returns (grad_x, grad_h0, grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh) in the inputs' dtype.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+gru_backward_driver(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& h0,
+                    const at::Tensor& w_ih, const at::Tensor& w_hh, const at::Tensor& ws,
+                    BackwardRecurrence recurrence);
+
+}  // namespace vosgan

@@ -1,0 +1,309 @@
+"""Fused GRU (vosgan._C, ``vosgan.ops.gru``, ``vosgan.nn.FusedGRU``) against ``nn.GRU``."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from vosgan import backend
+from vosgan.nn import FusedGRU, fuse_modules
+from vosgan.ops import gru as gru_ops
+from vosgan.ops.gru import gru, gru_reference
+
+HAS_CUDA = torch.cuda.is_available()
+requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+requires_ext = pytest.mark.skipif(gru_ops._C is None, reason=f"no vosgan._C: {gru_ops._EXT_ERROR}")
+
+# (B, T, n_in, H): B=1, T=1, H not a multiple of 8, n_in=1.
+ODD_SHAPES = [(1, 1, 3, 5), (2, 7, 5, 13), (3, 4, 1, 9), (5, 3, 8, 24)]
+
+
+def _pair(n_in: int, H: int, device: str = "cpu", bias: bool = True) -> tuple[nn.GRU, FusedGRU]:
+    ref = nn.GRU(n_in, H, batch_first=True, bias=bias).to(device)
+    fused = FusedGRU(n_in, H, bias=bias, device=device)
+    fused.load_state_dict(ref.state_dict())
+    return ref, fused
+
+
+def _grads(module: nn.Module, x: torch.Tensor, h0: torch.Tensor | None, seed: int) -> list:
+    x = x.detach().clone().requires_grad_()
+    h0 = None if h0 is None else h0.detach().clone().requires_grad_()
+    out, h_n = module(x, h0)
+    g = torch.Generator(device=x.device).manual_seed(seed)
+    g_out = torch.randn(out.shape, generator=g, device=x.device, dtype=out.dtype)
+    g_h = torch.randn(h_n.shape, generator=g, device=x.device, dtype=out.dtype)
+    module.zero_grad()
+    ((out * g_out).sum() + (h_n * g_h).sum()).backward()
+    grads = [x.grad] + ([h0.grad] if h0 is not None else [])
+    return [out, h_n, *grads, *[p.grad for p in module.parameters()]]
+
+
+def test_extension_loads_on_cpu() -> None:
+    # CI builds the extension; a missing one must fail here, not skip every test below.
+    assert gru_ops._C is not None, gru_ops._EXT_ERROR
+    assert gru_ops.fused_impl(torch.device("cpu"))[0] == "cpp"
+    assert "gru              cpp" in backend.report("cpu")
+
+
+@requires_ext
+@pytest.mark.parametrize("shape", ODD_SHAPES)
+@pytest.mark.parametrize("with_h0", [False, True])
+def test_forward_and_all_grads_match_nn_gru(shape: tuple[int, ...], with_h0: bool) -> None:
+    B, T, n_in, H = shape
+    ref, fused = _pair(n_in, H)
+    x = torch.randn(B, T, n_in)
+    h0 = torch.randn(1, B, H) if with_h0 else None
+    expected, got = _grads(ref, x, h0, 1), _grads(fused, x, h0, 1)
+    assert len(got) == len(expected) == 4 + 3 + with_h0
+    for e, g in zip(expected, got, strict=True):
+        torch.testing.assert_close(g, e, atol=2e-5, rtol=1e-4)
+
+
+@requires_ext
+def test_no_bias_and_unbatched_input() -> None:
+    ref, fused = _pair(4, 6, bias=False)
+    for e, g in zip(
+        _grads(ref, torch.randn(2, 3, 4), None, 2),
+        _grads(fused, torch.randn(2, 3, 4), None, 2),
+        strict=False,
+    ):
+        assert e.shape == g.shape
+    x = torch.randn(2, 3, 4)
+    torch.testing.assert_close(fused(x)[0], ref(x)[0], atol=2e-5, rtol=1e-4)
+    xu, hu = torch.randn(5, 4), torch.randn(1, 6)
+    for e, g in zip(ref(xu, hu), fused(xu, hu), strict=True):
+        assert g.shape == e.shape
+        torch.testing.assert_close(g, e, atol=2e-5, rtol=1e-4)
+
+
+@requires_ext
+def test_gradcheck_float64() -> None:
+    B, T, n_in, H = 2, 3, 3, 5
+    args = [
+        torch.randn(B, T, n_in),
+        torch.randn(B, H),
+        torch.randn(3 * H, n_in) * 0.5,
+        torch.randn(3 * H, H) * 0.5,
+        torch.randn(3 * H),
+        torch.randn(3 * H),
+    ]
+    args = [a.double().requires_grad_() for a in args]
+    assert torch.autograd.gradcheck(lambda *a: gru(*a, impl="cpp"), args)
+    assert torch.autograd.gradcheck(gru_reference, args)
+
+
+@requires_ext
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_opcheck(dtype: torch.dtype) -> None:
+    B, T, n_in, H = 2, 3, 4, 5
+    args = [
+        torch.randn(B, T, n_in),
+        torch.randn(B, H),
+        torch.randn(3 * H, n_in),
+        torch.randn(3 * H, H),
+        torch.randn(3 * H),
+        torch.randn(3 * H),
+    ]
+    args = [a.to(dtype).requires_grad_() for a in args]
+    torch.library.opcheck(torch.ops.vosgan.gru_forward.default, args)
+    with torch.no_grad():
+        _, ws = torch.ops.vosgan.gru_forward(*args)
+    bwd = [torch.randn(B, T, H, dtype=dtype), *[a.detach() for a in args[:4]], ws]
+    torch.library.opcheck(torch.ops.vosgan.gru_backward.default, bwd)
+
+
+@requires_ext
+def test_double_backward_raises() -> None:
+    fused = FusedGRU(3, 4)
+    out, _ = fused(torch.randn(2, 3, 3))
+    (g,) = torch.autograd.grad(out.sum(), fused.weight_hh_l0, create_graph=True)
+    with pytest.raises(RuntimeError, match="double backward"):
+        g.sum().backward()
+
+
+@requires_ext
+def test_torch_compile_smoke(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    ref, fused = _pair(4, 6)
+    x = torch.randn(2, 5, 4)
+
+    def step(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        out, h_n = m(x)
+        return torch.tanh(out).sum() + h_n.sum()
+
+    compiled = torch.compile(step, fullgraph=True)
+    loss = compiled(fused, x)
+    loss.backward()
+    ref_loss = step(ref, x)
+    ref_loss.backward()
+    torch.testing.assert_close(loss, ref_loss, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(fused.weight_hh_l0.grad, ref.weight_hh_l0.grad, atol=1e-5, rtol=1e-4)
+
+
+@requires_ext
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision_cpu(dtype: torch.dtype) -> None:
+    # flash-attention rule: error vs the fp32 reference <= 2x the reference's own error in dtype.
+    B, T, n_in, H = 3, 6, 8, 24
+    args = [
+        torch.randn(B, T, n_in),
+        torch.randn(B, H),
+        torch.randn(3 * H, n_in) * 0.3,
+        torch.randn(3 * H, H) * 0.3,
+        torch.randn(3 * H) * 0.1,
+        torch.randn(3 * H) * 0.1,
+    ]
+    exact, _ = gru_reference(*args)
+    low = [a.to(dtype) for a in args]
+    ref_err = (gru_reference(*low)[0].float() - exact).abs().max()
+    out, h_t = gru(*low, impl="cpp")
+    assert out.dtype == dtype and h_t.dtype == dtype
+    assert (out.float() - exact).abs().max() <= 2 * ref_err + 1e-6
+
+
+@requires_ext
+def test_state_dict_round_trip_and_fuser() -> None:
+    model = nn.Sequential(
+        nn.GRU(4, 6, batch_first=True),
+        nn.GRU(4, 6),
+        nn.GRU(4, 6, batch_first=True, num_layers=2),
+        nn.GRU(4, 6, batch_first=True, bidirectional=True),
+    )
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    params = [model[0].weight_ih_l0, model[0].bias_hh_l0]
+    replaced = fuse_modules(model, ops={"gru"})
+    assert replaced == ["0: GRU -> FusedGRU (gru)"]
+    assert isinstance(model[0], FusedGRU) and type(model[1]) is nn.GRU
+    assert model[0].weight_ih_l0 is params[0] and model[0].bias_hh_l0 is params[1]
+    after = model.state_dict()
+    assert after.keys() == before.keys()
+    for k in before:
+        assert torch.equal(after[k], before[k])
+    back = nn.GRU(4, 6, batch_first=True)
+    back.load_state_dict(model[0].state_dict())
+    x = torch.randn(2, 3, 4)
+    torch.testing.assert_close(model[0](x)[0], back(x)[0], atol=2e-5, rtol=1e-4)
+
+
+def test_rejects_unsupported_settings() -> None:
+    with pytest.raises(ValueError, match="num_layers"):
+        FusedGRU(4, 6, num_layers=2)
+    with pytest.raises(ValueError, match="bidirectional"):
+        FusedGRU(4, 6, bidirectional=True)
+    with pytest.raises(ValueError, match="batch_first"):
+        FusedGRU(4, 6, batch_first=False)
+    packed = nn.utils.rnn.pack_padded_sequence(torch.randn(2, 3, 4), [3, 2], batch_first=True)
+    with pytest.raises(TypeError, match="PackedSequence"):
+        FusedGRU(4, 6)(packed)
+    with pytest.raises(ValueError, match="hx must have shape"):
+        FusedGRU(4, 6)(torch.randn(2, 3, 4), torch.randn(2, 6))
+
+
+def test_input_validation_names_the_argument() -> None:
+    H = 5
+    x, h0 = torch.randn(2, 3, 4), torch.randn(2, H)
+    w = [torch.randn(3 * H, 4), torch.randn(3 * H, H), torch.randn(3 * H), torch.randn(3 * H)]
+    with pytest.raises(ValueError, match="w_ih must have shape"):
+        gru(x, h0, torch.randn(3 * H, 3), *w[1:])
+    with pytest.raises(ValueError, match="h0 must have shape"):
+        gru(x, torch.randn(3, H), *w)
+    with pytest.raises(TypeError, match="b_hh has dtype"):
+        gru(x, h0, *w[:3], w[3].double())
+    with pytest.raises(ValueError, match="w_hh is on meta"):
+        gru(x, h0, w[0], w[1].to("meta"), *w[2:])
+    with pytest.raises(TypeError, match="x has dtype torch.int64"):
+        gru(x.long(), h0, *w)
+    if gru_ops._C is not None:  # the C++ op checks on its own when called directly
+        with pytest.raises(RuntimeError, match="x must be contiguous"):
+            torch.ops.vosgan.gru_forward(x.transpose(0, 1), h0[:1].expand(3, H).contiguous(), *w)
+        with pytest.raises(RuntimeError, match="w_hh must be"):
+            torch.ops.vosgan.gru_forward(x, h0, w[0], w[1][:, :4], *w[2:])
+
+
+def test_fallback_warns_once_with_reason(monkeypatch) -> None:
+    monkeypatch.setattr(gru_ops, "_C", None)
+    monkeypatch.setattr(gru_ops, "_EXT_ERROR", "vosgan._C not importable (simulated)")
+    monkeypatch.setattr(backend, "_warned", set())
+    backend._choose.cache_clear()
+    try:
+        assert "simulated" in backend.report("cpu")
+        fused = FusedGRU(3, 4)
+        x = torch.randn(2, 3, 3)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            out, _ = fused(x)
+            fused(x)
+        msgs = [str(w.message) for w in caught if "gru" in str(w.message)]
+        assert len(msgs) == 1 and "simulated" in msgs[0]
+        ref = nn.GRU(3, 4, batch_first=True)
+        ref.load_state_dict(fused.state_dict())
+        torch.testing.assert_close(out, ref(x)[0], atol=2e-5, rtol=1e-4)
+        with pytest.raises(RuntimeError, match="simulated"):
+            gru(x, None, fused.weight_ih_l0, fused.weight_hh_l0, impl="cpp")
+    finally:
+        backend._choose.cache_clear()
+
+
+@requires_cuda
+@requires_ext
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+    "shape", [(1, 1, 3, 5), (3, 7, 5, 13), (16, 16, 32, 256), (64, 9, 32, 300), (5, 4, 16, 1000)]
+)
+def test_cuda_matches_cudnn(shape: tuple[int, ...]) -> None:
+    assert gru_ops.fused_impl(torch.device("cuda"))[0] == "cuda"
+    B, T, n_in, H = shape
+    ref, fused = _pair(n_in, H, "cuda")
+    x, h0 = torch.randn(B, T, n_in, device="cuda"), torch.randn(1, B, H, device="cuda")
+    with torch.backends.cudnn.flags(allow_tf32=False):
+        expected = _grads(ref, x, h0, 3)
+    got = _grads(fused, x, h0, 3)
+    for e, g in zip(expected, got, strict=True):
+        torch.testing.assert_close(g, e, atol=1e-4, rtol=1e-3)
+
+
+@requires_cuda
+@requires_ext
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cuda_low_precision(dtype: torch.dtype) -> None:
+    B, T, n_in, H = 8, 12, 32, 128
+    args = [
+        torch.randn(B, T, n_in),
+        torch.randn(B, H),
+        torch.randn(3 * H, n_in) * 0.2,
+        torch.randn(3 * H, H) * 0.1,
+        torch.randn(3 * H) * 0.1,
+        torch.randn(3 * H) * 0.1,
+    ]
+    args = [a.cuda() for a in args]
+    exact, _ = gru_reference(*[a.double() for a in args])
+    low = [a.to(dtype) for a in args]
+    ref_err = (gru_reference(*low)[0].double() - exact).abs().max()
+    out, _ = gru(*low, impl="cuda")
+    assert out.dtype == dtype
+    assert (out.double() - exact).abs().max() <= 2 * ref_err + 1e-6
+
+
+@requires_cuda
+@requires_ext
+@pytest.mark.gpu
+def test_cuda_opcheck_and_compile() -> None:
+    B, T, n_in, H = 2, 3, 4, 5
+    args = [
+        torch.randn(B, T, n_in),
+        torch.randn(B, H),
+        torch.randn(3 * H, n_in),
+        torch.randn(3 * H, H),
+        torch.randn(3 * H),
+        torch.randn(3 * H),
+    ]
+    args = [a.cuda().requires_grad_() for a in args]
+    torch.library.opcheck(torch.ops.vosgan.gru_forward.default, args)
+    fused = FusedGRU(n_in, H, device="cuda")
+    out = torch.compile(lambda x: fused(x)[0].sum(), fullgraph=True)(args[0])
+    out.backward()
+    assert fused.weight_hh_l0.grad is not None
