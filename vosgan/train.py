@@ -100,7 +100,10 @@ def batches(cfg: Config, start: int, device: torch.device) -> Iterator[dict[str,
         _StepBatches(data, cfg.data.batch_size, cfg.data.seed), batch_size=None,
         sampler=range(start, cfg.train.steps), num_workers=cfg.data.num_workers,
         pin_memory=device.type == "cuda", persistent_workers=False,
-        prefetch_factor=4 if cfg.data.num_workers else None)
+        prefetch_factor=4 if cfg.data.num_workers else None,
+        # Its own generator: a DataLoader otherwise draws a seed from the global RNG at every
+        # iterator start, which would shift the latents after a resume.
+        generator=torch.Generator().manual_seed(cfg.data.seed))
     yield from loader
 
 

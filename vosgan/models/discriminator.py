@@ -1,7 +1,8 @@
 """Discriminator: real/fake, plus self-supervised segmentation and optical flow heads.
 
 A shared 3D encoder (4 stride-2 Conv3d+BN+LeakyReLU stages), a real/fake head on its output, and a
-U-Net style 3D decoder back to ``T x H x W`` feeding a segmentation head and a forward-flow head.
+U-Net style 3D decoder back to ``T x H x W`` feeding a segmentation head and a forward-flow head
+(the flow of frame ``t`` is read from the decoder's frame ``t``; the last frame's is dropped).
 """
 
 from __future__ import annotations
@@ -40,11 +41,12 @@ class Discriminator(nn.Module):
             conv3d_block_reference(ch[3], ch[2], transpose=True, act="relu"),
             conv3d_block_reference(2 * ch[2], ch[1], transpose=True, act="relu"),
             conv3d_block_reference(2 * ch[1], ch[0], transpose=True, act="relu"),
-            conv3d_block_reference(2 * ch[0], ch[0] // 2, transpose=True, act="relu"),
         ])
-        head_in = ch[0] // 2 + 3  # decoder features + the input frames
-        self.seg_head = nn.Conv3d(head_in, 1, 3, 1, 1)
-        self.flow_head = nn.Conv3d(head_in, 2, 3, 1, 1)
+        # One transposed conv from the half-resolution features (joined with the first encoder
+        # stage) to full resolution gives both dense heads: channel 0 segmentation, 1-2 flow.
+        # (A full-resolution Conv3d head was 7x slower in fwd+bwd on CPU: its weight gradient
+        # with few output channels takes PyTorch's slow path; 2-core dev box, cpu-small, B=16.)
+        self.dense_head = nn.ConvTranspose3d(2 * ch[0], 3, 4, 2, 1)
 
     def encode(self, x: Tensor) -> list[Tensor]:
         """Encoder features, finest first: ``[(B, C1, T/2, H/2, W/2), ..., (B, C4, T/16, H/16, W/16)]``."""
@@ -60,10 +62,9 @@ class Discriminator(nn.Module):
         logit = self.real_fake(feats[-1]).mean(dim=(1, 2, 3, 4))
         if not dense:
             return DiscOutput(logit, None, None)
-        h = self.decoder[0](feats[-1])
-        for stage, skip in zip(self.decoder[1:], reversed(feats[:-1])):
-            h = stage(torch.cat([h, skip], dim=1))
-        h = torch.cat([h, x.to(h.dtype)], dim=1)
-        seg = self.seg_head(h)
-        flow = self.flow_head(h)[:, :, :-1] * self.cfg.flow_scale
+        h = feats[-1]
+        for stage, skip in zip(self.decoder, reversed(feats[:-1])):
+            h = torch.cat([stage(h), skip], dim=1)
+        dense = self.dense_head(h)
+        seg, flow = dense[:, :1], dense[:, 1:, :-1] * self.cfg.flow_scale
         return DiscOutput(logit, seg, flow)

@@ -90,8 +90,8 @@ class Generator(nn.Module):
             blocks.append(conv3d_block_reference(c_in, ch[i + 1], transpose=True, act="relu"))
             c_in = ch[i + 1]
         self.foreground = nn.Sequential(*blocks)
-        self.fg_head = nn.ConvTranspose3d(c_in, 3, 4, 2, 1)
-        self.mask_head = nn.ConvTranspose3d(c_in, 1, 4, 2, 1)
+        # Both heads in one transposed conv: channels 0-2 -> f (tanh), channel 3 -> m (sigmoid).
+        self.heads = nn.ConvTranspose3d(c_in, 4, 4, 2, 1)
         self.composite = MaskComposite(impl="reference")
 
     def sample_latents(
@@ -116,7 +116,6 @@ class Generator(nn.Module):
         motion = self.motion_proj(pooled.transpose(1, 2))  # (B, T0, C0*16)
         motion = motion.view(bsz, cfg.first_frames, c0, 4, 4).permute(0, 2, 1, 3, 4)
         content = self.content_proj(z_c).view(bsz, c0, 1, 4, 4).expand(-1, -1, cfg.first_frames, -1, -1)
-        h = self.foreground(self.fg_in(torch.cat([motion, content], dim=1)))
-        f = torch.tanh(self.fg_head(h))
-        m = torch.sigmoid(self.mask_head(h))
+        heads = self.heads(self.foreground(self.fg_in(torch.cat([motion, content], dim=1))))
+        f, m = torch.tanh(heads[:, :3]), torch.sigmoid(heads[:, 3:])
         return GenOutput(self.composite(f, m, b), f, m, b)

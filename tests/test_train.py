@@ -1,0 +1,156 @@
+"""Training loop: short runs of the cpu-small preset, resume equivalence, failure handling, CLIs."""
+
+import json
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from vosgan import checkpoint, train
+from vosgan.config import ConfigError
+
+# cpu-small with a tiny batch and dataset: a few seconds per run.
+FAST = ["--data.batch_size=2", "--data.train_clips=16", "--data.val_clips=4", "--train.eval_clips=4",
+        "--train.log_every=1", "--train.eval_every=1000", "--train.sample_every=1000"]
+
+
+def run(tmp_path, *extra, name="run"):
+    return train.main([*FAST, "--out", str(tmp_path / name), *extra])
+
+
+def weights(path):
+    ckpt = checkpoint.load_checkpoint(path)
+    return ckpt, {**{f"G.{k}": v for k, v in ckpt["G"].items()}, **{f"D.{k}": v for k, v in ckpt["D"].items()}}
+
+
+def test_run_folder_contents(tmp_path):
+    assert run(tmp_path, "--train.steps=2", "--train.checkpoint_every=1") == 0
+    out = tmp_path / "run"
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["preset"] == "cpu-small" and cfg["train"]["steps"] == 2
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["step"] == 2 and 0 <= metrics["iou"] <= 1 and metrics["num_clips"] == 4
+    assert (out / "samples" / "step_000002.mp4").stat().st_size > 0
+    assert (out / "samples" / "step_000002.gif").stat().st_size > 0
+    assert any((out / "tb").iterdir())
+    ckpt = checkpoint.load_checkpoint(out)
+    assert ckpt["step"] == 2 and ckpt["data_position"] == 2
+    assert {"G", "D", "opt_g", "opt_d", "scaler", "rng", "config", "history"} <= set(ckpt)
+    assert not list((out / "checkpoints").glob(".*tmp*"))  # no temporary files left behind
+
+
+def test_resume_gives_the_same_weights(tmp_path):
+    assert run(tmp_path, "--train.steps=4", name="straight") == 0
+    assert run(tmp_path, "--train.steps=2", name="split") == 0
+    assert run(tmp_path, "--train.steps=4", "--resume", "auto", name="split") == 0
+    a_ckpt, a = weights(tmp_path / "straight")
+    b_ckpt, b = weights(tmp_path / "split")
+    assert a_ckpt["step"] == b_ckpt["step"] == 4
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
+
+
+def test_existing_run_is_never_overwritten(tmp_path, capsys):
+    assert run(tmp_path, "--train.steps=1") == 0
+    before = (tmp_path / "run" / "checkpoints" / "last.pt").read_bytes()
+    assert run(tmp_path, "--train.steps=1") == 2
+    assert "already holds a run" in capsys.readouterr().err
+    assert (tmp_path / "run" / "checkpoints" / "last.pt").read_bytes() == before
+
+
+def test_resume_rejects_a_different_model(tmp_path, capsys):
+    assert run(tmp_path, "--train.steps=1") == 0
+    code = run(tmp_path, "--train.steps=2", "--resume", "auto", "--model.gru_hidden=32")
+    assert code == 2 and "model.gru_hidden: 64 != 32" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--resume", "/nonexistent/ckpt.pt"], "no such file or folder"),
+    (["--model.size=48"], "model.size must be a power of two"),
+    (["--data", "/some/videos"], "not implemented yet"),
+    (["--bogus.key=1"], "unknown config key"),
+])
+def test_bad_input_gets_a_clear_error(tmp_path, capsys, args, message):
+    assert run(tmp_path, "--train.steps=1", *args) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_unreadable_checkpoint_is_named(tmp_path):
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="bad.pt is not readable"):
+        checkpoint.load_checkpoint(bad)
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch, capsys):
+    real_step = train.train_step
+
+    def poisoned(run_, real, autocast):
+        parts = real_step(run_, real, autocast)
+        if run_.step == 2:  # the third step (0-based step index 2)
+            parts["g_adv"] = torch.tensor(float("nan"))
+        return parts
+
+    monkeypatch.setattr(train, "train_step", poisoned)
+    assert run(tmp_path, "--train.steps=5", "--train.checkpoint_every=1") == 2
+    err = capsys.readouterr().err
+    assert "loss g_adv is nan at step 3" in err
+    assert checkpoint.load_checkpoint(tmp_path / "run")["step"] == 2
+
+
+def test_ctrl_c_finishes_the_step_and_checkpoints(tmp_path, monkeypatch):
+    real_step = train.train_step
+
+    def interrupted(run_, real, autocast):
+        parts = real_step(run_, real, autocast)
+        if run_.step == 1:
+            signal.raise_signal(signal.SIGINT)  # as if the user pressed Ctrl-C mid-step
+        return parts
+
+    monkeypatch.setattr(train, "train_step", interrupted)
+    with pytest.raises(SystemExit) as exc:
+        run(tmp_path, "--train.steps=6", "--train.checkpoint_every=100")
+    assert exc.value.code == 130
+    assert checkpoint.load_checkpoint(tmp_path / "run")["step"] == 2
+
+
+def test_batch_indices_are_a_function_of_the_step():
+    a = [train.batch_indices(s, 4, 10, seed=3) for s in range(6)]
+    assert a == [train.batch_indices(s, 4, 10, seed=3) for s in range(6)]
+    assert sorted(a[0] + a[1]) == sorted(set(a[0] + a[1]))  # no repeats inside an epoch
+    assert a[0] != a[2]  # a new permutation each epoch (2 batches per epoch)
+    with pytest.raises(ConfigError, match="batch_size=11 is larger"):
+        train.batch_indices(0, 11, 10, seed=0)
+
+
+def cli(*args):
+    return subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, timeout=300)
+
+
+def test_evaluate_and_generate_clis(tmp_path):
+    assert run(tmp_path, "--train.steps=1") == 0
+    ckpt = tmp_path / "run" / "checkpoints" / "last.pt"
+    res = cli("vosgan.evaluate", "--checkpoint", str(ckpt), "--clips", "2", "--json",
+              str(tmp_path / "e.json"))
+    assert res.returncode == 0, res.stderr
+    result = json.loads((tmp_path / "e.json").read_text())
+    assert result["num_clips"] == 2 and {"iou", "epe", "baseline_iou", "baseline_epe"} <= set(result)
+    for suffix in (".gif", ".mp4", ".pt"):
+        res = cli("vosgan.generate", "--checkpoint", str(tmp_path / "run"), "--num", "2",
+                  "--out", str(tmp_path / f"s{suffix}"))
+        assert res.returncode == 0, res.stderr
+        assert (tmp_path / f"s{suffix}").stat().st_size > 0
+    assert torch.load(tmp_path / "s.pt")["video"].shape == (2, 3, 16, 32, 32)
+    res = cli("vosgan.evaluate", "--checkpoint", str(tmp_path / "missing.pt"))
+    assert res.returncode == 2 and "does not exist" in res.stderr
+    res = cli("vosgan.generate", "--checkpoint", str(ckpt), "--out", str(tmp_path / "x.avi"))
+    assert res.returncode == 2 and "--out must end in" in res.stderr
+
+
+def test_backend_report_cli():
+    res = cli("vosgan.backend")
+    assert res.returncode == 0, res.stderr
+    for word in ("torch", "triton", "C++ ext", "numba", "DALI", "cupy", "composite", "gru"):
+        assert word in res.stdout
