@@ -116,13 +116,14 @@ def _fwd_kernel(
 
 @triton.jit
 def _bwd_kernel(
-    x_ptr, flow_ptr, w_ptr, g_ptr, dflow_ptr, dx_ptr, qscale_ptr,
+    x_ptr, flow_ptr, w_ptr, g_ptr, dflow_ptr, dx_ptr, qscale_ptr, loss_ptr,
     C, Tm1, H, W, HW,
     x_sb, x_sc, x_st, f_sb, f_sc, f_st, w_sb, w_st, g_sb, g_sc, g_st,
     df_sb, df_sc, df_st, dx_sb, dx_sc, dx_st,
     half_wm1, half_hm1, wm1, hm1, eps2, gx_scale, gy_scale,
     HAS_W: tl.constexpr, BORDER: tl.constexpr, G_SCALAR: tl.constexpr,
-    GRAD_X: tl.constexpr, FIXED_POINT: tl.constexpr, BLOCK: tl.constexpr,
+    GRAD_X: tl.constexpr, FIXED_POINT: tl.constexpr, WITH_LOSS: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     pid_p = tl.program_id(0)
     pid_bt = tl.program_id(1)
@@ -144,6 +145,7 @@ def _bwd_kernel(
         qscale = tl.load(qscale_ptr)
     gix = tl.zeros((BLOCK,), tl.float32)
     giy = tl.zeros((BLOCK,), tl.float32)
+    acc = tl.zeros((BLOCK,), tl.float32)
     xt_base = x_ptr + b * x_sb + t * x_st
     dx_base = dx_ptr + b * dx_sb + t * dx_st
     for c in range(C):
@@ -161,10 +163,14 @@ def _bwd_kernel(
         else:
             go = tl.load(g_ptr + b * g_sb + c * g_sc + t * g_st + p, mask=pm, other=0.0)
             go = go.to(tl.float32)
-        g = go * d / tl.sqrt_rn(d * d + eps2)
+        rho = tl.sqrt_rn(d * d + eps2)
+        g = go * d / rho
         if HAS_W:
             g = g * wt
+            rho = rho * wt
         g = tl.where(pm, g, 0.0)
+        if WITH_LOSS:  # the loss itself is free here: one pass for a mean and its gradient
+            acc += tl.where(pm, rho, 0.0)
         # Bilinear derivative w.r.t. the sample position (grid_sample's one-sided convention).
         gix -= g * ((v_ne - v_nw) * ay + (v_se - v_sw) * by)
         giy -= g * ((v_sw - v_nw) * ax + (v_se - v_ne) * bx)
@@ -192,6 +198,8 @@ def _bwd_kernel(
     df = dflow_ptr + b * df_sb + t * df_st + p
     tl.store(df, (gix * cgx * gx_scale).to(dflow_ptr.dtype.element_ty), mask=pm)
     tl.store(df + df_sc, (giy * cgy * gy_scale).to(dflow_ptr.dtype.element_ty), mask=pm)
+    if WITH_LOSS:
+        tl.store(loss_ptr + pid_bt * tl.num_programs(0) + pid_p, tl.sum(acc, axis=0))
 
 
 def _block(hw: int, device: torch.device) -> tuple[int, int]:
@@ -251,8 +259,9 @@ def flow_warp_loss_fwd(
 
 def flow_warp_loss_bwd(
     grad: torch.Tensor, x: torch.Tensor, flow: torch.Tensor, weight: torch.Tensor | None,
-    eps: float, border: bool, grad_x: bool, deterministic: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
+    eps: float, border: bool, grad_x: bool, deterministic: bool = False, with_loss: bool = False,
+    fp32_grads: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """Backward launcher.
 
     Args:
@@ -261,9 +270,12 @@ def flow_warp_loss_bwd(
         grad_x: also compute ``d loss / d x``.
         deterministic: accumulate ``d loss / d x`` in int64 fixed point (integer atomics are
             associative, so the result is bitwise reproducible); else fp32 atomics.
+        with_loss: also return the fp32 partial sums of ``w * rho`` (as the forward launcher).
+        fp32_grads: return both gradients in fp32 instead of the input dtypes.
 
     Returns:
-        ``(dflow (B, 2, T-1, H, W) in flow.dtype, dx (B, C, T, H, W) in x.dtype or None)``.
+        ``(dflow (B, 2, T-1, H, W) in flow.dtype, dx (B, C, T, H, W) in x.dtype or None,
+        partial sums or None)``.
     """
     b, c, t, h, w = x.shape
     for name, ten in (("x", x), ("flow", flow), ("weight", weight), ("grad", grad)):
@@ -274,7 +286,10 @@ def flow_warp_loss_bwd(
     grid = (triton.cdiv(hw, block), b * (t - 1))
     g_scalar = grad.numel() == 1
     g_strides = (0, 0, 0) if g_scalar else (grad.stride(0), grad.stride(1), grad.stride(2))
-    dflow = torch.empty(flow.shape, device=x.device, dtype=flow.dtype)
+    dflow = torch.empty(flow.shape, device=x.device,
+                        dtype=torch.float32 if fp32_grads else flow.dtype)
+    partial = torch.empty(grid[0] * grid[1], device=x.device, dtype=torch.float32) \
+        if with_loss else None
     qscale = None
     if not grad_x:
         dx_acc = flow  # never written (GRAD_X=False)
@@ -294,6 +309,7 @@ def flow_warp_loss_bwd(
     gy_scale = 1.0 if h > 1 else 0.0
     _bwd_kernel[grid](
         x, flow, wt, grad, dflow, dx_acc, qscale if qscale is not None else grad,
+        partial if partial is not None else grad,
         c, t - 1, h, w, hw,
         x.stride(0), x.stride(1), x.stride(2), flow.stride(0), flow.stride(1), flow.stride(2),
         wt.stride(0), wt.stride(2), *g_strides,
@@ -301,10 +317,13 @@ def flow_warp_loss_bwd(
         dx_acc.stride(0), dx_acc.stride(1), dx_acc.stride(2),
         **_geometry(h, w, eps), gx_scale=gx_scale, gy_scale=gy_scale,
         HAS_W=weight is not None, BORDER=border, G_SCALAR=g_scalar, GRAD_X=grad_x,
-        FIXED_POINT=grad_x and deterministic, BLOCK=block, num_warps=warps,
+        FIXED_POINT=grad_x and deterministic, WITH_LOSS=with_loss, BLOCK=block, num_warps=warps,
     )
+    dx_dtype = torch.float32 if fp32_grads else x.dtype
     if not grad_x:
-        return dflow, None
-    if deterministic:
-        return dflow, (dx_acc.double() / qscale.double()).to(x.dtype)
-    return dflow, dx_acc if x.dtype == torch.float32 else dx_acc.to(x.dtype)
+        dx = None
+    elif deterministic:
+        dx = (dx_acc.double() / qscale.double()).to(dx_dtype)
+    else:
+        dx = dx_acc if dx_dtype == torch.float32 else dx_acc.to(dx_dtype)
+    return dflow, dx, partial

@@ -4,13 +4,15 @@ import re
 
 import pytest
 import torch
-from conftest import requires_cuda
+from conftest import HAS_CUDA, requires_cuda
 
 from vosgan import backend
 from vosgan.nn import FlowWarpLoss, fuse_modules
+from vosgan.ops import flow_warp as fw
 from vosgan.ops.flow_warp import (
     flow_to_grid,
     flow_warp_loss,
+    flow_warp_loss_and_grad_op,
     flow_warp_loss_backward_op,
     flow_warp_loss_op,
     flow_warp_loss_reference,
@@ -20,6 +22,18 @@ from vosgan.ops.flow_warp import (
 # (B, C, T, H, W): T=2, B=1, H=1, H and W not multiples of any block, one 64-wide row set.
 SHAPES = [(1, 3, 2, 5, 7), (2, 2, 3, 9, 13), (1, 1, 2, 1, 6), (1, 3, 2, 4, 64)]
 IMPLS = ["triton", "numba"]
+
+
+@pytest.fixture(autouse=True)
+def _triton_on_gpu(request: pytest.FixtureRequest):
+    """Tests parametrised with impl="triton" build their tensors on the GPU when there is one
+    (the interpreter runs them on CPU tensors otherwise)."""
+    spec = getattr(request.node, "callspec", None)
+    if HAS_CUDA and spec is not None and spec.params.get("impl") == "triton":
+        with torch.device("cuda"):
+            yield
+    else:
+        yield
 
 
 def make_flow(kind: str, b: int, t: int, h: int, w: int, dtype=torch.float32) -> torch.Tensor:
@@ -87,7 +101,7 @@ def test_integer_positions_pick_grid_sample_side(impl: str) -> None:
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_low_precision(impl: str, dtype: torch.dtype) -> None:
     """Error vs the fp32 reference at most 2x that of the reference run in the same dtype."""
-    if impl == "triton" and dtype == torch.bfloat16:
+    if impl == "triton" and dtype == torch.bfloat16 and not HAS_CUDA:
         pytest.skip("bf16 arithmetic is not supported by the Triton interpreter (GPU test below)")
     b, c, t, h, w = 2, 3, 3, 6, 11
     x = torch.randn(b, c, t, h, w).to(dtype).requires_grad_()
@@ -108,14 +122,15 @@ def test_low_precision(impl: str, dtype: torch.dtype) -> None:
         assert err <= 2 * err_ref + 1e-3 * w32.abs().max(), f"{name}: {err} vs ref {err_ref}"
 
 
-def test_deterministic_fixed_point_dx() -> None:
+@pytest.mark.parametrize("impl", ["triton"])
+def test_deterministic_fixed_point_dx(impl: str) -> None:
     """The int64 fixed-point scatter matches the reference and repeats bit for bit."""
     b, c, t, h, w = 1, 3, 3, 5, 9
     x = torch.randn(b, c, t, h, w, requires_grad=True)
     flow = (torch.randn(b, 2, t - 1, h, w) * 0.4).requires_grad_()  # many shared targets
     weight = torch.rand(b, 1, t - 1, h, w)
     want = grads(flow_warp_loss_reference(x, flow, weight), [x, flow], torch.tensor(3.0))
-    runs = [grads(flow_warp_loss(x, flow, weight, impl="triton", deterministic=True), [x, flow],
+    runs = [grads(flow_warp_loss(x, flow, weight, impl=impl, deterministic=True), [x, flow],
                   torch.tensor(3.0)) for _ in range(2)]
     for name, got, ref in zip(("dx", "dflow"), runs[0], want, strict=True):
         assert_close_rel(got, ref, 2e-5, f"deterministic {name}")
@@ -162,6 +177,30 @@ def test_opcheck(impl: str) -> None:
     g = torch.full((1,), 0.1)
     torch.library.opcheck(flow_warp_loss_backward_op,
                           (g, x.detach(), flow.detach(), None, 1e-3, True, True, False, impl))
+    for grad_x in (True, False):
+        torch.library.opcheck(flow_warp_loss_and_grad_op,
+                              (x if grad_x else x.detach(), flow, weight, 1e-3, False, grad_x,
+                               False, impl))
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("one_pass", [True, False])
+def test_one_pass_and_two_pass_paths(impl: str, one_pass: bool,
+                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """A mean loss needing gradients runs either the one-pass op (forward computes the fp32
+    gradients, backward scales them) or forward + recomputing backward: both match."""
+    monkeypatch.setitem(fw.ONE_PASS, impl, one_pass)
+    b, c, t, h, w = 2, 3, 3, 6, 9
+    x = torch.randn(b, c, t, h, w, requires_grad=True)
+    flow = make_flow("random", b, t, h, w).requires_grad_()
+    weight = torch.rand(b, 1, t - 1, h, w)
+    for inputs in ([x, flow], [flow]):
+        out = flow_warp_loss(x, flow, weight, padding_mode="border", impl=impl)
+        ref = flow_warp_loss_reference(x, flow, weight, padding_mode="border")
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+        g = torch.tensor(-2.5)
+        for got, want in zip(grads(out, inputs, g), grads(ref, inputs, g), strict=True):
+            assert_close_rel(got, want, 2e-5, f"{impl} one_pass={one_pass}")
 
 
 @pytest.mark.parametrize("padding", ["zeros", "border"])
@@ -218,23 +257,24 @@ _FWD_SIG = {
 }
 _BWD_SIG = {
     "x_ptr": "*bf16", "flow_ptr": "*bf16", "w_ptr": "*bf16", "g_ptr": "*fp32",
-    "dflow_ptr": "*bf16", "dx_ptr": "*fp32", "qscale_ptr": "*fp32",
+    "dflow_ptr": "*bf16", "dx_ptr": "*fp32", "qscale_ptr": "*fp32", "loss_ptr": "*fp32",
     **{k: _I32 for k in ("C", "Tm1", "H", "W", "HW", "x_sb", "x_sc", "x_st", "f_sb", "f_sc",
                          "f_st", "w_sb", "w_st", "g_sb", "g_sc", "g_st", "df_sb", "df_sc",
                          "df_st", "dx_sb", "dx_sc", "dx_st")},
     **{k: "fp32" for k in ("half_wm1", "half_hm1", "wm1", "hm1", "eps2", "gx_scale",
                            "gy_scale")},
     **{k: "constexpr" for k in ("HAS_W", "BORDER", "G_SCALAR", "GRAD_X", "FIXED_POINT",
-                                "BLOCK")},
+                                "WITH_LOSS", "BLOCK")},
 }
 # The launch configurations the GPU path uses (BLOCK=512, 4 warps), both accumulation modes.
 AOT_CASES = {
     "fwd-sum": ("_fwd_kernel", _FWD_SIG, {"HAS_W": True, "BORDER": False, "REDUCE": True}),
     "bwd-atomic": ("_bwd_kernel", _BWD_SIG, {"HAS_W": True, "BORDER": True, "G_SCALAR": True,
-                                             "GRAD_X": True, "FIXED_POINT": False}),
+                                             "GRAD_X": True, "FIXED_POINT": False,
+                                             "WITH_LOSS": True}),
     "bwd-fixed": ("_bwd_kernel", {**_BWD_SIG, "dx_ptr": "*i64", "g_ptr": "*bf16"},
                   {"HAS_W": True, "BORDER": False, "G_SCALAR": False, "GRAD_X": True,
-                   "FIXED_POINT": True}),
+                   "FIXED_POINT": True, "WITH_LOSS": False}),
 }
 
 

@@ -48,6 +48,10 @@ from vosgan import backend
 
 PADDING_MODES = ("zeros", "border")
 IMPLS = ("auto", "reference", "triton", "numba")
+#: Whether a mean loss that needs a gradient runs the one-pass op (loss and fp32 gradients in
+#: the forward, scaled in the backward) instead of forward + recomputing backward. numba: the
+#: CPU is compute-bound and one pass does about half the work.
+ONE_PASS = {"numba": True, "triton": False}
 
 
 def flow_to_grid(flow: Tensor) -> Tensor:
@@ -184,7 +188,8 @@ def _numba_fwd(x: Tensor, flow: Tensor, weight: Tensor | None, eps: float, borde
 
 
 def _numba_bwd(grad: Tensor, x: Tensor, flow: Tensor, weight: Tensor | None, eps: float,
-               border: bool, grad_x: bool) -> tuple[Tensor, Tensor | None]:
+               border: bool, grad_x: bool) -> tuple[Tensor, Tensor | None, float]:
+    """fp32 ``(dflow, dx or None, sum of w * rho)``."""
     import numpy as np
 
     from vosgan.ops._numba import flow_warp as nb
@@ -197,10 +202,30 @@ def _numba_bwd(grad: Tensor, x: Tensor, flow: Tensor, weight: Tensor | None, eps
     dx = np.zeros((b, c, t, h, w), np.float32) if grad_x else dummy
     scat = np.zeros((b, c, t - 1, h, w), np.float32) if grad_x else dummy
     wa = _f32(weight) if weight is not None else dummy
-    nb.bwd(_f32(x), _f32(flow), wa, weight is not None, ga, g_scalar, eps, border, grad_x,
-           dflow, dx, scat)
-    dxt = torch.from_numpy(dx).to(x.dtype) if grad_x else None
-    return torch.from_numpy(dflow).to(flow.dtype), dxt
+    sums = nb.bwd(_f32(x), _f32(flow), wa, weight is not None, ga, g_scalar, eps, border,
+                  grad_x, dflow, dx, scat)
+    return torch.from_numpy(dflow), torch.from_numpy(dx) if grad_x else None, float(sums.sum())
+
+
+def _fused_grads(grad: Tensor, x: Tensor, flow: Tensor, weight: Tensor | None, eps: float,
+                 border: bool, grad_x: bool, deterministic: bool, impl: str, fp32: bool
+                 ) -> tuple[Tensor, Tensor, Tensor]:
+    """``(dflow, dx or empty, sum of w * rho as a 0-dim fp32 tensor)`` from one fused pass;
+    gradients in fp32 when ``fp32``, else in the dtypes of ``flow`` and ``x``."""
+    if _resolve(impl, x.device) == "numba":
+        dflow, dx, total = _numba_bwd(grad, x, flow, weight, eps, border, grad_x)
+        loss = torch.tensor(total, dtype=torch.float32)
+        if not fp32:
+            dflow = dflow.to(flow.dtype)
+            dx = dx.to(x.dtype) if dx is not None else None
+    else:
+        from vosgan.kernels.flow_warp import flow_warp_loss_bwd
+
+        dflow, dx, partial = flow_warp_loss_bwd(grad, x, flow, weight, eps, border, grad_x,
+                                                deterministic, with_loss=fp32, fp32_grads=fp32)
+        loss = partial.sum() if partial is not None else grad.new_zeros(())
+    empty = x.new_empty(0, dtype=torch.float32 if fp32 else x.dtype)
+    return dflow, dx if dx is not None else empty, loss
 
 
 @torch.library.custom_op("vosgan::flow_warp_loss", mutates_args=())
@@ -231,13 +256,9 @@ def flow_warp_loss_backward_op(grad: Tensor, x: Tensor, flow: Tensor, weight: Te
                                impl: str) -> tuple[Tensor, Tensor]:
     """Fused backward: ``(dflow, dx)``; ``grad`` is ``d loss / d (w * rho)`` (one element, or the
     map); ``dx`` is an empty tensor when ``grad_x`` is False."""
-    if _resolve(impl, x.device) == "numba":
-        dflow, dx = _numba_bwd(grad, x, flow, weight, eps, border, grad_x)
-    else:
-        from vosgan.kernels.flow_warp import flow_warp_loss_bwd
-
-        dflow, dx = flow_warp_loss_bwd(grad, x, flow, weight, eps, border, grad_x, deterministic)
-    return dflow, dx if dx is not None else x.new_empty(0)
+    dflow, dx, _ = _fused_grads(grad, x, flow, weight, eps, border, grad_x, deterministic, impl,
+                                fp32=False)
+    return dflow, dx
 
 
 @flow_warp_loss_backward_op.register_fake
@@ -275,6 +296,62 @@ def _backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:  # noqa: ANN001
 
 
 flow_warp_loss_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+@torch.library.custom_op("vosgan::flow_warp_loss_and_grad", mutates_args=())
+def flow_warp_loss_and_grad_op(x: Tensor, flow: Tensor, weight: Tensor | None, eps: float,
+                               border: bool, grad_x: bool, deterministic: bool, impl: str
+                               ) -> tuple[Tensor, Tensor, Tensor]:
+    """One pass for a mean loss and its gradient: ``(loss in x.dtype, d mean / d flow (fp32),
+    d mean / d x (fp32, empty unless grad_x))``. The autograd formula scales the saved
+    gradients by the incoming one, so the backward reads no input again."""
+    b, c, t, h, w = x.shape
+    n = b * c * (t - 1) * h * w
+    g = torch.full((1,), 1.0 / n, device=x.device, dtype=torch.float32)
+    dflow, dx, total = _fused_grads(g, x, flow, weight, eps, border, grad_x, deterministic, impl,
+                                    fp32=True)
+    return (total / n).to(x.dtype), dflow, dx
+
+
+@flow_warp_loss_and_grad_op.register_fake
+def _(x: Tensor, flow: Tensor, weight: Tensor | None, eps: float, border: bool, grad_x: bool,
+      deterministic: bool, impl: str) -> tuple[Tensor, Tensor, Tensor]:
+    f32 = torch.float32
+    return (x.new_empty(()), flow.new_empty(flow.shape, dtype=f32),
+            x.new_empty(x.shape if grad_x else (0,), dtype=f32))
+
+
+def _setup_context_one_pass(ctx, inputs: tuple, output: tuple) -> None:  # noqa: ANN001
+    x, flow, weight, eps, border, grad_x, deterministic, impl = inputs
+    _, dflow, dx = output
+    ctx.mark_non_differentiable(dflow, dx)
+    ctx.save_for_backward(x, flow, weight, dflow, dx)
+    ctx.cfg = (eps, border)
+
+
+def _backward_one_pass(ctx, grad: Tensor, _gd: Tensor, _gx: Tensor  # noqa: ANN001
+                       ) -> tuple[Tensor | None, ...]:
+    x, flow, weight, dflow_unit, dx_unit = ctx.saved_tensors
+    need_flow, need_x = ctx.needs_input_grad[1], ctx.needs_input_grad[0]
+    if torch.is_grad_enabled():  # create_graph=True: the reference under autograd
+        eps, border = ctx.cfg
+        inputs = [t for t, need in ((flow, need_flow), (x, need_x)) if need]
+        loss = flow_warp_loss_reference(x, flow, weight, eps, "border" if border else "zeros")
+        grads = list(torch.autograd.grad(loss, inputs, grad, create_graph=True))
+        dflow = grads.pop(0) if need_flow else None
+        dx = grads.pop(0) if need_x else None
+    else:
+        if need_x and dx_unit.numel() == 0:
+            raise RuntimeError("flow_warp_loss_and_grad: x requires grad but the op ran with "
+                               "grad_x=False (flow_warp_loss sets it from x.requires_grad)")
+        g = grad.float()
+        dflow = (dflow_unit * g).to(flow.dtype) if need_flow else None
+        dx = (dx_unit * g).to(x.dtype) if need_x else None
+    return dx, dflow, None, None, None, None, None, None
+
+
+flow_warp_loss_and_grad_op.register_autograd(_backward_one_pass,
+                                             setup_context=_setup_context_one_pass)
 
 
 def flow_warp_loss(
@@ -326,6 +403,12 @@ def flow_warp_loss(
     def plane(t: Tensor) -> Tensor:  # the kernels need contiguous (H, W) planes
         return t if t.stride(-1) == 1 and t.stride(-2) == t.shape[-1] else t.contiguous()
 
-    return flow_warp_loss_op(plane(x), plane(flow), None if weight is None else plane(weight),
-                             float(eps), padding_mode == "border", reduction == "mean",
+    x, flow = plane(x), plane(flow)
+    weight = None if weight is None else plane(weight)
+    border = padding_mode == "border"
+    wants_grad = torch.is_grad_enabled() and (x.requires_grad or flow.requires_grad)
+    if reduction == "mean" and wants_grad and ONE_PASS[impl]:
+        return flow_warp_loss_and_grad_op(x, flow, weight, float(eps), border, x.requires_grad,
+                                          deterministic, impl)[0]
+    return flow_warp_loss_op(x, flow, weight, float(eps), border, reduction == "mean",
                              deterministic, impl)

@@ -58,17 +58,20 @@ def _coords(i, j, ux, uy, h, w, border):
 
 
 @njit(cache=True, inline="always")
-def _corner_values(plane, x0, y0, h, w):
-    """The four corner values of ``plane`` (zero outside)."""
+def _corners(x, b, c, t, x0, y0, h, w, inside):
+    """The four corner values of ``x[b, c, t]`` around ``(y0, x0)`` (zero outside the frame)."""
+    if inside:  # the common case: no bounds checks
+        return x[b, c, t, y0, x0], x[b, c, t, y0, x0 + 1], x[b, c, t, y0 + 1, x0], x[
+            b, c, t, y0 + 1, x0 + 1]
     z = np.float32(0.0)
     in_x0 = 0 <= x0 < w
     in_x1 = 0 <= x0 + 1 < w
     in_y0 = 0 <= y0 < h
     in_y1 = 0 <= y0 + 1 < h
-    v_nw = plane[y0, x0] if in_y0 and in_x0 else z
-    v_ne = plane[y0, x0 + 1] if in_y0 and in_x1 else z
-    v_sw = plane[y0 + 1, x0] if in_y1 and in_x0 else z
-    v_se = plane[y0 + 1, x0 + 1] if in_y1 and in_x1 else z
+    v_nw = x[b, c, t, y0, x0] if in_y0 and in_x0 else z
+    v_ne = x[b, c, t, y0, x0 + 1] if in_y0 and in_x1 else z
+    v_sw = x[b, c, t, y0 + 1, x0] if in_y1 and in_x0 else z
+    v_se = x[b, c, t, y0 + 1, x0 + 1] if in_y1 and in_x1 else z
     return v_nw, v_ne, v_sw, v_se
 
 
@@ -87,9 +90,10 @@ def fwd(x, flow, weight, has_w, eps, border, out_map, write_map):
             for j in range(w):
                 x0, y0, ax, bx, ay, by, _, _ = _coords(i, j, flow[b, 0, t, i, j],
                                                        flow[b, 1, t, i, j], h, w, border)
+                inside = 0 <= x0 and x0 + 1 < w and 0 <= y0 and y0 + 1 < h
                 wt = weight[b, 0, t, i, j] if has_w else _F1
                 for c in range(c_):
-                    v_nw, v_ne, v_sw, v_se = _corner_values(x[b, c, t + 1], x0, y0, h, w)
+                    v_nw, v_ne, v_sw, v_se = _corners(x, b, c, t + 1, x0, y0, h, w, inside)
                     warped = v_nw * (ax * ay) + v_ne * (bx * ay) + v_sw * (ax * by) + v_se * (
                         bx * by)
                     d = x[b, c, t, i, j] - warped
@@ -107,47 +111,66 @@ def bwd(x, flow, weight, has_w, grad, g_scalar, eps, border, grad_x, dflow, dx, 
     the caller) using ``scat (B, C, T-1, H, W)`` (zeroed) as the per-pair scatter buffer.
 
     ``grad`` is ``d loss / d (w * rho)``: shape ``(1, 1, 1, 1, 1)`` when ``g_scalar``, else the
-    full map.
+    full map. Returns the per-pair sums of ``w * rho`` like :func:`fwd` (they come for free, so a
+    mean loss and its gradient need one pass).
     """
     b_, c_, t_, h, w = x.shape
     eps2 = np.float32(eps) * np.float32(eps)
+    sums = np.zeros(b_ * (t_ - 1), np.float64)
     for n in prange(b_ * (t_ - 1)):
         b = n // (t_ - 1)
         t = n % (t_ - 1)
+        acc = 0.0
         for i in range(h):
             for j in range(w):
                 x0, y0, ax, bx, ay, by, cgx, cgy = _coords(i, j, flow[b, 0, t, i, j],
                                                            flow[b, 1, t, i, j], h, w, border)
+                inside = 0 <= x0 and x0 + 1 < w and 0 <= y0 and y0 + 1 < h
                 wt = weight[b, 0, t, i, j] if has_w else _F1
                 gix = np.float32(0.0)
                 giy = np.float32(0.0)
                 for c in range(c_):
-                    v_nw, v_ne, v_sw, v_se = _corner_values(x[b, c, t + 1], x0, y0, h, w)
+                    v_nw, v_ne, v_sw, v_se = _corners(x, b, c, t + 1, x0, y0, h, w, inside)
                     warped = v_nw * (ax * ay) + v_ne * (bx * ay) + v_sw * (ax * by) + v_se * (
                         bx * by)
                     d = x[b, c, t, i, j] - warped
+                    rho = np.sqrt(d * d + eps2)
+                    acc += rho * wt
                     go = grad[0, 0, 0, 0, 0] if g_scalar else grad[b, c, t, i, j]
-                    g = go * d / np.sqrt(d * d + eps2) * wt
+                    g = go * d / rho * wt
                     gix -= g * ((v_ne - v_nw) * ay + (v_se - v_sw) * by)
                     giy -= g * ((v_sw - v_nw) * ax + (v_se - v_ne) * bx)
                     if grad_x:
                         dx[b, c, t, i, j] += g
-                        s = scat[b, c, t]
-                        if 0 <= y0 < h:
-                            if 0 <= x0 < w:
-                                s[y0, x0] -= g * (ax * ay)
-                            if 0 <= x0 + 1 < w:
-                                s[y0, x0 + 1] -= g * (bx * ay)
-                        if 0 <= y0 + 1 < h:
-                            if 0 <= x0 < w:
-                                s[y0 + 1, x0] -= g * (ax * by)
-                            if 0 <= x0 + 1 < w:
-                                s[y0 + 1, x0 + 1] -= g * (bx * by)
+                        if inside:
+                            scat[b, c, t, y0, x0] -= g * (ax * ay)
+                            scat[b, c, t, y0, x0 + 1] -= g * (bx * ay)
+                            scat[b, c, t, y0 + 1, x0] -= g * (ax * by)
+                            scat[b, c, t, y0 + 1, x0 + 1] -= g * (bx * by)
+                        else:
+                            _scatter_edge(scat, b, c, t, x0, y0, h, w, g, ax, bx, ay, by)
                 dflow[b, 0, t, i, j] = gix * cgx
                 dflow[b, 1, t, i, j] = giy * cgy
+        sums[n] = acc
     if grad_x:
         # Frame t + 1 receives pair t's scatter; pairs own disjoint (b, t) slices here.
         for n in prange(b_ * (t_ - 1)):
             b = n // (t_ - 1)
             t = n % (t_ - 1)
             dx[b, :, t + 1] += scat[b, :, t]
+    return sums
+
+
+@njit(cache=True, inline="always")
+def _scatter_edge(scat, b, c, t, x0, y0, h, w, g, ax, bx, ay, by):
+    """The bilinear scatter of ``-g`` with per-corner bounds checks (near or past the border)."""
+    if 0 <= y0 < h:
+        if 0 <= x0 < w:
+            scat[b, c, t, y0, x0] -= g * (ax * ay)
+        if 0 <= x0 + 1 < w:
+            scat[b, c, t, y0, x0 + 1] -= g * (bx * ay)
+    if 0 <= y0 + 1 < h:
+        if 0 <= x0 < w:
+            scat[b, c, t, y0 + 1, x0] -= g * (ax * by)
+        if 0 <= x0 + 1 < w:
+            scat[b, c, t, y0 + 1, x0 + 1] -= g * (bx * by)

@@ -1,0 +1,171 @@
+"""Flow-warping loss: eager reference vs fused vs ``torch.compile(reference)``.
+
+Providers: ``reference`` (``grid_sample`` + Charbonnier + mean, eager), ``fused``
+(:func:`vosgan.ops.flow_warp.flow_warp_loss`: Triton on GPU, numba on CPU), ``compile``
+(``torch.compile`` of the reference). Modes: ``fwd`` (no grad), ``fwd+bwd`` (D step: gradient
+w.r.t. the flow only), ``fwd+bwd_x`` (also w.r.t. the video: the bilinear scatter).
+Inputs as in training: ``x (B, 3, T, H, W)``, D's flow of a few pixels, the in-bounds weight.
+
+- CPU (fp32): the ``cpu-small`` shape (16, 3, 16, 32, 32) and the ``paper`` shape at B=8
+  (8, 3, 32, 64, 64) through pytest-benchmark.
+- GPU (bf16 and fp32): B = 8, 32, 64, T = 16/32, 64x64. ``python benchmarks/bench_flow_warp.py``
+  prints the markdown rows of ``benchmarks/RESULTS.md`` (``triton.testing.do_bench`` medians on
+  GPU, perf_counter medians on CPU), with the device and an effective GB/s (minimum bytes moved
+  / time).
+"""
+
+from __future__ import annotations
+
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from functools import partial
+
+import pytest
+import torch
+
+from vosgan.ops.flow_warp import flow_warp_loss, flow_warp_loss_reference
+
+CPU_SHAPES = {"cpu-small": (16, 3, 16, 32, 32), "paper-b8": (8, 3, 32, 64, 64)}
+GPU_SHAPES = {"b8-t16": (8, 3, 16, 64, 64), "b32-t32": (32, 3, 32, 64, 64),
+              "b64-t32": (64, 3, 32, 64, 64)}
+PROVIDERS = ("reference", "fused", "compile")
+MODES = ("fwd", "fwd+bwd", "fwd+bwd_x")
+_COMPILED: dict[str, Callable] = {}
+
+
+def validity(flow: torch.Tensor) -> torch.Tensor:
+    """``(B, 1, T-1, H, W)``: 1 where the flow lands inside the frame (computed on the detached
+    flow, as the training loss does)."""
+    _, _, _, h, w = flow.shape
+    ys = torch.arange(h, device=flow.device).view(h, 1)
+    xs = torch.arange(w, device=flow.device).view(1, w)
+    px, py = xs + flow[:, 0:1], ys + flow[:, 1:2]
+    return ((px >= 0) & (px <= w - 1) & (py >= 0) & (py <= h - 1)).to(flow.dtype)
+
+
+def make_step(provider: str, shape: tuple, device: str, dtype: torch.dtype,
+              mode: str) -> Callable[[], None]:
+    """One call of the loss (and its backward) for ``provider``."""
+    torch.manual_seed(0)
+    b, c, t, h, w = shape
+    x = torch.rand(b, c, t, h, w, device=device).to(dtype)
+    flow = (torch.randn(b, 2, t - 1, h, w, device=device) * 2).to(dtype)
+    weight = validity(flow)
+    x.requires_grad_(mode == "fwd+bwd_x")
+    flow.requires_grad_(mode != "fwd")
+    if provider == "reference":
+        fn = flow_warp_loss_reference
+    elif provider == "fused":
+        fn = partial(flow_warp_loss, impl="triton" if device == "cuda" else "numba")
+    else:
+        fn = _COMPILED.setdefault(f"{device}-{mode}", torch.compile(flow_warp_loss_reference))
+    inputs = [flow, x] if mode == "fwd+bwd_x" else [flow]
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+
+    def step() -> None:
+        if mode == "fwd":
+            with torch.no_grad():
+                fn(x, flow, weight)
+        else:
+            torch.autograd.grad(fn(x, flow, weight), inputs)
+        sync()
+
+    step()  # numba / inductor compile, Triton autotune and launch caches
+    return step
+
+
+def min_bytes(shape: tuple, dtype: torch.dtype, mode: str) -> int:
+    """Bytes a perfect implementation moves: read x, flow, weight; write dflow (and dx)."""
+    b, c, t, h, w = shape
+    e = torch.finfo(dtype).bits // 8
+    pix = b * (t - 1) * h * w
+    n = b * c * t * h * w + pix * 3  # x, flow (2), weight (1)
+    if mode != "fwd":
+        n += 2 * pix  # dflow
+    if mode == "fwd+bwd_x":
+        n += b * c * t * h * w  # dx
+    return n * e
+
+
+def _device_name(device: str) -> str:
+    if device == "cuda":
+        return torch.cuda.get_device_name()
+    return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
+
+
+def _extra(benchmark, provider: str, name: str, shape: tuple, mode: str, device: str,
+           dtype: torch.dtype) -> None:
+    import triton
+
+    benchmark.group = f"flow_warp {device} {name} {mode}"
+    benchmark.extra_info.update({
+        "device": _device_name(device), "torch": torch.__version__, "triton": triton.__version__,
+        "shape": list(shape), "dtype": str(dtype).replace("torch.", ""), "provider": provider,
+        "mode": mode, "min_bytes": min_bytes(shape, dtype, mode),
+    })
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("provider", PROVIDERS)
+@pytest.mark.parametrize("name", sorted(CPU_SHAPES))
+def test_flow_warp_cpu(benchmark, name: str, provider: str, mode: str) -> None:
+    shape = CPU_SHAPES[name]
+    step = make_step(provider, shape, "cpu", torch.float32, mode)
+    _extra(benchmark, provider, name, shape, mode, "cpu", torch.float32)
+    benchmark.pedantic(step, rounds=5, warmup_rounds=1)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("provider", PROVIDERS)
+@pytest.mark.parametrize("name", sorted(GPU_SHAPES))
+def test_flow_warp_gpu(benchmark, name: str, provider: str, mode: str,
+                       dtype: torch.dtype) -> None:
+    shape = GPU_SHAPES[name]
+    step = make_step(provider, shape, "cuda", dtype, mode)
+    _extra(benchmark, provider, name, shape, mode, "cuda", dtype)
+    benchmark.pedantic(step, rounds=20, iterations=5, warmup_rounds=2)
+
+
+def _median_ms(step: Callable[[], None], device: str) -> float:
+    if device == "cuda":
+        import triton.testing
+
+        return triton.testing.do_bench(step, warmup=25, rep=200, return_mode="median")
+    times = []
+    for _ in range(7):
+        t0 = time.perf_counter()
+        step()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def main(device: str, dtypes: list[torch.dtype]) -> None:
+    """Print one markdown row per shape, dtype and mode: median ms per provider and the ratios."""
+    import triton
+
+    shapes = GPU_SHAPES if device == "cuda" else CPU_SHAPES
+    print(f"device: {_device_name(device)}; torch {torch.__version__}, triton {triton.__version__}")
+    print("| shape (B,C,T,H,W) | dtype | mode | reference ms | compile ms | fused ms | "
+          "fused vs ref | fused vs compile | fused GB/s |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for shape in shapes.values():
+        for dtype in dtypes:
+            for mode in MODES:
+                ms = {p: _median_ms(make_step(p, shape, device, dtype, mode), device)
+                      for p in PROVIDERS}
+                gbs = min_bytes(shape, dtype, mode) / ms["fused"] / 1e6
+                print(f"| {shape} | {str(dtype)[6:]} | {mode} | {ms['reference']:.3f} | "
+                      f"{ms['compile']:.3f} | {ms['fused']:.3f} | "
+                      f"{ms['reference'] / ms['fused']:.2f}x | {ms['compile'] / ms['fused']:.2f}x "
+                      f"| {gbs:.0f} |", flush=True)
+
+
+if __name__ == "__main__":
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    main(dev, [torch.bfloat16, torch.float32] if dev == "cuda" else [torch.float32])
+    sys.exit(0)
