@@ -28,7 +28,7 @@ class ModelConfig:
     anchors: int = 3  # K points the motion trajectory passes through [paper: trajectory]
     interpolation: Literal["linear", "slerp"] = "linear"
     gru_hidden: int = 64  # trajectory encoder state size [paper: RNN encoder]
-    g_channels: int = 128  # channels of G's first stage (halved each stage)
+    g_channels: int = 64  # channels of G's first stage (halved each stage)
     d_channels: int = 16  # channels of D's first stage (doubled each stage)
     flow_scale: float = 1.0  # D's flow head output is multiplied by this (pixels)
 
@@ -71,20 +71,20 @@ class DataConfig:
     train_clips: int = 8192
     val_clips: int = 64
     seed: int = 0
-    batch_size: int = 16
+    batch_size: int = 8
     num_workers: int = 0
     cache: bool = False  # render the synthetic clips once into memory
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    steps: int = 1200
+    steps: int = 1000
     seed: int = 0
     device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1", ...
     amp: Literal["auto", "off", "bf16", "fp16"] = "auto"  # auto: bf16 on CUDA, off on CPU
     log_every: int = 20
-    eval_every: int = 400
-    sample_every: int = 400
+    eval_every: int = 250
+    sample_every: int = 250
     checkpoint_every: int = 200
     eval_clips: int = 64
 

@@ -254,13 +254,15 @@ def train(cfg: Config, out: Path, fused: bool = False, resume: Path | None = Non
         check_finite(pending)  # never checkpoint a diverged model
         checkpoint.save_atomic(run.state(), ckpt_path)
 
-    def evaluate_and_sample() -> dict[str, Any]:
+    def evaluate() -> dict[str, Any]:
         result = evaluate_model(run.D, cfg, device, t.eval_clips).as_dict()
         for k, v in result.items():
             writer.add_scalar(f"eval/{k}", v, run.step)
         run.history.append({"step": run.step, **result})
-        write_samples(run.G, run.D, out / "samples" / f"step_{run.step:06d}", num=4)
         return result
+
+    def sample() -> None:
+        write_samples(run.G, run.D, out / "samples" / f"step_{run.step:06d}", num=4)
 
     bar = tqdm(total=t.steps, initial=run.step, desc="train", unit="step", dynamic_ncols=True)
     t0, n0 = time.perf_counter(), run.step
@@ -280,8 +282,10 @@ def train(cfg: Config, out: Path, fused: bool = False, resume: Path | None = Non
                 bar.set_postfix(d=f"{means['d_total']:.3f}", g=f"{means['g_total']:.3f}",
                                 clips_s=f"{speed:.1f}")
                 pending.clear()
+            if run.step % t.sample_every == 0 and run.step < t.steps:
+                sample()
             if run.step % t.eval_every == 0 and run.step < t.steps:
-                r = evaluate_and_sample()
+                r = evaluate()
                 tqdm.write(f"step {run.step}: IoU {r['iou']:.3f} (baseline {r['baseline_iou']:.3f}), "
                            f"EPE {r['epe']:.3f} px (zero-flow {r['baseline_epe']:.3f})")
             if run.step % t.checkpoint_every == 0 or interrupt.requested:
@@ -294,7 +298,8 @@ def train(cfg: Config, out: Path, fused: bool = False, resume: Path | None = Non
                 raise SystemExit(130)
     bar.close()
     save()
-    result = evaluate_and_sample()
+    sample()
+    result = evaluate()
     save()
     writer.close()
     (out / "metrics.json").write_text(json.dumps({"step": run.step, **result}, indent=2))
