@@ -111,12 +111,17 @@ def fwd_block(n: int) -> tuple[int, int]:
     return block, max(1, min(4, block // 256))
 
 
-def bwd_block(n: int, batch: int) -> tuple[int, int]:
-    """``(BLOCK, num_warps)`` of the backward kernel: small enough to give the GPU many programs."""
-    block = min(256, max(64, triton.next_power_of_2(n)))
-    while block > 64 and triton.cdiv(n, block) * batch < 1024:
-        block //= 2
-    return block, max(1, min(4, block // 64))
+def bwd_block(itemsize: int) -> tuple[int, int]:
+    """``(BLOCK, num_warps)`` of the backward kernel for tiles of ``itemsize``-byte elements.
+
+    One warp whose 32 lanes each load one 16-byte vector per channel row: the whole
+    ``(C_PAD, BLOCK)`` tile then lies along the plane, every lane holds all channels of its
+    pixels and ``sum_c`` stays in registers. With 4 warps Triton spread the channels over warps
+    and reduced through shared memory with 2 barriers per frame: the bf16 backward ran at 564 GB/s
+    instead of 2.2 TB/s for fp32 (H100, B=64, T=32, 64x64, CUDA graphs).
+    """
+    vec = max(1, 16 // itemsize)
+    return 32 * vec, 1
 
 
 def composite_fwd(f: Tensor, m: Tensor, b: Tensor, out_dtype: torch.dtype) -> Tensor:
@@ -165,7 +170,7 @@ def composite_bwd(g: Tensor, f: Tensor, m: Tensor, b: Tensor) -> tuple[Tensor, T
     if df.numel() == 0:
         db.zero_()  # an empty sum over T
         return df, dm, db
-    block, warps = bwd_block(n, bsz)
+    block, warps = bwd_block(min(g.element_size(), f.element_size()))
     grid = (triton.cdiv(n, block), bsz)
     composite_bwd_kernel[grid](
         g, f, m, b, df, dm, db, n, t,

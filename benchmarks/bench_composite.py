@@ -1,0 +1,119 @@
+"""Mask compositing benchmarks: reference (eager) / fused / ``torch.compile(reference)``.
+
+Forward (no grad) and forward+backward (``autograd.grad`` w.r.t. f, m, b) at VOS-GAN shapes.
+CPU: fp32, the cpu-small and paper shapes, fused = numba. GPU (skipped without CUDA): bf16 and
+fp32 at B = 8..64, T = 16..32, 64 x 64, fused = Triton; each GPU row also records the
+``triton.testing.do_bench`` median, the bytes the op must move, the GB/s that gives and the
+fraction of a same-size device copy's bandwidth (the achievable HBM bandwidth).
+
+Run: ``pytest benchmarks/bench_composite.py --benchmark-only``. First calls (numba compile or
+cache load, Triton JIT, inductor compile) happen before timing.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+
+import pytest
+import torch
+
+from vosgan.ops.composite import composite, composite_reference
+
+CUDA = torch.cuda.is_available()
+CPU_SHAPES = [(16, 3, 16, 32, 32), (8, 3, 32, 64, 64)]  # cpu-small and paper presets
+GPU_SHAPES = [(8, 3, 16, 64, 64), (16, 3, 32, 64, 64), (64, 3, 32, 64, 64)]
+PROVIDERS = ["reference", "fused", "compile"]
+_compiled: dict = {}
+
+
+def _versions() -> dict:
+    import triton
+
+    dev = torch.cuda.get_device_name() if CUDA else f"CPU {platform.machine()} x{os.cpu_count()}"
+    return {"device": dev, "torch": torch.__version__, "triton": triton.__version__}
+
+
+def _fn(provider: str, device: str):
+    if provider == "reference":
+        return composite_reference
+    if provider == "fused":
+        impl = "triton" if device == "cuda" else "numba"
+        return lambda f, m, b: composite(f, m, b, impl=impl)
+    if device not in _compiled:  # one compiled function per device: shapes recompile as needed
+        _compiled[device] = torch.compile(composite_reference)
+    return _compiled[device]
+
+
+def _inputs(shape, dtype, device):
+    bsz, c, t, h, w = shape
+    f = torch.randn(bsz, c, t, h, w, device=device).tanh().to(dtype).requires_grad_()
+    m = torch.rand(bsz, 1, t, h, w, device=device).to(dtype).requires_grad_()
+    b = torch.randn(bsz, c, h, w, device=device).tanh().to(dtype).requires_grad_()
+    g = torch.randn(f.shape, device=device).to(dtype)
+    return f, m, b, g
+
+
+def min_bytes(shape, itemsize: int, mode: str) -> int:
+    """Bytes the op must move: fwd reads f, m, b, writes v; bwd reads g, f, m, b, writes
+    df, dm, db (each tensor once)."""
+    bsz, c, t, h, w = shape
+    big, mask, bg = bsz * c * t * h * w, bsz * t * h * w, bsz * c * h * w
+    fwd = 2 * big + mask + bg
+    bwd = 3 * big + 2 * mask + 2 * bg
+    return itemsize * (fwd + (bwd if mode == "fwd+bwd" else 0))
+
+
+def _step(fn, f, m, b, g, mode):
+    if mode == "fwd":
+        def run():
+            with torch.no_grad():
+                return fn(f, m, b)
+    else:
+        def run():
+            return torch.autograd.grad(fn(f, m, b), (f, m, b), g)
+    return run
+
+
+def _bench(benchmark, provider, shape, dtype, device, mode, rounds):
+    f, m, b, g = _inputs(shape, dtype, device)
+    run = _step(_fn(provider, device), f, m, b, g, mode)
+    for _ in range(3):  # compile / cache load / JIT before timing
+        run()
+    info = {**_versions(), "shape": "x".join(map(str, shape)), "dtype": str(dtype)[6:],
+            "provider": provider, "mode": mode,
+            "min_bytes": min_bytes(shape, torch.empty((), dtype=dtype).element_size(), mode)}
+    if device == "cuda":
+        import triton.testing
+
+        ms = triton.testing.do_bench(run, warmup=25, rep=200, return_mode="median")
+        x = torch.empty(info["min_bytes"] // 2, dtype=torch.uint8, device="cuda")
+        y = torch.empty_like(x)
+        copy_ms = triton.testing.do_bench(lambda: y.copy_(x), warmup=25, rep=200,
+                                          return_mode="median")
+        info.update(do_bench_ms=ms, gbps=info["min_bytes"] / ms / 1e6,
+                    copy_gbps=info["min_bytes"] / copy_ms / 1e6, of_copy_bw=copy_ms / ms)
+
+        def timed():
+            run()
+            torch.cuda.synchronize()
+    else:
+        timed = run
+    benchmark.extra_info.update(info)
+    benchmark.pedantic(timed, rounds=rounds, iterations=1, warmup_rounds=1)
+
+
+@pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])
+@pytest.mark.parametrize("provider", PROVIDERS)
+@pytest.mark.parametrize("shape", CPU_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_composite_cpu(benchmark, shape, provider, mode):
+    _bench(benchmark, provider, shape, torch.float32, "cpu", mode, rounds=20)
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
+@pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])
+@pytest.mark.parametrize("provider", PROVIDERS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("shape", GPU_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_composite_gpu(benchmark, shape, dtype, provider, mode):
+    _bench(benchmark, provider, shape, dtype, "cuda", mode, rounds=50)
