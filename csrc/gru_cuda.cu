@@ -8,6 +8,7 @@
 // The input projection and every weight gradient stay GEMMs (cuBLAS, see gru.cpp).
 #include <ATen/core/Tensor.h>
 #include <ATen/cuda/CUDAContext.h>
+#include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <cooperative_groups.h>
