@@ -14,8 +14,18 @@ def test_presets_validate_and_shapes():
 
 
 def test_overrides_are_typed():
-    cfg = C.load("cpu-small", C.parse_overrides(["--model.gru_hidden=96", "--train.steps", "7",
-                                                  "--loss.adversarial=hinge", "--data.cache=true"]))
+    cfg = C.load(
+        "cpu-small",
+        C.parse_overrides(
+            [
+                "--model.gru_hidden=96",
+                "--train.steps",
+                "7",
+                "--loss.adversarial=hinge",
+                "--data.cache=true",
+            ]
+        ),
+    )
     assert cfg.model.gru_hidden == 96 and cfg.train.steps == 7
     assert cfg.loss.adversarial == "hinge" and cfg.data.cache is True
 

@@ -5,7 +5,9 @@ from vosgan.config import load
 from vosgan.models import Discriminator, Generator, interpolate_trajectory
 from vosgan.ops.composite import composite_reference
 
-CFG = load("cpu-small", {"model.g_channels": "32", "model.d_channels": "4", "model.gru_hidden": "12"}).model
+CFG = load(
+    "cpu-small", {"model.g_channels": "32", "model.d_channels": "4", "model.gru_hidden": "12"}
+).model
 
 
 def test_generator_shapes_ranges_and_composite():

@@ -12,8 +12,15 @@ from vosgan import checkpoint, train
 from vosgan.config import ConfigError
 
 # cpu-small with a tiny batch and dataset: a few seconds per run.
-FAST = ["--data.batch_size=2", "--data.train_clips=16", "--data.val_clips=4", "--train.eval_clips=4",
-        "--train.log_every=1", "--train.eval_every=1000", "--train.sample_every=1000"]
+FAST = [
+    "--data.batch_size=2",
+    "--data.train_clips=16",
+    "--data.val_clips=4",
+    "--train.eval_clips=4",
+    "--train.log_every=1",
+    "--train.eval_every=1000",
+    "--train.sample_every=1000",
+]
 
 
 def run(tmp_path, *extra, name="run"):
@@ -22,7 +29,10 @@ def run(tmp_path, *extra, name="run"):
 
 def weights(path):
     ckpt = checkpoint.load_checkpoint(path)
-    return ckpt, {**{f"G.{k}": v for k, v in ckpt["G"].items()}, **{f"D.{k}": v for k, v in ckpt["D"].items()}}
+    return ckpt, {
+        **{f"G.{k}": v for k, v in ckpt["G"].items()},
+        **{f"D.{k}": v for k, v in ckpt["D"].items()},
+    }
 
 
 def test_run_folder_contents(tmp_path):
@@ -66,12 +76,15 @@ def test_resume_rejects_a_different_model(tmp_path, capsys):
     assert code == 2 and "model.gru_hidden: 64 != 32" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--resume", "/nonexistent/ckpt.pt"], "no such file or folder"),
-    (["--model.size=48"], "model.size must be a power of two"),
-    (["--data", "/some/videos"], "not implemented yet"),
-    (["--bogus.key=1"], "unknown config key"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--resume", "/nonexistent/ckpt.pt"], "no such file or folder"),
+        (["--model.size=48"], "model.size must be a power of two"),
+        (["--data", "/some/videos"], "not implemented yet"),
+        (["--bogus.key=1"], "unknown config key"),
+    ],
+)
 def test_bad_input_gets_a_clear_error(tmp_path, capsys, args, message):
     assert run(tmp_path, "--train.steps=1", *args) == 2
     assert message in capsys.readouterr().err
@@ -126,20 +139,38 @@ def test_batch_indices_are_a_function_of_the_step():
 
 
 def cli(*args):
-    return subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", *args], capture_output=True, text=True, timeout=300
+    )
 
 
 def test_evaluate_and_generate_clis(tmp_path):
     assert run(tmp_path, "--train.steps=1") == 0
     ckpt = tmp_path / "run" / "checkpoints" / "last.pt"
-    res = cli("vosgan.evaluate", "--checkpoint", str(ckpt), "--clips", "2", "--json",
-              str(tmp_path / "e.json"))
+    res = cli(
+        "vosgan.evaluate",
+        "--checkpoint",
+        str(ckpt),
+        "--clips",
+        "2",
+        "--json",
+        str(tmp_path / "e.json"),
+    )
     assert res.returncode == 0, res.stderr
     result = json.loads((tmp_path / "e.json").read_text())
-    assert result["num_clips"] == 2 and {"iou", "epe", "baseline_iou", "baseline_epe"} <= set(result)
+    assert result["num_clips"] == 2 and {"iou", "epe", "baseline_iou", "baseline_epe"} <= set(
+        result
+    )
     for suffix in (".gif", ".mp4", ".pt"):
-        res = cli("vosgan.generate", "--checkpoint", str(tmp_path / "run"), "--num", "2",
-                  "--out", str(tmp_path / f"s{suffix}"))
+        res = cli(
+            "vosgan.generate",
+            "--checkpoint",
+            str(tmp_path / "run"),
+            "--num",
+            "2",
+            "--out",
+            str(tmp_path / f"s{suffix}"),
+        )
         assert res.returncode == 0, res.stderr
         assert (tmp_path / f"s{suffix}").stat().st_size > 0
     assert torch.load(tmp_path / "s.pt")["video"].shape == (2, 3, 16, 32, 32)

@@ -80,19 +80,28 @@ def compile_kernel(
     workdir = workdir or tempfile.mkdtemp(prefix="vosgan-aot-")
     ptx_path = os.path.join(workdir, f"{kernel}_sm{arch}.ptx")
     spec = {
-        "module": module, "kernel": kernel, "signature": signature,
-        "constexprs": constexprs or {}, "arch": arch, "aligned": list(aligned),
-        "num_warps": num_warps, "ptx_out": ptx_path,
+        "module": module,
+        "kernel": kernel,
+        "signature": signature,
+        "constexprs": constexprs or {},
+        "arch": arch,
+        "aligned": list(aligned),
+        "num_warps": num_warps,
+        "ptx_out": ptx_path,
     }
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    run = subprocess.run([sys.executable, "-c", _SCRIPT, json.dumps(spec)], env=env,
-                         capture_output=True, text=True)
+    run = subprocess.run(
+        [sys.executable, "-c", _SCRIPT, json.dumps(spec)], env=env, capture_output=True, text=True
+    )
     if run.returncode != 0:
         raise RuntimeError(f"AOT compile of {module}.{kernel} for sm_{arch} failed:\n{run.stderr}")
     gpu = f"sm_{arch}a" if arch >= 90 else f"sm_{arch}"
-    res = subprocess.run([_ptxas(), "-v", "--gpu-name", gpu, ptx_path, "-o", os.devnull],
-                         capture_output=True, text=True)
+    res = subprocess.run(
+        [_ptxas(), "-v", "--gpu-name", gpu, ptx_path, "-o", os.devnull],
+        capture_output=True,
+        text=True,
+    )
     if res.returncode != 0:
         raise RuntimeError(f"ptxas failed on {ptx_path}:\n{res.stderr}")
     info = res.stderr + res.stdout
@@ -100,7 +109,8 @@ def compile_kernel(
     spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", info)
     ptx = open(ptx_path).read()
     return AotReport(
-        kernel=kernel, arch=arch,
+        kernel=kernel,
+        arch=arch,
         registers=int(regs.group(1)) if regs else -1,
         spill_stores=int(spills.group(1)) if spills else -1,
         spill_loads=int(spills.group(2)) if spills else -1,

@@ -39,7 +39,11 @@ def save_atomic(obj: Any, path: str | os.PathLike) -> None:
 
 def rng_state() -> dict[str, Any]:
     """Every RNG the training loop draws from."""
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": np.random.get_state(),
+        "python": random.getstate(),
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -54,20 +58,26 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+def load_checkpoint(
+    path: str | os.PathLike, map_location: str | torch.device = "cpu"
+) -> dict[str, Any]:
     """Load a vosgan checkpoint file (or a run folder's latest), with errors that name the file."""
     path = Path(path)
     if path.is_dir():
         found = latest_in(path)
         if found is None:
-            raise FileNotFoundError(f"no checkpoint in run folder {path} (expected {path}/checkpoints/{LAST})")
+            raise FileNotFoundError(
+                f"no checkpoint in run folder {path} (expected {path}/checkpoints/{LAST})"
+            )
         path = found
     if not path.exists():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=False)
     except Exception as exc:  # noqa: BLE001 - any unpickling failure means "not readable"
-        raise ValueError(f"checkpoint {path} is not readable ({type(exc).__name__}: {exc})") from exc
+        raise ValueError(
+            f"checkpoint {path} is not readable ({type(exc).__name__}: {exc})"
+        ) from exc
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise ValueError(f"{path} is not a vosgan checkpoint (no '{FORMAT}' marker)")
     ckpt["path"] = str(path)

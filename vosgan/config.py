@@ -31,6 +31,7 @@ class ModelConfig:
     g_channels: int = 64  # channels of G's first stage (halved each stage)
     d_channels: int = 16  # channels of D's first stage (doubled each stage)
     flow_scale: float = 1.0  # D's flow head output is multiplied by this (pixels)
+    mask_bias: float = -2.0  # initial bias of G's mask logit: masks start at sigmoid(-2) = 0.12
 
     @property
     def up_stages(self) -> int:
@@ -106,15 +107,21 @@ class Config:
 
 
 PRESETS: dict[str, Config] = {
-    # Sized so the default run finishes in minutes on 2 CPU cores and still learns the synthetic data.
+    # Sized so the default run finishes in minutes on 2 CPU cores.
     "cpu-small": Config(),
     # The paper's resolution and VGAN-sized channels (about 26 GFLOP per sample, G+D fwd+bwd).
     "paper": Config(
         preset="paper",
         model=ModelConfig(size=64, frames=32, gru_hidden=256, g_channels=512, d_channels=64),
         data=DataConfig(batch_size=32, val_clips=256),
-        train=TrainConfig(steps=60_000, eval_every=2000, sample_every=2000, checkpoint_every=2000,
-                          log_every=50, eval_clips=256),
+        train=TrainConfig(
+            steps=60_000,
+            eval_every=2000,
+            sample_every=2000,
+            checkpoint_every=2000,
+            log_every=50,
+            eval_clips=256,
+        ),
     ),
 }
 
@@ -157,8 +164,10 @@ def apply_overrides(cfg: Config, overrides: dict[str, Any]) -> Config:
     for key, raw in overrides.items():
         section, _, name = key.partition(".")
         if section not in SECTIONS or not name:
-            raise ConfigError(f"unknown config key {key!r}; keys look like <section>.<field> with "
-                              f"section one of {list(SECTIONS)}")
+            raise ConfigError(
+                f"unknown config key {key!r}; keys look like <section>.<field> with "
+                f"section one of {list(SECTIONS)}"
+            )
         sub = getattr(cfg, section)
         hints = typing.get_type_hints(type(sub))
         if name not in hints:
@@ -171,13 +180,15 @@ def apply_overrides(cfg: Config, overrides: dict[str, Any]) -> Config:
 
 
 def parse_overrides(args: list[str]) -> dict[str, str]:
-    """``["--model.size=64", "--train.steps", "10"]`` -> ``{"model.size": "64", "train.steps": "10"}``."""
+    """``["--model.size=64", "--train.steps", "10"]`` -> ``{"model.size": "64", ...}``."""
     out: dict[str, str] = {}
     i = 0
     while i < len(args):
         arg = args[i]
         if not arg.startswith("--") or "." not in arg.split("=", 1)[0]:
-            raise ConfigError(f"unrecognised argument {arg!r} (overrides look like --section.key=value)")
+            raise ConfigError(
+                f"unrecognised argument {arg!r} (overrides look like --section.key=value)"
+            )
         if "=" in arg:
             key, value = arg[2:].split("=", 1)
         else:
@@ -197,8 +208,10 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"model.size must be a power of two >= 8, got {m.size}")
     stages = m.up_stages
     if m.frames % 2**stages or m.frames < 2**stages:
-        raise ConfigError(f"model.frames must be a positive multiple of {2**stages} "
-                          f"(2**up_stages for model.size={m.size}), got {m.frames}")
+        raise ConfigError(
+            f"model.frames must be a positive multiple of {2**stages} "
+            f"(2**up_stages for model.size={m.size}), got {m.frames}"
+        )
     if m.frames < 2**4:
         raise ConfigError(f"model.frames must be >= 16 (D has 4 stride-2 stages), got {m.frames}")
     if m.size < 2**4:
@@ -207,17 +220,26 @@ def validate(cfg: Config) -> None:
         if getattr(m, name) < 1:
             raise ConfigError(f"model.{name} must be >= 1, got {getattr(m, name)}")
     if m.anchors < 2:
-        raise ConfigError(f"model.anchors must be >= 2 (a trajectory needs two points), got {m.anchors}")
+        raise ConfigError(
+            f"model.anchors must be >= 2 (a trajectory needs two points), got {m.anchors}"
+        )
     if m.g_channels % 2 ** (stages - 1):
-        raise ConfigError(f"model.g_channels must be divisible by {2 ** (stages - 1)}, got {m.g_channels}")
+        raise ConfigError(
+            f"model.g_channels must be divisible by {2 ** (stages - 1)}, got {m.g_channels}"
+        )
     for section, names in (
         ("data", ("train_clips", "val_clips", "batch_size")),
-        ("train", ("steps", "log_every", "eval_every", "sample_every", "checkpoint_every", "eval_clips")),
+        (
+            "train",
+            ("steps", "log_every", "eval_every", "sample_every", "checkpoint_every", "eval_clips"),
+        ),
         ("loss", ("r1_every",)),
     ):
         for name in names:
             if getattr(getattr(cfg, section), name) < 1:
-                raise ConfigError(f"{section}.{name} must be >= 1, got {getattr(getattr(cfg, section), name)}")
+                raise ConfigError(
+                    f"{section}.{name} must be >= 1, got {getattr(getattr(cfg, section), name)}"
+                )
     if d.num_workers < 0:
         raise ConfigError(f"data.num_workers must be >= 0, got {d.num_workers}")
     for name in ("lr_g", "lr_d"):
@@ -233,7 +255,9 @@ def validate(cfg: Config) -> None:
     if cfg.loss.charbonnier_eps <= 0:
         raise ConfigError(f"loss.charbonnier_eps must be > 0, got {cfg.loss.charbonnier_eps}")
     if t.eval_clips > d.val_clips:
-        raise ConfigError(f"train.eval_clips ({t.eval_clips}) must be <= data.val_clips ({d.val_clips})")
+        raise ConfigError(
+            f"train.eval_clips ({t.eval_clips}) must be <= data.val_clips ({d.val_clips})"
+        )
 
 
 def from_dict(data: dict[str, Any]) -> Config:

@@ -34,16 +34,23 @@ def predict(D: Discriminator, video: Tensor) -> dict[str, Tensor]:
 
 
 @torch.no_grad()
-def evaluate_model(D: Discriminator, cfg: Config, device: torch.device, num_clips: int,
-                   batch_size: int | None = None) -> EvalResult:
+def evaluate_model(
+    D: Discriminator,
+    cfg: Config,
+    device: torch.device,
+    num_clips: int,
+    batch_size: int | None = None,
+) -> EvalResult:
     """Score D (in eval mode; its mode is restored) on the first ``num_clips`` validation clips."""
-    data = SyntheticVideos(cfg.data.val_clips, cfg.model.frames, cfg.model.size,
-                           seed=cfg.data.seed, split="val")
+    data = SyntheticVideos(
+        cfg.data.val_clips, cfg.model.frames, cfg.model.size, seed=cfg.data.seed, split="val"
+    )
     num_clips = min(num_clips, len(data))
     bs = batch_size or cfg.data.batch_size
     was_training = D.training
     D.eval()
     try:
+
         def pairs():
             for start in range(0, num_clips, bs):
                 batch = data.batch(range(start, min(start + bs, num_clips)))
@@ -55,8 +62,14 @@ def evaluate_model(D: Discriminator, cfg: Config, device: torch.device, num_clip
 
 
 @torch.no_grad()
-def write_samples(G: Generator, D: Discriminator, stem: str | Path, num: int = 4,
-                  seed: int = SAMPLE_SEED, formats: tuple[str, ...] = (".mp4", ".gif")) -> list[Path]:
+def write_samples(
+    G: Generator,
+    D: Discriminator,
+    stem: str | Path,
+    num: int = 4,
+    seed: int = SAMPLE_SEED,
+    formats: tuple[str, ...] = (".mp4", ".gif"),
+) -> list[Path]:
     """Write a sample grid (video | fg | mask | bg | D seg | D flow) as ``stem.<format>`` files.
 
     G and D run in eval mode (their modes are restored); latents come from a generator seeded with
@@ -73,8 +86,11 @@ def write_samples(G: Generator, D: Discriminator, stem: str | Path, num: int = 4
     finally:
         G.train(modes[0])
         D.train(modes[1])
-    grid = sample_grid(*(x.float().cpu() for x in (out.video, out.fg, out.mask, out.bg)),
-                       pred["seg"].cpu(), pred["flow"].cpu())
+    grid = sample_grid(
+        *(x.float().cpu() for x in (out.video, out.fg, out.mask, out.bg)),
+        pred["seg"].cpu(),
+        pred["flow"].cpu(),
+    )
     stem = Path(stem)
     stem.parent.mkdir(parents=True, exist_ok=True)
     paths = [stem.with_suffix(fmt) for fmt in formats]
@@ -83,7 +99,9 @@ def write_samples(G: Generator, D: Discriminator, stem: str | Path, num: int = 4
     return paths
 
 
-def load_models(ckpt_path: str | Path, device: torch.device) -> tuple[Config, Generator, Discriminator, dict]:
+def load_models(
+    ckpt_path: str | Path, device: torch.device
+) -> tuple[Config, Generator, Discriminator, dict]:
     """Rebuild G and D from a checkpoint (its own config decides the architecture)."""
     ckpt = checkpoint.load_checkpoint(ckpt_path, map_location=device)
     cfg = checkpoint.checkpoint_config(ckpt)
@@ -96,7 +114,9 @@ def load_models(ckpt_path: str | Path, device: torch.device) -> tuple[Config, Ge
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m vosgan.evaluate", description=__doc__)
     p.add_argument("--checkpoint", required=True, help="checkpoint file or run folder")
-    p.add_argument("--clips", type=int, default=None, help="held-out clips (default: train.eval_clips)")
+    p.add_argument(
+        "--clips", type=int, default=None, help="held-out clips (default: train.eval_clips)"
+    )
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--json", default=None, help="also write the result here")
     args = p.parse_args(argv)

@@ -44,8 +44,9 @@ def main(argv: list[str] | None = None) -> int:
         torch.save({k: v.cpu() for k, v in o._asdict().items()}, out)
         written = [out]
     else:
-        written = write_samples(G, D, out.with_suffix(""), num=args.num, seed=args.seed,
-                                formats=(out.suffix,))
+        written = write_samples(
+            G, D, out.with_suffix(""), num=args.num, seed=args.seed, formats=(out.suffix,)
+        )
     print("wrote " + ", ".join(map(str, written)))
     return 0
 

@@ -34,7 +34,9 @@ def g_adversarial(fake_logit: Tensor, kind: str = "nonsaturating") -> Tensor:
 
 
 def flow_validity(flow: Tensor) -> Tensor:
-    """1 where ``pixel + flow`` lands inside the frame, else 0: ``(B, 2, T-1, H, W) -> (B, 1, T-1, H, W)``.
+    """1 where ``pixel + flow`` lands inside the frame, else 0.
+
+    ``flow (B, 2, T-1, H, W)`` -> ``(B, 1, T-1, H, W)``.
 
     Pixels whose flow points out of the frame have no counterpart in the next frame (they are
     "occluded" by the border), so the photometric loss must not score them.
@@ -64,7 +66,7 @@ def flow_smoothness(flow: Tensor, video: Tensor, edge: float = 10.0) -> Tensor:
 
 
 def segmentation_loss(seg_logit: Tensor, mask: Tensor) -> Tensor:
-    """BCE between D's segmentation logits and the generator's (detached) mask, both ``(B,1,T,H,W)``."""
+    """BCE of D's segmentation logits against G's detached mask, both ``(B, 1, T, H, W)``."""
     return F.binary_cross_entropy_with_logits(seg_logit.float(), mask.detach().float())
 
 
@@ -86,10 +88,13 @@ class VosGanLoss(nn.Module):
         """(photometric warping loss, smoothness) of D's ``flow`` on ``video``."""
         flow = flow.float()
         weight = flow_validity(flow.detach())
-        return self.warp(video.float(), flow, weight), flow_smoothness(flow, video, self.cfg.smoothness_edge)
+        return self.warp(video.float(), flow, weight), flow_smoothness(
+            flow, video, self.cfg.smoothness_edge
+        )
 
-    def discriminator(self, real: Tensor, d_real: DiscOutput, fake: GenOutput, d_fake: DiscOutput
-                      ) -> tuple[Tensor, dict[str, Tensor]]:
+    def discriminator(
+        self, real: Tensor, d_real: DiscOutput, fake: GenOutput, d_fake: DiscOutput
+    ) -> tuple[Tensor, dict[str, Tensor]]:
         """D's total loss and its parts (real/fake adversarial, segmentation, flow, smoothness)."""
         c = self.cfg
         parts = {"d_adv": d_adversarial(d_real.logit.float(), d_fake.logit.float(), c.adversarial)}
@@ -108,16 +113,21 @@ class VosGanLoss(nn.Module):
     def generator(self, fake: GenOutput, d_fake: DiscOutput) -> tuple[Tensor, dict[str, Tensor]]:
         """G's total loss and its parts (adversarial, mask sparsity, optional consistency)."""
         c = self.cfg
-        parts = {"g_adv": g_adversarial(d_fake.logit.float(), c.adversarial),
-                 "g_mask": fake.mask.float().abs().mean()}
+        parts = {
+            "g_adv": g_adversarial(d_fake.logit.float(), c.adversarial),
+            "g_mask": fake.mask.float().abs().mean(),
+        }
         total = parts["g_adv"] + c.mask_sparsity * parts["g_mask"]
         if c.consistency > 0:
             parts["g_consistency"] = F.binary_cross_entropy(
-                fake.mask.float(), torch.sigmoid(d_fake.seg_logit.float()).detach())
+                fake.mask.float(), torch.sigmoid(d_fake.seg_logit.float()).detach()
+            )
             total = total + c.consistency * parts["g_consistency"]
         return total, parts
 
     def r1(self, disc: Discriminator, real: Tensor) -> Tensor:
         """The R1 penalty on real videos, weighted and scaled by the lazy interval."""
         real = real.detach().requires_grad_(True)
-        return 0.5 * self.cfg.r1 * self.cfg.r1_every * r1_penalty(disc(real, dense=False).logit, real)
+        return (
+            0.5 * self.cfg.r1 * self.cfg.r1_every * r1_penalty(disc(real, dense=False).logit, real)
+        )

@@ -1,4 +1,6 @@
-"""Train VOS-GAN: ``python -m vosgan.train [--fused] [--preset P] [--data D] [--out DIR] [--resume R]``.
+"""Train VOS-GAN.
+
+``python -m vosgan.train [--fused] [--preset P] [--data D] [--out DIR] [--resume R]``.
 
 With no arguments: the ``cpu-small`` preset on the built-in synthetic dataset. Any config field can
 be overridden with ``--section.key=value`` (see :mod:`vosgan.config`).
@@ -88,22 +90,33 @@ def make_dataset(cfg: Config, split: str, num_clips: int) -> SyntheticVideos:
     if cfg.data.source != "synthetic":
         raise ConfigError(
             f"data.source={cfg.data.source!r}: training on real video is not implemented yet "
-            "(issue #6); use the built-in 'synthetic' dataset")
-    return SyntheticVideos(num_clips, cfg.model.frames, cfg.model.size, seed=cfg.data.seed,
-                           split=split, cache=cfg.data.cache)
+            "(issue #6); use the built-in 'synthetic' dataset"
+        )
+    return SyntheticVideos(
+        num_clips,
+        cfg.model.frames,
+        cfg.model.size,
+        seed=cfg.data.seed,
+        split=split,
+        cache=cfg.data.cache,
+    )
 
 
 def batches(cfg: Config, start: int, device: torch.device) -> Iterator[dict[str, Tensor]]:
     """Training batches for steps ``start, start + 1, ...`` (pinned and prefetched with workers)."""
     data = make_dataset(cfg, "train", cfg.data.train_clips)
     loader = torch.utils.data.DataLoader(
-        _StepBatches(data, cfg.data.batch_size, cfg.data.seed), batch_size=None,
-        sampler=range(start, cfg.train.steps), num_workers=cfg.data.num_workers,
-        pin_memory=device.type == "cuda", persistent_workers=False,
+        _StepBatches(data, cfg.data.batch_size, cfg.data.seed),
+        batch_size=None,
+        sampler=range(start, cfg.train.steps),
+        num_workers=cfg.data.num_workers,
+        pin_memory=device.type == "cuda",
+        persistent_workers=False,
         prefetch_factor=4 if cfg.data.num_workers else None,
         # Its own generator: a DataLoader otherwise draws a seed from the global RNG at every
         # iterator start, which would shift the latents after a resume.
-        generator=torch.Generator().manual_seed(cfg.data.seed))
+        generator=torch.Generator().manual_seed(cfg.data.seed),
+    )
     yield from loader
 
 
@@ -124,18 +137,26 @@ class Run:
 
     def state(self) -> dict[str, Any]:
         return {
-            "format": checkpoint.FORMAT, "config": self.cfg.to_dict(), "step": self.step,
-            "G": self.G.state_dict(), "D": self.D.state_dict(),
-            "opt_g": self.opt_g.state_dict(), "opt_d": self.opt_d.state_dict(),
-            "scaler": self.scaler.state_dict(), "rng": checkpoint.rng_state(),
-            "data_position": self.step, "history": self.history,
+            "format": checkpoint.FORMAT,
+            "config": self.cfg.to_dict(),
+            "step": self.step,
+            "G": self.G.state_dict(),
+            "D": self.D.state_dict(),
+            "opt_g": self.opt_g.state_dict(),
+            "opt_d": self.opt_d.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "rng": checkpoint.rng_state(),
+            "data_position": self.step,
+            "history": self.history,
         }
 
     def load(self, ckpt: dict[str, Any]) -> None:
         diff = checkpoint.model_config_diff(checkpoint.checkpoint_config(ckpt), self.cfg)
         if diff:
-            raise ValueError(f"checkpoint {ckpt['path']} was trained with a different model config: "
-                             + "; ".join(diff))
+            raise ValueError(
+                f"checkpoint {ckpt['path']} was trained with a different model config: "
+                + "; ".join(diff)
+            )
         self.G.load_state_dict(ckpt["G"])
         self.D.load_state_dict(ckpt["D"])
         self.opt_g.load_state_dict(ckpt["opt_g"])
@@ -161,11 +182,15 @@ def build_run(cfg: Config, device: torch.device, fused: bool) -> Run:
     o = cfg.optim
     opt_g = torch.optim.Adam(G.parameters(), lr=o.lr_g, betas=(o.beta1, o.beta2))
     opt_d = torch.optim.Adam(D.parameters(), lr=o.lr_d, betas=(o.beta1, o.beta2))
-    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype(cfg.train.amp, device) == torch.float16)
+    scaler = torch.amp.GradScaler(
+        device.type, enabled=amp_dtype(cfg.train.amp, device) == torch.float16
+    )
     return Run(cfg, device, G, D, loss, opt_g, opt_d, scaler)
 
 
-def train_step(run: Run, real: Tensor, autocast: contextlib.AbstractContextManager) -> dict[str, Tensor]:
+def train_step(
+    run: Run, real: Tensor, autocast: contextlib.AbstractContextManager
+) -> dict[str, Tensor]:
     """One D update then one G update; returns the detached loss parts (no host sync)."""
     cfg, G, D, B = run.cfg, run.G, run.D, real.shape[0]
     # Discriminator: real/fake, plus segmentation of fakes (G's masks) and flow on both.
@@ -200,7 +225,8 @@ def check_finite(pending: list[tuple[int, dict[str, Tensor]]]) -> None:
             if not torch.isfinite(value):
                 raise NonFiniteLossError(
                     f"loss {name} is {value.item()} at step {step + 1}; training stopped. "
-                    "The last good checkpoint is kept; try a lower learning rate or train.amp=off.")
+                    "The last good checkpoint is kept; try a lower learning rate or train.amp=off."
+                )
 
 
 class _Interrupt:
@@ -217,13 +243,17 @@ class _Interrupt:
         if self.requested:
             raise KeyboardInterrupt
         self.requested = True
-        tqdm.write("interrupt: finishing this step and writing a checkpoint (Ctrl-C again to abort)")
+        tqdm.write(
+            "interrupt: finishing this step and writing a checkpoint (Ctrl-C again to abort)"
+        )
 
     def __exit__(self, *exc: Any) -> None:
         signal.signal(signal.SIGINT, self._old)
 
 
-def train(cfg: Config, out: Path, fused: bool = False, resume: Path | None = None) -> dict[str, Any]:
+def train(
+    cfg: Config, out: Path, fused: bool = False, resume: Path | None = None
+) -> dict[str, Any]:
     """Run (or continue) training; returns the final evaluation as a dict.
 
     Writes ``out/config.json``, ``out/checkpoints/last.pt``, TensorBoard scalars in ``out/tb`` and
@@ -245,8 +275,9 @@ def train(cfg: Config, out: Path, fused: bool = False, resume: Path | None = Non
     (out / "config.json").write_text(cfg.to_json())
     ckpt_path = out / "checkpoints" / checkpoint.LAST
     writer = SummaryWriter(str(out / "tb"), purge_step=run.step)
-    autocast = (torch.autocast(device.type, dtype=dtype) if dtype is not None
-                else contextlib.nullcontext())
+    autocast = (
+        torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+    )
     t = cfg.train
     pending: list[tuple[int, dict[str, Tensor]]] = []
 
@@ -274,27 +305,34 @@ def train(cfg: Config, out: Path, fused: bool = False, resume: Path | None = Non
             bar.update(1)
             if run.step % t.log_every == 0 or run.step == t.steps:
                 check_finite(pending)
-                means = {k: torch.stack([p[k] for _, p in pending]).mean().item() for k in pending[-1][1]}
+                means = {
+                    k: torch.stack([p[k] for _, p in pending]).mean().item() for k in pending[-1][1]
+                }
                 for k, v in means.items():
                     writer.add_scalar(f"loss/{k}", v, run.step)
                 speed = (run.step - n0) * cfg.data.batch_size / (time.perf_counter() - t0)
                 writer.add_scalar("perf/clips_per_s", speed, run.step)
-                bar.set_postfix(d=f"{means['d_total']:.3f}", g=f"{means['g_total']:.3f}",
-                                clips_s=f"{speed:.1f}")
+                bar.set_postfix(
+                    d=f"{means['d_total']:.3f}", g=f"{means['g_total']:.3f}", clips_s=f"{speed:.1f}"
+                )
                 pending.clear()
             if run.step % t.sample_every == 0 and run.step < t.steps:
                 sample()
             if run.step % t.eval_every == 0 and run.step < t.steps:
                 r = evaluate()
-                tqdm.write(f"step {run.step}: IoU {r['iou']:.3f} (baseline {r['baseline_iou']:.3f}), "
-                           f"EPE {r['epe']:.3f} px (zero-flow {r['baseline_epe']:.3f})")
+                tqdm.write(
+                    f"step {run.step}: IoU {r['iou']:.3f} (baseline {r['baseline_iou']:.3f}), "
+                    f"EPE {r['epe']:.3f} px (zero-flow {r['baseline_epe']:.3f})"
+                )
             if run.step % t.checkpoint_every == 0 or interrupt.requested:
                 save()
             if interrupt.requested:
                 bar.close()
                 writer.close()
-                print(f"interrupted at step {run.step}; checkpoint {ckpt_path}; "
-                      f"continue with --resume {out}")
+                print(
+                    f"interrupted at step {run.step}; checkpoint {ckpt_path}; "
+                    f"continue with --resume {out}"
+                )
                 raise SystemExit(130)
     bar.close()
     save()
@@ -303,19 +341,24 @@ def train(cfg: Config, out: Path, fused: bool = False, resume: Path | None = Non
     save()
     writer.close()
     (out / "metrics.json").write_text(json.dumps({"step": run.step, **result}, indent=2))
-    print(f"final (step {run.step}, {result['num_clips']} held-out clips): "
-          f"segmentation IoU {result['iou']:.3f} vs frame-difference baseline "
-          f"{result['baseline_iou']:.3f}; flow EPE {result['epe']:.3f} px "
-          f"(foreground {result['epe_fg']:.3f}) vs zero flow {result['baseline_epe']:.3f} "
-          f"({result['baseline_epe_fg']:.3f})")
+    print(
+        f"final (step {run.step}, {result['num_clips']} held-out clips): "
+        f"segmentation IoU {result['iou']:.3f} vs frame-difference baseline "
+        f"{result['baseline_iou']:.3f}; flow EPE {result['epe']:.3f} px "
+        f"(foreground {result['epe_fg']:.3f}) vs zero flow {result['baseline_epe']:.3f} "
+        f"({result['baseline_epe_fg']:.3f})"
+    )
     print(f"run folder: {out}")
     return result
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[Config, Path, bool, Path | None]:
     """CLI -> (config, run folder, fused, checkpoint to resume from)."""
-    p = argparse.ArgumentParser(prog="python -m vosgan.train", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m vosgan.train",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--fused", action="store_true", help="use every fused op available here")
     p.add_argument("--preset", default="cpu-small", choices=sorted(config_mod.PRESETS))
     p.add_argument("--data", default=None, help="'synthetic' (default) or a dataset path")
@@ -336,8 +379,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[Config, Path, bool, Path 
     else:
         out = Path("runs") / f"{args.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
     if resume is None and checkpoint.latest_in(out) is not None:
-        raise ConfigError(f"{out} already holds a run; pass --resume auto to continue it, "
-                          "or choose another --out")
+        raise ConfigError(
+            f"{out} already holds a run; pass --resume auto to continue it, or choose another --out"
+        )
     return cfg, out, args.fused, resume
 
 

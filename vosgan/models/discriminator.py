@@ -29,27 +29,34 @@ class Discriminator(nn.Module):
         super().__init__()
         self.cfg = cfg
         ch = [cfg.d_channels * 2**i for i in range(4)]  # e.g. 64, 128, 256, 512
-        self.encoder = nn.ModuleList([
-            conv3d_block_reference(3, ch[0], norm=False, act="lrelu"),
-            conv3d_block_reference(ch[0], ch[1], act="lrelu"),
-            conv3d_block_reference(ch[1], ch[2], act="lrelu"),
-            conv3d_block_reference(ch[2], ch[3], act="lrelu"),
-        ])
+        self.encoder = nn.ModuleList(
+            [
+                conv3d_block_reference(3, ch[0], norm=False, act="lrelu"),
+                conv3d_block_reference(ch[0], ch[1], act="lrelu"),
+                conv3d_block_reference(ch[1], ch[2], act="lrelu"),
+                conv3d_block_reference(ch[2], ch[3], act="lrelu"),
+            ]
+        )
         self.real_fake = nn.Conv3d(ch[3], 1, 3, 1, 1)
         # Decoder: each stage doubles T, H, W and is joined with the matching encoder output.
-        self.decoder = nn.ModuleList([
-            conv3d_block_reference(ch[3], ch[2], transpose=True, act="relu"),
-            conv3d_block_reference(2 * ch[2], ch[1], transpose=True, act="relu"),
-            conv3d_block_reference(2 * ch[1], ch[0], transpose=True, act="relu"),
-        ])
+        self.decoder = nn.ModuleList(
+            [
+                conv3d_block_reference(ch[3], ch[2], transpose=True, act="relu"),
+                conv3d_block_reference(2 * ch[2], ch[1], transpose=True, act="relu"),
+                conv3d_block_reference(2 * ch[1], ch[0], transpose=True, act="relu"),
+            ]
+        )
         # One transposed conv from the half-resolution features (joined with the first encoder
         # stage) to full resolution gives both dense heads: channel 0 segmentation, 1-2 flow.
         # (A full-resolution Conv3d head was 7x slower in fwd+bwd on CPU: its weight gradient
         # with few output channels takes PyTorch's slow path; 2-core dev box, cpu-small, B=16.)
         self.dense_head = nn.ConvTranspose3d(2 * ch[0], 3, 4, 2, 1)
+        with torch.no_grad():  # flow starts at exactly zero (identity warp), as flow decoders do
+            self.dense_head.weight[:, 1:].zero_()
+            self.dense_head.bias[1:].zero_()
 
     def encode(self, x: Tensor) -> list[Tensor]:
-        """Encoder features, finest first: ``[(B, C1, T/2, H/2, W/2), ..., (B, C4, T/16, H/16, W/16)]``."""
+        """Encoder features, finest first: ``(B, C1, T/2, H/2, W/2)`` ... ``(B, C4, T/16, ...)``."""
         feats = []
         for stage in self.encoder:
             x = stage(x)
@@ -63,7 +70,7 @@ class Discriminator(nn.Module):
         if not dense:
             return DiscOutput(logit, None, None)
         h = feats[-1]
-        for stage, skip in zip(self.decoder, reversed(feats[:-1])):
+        for stage, skip in zip(self.decoder, reversed(feats[:-1]), strict=True):
             h = torch.cat([stage(h), skip], dim=1)
         dense = self.dense_head(h)
         seg, flow = dense[:, :1], dense[:, 1:, :-1] * self.cfg.flow_scale

@@ -54,8 +54,8 @@ class Generator(nn.Module):
     """VOS-GAN generator (VGAN-sized two-stream design; see README "Method").
 
     Background: ``z_c (B, Zc)`` -> 2D transposed convs -> ``b (B, 3, H, W)``.
-    Foreground: anchors ``(B, K, Dm)`` -> trajectory ``(B, T, Dm)`` -> GRU ``(B, T, Hg)`` -> pooled to
-    ``T0 = T / 2**stages`` steps, projected to ``C0 x 4 x 4`` maps, joined with a projection of
+    Foreground: anchors ``(B, K, Dm)`` -> trajectory ``(B, T, Dm)`` -> GRU ``(B, T, Hg)`` -> pooled
+    to ``T0 = T / 2**stages`` steps, projected to ``C0 x 4 x 4`` maps, joined with a projection of
     ``z_c`` -> 3D transposed convs -> ``f (B, 3, T, H, W)`` and ``m (B, 1, T, H, W)``.
     """
 
@@ -72,8 +72,11 @@ class Generator(nn.Module):
             nn.ReLU(),
         ]
         for i in range(n - 1):
-            bg += [nn.ConvTranspose2d(ch[i], ch[i + 1], 4, 2, 1, bias=False),
-                   nn.BatchNorm2d(ch[i + 1]), nn.ReLU()]
+            bg += [
+                nn.ConvTranspose2d(ch[i], ch[i + 1], 4, 2, 1, bias=False),
+                nn.BatchNorm2d(ch[i + 1]),
+                nn.ReLU(),
+            ]
         bg += [nn.ConvTranspose2d(ch[-1], 3, 4, 2, 1), nn.Tanh()]
         self.background = nn.Sequential(*bg)
 
@@ -92,16 +95,22 @@ class Generator(nn.Module):
         self.foreground = nn.Sequential(*blocks)
         # Both heads in one transposed conv: channels 0-2 -> f (tanh), channel 3 -> m (sigmoid).
         self.heads = nn.ConvTranspose3d(c_in, 4, 4, 2, 1)
+        with torch.no_grad():  # start mostly background (m = sigmoid(mask_bias)) [ours]
+            self.heads.bias[3] = cfg.mask_bias
         self.composite = MaskComposite(impl="reference")
 
     def sample_latents(
-        self, batch: int, device: torch.device | str | None = None, generator: torch.Generator | None = None
+        self,
+        batch: int,
+        device: torch.device | str | None = None,
+        generator: torch.Generator | None = None,
     ) -> tuple[Tensor, Tensor]:
         """Draw ``(z_c (B, Zc), anchors (B, K, Dm))`` from N(0, I)."""
         device = device or next(self.parameters()).device
         z_c = torch.randn(batch, self.cfg.z_content, device=device, generator=generator)
-        anchors = torch.randn(batch, self.cfg.anchors, self.cfg.z_motion, device=device,
-                              generator=generator)
+        anchors = torch.randn(
+            batch, self.cfg.anchors, self.cfg.z_motion, device=device, generator=generator
+        )
         return z_c, anchors
 
     def forward(self, z_c: Tensor, anchors: Tensor) -> GenOutput:
@@ -115,7 +124,9 @@ class Generator(nn.Module):
         pooled = nn.functional.adaptive_avg_pool1d(states.transpose(1, 2), cfg.first_frames)
         motion = self.motion_proj(pooled.transpose(1, 2))  # (B, T0, C0*16)
         motion = motion.view(bsz, cfg.first_frames, c0, 4, 4).permute(0, 2, 1, 3, 4)
-        content = self.content_proj(z_c).view(bsz, c0, 1, 4, 4).expand(-1, -1, cfg.first_frames, -1, -1)
+        content = (
+            self.content_proj(z_c).view(bsz, c0, 1, 4, 4).expand(-1, -1, cfg.first_frames, -1, -1)
+        )
         heads = self.heads(self.foreground(self.fg_in(torch.cat([motion, content], dim=1))))
         f, m = torch.tanh(heads[:, :3]), torch.sigmoid(heads[:, 3:])
         return GenOutput(self.composite(f, m, b), f, m, b)

@@ -44,7 +44,9 @@ def fuse_modules(model: nn.Module, ops: set[str] | None = None) -> list[str]:
                 if new is not None:
                     if new is not child:
                         setattr(parent, name, new)
-                    replaced.append(f"{qual}: {type(child).__name__} -> {type(new).__name__} ({op})")
+                    replaced.append(
+                        f"{qual}: {type(child).__name__} -> {type(new).__name__} ({op})"
+                    )
                     child = new
                     break
             visit(child, qual)
