@@ -21,8 +21,12 @@ namespace cg = cooperative_groups;
 namespace vosgan {
 namespace {
 
-constexpr int kThreads = 256;
-constexpr int kWarps = kThreads / 32;
+// Threads per block: rows of the batch are spread over the warps, so more warps shorten each
+// step's latency chain; blocks with more units per thread hold more accumulators (registers).
+template <int U>
+constexpr int threads_for() {
+  return U == 1 ? 1024 : (U <= 4 ? 512 : 256);
+}
 
 __device__ __forceinline__ float warp_sum(float v) {
   for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
@@ -32,7 +36,7 @@ __device__ __forceinline__ float warp_sum(float v) {
 __device__ __forceinline__ float sigmoid(float x) { return 1.0f / (1.0f + __expf(-x)); }
 
 // gi (B, T, 3H), h0 (B, H), w_hh (3H, H), b_hh (3H) -> ws (B, T, 5H), out (B, T, H); fp32.
-template <int U>
+template <int U, int kThreads = threads_for<U>()>
 __global__ void __launch_bounds__(kThreads)
     gru_forward_kernel(const float* __restrict__ gi, const float* __restrict__ h0,
                        const float* __restrict__ w_hh, const float* __restrict__ b_hh,
@@ -46,13 +50,30 @@ __global__ void __launch_bounds__(kThreads)
     w_s[i] = u < nu ? w_hh[static_cast<size_t>(g * H + j0 + u) * H + k] : 0.0f;
   }
   __syncthreads();
+  constexpr int kWarps = kThreads / 32;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int jl = j0 + lane;  // the unit this lane finishes (lanes < nu)
+  float bhr = 0.0f, bhz = 0.0f, bhn = 0.0f;
+  if (lane < nu) {
+    bhr = b_hh[jl];
+    bhz = b_hh[H + jl];
+    bhn = b_hh[2 * H + jl];
+  }
   for (int t = 0; t < T; ++t) {
     for (int b = warp; b < B; b += kWarps) {
       const size_t bt = static_cast<size_t>(b) * T + t;
       // h_{t-1} was written by other blocks before the last grid barrier: read it through L2
       // (__ldcg), never through the non-coherent read-only path.
       const float* hp = t == 0 ? h0 + static_cast<size_t>(b) * H : out + (bt - 1) * H;
+      // Issue the finishing lane's operand loads first so they overlap the dot products.
+      const float* gi_bt = gi + bt * 3 * H;
+      float gir = 0.0f, giz = 0.0f, gin = 0.0f, hpj = 0.0f;
+      if (lane < nu) {
+        gir = gi_bt[jl];
+        giz = gi_bt[H + jl];
+        gin = gi_bt[2 * H + jl];
+        hpj = __ldcg(hp + jl);
+      }
       float acc[3][U];
 #pragma unroll
       for (int g = 0; g < 3; ++g)
@@ -73,13 +94,12 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
       for (int u = 0; u < U; ++u) {
         if (lane == u && u < nu) {  // lane u finishes unit j0 + u of row b
-          const int j = j0 + u;
-          const float* gi_bt = gi + bt * 3 * H;
-          const float ghn = acc[2][u] + b_hh[2 * H + j];
-          const float r = sigmoid(gi_bt[j] + acc[0][u] + b_hh[j]);
-          const float z = sigmoid(gi_bt[H + j] + acc[1][u] + b_hh[H + j]);
-          const float n = tanhf(gi_bt[2 * H + j] + r * ghn);
-          const float h = n + z * (__ldcg(hp + j) - n);
+          const int j = jl;
+          const float ghn = acc[2][u] + bhn;
+          const float r = sigmoid(gir + acc[0][u] + bhr);
+          const float z = sigmoid(giz + acc[1][u] + bhz);
+          const float n = tanhf(gin + r * ghn);
+          const float h = n + z * (hpj - n);
           float* ws_bt = ws + bt * 5 * H;
           ws_bt[j] = r;
           ws_bt[H + j] = z;
@@ -96,7 +116,7 @@ __global__ void __launch_bounds__(kThreads)
 
 // grad_out (B, T, H), h0 (B, H), w_hh (3H, H), ws (B, T, 5H) -> dgi, dgh (B, T, 3H), dh0 (B, H).
 // carry (B, H) holds dL/dh_t * z_t between steps; each element is owned by one thread.
-template <int U>
+template <int U, int kThreads = threads_for<U>()>
 __global__ void __launch_bounds__(kThreads)
     gru_backward_kernel(const float* __restrict__ grad_out, const float* __restrict__ h0,
                         const float* __restrict__ w_hh, const float* __restrict__ ws, float* dgi,
@@ -107,23 +127,40 @@ __global__ void __launch_bounds__(kThreads)
   const int nu = min(U, H - j0);
   const int H3 = 3 * H;
   for (int i = threadIdx.x; i < U * H3; i += kThreads) {
-    const int u = i / H3, r = i % H3;
-    w_s[i] = u < nu ? w_hh[static_cast<size_t>(r) * H + j0 + u] : 0.0f;
+    const int u = i / H3, k = i % H3;
+    w_s[i] = u < nu ? w_hh[static_cast<size_t>(k) * H + j0 + u] : 0.0f;
   }
   __syncthreads();
+  constexpr int kWarps = kThreads / 32;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int jl = j0 + lane;  // the unit this lane finishes (lanes < nu)
   for (int t = T - 1; t >= -1; --t) {  // t = -1: only dL/dh0 from step 0
     for (int b = warp; b < B; b += kWarps) {
+      // Issue the finishing lane's operand loads first so they overlap the dot products.
+      const size_t bt = static_cast<size_t>(b) * T + t;
+      float dh = 0.0f, r = 0.0f, z = 0.0f, n = 0.0f, ghn = 0.0f, hp = 0.0f;
+      if (lane < nu) {
+        if (t + 1 < T) dh = carry[static_cast<size_t>(b) * H + jl];
+        if (t >= 0) {
+          const float* ws_bt = ws + bt * 5 * H;
+          dh += grad_out[bt * H + jl];
+          r = ws_bt[jl];
+          z = ws_bt[H + jl];
+          n = ws_bt[2 * H + jl];
+          ghn = ws_bt[3 * H + jl];
+          hp = t == 0 ? h0[static_cast<size_t>(b) * H + jl] : ws_bt[-H + jl];
+        }
+      }
       float acc[U];
 #pragma unroll
       for (int u = 0; u < U; ++u) acc[u] = 0.0f;
       if (t + 1 < T) {  // dL/dh_t through step t+1's hidden projection: dgh_{t+1} @ W_hh[:, j]
         const float* dg = dgh + (static_cast<size_t>(b) * T + t + 1) * H3;
 #pragma unroll 4
-        for (int r = lane; r < H3; r += 32) {
-          const float g = __ldcg(dg + r);
+        for (int k = lane; k < H3; k += 32) {
+          const float g = __ldcg(dg + k);
 #pragma unroll
-          for (int u = 0; u < U; ++u) acc[u] += w_s[u * H3 + r] * g;
+          for (int u = 0; u < U; ++u) acc[u] += w_s[u * H3 + k] * g;
         }
 #pragma unroll
         for (int u = 0; u < U; ++u) acc[u] = warp_sum(acc[u]);
@@ -131,18 +168,12 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
       for (int u = 0; u < U; ++u) {
         if (lane == u && u < nu) {
-          const int j = j0 + u;
-          float dh = acc[u] + (t + 1 < T ? carry[static_cast<size_t>(b) * H + j] : 0.0f);
+          const int j = jl;
+          dh += acc[u];
           if (t < 0) {
             dh0[static_cast<size_t>(b) * H + j] = dh;
             continue;
           }
-          const size_t bt = static_cast<size_t>(b) * T + t;
-          dh += grad_out[bt * H + j];
-          const float* ws_bt = ws + bt * 5 * H;
-          const float r = ws_bt[j], z = ws_bt[H + j], n = ws_bt[2 * H + j];
-          const float ghn = ws_bt[3 * H + j];
-          const float hp = t == 0 ? h0[static_cast<size_t>(b) * H + j] : ws_bt[-H + j];
           const float dn = dh * (1.0f - z) * (1.0f - n * n);
           const float dz = dh * (hp - n) * z * (1.0f - z);
           const float dr = dn * ghn * r * (1.0f - r);
@@ -161,7 +192,8 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 // Launches `kernel` cooperatively with ceil(H / U) blocks and `smem` bytes of shared memory.
-void launch_cooperative(const void* kernel, int H, int U, size_t smem, void** args) {
+void launch_cooperative(const void* kernel, int threads, int H, int U, size_t smem,
+                        void** args) {
   const int device = at::cuda::current_device();
   int max_smem = 0, sms = 0, per_sm = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&max_smem, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
@@ -170,11 +202,11 @@ void launch_cooperative(const void* kernel, int H, int U, size_t smem, void** ar
               " needs ", smem, " bytes of shared memory per block, the device allows ", max_smem);
   C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                       static_cast<int>(smem)));
-  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, smem));
+  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, smem));
   const int blocks = (H + U - 1) / U;
   TORCH_CHECK(blocks <= per_sm * sms, "vosgan gru (CUDA): ", blocks,
               " blocks cannot all be resident (", per_sm, " per SM x ", sms, " SMs)");
-  C10_CUDA_CHECK(cudaLaunchCooperativeKernel(kernel, blocks, kThreads, args, smem,
+  C10_CUDA_CHECK(cudaLaunchCooperativeKernel(kernel, blocks, threads, args, smem,
                                              at::cuda::getCurrentCUDAStream()));
 }
 
@@ -200,7 +232,7 @@ void forward_u(const at::Tensor& gi, const at::Tensor& h0, const at::Tensor& w_h
   float* ws_p = ws.data_ptr<float>();
   float* out_p = out.data_ptr<float>();
   void* args[] = {&gi_p, &h0_p, &w_p, &b_p, &ws_p, &out_p, &B, &T, &H};
-  launch_cooperative(reinterpret_cast<const void*>(&gru_forward_kernel<U>), H, U,
+  launch_cooperative(reinterpret_cast<const void*>(&gru_forward_kernel<U>), threads_for<U>(), H, U,
                      sizeof(float) * 3 * U * H, args);
 }
 
@@ -218,7 +250,7 @@ void backward_u(const at::Tensor& grad_out, const at::Tensor& h0, const at::Tens
   float* carry_p = carry.data_ptr<float>();
   float* dh0_p = dh0.data_ptr<float>();
   void* args[] = {&go_p, &h0_p, &w_p, &ws_p, &dgi_p, &dgh_p, &carry_p, &dh0_p, &B, &T, &H};
-  launch_cooperative(reinterpret_cast<const void*>(&gru_backward_kernel<U>), H, U,
+  launch_cooperative(reinterpret_cast<const void*>(&gru_backward_kernel<U>), threads_for<U>(), H, U,
                      sizeof(float) * 3 * U * H, args);
 }
 
