@@ -13,6 +13,7 @@ Providers: ``eager`` (the ``nn.Sequential`` block: cuDNN/oneDNN conv, native BN,
 from __future__ import annotations
 
 import copy
+import os
 import platform
 import sys
 from collections.abc import Callable
@@ -124,14 +125,18 @@ def gpu_table(batches: list[int]) -> str:
     from triton.testing import do_bench
 
     name = torch.cuda.get_device_name()
+    # VOSGAN_BENCH_CUDNN_BENCHMARK=1: let cuDNN time its conv algorithms (a trainer-wide flag)
+    torch.backends.cudnn.benchmark = os.environ.get("VOSGAN_BENCH_CUDNN_BENCHMARK") == "1"
+    providers = os.environ.get("VOSGAN_BENCH_PROVIDERS", ",".join(PROVIDERS)).split(",")
     rows = [f"| block | B | mode | eager ms | fused ms | compile ms | fused/eager | "
-            f"fused/compile |  ({name}, torch {torch.__version__}, triton {triton.__version__})",
+            f"fused/compile |  ({name}, torch {torch.__version__}, triton {triton.__version__}, "
+            f"cudnn.benchmark={torch.backends.cudnn.benchmark})",
             "|---|---|---|---|---|---|---|---|"]
     for batch in batches:
         for case in PAPER:
             for mode in ("fwd", "fwd+bwd"):
-                ms = {}
-                for provider in PROVIDERS:
+                ms = {"compile": float("nan")}
+                for provider in providers:
                     step = make_step(provider, case, batch, "cuda", mode)
                     step()
                     ms[provider] = do_bench(step, warmup=25, rep=100, return_mode="median")
@@ -143,5 +148,69 @@ def gpu_table(batches: list[int]) -> str:
     return "\n".join(rows)
 
 
+def bn_only_table(batch: int = 64) -> str:
+    """BN + activation alone on the conv output ``y`` (bf16), eager vs fused, both layouts."""
+    from triton.testing import do_bench
+
+    from vosgan.ops.conv3d_block import bn_act
+
+    rows = ["| y (C, T, H, W) | B | layout | mode | eager ms | fused ms | fused/eager |",
+            "|---|---|---|---|---|---|---|"]
+    for _, transpose, _, _, cout, thw in PAPER:
+        out_thw = tuple(d * 2 if transpose else d // 2 for d in thw)
+        for fmt in (torch.channels_last_3d, torch.contiguous_format):
+            y = torch.randn(batch, cout, *out_thw, device="cuda", dtype=torch.bfloat16)
+            y = y.to(memory_format=fmt).requires_grad_()
+            w = torch.ones(cout, device="cuda", requires_grad=True)
+            b = torch.zeros(cout, device="cuda", requires_grad=True)
+            go = torch.randn_like(y)
+            for mode in ("fwd", "fwd+bwd"):
+                ms = {}
+                for impl in ("reference", "triton"):
+                    def step(impl=impl, mode=mode, y=y, w=w, b=b, go=go):
+                        out = bn_act(y, w, b, training=True, impl=impl)
+                        if mode == "fwd+bwd":
+                            out.backward(go)
+                    ms[impl] = do_bench(step, warmup=25, rep=100, return_mode="median")
+                lay = "CL3d" if fmt == torch.channels_last_3d else "NCDHW"
+                rows.append(f"| {(cout, *out_thw)} | {batch} | {lay} | {mode} | "
+                            f"{ms['reference']:.3f} | {ms['triton']:.3f} | "
+                            f"{ms['reference'] / ms['triton']:.2f}x |")
+                print(rows[-1], flush=True)
+    return "\n".join(rows)
+
+
+def cpu_table(rounds: int = 30) -> str:
+    """CPU rows, eager vs fused at cpu-small shapes: providers interleaved round by round (a
+    shared 2-core box drifts), median of the per-round times."""
+    import statistics
+    import time
+
+    rows = [f"| block | B | mode | eager ms | fused ms | fused/eager |  (CPU {platform.machine()}, "
+            f"{torch.get_num_threads()} threads, torch {torch.__version__})",
+            "|---|---|---|---|---|---|"]
+    for case in CPU_SMALL:
+        for mode in ("fwd", "fwd+bwd"):
+            steps = {p: make_step(p, case, CPU_BATCH, "cpu", mode) for p in ("eager", "fused")}
+            times: dict[str, list[float]] = {p: [] for p in steps}
+            for r in range(rounds + 2):
+                for p, step in steps.items():
+                    t0 = time.perf_counter()
+                    step()
+                    if r >= 2:  # two warm-up rounds
+                        times[p].append(time.perf_counter() - t0)
+            ms = {p: 1e3 * statistics.median(t) for p, t in times.items()}
+            rows.append(f"| {case[0]} {case[3]}->{case[4]} | {CPU_BATCH} | {mode} | "
+                        f"{ms['eager']:.2f} | {ms['fused']:.2f} | "
+                        f"{ms['eager'] / ms['fused']:.2f}x |")
+            print(rows[-1], flush=True)
+    return "\n".join(rows)
+
+
 if __name__ == "__main__":
-    print(gpu_table([int(b) for b in sys.argv[1:]] or [16, 64]))
+    if sys.argv[1:2] == ["bn"]:
+        print(bn_only_table())
+    elif sys.argv[1:2] == ["cpu"]:
+        print(cpu_table())
+    else:
+        print(gpu_table([int(b) for b in sys.argv[1:]] or [16, 64]))

@@ -88,25 +88,35 @@ def _bn_stats_partial_kernel(y_ptr, part_ptr, C, S, n_units, units_per_prog, n_s
 
 
 @triton.jit
-def _bn_stats_finalize_kernel(part_ptr, mean_ptr, var_ptr, C, n_part, BLOCK_C: tl.constexpr):
-    """Chan-merge ``n_part`` partials per channel: ``mean[c]`` and biased ``var[c]``."""
+def _bn_stats_finalize_kernel(part_ptr, mean_ptr, var_ptr, C, n_part,
+                              BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Merge ``n_part`` partials per channel: ``mean[c]`` and biased ``var[c]``.
+
+    Two passes over [BLOCK_P, BLOCK_C] tiles of partials (parallel, not a serial chain of
+    dependent loads): ``mean = sum n_p mean_p / n``, ``M2 = sum M2_p + n_p (mean_p - mean)^2``,
+    the pairwise-exact form of Chan's merge.
+    """
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     cm = c < C
-    cnt = tl.zeros([BLOCK_C], dtype=tl.float32)
-    mean = tl.zeros([BLOCK_C], dtype=tl.float32)
-    m2 = tl.zeros([BLOCK_C], dtype=tl.float32)
     stride_part = n_part * C
-    for p in range(0, n_part):
-        base = part_ptr + p * C + c
-        n_p = tl.load(base, mask=cm, other=0.0)
-        mean_p = tl.load(base + stride_part, mask=cm, other=0.0)
-        m2_p = tl.load(base + 2 * stride_part, mask=cm, other=0.0)
-        n_new = cnt + n_p
-        frac = n_p / tl.maximum(n_new, 1.0)
-        delta = mean_p - mean
-        mean += delta * frac
-        m2 += m2_p + delta * delta * cnt * frac
-        cnt = n_new
+    cnt = tl.zeros([BLOCK_C], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_C], dtype=tl.float32)
+    for p0 in range(0, n_part, BLOCK_P):
+        p = p0 + tl.arange(0, BLOCK_P)
+        m = (p < n_part)[:, None] & cm[None, :]
+        base = part_ptr + p[:, None] * C + c[None, :]
+        n_p = tl.load(base, mask=m, other=0.0)
+        cnt += tl.sum(n_p, axis=0)
+        acc += tl.sum(n_p * tl.load(base + stride_part, mask=m, other=0.0), axis=0)
+    mean = acc / tl.maximum(cnt, 1.0)
+    m2 = tl.zeros([BLOCK_C], dtype=tl.float32)
+    for p0 in range(0, n_part, BLOCK_P):
+        p = p0 + tl.arange(0, BLOCK_P)
+        m = (p < n_part)[:, None] & cm[None, :]
+        base = part_ptr + p[:, None] * C + c[None, :]
+        n_p = tl.load(base, mask=m, other=0.0)
+        d = tl.load(base + stride_part, mask=m, other=0.0) - mean[None, :]
+        m2 += tl.sum(tl.load(base + 2 * stride_part, mask=m, other=0.0) + n_p * d * d, axis=0)
     tl.store(mean_ptr + c, mean, mask=cm)
     tl.store(var_ptr + c, m2 / tl.maximum(cnt, 1.0), mask=cm)
 
@@ -216,7 +226,9 @@ def _num_sms(index: int | None) -> int:
 class _View:
     """The strided ``(B', C, S')`` view of a 5-D tensor, its tiling and its work split."""
 
-    def __init__(self, y: torch.Tensor) -> None:
+    def __init__(self, y: torch.Tensor, min_programs: int = 0) -> None:
+        """``min_programs > 0``: the one-program-per-channel-block tiling of
+        :mod:`vosgan.kernels.bn_act_small`, narrow enough for ``min_programs`` channel blocks."""
         bsz, ch = y.shape[:2]
         spatial = y.shape[2] * y.shape[3] * y.shape[4]
         self.cl = y.is_contiguous(memory_format=torch.channels_last_3d) and ch > 1 and not (
@@ -234,12 +246,17 @@ class _View:
             self.strides = (ch * spatial, spatial, 1)
             block_s = min(triton.next_power_of_2(spatial), 1024)
             block_c = min(triton.next_power_of_2(ch), max(_TILE // block_s, 1))
+        if min_programs:
+            block_c = max(1, min(block_c, triton.next_power_of_2(ch // min_programs + 1) // 2))
+            if self.cl:  # 16-byte row segments at least
+                block_c = min(triton.next_power_of_2(ch), max(block_c, 16 // y.element_size()))
+            block_s = min(max(_TILE // block_c, 1), triton.next_power_of_2(self.shape[2]))
         self.block_c, self.block_s = block_c, block_s
         self.n_sblocks = triton.cdiv(self.shape[2], block_s)
         self.n_units = self.shape[0] * self.n_sblocks
         self.n_cblocks = triton.cdiv(ch, block_c)
         self.count = bsz * spatial
-        self.num_warps = 8 if block_c * block_s >= 2048 else 4
+        self.num_warps = max(1, min(8, block_c * block_s // 256))
 
     def split(self, device: torch.device) -> tuple[int, int]:
         """(programs along the units axis, units per program) for the reduction kernels."""
@@ -271,8 +288,8 @@ def bn_stats(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         CL=v.cl, BLOCK_C=v.block_c, BLOCK_S=v.block_s, num_warps=v.num_warps)
     mean = torch.empty(v.shape[1], device=y.device, dtype=torch.float32)
     var = torch.empty_like(mean)
-    _bn_stats_finalize_kernel[(triton.cdiv(v.shape[1], 128),)](
-        part, mean, var, v.shape[1], n_prog, BLOCK_C=128)
+    _bn_stats_finalize_kernel[(triton.cdiv(v.shape[1], 32),)](
+        part, mean, var, v.shape[1], n_prog, BLOCK_P=64, BLOCK_C=32)
     return mean, var
 
 
@@ -308,7 +325,7 @@ def bn_act_backward(grad_out: torch.Tensor, y: torch.Tensor, residual: torch.Ten
         grad_out, y, res, mean, var, weight, bias, part, *v.args(), v.n_units, per_prog,
         v.n_sblocks, *v.strides, eps, slope, CL=v.cl, HAS_RES=residual is not None,
         BLOCK_C=v.block_c, BLOCK_S=v.block_s, num_warps=v.num_warps)
-    sum_g, sum_gx = part[0].sum(dim=0), part[1].sum(dim=0)  # (C,) each
+    sum_g, sum_gx = part.sum(dim=1).unbind(0)  # (C,) each: views of one (2, C) tensor
     dy = torch.empty_like(y)
     dres = torch.empty_like(y) if residual is not None else None
     _bn_act_bwd_kernel[(v.n_units, v.n_cblocks)](

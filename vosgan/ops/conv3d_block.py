@@ -72,11 +72,16 @@ def bn_act_reference(
     running_var: Tensor | None, *, training: bool, momentum: float, eps: float,
     negative_slope: float, residual: Tensor | None = None,
 ) -> Tensor:
-    """``act(BatchNorm3d(y) [+ residual])`` with PyTorch's own ops (updates running stats)."""
+    """``act(BatchNorm3d(y) [+ residual])`` with PyTorch's own ops (updates running stats).
+
+    The residual add and the activation run in place on the BN output, which no backward
+    (first or second order) reads: one allocation and one write pass fewer than the
+    ``nn.Sequential`` block, same values and gradients. Requires ``negative_slope >= 0``.
+    """
     z = F.batch_norm(y, running_mean, running_var, weight, bias, training, momentum, eps)
     if residual is not None:
-        z = z + residual
-    return F.relu(z) if negative_slope == 0 else F.leaky_relu(z, negative_slope)
+        z = z.add_(residual)
+    return F.relu_(z) if negative_slope == 0 else F.leaky_relu_(z, negative_slope)
 
 
 def _grads_differentiable(
@@ -119,8 +124,11 @@ def _fwd_impl(
     Returns ``(out, mean, var)``: ``out`` like ``y``; ``mean``/biased ``var`` fp32 ``(C,)``.
     """
     from vosgan.kernels import bn_act as kernels
+    from vosgan.kernels import bn_act_small as small
 
     if stat_mean is None or stat_var is None:
+        if y.numel() <= small.SMALL_NUMEL:  # one launch instead of three
+            return small.bn_act_train_forward(y, weight, bias, residual, eps, negative_slope)
         mean, var = kernels.bn_stats(y)
     else:
         mean, var = stat_mean.float().clone(), stat_var.float().clone()
@@ -145,13 +153,26 @@ def _bwd_impl(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Fused backward: ``(dy, dweight, dbias, dresidual)``; ``dresidual`` is empty without one."""
     from vosgan.kernels import bn_act as kernels
+    from vosgan.kernels import bn_act_small as small
 
-    dy, dw, db, dres = kernels.bn_act_backward(
+    launcher = small if y.numel() <= small.SMALL_NUMEL else kernels  # 1 launch vs 3
+    dy, dw, db, dres = launcher.bn_act_backward(
         grad_out, y, residual, mean, var, weight, bias, eps, negative_slope, training)
     return dy, dw.to(weight.dtype), db.to(bias.dtype), dres if dres is not None else y.new_empty(0)
 
 
-_bn_act_bwd = torch.library.custom_op("vosgan::bn_act_bwd", _bwd_impl, mutates_args=())
+def _bwd_op_impl(
+    grad_out: Tensor, y: Tensor, weight: Tensor, bias: Tensor,
+    residual: Optional[Tensor], mean: Tensor, var: Tensor,  # noqa: UP045
+    eps: float, negative_slope: float, training: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """:func:`_bwd_impl` as an op: outputs may not alias (dweight/dbias share one buffer)."""
+    dy, dw, db, dres = _bwd_impl(grad_out, y, weight, bias, residual, mean, var, eps,
+                                 negative_slope, training)
+    return dy, dw.clone(), db.clone(), dres
+
+
+_bn_act_bwd = torch.library.custom_op("vosgan::bn_act_bwd", _bwd_op_impl, mutates_args=())
 
 
 @_bn_act_bwd.register_fake
@@ -167,9 +188,12 @@ def _setup_context(ctx, inputs, output, eager: bool = False) -> None:
     ctx.training = stat_mean is None
     ctx.eps, ctx.slope, ctx.eager = eps, slope, eager
     ctx.mark_non_differentiable(mean, var)
+    ctx.set_materialize_grads(False)  # no zero-filled grads for mean/var (2 launches fewer)
 
 
 def _backward(ctx, grad_out, _grad_mean, _grad_var):
+    if grad_out is None:  # only the (non-differentiable) statistics were used
+        return None, None, None, None, None, None, None, None
     y, weight, bias, residual, mean, var = ctx.saved_tensors
     args = (y, weight, bias, residual, mean, var, ctx.eps, ctx.slope, ctx.training)
     if torch.is_grad_enabled():  # create_graph=True: a differentiable backward
@@ -211,6 +235,15 @@ def fused_impl(device: torch.device) -> tuple[str | None, str]:
         f"on {device.type} the block runs PyTorch's native batch_norm + activation (no numba path: "
         "the eager CPU BN is already a fused, vectorised 2-pass kernel, see benchmarks/RESULTS.md)"
     )
+
+
+@torch.compiler.assume_constant_result  # a trace-time constant: no graph break in the cache
+def _auto_impl(device_type: str) -> str:
+    choice = backend.choose("conv3d_block", device_type)
+    if not choice.fused:
+        backend.warn_once(f"conv3d_block-{device_type}",
+                          f"conv3d_block: reference ({choice.reason})")
+    return choice.impl
 
 
 def _validate(y: Tensor, weight: Tensor, bias: Tensor, running_mean: Tensor | None,
@@ -260,11 +293,7 @@ def bn_act(
     """
     _validate(y, weight, bias, running_mean, running_var, residual, negative_slope, impl)
     if impl == "auto":
-        choice = backend.choose("conv3d_block", y.device)
-        if not choice.fused:
-            backend.warn_once(f"conv3d_block-{y.device.type}",
-                              f"conv3d_block: reference ({choice.reason})")
-        impl = choice.impl
+        impl = _auto_impl(y.device.type)
     batch_stats = training or running_mean is None
     if batch_stats and y.numel() // y.shape[1] <= 1:
         raise ValueError(f"Expected more than 1 value per channel when training, got input size "
