@@ -109,6 +109,19 @@ def test_module_train_eval_running_stats(transpose):
         torch.testing.assert_close(p_f.grad, p_r.grad, rtol=1e-4, atol=1e-4)
 
 
+def test_module_without_running_stats():
+    """``track_running_stats=False``: batch statistics in train and eval, nothing updated."""
+    ref = _block(False)
+    ref[1] = nn.BatchNorm3d(6, track_running_stats=False).to(DEV)
+    fused = FusedConv3dBlock.from_sequential(copy.deepcopy(ref), impl="triton")
+    x = torch.randn(2, 4, 1, 5, 3, device=DEV)
+    for training in (True, False):
+        ref.train(training)
+        fused.train(training)
+        torch.testing.assert_close(fused(x), ref(x), rtol=1e-5, atol=1e-5)
+    assert fused[1].running_mean is None and fused[1].num_batches_tracked is None
+
+
 def test_state_dict_compatible():
     ref = _block(False)
     fused = FusedConv3dBlock(4, 6, 3, 1, 1).to(DEV)
