@@ -4,7 +4,8 @@ Forward (no grad) and forward+backward (``autograd.grad`` w.r.t. f, m, b) at VOS
 CPU: fp32, the cpu-small and paper shapes, fused = numba. GPU (skipped without CUDA): bf16 and
 fp32 at B = 8..64, T = 16..32, 64 x 64, fused = Triton; each GPU row also records the
 ``triton.testing.do_bench`` median, the bytes the op must move, the GB/s that gives and the
-fraction of a same-size device copy's bandwidth (the achievable HBM bandwidth).
+fraction of a same-size device copy's bandwidth (the achievable HBM bandwidth), per call and
+replayed as a CUDA graph (GPU time only).
 
 Run: ``pytest benchmarks/bench_composite.py --benchmark-only``. First calls (numba compile or
 cache load, Triton JIT, inductor compile) happen before timing.
@@ -93,6 +94,16 @@ def _bench(benchmark, provider, shape, dtype, device, mode, rounds):
                                           return_mode="median")
         info.update(do_bench_ms=ms, gbps=info["min_bytes"] / ms / 1e6,
                     copy_gbps=info["min_bytes"] / copy_ms / 1e6, of_copy_bw=copy_ms / ms)
+        # The same step replayed as a CUDA graph: GPU time without the host's dispatch and
+        # autograd overhead, which dominates per-call timings at these sizes.
+        try:
+            gms = triton.testing.do_bench_cudagraph(run, rep=200, return_mode="median")
+            gcopy = triton.testing.do_bench_cudagraph(lambda: y.copy_(x), rep=200,
+                                                      return_mode="median")
+            info.update(graph_ms=gms, graph_gbps=info["min_bytes"] / gms / 1e6,
+                        graph_of_copy_bw=gcopy / gms)
+        except RuntimeError as exc:  # recorded in the row, not hidden
+            info.update(graph_error=f"{type(exc).__name__}: {exc}"[:200])
 
         def timed():
             run()

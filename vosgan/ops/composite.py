@@ -125,9 +125,8 @@ def _numba_fwd(f: Tensor, m: Tensor, b: Tensor, out_dtype: torch.dtype) -> Tenso
     ba = b.to(cd).contiguous().view(bsz, c, h * w)
     v = torch.empty((bsz, c, t, h, w), dtype=cd)
     if v.numel():
-        with nb.LAUNCH_LOCK:
-            nb.composite_fwd_kernel(fa.numpy(), ma.numpy(), ba.numpy(),
-                                    v.view(bsz, c, t, h * w).numpy())
+        nb.launch(nb.composite_fwd_kernel, fa.numpy(), ma.numpy(), ba.numpy(),
+                  v.view(bsz, c, t, h * w).numpy())
     return v.to(out_dtype)
 
 
@@ -139,15 +138,15 @@ def _numba_bwd(g: Tensor, f: Tensor, m: Tensor, b: Tensor) -> tuple[Tensor, Tens
     n = h * w
     df = torch.empty((bsz, c, t, h, w), dtype=cd)
     dm = torch.empty((bsz, 1, t, h, w), dtype=cd)
-    db = torch.zeros((bsz, c, h, w), dtype=cd)
+    db = torch.zeros((bsz, c, h, w), dtype=cd)  # stays 0 when T == 0
     if df.numel():
         arrays = (g.to(cd).contiguous().view(bsz, c, t, n),
                   f.to(cd).contiguous().view(bsz, c, t, n),
                   m.to(cd).contiguous().view(bsz, t, n),
                   b.to(cd).contiguous().view(bsz, c, n))
-        with nb.LAUNCH_LOCK:
-            nb.composite_bwd_kernel(*(a.numpy() for a in arrays), df.view(bsz, c, t, n).numpy(),
-                                    dm.view(bsz, t, n).numpy(), db.view(bsz, c, n).numpy())
+        nb.launch(nb.composite_bwd_kernel, *(a.numpy() for a in arrays),
+                  df.view(bsz, c, t, n).numpy(), dm.view(bsz, t, n).numpy(),
+                  db.view(bsz, c, n).numpy())
     return df.to(f.dtype), dm.to(m.dtype), db.to(b.dtype)
 
 
