@@ -88,13 +88,14 @@ def _bn_stats_partial_kernel(y_ptr, part_ptr, C, S, n_units, units_per_prog, n_s
 
 
 @triton.jit
-def _bn_stats_finalize_kernel(part_ptr, mean_ptr, var_ptr, C, n_part,
+def _bn_stats_finalize_kernel(part_ptr, mean_ptr, var_ptr, rm_ptr, rv_ptr, C, n_part,
+                              momentum, unbias, UPDATE: tl.constexpr,
                               BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
     """Merge ``n_part`` partials per channel: ``mean[c]`` and biased ``var[c]``.
 
     Two passes over [BLOCK_P, BLOCK_C] tiles of partials (parallel, not a serial chain of
     dependent loads): ``mean = sum n_p mean_p / n``, ``M2 = sum M2_p + n_p (mean_p - mean)^2``,
-    the pairwise-exact form of Chan's merge.
+    the pairwise-exact form of Chan's merge. ``UPDATE``: also the running statistics.
     """
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     cm = c < C
@@ -117,8 +118,22 @@ def _bn_stats_finalize_kernel(part_ptr, mean_ptr, var_ptr, C, n_part,
         n_p = tl.load(base, mask=m, other=0.0)
         d = tl.load(base + stride_part, mask=m, other=0.0) - mean[None, :]
         m2 += tl.sum(tl.load(base + 2 * stride_part, mask=m, other=0.0) + n_p * d * d, axis=0)
+    var = m2 / tl.maximum(cnt, 1.0)
     tl.store(mean_ptr + c, mean, mask=cm)
-    tl.store(var_ptr + c, m2 / tl.maximum(cnt, 1.0), mask=cm)
+    tl.store(var_ptr + c, var, mask=cm)
+    if UPDATE:
+        _update_running(rm_ptr, rv_ptr, c, cm, mean, var, momentum, unbias)
+
+
+@triton.jit
+def _update_running(rm_ptr, rv_ptr, c, cm, mean, var, momentum, unbias):
+    # nn.BatchNorm3d: running = (1 - momentum) * running + momentum * batch (unbiased variance)
+    rm = tl.load(rm_ptr + c, mask=cm, other=0.0).to(tl.float32)
+    rv = tl.load(rv_ptr + c, mask=cm, other=0.0).to(tl.float32)
+    tl.store(rm_ptr + c, (rm * (1 - momentum) + mean * momentum).to(rm_ptr.dtype.element_ty),
+             mask=cm)
+    tl.store(rv_ptr + c, (rv * (1 - momentum) + var * unbias * momentum)
+             .to(rv_ptr.dtype.element_ty), mask=cm)
 
 
 @triton.jit
@@ -278,8 +293,23 @@ def _strided_like(t: torch.Tensor | None, y: torch.Tensor) -> torch.Tensor | Non
     return torch.empty_like(y, dtype=t.dtype).copy_(t)
 
 
-def bn_stats(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-channel batch mean and biased variance of ``y (B, C, T, H, W)``, both fp32 ``(C,)``."""
+#: ``(running_mean, running_var, momentum)``: updated in place by the statistics kernels
+RunningUpdate = tuple[torch.Tensor, torch.Tensor, float]
+
+
+def _running_args(update: RunningUpdate | None, count: int, like: torch.Tensor) -> tuple:
+    if update is None:
+        return like, like, 0.0, 1.0
+    rm, rv, momentum = update
+    return rm, rv, momentum, count / max(count - 1, 1)
+
+
+def bn_stats(y: torch.Tensor, update: RunningUpdate | None = None,
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel batch mean and biased variance of ``y (B, C, T, H, W)``, both fp32 ``(C,)``.
+
+    ``update``: also update these running statistics in place, as ``nn.BatchNorm3d`` does.
+    """
     v = _View(y)
     n_prog, per_prog = v.split(y.device)
     part = torch.empty((3, n_prog, v.shape[1]), device=y.device, dtype=torch.float32)
@@ -288,8 +318,10 @@ def bn_stats(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         CL=v.cl, BLOCK_C=v.block_c, BLOCK_S=v.block_s, num_warps=v.num_warps)
     mean = torch.empty(v.shape[1], device=y.device, dtype=torch.float32)
     var = torch.empty_like(mean)
+    rm, rv, momentum, unbias = _running_args(update, v.count, mean)
     _bn_stats_finalize_kernel[(triton.cdiv(v.shape[1], 32),)](
-        part, mean, var, v.shape[1], n_prog, BLOCK_P=64, BLOCK_C=32)
+        part, mean, var, rm, rv, v.shape[1], n_prog, momentum, unbias,
+        UPDATE=update is not None, BLOCK_P=64, BLOCK_C=32)
     return mean, var
 
 

@@ -17,10 +17,13 @@ import torch
 import triton
 import triton.language as tl
 from vosgan.kernels.bn_act import (
+    RunningUpdate,
     _channel_affine,
     _grad_pre_act,
+    _running_args,
     _strided_like,
     _tile_offsets,
+    _update_running,
     _View,
 )
 
@@ -30,11 +33,12 @@ _MIN_PROGRAMS = 64
 
 
 @triton.jit
-def _bn_act_fwd_small_kernel(y_ptr, r_ptr, out_ptr, mean_ptr, var_ptr, w_ptr, b_ptr,
-                             C, S, n_units, n_sblocks, stride_b, stride_c, stride_s, eps, slope,
-                             CL: tl.constexpr, HAS_RES: tl.constexpr,
-                             BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
-    """Batch statistics of this channel block, then ``out = act(xhat * w + b [+ r])``."""
+def _bn_act_fwd_small_kernel(y_ptr, r_ptr, out_ptr, mean_ptr, var_ptr, w_ptr, b_ptr, rm_ptr,
+                             rv_ptr, C, S, n_units, n_sblocks, stride_b, stride_c, stride_s, eps,
+                             slope, momentum, unbias, CL: tl.constexpr, HAS_RES: tl.constexpr,
+                             UPDATE: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
+    """Batch statistics of this channel block (and, ``UPDATE``, the running ones), then
+    ``out = act(xhat * w + b [+ r])``."""
     pid_c = tl.program_id(0)
     cnt = tl.zeros([BLOCK_C], dtype=tl.float32)
     mean = tl.zeros([BLOCK_C], dtype=tl.float32)
@@ -57,6 +61,8 @@ def _bn_act_fwd_small_kernel(y_ptr, r_ptr, out_ptr, mean_ptr, var_ptr, w_ptr, b_
     cm = c < C
     tl.store(mean_ptr + c, mean, mask=cm)
     tl.store(var_ptr + c, var, mask=cm)
+    if UPDATE:
+        _update_running(rm_ptr, rv_ptr, c, cm, mean, var, momentum, unbias)
     scale = tl.load(w_ptr + c, mask=cm, other=0.0).to(tl.float32) / tl.sqrt(var + eps)
     shift = tl.load(b_ptr + c, mask=cm, other=0.0).to(tl.float32) - mean * scale
     for u in range(0, n_units):  # pass 2: normalise, affine, residual, activation
@@ -112,18 +118,23 @@ def _bn_act_bwd_small_kernel(go_ptr, y_ptr, r_ptr, dy_ptr, dr_ptr, mean_ptr, var
 
 def bn_act_train_forward(y: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
                          residual: torch.Tensor | None, eps: float, slope: float,
+                         update: RunningUpdate | None = None,
                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Training forward in one launch: ``(out like y, mean (C,) fp32, biased var (C,) fp32)``."""
+    """Training forward in one launch: ``(out like y, mean (C,) fp32, biased var (C,) fp32)``.
+
+    ``update``: ``(running_mean, running_var, momentum)`` updated in place in the same launch.
+    """
     v = _View(y, min_programs=_MIN_PROGRAMS if y.is_cuda else 1)
     residual = _strided_like(residual, y)
     out = torch.empty_like(y)
     mean = torch.empty(v.shape[1], device=y.device, dtype=torch.float32)
     var = torch.empty_like(mean)
+    rm, rv, momentum, unbias = _running_args(update, v.count, mean)
     _bn_act_fwd_small_kernel[(v.n_cblocks,)](
-        y, residual if residual is not None else y, out, mean, var, weight, bias,
-        *v.args(), v.n_units, v.n_sblocks, *v.strides, eps, slope, CL=v.cl,
-        HAS_RES=residual is not None, BLOCK_C=v.block_c, BLOCK_S=v.block_s,
-        num_warps=v.num_warps)
+        y, residual if residual is not None else y, out, mean, var, weight, bias, rm, rv,
+        *v.args(), v.n_units, v.n_sblocks, *v.strides, eps, slope, momentum, unbias, CL=v.cl,
+        HAS_RES=residual is not None, UPDATE=update is not None, BLOCK_C=v.block_c,
+        BLOCK_S=v.block_s, num_warps=v.num_warps)
     return out, mean, var
 
 

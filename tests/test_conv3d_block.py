@@ -84,7 +84,9 @@ def _block(transpose, act="lrelu"):
 
 
 @pytest.mark.parametrize("transpose", [False, True])
-def test_module_train_eval_running_stats(transpose):
+@pytest.mark.parametrize("path", ["split", "single"])
+def test_module_train_eval_running_stats(transpose, path, monkeypatch):
+    monkeypatch.setattr(bn_act_small, "SMALL_NUMEL", 0 if path == "split" else 1 << 30)
     ref = _block(transpose, "relu" if transpose else "lrelu")
     ref[1].momentum = None if transpose else 0.3  # cumulative average on one of the two
     cls = FusedConvTranspose3dBlock if transpose else FusedConv3dBlock
@@ -281,8 +283,10 @@ _AOT = {
     "_bn_stats_partial_kernel": ["y_ptr:*bf16", "part_ptr:*fp32", "C", "S", "n_units:i32",
                                  "units_per_prog:i32", "n_sblocks", "stride_b", "stride_c",
                                  "stride_s", "CL", "BLOCK_C", "BLOCK_S"],
-    "_bn_stats_finalize_kernel": ["part_ptr:*fp32", "mean_ptr:*fp32", "var_ptr:*fp32", "C",
-                                  "n_part:i32", "BLOCK_P:constexpr", "BLOCK_C"],
+    "_bn_stats_finalize_kernel": ["part_ptr:*fp32", "mean_ptr:*fp32", "var_ptr:*fp32",
+                                  "rm_ptr:*fp32", "rv_ptr:*fp32", "C", "n_part:i32",
+                                  "momentum:fp32", "unbias:fp32", "UPDATE:constexpr",
+                                  "BLOCK_P:constexpr", "BLOCK_C"],
     "_bn_act_fwd_kernel": ["y_ptr:*bf16", "r_ptr:*bf16", "out_ptr:*bf16", "mean_ptr:*fp32",
                            "var_ptr:*fp32", "w_ptr:*fp32", "b_ptr:*fp32", "C", "S", "n_sblocks",
                            "stride_b", "stride_c", "stride_s", "eps", "slope", "CL", "HAS_RES",
@@ -304,8 +308,9 @@ _AOT = {
 
 _AOT["_bn_act_fwd_small_kernel"] = [
     "y_ptr:*bf16", "r_ptr:*bf16", "out_ptr:*bf16", "mean_ptr:*fp32", "var_ptr:*fp32",
-    "w_ptr:*fp32", "b_ptr:*fp32", "C", "S", "n_units:i32", "n_sblocks", "stride_b", "stride_c",
-    "stride_s", "eps", "slope", "CL", "HAS_RES", "BLOCK_C", "BLOCK_S"]
+    "w_ptr:*fp32", "b_ptr:*fp32", "rm_ptr:*fp32", "rv_ptr:*fp32", "C", "S", "n_units:i32",
+    "n_sblocks", "stride_b", "stride_c", "stride_s", "eps", "slope", "momentum:fp32",
+    "unbias:fp32", "CL", "HAS_RES", "UPDATE:constexpr", "BLOCK_C", "BLOCK_S"]
 _AOT["_bn_act_bwd_small_kernel"] = [
     "go_ptr:*bf16", "y_ptr:*bf16", "r_ptr:*bf16", "dy_ptr:*bf16", "dr_ptr:*bf16",
     "mean_ptr:*fp32", "var_ptr:*fp32", "w_ptr:*fp32", "b_ptr:*fp32", "dw_ptr:*fp32",
@@ -322,7 +327,7 @@ def _aot_compile(kernel: str, arch: int) -> aot.AotReport:
             aligned.append(i)  # what Triton's runtime specialisation sees when C % 16 == 0
     # the channels_last tilings the launchers pick for a 64-channel bf16 stage, 8 warps
     small = kernel.endswith("_small_kernel")
-    consts = {"CL": True, "HAS_RES": True, "TRAINING": True,
+    consts = {"CL": True, "HAS_RES": True, "TRAINING": True, "UPDATE": True,
               "BLOCK_C": 8 if small else 64, "BLOCK_S": 512 if small else 64}
     consts = {k: v for k, v in consts.items() if k in sig}
     if kernel == "_bn_stats_finalize_kernel":

@@ -114,6 +114,26 @@ def _grads_differentiable(
     return dy.to(y.dtype), dw.to(weight.dtype), db.to(bias.dtype), dres
 
 
+def _fwd_kernels(
+    y: Tensor, weight: Tensor, bias: Tensor, residual: Tensor | None, stat_mean: Tensor | None,
+    stat_var: Tensor | None, eps: float, negative_slope: float,
+    update: tuple[Tensor, Tensor, float] | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The Triton launches of the forward; ``update`` = running stats updated in the same launch."""
+    from vosgan.kernels import bn_act as kernels
+    from vosgan.kernels import bn_act_small as small
+
+    if stat_mean is None or stat_var is None:
+        if y.numel() <= small.SMALL_NUMEL:  # one launch instead of three
+            return small.bn_act_train_forward(y, weight, bias, residual, eps, negative_slope,
+                                              update)
+        mean, var = kernels.bn_stats(y, update)
+    else:
+        mean, var = stat_mean.float().clone(), stat_var.float().clone()
+    out = kernels.bn_act_forward(y, mean, var, weight, bias, residual, eps, negative_slope)
+    return out, mean, var
+
+
 def _fwd_impl(
     y: Tensor, weight: Tensor, bias: Tensor, residual: Optional[Tensor],  # noqa: UP045
     stat_mean: Optional[Tensor], stat_var: Optional[Tensor],  # noqa: UP045
@@ -123,17 +143,7 @@ def _fwd_impl(
 
     Returns ``(out, mean, var)``: ``out`` like ``y``; ``mean``/biased ``var`` fp32 ``(C,)``.
     """
-    from vosgan.kernels import bn_act as kernels
-    from vosgan.kernels import bn_act_small as small
-
-    if stat_mean is None or stat_var is None:
-        if y.numel() <= small.SMALL_NUMEL:  # one launch instead of three
-            return small.bn_act_train_forward(y, weight, bias, residual, eps, negative_slope)
-        mean, var = kernels.bn_stats(y)
-    else:
-        mean, var = stat_mean.float().clone(), stat_var.float().clone()
-    out = kernels.bn_act_forward(y, mean, var, weight, bias, residual, eps, negative_slope)
-    return out, mean, var
+    return _fwd_kernels(y, weight, bias, residual, stat_mean, stat_var, eps, negative_slope)
 
 
 _bn_act_fwd = torch.library.custom_op("vosgan::bn_act_fwd", _fwd_impl, mutates_args=())
@@ -214,14 +224,15 @@ class _BnActFunction(torch.autograd.Function):
     showed in the block timings; ``torch.compile`` traces the registered op instead."""
 
     @staticmethod
-    def forward(ctx, *inputs):
-        output = _fwd_impl(*inputs)
+    def forward(ctx, *args):
+        inputs, update = args[:8], args[8]  # update: running stats, updated in the kernel
+        output = _fwd_kernels(*inputs, update=update)
         _setup_context(ctx, inputs, output, eager=True)
         return output
 
     @staticmethod
     def backward(ctx, grad_out, grad_mean, grad_var):
-        return _backward(ctx, grad_out, grad_mean, grad_var)
+        return (*_backward(ctx, grad_out, grad_mean, grad_var), None)
 
 
 def fused_impl(device: torch.device) -> tuple[str | None, str]:
@@ -304,11 +315,15 @@ def bn_act(
                                 residual=residual)
     if not (y.is_contiguous() or y.is_contiguous(memory_format=torch.channels_last_3d)):
         y = y.contiguous()
-    fwd = torch.ops.vosgan.bn_act_fwd if torch.compiler.is_compiling() else _BnActFunction.apply
-    out, mean, var = fwd(
-        y, weight, bias, residual, None if batch_stats else running_mean,
-        None if batch_stats else running_var, eps, negative_slope)
-    if batch_stats and running_mean is not None and running_var is not None:
+    update = batch_stats and running_mean is not None and running_var is not None
+    args = (y, weight, bias, residual, None if batch_stats else running_mean,
+            None if batch_stats else running_var, eps, negative_slope)
+    if not torch.compiler.is_compiling():  # eager: running stats updated inside the kernels
+        out, _, _ = _BnActFunction.apply(
+            *args, (running_mean, running_var, momentum) if update else None)
+        return out
+    out, mean, var = torch.ops.vosgan.bn_act_fwd(*args)
+    if update:
         n = y.numel() // y.shape[1]
         with torch.no_grad():  # the formula of ATen's batch_norm update
             running_mean.mul_(1 - momentum).add_(mean, alpha=momentum)
