@@ -128,3 +128,42 @@ def test_composite_cpu(benchmark, shape, provider, mode):
 @pytest.mark.parametrize("shape", GPU_SHAPES, ids=lambda s: "x".join(map(str, s)))
 def test_composite_gpu(benchmark, shape, dtype, provider, mode):
     _bench(benchmark, provider, shape, dtype, "cuda", mode, rounds=50)
+
+
+def interleaved(device: str = "cpu", rounds: int = 40) -> str:
+    """Providers timed round by round (one call each per round), so load from other processes
+    hits them alike; a markdown table of medians and minima in ms, and the speed-ups."""
+    import statistics
+    import time
+
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    lines = ["| shape | mode | reference ms | fused ms | compile ms | fused/ref | compile/ref |",
+             "|---|---|---|---|---|---|---|"]
+    for shape in CPU_SHAPES if device == "cpu" else GPU_SHAPES:
+        for mode in ("fwd", "fwd+bwd"):
+            f, m, b, g = _inputs(shape, dtype, device)
+            runs = {p: _step(_fn(p, device), f, m, b, g, mode) for p in PROVIDERS}
+            times: dict[str, list[float]] = {p: [] for p in PROVIDERS}
+            for run in runs.values():
+                for _ in range(3):
+                    run()
+            for _ in range(rounds):
+                for p, run in runs.items():
+                    t0 = time.perf_counter()
+                    run()
+                    if device == "cuda":
+                        torch.cuda.synchronize()
+                    times[p].append((time.perf_counter() - t0) * 1e3)
+            med = {p: statistics.median(v) for p, v in times.items()}
+            low = {p: min(v) for p, v in times.items()}
+            cells = [f"{med[p]:.2f} (min {low[p]:.2f})" for p in PROVIDERS]
+            lines.append(f"| {'x'.join(map(str, shape))} | {mode} | " + " | ".join(cells)
+                         + f" | {med['reference'] / med['fused']:.1f}x"
+                         + f" | {med['reference'] / med['compile']:.1f}x |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    import sys
+
+    print(interleaved(sys.argv[1] if len(sys.argv) > 1 else "cpu"))
