@@ -6,7 +6,10 @@
 // recurrence (gru_cpu.cpp, gru_cuda.cu). Low-precision inputs run in float32 end to end.
 #include "gru.h"
 
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/addmm.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/mm.h>
 #include <pybind11/pybind11.h>
 #include <torch/library.h>
 

@@ -1,7 +1,9 @@
 // CPU recurrence of the fused GRU: one at::addmm per step for the hidden projection, fused gate
 // math parallel over the batch (at::parallel_for), every buffer allocated once per call.
-#include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/addmm.h>
+#include <ATen/ops/empty.h>
 #include <torch/library.h>
 
 #include <algorithm>
