@@ -243,9 +243,9 @@ def fused_impl(device: torch.device) -> tuple[str | None, str]:
             return "triton", f"Triton BN+act kernels, cuDNN conv ({detail})"
         return None, f"Triton unavailable for CUDA tensors: {detail}"
     return None, (
-        f"on {device.type} the block runs the reference ops (native batch_norm, then the activation "
-        "in place); no numba path was written; measured 1.00x the eager block at cpu-small "
-        "shapes on the 2-core dev box (benchmarks/RESULTS.md)"
+        f"on {device.type} the block runs the reference ops (native batch_norm, then the "
+        "activation in place); no numba path was written; measured 1.00x the eager block at "
+        "cpu-small shapes on the 2-core dev box (benchmarks/RESULTS.md)"
     )
 
 
