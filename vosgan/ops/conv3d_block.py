@@ -8,7 +8,12 @@ What is fused is the rest of the block, :func:`bn_act`: BatchNorm (batch statist
 running statistics in eval) + affine + optional residual add + LeakyReLU/ReLU, as the
 ``torch.library`` ops ``vosgan::bn_act_fwd`` / ``vosgan::bn_act_bwd`` backed by the Triton
 kernels of :mod:`vosgan.kernels.bn_act` (2 passes over ``y`` forward, 2 backward; only ``y`` is
-saved for backward, against ``y`` and the BN output for the eager block).
+saved for backward, against ``y`` and the BN output for the eager block). Tensors of up to
+``bn_act_small.SMALL_NUMEL`` elements take the single-launch kernels of
+:mod:`vosgan.kernels.bn_act_small` (one launch forward, one backward). In eager mode the same
+kernels run through an ``autograd.Function`` (less dispatch overhead) that also updates the
+running statistics inside the statistics kernel; under ``torch.compile`` the registered ops run
+and the running statistics are updated with two in-place torch ops.
 
 Dtypes: ``y``/``residual``/output fp32, fp16 or bf16 (the output has ``y``'s dtype and memory
 format); BN parameters and statistics fp32; all reductions fp32. Under autocast the conv output
