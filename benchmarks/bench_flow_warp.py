@@ -26,6 +26,7 @@ from functools import partial
 import pytest
 import torch
 
+from vosgan.ops import flow_warp as fw
 from vosgan.ops.flow_warp import flow_warp_loss, flow_warp_loss_reference
 
 CPU_SHAPES = {"cpu-small": (16, 3, 16, 32, 32), "paper-b8": (8, 3, 32, 64, 64)}
@@ -56,10 +57,19 @@ def make_step(provider: str, shape: tuple, device: str, dtype: torch.dtype,
     weight = validity(flow)
     x.requires_grad_(mode == "fwd+bwd_x")
     flow.requires_grad_(mode != "fwd")
+    impl = "triton" if device == "cuda" else "numba"
     if provider == "reference":
         fn = flow_warp_loss_reference
     elif provider == "fused":
-        fn = partial(flow_warp_loss, impl="triton" if device == "cuda" else "numba")
+        fn = partial(flow_warp_loss, impl=impl)
+    elif provider == "fused-alt":  # the other ONE_PASS policy, to check the default's choice
+        def fn(*args: torch.Tensor) -> torch.Tensor:
+            default = fw.ONE_PASS[impl]
+            fw.ONE_PASS[impl] = not default
+            try:
+                return flow_warp_loss(*args, impl=impl)
+            finally:
+                fw.ONE_PASS[impl] = default
     else:
         fn = _COMPILED.setdefault(f"{device}-{mode}", torch.compile(flow_warp_loss_reference))
     inputs = [flow, x] if mode == "fwd+bwd_x" else [flow]
@@ -144,28 +154,35 @@ def _median_ms(step: Callable[[], None], device: str) -> float:
     return statistics.median(times)
 
 
-def main(device: str, dtypes: list[torch.dtype]) -> None:
-    """Print one markdown row per shape, dtype and mode: median ms per provider and the ratios."""
+def main(device: str, shapes: list[str], dtypes: list[torch.dtype]) -> None:
+    """Print one markdown row per shape, dtype and mode: median ms per provider and the ratios
+    (``alt ms``: the fused op under the other ``ONE_PASS`` policy)."""
     import triton
 
-    shapes = GPU_SHAPES if device == "cuda" else CPU_SHAPES
     print(f"device: {_device_name(device)}; torch {torch.__version__}, triton {triton.__version__}")
-    print("| shape (B,C,T,H,W) | dtype | mode | reference ms | compile ms | fused ms | "
+    print("| shape (B,C,T,H,W) | dtype | mode | reference ms | compile ms | fused ms | alt ms | "
           "fused vs ref | fused vs compile | fused GB/s |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for shape in shapes.values():
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    all_shapes = {**GPU_SHAPES, **CPU_SHAPES}
+    for name in shapes:
+        shape = all_shapes[name]
         for dtype in dtypes:
             for mode in MODES:
+                provs = (*PROVIDERS, "fused-alt") if mode != "fwd" else PROVIDERS
                 ms = {p: _median_ms(make_step(p, shape, device, dtype, mode), device)
-                      for p in PROVIDERS}
+                      for p in provs}
                 gbs = min_bytes(shape, dtype, mode) / ms["fused"] / 1e6
+                alt = f"{ms['fused-alt']:.3f}" if "fused-alt" in ms else "-"
                 print(f"| {shape} | {str(dtype)[6:]} | {mode} | {ms['reference']:.3f} | "
-                      f"{ms['compile']:.3f} | {ms['fused']:.3f} | "
+                      f"{ms['compile']:.3f} | {ms['fused']:.3f} | {alt} | "
                       f"{ms['reference'] / ms['fused']:.2f}x | {ms['compile'] / ms['fused']:.2f}x "
-                      f"| {gbs:.0f} |", flush=True)
+                      f"| {gbs:.1f} |", flush=True)
 
 
 if __name__ == "__main__":
+    # python benchmarks/bench_flow_warp.py [shape names...] [--fp32-only]
     dev = "cuda" if torch.cuda.is_available() else "cpu"
-    main(dev, [torch.bfloat16, torch.float32] if dev == "cuda" else [torch.float32])
-    sys.exit(0)
+    names = [a for a in sys.argv[1:] if not a.startswith("--")] or list(
+        GPU_SHAPES if dev == "cuda" else CPU_SHAPES)
+    lp = dev == "cuda" and "--fp32-only" not in sys.argv
+    main(dev, names, [torch.bfloat16, torch.float32] if lp else [torch.float32])

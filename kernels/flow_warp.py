@@ -18,19 +18,27 @@ No autograd here: :mod:`vosgan.ops.flow_warp` wraps these launchers into a PyTor
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import triton
 import triton.language as tl
 
 
 @triton.jit
-def _coords(p, ux, uy, W, H, half_wm1, half_hm1, wm1, hm1, BORDER: tl.constexpr):
+def _coords(p, ux, uy, W, H, half_wm1, half_hm1, wm1, hm1, BORDER: tl.constexpr,
+            RECIP: tl.constexpr):
     """Pixel coordinates sampled by pixel ``p``, corners, bilinear weights and clip gradients."""
     i = p // W
     j = p - i * W
-    # grid_sample(align_corners=True) on flow_to_grid's grid, as the reference rounds it.
-    gx = tl.math.div_rn(2.0 * (j.to(tl.float32) + ux), wm1) - 1.0
-    gy = tl.math.div_rn(2.0 * (i.to(tl.float32) + uy), hm1) - 1.0
+    # grid_sample(align_corners=True) on flow_to_grid's grid, as the reference rounds it: torch
+    # divides by a Python scalar with an IEEE division on CPU and multiplies by its fp32
+    # reciprocal on CUDA (RECIP: wm1/hm1 then hold the reciprocals; launched without FMA fusion).
+    if RECIP:
+        gx = (2.0 * (j.to(tl.float32) + ux)) * wm1 - 1.0
+        gy = (2.0 * (i.to(tl.float32) + uy)) * hm1 - 1.0
+    else:
+        gx = tl.math.div_rn(2.0 * (j.to(tl.float32) + ux), wm1) - 1.0
+        gy = tl.math.div_rn(2.0 * (i.to(tl.float32) + uy), hm1) - 1.0
     ix = (gx + 1.0) * half_wm1
     iy = (gy + 1.0) * half_hm1
     if BORDER:
@@ -73,7 +81,8 @@ def _fwd_kernel(
     C, Tm1, H, W, HW,
     x_sb, x_sc, x_st, f_sb, f_sc, f_st, w_sb, w_st, o_sb, o_sc, o_st,
     half_wm1, half_hm1, wm1, hm1, eps2,
-    HAS_W: tl.constexpr, BORDER: tl.constexpr, REDUCE: tl.constexpr, BLOCK: tl.constexpr,
+    HAS_W: tl.constexpr, BORDER: tl.constexpr, REDUCE: tl.constexpr, RECIP: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     pid_p = tl.program_id(0)
     pid_bt = tl.program_id(1)
@@ -86,7 +95,7 @@ def _fwd_kernel(
     ux = tl.load(f_base + p, mask=pm, other=0.0).to(tl.float32)
     uy = tl.load(f_base + f_sc + p, mask=pm, other=0.0).to(tl.float32)
     x0, y0, ax, bx, ay, by, _cgx, _cgy = _coords(p, ux, uy, W, H, half_wm1, half_hm1, wm1, hm1,
-                                                 BORDER)
+                                                 BORDER, RECIP)
     o_nw, m_nw, m_ne, m_sw, m_se = _corners(x0, y0, W, H, pm)
     if HAS_W:
         wt = tl.load(w_ptr + b * w_sb + t * w_st + p, mask=pm, other=0.0).to(tl.float32)
@@ -123,7 +132,7 @@ def _bwd_kernel(
     half_wm1, half_hm1, wm1, hm1, eps2, gx_scale, gy_scale,
     HAS_W: tl.constexpr, BORDER: tl.constexpr, G_SCALAR: tl.constexpr,
     GRAD_X: tl.constexpr, FIXED_POINT: tl.constexpr, WITH_LOSS: tl.constexpr,
-    BLOCK: tl.constexpr,
+    RECIP: tl.constexpr, BLOCK: tl.constexpr,
 ):
     pid_p = tl.program_id(0)
     pid_bt = tl.program_id(1)
@@ -135,7 +144,7 @@ def _bwd_kernel(
     ux = tl.load(f_base + p, mask=pm, other=0.0).to(tl.float32)
     uy = tl.load(f_base + f_sc + p, mask=pm, other=0.0).to(tl.float32)
     x0, y0, ax, bx, ay, by, cgx, cgy = _coords(p, ux, uy, W, H, half_wm1, half_hm1, wm1, hm1,
-                                               BORDER)
+                                               BORDER, RECIP)
     o_nw, m_nw, m_ne, m_sw, m_se = _corners(x0, y0, W, H, pm)
     if HAS_W:
         wt = tl.load(w_ptr + b * w_sb + t * w_st + p, mask=pm, other=0.0).to(tl.float32)
@@ -202,18 +211,21 @@ def _bwd_kernel(
         tl.store(loss_ptr + pid_bt * tl.num_programs(0) + pid_p, tl.sum(acc, axis=0))
 
 
-def _block(hw: int, device: torch.device) -> tuple[int, int]:
-    """(BLOCK, num_warps): 512 pixels per program on a GPU; one program per frame pair in the
-    interpreter (about 0.4 ms per program there, whatever its size)."""
+def _launch(hw: int, device: torch.device) -> dict:
+    """BLOCK, num_warps and the FMA policy: 512 pixels per program on a GPU; one program per
+    frame pair in the interpreter (about 0.4 ms per program there, whatever its size)."""
     if device.type == "cuda":
-        return 512, 4
-    return min(triton.next_power_of_2(hw), 4096), 4
+        return {"BLOCK": 512, "num_warps": 4, "RECIP": True, "enable_fp_fusion": False}
+    return {"BLOCK": min(triton.next_power_of_2(hw), 4096), "num_warps": 4, "RECIP": False}
 
 
-def _geometry(h: int, w: int, eps: float) -> dict[str, float]:
+def _geometry(h: int, w: int, eps: float, recip: bool) -> dict[str, float]:
+    wm1, hm1 = np.float32(max(w - 1, 1)), np.float32(max(h - 1, 1))
+    if recip:  # torch's CUDA division by a scalar: a * (1 / b), the reciprocal rounded to fp32
+        wm1, hm1 = np.float32(1) / wm1, np.float32(1) / hm1
     return {
         "half_wm1": (w - 1) * 0.5, "half_hm1": (h - 1) * 0.5,
-        "wm1": float(max(w - 1, 1)), "hm1": float(max(h - 1, 1)), "eps2": float(eps) ** 2,
+        "wm1": float(wm1), "hm1": float(hm1), "eps2": float(eps) ** 2,
     }
 
 
@@ -239,8 +251,8 @@ def flow_warp_loss_fwd(
         if ten is not None:
             _plane_contiguous(ten, name)
     hw = h * w
-    block, warps = _block(hw, x.device)
-    grid = (triton.cdiv(hw, block), b * (t - 1))
+    cfg = _launch(hw, x.device)
+    grid = (triton.cdiv(hw, cfg["BLOCK"]), b * (t - 1))
     if reduce:
         out = torch.empty(grid[0] * grid[1], device=x.device, dtype=torch.float32)
         o_strides = (0, 0, 0)
@@ -251,8 +263,8 @@ def flow_warp_loss_fwd(
     _fwd_kernel[grid](
         x, flow, wt, out, c, t - 1, h, w, hw,
         x.stride(0), x.stride(1), x.stride(2), flow.stride(0), flow.stride(1), flow.stride(2),
-        wt.stride(0), wt.stride(2), *o_strides, **_geometry(h, w, eps),
-        HAS_W=weight is not None, BORDER=border, REDUCE=reduce, BLOCK=block, num_warps=warps,
+        wt.stride(0), wt.stride(2), *o_strides, **_geometry(h, w, eps, cfg["RECIP"]),
+        HAS_W=weight is not None, BORDER=border, REDUCE=reduce, **cfg,
     )
     return out
 
@@ -282,8 +294,8 @@ def flow_warp_loss_bwd(
         if ten is not None and ten.dim() == 5:
             _plane_contiguous(ten, name)
     hw = h * w
-    block, warps = _block(hw, x.device)
-    grid = (triton.cdiv(hw, block), b * (t - 1))
+    cfg = _launch(hw, x.device)
+    grid = (triton.cdiv(hw, cfg["BLOCK"]), b * (t - 1))
     g_scalar = grad.numel() == 1
     g_strides = (0, 0, 0) if g_scalar else (grad.stride(0), grad.stride(1), grad.stride(2))
     dflow = torch.empty(flow.shape, device=x.device,
@@ -315,9 +327,9 @@ def flow_warp_loss_bwd(
         wt.stride(0), wt.stride(2), *g_strides,
         dflow.stride(0), dflow.stride(1), dflow.stride(2),
         dx_acc.stride(0), dx_acc.stride(1), dx_acc.stride(2),
-        **_geometry(h, w, eps), gx_scale=gx_scale, gy_scale=gy_scale,
+        **_geometry(h, w, eps, cfg["RECIP"]), gx_scale=gx_scale, gy_scale=gy_scale,
         HAS_W=weight is not None, BORDER=border, G_SCALAR=g_scalar, GRAD_X=grad_x,
-        FIXED_POINT=grad_x and deterministic, WITH_LOSS=with_loss, BLOCK=block, num_warps=warps,
+        FIXED_POINT=grad_x and deterministic, WITH_LOSS=with_loss, **cfg,
     )
     dx_dtype = torch.float32 if fp32_grads else x.dtype
     if not grad_x:

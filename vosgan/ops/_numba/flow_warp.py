@@ -8,12 +8,15 @@ Parallelism is over frame pairs ``(b, t)``. The backward is race-free without at
 writes its own ``dflow[b, :, t]`` and ``d x_t`` term, and scatters ``d x_{t+1}`` into a private
 buffer ``scat[b, :, t]`` that a second parallel loop adds into ``dx[b, :, t + 1]``.
 All arrays are C-contiguous float32; ``weight`` and ``grad`` are dummies when unused.
+:func:`launch_fwd` and :func:`launch_bwd` run them on torch tensors (fp16/bf16 upcast to fp32).
 """
 
 from __future__ import annotations
 
 import numpy as np
+import torch
 from numba import njit, prange
+from torch import Tensor
 
 _F1 = np.float32(1.0)
 _F2 = np.float32(2.0)
@@ -174,3 +177,38 @@ def _scatter_edge(scat, b, c, t, x0, y0, h, w, g, ax, bx, ay, by):
             scat[b, c, t, y0 + 1, x0] -= g * (ax * by)
         if 0 <= x0 + 1 < w:
             scat[b, c, t, y0 + 1, x0 + 1] -= g * (bx * by)
+
+
+def _f32(t: Tensor):  # noqa: ANN202 - numpy array
+    """C-contiguous fp32 numpy view (a copy only when needed)."""
+    return t.detach().to(torch.float32).contiguous().numpy()
+
+
+def launch_fwd(x: Tensor, flow: Tensor, weight: Tensor | None, eps: float, border: bool,
+               mean: bool) -> Tensor:
+    """Host launcher of :func:`fwd` on torch tensors: the mean (0-dim) or the map, in
+    ``x.dtype``."""
+    b, c, t, h, w = x.shape
+    out = np.empty((b, c, t - 1, h, w) if not mean else (1, 1, 1, 1, 1), np.float32)
+    wa = _f32(weight) if weight is not None else out
+    sums = fwd(_f32(x), _f32(flow), wa, weight is not None, eps, border, out, not mean)
+    if mean:
+        return torch.tensor(sums.sum() / (b * c * (t - 1) * h * w), dtype=x.dtype)
+    return torch.from_numpy(out).to(x.dtype)
+
+
+def launch_bwd(grad: Tensor, x: Tensor, flow: Tensor, weight: Tensor | None, eps: float,
+               border: bool, grad_x: bool) -> tuple[Tensor, Tensor | None, float]:
+    """Host launcher of :func:`bwd` on torch tensors: fp32 ``(dflow, dx or None, sum of
+    w * rho)``."""
+    b, c, t, h, w = x.shape
+    dummy = np.zeros((1, 1, 1, 1, 1), np.float32)
+    g_scalar = grad.numel() == 1
+    ga = _f32(grad.reshape(1, 1, 1, 1, 1) if g_scalar else grad)
+    dflow = np.empty((b, 2, t - 1, h, w), np.float32)
+    dx = np.zeros((b, c, t, h, w), np.float32) if grad_x else dummy
+    scat = np.zeros((b, c, t - 1, h, w), np.float32) if grad_x else dummy
+    wa = _f32(weight) if weight is not None else dummy
+    sums = bwd(_f32(x), _f32(flow), wa, weight is not None, ga, g_scalar, eps, border, grad_x,
+               dflow, dx, scat)
+    return torch.from_numpy(dflow), torch.from_numpy(dx) if grad_x else None, float(sums.sum())
