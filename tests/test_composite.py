@@ -137,7 +137,7 @@ def test_opcheck(impl):
     torch.library.opcheck(composite_backward_op, args)
 
 
-@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("impl", [*IMPLS, "auto"])
 def test_torch_compile_fullgraph(impl):
     """The op traces (fake implementations) and its backward runs inside a compiled graph."""
     f, m, b = _inputs((1, 3, 2, 5, 7))

@@ -12,9 +12,13 @@ class MaskComposite(nn.Module):
     """``v = m * f + (1 - m) * b`` with ``b`` broadcast over time.
 
     Args:
-        impl: ``"reference"`` (plain PyTorch) or ``"auto"`` (the fused op where available).
+        impl: ``"reference"`` (plain PyTorch), ``"auto"`` (the fused op where available:
+            Triton on CUDA, numba on CPU; see :func:`vosgan.ops.composite.composite`), or
+            ``"triton"`` / ``"numba"`` explicitly.
 
-    Shapes: ``f (B, C, T, H, W)``, ``m (B, 1, T, H, W)``, ``b (B, C, H, W)`` -> ``(B, C, T, H, W)``.
+    Shapes: ``f (B, C, T, H, W)``, ``m (B, 1, T, H, W)``, ``b (B, C, H, W)`` -> ``(B, C, T, H, W)``
+    in ``torch.result_type(f, m, b)``. No parameters or buffers: the ``state_dict`` is empty, as
+    for the plain expression it replaces. Works under ``torch.compile(fullgraph=True)``.
     """
 
     def __init__(self, impl: str = "auto") -> None:

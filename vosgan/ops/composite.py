@@ -249,6 +249,15 @@ class _CompositeFunction(torch.autograd.Function):
         return _grads(ctx, g, _fused_bwd)
 
 
+@torch.compiler.assume_constant_result  # traced as a constant: "auto" works under fullgraph
+def _auto_impl(device_type: str) -> str:
+    """The implementation ``impl="auto"`` runs on ``device_type``; warns once on fallback."""
+    choice = backend.choose("composite", device_type)
+    if not choice.fused:
+        backend.warn_once(f"composite-{device_type}", f"composite: reference ({choice.reason})")
+    return choice.impl
+
+
 def composite(f: Tensor, m: Tensor, b: Tensor, impl: str = "auto") -> Tensor:
     """Composite ``v = m * f + (1 - m) * b`` with the implementation chosen by ``impl``.
 
@@ -266,11 +275,7 @@ def composite(f: Tensor, m: Tensor, b: Tensor, impl: str = "auto") -> Tensor:
         raise ValueError(f"composite: unknown impl {impl!r}; use one of {IMPLS}")
     _check(f, m, b)
     if impl == "auto":
-        choice = backend.choose("composite", f.device)
-        if not choice.fused:
-            backend.warn_once(f"composite-{f.device.type}",
-                              f"composite: reference ({choice.reason})")
-        impl = choice.impl
+        impl = _auto_impl(f.device.type)
     if impl == "reference":
         return composite_reference(f, m, b)
     impl = _resolve(impl, f.device)
