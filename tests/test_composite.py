@@ -28,7 +28,7 @@ from vosgan.ops.composite import (
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 IMPLS = ["triton", "numba"] if DEV == "cpu" else ["triton"]
-SHAPES = [(1, 3, 2, 5, 7), (2, 3, 3, 33, 35), (1, 1, 2, 3, 3), (1, 5, 2, 4, 9)]
+SHAPES = [(1, 3, 2, 5, 7), (2, 3, 3, 33, 35), (1, 1, 2, 3, 3), (1, 5, 2, 4, 9), (1, 3, 1, 1, 1)]
 
 
 def _inputs(shape, dtypes=(torch.float32,) * 3, device=DEV, grad=True):
@@ -61,6 +61,17 @@ def test_matches_reference_fp32(impl, shape):
 
 
 LOW = [torch.float16] + ([torch.bfloat16] if DEV == "cuda" else [])
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("shape", [(2, 3, 0, 4, 4), (0, 3, 2, 4, 4)], ids=["T0", "B0"])
+def test_empty_shapes(impl, shape):
+    """Empty inputs give empty outputs; with T == 0, db is an empty sum: zeros."""
+    f, m, b = _inputs(shape)
+    v = composite(f, m, b, impl=impl)
+    df, dm, db = torch.autograd.grad(v, (f, m, b), torch.ones_like(v))
+    assert v.shape == f.shape and df.shape == f.shape and dm.shape == m.shape
+    assert db.shape == b.shape and not db.any()
 
 
 @pytest.mark.parametrize("impl", IMPLS)
