@@ -277,7 +277,11 @@ def test_auto_dispatch_and_module() -> None:
     flow = make_flow("random", b, t, h, w)
     model = torch.nn.Sequential(FlowWarpLoss(eps=1e-2, padding_mode="border", impl="reference"))
     assert any("FlowWarpLoss" in line for line in fuse_modules(model))
-    assert model[0].impl == "auto"
+    assert model[0].impl == "auto" and len(model.state_dict()) == 0
+    with pytest.raises(ValueError, match="impl must be"):
+        FlowWarpLoss(impl="cuda")
+    with pytest.raises(ValueError, match="eps must be"):
+        FlowWarpLoss(eps=0.0)
     torch.testing.assert_close(model[0](x, flow),
                                flow_warp_loss_reference(x, flow, None, 1e-2, "border"))
 
