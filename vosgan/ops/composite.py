@@ -120,9 +120,9 @@ def _numba_fwd(f: Tensor, m: Tensor, b: Tensor, out_dtype: torch.dtype) -> Tenso
 
     cd = torch.float64 if out_dtype == torch.float64 else torch.float32
     bsz, c, t, h, w = f.shape
-    fa = f.to(cd).contiguous().view(bsz, c, t, h * w)
-    ma = m.to(cd).contiguous().view(bsz, t, h * w)
-    ba = b.to(cd).contiguous().view(bsz, c, h * w)
+    fa = f.detach().to(cd).contiguous().view(bsz, c, t, h * w)
+    ma = m.detach().to(cd).contiguous().view(bsz, t, h * w)
+    ba = b.detach().to(cd).contiguous().view(bsz, c, h * w)
     v = torch.empty((bsz, c, t, h, w), dtype=cd)
     if v.numel():
         nb.launch(nb.composite_fwd_kernel, fa.numpy(), ma.numpy(), ba.numpy(),
@@ -140,10 +140,10 @@ def _numba_bwd(g: Tensor, f: Tensor, m: Tensor, b: Tensor) -> tuple[Tensor, Tens
     dm = torch.empty((bsz, 1, t, h, w), dtype=cd)
     db = torch.zeros((bsz, c, h, w), dtype=cd)  # stays 0 when T == 0
     if df.numel():
-        arrays = (g.to(cd).contiguous().view(bsz, c, t, n),
-                  f.to(cd).contiguous().view(bsz, c, t, n),
-                  m.to(cd).contiguous().view(bsz, t, n),
-                  b.to(cd).contiguous().view(bsz, c, n))
+        arrays = (g.detach().to(cd).contiguous().view(bsz, c, t, n),
+                  f.detach().to(cd).contiguous().view(bsz, c, t, n),
+                  m.detach().to(cd).contiguous().view(bsz, t, n),
+                  b.detach().to(cd).contiguous().view(bsz, c, n))
         nb.launch(nb.composite_bwd_kernel, *(a.numpy() for a in arrays),
                   df.view(bsz, c, t, n).numpy(), dm.view(bsz, t, n).numpy(),
                   db.view(bsz, c, n).numpy())
