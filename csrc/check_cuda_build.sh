@@ -47,15 +47,22 @@ for src in "$ROOT"/csrc/*.cu; do
       status=1
       continue
     fi
-    # One line per kernel instantiation: registers, and spill stores/loads that must be zero.
-    grep -E "Compiling entry|registers|spill" "$log" | sed 's/^ptxas info *: //' | paste - - - |
-      sed -E 's/Compiling entry function .(_Z[^ ]*). for .sm_[0-9a]+.//' |
-      awk '{print "   " $0}' | cut -c1-160
+    # One line per kernel instantiation: name, registers, spill stores/loads (must be zero).
+    awk -F"'" '/Compiling entry function/ {name = $2}
+               /bytes spill stores/ {sub(/^ +/, ""); spill = $0}
+               /Used [0-9]+ registers/ {match($0, /Used [0-9]+ registers/);
+                                        print name "\t" substr($0, RSTART, RLENGTH) ", " spill}' \
+        "$log" | c++filt | sed -E 's/^void vosgan::\(anonymous namespace\)::([^(]*)\([^\t]*/   \1/'
     if grep -E "[1-9][0-9]* bytes spill (stores|loads)" "$log" >/dev/null; then
       echo "FAILED: register spills in $(basename "$src") sm_$arch"
       status=1
     fi
   done
 done
-[ $status -eq 0 ] && echo "OK: every CUDA source compiles for sm_${ARCHS[*]} without spills"
+if [ $status -eq 0 ]; then
+  echo "OK: every CUDA source compiles for sm_${ARCHS[*]} without spills"
+  rm -rf "$OUT"
+else
+  echo "logs and objects kept in $OUT"
+fi
 exit $status
