@@ -54,9 +54,10 @@ from vosgan import backend
 PADDING_MODES = ("zeros", "border")
 IMPLS = ("auto", "reference", "triton", "numba")
 #: Whether a mean loss that needs a gradient runs the one-pass op (loss and fp32 gradients in
-#: the forward, scaled in the backward) instead of forward + recomputing backward. Measured:
-#: numba 1.5x faster fwd+bwd (2-core CPU dev box, compute-bound); Triton 1.1-2.3x (H100,
-#: B=8..64, T=16..32, 64x64: one kernel instead of two).
+#: the forward, scaled in the backward) instead of forward + recomputing backward. Measured
+#: fwd+bwd speed-up of one pass: Triton 1.0-2.3x (H100, B=8 and 64, 64x64, bf16/fp32: one
+#: kernel instead of two); numba 1.7x for the flow gradient (1 thread, paper shape: 42 ms vs
+#: 30 + 42 ms), 0.8-1.2x in the loaded 2-core benchmark runs.
 ONE_PASS = {"numba": True, "triton": True}
 
 
