@@ -6,7 +6,6 @@ handful of programs; one plane (33 x 35 = 1155 pixels) spans several forward and
 
 from __future__ import annotations
 
-import os
 import re
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -260,23 +259,9 @@ def _aot(kernel, ptrs, block, warps, arch):
 
 @pytest.fixture(scope="module")
 def aot_reports():
-    import triton
-
-    from vosgan import aot
-
-    # Triton emits PTX newer than its legacy ptxas accepts for sm_90 (Triton itself assembles
-    # sm_90+ with ptxas-blackwell, which also takes sm_80): use the newest bundled ptxas.
-    bindir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
-    newest = os.path.join(bindir, "ptxas-blackwell")
-    saved = aot._ptxas
-    if os.path.exists(newest):
-        aot._ptxas = lambda: newest
-    try:
-        jobs = [(v, arch) for v in _VARIANTS for arch in (80, 90)]
-        with ThreadPoolExecutor(2) as pool:  # each compile is a subprocess
-            reports = list(pool.map(lambda j: _aot(*j[0], j[1]), jobs))
-    finally:
-        aot._ptxas = saved
+    jobs = [(v, arch) for v in _VARIANTS for arch in (80, 90)]
+    with ThreadPoolExecutor(2) as pool:  # each compile is a subprocess
+        reports = list(pool.map(lambda j: _aot(*j[0], j[1]), jobs))
     return dict(zip(((v[0], v[1], arch) for v, arch in jobs), reports, strict=True))
 
 

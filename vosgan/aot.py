@@ -38,7 +38,7 @@ class AotReport:
     registers: int
     spill_stores: int
     spill_loads: int
-    vector_loads: int  # count of 128-bit global loads (ld.global.v4 / ld.global.*.v4)
+    vector_loads: int  # 128-bit global loads: ld.global[.<qualifiers, cache hints>].v4
     ptx: str
 
 
@@ -46,7 +46,9 @@ def _ptxas() -> str:
     import triton
 
     bindir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
-    for name in ("ptxas", "ptxas-blackwell"):
+    # Triton >= 3.9 writes PTX ISA 9.x, which only its newer bundled ptxas (CUDA 13) reads; that
+    # one also assembles sm_80/sm_90, so prefer it.
+    for name in ("ptxas-blackwell", "ptxas"):
         path = os.path.join(bindir, name)
         if os.path.exists(path):
             return path
@@ -114,6 +116,6 @@ def compile_kernel(
         registers=int(regs.group(1)) if regs else -1,
         spill_stores=int(spills.group(1)) if spills else -1,
         spill_loads=int(spills.group(2)) if spills else -1,
-        vector_loads=len(re.findall(r"ld\.global(?:\.\w+)*\.v4", ptx)),
+        vector_loads=len(re.findall(r"ld\.global(?:\.[\w:]+)*\.v4", ptx)),
         ptx=ptx,
     )
