@@ -4,9 +4,9 @@ Same arithmetic as the Triton kernels (:mod:`vosgan.kernels.flow_warp`): sample 
 rounded exactly as ``flow_to_grid`` + ``grid_sample(align_corners=True)`` round them in fp32, so
 the bilinear cell, and the one-sided derivative at integer positions, is the reference's.
 
-Parallelism is over frame pairs ``(b, t)``. The backward is race-free without atomics: each pair
-writes its own ``dflow[b, :, t]`` and ``d x_t`` term, and scatters ``d x_{t+1}`` into a private
-buffer ``scat[b, :, t]`` that a second parallel loop adds into ``dx[b, :, t + 1]``.
+Parallelism is over frame pairs ``(b, t)``. The backward is race-free without atomics or
+buffers: pair ``t`` writes ``dflow[b, :, t]``, ``dx[b, :, t]`` (its direct term) and scatters into
+``dx[b, :, t + 1]``, so even pairs run in parallel, then odd pairs; the result is deterministic.
 All arrays are C-contiguous float32; ``weight`` and ``grad`` are dummies when unused.
 :func:`launch_fwd` and :func:`launch_bwd` run them on torch tensors (fp16/bf16 upcast to fp32).
 """
@@ -109,74 +109,79 @@ def fwd(x, flow, weight, has_w, eps, border, out_map, write_map):
 
 
 @njit(parallel=True, cache=True)
-def bwd(x, flow, weight, has_w, grad, g_scalar, eps, border, grad_x, dflow, dx, scat):
+def bwd(x, flow, weight, has_w, grad, g_scalar, eps, border, grad_x, dflow, dx):
     """Fill ``dflow (B, 2, T-1, H, W)`` and, when ``grad_x``, ``dx (B, C, T, H, W)`` (zeroed by
-    the caller) using ``scat (B, C, T-1, H, W)`` (zeroed) as the per-pair scatter buffer.
+    the caller).
 
     ``grad`` is ``d loss / d (w * rho)``: shape ``(1, 1, 1, 1, 1)`` when ``g_scalar``, else the
     full map. Returns the per-pair sums of ``w * rho`` like :func:`fwd` (they come for free, so a
-    mean loss and its gradient need one pass).
+    mean loss and its gradient need one pass). Pair ``t`` writes frames ``t`` and ``t + 1`` of
+    ``dx``, so pairs ``t`` and ``t + 2`` never collide: even pairs run in parallel, then odd ones.
     """
-    b_, c_, t_, h, w = x.shape
+    b_, _, t_, _, _ = x.shape
     eps2 = np.float32(eps) * np.float32(eps)
     sums = np.zeros(b_ * (t_ - 1), np.float64)
-    for n in prange(b_ * (t_ - 1)):
-        b = n // (t_ - 1)
-        t = n % (t_ - 1)
-        acc = 0.0
-        for i in range(h):
-            for j in range(w):
-                x0, y0, ax, bx, ay, by, cgx, cgy = _coords(i, j, flow[b, 0, t, i, j],
-                                                           flow[b, 1, t, i, j], h, w, border)
-                inside = 0 <= x0 and x0 + 1 < w and 0 <= y0 and y0 + 1 < h
-                wt = weight[b, 0, t, i, j] if has_w else _F1
-                gix = np.float32(0.0)
-                giy = np.float32(0.0)
-                for c in range(c_):
-                    v_nw, v_ne, v_sw, v_se = _corners(x, b, c, t + 1, x0, y0, h, w, inside)
-                    warped = v_nw * (ax * ay) + v_ne * (bx * ay) + v_sw * (ax * by) + v_se * (
-                        bx * by)
-                    d = x[b, c, t, i, j] - warped
-                    rho = np.sqrt(d * d + eps2)
-                    acc += rho * wt
-                    go = grad[0, 0, 0, 0, 0] if g_scalar else grad[b, c, t, i, j]
-                    g = go * d / rho * wt
-                    gix -= g * ((v_ne - v_nw) * ay + (v_se - v_sw) * by)
-                    giy -= g * ((v_sw - v_nw) * ax + (v_se - v_ne) * bx)
-                    if grad_x:
-                        dx[b, c, t, i, j] += g
-                        if inside:
-                            scat[b, c, t, y0, x0] -= g * (ax * ay)
-                            scat[b, c, t, y0, x0 + 1] -= g * (bx * ay)
-                            scat[b, c, t, y0 + 1, x0] -= g * (ax * by)
-                            scat[b, c, t, y0 + 1, x0 + 1] -= g * (bx * by)
-                        else:
-                            _scatter_edge(scat, b, c, t, x0, y0, h, w, g, ax, bx, ay, by)
-                dflow[b, 0, t, i, j] = gix * cgx
-                dflow[b, 1, t, i, j] = giy * cgy
-        sums[n] = acc
-    if grad_x:
-        # Frame t + 1 receives pair t's scatter; pairs own disjoint (b, t) slices here.
-        for n in prange(b_ * (t_ - 1)):
-            b = n // (t_ - 1)
-            t = n % (t_ - 1)
-            dx[b, :, t + 1] += scat[b, :, t]
+    for phase in range(2):
+        m = (t_ - phase) // 2  # pairs t in [0, T-2] with t % 2 == phase
+        for n in prange(b_ * m):
+            b = n // m
+            t = 2 * (n % m) + phase
+            sums[b * (t_ - 1) + t] = _pair_bwd(x, flow, weight, has_w, grad, g_scalar, eps2,
+                                               border, grad_x, dflow, dx, b, t)
     return sums
 
 
 @njit(cache=True, inline="always")
-def _scatter_edge(scat, b, c, t, x0, y0, h, w, g, ax, bx, ay, by):
-    """The bilinear scatter of ``-g`` with per-corner bounds checks (near or past the border)."""
+def _pair_bwd(x, flow, weight, has_w, grad, g_scalar, eps2, border, grad_x, dflow, dx, b, t):
+    """Gradients of frame pair ``(b, t)``; returns its sum of ``w * rho``."""
+    _, c_, _, h, w = x.shape
+    acc = 0.0
+    for i in range(h):
+        for j in range(w):
+            x0, y0, ax, bx, ay, by, cgx, cgy = _coords(i, j, flow[b, 0, t, i, j],
+                                                       flow[b, 1, t, i, j], h, w, border)
+            inside = 0 <= x0 and x0 + 1 < w and 0 <= y0 and y0 + 1 < h
+            wt = weight[b, 0, t, i, j] if has_w else _F1
+            gix = np.float32(0.0)
+            giy = np.float32(0.0)
+            for c in range(c_):
+                v_nw, v_ne, v_sw, v_se = _corners(x, b, c, t + 1, x0, y0, h, w, inside)
+                warped = v_nw * (ax * ay) + v_ne * (bx * ay) + v_sw * (ax * by) + v_se * (
+                    bx * by)
+                d = x[b, c, t, i, j] - warped
+                rho = np.sqrt(d * d + eps2)
+                acc += rho * wt
+                go = grad[0, 0, 0, 0, 0] if g_scalar else grad[b, c, t, i, j]
+                g = go * d / rho * wt
+                gix -= g * ((v_ne - v_nw) * ay + (v_se - v_sw) * by)
+                giy -= g * ((v_sw - v_nw) * ax + (v_se - v_ne) * bx)
+                if grad_x:
+                    dx[b, c, t, i, j] += g
+                    if inside:
+                        dx[b, c, t + 1, y0, x0] -= g * (ax * ay)
+                        dx[b, c, t + 1, y0, x0 + 1] -= g * (bx * ay)
+                        dx[b, c, t + 1, y0 + 1, x0] -= g * (ax * by)
+                        dx[b, c, t + 1, y0 + 1, x0 + 1] -= g * (bx * by)
+                    else:
+                        _scatter_edge(dx, b, c, t + 1, x0, y0, h, w, g, ax, bx, ay, by)
+            dflow[b, 0, t, i, j] = gix * cgx
+            dflow[b, 1, t, i, j] = giy * cgy
+    return acc
+
+
+@njit(cache=True, inline="always")
+def _scatter_edge(out, b, c, t, x0, y0, h, w, g, ax, bx, ay, by):
+    """The bilinear scatter of ``-g`` into ``out[b, c, t]`` with per-corner bounds checks."""
     if 0 <= y0 < h:
         if 0 <= x0 < w:
-            scat[b, c, t, y0, x0] -= g * (ax * ay)
+            out[b, c, t, y0, x0] -= g * (ax * ay)
         if 0 <= x0 + 1 < w:
-            scat[b, c, t, y0, x0 + 1] -= g * (bx * ay)
+            out[b, c, t, y0, x0 + 1] -= g * (bx * ay)
     if 0 <= y0 + 1 < h:
         if 0 <= x0 < w:
-            scat[b, c, t, y0 + 1, x0] -= g * (ax * by)
+            out[b, c, t, y0 + 1, x0] -= g * (ax * by)
         if 0 <= x0 + 1 < w:
-            scat[b, c, t, y0 + 1, x0 + 1] -= g * (bx * by)
+            out[b, c, t, y0 + 1, x0 + 1] -= g * (bx * by)
 
 
 def _f32(t: Tensor):  # noqa: ANN202 - numpy array
@@ -207,8 +212,7 @@ def launch_bwd(grad: Tensor, x: Tensor, flow: Tensor, weight: Tensor | None, eps
     ga = _f32(grad.reshape(1, 1, 1, 1, 1) if g_scalar else grad)
     dflow = np.empty((b, 2, t - 1, h, w), np.float32)
     dx = np.zeros((b, c, t, h, w), np.float32) if grad_x else dummy
-    scat = np.zeros((b, c, t - 1, h, w), np.float32) if grad_x else dummy
     wa = _f32(weight) if weight is not None else dummy
     sums = bwd(_f32(x), _f32(flow), wa, weight is not None, ga, g_scalar, eps, border, grad_x,
-               dflow, dx, scat)
+               dflow, dx)
     return torch.from_numpy(dflow), torch.from_numpy(dx) if grad_x else None, float(sums.sum())
