@@ -4,14 +4,16 @@ Layout: one program handles ``BLOCK`` pixels of one frame pair ``(b, t)`` and lo
 channels, so the flow, the weight and the bilinear corner indices are loaded and computed once per
 pixel. Every ``(H, W)`` plane must be contiguous (row stride ``W``, column stride 1); the batch,
 channel and time strides are passed explicitly. Sampling replicates ``grid_sample``'s
-``align_corners=True`` arithmetic bit for bit in fp32 (``flow_to_grid``'s normalisation followed by
-``grid_sample``'s unnormalisation), so the cell chosen at integer positions, and hence the
-one-sided gradient there, is the reference's.
+``align_corners=True`` arithmetic in fp32 (``flow_to_grid``'s normalisation, done as torch does
+it on the device: IEEE division on CPU, multiplication by the fp32 reciprocal without FMA on
+CUDA, then ``grid_sample``'s unnormalisation), so the cell chosen at integer positions, and hence
+the one-sided gradient there, is the reference's (checked on CPU and on an H100).
 
 - ``_fwd_kernel``: the per-pixel Charbonnier map or one fp32 partial sum per program.
 - ``_bwd_kernel``: ``d loss / d flow`` (a gather: no atomics) and, optionally, ``d loss / d x``
   (a bilinear scatter into frame ``t + 1``: fp32 atomics, or int64 fixed-point atomics that make it
-  bitwise reproducible).
+  bitwise reproducible) and the loss partial sums (``WITH_LOSS``: a mean and its gradient in one
+  pass).
 
 No autograd here: :mod:`vosgan.ops.flow_warp` wraps these launchers into a PyTorch op.
 """
