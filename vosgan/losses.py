@@ -103,11 +103,12 @@ class VosGanLoss(nn.Module):
             parts["d_seg"] = segmentation_loss(d_fake.seg_logit, fake.mask)
             total = total + c.segmentation * parts["d_seg"]
         if c.flow > 0 or c.flow_smoothness > 0:
-            warp_r, smooth_r = self.motion(real, d_real.flow)
-            warp_f, smooth_f = self.motion(fake.video.detach(), d_fake.flow)
-            parts["d_flow"] = 0.5 * (warp_r + warp_f)
-            parts["d_smooth"] = 0.5 * (smooth_r + smooth_f)
-            total = total + c.flow * parts["d_flow"] + c.flow_smoothness * parts["d_smooth"]
+            warp, smooth = self.motion(real, d_real.flow)
+            if c.flow_fake > 0:
+                warp_f, smooth_f = self.motion(fake.video.detach(), d_fake.flow)
+                warp, smooth = warp + c.flow_fake * warp_f, smooth + c.flow_fake * smooth_f
+            parts["d_flow"], parts["d_smooth"] = warp, smooth
+            total = total + c.flow * warp + c.flow_smoothness * smooth
         return total, parts
 
     def generator(self, fake: GenOutput, d_fake: DiscOutput) -> tuple[Tensor, dict[str, Tensor]]:
