@@ -1,0 +1,44 @@
+import pytest
+import torch
+
+from vosgan import backend
+
+
+@pytest.fixture(autouse=True)
+def _fresh_choices():
+    backend._choose.cache_clear()
+    yield
+    backend._choose.cache_clear()
+
+
+def test_every_op_reports_a_choice_with_a_reason():
+    for op in backend.OPS:
+        choice = backend.choose(op, "cpu")
+        assert choice.op == op and choice.reason
+        assert choice.fused == (choice.impl != "reference")
+
+
+def test_environment_forces_the_reference(monkeypatch):
+    monkeypatch.setenv("VOSGAN_IMPL", "reference")
+    assert all(not backend.choose(op, "cpu").fused for op in backend.OPS)
+    monkeypatch.delenv("VOSGAN_IMPL")
+    monkeypatch.setenv("VOSGAN_IMPL_GRU", "reference")
+    backend._choose.cache_clear()
+    assert backend.choose("gru", "cpu").reason == "forced by environment variable"
+
+
+def test_forcing_an_unavailable_impl_is_an_error(monkeypatch):
+    monkeypatch.setenv("VOSGAN_IMPL_COMPOSITE", "warp-drive")
+    with pytest.raises(RuntimeError, match="VOSGAN_IMPL_COMPOSITE='warp-drive'"):
+        backend.choose("composite", torch.device("cpu"))
+
+
+def test_unknown_op():
+    with pytest.raises(ValueError, match="unknown op 'nope'"):
+        backend.choose("nope", "cpu")
+
+
+def test_warn_once(recwarn):
+    backend.warn_once("test-key-unique", "first")
+    backend.warn_once("test-key-unique", "second")
+    assert [str(w.message) for w in recwarn] == ["first"]
