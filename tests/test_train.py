@@ -51,6 +51,15 @@ def test_run_folder_contents(tmp_path):
     assert not list((out / "checkpoints").glob(".*tmp*"))  # no temporary files left behind
 
 
+def test_r1_and_hinge_through_fused_modules(tmp_path):
+    # R1 runs on steps 0 and 2 only: the log average must cope with losses missing on some steps,
+    # and the penalty needs double backward through D (fused blocks under --fused).
+    args = ["--train.steps=3", "--train.log_every=3", "--loss.r1=1.0", "--loss.r1_every=2",
+            "--loss.adversarial=hinge", "--loss.consistency=0.5", "--fused"]
+    assert run(tmp_path, *args) == 0
+    assert checkpoint.load_checkpoint(tmp_path / "run")["step"] == 3
+
+
 def test_resume_gives_the_same_weights(tmp_path):
     assert run(tmp_path, "--train.steps=4", name="straight") == 0
     assert run(tmp_path, "--train.steps=2", name="split") == 0

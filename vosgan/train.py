@@ -305,8 +305,9 @@ def train(
             bar.update(1)
             if run.step % t.log_every == 0 or run.step == t.steps:
                 check_finite(pending)
+                keys = {k for _, parts in pending for k in parts}  # R1 is only on some steps
                 means = {
-                    k: torch.stack([p[k] for _, p in pending]).mean().item() for k in pending[-1][1]
+                    k: torch.stack([p[k] for _, p in pending if k in p]).mean().item() for k in keys
                 }
                 for k, v in means.items():
                     writer.add_scalar(f"loss/{k}", v, run.step)
