@@ -28,6 +28,20 @@ def _pair(n_in: int, H: int, device: str = "cpu", bias: bool = True) -> tuple[nn
     return ref, fused
 
 
+def _raw_args(
+    B: int, T: int, n_in: int, H: int, w_ih: float = 1.0, w_hh: float = 1.0, bias: float = 1.0
+) -> list[torch.Tensor]:
+    """Random ``(x, h0, w_ih, w_hh, b_ih, b_hh)`` for the functional op, weights scaled."""
+    return [
+        torch.randn(B, T, n_in),
+        torch.randn(B, H),
+        torch.randn(3 * H, n_in) * w_ih,
+        torch.randn(3 * H, H) * w_hh,
+        torch.randn(3 * H) * bias,
+        torch.randn(3 * H) * bias,
+    ]
+
+
 def _grads(module: nn.Module, x: torch.Tensor, h0: torch.Tensor | None, seed: int) -> list:
     x = x.detach().clone().requires_grad_()
     h0 = None if h0 is None else h0.detach().clone().requires_grad_()
@@ -82,14 +96,7 @@ def test_no_bias_and_unbatched_input() -> None:
 @requires_ext
 def test_gradcheck_float64() -> None:
     B, T, n_in, H = 2, 3, 3, 5
-    args = [
-        torch.randn(B, T, n_in),
-        torch.randn(B, H),
-        torch.randn(3 * H, n_in) * 0.5,
-        torch.randn(3 * H, H) * 0.5,
-        torch.randn(3 * H),
-        torch.randn(3 * H),
-    ]
+    args = _raw_args(B, T, n_in, H, w_ih=0.5, w_hh=0.5)
     args = [a.double().requires_grad_() for a in args]
     assert torch.autograd.gradcheck(lambda *a: gru(*a, impl="cpp"), args)
     assert torch.autograd.gradcheck(gru_reference, args)
@@ -99,14 +106,7 @@ def test_gradcheck_float64() -> None:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_opcheck(dtype: torch.dtype) -> None:
     B, T, n_in, H = 2, 3, 4, 5
-    args = [
-        torch.randn(B, T, n_in),
-        torch.randn(B, H),
-        torch.randn(3 * H, n_in),
-        torch.randn(3 * H, H),
-        torch.randn(3 * H),
-        torch.randn(3 * H),
-    ]
+    args = _raw_args(B, T, n_in, H)
     args = [a.to(dtype).requires_grad_() for a in args]
     torch.library.opcheck(torch.ops.vosgan.gru_forward.default, args)
     with torch.no_grad():
@@ -148,14 +148,7 @@ def test_torch_compile_smoke(tmp_path, monkeypatch) -> None:
 def test_low_precision_cpu(dtype: torch.dtype) -> None:
     # flash-attention rule: error vs the fp32 reference <= 2x the reference's own error in dtype.
     B, T, n_in, H = 3, 6, 8, 24
-    args = [
-        torch.randn(B, T, n_in),
-        torch.randn(B, H),
-        torch.randn(3 * H, n_in) * 0.3,
-        torch.randn(3 * H, H) * 0.3,
-        torch.randn(3 * H) * 0.1,
-        torch.randn(3 * H) * 0.1,
-    ]
+    args = _raw_args(B, T, n_in, H, w_ih=0.3, w_hh=0.3, bias=0.1)
     exact, _ = gru_reference(*args)
     low = [a.to(dtype) for a in args]
     ref_err = (gru_reference(*low)[0].float() - exact).abs().max()
@@ -271,14 +264,7 @@ def test_cuda_matches_cudnn(shape: tuple[int, ...]) -> None:
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_cuda_low_precision(dtype: torch.dtype) -> None:
     B, T, n_in, H = 8, 12, 32, 128
-    args = [
-        torch.randn(B, T, n_in),
-        torch.randn(B, H),
-        torch.randn(3 * H, n_in) * 0.2,
-        torch.randn(3 * H, H) * 0.1,
-        torch.randn(3 * H) * 0.1,
-        torch.randn(3 * H) * 0.1,
-    ]
+    args = _raw_args(B, T, n_in, H, w_ih=0.2, w_hh=0.1, bias=0.1)
     args = [a.cuda() for a in args]
     exact, _ = gru_reference(*[a.double() for a in args])
     low = [a.to(dtype) for a in args]
@@ -293,14 +279,7 @@ def test_cuda_low_precision(dtype: torch.dtype) -> None:
 @pytest.mark.gpu
 def test_cuda_opcheck_and_compile() -> None:
     B, T, n_in, H = 2, 3, 4, 5
-    args = [
-        torch.randn(B, T, n_in),
-        torch.randn(B, H),
-        torch.randn(3 * H, n_in),
-        torch.randn(3 * H, H),
-        torch.randn(3 * H),
-        torch.randn(3 * H),
-    ]
+    args = _raw_args(B, T, n_in, H)
     args = [a.cuda().requires_grad_() for a in args]
     torch.library.opcheck(torch.ops.vosgan.gru_forward.default, args)
     fused = FusedGRU(n_in, H, device="cuda")

@@ -336,10 +336,10 @@ def train(
                 )
                 raise SystemExit(130)
     bar.close()
-    save()
+    save()  # the trained weights are safe before the final evaluation runs
     sample()
     result = evaluate()
-    save()
+    save()  # again, now with the final evaluation in the history
     writer.close()
     (out / "metrics.json").write_text(json.dumps({"step": run.step, **result}, indent=2))
     print(
