@@ -1,5 +1,10 @@
-"""Datasets: the built-in procedural video with exact ground truth (:mod:`.synthetic`)."""
+"""Datasets: the built-in procedural video with exact ground truth (:mod:`.synthetic`), and
+real video: frame folders (:mod:`.frames`), decoders (:mod:`.decode`)."""
 
+from vosgan.data.decode import VideoError, VideoInfo, make_decoder, probe, read_video
+from vosgan.data.frames import Sequence, find_sequences, load_frames, load_masks
 from vosgan.data.synthetic import SPLITS, Clip, SyntheticVideos, clips_to_tensors, render_clip
 
-__all__ = ["SPLITS", "Clip", "SyntheticVideos", "clips_to_tensors", "render_clip"]
+__all__ = ["SPLITS", "Clip", "SyntheticVideos", "clips_to_tensors", "render_clip",
+           "Sequence", "find_sequences", "load_frames", "load_masks",
+           "VideoError", "VideoInfo", "make_decoder", "probe", "read_video"]

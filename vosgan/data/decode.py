@@ -1,0 +1,395 @@
+"""Video decoding: PyAV, DALI on CPU (VP9/VP8/MJPEG), DALI on GPU (NVDEC), and ``auto``.
+
+Every backend has the same clip contract: :meth:`Decoder.read` ``(path, indices)`` returns the
+frames with those 0-based indices (decode order = presentation order for the files we read) as
+uint8 ``(len(indices), H, W, 3)`` RGB at the stored resolution. The backends differ only in
+YUV->RGB conversion details (chroma upsampling, rounding): a few levels per channel on average,
+tested in ``tests/test_video_data.py``.
+
+- ``pyav``: FFmpeg through PyAV with frame/slice threads (``thread_type="AUTO"``). Decodes from the
+  first frame up to the last wanted one (exact indices, no seek drift); frames not wanted are never
+  converted to RGB. Every codec FFmpeg knows.
+- ``dali-cpu``: ``fn.decoders.video(device="cpu")`` in a CPU-only pipeline (``device_id=None``). The
+  CPU variant only decodes VP9, VP8 and MJPEG (DALI 2.4: "Codec 27 (h264) is not supported").
+- ``dali-gpu``: ``fn.decoders.video(device="mixed")``: NVDEC on the current CUDA device, every
+  codec NVDEC has (H.264, HEVC, VP8, VP9, AV1, MPEG-4, MJPEG). The decoder operator, not
+  ``fn.readers.video``, because it takes the frame indices of each sample as an input: the clip of
+  a training step is chosen by the dataset (a pure function of the step, so resume is exact), and
+  a reader would pick its own sequences. Frames are copied to the host so every backend returns
+  the same numpy clip. Not runnable on the CPU-only development machine.
+- ``auto`` (:class:`AutoDecoder`): per file, DALI GPU when CUDA and DALI are there and NVDEC has the
+  codec, else DALI CPU for VP9/VP8/MJPEG when DALI is installed, else PyAV. It prints once per
+  (codec, backend) pair what it picked and why.
+
+Unreadable, empty, corrupt and truncated files raise :class:`VideoError` (a ``ValueError``) naming
+the file; a file that decodes fewer frames than asked raises :class:`ShortVideoError` with the
+number it could decode.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import av
+import numpy as np
+
+#: codecs DALI's CPU decoder handles (FFmpeg codec names).
+DALI_CPU_CODECS = frozenset({"vp8", "vp9", "mjpeg"})
+#: codecs DALI's GPU (NVDEC) decoder handles.
+DALI_GPU_CODECS = frozenset({"h264", "hevc", "vp8", "vp9", "av1", "mpeg4", "mjpeg"})
+BACKENDS = ("pyav", "dali-cpu", "dali-gpu")
+
+
+class VideoError(ValueError):
+    """A video file that cannot be opened or decoded; ``path`` names it."""
+
+    def __init__(self, path: str | Path, reason: str) -> None:
+        super().__init__(f"cannot decode video {path}: {reason}")
+        self.path = Path(path)
+
+
+class ShortVideoError(VideoError):
+    """The file decodes only ``available`` frames, fewer than an asked index needs."""
+
+    def __init__(self, path: str | Path, available: int, wanted: int) -> None:
+        super().__init__(path, f"only {available} frames decode, frame {wanted} was asked for")
+        self.available = available
+
+
+@dataclass(frozen=True)
+class VideoInfo:
+    """Container metadata. ``frames`` comes from the header, else from counting packets."""
+
+    frames: int
+    fps: float
+    width: int
+    height: int
+    codec: str
+
+    @property
+    def duration(self) -> float:
+        """Seconds (``frames / fps``)."""
+        return self.frames / self.fps if self.fps > 0 else 0.0
+
+
+def _open(path: str | Path) -> av.container.InputContainer:
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"video file {p} does not exist")
+    if p.stat().st_size == 0:
+        raise VideoError(p, "the file is empty (0 bytes)")
+    try:
+        container = av.open(str(p), metadata_errors="ignore")
+    except (av.error.FFmpegError, OSError, UnicodeDecodeError) as exc:
+        raise VideoError(p, f"not a readable container ({exc})") from None
+    if not container.streams.video:
+        container.close()
+        raise VideoError(p, "no video stream")
+    return container
+
+
+def probe(path: str | Path) -> VideoInfo:
+    """Frame count, fps, size and codec of ``path`` without decoding (packets are demuxed to
+    count frames only when the header has no count, as in WebM/MKV).
+
+    Raises:
+        FileNotFoundError: no such file; VideoError: unreadable, empty, or no video stream.
+    """
+    with _open(path) as c:
+        s = c.streams.video[0]
+        cc = s.codec_context
+        fps = float(s.average_rate or s.guessed_rate or 0)
+        frames = int(s.frames or 0)
+        if frames <= 0:
+            try:
+                frames = sum(1 for pkt in c.demux(s) if pkt.size > 0)
+            except av.error.FFmpegError as exc:
+                raise VideoError(path, f"demuxing failed ({exc})") from None
+        if cc.width <= 0 or cc.height <= 0:
+            raise VideoError(path, f"invalid frame size {cc.width}x{cc.height}")
+        if frames <= 0:
+            raise VideoError(path, "no video frames")
+        return VideoInfo(frames, fps, cc.width, cc.height, cc.name)
+
+
+def frame_indices(start: int, count: int, stride: int) -> list[int]:
+    """``[start, start + stride, ..., start + (count - 1) * stride]`` after checking the args."""
+    if start < 0:
+        raise ValueError(f"start must be >= 0, got {start}")
+    if count < 0:
+        raise ValueError(f"count must be >= 0, got {count}")
+    if stride < 1:
+        raise ValueError(f"stride must be >= 1, got {stride}")
+    return list(range(start, start + count * stride, stride))
+
+
+def _check_indices(indices: Sequence[int]) -> list[int]:
+    idx = [int(i) for i in indices]
+    if not idx:
+        raise ValueError("indices must not be empty")
+    if min(idx) < 0:
+        raise ValueError(f"frame indices must be >= 0, got {min(idx)}")
+    return idx
+
+
+class Decoder:
+    """A decoding backend: ``read(path, indices) -> uint8 (N, H, W, 3)``."""
+
+    name = "base"
+
+    def read(self, path: str | Path, indices: Sequence[int]) -> np.ndarray:
+        """Frames ``indices`` (any order, repeats allowed) of ``path`` as uint8 ``(N, H, W, 3)``."""
+        return self.read_many([(path, indices)])[0]
+
+    def read_many(self, requests: Sequence[tuple[str | Path, Sequence[int]]]) -> list[np.ndarray]:
+        """:meth:`read` for several ``(path, indices)`` at once (DALI batches them)."""
+        return [self.read(p, i) for p, i in requests]
+
+
+class PyAVDecoder(Decoder):
+    """FFmpeg via PyAV, frame and slice threads on (``thread_type="AUTO"``)."""
+
+    name = "pyav"
+
+    def read(self, path: str | Path, indices: Sequence[int]) -> np.ndarray:
+        idx = _check_indices(indices)
+        got, n = self.decode(path, set(idx).__contains__, max(idx))
+        if n <= max(idx):
+            raise ShortVideoError(path, n, max(idx))
+        return np.stack([got[i] for i in idx])
+
+    @staticmethod
+    def decode(
+        path: str | Path, keep: Callable[[int], bool], last: int | None = None
+    ) -> tuple[dict[int, np.ndarray], int]:
+        """Decode frames ``0..last`` (or to the end), converting those where ``keep(i)``.
+
+        Returns the kept frames by index and the number of frames decoded. A decoding error
+        after the first frame ends the decode early (the file is truncated or corrupt there).
+        """
+        got: dict[int, np.ndarray] = {}
+        n = 0
+        with _open(path) as c:
+            s = c.streams.video[0]
+            s.thread_type = "AUTO"
+            try:
+                for frame in c.decode(s):
+                    if keep(n):
+                        got[n] = frame.to_ndarray(format="rgb24")
+                    n += 1
+                    if last is not None and n > last:
+                        break
+            except av.error.FFmpegError as exc:
+                if n == 0:
+                    raise VideoError(path, f"decoding failed at the first frame ({exc})") from None
+        if n == 0:
+            raise VideoError(path, "no frame decodes")
+        return got, n
+
+
+def dali_status(device: str) -> tuple[bool, str]:
+    """Whether DALI can decode on ``device`` (``"cpu"`` or ``"gpu"``) here, and why (not)."""
+    try:
+        import nvidia.dali  # noqa: F401
+    except ImportError as exc:
+        return False, f"DALI is not installed ({exc}; pip install nvidia-dali-cuda120)"
+    if device == "gpu":
+        import torch
+
+        if not torch.cuda.is_available():
+            return False, "no CUDA device"
+        return True, f"DALI on CUDA device {torch.cuda.current_device()} (NVDEC)"
+    return True, "DALI CPU pipeline"
+
+
+class DaliDecoder(Decoder):
+    """DALI ``fn.decoders.video`` on ``device`` ``"cpu"`` or ``"gpu"`` (mixed: NVDEC).
+
+    Encoded file bytes and per-sample frame indices are fed through ``fn.external_source``;
+    one pipeline (built lazily, so it is created inside each loader worker) decodes up to
+    ``max_batch`` files per run.
+
+    Args:
+        device: ``"cpu"`` (VP9/VP8/MJPEG only) or ``"gpu"``.
+        max_batch: most files per pipeline run; num_threads: DALI CPU threads.
+    """
+
+    def __init__(self, device: str = "cpu", max_batch: int = 8, num_threads: int = 2) -> None:
+        if device not in ("cpu", "gpu"):
+            raise ValueError(f"device must be 'cpu' or 'gpu', got {device!r}")
+        if max_batch < 1 or num_threads < 1:
+            raise ValueError(f"max_batch and num_threads must be >= 1, got {max_batch}, "
+                             f"{num_threads}")
+        ok, why = dali_status(device)
+        if not ok:
+            raise RuntimeError(f"DALI {device} decoding unavailable: {why}")
+        self.device, self.max_batch, self.num_threads = device, max_batch, num_threads
+        self.name = f"dali-{device}"
+        self._pipe: Any = None
+
+    def _build(self) -> Any:
+        from nvidia.dali import fn, pipeline_def, types
+
+        video_op = getattr(fn.decoders, "video", None) or fn.experimental.decoders.video
+        if self.device == "gpu":
+            import torch
+
+            device_id, op_device = torch.cuda.current_device(), "mixed"
+        else:
+            device_id, op_device = None, "cpu"
+
+        @pipeline_def(batch_size=self.max_batch, num_threads=self.num_threads,
+                      device_id=device_id, prefetch_queue_depth=1, exec_dynamic=True)
+        def pipe() -> Any:
+            encoded = fn.external_source(name="encoded", dtype=types.UINT8, ndim=1)
+            frames = fn.external_source(name="frames", dtype=types.INT32, ndim=1)
+            return video_op(encoded, frames=frames, device=op_device)
+
+        p = pipe()
+        p.build()
+        return p
+
+    def read_many(self, requests: Sequence[tuple[str | Path, Sequence[int]]]) -> list[np.ndarray]:
+        out: list[np.ndarray] = []
+        for k in range(0, len(requests), self.max_batch):
+            out.extend(self._run(requests[k : k + self.max_batch]))
+        return out
+
+    def _run(self, requests: Sequence[tuple[str | Path, Sequence[int]]]) -> list[np.ndarray]:
+        encoded, frames, infos = [], [], []
+        for path, indices in requests:
+            info = probe(path)  # also rejects missing/empty/unreadable files with VideoError
+            idx = _check_indices(indices)
+            if max(idx) >= info.frames:
+                raise ShortVideoError(path, info.frames, max(idx))
+            allowed = DALI_GPU_CODECS if self.device == "gpu" else DALI_CPU_CODECS
+            if info.codec not in allowed:
+                raise VideoError(path, f"codec {info.codec} is not supported by {self.name} "
+                                       f"(supported: {sorted(allowed)})")
+            encoded.append(np.fromfile(path, np.uint8))
+            frames.append(np.asarray(idx, np.int32))
+            infos.append(info)
+        if self._pipe is None:
+            self._pipe = self._build()
+        self._pipe.feed_input("encoded", encoded)
+        self._pipe.feed_input("frames", frames)
+        try:
+            (video,) = self._pipe.run()
+        except RuntimeError as exc:
+            self._pipe = None  # a failed DALI pipeline cannot be reused
+            names = ", ".join(str(p) for p, _ in requests)
+            raise VideoError(names, f"DALI decoding failed ({exc})") from None
+        if self.device == "gpu":
+            video = video.as_cpu()
+        result = []
+        for k, (path, _) in enumerate(requests):
+            clip = np.asarray(video[k])
+            if clip.shape[1:] != (infos[k].height, infos[k].width, 3):
+                raise VideoError(path, f"DALI returned frames of shape {clip.shape[1:]}")
+            result.append(clip)
+        return result
+
+
+def _say_once(key: str, message: str, _seen: set[str] = set()) -> None:  # noqa: B006
+    if key not in _seen:
+        _seen.add(key)
+        print(f"vosgan.data: {message}", file=sys.stderr)
+
+
+def pick_backend(codec: str, requested: str = "auto") -> tuple[str, str]:
+    """The backend for a file of ``codec`` under ``data.decoder=requested``, and why."""
+    if requested == "pyav":
+        return "pyav", "data.decoder=pyav"
+    if requested not in ("auto", "dali"):
+        raise ValueError(f"decoder must be 'auto', 'dali' or 'pyav', got {requested!r}")
+    gpu_ok, gpu_why = dali_status("gpu")
+    if gpu_ok and codec in DALI_GPU_CODECS:
+        return "dali-gpu", f"{codec} on NVDEC ({gpu_why})"
+    cpu_ok, cpu_why = dali_status("cpu")
+    if cpu_ok and codec in DALI_CPU_CODECS:
+        return "dali-cpu", f"{codec} on DALI's CPU decoder ({gpu_why} for NVDEC)"
+    if requested == "dali":
+        reason = cpu_why if not cpu_ok else f"{gpu_why}, and DALI's CPU decoder lacks {codec}"
+        raise RuntimeError(f"data.decoder=dali cannot decode {codec}: {reason}")
+    why = cpu_why if not cpu_ok else f"{gpu_why}; DALI's CPU decoder has no {codec}"
+    return "pyav", f"{codec} on PyAV ({why})"
+
+
+class AutoDecoder(Decoder):
+    """Picks a backend per file by its codec (:func:`pick_backend`) and says so once per pair.
+
+    Args:
+        requested: ``"auto"`` (fall back to PyAV), ``"dali"`` (DALI or an error) or ``"pyav"``.
+        max_batch: DALI files per pipeline run.
+    """
+
+    name = "auto"
+
+    def __init__(self, requested: str = "auto", max_batch: int = 8) -> None:
+        if requested not in ("auto", "dali", "pyav"):
+            raise ValueError(f"decoder must be 'auto', 'dali' or 'pyav', got {requested!r}")
+        if requested == "dali" and not dali_status("cpu")[0]:
+            raise RuntimeError(f"data.decoder=dali: {dali_status('cpu')[1]}")
+        self.requested, self.max_batch = requested, max_batch
+        self._decoders: dict[str, Decoder] = {}
+        self._backend: dict[str, str] = {}
+
+    def backend_for(self, path: str | Path) -> str:
+        """The backend name ``path`` is decoded with (probed once per file)."""
+        key = str(path)
+        if key not in self._backend:
+            codec = probe(path).codec
+            name, why = pick_backend(codec, self.requested)
+            _say_once(f"{codec}->{name}", f"decoder {name} for {codec} files: {why}")
+            self._backend[key] = name
+        return self._backend[key]
+
+    def _decoder(self, name: str) -> Decoder:
+        if name not in self._decoders:
+            self._decoders[name] = (
+                PyAVDecoder() if name == "pyav" else DaliDecoder(name[5:], self.max_batch)
+            )
+        return self._decoders[name]
+
+    def read_many(self, requests: Sequence[tuple[str | Path, Sequence[int]]]) -> list[np.ndarray]:
+        groups: dict[str, list[int]] = {}
+        for k, (path, _) in enumerate(requests):
+            groups.setdefault(self.backend_for(path), []).append(k)
+        out: list[np.ndarray | None] = [None] * len(requests)
+        for name, ks in groups.items():
+            clips = self._decoder(name).read_many([requests[k] for k in ks])
+            for k, clip in zip(ks, clips, strict=True):
+                out[k] = clip
+        return out  # type: ignore[return-value]
+
+
+def make_decoder(name: str, max_batch: int = 8) -> Decoder:
+    """``"auto"``, ``"dali"``, ``"pyav"``, ``"dali-cpu"`` or ``"dali-gpu"`` -> a decoder."""
+    if name == "pyav":
+        return PyAVDecoder()
+    if name in ("dali-cpu", "dali-gpu"):
+        return DaliDecoder(name[5:], max_batch)
+    if name in ("auto", "dali"):
+        return AutoDecoder(name, max_batch)
+    raise ValueError(f"decoder must be one of auto, dali, pyav, dali-cpu, dali-gpu; got {name!r}")
+
+
+def read_video(
+    path: str | Path, start: int = 0, count: int | None = None, stride: int = 1
+) -> np.ndarray:
+    """Frames ``start, start + stride, ...`` of ``path`` with PyAV: uint8 ``(N, H, W, 3)`` RGB.
+
+    ``count=None`` reads to the last frame that decodes. Fewer frames than ``count`` (or none at
+    or after ``start``) raise :class:`ShortVideoError`.
+    """
+    if count is not None:
+        return PyAVDecoder().read(path, frame_indices(start, count, stride))
+    frame_indices(start, 1, stride)  # validates start and stride
+    got, n = PyAVDecoder.decode(path, lambda i: i >= start and (i - start) % stride == 0)
+    if not got:
+        raise ShortVideoError(path, n, start)
+    return np.stack([got[i] for i in sorted(got)])
