@@ -80,6 +80,15 @@ class DataConfig:
     batch_size: int = 8
     num_workers: int = 0
     cache: bool = False  # render the synthetic clips once into memory
+    # Real video (data.source = a path; see vosgan.data.build). Ignored for "synthetic".
+    decoder: Literal["auto", "dali", "pyav", "cache"] = "auto"  # cache: a prepared clip cache
+    stride: int = 1  # frame step inside a clip (used when fps is 0)
+    fps: float = 0.0  # resample clips to this frame rate; 0 keeps the native rate (and stride)
+    short: Literal["loop", "pad", "skip"] = "loop"  # videos shorter than a clip
+    crop: Literal["center", "random"] = "center"  # square crop after the short-side resize
+    flip: bool = False  # random horizontal flip (seeded per clip)
+    sampling: Literal["seeded", "random"] = "seeded"  # seeded: clip i is a pure function of i
+    split_list: str = "auto"  # UCF-101 split lists: "auto" (01 if present), "none", "1".."3"
 
 
 @dataclass(frozen=True)
@@ -247,6 +256,14 @@ def validate(cfg: Config) -> None:
                 )
     if d.num_workers < 0:
         raise ConfigError(f"data.num_workers must be >= 0, got {d.num_workers}")
+    if d.stride < 1:
+        raise ConfigError(f"data.stride must be >= 1, got {d.stride}")
+    if d.fps < 0 or not math.isfinite(d.fps):
+        raise ConfigError(f"data.fps must be >= 0 (0 = native frame rate), got {d.fps}")
+    if d.split_list not in ("auto", "none", "1", "2", "3"):
+        raise ConfigError(f"data.split_list must be auto, none, 1, 2 or 3, got {d.split_list!r}")
+    if d.source != "synthetic" and not d.source.strip():
+        raise ConfigError("data.source must be 'synthetic' or a dataset path, got ''")
     for name in ("lr_g", "lr_d"):
         if getattr(cfg.optim, name) <= 0:
             raise ConfigError(f"optim.{name} must be > 0, got {getattr(cfg.optim, name)}")
