@@ -1,0 +1,320 @@
+"""FVD / KVD / IS: closed forms, float64 references, extractor errors, and the CLI end to end."""
+
+import contextlib
+import hashlib
+import itertools
+import json
+import math
+import re
+import warnings
+
+import numpy as np
+import pytest
+import scipy.linalg
+import torch
+
+from vosgan import checkpoint, fvd, train
+from vosgan import config as config_mod
+from vosgan.video_metrics import (
+    ExtractorError,
+    frechet_distance,
+    frechet_distance_from_features,
+    gaussian_stats,
+    inception_score,
+    kernel_distance,
+    load_torchscript,
+    polynomial_mmd2,
+    prepare_clips,
+)
+
+CPU = torch.device("cpu")
+
+
+def frechet_reference(f1, f2):
+    """The textbook formula with scipy's general matrix square root, float64."""
+    mu1, mu2 = f1.mean(0), f2.mean(0)
+    s1, s2 = np.cov(f1, rowvar=False), np.cov(f2, rowvar=False)
+    covmean = scipy.linalg.sqrtm(s1 @ s2)
+    assert np.abs(np.imag(covmean)).max() < 1e-6
+    return float(((mu1 - mu2) ** 2).sum() + np.trace(s1 + s2 - 2 * np.real(covmean)))
+
+
+def mmd2_loops(x, y, degree=3, coef=1.0):
+    """Unbiased MMD^2 written out as explicit sums over pairs."""
+    d = x.shape[1]
+    k = lambda a, b: (float(np.dot(a, b)) / d + coef) ** degree
+    m, n = len(x), len(y)
+    xx = sum(k(x[i], x[j]) for i, j in itertools.permutations(range(m), 2)) / (m * (m - 1))
+    yy = sum(k(y[i], y[j]) for i, j in itertools.permutations(range(n), 2)) / (n * (n - 1))
+    xy = sum(k(a, b) for a in x for b in y) / (m * n)
+    return xx + yy - 2 * xy
+
+
+# ---- Frechet distance -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("n1,n2,d", [(40, 40, 16), (57, 33, 7), (300, 200, 24)])
+def test_frechet_matches_scipy_reference(n1, n2, d):
+    rng = np.random.default_rng(n1 + d)
+    mix = rng.standard_normal((d, d))
+    f1 = rng.standard_normal((n1, d)) @ mix
+    f2 = rng.standard_normal((n2, d)) @ (mix + 0.3 * rng.standard_normal((d, d))) + 0.5
+    ref = frechet_reference(f1, f2)
+    assert frechet_distance_from_features(f1, f2) == pytest.approx(ref, rel=1e-9, abs=1e-9)
+    assert frechet_distance_from_features(f2, f1) == pytest.approx(ref, rel=1e-9, abs=1e-9)
+    # float32 torch tensors in, float64 statistics inside
+    t1, t2 = torch.from_numpy(f1).float(), torch.from_numpy(f2).float()
+    ref32 = frechet_reference(t1.double().numpy(), t2.double().numpy())
+    assert frechet_distance_from_features(t1, t2) == pytest.approx(ref32, rel=1e-9)
+
+
+def test_frechet_identical_and_shifted():
+    rng = np.random.default_rng(0)
+    f = rng.standard_normal((64, 12)) * rng.uniform(0.1, 10, 12)
+    assert abs(frechet_distance_from_features(f, f)) < 1e-9 * np.trace(np.cov(f, rowvar=False))
+    shift = rng.standard_normal(12)
+    assert frechet_distance_from_features(f, f + shift) == pytest.approx(shift @ shift, rel=1e-9)
+
+
+def test_frechet_diagonal_closed_form():
+    rng = np.random.default_rng(1)
+    mu1, mu2 = rng.standard_normal(9), rng.standard_normal(9)
+    a, b = rng.uniform(0.01, 5, 9), rng.uniform(0.01, 5, 9)
+    expected = ((mu1 - mu2) ** 2).sum() + ((np.sqrt(a) - np.sqrt(b)) ** 2).sum()
+    assert frechet_distance(mu1, np.diag(a), mu2, np.diag(b)) == pytest.approx(expected, rel=1e-12)
+    # rotating both Gaussians by the same orthogonal matrix changes nothing
+    q, _ = np.linalg.qr(rng.standard_normal((9, 9)))
+    got = frechet_distance(q @ mu1, q @ np.diag(a) @ q.T, q @ mu2, q @ np.diag(b) @ q.T)
+    assert got == pytest.approx(expected, rel=1e-9)
+
+
+def test_frechet_singular_covariances_are_exact():
+    # rank-1 covariances along different axes: W2^2 = 1 + 1 (sqrtm of the singular product is 0)
+    assert frechet_distance(np.zeros(2), np.diag([1.0, 0.0]), np.zeros(2),
+                            np.diag([0.0, 1.0])) == pytest.approx(2.0, abs=1e-12)
+    # all-constant features (a collapsed generator): |mu diff|^2 + trace of the other covariance
+    rng = np.random.default_rng(2)
+    real = rng.standard_normal((50, 5))
+    collapsed = np.ones((50, 5))
+    expected = ((real.mean(0) - 1) ** 2).sum() + np.trace(np.cov(real, rowvar=False))
+    assert frechet_distance_from_features(collapsed, real) == pytest.approx(expected, rel=1e-9)
+
+
+def test_frechet_few_samples_warns():
+    rng = np.random.default_rng(3)
+    with pytest.warns(UserWarning, match="rank-deficient"):
+        value = frechet_distance_from_features(rng.standard_normal((6, 10)),
+                                               rng.standard_normal((30, 10)))
+    assert math.isfinite(value) and value > 0
+
+
+def test_frechet_bad_input():
+    eye = np.eye(3)
+    with pytest.raises(ValueError, match="not positive semi-definite"):
+        frechet_distance(np.zeros(3), np.diag([1.0, -0.5, 1.0]), np.zeros(3), eye)
+    with pytest.raises(ValueError, match="sigma2 is not symmetric"):
+        frechet_distance(np.zeros(3), eye, np.zeros(3), np.triu(np.ones((3, 3))))
+    with pytest.raises(ValueError, match=r"sigma1 must be \(3, 3\)"):
+        frechet_distance(np.zeros(3), np.eye(2), np.zeros(3), eye)
+    with pytest.raises(ValueError, match="mu2 must have shape"):
+        frechet_distance(np.zeros(3), eye, np.zeros(4), eye)
+    with pytest.raises(ValueError, match="at least 2 samples"):
+        gaussian_stats(np.ones((1, 3)))
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        frechet_distance_from_features(np.full((4, 2), np.nan), np.ones((4, 2)))
+    with pytest.raises(ValueError, match="2-D"):
+        frechet_distance_from_features(np.ones(4), np.ones((4, 1)))
+    with pytest.raises(ValueError, match="feature dimensions differ"):
+        frechet_distance_from_features(np.ones((4, 2)), np.ones((4, 3)))
+
+
+# ---- KVD ------------------------------------------------------------------------------------
+
+
+def test_mmd_hand_computed():
+    # d = 1, k(a, b) = (ab + 1)^3: xx pair 1, yy pair 7^3, cross mean (1 + 1 + 27 + 64) / 4
+    x, y = np.array([[0.0], [1.0]]), np.array([[2.0], [3.0]])
+    assert polynomial_mmd2(x, y) == pytest.approx(1 + 343 - 2 * 93 / 4, rel=1e-15)
+
+
+def test_mmd_matches_loops_with_unequal_sizes():
+    rng = np.random.default_rng(4)
+    x, y = rng.standard_normal((7, 5)), rng.standard_normal((9, 5)) + 0.3
+    assert polynomial_mmd2(x, y) == pytest.approx(mmd2_loops(x, y), rel=1e-12)
+
+
+def test_mmd_is_unbiased():
+    rng = np.random.default_rng(5)
+    same = np.array([polynomial_mmd2(rng.standard_normal((8, 4)), rng.standard_normal((8, 4)))
+                     for _ in range(3000)])
+    sem = same.std() / math.sqrt(len(same))
+    assert abs(same.mean()) < 4 * sem  # zero in expectation ...
+    assert (same < 0).mean() > 0.2  # ... so it is often negative (a biased one never is)
+    # linear kernel: the unbiased estimator's expectation is |mu_x - mu_y|^2 / d exactly
+    delta = np.array([1.0, -0.5, 0.0, 2.0])
+    lin = np.array([polynomial_mmd2(rng.standard_normal((6, 4)),
+                                    rng.standard_normal((6, 4)) + delta, degree=1, coef=0.0)
+                    for _ in range(3000)])
+    assert abs(lin.mean() - delta @ delta / 4) < 4 * lin.std() / math.sqrt(len(lin))
+
+
+def test_kernel_distance_subsets():
+    rng = np.random.default_rng(6)
+    x, y = rng.standard_normal((20, 6)), rng.standard_normal((15, 6)) + 1.0
+    mean, std, m = kernel_distance(x, y, num_subsets=1, subset_size=100)
+    assert m == 15 and std == 0.0
+    got = kernel_distance(x, y, num_subsets=5, subset_size=10, seed=3)
+    assert got == kernel_distance(x, y, num_subsets=5, subset_size=10, seed=3)
+    assert got[2] == 10 and got[0] > 0
+    full, _, _ = kernel_distance(x[:15], y, num_subsets=1, subset_size=15)
+    assert full == pytest.approx(polynomial_mmd2(x[:15], y), rel=1e-12)  # row order irrelevant
+    with pytest.raises(ValueError, match="subset_size >= 2"):
+        kernel_distance(x, y, subset_size=1)
+
+
+# ---- IS -------------------------------------------------------------------------------------
+
+
+def test_inception_score_known_cases():
+    assert inception_score(np.zeros((20, 5)), splits=2) == pytest.approx((1.0, 0.0), abs=1e-12)
+    confident = 60.0 * np.eye(4)[np.arange(48) % 4]  # balanced, certain over 4 classes
+    mean, std = inception_score(confident, splits=4)
+    assert mean == pytest.approx(4.0, rel=1e-9) and std < 1e-9
+    one_class = 60.0 * np.eye(4)[np.zeros(10, int)]  # certain but all the same class
+    assert inception_score(one_class, splits=1)[0] == pytest.approx(1.0, abs=1e-9)
+    # hand-computed: p = [.5, .5] and [1, 0]; p(y) = [.75, .25]
+    kl = (0.5 * math.log(0.5 / 0.75) + 0.5 * math.log(0.5 / 0.25) + math.log(1 / 0.75)) / 2
+    probs = np.array([[0.5, 0.5], [1.0, 0.0]])
+    assert inception_score(probs, 1, probabilities=True)[0] == pytest.approx(math.exp(kl), 1e-12)
+    logits = np.log(np.array([[0.5, 0.5], [1 - 1e-12, 1e-12]]))
+    assert inception_score(logits, 1)[0] == pytest.approx(math.exp(kl), rel=1e-9)
+    rng = np.random.default_rng(7)
+    z = rng.standard_normal((30, 6))
+    soft = np.exp(z) / np.exp(z).sum(1, keepdims=True)
+    assert inception_score(z, 3) == pytest.approx(inception_score(soft, 3, probabilities=True))
+    with pytest.raises(ValueError, match="splits must be in"):
+        inception_score(z, splits=31)
+    with pytest.raises(ValueError, match="probabilities must be >= 0"):
+        inception_score(-soft, 1, probabilities=True)
+
+
+# ---- extractor loading and input preparation ------------------------------------------------
+
+
+class TinyExtractor(torch.nn.Module):
+    """Colour means/stds and temporal change per channel: 9-d features; checks its input size."""
+
+    def forward(self, x: torch.Tensor, size: int = 8) -> torch.Tensor:
+        if x.dim() != 5 or x.shape[-1] != size or x.shape[-2] != size:
+            raise RuntimeError("expected (B, 3, T, size, size)")
+        motion = (x[:, :, 1:] - x[:, :, :-1]).abs().mean(dim=(2, 3, 4))
+        return torch.cat([x.mean(dim=(2, 3, 4)), x.std(dim=(2, 3, 4)), motion], dim=1)
+
+
+class TinyClassifier(torch.nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return 4.0 * torch.cat([x.mean(dim=(2, 3, 4)), -x.mean(dim=(1, 2, 3, 4))[:, None]], 1)
+
+
+@pytest.fixture(scope="module")
+def scripted(tmp_path_factory):
+    root = tmp_path_factory.mktemp("scripted")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", ".*torch.jit.script.* is deprecated", DeprecationWarning)
+        torch.jit.script(TinyExtractor()).save(str(root / "extractor.pt"))
+        torch.jit.script(TinyClassifier()).save(str(root / "classifier.pt"))
+    return root
+
+
+def test_load_torchscript_errors(tmp_path, scripted):
+    with pytest.raises(ExtractorError, match="--extractor is required"):
+        load_torchscript(None, "--extractor", CPU)
+    with pytest.raises(ExtractorError, match=r"--extractor .*missing\.pt: no such file"):
+        load_torchscript(tmp_path / "missing.pt", "--extractor", CPU)
+    (tmp_path / "junk.pt").write_bytes(b"not a model")
+    with pytest.raises(ExtractorError, match="--classifier .*not a loadable TorchScript"):
+        load_torchscript(tmp_path / "junk.pt", "--classifier", CPU)
+    torch.save(torch.nn.Linear(2, 2).state_dict(), tmp_path / "state.pt")
+    with pytest.raises(ExtractorError, match="not a loadable TorchScript"):
+        load_torchscript(tmp_path / "state.pt", "--extractor", CPU)
+    model = load_torchscript(scripted / "extractor.pt", "--extractor", CPU)
+    assert not model.training and model(torch.zeros(2, 3, 4, 8, 8)).shape == (2, 9)
+
+
+def test_prepare_clips():
+    video = torch.rand(2, 3, 4, 6, 10) * 2 - 1
+    x = prepare_clips(video, 12)
+    assert x.shape == (2, 3, 4, 12, 12) and x.dtype == torch.float32
+    # short side 6 -> 12 (x2), long side 10 -> 20, centre crop keeps columns 4..15
+    ref = torch.nn.functional.interpolate(video.permute(0, 2, 1, 3, 4).reshape(8, 3, 6, 10),
+                                          size=(12, 20), mode="bilinear", align_corners=False)
+    ref = ref[:, :, :, 4:16].reshape(2, 4, 3, 12, 12).permute(0, 2, 1, 3, 4)
+    torch.testing.assert_close(x, ref)
+    assert torch.equal(prepare_clips(video, None), video)
+    torch.testing.assert_close(prepare_clips(video, None, "[0,1]"), (video + 1) / 2)
+    torch.testing.assert_close(prepare_clips(video, None, "[0,255]"), (video + 1) * 127.5)
+    with pytest.raises(ValueError, match="value_range"):
+        prepare_clips(video, None, "0-1")
+    with pytest.raises(ValueError, match=r"video must be \(B, 3, T, H, W\)"):
+        prepare_clips(video[:, :2], 8)
+
+
+# ---- CLI end to end -------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    """A cpu-small checkpoint after 2 training steps (batch 2)."""
+    cfg = config_mod.load("cpu-small", {"data.batch_size": "2", "train.device": "cpu"})
+    run = train.build_run(cfg, CPU, fused=False)
+    data = train.make_dataset(cfg, "train", 4)
+    for step in range(2):
+        train.train_step(run, data.batch([2 * step, 2 * step + 1])["video"],
+                         contextlib.nullcontext())
+        run.step += 1
+    path = tmp_path_factory.mktemp("ckpt") / "last.pt"
+    checkpoint.save_atomic(run.state(), path)
+    return path
+
+
+def test_cli_end_to_end(tmp_path, scripted, ckpt, capsys):
+    ext, cls = scripted / "extractor.pt", scripted / "classifier.pt"
+    args = ["--checkpoint", str(ckpt), "--extractor", str(ext), "--data", "synthetic",
+            "--num", "12", "--num-real", "14", "--batch-size", "5", "--extractor-size", "8",
+            "--classifier", str(cls), "--classifier-kwargs", "{}", "--is-splits", "2",
+            "--kvd-subsets", "3", "--out", str(tmp_path / "out"), "--save-features",
+            "--extractor-kwargs", '{"size": 8}']
+    assert fvd.main(args) == 0, capsys.readouterr().err
+    result = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    m, p = result["metrics"], result["protocol"]
+    assert set(m) == {"fvd", "kvd", "kvd_std", "is_mean", "is_std"}
+    assert all(math.isfinite(v) for v in m.values()) and m["fvd"] > 0 and m["is_mean"] >= 1
+    assert p["num_generated"] == 12 and p["num_real"] == 14 and p["split"] == "train"
+    assert p["frames"] == 16 and p["resolution"] == [32, 32] and p["checkpoint_step"] == 2
+    assert p["extractor_input"]["shape"] == ["B", 3, 16, 8, 8] and p["feature_dim"] == 9
+    assert p["extractor_sha256"] == hashlib.sha256(ext.read_bytes()).hexdigest()
+    assert p["kvd"]["subset_size"] == 12 and p["classifier_output"] == "logits"
+    feats = np.load(tmp_path / "out" / "features.npz")
+    assert feats["real"].shape == (14, 9) and feats["generated"].shape == (12, 9)
+    assert m["fvd"] == pytest.approx(frechet_distance_from_features(feats["generated"],
+                                                                    feats["real"]))
+    assert "FVD" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        (["--extractor", "{tmp}/none.pt"], "--extractor .*none.pt: no such file"),
+        ([], "--extractor is required"),
+        (["--extractor", "{ext}", "--extractor-size", "16"], "--extractor model failed on input"),
+        (["--extractor", "{ext}", "--extractor-kwargs", "[1]"], "must be a JSON object"),
+        (["--extractor", "{ext}", "--num", "1"], "--num must be >= 2"),
+        (["--extractor", "{ext}", "--data", "{tmp}/nowhere"], "nowhere"),
+    ],
+)
+def test_cli_bad_input(tmp_path, scripted, ckpt, capsys, extra, message):
+    extra = [a.format(tmp=tmp_path, ext=scripted / "extractor.pt") for a in extra]
+    args = ["--checkpoint", str(ckpt), "--num", "4", "--extractor-size", "8",
+            "--out", str(tmp_path / "o"), *extra]
+    assert fvd.main(args) == 2
+    assert re.search(message, capsys.readouterr().err)

@@ -1,0 +1,256 @@
+"""FVD / KVD (/ IS) of a checkpoint's generator against real clips, with a user-supplied extractor.
+
+``python -m vosgan.fvd --checkpoint CKPT --extractor FILE.pt --data PATH|synthetic --num N
+--out DIR``
+
+Generates ``N`` videos with G (eval mode, latents from a generator seeded by ``--seed``), takes
+``--num-real`` (default ``N``) real clips of ``--split`` from ``--data`` at the checkpoint's
+resolution and frame count, runs both through the extractor and writes ``DIR/metrics.json``:
+the metrics and the protocol they were measured under (clip counts, frames, resolutions, split,
+extractor file and SHA-256, its input convention, checkpoint and step).
+
+Extractor contract (a TorchScript file, ``torch.jit.load``; nothing is downloaded): it is called
+as ``extractor(x, **EXTRACTOR_KWARGS)`` with ``x`` float32 ``(B, 3, T, S, S)``, where ``S`` is
+``--extractor-size`` (each frame's short side resized bilinearly to S, centre-cropped) and the
+values are in ``--extractor-range`` (default [-1, 1]); it returns ``(B, D)`` features (a tuple's
+first element is used; extra dims are flattened). For the I3D TorchScript used by StyleGAN-V and
+common FVD code (Kinetics-400, 400-d pre-softmax features): ``--extractor-size 224
+--extractor-range=[-1,1] --extractor-kwargs '{"rescale": false, "resize": false,
+"return_features": true}'``. T is the checkpoint's frame count (16 at cpu-small, 32 at paper).
+``--classifier FILE.pt`` (same input contract, ``--classifier-kwargs``) returns class logits
+(or probabilities with ``--classifier-output probs``) for IS on the generated videos.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+from tqdm import tqdm
+
+from vosgan.config import Config, ConfigError
+from vosgan.data import SyntheticVideos
+from vosgan.evaluate import load_models
+from vosgan.models import Generator
+from vosgan.video_metrics import (
+    ExtractorError,
+    frechet_distance_from_features,
+    inception_score,
+    kernel_distance,
+    load_torchscript,
+    prepare_clips,
+    run_model,
+    sha256_file,
+)
+
+RANGES = ("[-1,1]", "[0,1]", "[0,255]")
+
+
+def real_dataset(cfg: Config, data: str, split: str, num: int) -> Any:
+    """Real clips at the checkpoint's resolution: an object with ``len`` and ``batch(indices)``."""
+    if data == "synthetic":
+        return SyntheticVideos(
+            num, cfg.model.frames, cfg.model.size, seed=cfg.data.seed, split=split, progress=False
+        )
+    try:
+        from vosgan.data.build import make_dataset
+    except ImportError as exc:
+        raise ConfigError(
+            f"--data {data}: real video needs vosgan.data.build ({exc}); use --data synthetic"
+        ) from exc
+    if not Path(data).exists():
+        raise FileNotFoundError(f"--data {data}: no such file or folder")
+    return make_dataset(dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, source=data)),
+                        split, num)
+
+
+def _real_batches(dataset: Any, num: int, batch: int) -> Iterator[Tensor]:
+    for start in range(0, num, batch):
+        yield dataset.batch(list(range(start, min(start + batch, num))))["video"]
+
+
+@torch.no_grad()
+def _fake_batches(G: Generator, num: int, batch: int, seed: int) -> Iterator[Tensor]:
+    device = next(G.parameters()).device
+    gen = torch.Generator(device=device).manual_seed(seed)
+    for start in range(0, num, batch):
+        yield G(*G.sample_latents(min(batch, num - start), device, generator=gen)).video
+
+
+def extract(
+    batches: Iterator[Tensor],
+    models: dict[str, Callable[[Tensor], Tensor]],
+    total: int,
+    desc: str,
+) -> dict[str, np.ndarray]:
+    """Run every model on every batch; ``{name: (N, D) float64}``."""
+    out: dict[str, list[Tensor]] = {k: [] for k in models}
+    with tqdm(total=total, desc=desc, unit="clip", dynamic_ncols=True) as bar:
+        for video in batches:
+            for name, fn in models.items():
+                out[name].append(fn(video))
+            bar.update(video.shape[0])
+    return {k: torch.cat(v).double().numpy() for k, v in out.items()}
+
+
+def _json_arg(flag: str, text: str) -> dict[str, Any]:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{flag} must be a JSON object, got {text!r} ({exc})") from exc
+    if not isinstance(value, dict):
+        raise ConfigError(f"{flag} must be a JSON object, got {text!r}")
+    return value
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m vosgan.fvd",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--checkpoint", required=True, help="checkpoint file or run folder")
+    p.add_argument("--extractor", default=None, help="TorchScript feature extractor (.pt)")
+    p.add_argument("--data", default="synthetic", help="'synthetic' or a dataset path")
+    p.add_argument("--split", default="train", help="split of --data the real clips come from")
+    p.add_argument("--num", type=int, default=2048, help="generated videos")
+    p.add_argument("--num-real", type=int, default=None, help="real clips (default: --num)")
+    p.add_argument("--out", required=True, help="output folder (metrics.json)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--seed", type=int, default=0, help="latent seed of the generated videos")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--extractor-size", type=int, default=224, help="input side S; 0 = as is")
+    p.add_argument("--extractor-range", default="[-1,1]", choices=RANGES)
+    p.add_argument("--extractor-kwargs", default="{}", help="JSON keyword arguments")
+    p.add_argument("--classifier", default=None, help="TorchScript classifier for IS (.pt)")
+    p.add_argument("--classifier-kwargs", default="{}", help="JSON keyword arguments")
+    p.add_argument("--classifier-output", default="logits", choices=("logits", "probs"))
+    p.add_argument("--is-splits", type=int, default=10)
+    p.add_argument("--kvd-subsets", type=int, default=100)
+    p.add_argument("--kvd-subset-size", type=int, default=1000)
+    p.add_argument("--save-features", action="store_true", help="also write DIR/features.npz")
+    args = p.parse_args(argv)
+    args.num_real = args.num if args.num_real is None else args.num_real
+    for flag, value, low in (("--num", args.num, 2), ("--num-real", args.num_real, 2),
+                             ("--batch-size", args.batch_size, 1),
+                             ("--extractor-size", args.extractor_size, 0)):
+        if value < low:
+            raise ConfigError(f"{flag} must be >= {low}, got {value}")
+    args.extractor_kwargs = _json_arg("--extractor-kwargs", args.extractor_kwargs)
+    args.classifier_kwargs = _json_arg("--classifier-kwargs", args.classifier_kwargs)
+    return args
+
+
+def evaluate(args: argparse.Namespace) -> dict[str, Any]:
+    """Load everything, extract features, compute the metrics; returns the result dict."""
+    device = torch.device(args.device)
+    extractor = load_torchscript(args.extractor, "--extractor", device)  # fail before G runs
+    classifier = (
+        load_torchscript(args.classifier, "--classifier", device) if args.classifier else None
+    )
+    cfg, G, _, ckpt = load_models(args.checkpoint, device)
+    G.eval()
+    size = args.extractor_size or None
+
+    def wrap(model: torch.nn.Module, kwargs: dict[str, Any], flag: str) -> Callable:
+        def fn(video: Tensor) -> Tensor:
+            x = prepare_clips(video.to(device), size, args.extractor_range)
+            return run_model(model, x, kwargs, flag)
+
+        return fn
+
+    feat = {"features": wrap(extractor, args.extractor_kwargs, "--extractor")}
+    dataset = real_dataset(cfg, args.data, args.split, args.num_real)
+    num_real = min(args.num_real, len(dataset))
+    if num_real < 2:
+        raise ConfigError(f"--data {args.data} split {args.split!r} has {len(dataset)} clip(s)")
+    t0 = time.perf_counter()
+    real = extract(_real_batches(dataset, num_real, args.batch_size), feat, num_real, "real")
+    fake_models = dict(feat)
+    if classifier is not None:
+        fake_models["logits"] = wrap(classifier, args.classifier_kwargs, "--classifier")
+    fake = extract(_fake_batches(G, args.num, args.batch_size, args.seed), fake_models, args.num,
+                   "generated")
+    fr, ff = real["features"], fake["features"]
+    kvd, kvd_std, subset = kernel_distance(ff, fr, args.kvd_subsets, args.kvd_subset_size)
+    metrics: dict[str, Any] = {"fvd": frechet_distance_from_features(ff, fr),
+                               "kvd": kvd, "kvd_std": kvd_std}
+    if classifier is not None:
+        is_mean, is_std = inception_score(fake["logits"], args.is_splits,
+                                          probabilities=args.classifier_output == "probs")
+        metrics.update(is_mean=is_mean, is_std=is_std)
+    frames, res = cfg.model.frames, cfg.model.size
+    protocol = {
+        "num_generated": args.num,
+        "num_real": num_real,
+        "frames": frames,
+        "resolution": [res, res],
+        "data": args.data,
+        "split": args.split,
+        "generator_seed": args.seed,
+        "generator_mode": "eval",
+        "checkpoint": ckpt["path"],
+        "checkpoint_step": ckpt["step"],
+        "preset": cfg.preset,
+        "extractor": str(Path(args.extractor).resolve()),
+        "extractor_sha256": sha256_file(args.extractor),
+        "extractor_input": {
+            "shape": ["B", 3, frames, size or res, size or res],
+            "range": args.extractor_range,
+            "resize": "short side bilinear + centre crop" if size else "none",
+            "kwargs": args.extractor_kwargs,
+        },
+        "feature_dim": int(fr.shape[1]),
+        "kvd": {"kernel": "(x.y/d + 1)^3", "estimator": "unbiased MMD^2",
+                "subsets": args.kvd_subsets, "subset_size": subset},
+        "dtype": "float32 features, float64 statistics",
+        "device": str(device),
+        "torch": torch.__version__,
+        "seconds": round(time.perf_counter() - t0, 2),
+    }
+    if classifier is not None:
+        protocol.update(classifier=str(Path(args.classifier).resolve()),
+                        classifier_sha256=sha256_file(args.classifier),
+                        classifier_kwargs=args.classifier_kwargs,
+                        classifier_output=args.classifier_output, is_splits=args.is_splits)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    result = {"metrics": metrics, "protocol": protocol}
+    (out / "metrics.json").write_text(json.dumps(result, indent=2))
+    if args.save_features:
+        np.savez(out / "features.npz", real=fr, generated=ff, **(
+            {"logits": fake["logits"]} if classifier is not None else {}))
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = parse_args(argv)
+        result = evaluate(args)
+    except (ConfigError, ExtractorError, FileNotFoundError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    m, pr = result["metrics"], result["protocol"]
+    line = (f"FVD {m['fvd']:.3f}  KVD {m['kvd']:.5f} (+-{m['kvd_std']:.5f})"
+            + (f"  IS {m['is_mean']:.3f} (+-{m['is_std']:.3f})" if "is_mean" in m else ""))
+    print(line)
+    print(f"protocol: {pr['num_generated']} generated vs {pr['num_real']} real clips "
+          f"({pr['data']}, split {pr['split']}), {pr['frames']} frames at "
+          f"{pr['resolution'][0]}x{pr['resolution'][1]}, extractor input "
+          f"{pr['extractor_input']['shape'][3]}px {pr['extractor_input']['range']}, "
+          f"sha256 {pr['extractor_sha256'][:12]}")
+    print(f"wrote {Path(args.out) / 'metrics.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
