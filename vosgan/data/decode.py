@@ -164,10 +164,13 @@ class PyAVDecoder(Decoder):
 
     @staticmethod
     def decode(
-        path: str | Path, keep: Callable[[int], bool], last: int | None = None
+        path: str | Path, keep: Callable[[int], bool], last: int | None = None,
+        size: int | None = None,
     ) -> tuple[dict[int, np.ndarray], int]:
         """Decode frames ``0..last`` (or to the end), converting those where ``keep(i)``.
 
+        ``size`` resizes the short side (aspect kept) inside the YUV->RGB conversion (swscale,
+        area filter), cheaper than converting at full size and resizing after.
         Returns the kept frames by index and the number of frames decoded. A decoding error
         after the first frame ends the decode early (the file is truncated or corrupt there).
         """
@@ -176,10 +179,16 @@ class PyAVDecoder(Decoder):
         with _open(path) as c:
             s = c.streams.video[0]
             s.thread_type = "AUTO"
+            kw: dict[str, Any] = {}
+            if size is not None:
+                w, h = s.codec_context.width, s.codec_context.height
+                kw = {"width": size, "height": max(1, round(h * size / w))} if w <= h else {
+                    "width": max(1, round(w * size / h)), "height": size}
+                kw["interpolation"] = "AREA"
             try:
                 for frame in c.decode(s):
                     if keep(n):
-                        got[n] = frame.to_ndarray(format="rgb24")
+                        got[n] = frame.to_ndarray(format="rgb24", **kw)
                     n += 1
                     if last is not None and n > last:
                         break

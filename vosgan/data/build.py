@@ -1,0 +1,191 @@
+"""``make_dataset(cfg, split, num_clips)``: the dataset ``data.source`` names, chosen by layout.
+
+``data.source`` is ``"synthetic"`` (the built-in procedural video) or a path:
+
+- a prepared clip cache (a folder with ``index.json`` from ``python -m vosgan.data.prepare``);
+- a video file, or a folder of videos (``.mp4 .avi .webm .mkv .mov .m4v``, searched recursively),
+  optionally one subfolder per class (UCF-101); labels come from ``classInd.txt`` when present
+  (``1 ApplyEyeMakeup`` per line, 1-based), else from the sorted class folder names;
+  ``trainlistNN.txt`` / ``testlistNN.txt`` (in the folder or its ``ucfTrainTestlist/``) select the
+  videos of the ``train`` and ``val``/``test`` splits (``data.split_list``);
+- frame folders: DAVIS (``JPEGImages/480p/<seq>``) or ``<seq>/frames`` (+ ``masks``), see
+  :mod:`vosgan.data.frames`.
+
+Without split lists every split draws from all videos, with different clip seeds per split.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from vosgan.config import Config, ConfigError
+from vosgan.data.decode import make_decoder
+from vosgan.data.frames import IMAGE_SUFFIXES
+from vosgan.data.synthetic import SyntheticVideos
+from vosgan.data.video import ClipDataset, FrameFolderSource, Source, VideoFileSource
+
+VIDEO_SUFFIXES = (".mp4", ".avi", ".webm", ".mkv", ".mov", ".m4v")
+LIST_DIRS = ("", "ucfTrainTestlist")
+
+
+def find_videos(root: str | Path) -> list[Path]:
+    """Video files under ``root`` (recursive, sorted by relative path), or ``[root]`` for a file."""
+    root = Path(root)
+    if root.is_file():
+        return [root]
+    found = []
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        dirnames.sort()
+        found += [Path(dirpath, f) for f in sorted(filenames)
+                  if Path(f).suffix.lower() in VIDEO_SUFFIXES]
+    return found
+
+
+def _list_file(root: Path, name: str) -> Path | None:
+    for d in LIST_DIRS:
+        if (root / d / name).is_file():
+            return root / d / name
+    return None
+
+
+def parse_class_index(path: str | Path) -> dict[str, int]:
+    """``classInd.txt`` (``<1-based id> <ClassName>`` per line) -> {lower-case name: 0-based id}."""
+    out: dict[str, int] = {}
+    for n, line in enumerate(Path(path).read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        parts = line.split()
+        if len(parts) != 2 or not parts[0].isdigit() or int(parts[0]) < 1:
+            raise ValueError(f"{path}:{n}: expected '<id> <ClassName>' with id >= 1, got {line!r}")
+        out[parts[1].lower()] = int(parts[0]) - 1
+    if not out:
+        raise ValueError(f"{path}: no classes")
+    return out
+
+
+def parse_split_list(path: str | Path) -> dict[str, int]:
+    """A UCF-101 split list -> {lower-case relative path: 0-based label, or -1 if not given}.
+
+    Lines are ``Class/v_Class_g08_c01.avi 1`` (train lists) or ``Class/v_Class_g01_c01.avi``
+    (test lists). Names compare case-insensitively: the official lists spell one class
+    ``HandStandPushups`` while its folder is ``HandstandPushups``.
+    """
+    out: dict[str, int] = {}
+    for n, line in enumerate(Path(path).read_text().splitlines(), 1):
+        parts = line.split()
+        if not parts:
+            continue
+        if len(parts) > 2 or (len(parts) == 2 and (not parts[1].isdigit() or int(parts[1]) < 1)):
+            raise ValueError(f"{path}:{n}: expected '<relative path> [<label >= 1>]', got {line!r}")
+        out[parts[0].replace("\\", "/").lower()] = int(parts[1]) - 1 if len(parts) == 2 else -1
+    if not out:
+        raise ValueError(f"{path}: empty split list")
+    return out
+
+
+def labelled_videos(root: str | Path, split: str, split_list: str = "auto"
+                    ) -> list[tuple[Path, int]]:
+    """The ``(path, label)`` videos of ``split`` under ``root`` (label -1 when unlabeled).
+
+    Args:
+        split: ``"train"`` uses ``trainlistNN.txt``; ``"val"``/``"test"`` use ``testlistNN.txt``;
+            ``"all"`` ignores the lists.
+        split_list: ``"auto"`` (list 01 when present), ``"none"``, or ``"1"``..``"3"``.
+    """
+    root = Path(root)
+    files = find_videos(root)
+    if not files:
+        raise ValueError(f"no video files ({', '.join(VIDEO_SUFFIXES)}) under {root}")
+    if root.is_file():
+        return [(root, -1)]
+    rel = {f: f.relative_to(root).as_posix() for f in files}
+    labels: dict[str, int] = {}
+    classes = sorted({r.split("/")[0].lower() for r in rel.values() if "/" in r})
+    if all("/" in r for r in rel.values()) and classes:
+        ind = _list_file(root, "classInd.txt")
+        labels = parse_class_index(ind) if ind else {c: k for k, c in enumerate(classes)}
+        unknown = [c for c in classes if c not in labels]
+        if unknown:
+            raise ValueError(f"{ind}: no id for class folder(s) {unknown[:5]}")
+    chosen = None
+    if split_list != "none" and split != "all":
+        number = "01" if split_list == "auto" else f"{int(split_list):02d}"
+        name = f"{'train' if split == 'train' else 'test'}list{number}.txt"
+        path = _list_file(root, name)
+        if path is None and split_list != "auto":
+            raise FileNotFoundError(f"data.split_list={split_list}: no {name} in {root} or "
+                                    f"{root / 'ucfTrainTestlist'}")
+        chosen = parse_split_list(path) if path else None
+    out = []
+    for f in files:
+        r = rel[f].lower()
+        if chosen is not None and r not in chosen:
+            continue
+        label = labels.get(r.split("/")[0], -1) if labels else -1
+        if chosen is not None and chosen[r] >= 0:
+            label = chosen[r]
+        out.append((f, label))
+    if not out:
+        raise ValueError(f"{root}: the {split} split list selects none of the {len(files)} "
+                         "videos found (names are compared as <class>/<file>)")
+    return out
+
+
+def layout(root: str | Path) -> str:
+    """``"cache"``, ``"videos"`` or ``"frames"``: how ``root`` is laid out."""
+    root = Path(root)
+    if not root.exists():
+        raise FileNotFoundError(f"data.source={str(root)!r}: no such file or folder")
+    if root.is_file():
+        if root.suffix.lower() in VIDEO_SUFFIXES:
+            return "videos"
+        raise ValueError(f"data.source={str(root)!r} is a file but not a video "
+                         f"({', '.join(VIDEO_SUFFIXES)})")
+    if (root / "index.json").is_file() or (root / "progress.jsonl").is_file():
+        return "cache"
+    if (root / "JPEGImages").is_dir() or (root / "frames").is_dir():
+        return "frames"
+    for _, _, filenames in os.walk(root):
+        for f in filenames:
+            suffix = Path(f).suffix.lower()
+            if suffix in VIDEO_SUFFIXES:
+                return "videos"
+            if suffix in IMAGE_SUFFIXES:
+                return "frames"
+    raise ValueError(f"data.source={str(root)!r}: no videos, frame folders or prepared cache "
+                     "found")
+
+
+def make_source(cfg: Config, split: str) -> Source:
+    """The :class:`Source` for ``cfg.data.source`` (a path) and ``split``."""
+    d = cfg.data
+    kind = layout(d.source)
+    if d.decoder == "cache" and kind != "cache":
+        raise ConfigError(f"data.decoder=cache but data.source={d.source!r} is not a prepared "
+                          "cache; run python -m vosgan.data.prepare SRC --out CACHE first")
+    if kind == "cache":
+        from vosgan.data.cache import CacheSource
+
+        return CacheSource(d.source, split=split, split_list=d.split_list)
+    if kind == "frames":
+        return FrameFolderSource(d.source)
+    files = labelled_videos(d.source, split, d.split_list)
+    return VideoFileSource(files, make_decoder(d.decoder, max_batch=d.batch_size), d.source)
+
+
+def make_dataset(cfg: Config, split: str, num_clips: int) -> Any:
+    """The dataset ``cfg.data.source`` names, with ``num_clips`` clips of ``split``.
+
+    Returns :class:`SyntheticVideos` or :class:`ClipDataset`: both have ``len``, ``[i]`` and
+    ``batch(indices)`` -> ``video`` float32 ``(B, 3, T, H, W)`` in [-1, 1], plus ``mask``
+    ``(B, 1, T, H, W)`` when the data has masks and ``label`` int64 ``(B,)`` for class folders.
+    """
+    d, m = cfg.data, cfg.model
+    if d.source == "synthetic":
+        return SyntheticVideos(num_clips, m.frames, m.size, seed=d.seed, split=split,
+                               cache=d.cache)
+    return ClipDataset(make_source(cfg, split), num_clips, m.frames, m.size, seed=d.seed,
+                       split=split, stride=d.stride, fps=d.fps, short=d.short, crop=d.crop,
+                       flip=d.flip, sampling=d.sampling)

@@ -1,0 +1,245 @@
+"""Pre-decoded uint8 clip cache: memory-mapped shards + a JSON index; no decoding when training.
+
+Folder layout (written by :class:`CacheWriter`, i.e. ``python -m vosgan.data.prepare``)::
+
+    index.json           {"format", "version", "size", "source", "source_checksum", "has_masks",
+                          "videos": [{name, label, fps, length, height, width, shard, offset,
+                                      mask_offset}], "skipped": [[name, reason]]}
+    shard_00000.bin      frames, uint8 (length, height, width, 3) per video, back to back
+    mask_00000.bin       masks, uint8 0/1 (length, height, width) per video (frame folders only)
+    progress.jsonl       while preparing: a header line, then one line per finished video
+    trainlist01.txt ...  split lists and classInd.txt copied from the source, if any
+
+Videos are stored whole with the short side resized to ``size`` (aspect kept), so clip sampling
+(start, stride, fps), cropping and flipping stay training-time choices. A shard grows until it
+passes ``shard_bytes``. Resume: each video's bytes are flushed and fsync'ed before its line is
+appended to ``progress.jsonl``; a restart truncates the shards to the last recorded end and goes
+on with the next video. ``index.json`` is written last (atomically): its presence marks a complete
+cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from vosgan.data.video import Frames, Item, Source
+
+FORMAT, VERSION = "vosgan-clip-cache", 1
+INDEX, PROGRESS = "index.json", "progress.jsonl"
+
+
+def source_checksum(names: Iterable[tuple[str, int]], settings: dict[str, Any]) -> str:
+    """sha256 of the ``(relative name, byte size)`` source list and the prepare settings."""
+    h = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
+    for name, size in names:
+        h.update(f"{name}\t{size}\n".encode())
+    return h.hexdigest()
+
+
+def _shard(root: Path, kind: str, k: int) -> Path:
+    return root / f"{kind}_{k:05d}.bin"
+
+
+class CacheWriter:
+    """Appends whole videos to the shards of ``root``; resumes a previous, unfinished run.
+
+    Args:
+        root: cache folder (created). header: ``{"size", "source", "source_checksum", ...}``;
+            a resumed run must have the same ``source_checksum``.
+        shard_bytes: start a new shard once the current one holds this many bytes.
+        force: discard an existing cache or progress with another checksum instead of failing.
+    """
+
+    def __init__(self, root: str | Path, header: dict[str, Any], shard_bytes: int = 1 << 30,
+                 force: bool = False) -> None:
+        self.root, self.header, self.shard_bytes = Path(root), dict(header), shard_bytes
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.entries: list[dict[str, Any]] = []
+        progress = self.root / PROGRESS
+        old = self._previous()
+        if old is not None and old.get("source_checksum") != header["source_checksum"]:
+            if not force:
+                raise ValueError(
+                    f"{self.root} holds a cache of another source list or settings (checksum "
+                    f"{str(old.get('source_checksum'))[:12]} != {header['source_checksum'][:12]})"
+                    "; pass --force to overwrite it or choose another --out")
+            old = None
+        if old is None:
+            for p in [*self.root.glob("shard_*.bin"), *self.root.glob("mask_*.bin"),
+                      self.root / INDEX]:
+                p.unlink(missing_ok=True)
+            progress.write_text(json.dumps(header) + "\n")
+        elif (self.root / INDEX).is_file():
+            self.entries = json.loads((self.root / INDEX).read_text())["videos"]
+            self.complete = True
+            return
+        else:
+            lines = progress.read_text().splitlines()[1:]
+            for line in lines:
+                try:
+                    self.entries.append(json.loads(line))
+                except json.JSONDecodeError:
+                    break  # a line cut by the interruption: that video is redone
+            self._truncate()
+        self.complete = False
+
+    def _previous(self) -> dict[str, Any] | None:
+        for name in (INDEX, PROGRESS):
+            p = self.root / name
+            if p.is_file():
+                try:
+                    return json.loads(p.read_text().splitlines()[0])
+                except (json.JSONDecodeError, IndexError):
+                    return {}
+        return None
+
+    def _truncate(self) -> None:
+        """Cut every shard to the end of its last recorded video; rewrite the progress file."""
+        ends: dict[tuple[str, int], int] = {}
+        for e in self.entries:
+            if "shard" in e:
+                n = e["length"] * e["height"] * e["width"]
+                ends[("shard", e["shard"])] = e["offset"] + 3 * n
+                if e.get("mask_offset") is not None:
+                    ends[("mask", e["shard"])] = e["mask_offset"] + n
+        for p in [*self.root.glob("shard_*.bin"), *self.root.glob("mask_*.bin")]:
+            kind, k = p.stem.split("_")
+            end = ends.get((kind, int(k)), 0)
+            if end == 0:
+                p.unlink()
+            elif p.stat().st_size > end:
+                os.truncate(p, end)
+        lines = [json.dumps(self.header)] + [json.dumps(e) for e in self.entries]
+        (self.root / PROGRESS).write_text("\n".join(lines) + "\n")
+
+    @property
+    def done(self) -> int:
+        """Number of source videos already handled (written or skipped)."""
+        return len(self.entries)
+
+    def _record(self, entry: dict[str, Any]) -> None:
+        with open(self.root / PROGRESS, "a") as f:
+            f.write(json.dumps(entry) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        self.entries.append(entry)
+
+    def skip(self, name: str, reason: str) -> None:
+        """Record an unusable source video."""
+        self._record({"name": name, "skipped": reason})
+
+    def add(self, name: str, video: np.ndarray, masks: np.ndarray | None, fps: float,
+            label: int) -> None:
+        """Append one video: uint8 ``(N, H, W, 3)`` frames, optional bool ``(N, H, W)`` masks."""
+        if video.dtype != np.uint8 or video.ndim != 4 or video.shape[-1] != 3:
+            raise ValueError(f"{name}: video must be uint8 (N, H, W, 3), got {video.dtype} "
+                             f"{video.shape}")
+        written = [e for e in self.entries if "shard" in e]
+        shard = written[-1]["shard"] if written else 0
+        path = _shard(self.root, "shard", shard)
+        if path.exists() and path.stat().st_size >= self.shard_bytes:
+            shard += 1
+            path = _shard(self.root, "shard", shard)
+        entry: dict[str, Any] = {"name": name, "label": label, "fps": fps,
+                                 "length": video.shape[0], "height": video.shape[1],
+                                 "width": video.shape[2], "shard": shard, "mask_offset": None}
+        for kind, data in (("shard", video), ("mask", masks)):
+            if data is None:
+                continue
+            p = _shard(self.root, kind, shard)
+            with open(p, "ab") as f:
+                offset = f.tell()
+                f.write(np.ascontiguousarray(data, np.uint8).tobytes())
+                f.flush()
+                os.fsync(f.fileno())
+            entry["offset" if kind == "shard" else "mask_offset"] = offset
+        self._record(entry)
+
+    def finish(self) -> dict[str, Any]:
+        """Write ``index.json`` (atomically) and drop the progress file; returns the index."""
+        videos = [e for e in self.entries if "shard" in e]
+        index = {**self.header, "format": FORMAT, "version": VERSION,
+                 "has_masks": bool(videos) and all(e["mask_offset"] is not None for e in videos),
+                 "videos": videos,
+                 "skipped": [[e["name"], e["skipped"]] for e in self.entries if "skipped" in e]}
+        tmp = self.root / (INDEX + ".tmp")
+        tmp.write_text(json.dumps(index))
+        os.replace(tmp, self.root / INDEX)
+        (self.root / PROGRESS).unlink(missing_ok=True)
+        self.complete = True
+        return index
+
+
+def read_index(root: str | Path) -> dict[str, Any]:
+    """The index of a complete cache (clear errors for unfinished or foreign folders)."""
+    root = Path(root)
+    if not (root / INDEX).is_file():
+        if (root / PROGRESS).is_file():
+            raise ValueError(f"{root}: the cache is incomplete (interrupted prepare); run "
+                             "python -m vosgan.data.prepare again with the same SRC to resume")
+        raise FileNotFoundError(f"{root / INDEX} does not exist (not a prepared cache)")
+    index = json.loads((root / INDEX).read_text())
+    if index.get("format") != FORMAT or index.get("version") != VERSION:
+        raise ValueError(f"{root / INDEX}: not a {FORMAT} v{VERSION} index")
+    if not index["videos"]:
+        raise ValueError(f"{root}: the cache holds no usable video")
+    return index
+
+
+class CacheSource(Source):
+    """A prepared cache as a :class:`Source`: frames are sliced from memory-mapped shards.
+
+    Args:
+        root: the cache folder. split, split_list: as in :func:`vosgan.data.build.labelled_videos`,
+            applied to the stored relative names with the split lists copied into the cache.
+    """
+
+    def __init__(self, root: str | Path, split: str = "all", split_list: str = "auto") -> None:
+        from vosgan.data.build import _list_file, parse_split_list
+
+        self.root = str(root)
+        index = read_index(root)
+        self.size, self.has_masks = index["size"], index["has_masks"]
+        videos = index["videos"]
+        if split_list != "none" and split != "all":
+            number = "01" if split_list == "auto" else f"{int(split_list):02d}"
+            name = f"{'train' if split == 'train' else 'test'}list{number}.txt"
+            path = _list_file(Path(root), name)
+            if path is None and split_list != "auto":
+                raise FileNotFoundError(f"data.split_list={split_list}: no {name} in {root}")
+            if path is not None:
+                chosen = parse_split_list(path)
+                videos = [dict(v, label=chosen[v["name"].lower()] if chosen[v["name"].lower()]
+                               >= 0 else v["label"]) for v in videos if v["name"].lower() in chosen]
+                if not videos:
+                    raise ValueError(f"{path} selects none of the videos in {root}")
+        self.videos = videos
+        self.items = [Item(v["name"], v["length"], v["fps"], v["label"]) for v in videos]
+        self._maps: dict[tuple[str, int], np.memmap] = {}
+
+    def _map(self, kind: str, shard: int) -> np.memmap:
+        key = (kind, shard)
+        if key not in self._maps:  # opened lazily: each loader worker maps its own
+            self._maps[key] = np.memmap(_shard(Path(self.root), kind, shard), np.uint8, "r")
+        return self._maps[key]
+
+    def read(self, requests: Sequence[tuple[int, list[int]]], size: int) -> list[Frames]:
+        out: list[Frames] = []
+        for k, idx in requests:
+            v = self.videos[k]
+            n, h, w = v["length"], v["height"], v["width"]
+            frames = self._map("shard", v["shard"])[v["offset"] : v["offset"] + n * h * w * 3]
+            video = frames.reshape(n, h, w, 3)[idx]  # fancy indexing: copies only these frames
+            masks = None
+            if self.has_masks:
+                m = self._map("mask", v["shard"])[v["mask_offset"] : v["mask_offset"] + n * h * w]
+                masks = m.reshape(n, h, w)[idx].astype(bool)
+            out.append((video, masks))
+        return out
