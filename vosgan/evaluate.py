@@ -1,25 +1,48 @@
-"""Evaluate a checkpoint: ``python -m vosgan.evaluate --checkpoint CKPT [--clips N] [--json FILE]``.
+"""Evaluate a checkpoint on synthetic clips, or on DAVIS-style real video with J&F.
 
-On held-out synthetic clips: IoU of D's segmentation against the ground-truth masks and the
-end-point error of D's flow against the ground-truth flow, next to a frame-difference baseline
-(segmentation) and zero flow, computed by the same metric code.
+``python -m vosgan.evaluate --checkpoint CKPT [--clips N] [--json FILE]``: on held-out synthetic
+clips, IoU of D's segmentation against the ground-truth masks and the end-point error of D's
+flow against the ground-truth flow, next to a frame-difference baseline (segmentation) and zero
+flow, computed by the same metric code.
+
+``python -m vosgan.evaluate --davis ROOT [--checkpoint CKPT] --out DIR``: unsupervised video
+object segmentation on every sequence with masks under ``ROOT`` (layouts:
+:func:`vosgan.data.frames.find_sequences`): D's segmentation (:func:`vosgan.segment.segment_frames`)
+and three baselines scored by the same code (:mod:`vosgan.davis_metrics`): J and F per sequence
+(mean, recall, decay) and their means, printed and written to ``DIR/davis_jf.csv``,
+``DIR/davis_jf.json`` and ``DIR/davis_protocol.md`` with the protocol card. Without
+``--checkpoint`` only the baselines are scored. Baselines (nothing learned, nothing tuned):
+
+- ``frame-difference``: :func:`vosgan.metrics.frame_difference_saliency` on the whole sequence
+  at the working resolution (the model's input size), upsampled, ``> threshold``;
+- ``all-foreground``: every pixel foreground;
+- ``centre-prior``: a Gaussian centred in the frame whose 0.5 level set (the mask at the default
+  threshold) is the ellipse with semi-axes W/4 and H/4 (the middle half of each axis, 19.6% of
+  the frame), the same for every frame.
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
+import datetime
+import hashlib
 import json
+import math
+import platform
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from vosgan import checkpoint
+from vosgan import davis_metrics as dm
 from vosgan.config import Config
 from vosgan.data import SyntheticVideos
-from vosgan.metrics import EvalResult, evaluate_predictions
+from vosgan.metrics import EvalResult, evaluate_predictions, frame_difference_saliency
 from vosgan.models import Discriminator, Generator
 from vosgan.viz import sample_grid, write_video
 
@@ -111,15 +134,229 @@ def load_models(
     return cfg, G, D, ckpt
 
 
+BASELINES = ("frame-difference", "all-foreground", "centre-prior")
+DEFAULT_SIZE = 64  # working resolution without a checkpoint: the paper preset's
+
+
+def centre_prior(height: int, width: int) -> np.ndarray:
+    """``(H, W)`` float32 Gaussian; its 0.5 level set is the ellipse with semi-axes W/4, H/4."""
+    s = math.sqrt(2 * math.log(2))  # exp(-r^2 / 2) = 0.5 at r = s
+    y = ((np.arange(height) + 0.5) - height / 2) / (height / 4) * s
+    x = ((np.arange(width) + 0.5) - width / 2) / (width / 4) * s
+    return np.exp(-(y[:, None] ** 2 + x[None, :] ** 2) / 2).astype(np.float32)
+
+
+def baseline_probabilities(method: str, frames: np.ndarray, size: int, fit: str = "tiles"
+                           ) -> np.ndarray:
+    """A baseline's foreground probability ``(N, H, W)`` float32 for uint8 ``(N, H, W, 3)``."""
+    from vosgan.segment import resize_frames, upsample, working_size
+
+    n, h, w = frames.shape[:3]
+    if method == "all-foreground":
+        return np.ones((n, h, w), np.float32)
+    if method == "centre-prior":
+        return np.broadcast_to(centre_prior(h, w), (n, h, w))
+    if method == "frame-difference":
+        if n < 2:
+            raise ValueError("the frame-difference baseline needs >= 2 frames")
+        video = resize_frames(frames, working_size(h, w, size, fit))[None]
+        return upsample(frame_difference_saliency(video)[0, 0], (h, w))
+    raise ValueError(f"unknown baseline {method!r}; choose from {BASELINES}")
+
+
+def sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def evaluate_davis(root: str | Path, D: Discriminator | None = None, size: int = DEFAULT_SIZE,
+                   frames_per_window: int | None = None, threshold: float = 0.5,
+                   conv: str = "davis2016", fit: str = "tiles", stride: int | None = None,
+                   sequences: list[str] | None = None, max_frames: int | None = None,
+                   methods: tuple[str, ...] = BASELINES, backend: str = "auto",
+                   progress: bool = True) -> dict[str, Any]:
+    """J&F of D (when given; method ``"model"``) and of ``methods`` on a DAVIS-style root.
+
+    Returns:
+        ``{"convention": name, "sequences": [names], "methods": {method: {"rows":
+        [SequenceScore.as_row()], "mean": summarize(...), "per_frame": {seq: {"frames", "J",
+        "F"}}}}}``.
+    """
+    from tqdm import tqdm
+
+    from vosgan.data.frames import find_sequences, load_frames, load_masks
+    from vosgan.segment import segment_frames
+
+    if not 0.0 <= threshold < 1.0:
+        raise ValueError(f"threshold must be in [0, 1), got {threshold}")
+    c = dm.convention(conv)
+    seqs = [s for s in find_sequences(root) if s.masks is not None]
+    if sequences:
+        missing = sorted(set(sequences) - {s.name for s in seqs})
+        if missing:
+            raise ValueError(f"--sequences: {missing} not found with masks under {root}")
+        seqs = [s for s in seqs if s.name in sequences]
+    if not seqs:
+        raise ValueError(f"no sequence with masks under {root}")
+    names = (("model",) if D is not None else ()) + tuple(methods)
+    scores: dict[str, list[dm.SequenceScore]] = {m: [] for m in names}
+    for seq in tqdm(seqs, desc="davis", unit="seq", disable=not progress, dynamic_ncols=True):
+        idx = list(range(min(len(seq), max_frames or len(seq))))
+        frames, gt = load_frames(seq, indices=idx), load_masks(seq, indices=idx)
+        for m in names:
+            if m == "model":
+                assert D is not None and frames_per_window is not None
+                prob = segment_frames(D, frames, frames_per_window, size, stride, fit)
+            else:
+                prob = baseline_probabilities(m, frames, size, fit)
+            scores[m].append(dm.evaluate_sequence(prob > threshold, gt, seq.name, c,
+                                                  backend=backend))
+    return {
+        "convention": c.name,
+        "sequences": [s.name for s in seqs],
+        "methods": {m: {"rows": [s.as_row() for s in sc], "mean": dm.summarize(sc),
+                        "per_frame": {s.name: {"frames": s.frames, "J": s.j, "F": s.f}
+                                      for s in sc}} for m, sc in scores.items()},
+    }
+
+
+_COLUMNS = ("J_mean", "J_recall", "J_decay", "F_mean", "F_recall", "F_decay", "JF_mean")
+
+
+def format_table(result: dict[str, Any], markdown: bool = False) -> str:
+    """Per-sequence and mean J/F rows of every method as plain text (or a markdown table)."""
+    head = ["method", "sequence", "frames", *_COLUMNS]
+    body = []
+    for m, res in result["methods"].items():
+        for row in [*res["rows"], {"sequence": "MEAN", "frames": "", **res["mean"]}]:
+            body.append([m, row["sequence"], str(row["frames"]),
+                         *(f"{row[k]:.3f}" for k in _COLUMNS)])
+    if markdown:
+        lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in body])
+    widths = [max(len(r[i]) for r in [head, *body]) for i in range(len(head))]
+    return "\n".join("  ".join(v.rjust(w) if i > 1 else v.ljust(w)
+                               for i, (v, w) in enumerate(zip(r, widths, strict=True)))
+                     for r in [head, *body])
+
+
+def protocol_card(protocol: dict[str, Any]) -> str:
+    """The protocol as markdown bullet lines."""
+    return "\n".join(f"- **{k}**: {v}" for k, v in protocol.items())
+
+
+def write_davis_outputs(out: str | Path, result: dict[str, Any], protocol: dict[str, Any]
+                        ) -> list[Path]:
+    """``davis_jf.csv`` (rows + MEAN per method), ``davis_jf.json``, ``davis_protocol.md``."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = [out / "davis_jf.csv", out / "davis_jf.json", out / "davis_protocol.md"]
+    with open(paths[0], "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["method", "sequence", "frames", *_COLUMNS, "convention"])
+        for m, res in result["methods"].items():
+            for row in [*res["rows"], {"sequence": "MEAN", "frames": "", **res["mean"]}]:
+                writer.writerow([m, row["sequence"], row["frames"],
+                                 *(f"{row[k]:.6f}" for k in _COLUMNS), result["convention"]])
+    paths[1].write_text(json.dumps({"protocol": protocol, **result}, indent=1))
+    paths[2].write_text("# DAVIS J&F\n\n## Protocol\n\n" + protocol_card(protocol)
+                        + "\n\n## Results\n\n" + format_table(result, markdown=True) + "\n")
+    return paths
+
+
+def davis_protocol(root: str | Path, result: dict[str, Any], *, size: int, fit: str,
+                   frames_per_window: int | None, stride: int | None, threshold: float,
+                   conv: str, backend: str, max_frames: int | None,
+                   ckpt: dict[str, Any] | None) -> dict[str, Any]:
+    """The protocol card: everything a reader needs to reproduce or compare the numbers."""
+    model = "none (baselines only)"
+    if ckpt is not None:
+        model = (f"{ckpt['path']} (sha256 {sha256(ckpt['path'])}, step {ckpt['step']}, "
+                 f"model.size={size}, model.frames={frames_per_window})")
+    window = "n/a" if frames_per_window is None else (
+        f"T={frames_per_window} frames, stride {stride or max(1, frames_per_window // 2)} "
+        "(last window flush with the end; shorter sequences padded with their last frame); "
+        "overlaps averaged")
+    return {
+        "data": f"{root}: {len(result['sequences'])} sequences ({', '.join(result['sequences'])})"
+                + (f", first {max_frames} frames of each" if max_frames else ""),
+        "frames": dm.convention(conv).describe(),
+        "measures": f"J = region IoU (both empty -> 1); F = boundary F-measure, seg2bmap "
+                    f"boundaries, disk tolerance ceil({dm.BOUND_TH} * diagonal) px (8 at "
+                    f"854x480); per sequence mean, recall (> 0.5), decay (4 bins); dataset "
+                    f"means over sequences; F backend {dm.resolve_backend(backend)}",
+        "resolution": f"working size: short side {size} px ({fit}), predictions upsampled "
+                      "(bilinear) to the frame size, scored against full-size masks",
+        "window": window,
+        "threshold": f"foreground if probability > {threshold}",
+        "checkpoint": model,
+        "baselines": ", ".join(m for m in result["methods"] if m != "model")
+                     + " (definitions: vosgan.evaluate module docstring)",
+        "software": f"vosgan, torch {torch.__version__}, numpy {np.__version__}, "
+                    f"python {platform.python_version()}",
+        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+    }
+
+
+def _davis_main(args: argparse.Namespace) -> int:
+    device = torch.device(args.device)
+    D, ckpt, frames = None, None, None
+    size = args.size or DEFAULT_SIZE
+    if args.checkpoint:
+        cfg, _, D, ckpt = load_models(args.checkpoint, device)
+        if args.size is not None and args.size != cfg.model.size:
+            raise ValueError(f"--size {args.size} differs from the checkpoint's resolution "
+                             f"(model.size={cfg.model.size}); omit --size to use it")
+        size, frames = cfg.model.size, cfg.model.frames
+    sequences = args.sequences.split(",") if args.sequences else None
+    result = evaluate_davis(args.davis, D, size, frames, args.threshold, args.frames, args.fit,
+                            args.stride, sequences, args.max_frames, backend=args.f_backend)
+    protocol = davis_protocol(args.davis, result, size=size, fit=args.fit,
+                              frames_per_window=frames, stride=args.stride,
+                              threshold=args.threshold, conv=args.frames,
+                              backend=args.f_backend, max_frames=args.max_frames, ckpt=ckpt)
+    print(protocol_card(protocol))
+    print(format_table(result))
+    paths = write_davis_outputs(args.out, result, protocol)
+    print("wrote " + ", ".join(map(str, paths)))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m vosgan.evaluate", description=__doc__)
-    p.add_argument("--checkpoint", required=True, help="checkpoint file or run folder")
+    p = argparse.ArgumentParser(prog="python -m vosgan.evaluate", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", help="checkpoint file or run folder")
     p.add_argument(
         "--clips", type=int, default=None, help="held-out clips (default: train.eval_clips)"
     )
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--json", default=None, help="also write the result here")
+    davis = p.add_argument_group("DAVIS J&F (--davis)")
+    davis.add_argument("--davis", help="DAVIS-style root: score J&F on its sequences")
+    davis.add_argument("--out", default="davis_eval", help="folder for the CSV/JSON/card")
+    davis.add_argument("--frames", choices=sorted(dm.CONVENTIONS), default="davis2016",
+                       help="frame convention (default: davis2016, first and last excluded)")
+    davis.add_argument("--threshold", type=float, default=0.5)
+    davis.add_argument("--size", type=int, default=None,
+                       help=f"working resolution (default: model.size, or {DEFAULT_SIZE})")
+    davis.add_argument("--fit", choices=("tiles", "squash"), default="tiles")
+    davis.add_argument("--stride", type=int, default=None, help="window stride (default T/2)")
+    davis.add_argument("--sequences", default=None, help="comma-separated subset")
+    davis.add_argument("--max-frames", type=int, default=None, help="first N frames only")
+    davis.add_argument("--f-backend", choices=dm.BACKENDS, default="auto")
     args = p.parse_args(argv)
+    if args.davis:
+        try:
+            return _davis_main(args)
+        except (FileNotFoundError, ValueError, RuntimeError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+    if not args.checkpoint:
+        print("error: give --checkpoint (synthetic evaluation) or --davis ROOT", file=sys.stderr)
+        return 2
     try:
         cfg, _, D, ckpt = load_models(args.checkpoint, torch.device(args.device))
     except (FileNotFoundError, ValueError) as exc:
