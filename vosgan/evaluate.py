@@ -172,6 +172,26 @@ def sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
+def check_sequence(seq: Any) -> None:
+    """Missing frames are errors: a gap in the numbering, or a mask without its frame."""
+    from vosgan.data.frames import IMAGE_SUFFIXES
+
+    stems = [p.stem for p in seq.frames]
+    if all(st.isdigit() for st in stems):
+        nums = [int(st) for st in stems]
+        for a, b in zip(nums, nums[1:], strict=False):
+            if b != a + 1:
+                raise ValueError(f"sequence {seq.name!r}: frame {a + 1} is missing (frame {a} is "
+                                 f"followed by {b}); DAVIS sequences are numbered without gaps")
+    if seq.masks:
+        masks = {p.stem for p in seq.masks[0].parent.iterdir()
+                 if p.suffix.lower() in IMAGE_SUFFIXES}
+        extra = sorted(masks - set(stems))
+        if extra:
+            raise ValueError(f"sequence {seq.name!r}: masks {extra[:3]} have no frame in "
+                             f"{seq.frames[0].parent} (missing frame files?)")
+
+
 def evaluate_davis(root: str | Path, D: Discriminator | None = None, size: int = DEFAULT_SIZE,
                    frames_per_window: int | None = None, threshold: float = 0.5,
                    conv: str = "davis2016", fit: str = "tiles", stride: int | None = None,
@@ -203,6 +223,8 @@ def evaluate_davis(root: str | Path, D: Discriminator | None = None, size: int =
         raise ValueError(f"no sequence with masks under {root}")
     names = (("model",) if D is not None else ()) + tuple(methods)
     scores: dict[str, list[dm.SequenceScore]] = {m: [] for m in names}
+    for seq in seqs:
+        check_sequence(seq)
     for seq in tqdm(seqs, desc="davis", unit="seq", disable=not progress, dynamic_ncols=True):
         idx = list(range(min(len(seq), max_frames or len(seq))))
         frames, gt = load_frames(seq, indices=idx), load_masks(seq, indices=idx)

@@ -1,0 +1,226 @@
+"""Sliding-window segmentation, the segment CLI, and DAVIS J&F evaluation (--davis) end to end."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from conftest import SHARED_DATA
+from PIL import Image
+from torch import nn
+
+from vosgan import checkpoint, config, evaluate, segment
+from vosgan import davis_metrics as dm
+from vosgan.models import Discriminator, Generator
+from vosgan.models.discriminator import DiscOutput
+from vosgan.viz import write_video
+
+DAVIS = Path(SHARED_DATA) / "davis2016"
+
+
+class WindowStub(nn.Module):
+    """A stand-in D: logit = (position in the window) / 4 + 4 * red channel; records its inputs."""
+
+    def __init__(self, size: int, frames: int) -> None:
+        super().__init__()
+        self.cfg = SimpleNamespace(size=size, frames=frames)
+        self.scale = nn.Parameter(torch.ones(()))
+        self.seen: list[torch.Tensor] = []
+
+    def forward(self, x: torch.Tensor) -> DiscOutput:
+        self.seen.append(x.clone())
+        b, _, t, h, w = x.shape
+        pos = torch.arange(t, dtype=x.dtype).view(1, 1, t, 1, 1) / 4
+        logit = self.scale * (pos + 4 * (x[:, :1] + 1))
+        return DiscOutput(x.new_zeros(b), logit, x.new_zeros(b, 2, t - 1, h, w))
+
+
+def test_window_starts_and_working_size() -> None:
+    assert segment.window_starts(20, 8, 4) == [0, 4, 8, 12]
+    assert segment.window_starts(21, 8, 4) == [0, 4, 8, 12, 13]  # last window flush with the end
+    assert segment.window_starts(5, 8, 4) == [0]
+    assert segment.working_size(480, 854, 32) == (32, 57)
+    assert segment.working_size(854, 480, 32) == (57, 32)
+    assert segment.working_size(480, 854, 32, "squash") == (32, 32)
+    with pytest.raises(ValueError, match="fit"):
+        segment.working_size(4, 4, 4, "crop")
+
+
+@pytest.mark.parametrize("n", [20, 5])
+def test_segment_frames_averages_overlapping_windows(n: int) -> None:
+    t, size = 8, 16
+    frames = np.zeros((n, 24, 40, 3), np.uint8)  # black: the red term is 4 * 0
+    stub = WindowStub(size, t).train()
+    prob = segment.segment_frames(stub, frames, t, size, batch_size=3)
+    assert prob.shape == (n, 24, 40) and prob.dtype == np.float32 and stub.training
+    starts = segment.window_starts(n, t, t // 2)
+    for i in range(n):
+        expect = np.mean([torch.sigmoid(torch.tensor((i - s) / 4)).item()
+                          for s in starts if s <= i < s + t])
+        np.testing.assert_allclose(prob[i], expect, rtol=1e-5)
+    tiles = len(segment.window_starts(27, size, size // 2))  # 40x24 -> 27x16 working size
+    assert sum(x.shape[0] for x in stub.seen) == len(starts) * tiles
+    if n < t:  # padded by repeating the last frame
+        clip = stub.seen[0][0]
+        assert torch.equal(clip[:, n:], clip[:, n - 1: n].expand(-1, t - n, -1, -1))
+
+
+def test_segment_frames_tiles_keep_the_layout() -> None:
+    frames = np.zeros((4, 30, 90, 3), np.uint8)
+    frames[:, :, :30, 0] = 255  # a red left third
+    prob = segment.segment_frames(WindowStub(16, 4), frames, 4, 16)
+    assert prob[:, :, :20].min() > 0.99 and prob[:, :, 45:].max() < 0.9
+    with pytest.raises(ValueError, match="built for 4 frames of 16x16"):
+        segment.segment_frames(WindowStub(16, 4), frames, 8, 16)
+    with pytest.raises(ValueError, match="uint8"):
+        segment.segment_frames(WindowStub(16, 4), frames.astype(np.float32), 4, 16)
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A cpu-small checkpoint (32x32, T=16) with untrained weights."""
+    cfg = config.load("cpu-small")
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("ckpt") / "tiny.pt"
+    checkpoint.save_atomic({"format": checkpoint.FORMAT, "config": cfg.to_dict(), "step": 2,
+                            "G": Generator(cfg.model).state_dict(),
+                            "D": Discriminator(cfg.model).state_dict()}, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def davis_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Two real DAVIS sequences, 20 frames each, downscaled 4x (213x120), DAVIS-2016 layout."""
+    if not DAVIS.is_dir():
+        pytest.skip(f"shared DAVIS data not found at {DAVIS}")
+    root = tmp_path_factory.mktemp("davis")
+    for name in ("car-shadow", "libby"):
+        for sub, suffix, resample in (("frames", "jpg", Image.BILINEAR),
+                                      ("masks", "png", Image.NEAREST)):
+            (root / name / sub).mkdir(parents=True)
+            for i in range(20):
+                img = Image.open(DAVIS / name / sub / f"{i:05d}.{suffix}")
+                img.resize((213, 120), resample).save(root / name / sub / f"{i:05d}.{suffix}")
+    return root
+
+
+def test_segment_cli_on_video_and_davis_root(tmp_path: Path, ckpt: Path, davis_root: Path
+                                             ) -> None:
+    rng = np.random.default_rng(0)
+    video = np.full((20, 48, 64, 3), 90, np.uint8) + rng.integers(0, 20, (20, 48, 64, 3),
+                                                                    dtype=np.uint8)
+    for i in range(20):
+        video[i, 10:26, 2 + 2 * i: 18 + 2 * i] = (230, 40, 40)  # a moving square
+    write_video(tmp_path / "clip.mp4", video, fps=10)
+    out = tmp_path / "seg"
+    assert segment.main(["--checkpoint", str(ckpt), "--input", str(tmp_path / "clip.mp4"),
+                         "--out", str(out), "--threshold", "0.3"]) == 0
+    pngs = sorted((out / "clip" / "masks").glob("*.png"))
+    assert [p.stem for p in pngs] == [f"{i:05d}" for i in range(20)]
+    mask = np.asarray(Image.open(pngs[0]))
+    assert mask.shape == (48, 64) and set(np.unique(mask)) <= {0, 255}
+    for name in ("overlay.mp4", "overlay.gif"):
+        assert (out / "clip" / name).stat().st_size > 0
+
+    # batch mode over a DAVIS root: one folder per sequence, masks named like the frames
+    assert segment.main(["--checkpoint", str(ckpt), "--input", str(davis_root), "--out",
+                         str(out), "--no-video"]) == 0
+    for name in ("car-shadow", "libby"):
+        masks = sorted((out / name / "masks").glob("*.png"))
+        assert len(masks) == 20 and np.asarray(Image.open(masks[3])).shape == (120, 213)
+        assert not (out / name / "overlay.mp4").exists()
+
+
+def test_davis_evaluation_cli(tmp_path: Path, ckpt: Path, davis_root: Path,
+                              capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "eval"
+    assert evaluate.main(["--davis", str(davis_root), "--checkpoint", str(ckpt), "--out",
+                          str(out)]) == 0
+    screen = capsys.readouterr().out
+    assert "first and last frame excluded" in screen and "centre-prior" in screen
+    rows = list(csv.DictReader(open(out / "davis_jf.csv")))
+    methods = ["model", "frame-difference", "all-foreground", "centre-prior"]
+    assert [r["method"] for r in rows] == [m for m in methods for _ in range(3)]
+    assert [r["sequence"] for r in rows[:3]] == ["car-shadow", "libby", "MEAN"]
+    assert all(r["frames"] == "18" for r in rows if r["sequence"] != "MEAN")  # 20 minus 2
+    assert all(r["convention"] == "davis2016" for r in rows)
+    res = json.loads((out / "davis_jf.json").read_text())
+    card = res["protocol"]
+    assert hashlib.sha256(ckpt.read_bytes()).hexdigest() in card["checkpoint"]
+    assert "T=16 frames, stride 8" in card["window"] and "short side 32" in card["resolution"]
+    assert (out / "davis_protocol.md").read_text().startswith("# DAVIS J&F")
+    allfg = res["methods"]["all-foreground"]
+    assert allfg["mean"]["F_mean"] == 0.0  # a full mask has no boundary
+    # the model's J comes from the very masks `segment` writes for the same checkpoint
+    seg_out = tmp_path / "seg"
+    assert segment.main(["--checkpoint", str(ckpt), "--input", str(davis_root), "--out",
+                         str(seg_out), "--no-video"]) == 0
+    for name in ("car-shadow", "libby"):
+        pred = np.stack([np.asarray(Image.open(seg_out / name / "masks" / f"{i:05d}.png"))
+                         for i in range(1, 19)])
+        gt = np.stack([np.asarray(Image.open(davis_root / name / "masks" / f"{i:05d}.png"))
+                       for i in range(1, 19)])
+        np.testing.assert_allclose(dm.jaccard(pred, gt),
+                                   res["methods"]["model"]["per_frame"][name]["J"])
+    # baselines only, the DAVIS 2017 unsupervised convention (all frames)
+    assert evaluate.main(["--davis", str(davis_root), "--out", str(out), "--sequences", "libby",
+                          "--frames", "davis2017-unsupervised", "--size", "32"]) == 0
+    rows = list(csv.DictReader(open(out / "davis_jf.csv")))
+    assert {r["method"] for r in rows} == set(methods[1:]) and rows[0]["frames"] == "20"
+
+
+def _copy_seq(src: Path, dst: Path, n: int = 6) -> None:
+    for sub in ("frames", "masks"):
+        (dst / sub).mkdir(parents=True)
+        for f in sorted((src / sub).iterdir())[:n]:
+            (dst / sub / f.name).write_bytes(f.read_bytes())
+
+
+def test_bad_input(tmp_path: Path, ckpt: Path, davis_root: Path,
+                   capsys: pytest.CaptureFixture[str]) -> None:
+    def run_eval(root: Path, *extra: str) -> str:
+        assert evaluate.main(["--davis", str(root), "--out", str(tmp_path / "o"), *extra]) == 2
+        return capsys.readouterr().err
+
+    size = tmp_path / "size"
+    _copy_seq(davis_root / "libby", size / "s")
+    Image.new("L", (100, 50)).save(size / "s" / "masks" / "00002.png")
+    assert "is 100x50 but frame 00002.jpg is 213x120" in run_eval(size)
+
+    gap = tmp_path / "gap"
+    _copy_seq(davis_root / "libby", gap / "s")
+    (gap / "s" / "frames" / "00003.jpg").unlink()
+    assert "frame 3 is missing (frame 2 is followed by 4)" in run_eval(gap)
+    (gap / "s" / "frames" / "00005.jpg").unlink()
+    (gap / "s" / "frames" / "00004.jpg").unlink()
+    assert "masks ['00003', '00004', '00005'] have no frame" in run_eval(gap)
+
+    nomask = tmp_path / "nomask"
+    _copy_seq(davis_root / "libby", nomask / "s")
+    (nomask / "s" / "masks" / "00004.png").unlink()
+    assert "no mask for 1 frame(s), first '00004.jpg'" in run_eval(nomask)
+
+    soft = tmp_path / "soft"  # non-binary masks: thresholded at > 127, with a warning
+    _copy_seq(davis_root / "libby", soft / "s")
+    m = np.asarray(Image.open(soft / "s" / "masks" / "00001.png")).copy()
+    m[:5, :5] = 128
+    Image.fromarray(m).save(soft / "s" / "masks" / "00001.png")
+    with pytest.warns(UserWarning, match="neither 0 nor 255"):
+        assert evaluate.main(["--davis", str(soft), "--out", str(tmp_path / "o")]) == 0
+    with pytest.raises(ValueError, match="not a binary mask"):
+        dm.jaccard(m / 255.0, m > 127)
+
+    assert "differs from the checkpoint's resolution (model.size=32)" in run_eval(
+        size, "--checkpoint", str(ckpt), "--size", "64")
+    assert segment.main(["--checkpoint", str(ckpt), "--input", str(size), "--out",
+                         str(tmp_path / "o"), "--size", "64"]) == 2
+    assert "omit --size" in capsys.readouterr().err
+    assert segment.main(["--checkpoint", str(ckpt), "--input", str(tmp_path / "none.mp4"),
+                         "--out", str(tmp_path / "o")]) == 2
+    assert "does not exist" in capsys.readouterr().err
