@@ -102,6 +102,13 @@ class TrainConfig:
     sample_every: int = 250
     checkpoint_every: int = 200
     eval_clips: int = 64
+    # Large presets on one GPU: split each step's batch into grad_accum micro-batches (BatchNorm
+    # then normalises per micro-batch), and recompute the 3D blocks' activations in backward.
+    grad_accum: int = 1
+    checkpoint_activations: bool = False
+    # Under torchrun: BatchNorm over the global batch (else each rank's share).
+    sync_bn: bool = False
+    compile: bool = False  # torch.compile G and D (--compile)
 
 
 @dataclass(frozen=True)
@@ -245,7 +252,8 @@ def validate(cfg: Config) -> None:
         ("data", ("train_clips", "val_clips", "batch_size")),
         (
             "train",
-            ("steps", "log_every", "eval_every", "sample_every", "checkpoint_every", "eval_clips"),
+            ("steps", "log_every", "eval_every", "sample_every", "checkpoint_every", "eval_clips",
+             "grad_accum"),
         ),
         ("loss", ("r1_every",)),
     ):
@@ -276,6 +284,11 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"loss.{f.name} must be >= 0, got {value}")
     if cfg.loss.charbonnier_eps <= 0:
         raise ConfigError(f"loss.charbonnier_eps must be > 0, got {cfg.loss.charbonnier_eps}")
+    if d.batch_size % t.grad_accum:
+        raise ConfigError(
+            f"data.batch_size ({d.batch_size}) must be divisible by train.grad_accum "
+            f"({t.grad_accum})"
+        )
     if t.eval_clips > d.val_clips:
         raise ConfigError(
             f"train.eval_clips ({t.eval_clips}) must be <= data.val_clips ({d.val_clips})"
