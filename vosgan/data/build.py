@@ -133,16 +133,15 @@ def labelled_videos(root: str | Path, split: str, split_list: str = "auto"
     return out
 
 
-def layout(root: str | Path) -> str:
-    """``"cache"``, ``"videos"`` or ``"frames"``: how ``root`` is laid out."""
+def layout(root: str | Path, what: str = "data.source") -> str:
+    """``"cache"``, ``"videos"`` or ``"frames"``: the layout of ``root`` (errors name ``what``)."""
     root = Path(root)
     if not root.exists():
-        raise FileNotFoundError(f"data.source={str(root)!r}: no such file or folder")
+        raise FileNotFoundError(f"{what} {root}: no such file or folder")
     if root.is_file():
         if root.suffix.lower() in VIDEO_SUFFIXES:
             return "videos"
-        raise ValueError(f"data.source={str(root)!r} is a file but not a video "
-                         f"({', '.join(VIDEO_SUFFIXES)})")
+        raise ValueError(f"{what} {root} is a file but not a video ({', '.join(VIDEO_SUFFIXES)})")
     if (root / "index.json").is_file() or (root / "progress.jsonl").is_file():
         return "cache"
     if (root / "JPEGImages").is_dir() or (root / "frames").is_dir():
@@ -154,8 +153,7 @@ def layout(root: str | Path) -> str:
                 return "videos"
             if suffix in IMAGE_SUFFIXES:
                 return "frames"
-    raise ValueError(f"data.source={str(root)!r}: no videos, frame folders or prepared cache "
-                     "found")
+    raise ValueError(f"{what} {root}: no videos, frame folders or prepared cache found")
 
 
 def make_source(cfg: Config, split: str) -> Source:

@@ -29,9 +29,9 @@ from vosgan.data.decode import PyAVDecoder, VideoError
 
 def _sources(src: Path) -> tuple[str, list[dict[str, Any]]]:
     """The layout of ``src`` and its videos: ``{"name", "bytes", "path"|"seq", "label"}``."""
-    kind = layout(src)
+    kind = layout(src, "SRC")
     if kind == "cache":
-        raise ValueError(f"{src} is already a prepared cache")
+        raise ValueError(f"SRC {src} is already a prepared cache")
     if kind == "frames":
         out = []
         for s in fr.find_sequences(src):

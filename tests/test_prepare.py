@@ -1,0 +1,138 @@
+"""Clip cache: prepare -> read round trip, resume after an interruption, checksum, CLI errors."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import SHARED_DATA
+from video_fixtures import frame_ids, write_sequence, write_video
+
+from vosgan import config
+from vosgan.data import prepare as prep
+from vosgan.data.build import make_dataset
+from vosgan.data.cache import CacheSource, read_index
+from vosgan.data.decode import PyAVDecoder
+
+DAVIS = Path(SHARED_DATA) / "davis2016"
+
+
+@pytest.fixture(scope="module")
+def src(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    d = tmp_path_factory.mktemp("src")
+    for cls, codec, n in (("Walk", "h264", 14), ("Walk", "vp9", 12), ("Run", "h264", 10)):
+        (d / cls).mkdir(exist_ok=True)
+        write_video(d / cls / f"v_{cls}_{codec}", codec, n, w=48, h=32)
+    (d / "Run" / "v_Run_broken.mp4").write_bytes(b"\x00" * 512)
+    (d / "classInd.txt").write_text("1 Run\n2 Walk\n")
+    (d / "trainlist01.txt").write_text("Walk/v_Walk_h264.mp4 2\nRun/v_Run_h264.mp4 1\n")
+    (d / "testlist01.txt").write_text("Walk/v_Walk_vp9.webm\n")
+    return d
+
+
+def _cfg(source: Path, size: int = 16, **data: object) -> config.Config:
+    over = {"data.source": str(source), "model.size": size, "model.frames": 16}
+    return config.load("cpu-small", {**over, **{f"data.{k}": v for k, v in data.items()}})
+
+
+def test_round_trip_equals_decode(src: Path, tmp_path: Path) -> None:
+    with pytest.warns(UserWarning, match="skipping Run/v_Run_broken.mp4"):
+        index = prep.prepare(src, tmp_path / "c", size=16, progress=False)
+    assert [v["name"] for v in index["videos"]] == ["Run/v_Run_h264.mp4", "Walk/v_Walk_h264.mp4",
+                                                    "Walk/v_Walk_vp9.webm"]
+    assert [v["label"] for v in index["videos"]] == [0, 1, 1]
+    assert index["skipped"][0][0] == "Run/v_Run_broken.mp4" and not index["has_masks"]
+    cache = CacheSource(tmp_path / "c")
+    for k, v in enumerate(index["videos"]):
+        assert (v["length"], v["height"], v["width"]) == (
+            {"Run": 10}.get(v["name"][:3], 14 if "h264" in v["name"] else 12), 16, 24)
+        got, _ = PyAVDecoder.decode(src / v["name"], lambda i: True, size=16)
+        ref = np.stack([got[i] for i in sorted(got)])
+        (frames, masks), = cache.read([(k, [3, 0, 3])], 16)
+        np.testing.assert_array_equal(frames, ref[[3, 0, 3]])  # bytes in == bytes out
+        assert masks is None
+    # training from the cache needs no decoder; the same clips as from the videos
+    cached = make_dataset(_cfg(tmp_path / "c", decoder="cache"), "train", 6)
+    direct = make_dataset(_cfg(src, decoder="pyav"), "train", 6)
+    a, b = cached.batch(range(6)), direct.batch(range(6))
+    assert torch.equal(a["label"], b["label"]) and a["label"].tolist() == [0, 1] * 3
+    assert (a["video"] - b["video"]).abs().mean() < 0.03  # resize order differs, frames do not
+    ids = [frame_ids(v) for v in cached.arrays(range(6))["video"]]
+    assert ids == [frame_ids(v) for v in direct.arrays(range(6))["video"]]
+    val = make_dataset(_cfg(tmp_path / "c"), "val", 2)  # testlist01.txt copied into the cache
+    assert [it.name for it in val.items] == ["Walk/v_Walk_vp9.webm"]
+
+
+def test_frame_folders_with_masks(tmp_path: Path) -> None:
+    write_sequence(tmp_path / "seqs" / "a", 5, w=40, h=30)
+    write_sequence(tmp_path / "seqs" / "b", 4, w=30, h=40)
+    index = prep.prepare(tmp_path / "seqs", tmp_path / "c", size=16, progress=False)
+    assert index["has_masks"] and [v["length"] for v in index["videos"]] == [5, 4]
+    ds = make_dataset(_cfg(tmp_path / "c"), "train", 4)
+    ref = make_dataset(_cfg(tmp_path / "seqs"), "train", 4)
+    a, b = ds.batch(range(4)), ref.batch(range(4))
+    assert a["mask"].shape == (4, 1, 16, 16, 16)
+    assert torch.equal(a["mask"], b["mask"]) and torch.equal(a["video"], b["video"])
+
+
+@pytest.mark.skipif(not DAVIS.is_dir(), reason=f"shared DAVIS data absent ({DAVIS})")
+def test_shared_davis_sequence_cache(tmp_path: Path) -> None:
+    shutil.copytree(DAVIS / "car-shadow", tmp_path / "src" / "car-shadow")
+    prep.prepare(tmp_path / "src", tmp_path / "c", size=32, progress=False)
+    b = make_dataset(_cfg(tmp_path / "c", size=32), "train", 2).batch([0, 1])
+    assert b["video"].shape == (2, 3, 16, 32, 32) and 0.02 < b["mask"].mean() < 0.6
+
+
+def test_resume_after_interruption(src: Path, tmp_path: Path,
+                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.warns(UserWarning):
+        prep.prepare(src, tmp_path / "fresh", size=16, progress=False)
+    calls = {"n": 0}
+    real = prep.decode_source
+
+    def flaky(entry: dict, size: int) -> tuple:
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real(entry, size)
+
+    monkeypatch.setattr(prep, "decode_source", flaky)
+    out = tmp_path / "c"
+    with pytest.raises(KeyboardInterrupt), pytest.warns(UserWarning):
+        prep.prepare(src, out, size=16, progress=False)
+    with pytest.raises(ValueError, match="incomplete .* to resume"):
+        read_index(out)
+    with open(out / "shard_00000.bin", "ab") as f:  # half-written bytes of the next video
+        f.write(b"\xff" * 1000)
+    with open(out / "progress.jsonl", "a") as f:  # and a line cut mid-way
+        f.write('{"name": "Walk/v_Wa')
+    monkeypatch.setattr(prep, "decode_source", real)
+    index = prep.prepare(src, out, size=16, progress=False)
+    assert calls["n"] == 3 and len(index["videos"]) == 3 and not (out / "progress.jsonl").exists()
+    assert (out / "shard_00000.bin").read_bytes() == (tmp_path / "fresh" /
+                                                      "shard_00000.bin").read_bytes()
+    fresh = json.loads((tmp_path / "fresh" / "index.json").read_text())
+    assert index["videos"] == fresh["videos"] and index["skipped"] == fresh["skipped"]
+
+
+def test_checksum_guards_and_cli(src: Path, tmp_path: Path,
+                                 capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "c"
+    with pytest.warns(UserWarning):
+        assert prep.main([str(src), "--out", str(out), "--size", "16", "--shard-mb", "1"]) == 0
+    assert prep.main([str(src), "--out", str(out), "--size", "16"]) == 0
+    assert "already complete" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="another source list or settings .* --force"):
+        prep.prepare(src, out, size=24, progress=False)
+    with pytest.warns(UserWarning):
+        assert prep.prepare(src, out, size=24, force=True, progress=False)["size"] == 24
+    assert prep.main([str(tmp_path / "nothing"), "--out", str(tmp_path / "x")]) == 2
+    assert "nothing: no such file or folder" in capsys.readouterr().err
+    assert prep.main([str(out), "--out", str(tmp_path / "y")]) == 2
+    assert "already a prepared cache" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="--size must be >= 8"):
+        prep.prepare(src, tmp_path / "z", size=4)
