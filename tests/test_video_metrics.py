@@ -1,6 +1,5 @@
 """FVD / KVD / IS: closed forms, float64 references, extractor errors, and the CLI end to end."""
 
-import contextlib
 import hashlib
 import itertools
 import json
@@ -13,8 +12,7 @@ import pytest
 import scipy.linalg
 import torch
 
-from vosgan import checkpoint, fvd, train
-from vosgan import config as config_mod
+from vosgan import fvd, train
 from vosgan.video_metrics import (
     ExtractorError,
     frechet_distance,
@@ -264,17 +262,12 @@ def test_prepare_clips():
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
-    """A cpu-small checkpoint after 2 training steps (batch 2)."""
-    cfg = config_mod.load("cpu-small", {"data.batch_size": "2", "train.device": "cpu"})
-    run = train.build_run(cfg, CPU, fused=False)
-    data = train.make_dataset(cfg, "train", 4)
-    for step in range(2):
-        train.train_step(run, data.batch([2 * step, 2 * step + 1])["video"],
-                         contextlib.nullcontext())
-        run.step += 1
-    path = tmp_path_factory.mktemp("ckpt") / "last.pt"
-    checkpoint.save_atomic(run.state(), path)
-    return path
+    """A cpu-small checkpoint after 2 training steps (batch 2) on the synthetic data."""
+    out = tmp_path_factory.mktemp("ckpt") / "run"
+    assert train.main(["--out", str(out), "--train.steps=2", "--train.device=cpu",
+                       "--data.batch_size=2", "--data.train_clips=4", "--data.val_clips=2",
+                       "--train.eval_clips=2"]) == 0
+    return out / "checkpoints" / "last.pt"
 
 
 def test_cli_end_to_end(tmp_path, scripted, ckpt, capsys):

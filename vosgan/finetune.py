@@ -1,0 +1,357 @@
+"""Action recognition with the discriminator's features: a linear head on D's encoder.
+
+``python -m vosgan.finetune --checkpoint CKPT --data UCF_ROOT [--mode frozen|finetune]
+[--split 1] [--epochs E] --out DIR``
+
+The classifier is D's 3D encoder (:meth:`vosgan.models.Discriminator.encode`), global average
+pooling over ``T x H x W`` of the last stage (``--features all``: of every stage, concatenated),
+a BatchNorm without affine parameters (feature standardisation, as in linear probing) and a
+linear layer. ``frozen``: D is fixed (eval mode, no gradients); features of every clip are
+computed once and only the head trains. ``finetune``: encoder and head train together (encoder
+learning rate ``--encoder-lr``). Clips have the checkpoint's frame count and resolution.
+
+Data: UCF-101 layout (``ROOT/<Class>/*.avi``) with its split files (``classInd.txt``,
+``trainlistNN.txt``, ``testlistNN.txt``, ``NN = --split``, in ROOT or ``ROOT/ucfTrainTestlist``),
+read by :mod:`vosgan.data.build`; the head trains on the train list only and top-1 accuracy is
+measured on the test list only, ``--test-clips`` clips per test video with their logits averaged.
+Clip sampling follows the checkpoint's ``data`` config, overridable with ``--data.key=value``
+(``--data.stride=2``, ``--data.fps=12.5``, ``--data.flip=true`` for training clips, ...).
+Writes ``DIR/result.json`` (accuracy and protocol),
+``DIR/predictions.csv`` (one row per test video) and ``DIR/head.pt``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from tqdm import tqdm
+
+from vosgan import checkpoint
+from vosgan import config as config_mod
+from vosgan.config import Config, ConfigError
+from vosgan.evaluate import load_models
+from vosgan.models import Discriminator
+from vosgan.train import amp_dtype
+
+
+class ActionClassifier(nn.Module):
+    """D's encoder + global average pooling + BatchNorm1d(affine=False) + Linear.
+
+    ``forward(x (B, 3, T, H, W) in [-1, 1]) -> logits (B, num_classes)``. D's decoder and heads
+    are kept (so ``D`` stays whole) but unused; only ``D.encoder`` and ``head`` are trained.
+    """
+
+    def __init__(self, D: Discriminator, num_classes: int, features: str = "last",
+                 dropout: float = 0.0) -> None:
+        super().__init__()
+        if features not in ("last", "all"):
+            raise ValueError(f"features must be 'last' or 'all', got {features!r}")
+        if num_classes < 2:
+            raise ValueError(f"num_classes must be >= 2, got {num_classes}")
+        self.D, self.features = D, features
+        widths = [stage_out_channels(s) for s in D.encoder]
+        self.dim = widths[-1] if features == "last" else sum(widths)
+        self.head = nn.Sequential(nn.BatchNorm1d(self.dim, affine=False), nn.Dropout(dropout),
+                                  nn.Linear(self.dim, num_classes))
+
+    def embed(self, x: Tensor) -> Tensor:
+        """Pooled encoder features ``(B, dim)``: :meth:`Discriminator.encode` + mean over THW."""
+        feats = self.D.encode(x)
+        if self.features == "last":
+            return feats[-1].mean(dim=(2, 3, 4))
+        return torch.cat([f.mean(dim=(2, 3, 4)) for f in feats], 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.embed(x))
+
+
+def stage_out_channels(stage: nn.Module) -> int:
+    """Output channels of an encoder stage (its last Conv3d)."""
+    convs = [m for m in stage.modules() if isinstance(m, nn.Conv3d)]
+    if not convs:
+        raise ValueError(f"encoder stage {type(stage).__name__} has no Conv3d")
+    return convs[-1].out_channels
+
+
+def _batches(n: int, size: int, gen: torch.Generator | None) -> list[list[int]]:
+    """Index batches over ``range(n)`` (shuffled with ``gen``); a last batch of 1 is merged."""
+    order = torch.randperm(n, generator=gen).tolist() if gen is not None else list(range(n))
+    out = [order[i : i + size] for i in range(0, n, size)]
+    if len(out) > 1 and len(out[-1]) == 1:  # BatchNorm1d in train mode needs >= 2 samples
+        out[-2].extend(out.pop())
+    return out
+
+
+@torch.no_grad()
+def embed_all(model: ActionClassifier, data: Any, device: torch.device, batch: int,
+              autocast: contextlib.AbstractContextManager, desc: str) -> tuple[Tensor, Tensor]:
+    """Frozen features ``(N, dim)`` float32 and labels ``(N,)`` of every clip of ``data``."""
+    feats, labels = [], []
+    for idx in tqdm(_batches(len(data), batch, None), desc=desc, unit="batch",
+                    dynamic_ncols=True):
+        b = data.batch(idx)
+        with autocast:
+            feats.append(model.embed(b["video"].to(device)).float().cpu())
+        labels.append(b["label"])
+    return torch.cat(feats), torch.cat(labels)
+
+
+def train_frozen(model: ActionClassifier, train_data: Any, args: argparse.Namespace,
+                 device: torch.device, autocast: contextlib.AbstractContextManager) -> list[float]:
+    """Fixed encoder: embed the train clips once, then fit the head on the features."""
+    for p in model.D.encoder.parameters():
+        p.requires_grad_(False)
+    model.D.eval()  # BatchNorm running statistics stay as trained
+    feats, labels = embed_all(model, train_data, device, args.batch_size, autocast, "embed train")
+    feats, labels = feats.to(device), labels.to(device)
+    opt = torch.optim.AdamW(model.head.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    gen = torch.Generator().manual_seed(args.seed)
+    losses = []
+    model.head.train()
+    for _ in tqdm(range(args.epochs), desc="train head", unit="epoch", dynamic_ncols=True):
+        total = 0.0
+        for idx in _batches(len(labels), args.batch_size, gen):
+            loss = nn.functional.cross_entropy(model.head(feats[idx]), labels[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total += loss.detach() * len(idx)
+        losses.append(float(total) / len(labels))
+    return losses
+
+
+def train_finetune(model: ActionClassifier, train_data: Any, args: argparse.Namespace,
+                   device: torch.device, dtype: torch.dtype | None) -> list[float]:
+    """Encoder and head train together; the AMP policy is train.py's (GradScaler for fp16)."""
+    opt = torch.optim.AdamW(
+        [{"params": model.D.encoder.parameters(), "lr": args.encoder_lr},
+         {"params": model.head.parameters(), "lr": args.lr}], weight_decay=args.weight_decay)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    autocast = torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext()
+    gen = torch.Generator().manual_seed(args.seed)
+    losses = []
+    model.train()
+    bar = tqdm(total=args.epochs * len(_batches(len(train_data), args.batch_size, None)),
+               desc="finetune", unit="step", dynamic_ncols=True)
+    for _ in range(args.epochs):
+        total, seen = torch.zeros((), device=device), 0
+        for idx in _batches(len(train_data), args.batch_size, gen):
+            b = train_data.batch(idx)
+            video, label = b["video"].to(device), b["label"].to(device)
+            with autocast:
+                loss = nn.functional.cross_entropy(model(video).float(), label)
+            opt.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+            total += loss.detach() * len(idx)
+            seen += len(idx)
+            bar.update(1)
+        losses.append(float(total) / seen)  # one host sync per epoch
+        bar.set_postfix(loss=f"{losses[-1]:.3f}")
+    bar.close()
+    return losses
+
+
+@torch.no_grad()
+def predict_videos(model: ActionClassifier, test_data: Any, num_videos: int, clips: int,
+                   device: torch.device, batch: int, autocast: contextlib.AbstractContextManager
+                   ) -> tuple[Tensor, Tensor]:
+    """Per-video logits ``(V, K)`` averaged over ``clips`` clips, and labels ``(V,)``.
+
+    Clip ``i`` of ``test_data`` (length ``clips * V``) belongs to video ``i % V``.
+    """
+    model.eval()
+    logits = torch.zeros(num_videos, model.head[-1].out_features)
+    labels = torch.full((num_videos,), -1, dtype=torch.long)
+    for idx in tqdm(_batches(len(test_data), batch, None), desc="test", unit="batch",
+                    dynamic_ncols=True):
+        b = test_data.batch(idx)
+        with autocast:
+            out = model(b["video"].to(device)).float().cpu()
+        video_ids = torch.tensor(idx) % num_videos
+        logits.index_add_(0, video_ids, out / clips)
+        labels[video_ids] = b["label"]
+    return logits, labels
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m vosgan.finetune", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", required=True, help="checkpoint file or run folder")
+    p.add_argument("--data", required=True, help="UCF-101 layout root (class folders + lists)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--mode", default="frozen", choices=("frozen", "finetune"))
+    p.add_argument("--split", type=int, default=1, choices=(1, 2, 3), help="UCF-101 split")
+    p.add_argument("--features", default="last", choices=("last", "all"))
+    p.add_argument("--epochs", type=int, default=None,
+                   help="default: 30 (frozen: cheap, features are cached) / 5 (finetune)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--lr", type=float, default=1e-3, help="head learning rate (AdamW)")
+    p.add_argument("--encoder-lr", type=float, default=1e-4, help="finetune mode only")
+    p.add_argument("--weight-decay", type=float, default=1e-4)
+    p.add_argument("--dropout", type=float, default=0.0)
+    p.add_argument("--train-clips", type=int, default=1, help="clips per train video (per epoch)")
+    p.add_argument("--test-clips", type=int, default=1, help="clips per test video, averaged")
+    p.add_argument("--amp", default="auto", choices=("auto", "off", "bf16", "fp16"),
+                   help="as train.amp: auto = bf16 on CUDA, off on CPU")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args, rest = p.parse_known_args(argv)
+    args.overrides = config_mod.parse_overrides(rest)
+    bad = [k for k in args.overrides if not k.startswith("data.")]
+    if bad:
+        raise ConfigError(f"only --data.* overrides apply here (clip sampling), got {bad}")
+    if args.epochs is None:
+        args.epochs = 30 if args.mode == "frozen" else 5
+    for flag, value, low in (("--epochs", args.epochs, 1), ("--batch-size", args.batch_size, 2),
+                             ("--train-clips", args.train_clips, 1),
+                             ("--test-clips", args.test_clips, 1)):
+        if value < low:
+            raise ConfigError(f"{flag} must be >= {low}, got {value}")
+    for flag, value in (("--lr", args.lr), ("--encoder-lr", args.encoder_lr)):
+        if not value > 0:
+            raise ConfigError(f"{flag} must be > 0, got {value}")
+    if not 0 <= args.dropout < 1:
+        raise ConfigError(f"--dropout must be in [0, 1), got {args.dropout}")
+    return args
+
+
+def clip_datasets(cfg: Config, root: str, split: int, train_clips: int, test_clips: int,
+                  epochs: int) -> tuple[Any, Any, list[Any], list[str]]:
+    """Train and test clip datasets of a UCF-101 layout root, with the lists of split ``split``.
+
+    The train dataset holds ``epochs * train_clips`` clips per video (epoch ``e`` reads clips
+    ``[e * N, (e + 1) * N)``: new seeded start frames, crops and flips every epoch, still a pure
+    function of the index); the test dataset ``test_clips`` per video. Clip ``i`` comes from
+    video ``i % V`` (:class:`vosgan.data.video.ClipDataset`). Returns the datasets, the test
+    videos (``Item``s, in clip order) and the class names (from ``classInd.txt``, else indices).
+    """
+    from vosgan.data.build import LIST_DIRS, make_dataset, parse_class_index
+
+    if not Path(root).is_dir():
+        raise FileNotFoundError(f"--data {root}: no such folder (expected a UCF-101 layout root)")
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, source=root,
+                                                            split_list=str(split)))
+    train = make_dataset(cfg, "train", 1)
+    test = make_dataset(dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, flip=False)),
+                        "test", 1)
+    for name, ds in (("train", train), ("test", test)):
+        if not getattr(ds, "has_labels", False):
+            raise ValueError(f"--data {root}: the {name} videos have no class labels (expected "
+                             "one folder per class, or labels in the split list)")
+    # clip i comes from video i % V: V clips per pass over the videos
+    train.num_clips = epochs * train_clips * len(train.usable)
+    test.num_clips = test_clips * len(test.usable)
+    videos = [test.items[k] for k in test.usable]
+    labels = {train.items[k].label for k in train.usable} | {it.label for it in videos}
+    names = [str(k) for k in range(max(labels) + 1)]
+    for d in LIST_DIRS:
+        if (Path(root) / d / "classInd.txt").is_file():
+            index = parse_class_index(Path(root) / d / "classInd.txt")
+            names = [str(k) for k in range(max(len(index), len(names)))]
+            for cls, k in index.items():
+                names[k] = cls
+            break
+    missing = sorted({it.label for it in videos} - {train.items[k].label for k in train.usable})
+    if missing:
+        raise ValueError(f"--data {root}: test classes {[names[k] for k in missing][:5]} have "
+                         "no training video")
+    return train, test, videos, names
+
+
+def run(args: argparse.Namespace) -> tuple[dict[str, Any], ActionClassifier]:
+    """Train and test; writes the output folder and returns ``(result, model)``."""
+    device = torch.device(args.device)
+    torch.manual_seed(args.seed)
+    cfg, _, D, ckpt = load_models(args.checkpoint, device)
+    cfg = config_mod.apply_overrides(cfg, args.overrides)
+    dtype = amp_dtype(args.amp, device)
+    autocast = torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext()
+    epochs_in_data = 1 if args.mode == "frozen" else args.epochs
+    train, test, videos, names = clip_datasets(cfg, args.data, args.split, args.train_clips,
+                                               args.test_clips, epochs_in_data)
+    model = ActionClassifier(D, len(names), args.features, args.dropout).to(device)
+    t0 = time.perf_counter()
+    if args.mode == "frozen":
+        losses = train_frozen(model, train, args, device, autocast)
+    else:
+        losses = train_finetune(model, train, args, device, dtype)
+    logits, labels = predict_videos(model, test, len(videos), args.test_clips, device,
+                                    args.batch_size, autocast)
+    pred = logits.argmax(1)
+    correct = pred == labels
+    top5 = (logits.topk(min(5, logits.shape[1]), 1).indices == labels[:, None]).any(1)
+    per_class = {names[k]: float(correct[labels == k].float().mean())
+                 for k in sorted(set(labels.tolist()))}
+    train_videos = len(train.usable)
+    result = {
+        "top1": float(correct.float().mean()),
+        "top5": float(top5.float().mean()),
+        "mean_class_accuracy": float(np.mean(list(per_class.values()))),
+        "per_class": per_class,
+        "train_loss": losses,
+        "protocol": {
+            "mode": args.mode, "features": args.features, "feature_dim": model.dim,
+            "split": args.split, "train_videos": train_videos, "test_videos": len(videos),
+            "classes": len(names), "train_clips_per_video": args.train_clips,
+            "test_clips_per_video": args.test_clips, "frames": cfg.model.frames,
+            "resolution": [cfg.model.size, cfg.model.size], "epochs": args.epochs,
+            "lr": args.lr, "encoder_lr": args.encoder_lr if args.mode == "finetune" else None,
+            "batch_size": args.batch_size, "amp": str(dtype).replace("torch.", "") if dtype
+            else "off", "data": args.data, "data_overrides": args.overrides,
+            "checkpoint": ckpt["path"], "checkpoint_step": ckpt["step"], "seed": args.seed,
+            "device": str(device), "seconds": round(time.perf_counter() - t0, 2),
+        },
+    }
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "result.json").write_text(json.dumps(result, indent=2))
+    with open(out / "predictions.csv", "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["video", "label", "predicted", "correct"])
+        root = Path(args.data).resolve()
+        for it, y, p in zip(videos, labels.tolist(), pred.tolist(), strict=True):
+            path = Path(it.name).resolve()
+            rel = path.relative_to(root).as_posix() if path.is_relative_to(root) else it.name
+            w.writerow([rel, names[y], names[p], int(y == p)])
+    state = {"head": model.head.state_dict(), "classes": names, "features": args.features,
+             "mode": args.mode, "checkpoint": ckpt["path"], "config": cfg.to_dict()}
+    if args.mode == "finetune":
+        state["encoder"] = model.D.encoder.state_dict()
+    checkpoint.save_atomic(state, out / "head.pt")
+    return result, model
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = parse_args(argv)
+        result, _ = run(args)
+    except (ConfigError, FileNotFoundError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"top-1 accuracy {result['top1']:.4f} on {result['protocol']['test_videos']} test "
+          f"videos of split {result['protocol']['split']} ({result['protocol']['mode']}); "
+          f"wrote {Path(args.out) / 'result.json'}")
+    return 0
+
+
+__all__ = ["ActionClassifier", "clip_datasets", "embed_all", "predict_videos", "run",
+           "stage_out_channels"]
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
+
+
