@@ -223,8 +223,14 @@ def dali_status(device: str) -> tuple[bool, str]:
     except ImportError as exc:
         return False, f"DALI is not installed ({exc}; pip install nvidia-dali-cuda120)"
     if device == "gpu":
+        import multiprocessing
+
         import torch
 
+        if (torch.utils.data.get_worker_info() is not None
+                and multiprocessing.get_start_method() == "fork"):
+            return False, ("inside a forked DataLoader worker, where CUDA cannot be used "
+                           "(data.num_workers=0 lets DALI decode on the GPU)")
         if not torch.cuda.is_available():
             return False, "no CUDA device"
         return True, f"DALI on CUDA device {torch.cuda.current_device()} (NVDEC)"
