@@ -7,6 +7,7 @@ import math
 import re
 import warnings
 
+import av
 import numpy as np
 import pytest
 import scipy.linalg
@@ -287,11 +288,38 @@ def test_cli_end_to_end(tmp_path, scripted, ckpt, capsys):
     assert p["extractor_input"]["shape"] == ["B", 3, 16, 8, 8] and p["feature_dim"] == 9
     assert p["extractor_sha256"] == hashlib.sha256(ext.read_bytes()).hexdigest()
     assert p["kvd"]["subset_size"] == 12 and p["classifier_output"] == "logits"
+    assert p["covariance_full_rank"] is True
     feats = np.load(tmp_path / "out" / "features.npz")
     assert feats["real"].shape == (14, 9) and feats["generated"].shape == (12, 9)
     assert m["fvd"] == pytest.approx(frechet_distance_from_features(feats["generated"],
                                                                     feats["real"]))
     assert "FVD" in capsys.readouterr().out
+
+
+def test_cli_real_video_folder(tmp_path, scripted, ckpt, capsys):
+    """Real clips through vosgan.data.build: non-square H.264 files, fewer videos than clips."""
+    rng = np.random.default_rng(8)
+    folder = tmp_path / "videos"
+    folder.mkdir()
+    for i in range(3):
+        container = av.open(str(folder / f"clip{i}.mp4"), "w")
+        stream = container.add_stream("h264", rate=25)
+        stream.width, stream.height, stream.pix_fmt = 48, 40, "yuv420p"
+        for _ in range(20):
+            frame = rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        container.mux(stream.encode())
+        container.close()
+    args = ["--checkpoint", str(ckpt), "--extractor", str(scripted / "extractor.pt"),
+            "--data", str(folder), "--split", "test", "--num", "6", "--num-real", "5",
+            "--extractor-size", "8", "--kvd-subsets", "2", "--out", str(tmp_path / "out")]
+    with pytest.warns(UserWarning, match="rank-deficient"):  # 5 and 6 clips, 9-d features
+        assert fvd.main(args) == 0, capsys.readouterr().err
+    result = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    p = result["protocol"]
+    assert p["covariance_full_rank"] is False
+    assert (p["num_real"], p["real_videos"], p["split"], p["data"]) == (5, 3, "test", str(folder))
+    assert "is_mean" not in result["metrics"] and result["metrics"]["fvd"] > 0
 
 
 @pytest.mark.parametrize(
@@ -302,7 +330,8 @@ def test_cli_end_to_end(tmp_path, scripted, ckpt, capsys):
         (["--extractor", "{ext}", "--extractor-size", "16"], "--extractor model failed on input"),
         (["--extractor", "{ext}", "--extractor-kwargs", "[1]"], "must be a JSON object"),
         (["--extractor", "{ext}", "--num", "1"], "--num must be >= 2"),
-        (["--extractor", "{ext}", "--data", "{tmp}/nowhere"], "nowhere"),
+        (["--extractor", "{ext}", "--data", "{tmp}/nowhere"], "--data .*nowhere: no such"),
+        (["--extractor", "{ext}", "--split", "dev"], "--split must be one of"),
     ],
 )
 def test_cli_bad_input(tmp_path, scripted, ckpt, capsys, extra, message):

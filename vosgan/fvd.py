@@ -38,7 +38,8 @@ from torch import Tensor
 from tqdm import tqdm
 
 from vosgan.config import Config, ConfigError
-from vosgan.data import SyntheticVideos
+from vosgan.data.build import make_dataset
+from vosgan.data.synthetic import SPLITS
 from vosgan.evaluate import load_models
 from vosgan.models import Generator
 from vosgan.video_metrics import (
@@ -56,21 +57,19 @@ RANGES = ("[-1,1]", "[0,1]", "[0,255]")
 
 
 def real_dataset(cfg: Config, data: str, split: str, num: int) -> Any:
-    """Real clips at the checkpoint's resolution: an object with ``len`` and ``batch(indices)``."""
-    if data == "synthetic":
-        return SyntheticVideos(
-            num, cfg.model.frames, cfg.model.size, seed=cfg.data.seed, split=split, progress=False
-        )
-    try:
-        from vosgan.data.build import make_dataset
-    except ImportError as exc:
-        raise ConfigError(
-            f"--data {data}: real video needs vosgan.data.build ({exc}); use --data synthetic"
-        ) from exc
-    if not Path(data).exists():
+    """``num`` real clips of ``split`` at the checkpoint's frame count and resolution.
+
+    ``data`` is ``"synthetic"`` or a path that :func:`vosgan.data.build.make_dataset` reads
+    (video folders, UCF-101 layout with split lists, frame folders, a prepared cache); clip
+    sampling (stride, fps, short-video policy, crop) follows the checkpoint's ``data`` config.
+    """
+    if data != "synthetic" and not Path(data).exists():
         raise FileNotFoundError(f"--data {data}: no such file or folder")
-    return make_dataset(dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, source=data)),
-                        split, num)
+    if split not in SPLITS:
+        raise ConfigError(f"--split must be one of {sorted(SPLITS)}, got {split!r}")
+    # no augmentation of the reference clips; the synthetic cache is never worth it here
+    d = dataclasses.replace(cfg.data, source=data, flip=False, cache=False)
+    return make_dataset(dataclasses.replace(cfg, data=d), split, num)
 
 
 def _real_batches(dataset: Any, num: int, batch: int) -> Iterator[Tensor]:
@@ -170,9 +169,9 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
 
     feat = {"features": wrap(extractor, args.extractor_kwargs, "--extractor")}
     dataset = real_dataset(cfg, args.data, args.split, args.num_real)
-    num_real = min(args.num_real, len(dataset))
-    if num_real < 2:
-        raise ConfigError(f"--data {args.data} split {args.split!r} has {len(dataset)} clip(s)")
+    num_real = len(dataset)
+    # distinct real videos behind the clips (clip i comes from video i % V)
+    real_videos = len(dataset.usable) if hasattr(dataset, "usable") else num_real
     t0 = time.perf_counter()
     real = extract(_real_batches(dataset, num_real, args.batch_size), feat, num_real, "real")
     fake_models = dict(feat)
@@ -192,6 +191,7 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     protocol = {
         "num_generated": args.num,
         "num_real": num_real,
+        "real_videos": real_videos,
         "frames": frames,
         "resolution": [res, res],
         "data": args.data,
@@ -210,6 +210,8 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
             "kwargs": args.extractor_kwargs,
         },
         "feature_dim": int(fr.shape[1]),
+        # N <= feature_dim: singular covariance, FVD comparable only at equal N (a warning too)
+        "covariance_full_rank": min(len(fr), len(ff)) > fr.shape[1],
         "kvd": {"kernel": "(x.y/d + 1)^3", "estimator": "unbiased MMD^2",
                 "subsets": args.kvd_subsets, "subset_size": subset},
         "dtype": "float32 features, float64 statistics",
