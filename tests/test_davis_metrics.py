@@ -199,3 +199,15 @@ def test_validation() -> None:
         dm.f_measure(m, m, backend="opencv")
     with pytest.raises(ValueError, match="N, H, W"):
         dm.jaccard(np.zeros(5, bool), np.zeros(5, bool))
+
+
+def test_backend_choice_and_fallback(monkeypatch: pytest.MonkeyPatch) -> None:
+    if not torch.cuda.is_available():
+        assert dm.resolve_backend("auto") == "numba"
+        with pytest.raises(RuntimeError, match="'cupy' requested but"):
+            dm.f_measure(SQUARE, SQUARE, backend="cupy")
+    monkeypatch.setattr(dm, "_available", lambda name: (name == "scipy", f"{name} is out"))
+    monkeypatch.setattr(dm.backend, "_warned", set())
+    with pytest.warns(UserWarning, match="runs on scipy: cupy is out; numba is out"):
+        assert dm.resolve_backend("auto") == "scipy"
+    assert dm.f_measure(SQUARE, SQUARE)[0] == 1.0

@@ -92,7 +92,7 @@ def convention(name: str | FrameConvention) -> FrameConvention:
 
 
 def as_binary(name: str, mask: Any) -> np.ndarray:
-    """A bool ``(N, H, W)`` copy-free view of a binary mask stack (or one ``(H, W)`` mask).
+    """A binary mask stack ``(N, H, W)`` (or one ``(H, W)`` mask) as bool ``(N, H, W)``.
 
     Accepts bool, or numbers taking only the values {0, 1} or {0, 255}; anything else (e.g.
     probabilities, or palette PNGs with object ids) is rejected with a message naming ``name``.
@@ -108,7 +108,7 @@ def as_binary(name: str, mask: Any) -> np.ndarray:
         raise ValueError(f"{name} must be bool or numeric, got {arr.dtype}")
     top = arr.max()
     if top not in (0, 1, 255) or not np.all((arr == 0) | (arr == top)):
-        found = np.unique(arr[:8])[:6]
+        found = np.unique(arr[arr != 0])[:6]
         raise ValueError(f"{name} is not a binary mask: values must be {{0, 1}} or {{0, 255}}, "
                          f"found e.g. {found.tolist()}; threshold probabilities first")
     return arr > 0
@@ -135,12 +135,9 @@ def boundary_radius(height: int, width: int, bound_th: float = BOUND_TH) -> int:
 
 
 def disk_half_widths(radius: int) -> np.ndarray:
-    """Row half-widths of the disk ``dy^2 + dx^2 <= r^2``: ``(2r + 1,)`` int64, exact integers."""
-    dy = np.arange(-radius, radius + 1)
-    hw = np.floor(np.sqrt(radius * radius - dy * dy)).astype(np.int64)
-    hw += (hw + 1) ** 2 <= radius * radius - dy * dy  # guard against sqrt rounding down
-    hw -= hw**2 > radius * radius - dy * dy
-    return hw
+    """Row half-widths of the disk ``dy^2 + dx^2 <= r^2``: ``(2r + 1,)`` int64 (exact isqrt)."""
+    return np.array([math.isqrt(radius * radius - dy * dy) for dy in range(-radius, radius + 1)],
+                    np.int64)
 
 
 def disk(radius: int) -> np.ndarray:
@@ -314,13 +311,16 @@ def resolve_backend(name: str = "auto") -> str:
         if not ok:
             raise RuntimeError(f"boundary backend {name!r} requested but {reason}")
         return name
-    reasons = []
+    import torch
+
+    reasons: list[str] = []
     for cand in ("cupy", "numba", "scipy"):
         ok, reason = _available(cand)
         if ok:
-            if reasons and cand != "numba":
-                backend.warn_once(f"davis-f-{cand}", f"davis_metrics: F boundary matching runs on "
-                                  f"{cand}: {'; '.join(reasons)}")
+            # numba is the CPU path: falling to it warns only where a GPU went unused
+            if cand == "scipy" or (cand == "numba" and torch.cuda.is_available()):
+                backend.warn_once(f"davis-f-{cand}", f"davis_metrics: F boundary matching runs "
+                                  f"on {cand}: {'; '.join(reasons)}")
             return cand
         reasons.append(reason)
     raise RuntimeError(f"no boundary backend available: {'; '.join(reasons)}")
