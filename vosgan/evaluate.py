@@ -223,11 +223,13 @@ def evaluate_davis(root: str | Path, D: Discriminator | None = None, size: int =
         raise ValueError(f"no sequence with masks under {root}")
     names = (("model",) if D is not None else ()) + tuple(methods)
     scores: dict[str, list[dm.SequenceScore]] = {m: [] for m in names}
+    sizes: dict[str, list[int]] = {}
     for seq in seqs:
         check_sequence(seq)
     for seq in tqdm(seqs, desc="davis", unit="seq", disable=not progress, dynamic_ncols=True):
         idx = list(range(min(len(seq), max_frames or len(seq))))
         frames, gt = load_frames(seq, indices=idx), load_masks(seq, indices=idx)
+        sizes[seq.name] = list(gt.shape[1:])
         for m in names:
             if m == "model":
                 assert D is not None and frames_per_window is not None
@@ -239,6 +241,7 @@ def evaluate_davis(root: str | Path, D: Discriminator | None = None, size: int =
     return {
         "convention": c.name,
         "sequences": [s.name for s in seqs],
+        "frame_sizes": sizes,
         "methods": {m: {"rows": [s.as_row() for s in sc], "mean": dm.summarize(sc),
                         "per_frame": {s.name: {"frames": s.frames, "J": s.j, "F": s.f}
                                       for s in sc}} for m, sc in scores.items()},
@@ -294,6 +297,8 @@ def davis_protocol(root: str | Path, result: dict[str, Any], *, size: int, fit: 
                    conv: str, backend: str, max_frames: int | None,
                    ckpt: dict[str, Any] | None) -> dict[str, Any]:
     """The protocol card: everything a reader needs to reproduce or compare the numbers."""
+    radii = ", ".join(sorted({f"{w}x{h}: {dm.boundary_radius(h, w)}"
+                              for h, w in result["frame_sizes"].values()}))
     model = "none (baselines only)"
     if ckpt is not None:
         model = (f"{ckpt['path']} (sha256 {sha256(ckpt['path'])}, step {ckpt['step']}, "
@@ -307,9 +312,9 @@ def davis_protocol(root: str | Path, result: dict[str, Any], *, size: int, fit: 
                 + (f", first {max_frames} frames of each" if max_frames else ""),
         "frames": dm.convention(conv).describe(),
         "measures": f"J = region IoU (both empty -> 1); F = boundary F-measure, seg2bmap "
-                    f"boundaries, disk tolerance ceil({dm.BOUND_TH} * diagonal) px (8 at "
-                    f"854x480); per sequence mean, recall (> 0.5), decay (4 bins); dataset "
-                    f"means over sequences; F backend {dm.resolve_backend(backend)}",
+                    f"boundaries, disk tolerance ceil({dm.BOUND_TH} * diagonal) px ({radii}); "
+                    "per sequence mean, recall (> 0.5), decay (4 bins); dataset means over "
+                    f"sequences; F backend {dm.resolve_backend(backend)}",
         "resolution": f"working size: short side {size} px ({fit}), predictions upsampled "
                       "(bilinear) to the frame size, scored against full-size masks",
         "window": window,
