@@ -117,6 +117,7 @@ def test_finetune_mode_updates_the_encoder(tmp_path, ucf, ckpt, capsys):
     p = result["protocol"]
     assert 0 <= result["top1"] <= 1 and p["test_videos"] == 6 and p["feature_dim"] == 240
     assert p["data_overrides"] == {"data.flip": "true"} and len(result["train_loss"]) == 2
+    assert p["train_steps"] == 2 * 12 // 6 and result["top5"] is None  # 2 epochs, 3 classes
     saved = torch.load(tmp_path / "ft" / "head.pt", weights_only=False)
     enc = saved["encoder"]
     changed = [k for k in enc if not torch.equal(enc[k], before[f"encoder.{k}"])]
@@ -156,3 +157,10 @@ def test_bad_data(tmp_path, ckpt, capsys):
     assert finetune.main(["--checkpoint", str(tmp_path / "none.pt"), "--data", str(flat),
                           "--out", str(tmp_path / "o")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_class_names(tmp_path, ucf):
+    assert finetune.class_names(str(ucf), 3) == [c.lower() for c in CLASSES]
+    for cls in ("Walk", "apply", "Run"):  # no classInd.txt: sorted folder names, as build does
+        (tmp_path / cls).mkdir()
+    assert finetune.class_names(str(tmp_path), 4) == ["apply", "run", "walk", "3"]

@@ -29,6 +29,7 @@ import dataclasses
 import json
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -108,8 +109,12 @@ def embed_all(model: ActionClassifier, data: Any, device: torch.device, batch: i
 
 
 def train_frozen(model: ActionClassifier, train_data: Any, args: argparse.Namespace,
-                 device: torch.device, autocast: contextlib.AbstractContextManager) -> list[float]:
-    """Fixed encoder: embed the train clips once, then fit the head on the features."""
+                 device: torch.device, autocast: contextlib.AbstractContextManager
+                 ) -> tuple[list[float], int]:
+    """Fixed encoder: embed the train clips once, then fit the head on the features.
+
+    Returns the mean loss per epoch and the number of optimiser steps.
+    """
     for p in model.D.encoder.parameters():
         p.requires_grad_(False)
     model.D.eval()  # BatchNorm running statistics stay as trained
@@ -117,37 +122,43 @@ def train_frozen(model: ActionClassifier, train_data: Any, args: argparse.Namesp
     feats, labels = feats.to(device), labels.to(device)
     opt = torch.optim.AdamW(model.head.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     gen = torch.Generator().manual_seed(args.seed)
-    losses = []
+    losses, steps = [], 0
     model.head.train()
     for _ in tqdm(range(args.epochs), desc="train head", unit="epoch", dynamic_ncols=True):
         total = 0.0
         for idx in _batches(len(labels), args.batch_size, gen):
+            steps += 1
             loss = nn.functional.cross_entropy(model.head(feats[idx]), labels[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             total += loss.detach() * len(idx)
         losses.append(float(total) / len(labels))
-    return losses
+    return losses, steps
 
 
 def train_finetune(model: ActionClassifier, train_data: Any, args: argparse.Namespace,
-                   device: torch.device, dtype: torch.dtype | None) -> list[float]:
-    """Encoder and head train together; the AMP policy is train.py's (GradScaler for fp16)."""
+                   device: torch.device, dtype: torch.dtype | None) -> tuple[list[float], int]:
+    """Encoder and head train together; the AMP policy is train.py's (GradScaler for fp16).
+
+    ``train_data`` holds ``args.epochs`` passes of clips; epoch ``e`` reads the ``e``-th block
+    (shuffled). Returns the mean loss per epoch and the number of optimiser steps.
+    """
     opt = torch.optim.AdamW(
         [{"params": model.D.encoder.parameters(), "lr": args.encoder_lr},
          {"params": model.head.parameters(), "lr": args.lr}], weight_decay=args.weight_decay)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     autocast = torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext()
     gen = torch.Generator().manual_seed(args.seed)
-    losses = []
+    per_epoch = len(train_data) // args.epochs
+    losses, steps = [], 0
     model.train()
-    bar = tqdm(total=args.epochs * len(_batches(len(train_data), args.batch_size, None)),
+    bar = tqdm(total=args.epochs * len(_batches(per_epoch, args.batch_size, None)),
                desc="finetune", unit="step", dynamic_ncols=True)
-    for _ in range(args.epochs):
+    for epoch in range(args.epochs):
         total, seen = torch.zeros((), device=device), 0
-        for idx in _batches(len(train_data), args.batch_size, gen):
-            b = train_data.batch(idx)
+        for idx in _batches(per_epoch, args.batch_size, gen):
+            b = train_data.batch([epoch * per_epoch + i for i in idx])
             video, label = b["video"].to(device), b["label"].to(device)
             with autocast:
                 loss = nn.functional.cross_entropy(model(video).float(), label)
@@ -157,11 +168,12 @@ def train_finetune(model: ActionClassifier, train_data: Any, args: argparse.Name
             scaler.update()
             total += loss.detach() * len(idx)
             seen += len(idx)
+            steps += 1
             bar.update(1)
         losses.append(float(total) / seen)  # one host sync per epoch
         bar.set_postfix(loss=f"{losses[-1]:.3f}")
     bar.close()
-    return losses
+    return losses, steps
 
 
 @torch.no_grad()
@@ -228,6 +240,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def class_names(root: str, num_labels: int) -> list[str]:
+    """Names of labels ``0 .. num_labels - 1`` the way :mod:`vosgan.data.build` assigns them:
+    ``classInd.txt`` (lower-cased) when present, else the sorted lower-cased class folders."""
+    from vosgan.data.build import LIST_DIRS, parse_class_index
+
+    for d in LIST_DIRS:
+        if (Path(root) / d / "classInd.txt").is_file():
+            index = {k: c for c, k in parse_class_index(Path(root) / d / "classInd.txt").items()}
+            break
+    else:
+        folders = sorted({p.name.lower() for p in Path(root).iterdir() if p.is_dir()})
+        index = dict(enumerate(folders))
+    return [index.get(k, str(k)) for k in range(max(num_labels, len(index)))]
+
+
 def clip_datasets(cfg: Config, root: str, split: int, train_clips: int, test_clips: int,
                   epochs: int) -> tuple[Any, Any, list[Any], list[str]]:
     """Train and test clip datasets of a UCF-101 layout root, with the lists of split ``split``.
@@ -238,7 +265,7 @@ def clip_datasets(cfg: Config, root: str, split: int, train_clips: int, test_cli
     video ``i % V`` (:class:`vosgan.data.video.ClipDataset`). Returns the datasets, the test
     videos (``Item``s, in clip order) and the class names (from ``classInd.txt``, else indices).
     """
-    from vosgan.data.build import LIST_DIRS, make_dataset, parse_class_index
+    from vosgan.data.build import make_dataset
 
     if not Path(root).is_dir():
         raise FileNotFoundError(f"--data {root}: no such folder (expected a UCF-101 layout root)")
@@ -255,16 +282,9 @@ def clip_datasets(cfg: Config, root: str, split: int, train_clips: int, test_cli
     train.num_clips = epochs * train_clips * len(train.usable)
     test.num_clips = test_clips * len(test.usable)
     videos = [test.items[k] for k in test.usable]
-    labels = {train.items[k].label for k in train.usable} | {it.label for it in videos}
-    names = [str(k) for k in range(max(labels) + 1)]
-    for d in LIST_DIRS:
-        if (Path(root) / d / "classInd.txt").is_file():
-            index = parse_class_index(Path(root) / d / "classInd.txt")
-            names = [str(k) for k in range(max(len(index), len(names)))]
-            for cls, k in index.items():
-                names[k] = cls
-            break
-    missing = sorted({it.label for it in videos} - {train.items[k].label for k in train.usable})
+    train_labels = {train.items[k].label for k in train.usable}
+    names = class_names(root, max(train_labels | {it.label for it in videos}) + 1)
+    missing = sorted({it.label for it in videos} - train_labels)
     if missing:
         raise ValueError(f"--data {root}: test classes {[names[k] for k in missing][:5]} have "
                          "no training video")
@@ -285,27 +305,32 @@ def run(args: argparse.Namespace) -> tuple[dict[str, Any], ActionClassifier]:
     model = ActionClassifier(D, len(names), args.features, args.dropout).to(device)
     t0 = time.perf_counter()
     if args.mode == "frozen":
-        losses = train_frozen(model, train, args, device, autocast)
+        losses, steps = train_frozen(model, train, args, device, autocast)
     else:
-        losses = train_finetune(model, train, args, device, dtype)
+        losses, steps = train_finetune(model, train, args, device, dtype)
     logits, labels = predict_videos(model, test, len(videos), args.test_clips, device,
                                     args.batch_size, autocast)
+    if len(test.usable) < len(videos):
+        warnings.warn(f"{len(videos) - len(test.usable)} test video(s) failed to decode; their "
+                      "clips came from the next usable video (see the warnings above)",
+                      UserWarning, stacklevel=2)
     pred = logits.argmax(1)
     correct = pred == labels
-    top5 = (logits.topk(min(5, logits.shape[1]), 1).indices == labels[:, None]).any(1)
+    top5 = (logits.topk(min(5, len(names)), 1).indices == labels[:, None]).any(1)
     per_class = {names[k]: float(correct[labels == k].float().mean())
                  for k in sorted(set(labels.tolist()))}
     train_videos = len(train.usable)
     result = {
         "top1": float(correct.float().mean()),
-        "top5": float(top5.float().mean()),
+        "top5": float(top5.float().mean()) if len(names) > 5 else None,
         "mean_class_accuracy": float(np.mean(list(per_class.values()))),
         "per_class": per_class,
         "train_loss": losses,
         "protocol": {
             "mode": args.mode, "features": args.features, "feature_dim": model.dim,
-            "split": args.split, "train_videos": train_videos, "test_videos": len(videos),
-            "classes": len(names), "train_clips_per_video": args.train_clips,
+            "split": args.split, "classes": len(names), "train_videos": train_videos,
+            "test_videos": len(videos), "train_steps": steps,
+            "train_clips_per_video": args.train_clips,
             "test_clips_per_video": args.test_clips, "frames": cfg.model.frames,
             "resolution": [cfg.model.size, cfg.model.size], "epochs": args.epochs,
             "lr": args.lr, "encoder_lr": args.encoder_lr if args.mode == "finetune" else None,
