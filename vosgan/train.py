@@ -390,6 +390,13 @@ def train(
     leaves it at the end (also after Ctrl-C or a NaN loss, which every rank sees at the same step).
     """
     env = distributed.env_from_environ()
+    share = distributed.local_slice(cfg.data.batch_size, env)
+    if (share.stop - share.start) % cfg.train.grad_accum:
+        raise ConfigError(
+            f"each of the {env.world_size} processes gets {share.stop - share.start} clips of "
+            f"data.batch_size={cfg.data.batch_size}, not divisible by "
+            f"train.grad_accum={cfg.train.grad_accum}"
+        )
     device = distributed.rank_device(env, resolve_device(cfg.train.device))
     distributed.init(env, device)
     try:
