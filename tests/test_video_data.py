@@ -87,11 +87,21 @@ def test_dali_cpu_vp9_matches_pyav(vids: dict[str, Path]) -> None:
         assert frame_ids(clip) == idx
     with pytest.raises(VideoError, match="h264 is not supported by dali-cpu"):
         dali.read(vids["h264"], [0])
+    gpu = torch.cuda.is_available()
     auto = AutoDecoder()
-    assert auto.backend_for(vids["vp9"]) == "dali-cpu"
-    assert auto.backend_for(vids["h264"]) == ("dali-gpu" if torch.cuda.is_available() else "pyav")
-    mixed = auto.read_many([(vids["h264"], [2]), (vids["vp9"], [4]), (vids["mpeg4"], [6])])
+    assert auto.backend_for(vids["vp9"]) == ("dali-gpu" if gpu else "pyav")  # measured faster
+    forced = make_decoder("dali")
+    assert forced.backend_for(vids["vp9"]) == ("dali-gpu" if gpu else "dali-cpu")
+    assert auto.backend_for(vids["h264"]) == ("dali-gpu" if gpu else "pyav")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("VOSGAN_DALI_CPU", "1")
+        auto = AutoDecoder()
+        mixed = auto.read_many([(vids["h264"], [2]), (vids["vp9"], [4]), (vids["mpeg4"], [6])])
     assert [frame_ids(c) for c in mixed] == [[2], [4], [6]]
+    if not gpu:
+        assert auto.backend_for(vids["vp9"]) == "dali-cpu"
+        with pytest.raises(ConfigError, match="data.decoder=dali cannot decode h264"):
+            VideoFileSource([(vids["h264"], -1)], forced)  # refused when built, not mid-epoch
 
 
 def test_backend_choice_explains_itself(capsys: pytest.CaptureFixture[str]) -> None:
@@ -99,7 +109,13 @@ def test_backend_choice_explains_itself(capsys: pytest.CaptureFixture[str]) -> N
     name, why = pick_backend("mpeg4", "auto")
     if not torch.cuda.is_available():
         assert name == "pyav" and "mpeg4" in why and "no CUDA" in why
-        with pytest.raises(RuntimeError, match="data.decoder=dali cannot decode h264"):
+        if HAS_DALI:
+            assert pick_backend("vp9", "dali")[0] == "dali-cpu"
+            assert pick_backend("vp9", "auto")[0] == "pyav"
+            with pytest.MonkeyPatch.context() as mp:
+                mp.setenv("VOSGAN_DALI_CPU", "1")
+                assert pick_backend("vp9", "auto")[0] == "dali-cpu"
+        with pytest.raises(ConfigError, match="data.decoder=dali cannot decode h264"):
             pick_backend("h264", "dali")
     with pytest.raises(ValueError, match="decoder must be"):
         make_decoder("ffmpeg")

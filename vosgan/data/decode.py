@@ -18,8 +18,11 @@ tested in ``tests/test_video_data.py``.
   a reader would pick its own sequences. Frames are copied to the host so every backend returns
   the same numpy clip. Not runnable on the CPU-only development machine.
 - ``auto`` (:class:`AutoDecoder`): per file, DALI GPU when CUDA and DALI are there and NVDEC has the
-  codec, else DALI CPU for VP9/VP8/MJPEG when DALI is installed, else PyAV. It prints once per
-  (codec, backend) pair what it picked and why.
+  codec, else PyAV. DALI's CPU decoder is not picked by ``auto``: reading 16-frame clips of a
+  320x240 VP9 video it delivered 7 clips/s against PyAV's 16 (batches of 8, 2-core dev box
+  under load; whole 64-frame file 0.38 s vs 0.15 s). ``VOSGAN_DALI_CPU=1`` makes ``auto`` use it
+  for VP9/VP8/MJPEG; ``data.decoder=dali`` always uses DALI (GPU, else CPU for those codecs, else
+  an error). ``auto`` prints once per (codec, backend) pair what it picked and why.
 
 Unreadable, empty, corrupt and truncated files raise :class:`VideoError` (a ``ValueError``) naming
 the file; a file that decodes fewer frames than asked raises :class:`ShortVideoError` with the
@@ -29,6 +32,7 @@ number it could decode.
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -37,6 +41,8 @@ from typing import Any
 
 import av
 import numpy as np
+
+from vosgan.config import ConfigError
 
 #: codecs DALI's CPU decoder handles (FFmpeg codec names).
 DALI_CPU_CODECS = frozenset({"vp8", "vp9", "mjpeg"})
@@ -342,10 +348,16 @@ def pick_backend(codec: str, requested: str = "auto") -> tuple[str, str]:
         return "dali-gpu", f"{codec} on NVDEC ({gpu_why})"
     cpu_ok, cpu_why = dali_status("cpu")
     if cpu_ok and codec in DALI_CPU_CODECS:
-        return "dali-cpu", f"{codec} on DALI's CPU decoder ({gpu_why} for NVDEC)"
+        if requested == "dali":
+            return "dali-cpu", f"{codec} on DALI's CPU decoder (data.decoder=dali; {gpu_why})"
+        if os.environ.get("VOSGAN_DALI_CPU", "") == "1":
+            return "dali-cpu", f"{codec} on DALI's CPU decoder (VOSGAN_DALI_CPU=1; {gpu_why})"
+        return "pyav", (f"{codec} on PyAV ({gpu_why} for NVDEC; DALI's CPU decoder read 16-frame "
+                        "VP9 clips 2x slower than PyAV on the 2-core dev box; "
+                        "data.decoder=dali or VOSGAN_DALI_CPU=1 selects it)")
     if requested == "dali":
         reason = cpu_why if not cpu_ok else f"{gpu_why}, and DALI's CPU decoder lacks {codec}"
-        raise RuntimeError(f"data.decoder=dali cannot decode {codec}: {reason}")
+        raise ConfigError(f"data.decoder=dali cannot decode {codec}: {reason}")
     why = cpu_why if not cpu_ok else f"{gpu_why}; DALI's CPU decoder has no {codec}"
     return "pyav", f"{codec} on PyAV ({why})"
 
@@ -364,16 +376,17 @@ class AutoDecoder(Decoder):
         if requested not in ("auto", "dali", "pyav"):
             raise ValueError(f"decoder must be 'auto', 'dali' or 'pyav', got {requested!r}")
         if requested == "dali" and not dali_status("cpu")[0]:
-            raise RuntimeError(f"data.decoder=dali: {dali_status('cpu')[1]}")
+            raise ConfigError(f"data.decoder=dali: {dali_status('cpu')[1]}")
         self.requested, self.max_batch = requested, max_batch
         self._decoders: dict[str, Decoder] = {}
         self._backend: dict[str, str] = {}
 
-    def backend_for(self, path: str | Path) -> str:
-        """The backend name ``path`` is decoded with (probed once per file)."""
+    def backend_for(self, path: str | Path, codec: str | None = None) -> str:
+        """The backend name ``path`` is decoded with (probed once per file unless ``codec`` is
+        given). Raises ConfigError when ``data.decoder=dali`` cannot decode it."""
         key = str(path)
         if key not in self._backend:
-            codec = probe(path).codec
+            codec = codec or probe(path).codec
             name, why = pick_backend(codec, self.requested)
             _say_once(f"{codec}->{name}", f"decoder {name} for {codec} files: {why}")
             self._backend[key] = name

@@ -105,6 +105,9 @@ class VideoFileSource(Source):
         good = [(p, label, i) for p, label, i in probed if not isinstance(i, Exception)]
         skip_bad(self.root, bad, len(files))
         self.paths = [p for p, _, _ in good]
+        if hasattr(decoder, "backend_for"):  # choose (and report) backends now, not mid-epoch
+            for p, _, i in good:
+                decoder.backend_for(p, i.codec)  # type: ignore[attr-defined]
         self.items = [Item(str(p), i.frames, i.fps, label) for p, label, i in good]  # type: ignore
 
     def read(self, requests: Sequence[tuple[int, list[int]]], size: int) -> list[Frames]:
