@@ -42,6 +42,7 @@ from vosgan import checkpoint
 from vosgan import davis_metrics as dm
 from vosgan.config import Config
 from vosgan.data import SyntheticVideos
+from vosgan.data.frames import IMAGE_SUFFIXES, Sequence, find_sequences, load_frames, load_masks
 from vosgan.metrics import EvalResult, evaluate_predictions, frame_difference_saliency
 from vosgan.models import Discriminator, Generator
 from vosgan.viz import sample_grid, write_video
@@ -172,10 +173,8 @@ def sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-def check_sequence(seq: Any) -> None:
+def check_sequence(seq: Sequence) -> None:
     """Missing frames are errors: a gap in the numbering, or a mask without its frame."""
-    from vosgan.data.frames import IMAGE_SUFFIXES
-
     stems = [p.stem for p in seq.frames]
     if all(st.isdigit() for st in stems):
         nums = [int(st) for st in stems]
@@ -207,11 +206,14 @@ def evaluate_davis(root: str | Path, D: Discriminator | None = None, size: int =
     """
     from tqdm import tqdm
 
-    from vosgan.data.frames import find_sequences, load_frames, load_masks
-    from vosgan.segment import segment_frames
+    from vosgan.segment import segment_frames  # here: vosgan.segment imports this module
 
     if not 0.0 <= threshold < 1.0:
         raise ValueError(f"threshold must be in [0, 1), got {threshold}")
+    if max_frames is not None and max_frames < 1:
+        raise ValueError(f"max_frames must be >= 1, got {max_frames}")
+    if D is not None and frames_per_window is None:
+        frames_per_window = D.cfg.frames
     c = dm.convention(conv)
     seqs = [s for s in find_sequences(root) if s.masks is not None]
     if sequences:
@@ -231,8 +233,7 @@ def evaluate_davis(root: str | Path, D: Discriminator | None = None, size: int =
         frames, gt = load_frames(seq, indices=idx), load_masks(seq, indices=idx)
         sizes[seq.name] = list(gt.shape[1:])
         for m in names:
-            if m == "model":
-                assert D is not None and frames_per_window is not None
+            if m == "model" and D is not None and frames_per_window is not None:
                 prob = segment_frames(D, frames, frames_per_window, size, stride, fit)
             else:
                 prob = baseline_probabilities(m, frames, size, fit)
