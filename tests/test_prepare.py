@@ -136,3 +136,22 @@ def test_checksum_guards_and_cli(src: Path, tmp_path: Path,
     assert "already a prepared cache" in capsys.readouterr().err
     with pytest.raises(ValueError, match="--size must be >= 8"):
         prep.prepare(src, tmp_path / "z", size=4)
+
+
+def test_cache_in_loader_workers_matches_main_process(src: Path, tmp_path: Path) -> None:
+    with pytest.warns(UserWarning):
+        prep.prepare(src, tmp_path / "c", size=16, progress=False)
+    ds = make_dataset(_cfg(tmp_path / "c", crop="random", flip=True), "train", 12)
+
+    class Steps(torch.utils.data.Dataset):
+        def __len__(self) -> int:
+            return 3
+
+        def __getitem__(self, step: int) -> dict:
+            return ds.batch(range(4 * step, 4 * step + 4))
+
+    loader = torch.utils.data.DataLoader(Steps(), batch_size=None, num_workers=2)
+    for step, got in enumerate(loader):  # seeded clips: workers and main process agree
+        want = ds.batch(range(4 * step, 4 * step + 4))
+        assert torch.equal(got["video"], want["video"]) and torch.equal(got["label"],
+                                                                        want["label"])

@@ -224,6 +224,11 @@ class CacheSource(Source):
         self.items = [Item(v["name"], v["length"], v["fps"], v["label"]) for v in videos]
         self._maps: dict[tuple[str, int], np.memmap] = {}
 
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_maps"] = {}  # a pickled memmap would copy its data: each process maps its own
+        return state
+
     def _map(self, kind: str, shard: int) -> np.memmap:
         key = (kind, shard)
         if key not in self._maps:  # opened lazily: each loader worker maps its own
