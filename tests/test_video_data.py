@@ -27,7 +27,14 @@ from vosgan.data.decode import (
     probe,
     read_video,
 )
-from vosgan.data.video import ClipDataset, FrameFolderSource, VideoFileSource, clip_indices
+from vosgan.data.video import (
+    ClipDataset,
+    FrameFolderSource,
+    Item,
+    Source,
+    VideoFileSource,
+    clip_indices,
+)
 
 CLIPS = Path(SHARED_DATA) / "clips"
 HAS_DALI = dali_status("cpu")[0]
@@ -291,3 +298,23 @@ def test_make_dataset_routes_and_errors(tmp_path: Path) -> None:
         _cfg(tmp_path, short="wrap")
     with pytest.raises(ConfigError, match="data.fps must be >= 0"):
         _cfg(tmp_path, fps=-1)
+
+
+class _Numbered(Source):
+    """``n`` in-memory videos: every pixel of video ``k``, frame ``f`` holds ``k * 40 + f``."""
+
+    def __init__(self, n: int, length: int = 8) -> None:
+        self.items = [Item(f"v{k}", length) for k in range(n)]
+        self.root = "numbered"
+
+    def read(self, requests: list[tuple[int, list[int]]], size: int) -> list[tuple]:
+        return [(np.full((len(idx), size, size + 3, 3), [[[[k * 40 + f]]] for f in idx],
+                         np.uint8), None) for k, idx in requests]
+
+
+def test_every_video_serves_equally_and_few_clips_span_videos() -> None:
+    ds = ClipDataset(_Numbered(6), 12, 4, 8, uint8=True)
+    videos = [int(v[0, 0, 0, 0]) // 40 for v in ds.arrays(range(12))["video"]]
+    assert sorted(videos) == sorted(list(range(6)) * 2)
+    few = ClipDataset(_Numbered(6), 3, 4, 8, uint8=True, split="val")
+    assert len({int(v[0, 0, 0, 0]) // 40 for v in few.arrays(range(3))["video"]}) == 3

@@ -5,7 +5,9 @@ clips. Sources: :class:`VideoFileSource` (video files through a :mod:`.decode` b
 :class:`FrameFolderSource` (DAVIS / frame folders, with masks) and
 :class:`vosgan.data.cache.CacheSource` (a prepared uint8 cache, no decoding).
 
-Clip ``i`` (``0 <= i < num_clips``) comes from video ``i % num_videos``. With
+Clip ``i`` (``0 <= i < num_clips``) comes from video ``order[i % num_videos]``, ``order`` a
+permutation of the videos seeded by ``(seed, split)``: every video serves equally often, and
+fewer clips than videos (a small validation set of UCF-101) still span all classes. With
 ``sampling="seeded"`` its start frame, crop offset and flip are drawn from
 ``SeedSequence([seed, split_id, i])``, so a batch is a pure function of its indices (exact resume,
 any number of loader workers); ``"random"`` draws them afresh on every read.
@@ -180,7 +182,7 @@ class ClipDataset(torch.utils.data.Dataset):
     """Fixed-size clips from a :class:`Source` (sampling rules in the module docstring).
 
     Args:
-        source: the videos; num_clips: dataset length (clip ``i`` from video ``i % videos``).
+        source: the videos; num_clips: dataset length.
         frames: T; size: output height = width.
         seed, split: seeding (``split`` in ``vosgan.data.synthetic.SPLITS``).
         stride, fps, short, crop, flip, sampling: as ``DataConfig`` (vosgan.config).
@@ -219,7 +221,8 @@ class ClipDataset(torch.utils.data.Dataset):
         if not self.usable:
             raise ValueError(f"{source.root}: no video is long enough for a {frames}-frame clip "
                              "with short=skip; use data.short=loop or pad")
-        self._base = list(self.usable)
+        order = np.random.default_rng(np.random.SeedSequence([seed, SPLITS[split]]))
+        self._base = [self.usable[j] for j in order.permutation(len(self.usable))]
         self.has_labels = all(it.label >= 0 for it in self.items)
 
     def __len__(self) -> int:
