@@ -96,17 +96,13 @@ def test_dali_cpu_vp9_matches_pyav(vids: dict[str, Path]) -> None:
         dali.read(vids["h264"], [0])
     gpu = torch.cuda.is_available()
     auto = AutoDecoder()
-    assert auto.backend_for(vids["vp9"]) == ("dali-gpu" if gpu else "pyav")  # measured faster
+    assert auto.backend_for(vids["vp9"]) == ("dali-gpu" if gpu else "dali-cpu")
     forced = make_decoder("dali")
     assert forced.backend_for(vids["vp9"]) == ("dali-gpu" if gpu else "dali-cpu")
     assert auto.backend_for(vids["h264"]) == ("dali-gpu" if gpu else "pyav")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("VOSGAN_DALI_CPU", "1")
-        auto = AutoDecoder()
-        mixed = auto.read_many([(vids["h264"], [2]), (vids["vp9"], [4]), (vids["mpeg4"], [6])])
+    mixed = auto.read_many([(vids["h264"], [2]), (vids["vp9"], [4]), (vids["mpeg4"], [6])])
     assert [frame_ids(c) for c in mixed] == [[2], [4], [6]]
     if not gpu:
-        assert auto.backend_for(vids["vp9"]) == "dali-cpu"
         with pytest.raises(ConfigError, match="data.decoder=dali cannot decode h264"):
             VideoFileSource([(vids["h264"], -1)], forced)  # refused when built, not mid-epoch
 
@@ -117,11 +113,12 @@ def test_backend_choice_explains_itself(capsys: pytest.CaptureFixture[str]) -> N
     if not torch.cuda.is_available():
         assert name == "pyav" and "mpeg4" in why and "no CUDA" in why
         if HAS_DALI:
-            assert pick_backend("vp9", "dali")[0] == "dali-cpu"
-            assert pick_backend("vp9", "auto")[0] == "pyav"
+            assert pick_backend("vp9", "auto")[0] == "dali-cpu"
             with pytest.MonkeyPatch.context() as mp:
-                mp.setenv("VOSGAN_DALI_CPU", "1")
-                assert pick_backend("vp9", "auto")[0] == "dali-cpu"
+                mp.setenv("VOSGAN_DALI_CPU", "0")
+                assert pick_backend("vp9", "auto") == ("pyav", "vp9 on PyAV (VOSGAN_DALI_CPU=0; "
+                                                       "no CUDA device for NVDEC)")
+                assert pick_backend("vp9", "dali")[0] == "dali-cpu"
         with pytest.raises(ConfigError, match="data.decoder=dali cannot decode h264"):
             pick_backend("h264", "dali")
     with pytest.raises(ValueError, match="decoder must be"):

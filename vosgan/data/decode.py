@@ -18,11 +18,12 @@ tested in ``tests/test_video_data.py``.
   a reader would pick its own sequences. Frames are copied to the host so every backend returns
   the same numpy clip. Not runnable on the CPU-only development machine.
 - ``auto`` (:class:`AutoDecoder`): per file, DALI GPU when CUDA and DALI are there and NVDEC has the
-  codec, else PyAV. DALI's CPU decoder is not picked by ``auto``: reading 16-frame clips of a
-  320x240 VP9 video it delivered 7 clips/s against PyAV's 16 (batches of 8, 2-core dev box
-  under load; whole 64-frame file 0.38 s vs 0.15 s). ``VOSGAN_DALI_CPU=1`` makes ``auto`` use it
-  for VP9/VP8/MJPEG; ``data.decoder=dali`` always uses DALI (GPU, else CPU for those codecs, else
-  an error). ``auto`` prints once per (codec, backend) pair what it picked and why.
+  codec, else DALI CPU for VP9/VP8/MJPEG when DALI is installed, else PyAV. Reading batches of
+  eight 16-frame clips of a 320x240 VP9 video, DALI CPU gave 14 clips/s against PyAV's 8-11
+  (medians of 8 interleaved rounds, 2-core dev box at load ~3.5); with the cores oversubscribed
+  (load ~8, not interleaved) it was 2x slower, so ``VOSGAN_DALI_CPU=0`` keeps VP9 on PyAV.
+  ``data.decoder=dali`` always uses DALI (GPU, else CPU for those codecs, else a ConfigError).
+  ``auto`` prints once per (codec, backend) pair what it picked and why.
 
 Unreadable, empty, corrupt and truncated files raise :class:`VideoError` (a ``ValueError``) naming
 the file; a file that decodes fewer frames than asked raises :class:`ShortVideoError` with the
@@ -348,13 +349,9 @@ def pick_backend(codec: str, requested: str = "auto") -> tuple[str, str]:
         return "dali-gpu", f"{codec} on NVDEC ({gpu_why})"
     cpu_ok, cpu_why = dali_status("cpu")
     if cpu_ok and codec in DALI_CPU_CODECS:
-        if requested == "dali":
-            return "dali-cpu", f"{codec} on DALI's CPU decoder (data.decoder=dali; {gpu_why})"
-        if os.environ.get("VOSGAN_DALI_CPU", "") == "1":
-            return "dali-cpu", f"{codec} on DALI's CPU decoder (VOSGAN_DALI_CPU=1; {gpu_why})"
-        return "pyav", (f"{codec} on PyAV ({gpu_why} for NVDEC; DALI's CPU decoder read 16-frame "
-                        "VP9 clips 2x slower than PyAV on the 2-core dev box; "
-                        "data.decoder=dali or VOSGAN_DALI_CPU=1 selects it)")
+        if requested == "dali" or os.environ.get("VOSGAN_DALI_CPU", "1") != "0":
+            return "dali-cpu", f"{codec} on DALI's CPU decoder ({gpu_why} for NVDEC)"
+        return "pyav", f"{codec} on PyAV (VOSGAN_DALI_CPU=0; {gpu_why} for NVDEC)"
     if requested == "dali":
         reason = cpu_why if not cpu_ok else f"{gpu_why}, and DALI's CPU decoder lacks {codec}"
         raise ConfigError(f"data.decoder=dali cannot decode {codec}: {reason}")
