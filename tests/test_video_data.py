@@ -81,7 +81,7 @@ def test_generated_fixtures_decode_exact_indices(vids: dict[str, Path], codec: s
 
 @pytest.mark.skipif(not HAS_DALI, reason="DALI is not installed (pip install nvidia-dali-cuda120)")
 def test_dali_cpu_vp9_matches_pyav(vids: dict[str, Path]) -> None:
-    from vosgan.data.decode import DaliDecoder
+    from vosgan.data.dali import DaliDecoder
 
     dali = DaliDecoder("cpu", max_batch=2)
     reqs = [(vids["vp9"], [0, 3, 17]), (vids["vp9"], [9, 8, 1, 1])]

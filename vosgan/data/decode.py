@@ -9,14 +9,13 @@ tested in ``tests/test_video_data.py``.
 - ``pyav``: FFmpeg through PyAV with frame/slice threads (``thread_type="AUTO"``). Decodes from the
   first frame up to the last wanted one (exact indices, no seek drift); frames not wanted are never
   converted to RGB. Every codec FFmpeg knows.
-- ``dali-cpu``: ``fn.decoders.video(device="cpu")`` in a CPU-only pipeline (``device_id=None``). The
-  CPU variant only decodes VP9, VP8 and MJPEG (DALI 2.4: "Codec 27 (h264) is not supported").
-- ``dali-gpu``: ``fn.decoders.video(device="mixed")``: NVDEC on the current CUDA device, every
-  codec NVDEC has (H.264, HEVC, VP8, VP9, AV1, MPEG-4, MJPEG). The decoder operator, not
-  ``fn.readers.video``, because it takes the frame indices of each sample as an input: the clip of
-  a training step is chosen by the dataset (a pure function of the step, so resume is exact), and
-  a reader would pick its own sequences. Frames are copied to the host so every backend returns
-  the same numpy clip. Not runnable on the CPU-only development machine.
+- ``dali-cpu`` (:mod:`vosgan.data.dali`): ``fn.decoders.video(device="cpu")`` in a CPU-only
+  pipeline (``device_id=None``). The CPU variant only decodes VP9, VP8 and MJPEG (DALI 2.4:
+  "Codec 27 (h264) is not supported").
+- ``dali-gpu`` (:mod:`vosgan.data.dali`): ``fn.decoders.video(device="mixed")``: NVDEC on the
+  current CUDA device, every codec NVDEC has (H.264, HEVC, VP8, VP9, AV1, MPEG-4, MJPEG). Frames
+  are copied to the host so every backend returns the same numpy clip. Not runnable on the
+  CPU-only development machine.
 - ``auto`` (:class:`AutoDecoder`): per file, DALI GPU when CUDA and DALI are there and NVDEC has the
   codec, else DALI CPU for VP9/VP8/MJPEG when DALI is installed, else PyAV. Reading batches of
   eight 16-frame clips of a 320x240 VP9 video, DALI CPU gave 14 clips/s against PyAV's 8-11
@@ -244,94 +243,6 @@ def dali_status(device: str) -> tuple[bool, str]:
     return True, "DALI CPU pipeline"
 
 
-class DaliDecoder(Decoder):
-    """DALI ``fn.decoders.video`` on ``device`` ``"cpu"`` or ``"gpu"`` (mixed: NVDEC).
-
-    Encoded file bytes and per-sample frame indices are fed through ``fn.external_source``;
-    one pipeline (built lazily, so it is created inside each loader worker) decodes up to
-    ``max_batch`` files per run.
-
-    Args:
-        device: ``"cpu"`` (VP9/VP8/MJPEG only) or ``"gpu"``.
-        max_batch: most files per pipeline run; num_threads: DALI CPU threads.
-    """
-
-    def __init__(self, device: str = "cpu", max_batch: int = 8, num_threads: int = 2) -> None:
-        if device not in ("cpu", "gpu"):
-            raise ValueError(f"device must be 'cpu' or 'gpu', got {device!r}")
-        if max_batch < 1 or num_threads < 1:
-            raise ValueError(f"max_batch and num_threads must be >= 1, got {max_batch}, "
-                             f"{num_threads}")
-        ok, why = dali_status(device)
-        if not ok:
-            raise RuntimeError(f"DALI {device} decoding unavailable: {why}")
-        self.device, self.max_batch, self.num_threads = device, max_batch, num_threads
-        self.name = f"dali-{device}"
-        self._pipe: Any = None
-
-    def _build(self) -> Any:
-        from nvidia.dali import fn, pipeline_def, types
-
-        video_op = getattr(fn.decoders, "video", None) or fn.experimental.decoders.video
-        if self.device == "gpu":
-            import torch
-
-            device_id, op_device = torch.cuda.current_device(), "mixed"
-        else:
-            device_id, op_device = None, "cpu"
-
-        @pipeline_def(batch_size=self.max_batch, num_threads=self.num_threads,
-                      device_id=device_id, prefetch_queue_depth=1, exec_dynamic=True)
-        def pipe() -> Any:
-            encoded = fn.external_source(name="encoded", dtype=types.UINT8, ndim=1)
-            frames = fn.external_source(name="frames", dtype=types.INT32, ndim=1)
-            return video_op(encoded, frames=frames, device=op_device)
-
-        p = pipe()
-        p.build()
-        return p
-
-    def read_many(self, requests: Sequence[tuple[str | Path, Sequence[int]]]) -> list[np.ndarray]:
-        out: list[np.ndarray] = []
-        for k in range(0, len(requests), self.max_batch):
-            out.extend(self._run(requests[k : k + self.max_batch]))
-        return out
-
-    def _run(self, requests: Sequence[tuple[str | Path, Sequence[int]]]) -> list[np.ndarray]:
-        encoded, frames, infos = [], [], []
-        for path, indices in requests:
-            info = probe(path)  # also rejects missing/empty/unreadable files with VideoError
-            idx = _check_indices(indices)
-            if max(idx) >= info.frames:
-                raise ShortVideoError(path, info.frames, max(idx))
-            allowed = DALI_GPU_CODECS if self.device == "gpu" else DALI_CPU_CODECS
-            if info.codec not in allowed:
-                raise VideoError(path, f"codec {info.codec} is not supported by {self.name} "
-                                       f"(supported: {sorted(allowed)})")
-            encoded.append(np.fromfile(path, np.uint8))
-            frames.append(np.asarray(idx, np.int32))
-            infos.append(info)
-        if self._pipe is None:
-            self._pipe = self._build()
-        self._pipe.feed_input("encoded", encoded)
-        self._pipe.feed_input("frames", frames)
-        try:
-            (video,) = self._pipe.run()
-        except RuntimeError as exc:
-            self._pipe = None  # a failed DALI pipeline cannot be reused
-            names = ", ".join(str(p) for p, _ in requests)
-            raise VideoError(names, f"DALI decoding failed ({exc})") from None
-        if self.device == "gpu":
-            video = video.as_cpu()
-        result = []
-        for k, (path, _) in enumerate(requests):
-            clip = np.asarray(video[k])
-            if clip.shape[1:] != (infos[k].height, infos[k].width, 3):
-                raise VideoError(path, f"DALI returned frames of shape {clip.shape[1:]}")
-            result.append(clip)
-        return result
-
-
 def _say_once(key: str, message: str, _seen: set[str] = set()) -> None:  # noqa: B006
     if key not in _seen:
         _seen.add(key)
@@ -392,7 +303,7 @@ class AutoDecoder(Decoder):
     def _decoder(self, name: str) -> Decoder:
         if name not in self._decoders:
             self._decoders[name] = (
-                PyAVDecoder() if name == "pyav" else DaliDecoder(name[5:], self.max_batch)
+                PyAVDecoder() if name == "pyav" else _dali(name[5:], self.max_batch)
             )
         return self._decoders[name]
 
@@ -408,12 +319,18 @@ class AutoDecoder(Decoder):
         return out  # type: ignore[return-value]
 
 
+def _dali(device: str, max_batch: int) -> Decoder:
+    from vosgan.data.dali import DaliDecoder  # DALI backends live apart (they import DALI)
+
+    return DaliDecoder(device, max_batch)
+
+
 def make_decoder(name: str, max_batch: int = 8) -> Decoder:
     """``"auto"``, ``"dali"``, ``"pyav"``, ``"dali-cpu"`` or ``"dali-gpu"`` -> a decoder."""
     if name == "pyav":
         return PyAVDecoder()
     if name in ("dali-cpu", "dali-gpu"):
-        return DaliDecoder(name[5:], max_batch)
+        return _dali(name[5:], max_batch)
     if name in ("auto", "dali"):
         return AutoDecoder(name, max_batch)
     raise ValueError(f"decoder must be one of auto, dali, pyav, dali-cpu, dali-gpu; got {name!r}")

@@ -275,14 +275,17 @@ class ClipDataset(torch.utils.data.Dataset):
         if not self.usable:
             raise ValueError(f"{self.source.root}: no usable video left (last failure: {exc})")
 
-    def _read(self, plans: list[tuple[int, list[int], float, bool]]) -> list[Frames]:
-        """Read every plan; a failing video is dropped and its clip re-planned."""
+    def _read(self, plans: list[tuple[int, list[int], float, bool]]
+              ) -> list[tuple[int, Frames]]:
+        """Read every plan -> (video read, frames); a failing video is dropped and its clip
+        re-planned from the start of the video that stands in for it."""
         try:
-            return self.source.read([(k, idx) for k, idx, _, _ in plans], self.size)
+            frames = self.source.read([(k, idx) for k, idx, _, _ in plans], self.size)
+            return [(p[0], f) for p, f in zip(plans, frames, strict=True)]
         except VideoError:
             return [self._read_one(p) for p in plans]  # isolate the bad file(s)
 
-    def _read_one(self, plan: tuple[int, list[int], float, bool]) -> Frames:
+    def _read_one(self, plan: tuple[int, list[int], float, bool]) -> tuple[int, Frames]:
         k, idx, _, _ = plan
         if k not in self.usable:  # dropped by an earlier plan of this batch
             k = self._next_usable(k)
@@ -290,7 +293,7 @@ class ClipDataset(torch.utils.data.Dataset):
             idx = clip_indices(item.length, self.frames, self.step(item), 0, self.short)
         while True:
             try:
-                return self.source.read([(k, idx)], self.size)[0]
+                return k, self.source.read([(k, idx)], self.size)[0]
             except VideoError as exc:
                 self._drop(k, exc)
             item = self.items[k]
@@ -307,15 +310,15 @@ class ClipDataset(torch.utils.data.Dataset):
         plans = [self._plan(i) for i in idx]
         read = self._read(plans)
         video, masks = [], []
-        for (_, _, u, flip), (v, m) in zip(plans, read, strict=True):
+        for (_, _, u, flip), (_, (v, m)) in zip(plans, read, strict=True):
             v, m = _square(v, m, self.size, u, flip)
             video.append(v)
             masks.append(m)
         out = {"video": np.stack(video)}
         if self.source.has_masks:
             out["mask"] = np.stack(masks)
-        if self.has_labels:
-            out["label"] = np.asarray([self.items[k].label for k, _, _, _ in plans], np.int64)
+        if self.has_labels:  # of the video actually read (a stand-in's for a dropped file)
+            out["label"] = np.asarray([self.items[k].label for k, _ in read], np.int64)
         return out
 
     def batch(self, indices: Sequence[int]) -> dict[str, torch.Tensor]:
