@@ -21,6 +21,7 @@ from vosgan.data.decode import (
     Decoder,
     ShortVideoError,
     VideoError,
+    VideoInfo,
     _check_indices,
     dali_status,
     probe,
@@ -51,6 +52,7 @@ class DaliDecoder(Decoder):
         self.device, self.max_batch, self.num_threads = device, max_batch, num_threads
         self.name = f"dali-{device}"
         self._pipe: Any = None
+        self._info: dict[str, VideoInfo] = {}  # probed once per file
 
     def _build(self) -> Any:
         from nvidia.dali import fn, pipeline_def, types
@@ -83,7 +85,9 @@ class DaliDecoder(Decoder):
     def _run(self, requests: Sequence[tuple[str | Path, Sequence[int]]]) -> list[np.ndarray]:
         encoded, frames, infos = [], [], []
         for path, indices in requests:
-            info = probe(path)  # also rejects missing/empty/unreadable files with VideoError
+            if str(path) not in self._info:  # probe rejects missing/empty/unreadable files
+                self._info[str(path)] = probe(path)
+            info = self._info[str(path)]
             idx = _check_indices(indices)
             if max(idx) >= info.frames:
                 raise ShortVideoError(path, info.frames, max(idx))
