@@ -315,3 +315,18 @@ def test_every_video_serves_equally_and_few_clips_span_videos() -> None:
     assert sorted(videos) == sorted(list(range(6)) * 2)
     few = ClipDataset(_Numbered(6), 3, 4, 8, uint8=True, split="val")
     assert len({int(v[0, 0, 0, 0]) // 40 for v in few.arrays(range(3))["video"]}) == 3
+
+
+def test_pyav_batches_share_one_decode_per_file(vids: dict[str, Path],
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    reqs = [(vids["h264"], [4, 5, 6]), (vids["vp9"], [1]), (vids["h264"], [9, 2, 2])]
+    single = [PyAVDecoder().read(p, i) for p, i in reqs]
+    calls = []
+    real = PyAVDecoder.decode
+    monkeypatch.setattr(PyAVDecoder, "decode",
+                        staticmethod(lambda path, *a, **k: calls.append(path) or real(path, *a,
+                                                                                       **k)))
+    many = PyAVDecoder().read_many(reqs)
+    assert sorted(map(str, calls)) == sorted([str(vids["h264"]), str(vids["vp9"])])
+    for a, b in zip(single, many, strict=True):
+        np.testing.assert_array_equal(a, b)

