@@ -280,12 +280,16 @@ def test_ucf101_labels_and_split_lists(tmp_path: Path, vids: dict[str, Path]) ->
         parse_class_index(bad)
 
 
-def test_make_dataset_routes_and_errors(tmp_path: Path) -> None:
+def test_make_dataset_routes_and_errors(tmp_path: Path, vids: dict[str, Path]) -> None:
     synth = make_dataset(config.load("cpu-small"), "val", 3)
     assert isinstance(synth, SyntheticVideos) and len(synth) == 3
+    one = make_dataset(_cfg(vids["vp9"], short="loop"), "train", 2)  # a single video file
+    assert isinstance(one.source, VideoFileSource) and one.batch([0, 1])["video"].shape[0] == 2
+    (tmp_path / "notes.txt").write_text("x")
+    with pytest.raises(ValueError, match="is a file but not a video"):
+        make_dataset(_cfg(tmp_path / "notes.txt"), "train", 2)
     with pytest.raises(FileNotFoundError, match="no_such_dir"):
         make_dataset(_cfg(tmp_path / "no_such_dir"), "train", 2)
-    (tmp_path / "notes.txt").write_text("x")
     with pytest.raises(ValueError, match="no videos, frame folders or prepared cache"):
         make_dataset(_cfg(tmp_path), "train", 2)
     write_sequence(tmp_path / "seq", 3)
