@@ -43,7 +43,8 @@ def find_videos(root: str | Path) -> list[Path]:
     return found
 
 
-def _list_file(root: Path, name: str) -> Path | None:
+def find_list_file(root: Path, name: str) -> Path | None:
+    """``root/name`` or ``root/ucfTrainTestlist/name``, whichever exists first, else None."""
     for d in LIST_DIRS:
         if (root / d / name).is_file():
             return root / d / name
@@ -104,7 +105,7 @@ def labelled_videos(root: str | Path, split: str, split_list: str = "auto"
     labels: dict[str, int] = {}
     classes = sorted({r.split("/")[0].lower() for r in rel.values() if "/" in r})
     if all("/" in r for r in rel.values()) and classes:
-        ind = _list_file(root, "classInd.txt")
+        ind = find_list_file(root, "classInd.txt")
         labels = parse_class_index(ind) if ind else {c: k for k, c in enumerate(classes)}
         unknown = [c for c in classes if c not in labels]
         if unknown:
@@ -113,7 +114,7 @@ def labelled_videos(root: str | Path, split: str, split_list: str = "auto"
     if split_list != "none" and split != "all":
         number = "01" if split_list == "auto" else f"{int(split_list):02d}"
         name = f"{'train' if split == 'train' else 'test'}list{number}.txt"
-        path = _list_file(root, name)
+        path = find_list_file(root, name)
         if path is None and split_list != "auto":
             raise FileNotFoundError(f"data.split_list={split_list}: no {name} in {root} or "
                                     f"{root / 'ucfTrainTestlist'}")

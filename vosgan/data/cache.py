@@ -202,7 +202,7 @@ class CacheSource(Source):
     """
 
     def __init__(self, root: str | Path, split: str = "all", split_list: str = "auto") -> None:
-        from vosgan.data.build import _list_file, parse_split_list
+        from vosgan.data.build import find_list_file, parse_split_list
 
         self.root = str(root)
         index = read_index(root)
@@ -211,7 +211,7 @@ class CacheSource(Source):
         if split_list != "none" and split != "all":
             number = "01" if split_list == "auto" else f"{int(split_list):02d}"
             name = f"{'train' if split == 'train' else 'test'}list{number}.txt"
-            path = _list_file(Path(root), name)
+            path = find_list_file(Path(root), name)
             if path is None and split_list != "auto":
                 raise FileNotFoundError(f"data.split_list={split_list}: no {name} in {root}")
             if path is not None:
