@@ -18,9 +18,10 @@ tested in ``tests/test_video_data.py``.
   CPU-only development machine.
 - ``auto`` (:class:`AutoDecoder`): per file, DALI GPU when CUDA and DALI are there and NVDEC has the
   codec, else DALI CPU for VP9/VP8/MJPEG when DALI is installed, else PyAV. Reading batches of
-  eight 16-frame clips of a 320x240 VP9 video, DALI CPU gave 14 clips/s against PyAV's 8-11
-  (medians of 8 interleaved rounds, 2-core dev box at load ~3.5); with the cores oversubscribed
-  (load ~8, not interleaved) it was 2x slower, so ``VOSGAN_DALI_CPU=0`` keeps VP9 on PyAV.
+  eight 16-frame clips of a 320x240 VP9 video, DALI CPU gave 43 clips/s against PyAV's 29 at
+  load ~1 and 14 against 8-11 at load ~3.5 (medians of 8 interleaved rounds, 2-core dev box);
+  with the cores oversubscribed (load ~8, not interleaved) it was 2x slower, so
+  ``VOSGAN_DALI_CPU=0`` keeps VP9 on PyAV.
   ``data.decoder=dali`` always uses DALI (GPU, else CPU for those codecs, else a ConfigError).
   ``auto`` prints once per (codec, backend) pair what it picked and why.
 
