@@ -6,12 +6,14 @@ import json
 import math
 import re
 import warnings
+from pathlib import Path
 
 import av
 import numpy as np
 import pytest
 import scipy.linalg
 import torch
+from conftest import SHARED_DATA
 
 from vosgan import fvd, train
 from vosgan.video_metrics import (
@@ -320,6 +322,20 @@ def test_cli_real_video_folder(tmp_path, scripted, ckpt, capsys):
     assert p["covariance_full_rank"] is False
     assert (p["num_real"], p["real_videos"], p["split"], p["data"]) == (5, 3, "test", str(folder))
     assert "is_mean" not in result["metrics"] and result["metrics"]["fvd"] > 0
+
+
+def test_cli_shared_real_clips(tmp_path, scripted, ckpt, capsys):
+    """The real clips in ../shared/data/clips (H.264 MP4 and an AVI of assorted sizes)."""
+    clips = Path(SHARED_DATA) / "clips"
+    if not clips.is_dir():
+        pytest.skip(f"shared real data not found at {clips}")
+    videos = len(list(clips.glob("*.mp4")) + list(clips.glob("*.avi")))
+    args = ["--checkpoint", str(ckpt), "--extractor", str(scripted / "extractor.pt"),
+            "--data", str(clips), "--num", "12", "--num-real", "12", "--extractor-size", "8",
+            "--kvd-subsets", "2", "--out", str(tmp_path / "out")]
+    assert fvd.main(args) == 0, capsys.readouterr().err
+    p = json.loads((tmp_path / "out" / "metrics.json").read_text())["protocol"]
+    assert p["real_videos"] == videos and p["num_real"] == 12
 
 
 @pytest.mark.parametrize(
