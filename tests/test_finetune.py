@@ -132,6 +132,8 @@ def test_finetune_mode_updates_the_encoder(tmp_path, ucf, ckpt, capsys):
         (["--model.size=64"], "only --data.\\* overrides"),
         (["--data.bogus=1"], "unknown config key 'data.bogus'"),
         (["--batch-size", "1"], "--batch-size must be >= 2"),
+        pytest.param(["--device", "cuda"], "no CUDA device", marks=pytest.mark.skipif(
+            torch.cuda.is_available(), reason="CUDA present")),
     ],
 )
 def test_bad_arguments(tmp_path, ucf, ckpt, capsys, extra, message):

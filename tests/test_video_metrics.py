@@ -348,6 +348,7 @@ def test_cli_shared_real_clips(tmp_path, scripted, ckpt, capsys):
         (["--extractor", "{ext}", "--num", "1"], "--num must be >= 2"),
         (["--extractor", "{ext}", "--data", "{tmp}/nowhere"], "--data .*nowhere: no such"),
         (["--extractor", "{ext}", "--split", "dev"], "--split must be one of"),
+        (["--extractor", "{ext}", "--classifier", "{ext}", "--is-splits", "5"], "--is-splits"),
     ],
 )
 def test_cli_bad_input(tmp_path, scripted, ckpt, capsys, extra, message):

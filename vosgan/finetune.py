@@ -43,7 +43,7 @@ from vosgan import config as config_mod
 from vosgan.config import Config, ConfigError
 from vosgan.evaluate import load_models
 from vosgan.models import Discriminator
-from vosgan.train import amp_dtype
+from vosgan.train import amp_dtype, resolve_device
 
 
 class ActionClassifier(nn.Module):
@@ -219,7 +219,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--amp", default="auto", choices=("auto", "off", "bf16", "fp16"),
                    help="as train.amp: auto = bf16 on CUDA, off on CPU")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda:N")
     args, rest = p.parse_known_args(argv)
     args.overrides = config_mod.parse_overrides(rest)
     bad = [k for k in args.overrides if not k.startswith("data.")]
@@ -293,7 +293,7 @@ def clip_datasets(cfg: Config, root: str, split: int, train_clips: int, test_cli
 
 def run(args: argparse.Namespace) -> tuple[dict[str, Any], ActionClassifier]:
     """Train and test; writes the output folder and returns ``(result, model)``."""
-    device = torch.device(args.device)
+    device = resolve_device(args.device)
     torch.manual_seed(args.seed)
     cfg, _, D, ckpt = load_models(args.checkpoint, device)
     cfg = config_mod.apply_overrides(cfg, args.overrides)

@@ -42,6 +42,7 @@ from vosgan.data.build import make_dataset
 from vosgan.data.synthetic import SPLITS
 from vosgan.evaluate import load_models
 from vosgan.models import Generator
+from vosgan.train import resolve_device
 from vosgan.video_metrics import (
     ExtractorError,
     frechet_distance_from_features,
@@ -126,7 +127,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--out", required=True, help="output folder (metrics.json)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--seed", type=int, default=0, help="latent seed of the generated videos")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda:N")
     p.add_argument("--extractor-size", type=int, default=224, help="input side S; 0 = as is")
     p.add_argument("--extractor-range", default="[-1,1]", choices=RANGES)
     p.add_argument("--extractor-kwargs", default="{}", help="JSON keyword arguments")
@@ -141,9 +142,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.num_real = args.num if args.num_real is None else args.num_real
     for flag, value, low in (("--num", args.num, 2), ("--num-real", args.num_real, 2),
                              ("--batch-size", args.batch_size, 1),
-                             ("--extractor-size", args.extractor_size, 0)):
+                             ("--extractor-size", args.extractor_size, 0),
+                             ("--kvd-subsets", args.kvd_subsets, 1),
+                             ("--kvd-subset-size", args.kvd_subset_size, 2),
+                             ("--is-splits", args.is_splits, 1)):
         if value < low:
             raise ConfigError(f"{flag} must be >= {low}, got {value}")
+    if args.classifier and args.is_splits > args.num:
+        raise ConfigError(f"--is-splits ({args.is_splits}) must be <= --num ({args.num})")
     args.extractor_kwargs = _json_arg("--extractor-kwargs", args.extractor_kwargs)
     args.classifier_kwargs = _json_arg("--classifier-kwargs", args.classifier_kwargs)
     return args
@@ -151,7 +157,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     """Load everything, extract features, compute the metrics; returns the result dict."""
-    device = torch.device(args.device)
+    device = resolve_device(args.device)
     extractor = load_torchscript(args.extractor, "--extractor", device)  # fail before G runs
     classifier = (
         load_torchscript(args.classifier, "--classifier", device) if args.classifier else None
