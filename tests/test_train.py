@@ -2,12 +2,15 @@
 
 import contextlib
 import json
+import os
 import signal
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
+from conftest import SHARED_DATA
 
 from vosgan import checkpoint, config, train
 from vosgan.config import ConfigError
@@ -91,7 +94,7 @@ def test_resume_rejects_a_different_model(tmp_path, capsys):
     [
         (["--resume", "/nonexistent/ckpt.pt"], "no such file or folder"),
         (["--model.size=48"], "model.size must be a power of two"),
-        (["--data", "/some/videos"], "not implemented yet"),
+        (["--data", "/some/videos"], "/some/videos: no such file or folder"),
         (["--bogus.key=1"], "unknown config key"),
     ],
 )
@@ -246,3 +249,55 @@ def test_activation_checkpointing_changes_nothing():
     for name in plain:
         torch.testing.assert_close(ck[name], plain[name], rtol=0, atol=0, msg=name)
     assert [sorted(x) for x in logs] == [sorted(x) for x in ck_logs]
+
+
+def _write_mp4(path, frames=20, size=(40, 48), seed=0):
+    import av
+
+    rng = np.random.default_rng(seed)
+    base = rng.integers(0, 255, (size[0], size[1], 3), dtype=np.uint8)
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream("libx264", rate=10)
+        stream.height, stream.width, stream.pix_fmt = size[0], size[1], "yuv420p"
+        for t in range(frames):  # a bright square moving right over a static texture
+            img = base.copy()
+            img[10:20, 2 + t : 12 + t] = 255
+            for packet in stream.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+
+
+REAL = ["--model.size=16", "--model.frames=16", "--model.g_channels=16", "--model.d_channels=4",
+        "--model.gru_hidden=16", "--data.batch_size=2", "--data.train_clips=4",
+        "--data.val_clips=2", "--train.eval_clips=2", "--train.steps=2", "--train.log_every=1"]
+
+
+def test_training_on_a_folder_of_videos(tmp_path, capsys):
+    pytest.importorskip("av")
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    for i in range(2):
+        _write_mp4(videos / f"v{i}.mp4", seed=i)
+    out = tmp_path / "run"
+    assert train.main([*REAL, "--data", str(videos), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "segmentation IoU skipped: the data has no masks" in printed
+    assert "flow EPE skipped: real video has no ground-truth flow" in printed
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["num_clips"] == 2 and "iou" not in metrics and "epe" not in metrics
+    assert (out / "samples" / "step_000002.mp4").stat().st_size > 0
+    assert checkpoint.load_checkpoint(out)["step"] == 2
+    assert len((out / "log.jsonl").read_text().splitlines()) == 2
+
+
+def test_training_on_frames_with_masks_scores_iou(tmp_path, capsys):
+    seq = os.path.join(SHARED_DATA, "davis2016", "blackswan")
+    if not os.path.isdir(seq):
+        pytest.skip(f"shared real data not found at {SHARED_DATA}")
+    out = tmp_path / "run"
+    assert train.main([*REAL, "--data", seq, "--out", str(out)]) == 0
+    assert "flow EPE skipped" in capsys.readouterr().out
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert 0 <= metrics["iou"] <= 1 and 0 <= metrics["baseline_iou"] <= 1
+    assert metrics["skipped"] == ["flow EPE skipped: real video has no ground-truth flow"]

@@ -21,7 +21,6 @@ import json
 import signal
 import sys
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,13 +34,15 @@ from tqdm import tqdm
 from vosgan import backend, checkpoint, distributed
 from vosgan import config as config_mod
 from vosgan.config import Config, ConfigError
-from vosgan.data import SyntheticVideos
 from vosgan.distributed import DistEnv
-from vosgan.evaluate import evaluate_model, write_samples
+from vosgan.evaluate import write_samples
 from vosgan.losses import VosGanLoss
 from vosgan.models import Discriminator, Generator
 from vosgan.nn import fuse_modules
 from vosgan.nn.checkpointing import checkpoint_blocks
+from vosgan.train_data import Evaluator, batch_indices, batches, describe, make_dataset
+
+__all__ = ["batch_indices", "main", "make_dataset", "train", "train_step"]
 
 
 class NonFiniteLossError(RuntimeError):
@@ -67,73 +68,6 @@ def amp_dtype(policy: str, device: torch.device) -> torch.dtype | None:
     if device.type != "cuda":
         raise ConfigError("train.amp=fp16 needs a CUDA device (use bf16 or off on CPU)")
     return torch.float16
-
-
-def batch_indices(step: int, batch: int, num_clips: int, seed: int) -> list[int]:
-    """The clip indices of training step ``step``: a pure function, so resume needs only the step.
-
-    Each epoch is a fresh permutation (seeded by ``seed`` and the epoch); the last partial batch
-    of an epoch is dropped.
-    """
-    per_epoch = num_clips // batch
-    if per_epoch == 0:
-        raise ConfigError(f"data.batch_size={batch} is larger than data.train_clips={num_clips}")
-    epoch, k = divmod(step, per_epoch)
-    gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    return torch.randperm(num_clips, generator=gen)[k * batch : (k + 1) * batch].tolist()
-
-
-class _StepBatches(torch.utils.data.Dataset):
-    """Item ``s``: this rank's ``part`` of step ``s``'s batch (workers build whole batches)."""
-
-    def __init__(self, data: SyntheticVideos, batch: int, seed: int, part: slice) -> None:
-        self.data, self.batch, self.seed, self.part = data, batch, seed, part
-
-    def __len__(self) -> int:
-        return sys.maxsize
-
-    def __getitem__(self, step: int) -> dict[str, Tensor]:
-        indices = batch_indices(step, self.batch, len(self.data), self.seed)
-        return self.data.batch(indices[self.part])
-
-
-def make_dataset(cfg: Config, split: str, num_clips: int) -> SyntheticVideos:
-    """The dataset named by ``data.source``."""
-    if cfg.data.source != "synthetic":
-        raise ConfigError(
-            f"data.source={cfg.data.source!r}: training on real video is not implemented yet "
-            "(issue #6); use the built-in 'synthetic' dataset"
-        )
-    return SyntheticVideos(
-        num_clips,
-        cfg.model.frames,
-        cfg.model.size,
-        seed=cfg.data.seed,
-        split=split,
-        cache=cfg.data.cache,
-    )
-
-
-def batches(
-    cfg: Config, start: int, device: torch.device, env: DistEnv = distributed.SINGLE
-) -> Iterator[dict[str, Tensor]]:
-    """This rank's training batches for steps ``start, start + 1, ...`` (pinned, prefetched)."""
-    data = make_dataset(cfg, "train", cfg.data.train_clips)
-    part = distributed.local_slice(cfg.data.batch_size, env)
-    loader = torch.utils.data.DataLoader(
-        _StepBatches(data, cfg.data.batch_size, cfg.data.seed, part),
-        batch_size=None,
-        sampler=range(start, cfg.train.steps),
-        num_workers=cfg.data.num_workers,
-        pin_memory=device.type == "cuda",
-        persistent_workers=False,
-        prefetch_factor=4 if cfg.data.num_workers else None,
-        # Its own generator: a DataLoader otherwise draws a seed from the global RNG at every
-        # iterator start, which would shift the latents after a resume. Workers of different
-        # ranks get different seeds (rank 0 keeps the single-process seed).
-        generator=torch.Generator().manual_seed(cfg.data.seed + 1_000_003 * env.rank),
-    )
-    yield from loader
 
 
 @dataclass
@@ -446,10 +380,13 @@ def _train(
         if main:
             checkpoint.save_atomic(run.state(), ckpt_path)
 
+    evaluator = Evaluator(cfg, device, t.eval_clips)
+
     def evaluate() -> dict[str, Any]:
-        result = evaluate_model(run.D, cfg, device, t.eval_clips).as_dict()
+        result = evaluator(run.D)
         for k, v in result.items():
-            writer.add_scalar(f"eval/{k}", v, run.step)
+            if isinstance(v, int | float):
+                writer.add_scalar(f"eval/{k}", v, run.step)
         run.history.append({"step": run.step, **result})
         return result
 
@@ -488,11 +425,7 @@ def _train(
             if main and run.step % t.sample_every == 0 and run.step < t.steps:
                 sample()
             if main and run.step % t.eval_every == 0 and run.step < t.steps:
-                r = evaluate()
-                tqdm.write(
-                    f"step {run.step}: IoU {r['iou']:.3f} (baseline {r['baseline_iou']:.3f}), "
-                    f"EPE {r['epe']:.3f} px (zero-flow {r['baseline_epe']:.3f})"
-                )
+                tqdm.write(f"step {run.step}: {describe(evaluate())}")
             if run.step % t.checkpoint_every == 0 or stop:
                 save()
             if stop:
@@ -516,13 +449,7 @@ def _train(
     writer.close()
     log.close()
     (out / "metrics.json").write_text(json.dumps({"step": run.step, **result}, indent=2))
-    print(
-        f"final (step {run.step}, {result['num_clips']} held-out clips): "
-        f"segmentation IoU {result['iou']:.3f} vs frame-difference baseline "
-        f"{result['baseline_iou']:.3f}; flow EPE {result['epe']:.3f} px "
-        f"(foreground {result['epe_fg']:.3f}) vs zero flow {result['baseline_epe']:.3f} "
-        f"({result['baseline_epe_fg']:.3f})"
-    )
+    print(f"final (step {run.step}, {result['num_clips']} held-out clips): {describe(result)}")
     print(f"run folder: {out}")
     return result
 
@@ -537,7 +464,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[Config, Path, bool, Path 
     p.add_argument("--fused", action="store_true", help="use every fused op available here")
     p.add_argument("--compile", action="store_true", help="torch.compile G and D (train.compile)")
     p.add_argument("--preset", default="cpu-small", choices=sorted(config_mod.PRESETS))
-    p.add_argument("--data", default=None, help="'synthetic' (default) or a dataset path")
+    p.add_argument("--data", default=None,
+                   help="'synthetic' (default) or a path: videos, frame folders, a clip cache")
     p.add_argument("--out", default=None, help="run folder (default: runs/<preset>-<time>)")
     p.add_argument("--resume", default=None, help="checkpoint file, run folder, or 'auto'")
     args, rest = p.parse_known_args(argv)
