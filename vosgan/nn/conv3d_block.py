@@ -4,14 +4,27 @@ Both subclass ``nn.Sequential`` and keep the children of the block they replace,
 ``1`` (``BatchNorm3d``), ``2`` (``LeakyReLU``/``ReLU``), so their ``state_dict`` is the one of
 ``nn.Sequential(Conv3d|ConvTranspose3d, BatchNorm3d, LeakyReLU|ReLU)``. The conv runs as is
 (cuDNN); BN + activation run as one fused op, :func:`vosgan.ops.conv3d_block.bn_act`.
+
+``SubpixelConv3d`` / ``SubpixelConvTranspose3d``: ``nn.Conv3d`` / ``nn.ConvTranspose3d`` (same
+parameters, same ``state_dict``) whose stride-2, kernel-4 case with a narrow side (VOS-GAN's
+dense heads and D's first stage) runs the sub-pixel CPU path of
+:func:`vosgan.ops.conv3d_block.subpixel_conv3d`; anything else runs the parent's forward.
 """
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 
+from vosgan import backend
 from vosgan.nn.fuse import register_fuser
-from vosgan.ops.conv3d_block import IMPLS, bn_act
+from vosgan.ops.conv3d_block import (
+    IMPLS,
+    SUBPIXEL_MAX_CHANNELS,
+    bn_act,
+    subpixel_applies,
+    subpixel_conv3d,
+)
 
 _ACTS = (nn.LeakyReLU, nn.ReLU)
 
@@ -125,3 +138,69 @@ def _fuse(module: nn.Module) -> nn.Module | None:
     """
     cls = _match(module)
     return cls.from_sequential(module) if cls is not None else None
+
+
+class _SubpixelMixin:
+    """``impl``: ``"auto"`` (the sub-pixel path where ``conv3d_block`` picks it on the input's
+    device and :func:`subpixel_applies`), ``"subpixel"`` (wherever it applies) or
+    ``"reference"`` (always the parent module's forward)."""
+
+    impl: str = "auto"
+
+    def _use_subpixel(self, x: Tensor) -> bool:
+        if self.impl not in ("auto", "subpixel", "reference"):
+            raise ValueError(f"impl must be 'auto', 'subpixel' or 'reference', got {self.impl!r}")
+        if self.impl == "reference" or not subpixel_applies(x, self):
+            return False
+        return self.impl == "subpixel" or _subpixel_auto(x.device.type)
+
+
+@torch.compiler.assume_constant_result
+def _subpixel_auto(device_type: str) -> bool:
+    return backend.choose("conv3d_block", device_type).impl == "subpixel"
+
+
+class SubpixelConv3d(_SubpixelMixin, nn.Conv3d):
+    """``nn.Conv3d``; with stride 2, kernel 4, padding 1 and ``in_channels <= 4`` on CPU the
+    input gradient runs as a sub-pixel transposed conv (forward and weight gradient: oneDNN).
+    ``x (B, C_in, T, H, W)`` with even T, H, W -> ``(B, C_out, T/2, H/2, W/2)``."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self._use_subpixel(x):
+            return subpixel_conv3d(x, self.weight, self.bias, transposed=False)
+        return super().forward(x)
+
+
+class SubpixelConvTranspose3d(_SubpixelMixin, nn.ConvTranspose3d):
+    """``nn.ConvTranspose3d``; with stride 2, kernel 4, padding 1 and ``out_channels <= 4`` on
+    CPU the forward runs in sub-pixel form (backward: oneDNN).
+    ``x (B, C_in, T, H, W)`` -> ``(B, C_out, 2T, 2H, 2W)``."""
+
+    def forward(self, x: Tensor, output_size: list[int] | None = None) -> Tensor:
+        if output_size is None and self._use_subpixel(x):
+            return subpixel_conv3d(x, self.weight, self.bias, transposed=True)
+        return super().forward(x, output_size)
+
+
+@register_fuser("conv3d_block")
+def _fuse_subpixel(module: nn.Module) -> nn.Module | None:
+    """A plain ``nn.Conv3d`` / ``nn.ConvTranspose3d`` of the sub-pixel geometry (stride 2, kernel
+    4, padding 1, narrow side <= ``SUBPIXEL_MAX_CHANNELS``) becomes its ``Subpixel`` subclass,
+    sharing the parameters (same ``state_dict``); anything else: ``None``."""
+    if type(module) is nn.Conv3d:
+        cls, narrow = SubpixelConv3d, module.in_channels
+    elif type(module) is nn.ConvTranspose3d:
+        cls, narrow = SubpixelConvTranspose3d, module.out_channels
+    else:
+        return None
+    geometry = (module.kernel_size, module.stride, module.padding, module.dilation,
+                module.output_padding, module.groups, module.padding_mode)
+    if geometry != ((4,) * 3, (2,) * 3, (1,) * 3, (1,) * 3, (0,) * 3, 1, "zeros"):
+        return None
+    if narrow > SUBPIXEL_MAX_CHANNELS:
+        return None
+    new = cls.__new__(cls)
+    new.__dict__.update(module.__dict__)  # shares the parameter and buffer dicts
+    new.impl = "auto"
+    return new
+
