@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -102,7 +103,10 @@ def init(env: DistEnv, device: torch.device) -> None:
     global _control_group
     if env.enabled and not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend, rank=env.rank, world_size=env.world_size)
+        # Rank 0 evaluates and writes samples while the others wait in their next collective:
+        # allow that for 30 minutes (NCCL's default is 10).
+        dist.init_process_group(backend, rank=env.rank, world_size=env.world_size,
+                                timeout=timedelta(minutes=30))
         _control_group = dist.new_group(backend="gloo") if backend == "nccl" else None
 
 

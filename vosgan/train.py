@@ -16,12 +16,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import inspect
 import json
 import signal
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,172 +29,20 @@ from torch.distributed.elastic.multiprocessing.errors import record
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from vosgan import backend, checkpoint, distributed
+from vosgan import checkpoint, distributed
 from vosgan import config as config_mod
 from vosgan.config import Config, ConfigError
 from vosgan.distributed import DistEnv
 from vosgan.evaluate import write_samples
-from vosgan.losses import VosGanLoss
-from vosgan.models import Discriminator, Generator
-from vosgan.nn import fuse_modules
-from vosgan.nn.checkpointing import checkpoint_blocks
 from vosgan.train_data import Evaluator, batch_indices, batches, describe, make_dataset
+from vosgan.train_run import Run, amp_dtype, build_run, resolve_device, say, wrap_models
 
-__all__ = ["batch_indices", "main", "make_dataset", "train", "train_step"]
+__all__ = ["Run", "amp_dtype", "batch_indices", "build_run", "main", "make_dataset",
+           "resolve_device", "train", "train_step", "wrap_models"]
 
 
 class NonFiniteLossError(RuntimeError):
     """A loss became NaN or Inf; the message names the step and the loss."""
-
-
-def resolve_device(name: str) -> torch.device:
-    """``"auto"`` -> CUDA when available, else CPU; anything else is checked."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"train.device={name!r} but no CUDA device is available")
-    return dev
-
-
-def amp_dtype(policy: str, device: torch.device) -> torch.dtype | None:
-    """Autocast dtype for ``train.amp``: auto = bf16 on CUDA, off on CPU; fp16 needs CUDA."""
-    if policy == "off" or (policy == "auto" and device.type != "cuda"):
-        return None
-    if policy in ("auto", "bf16"):
-        return torch.bfloat16
-    if device.type != "cuda":
-        raise ConfigError("train.amp=fp16 needs a CUDA device (use bf16 or off on CPU)")
-    return torch.float16
-
-
-@dataclass
-class Run:
-    """Everything a training run holds; what a checkpoint saves and restores.
-
-    ``G``/``D`` are the plain modules (saved, sampled, evaluated). The training phases call them
-    through wrappers set by :func:`wrap_models`: ``g_train`` and ``d_train`` (DDP under torchrun,
-    then ``torch.compile`` with ``train.compile``), ``d_r1`` (DDP, never compiled: R1 needs double
-    backward) and ``d_frozen`` (the plain D, maybe compiled: the G step's pass through D, whose
-    parameters take no gradient then and must not trigger DDP's reduction).
-    """
-
-    cfg: Config
-    device: torch.device
-    G: Generator
-    D: Discriminator
-    loss: VosGanLoss
-    opt_g: torch.optim.Optimizer
-    opt_d: torch.optim.Optimizer
-    scaler: torch.amp.GradScaler
-    env: DistEnv = field(default_factory=DistEnv)
-    step: int = 0
-    history: list[dict[str, Any]] = field(default_factory=list)
-    g_train: nn.Module | None = None
-    d_train: nn.Module | None = None
-    d_r1: nn.Module | None = None
-    d_frozen: nn.Module | None = None
-
-    def state(self) -> dict[str, Any]:
-        return {
-            "format": checkpoint.FORMAT,
-            "config": self.cfg.to_dict(),
-            "step": self.step,
-            "G": self.G.state_dict(),
-            "D": self.D.state_dict(),
-            "opt_g": self.opt_g.state_dict(),
-            "opt_d": self.opt_d.state_dict(),
-            "scaler": self.scaler.state_dict(),
-            "rng": checkpoint.rng_state(),
-            "data_position": self.step,
-            "history": self.history,
-        }
-
-    def load(self, ckpt: dict[str, Any]) -> None:
-        diff = checkpoint.model_config_diff(checkpoint.checkpoint_config(ckpt), self.cfg)
-        if diff:
-            raise ValueError(
-                f"checkpoint {ckpt['path']} was trained with a different model config: "
-                + "; ".join(diff)
-            )
-        self.G.load_state_dict(ckpt["G"])
-        self.D.load_state_dict(ckpt["D"])
-        self.opt_g.load_state_dict(ckpt["opt_g"])
-        self.opt_d.load_state_dict(ckpt["opt_d"])
-        self.scaler.load_state_dict(ckpt["scaler"])
-        checkpoint.set_rng_state(ckpt["rng"])
-        if self.env.enabled and self.device.type == "cuda" and "cuda" in ckpt["rng"]:
-            # Every rank's GPU generator runs in lockstep with rank 0's (cuda:0); restore that one.
-            torch.cuda.set_rng_state(ckpt["rng"]["cuda"][0], self.device)
-        self.step = ckpt["step"]
-        self.history = ckpt.get("history", [])
-
-    def latents(self) -> tuple[Tensor, Tensor]:
-        """This rank's slice of the global batch's latents (every rank draws all of them)."""
-        part = distributed.local_slice(self.cfg.data.batch_size, self.env)
-        z_c, anchors = self.G.sample_latents(self.cfg.data.batch_size, self.device)
-        return z_c[part], anchors[part]
-
-
-def _say(env: DistEnv, msg: str) -> None:
-    if env.is_main:
-        print(msg)
-
-
-def build_run(
-    cfg: Config, device: torch.device, fused: bool, env: DistEnv = distributed.SINGLE
-) -> Run:
-    """Models, loss and optimisers on ``device``; with ``fused``, every fused op swapped in."""
-    torch.manual_seed(cfg.train.seed)
-    G, D = Generator(cfg.model).to(device), Discriminator(cfg.model).to(device)
-    loss = VosGanLoss(cfg.loss).to(device)
-    if cfg.train.sync_bn and env.enabled:
-        # Before fusing: a block whose BN is synchronized is not fused (the fused BN kernel
-        # computes per-rank statistics), so the conv3d_block report below says "reference".
-        n = distributed.convert_sync_batchnorm(G)[1] + distributed.convert_sync_batchnorm(D)[1]
-        _say(env, f"sync_bn: {n} BatchNorm layer(s) normalise over all {env.world_size} ranks")
-    if fused:
-        replaced = fuse_modules(G) + fuse_modules(D) + fuse_modules(loss)
-        _say(env, f"--fused: {len(replaced)} module(s) switched to fused implementations")
-        for op in backend.OPS:
-            choice = backend.choose(op, device)
-            why = "" if choice.fused else f" ({choice.reason})"
-            _say(env, f"  {op:<16} {'fused: ' + choice.impl if choice.fused else 'reference'}{why}")
-    if cfg.train.checkpoint_activations:
-        n = checkpoint_blocks([*G.foreground, *D.encoder, *D.decoder])
-        _say(env, f"checkpoint_activations: {n} block(s) recompute their activations in backward")
-    o = cfg.optim
-    opt_g = torch.optim.Adam(G.parameters(), lr=o.lr_g, betas=(o.beta1, o.beta2))
-    opt_d = torch.optim.Adam(D.parameters(), lr=o.lr_d, betas=(o.beta1, o.beta2))
-    scaler = torch.amp.GradScaler(
-        device.type, enabled=amp_dtype(cfg.train.amp, device) == torch.float16
-    )
-    return Run(cfg, device, G, D, loss, opt_g, opt_d, scaler, env)
-
-
-def wrap_models(run: Run) -> None:
-    """Set the phase wrappers of :class:`Run` (after any checkpoint is loaded into G and D)."""
-    g_ddp: nn.Module = run.G
-    d_ddp: nn.Module = run.D
-    if run.env.enabled:
-        # broadcast_buffers=False: BN's running statistics play no part in training-mode forwards,
-        # and rank 0's (the ones saved and evaluated) evolve the same with or without the
-        # broadcast, which would cost a collective per forward (3-4 per step per model).
-        # find_unused_parameters stays off: the G step uses every G parameter and the D step every
-        # D parameter (its R1 pass joins the same backward), so no graph walk is needed.
-        ids = [run.device.index] if run.device.type == "cuda" else None
-        kw: dict[str, Any] = {"device_ids": ids}
-        # torch >= 2.13 renamed the switch (it still syncs the buffers once at construction).
-        new_name = "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
-        kw["forward_sync_buffers" if new_name else "broadcast_buffers"] = False
-        g_ddp = DistributedDataParallel(run.G, **kw)
-        d_ddp = DistributedDataParallel(run.D, **kw)
-    run.d_r1 = d_ddp
-    if run.cfg.train.compile:
-        run.g_train, run.d_train = torch.compile(g_ddp), torch.compile(d_ddp)
-        run.d_frozen = torch.compile(run.D) if run.env.enabled else run.d_train
-    else:
-        run.g_train, run.d_train, run.d_frozen = g_ddp, d_ddp, run.D
 
 
 def _sync(model: nn.Module | None, last: bool) -> contextlib.AbstractContextManager:
@@ -233,10 +79,11 @@ def train_step(
             with torch.no_grad(), autocast:
                 fake = run.g_train(*latents)
             with autocast:
-                loss_d, p = run.loss.discriminator(
-                    real_i, run.d_train(real_i), fake, run.d_train(fake.video)
-                )
+                d_real = run.d_train(real_i)
+                loss_d, p = run.loss.discriminator(real_i, d_real, fake, run.d_train(fake.video))
             p["d_total"] = loss_d
+            if run.idle_dense:  # DDP reduces every D parameter: keep the dense heads in the graph
+                loss_d = loss_d + 0.0 * (d_real.seg_logit.float().sum() + d_real.flow.float().sum())
             if r1_step:  # the lazy R1 pass joins this backward (DDP reduces once)
                 with autocast:
                     p["d_r1"] = run.loss.r1(run.d_r1, real_i)
@@ -358,7 +205,7 @@ def _train(
     run = build_run(cfg, device, fused, env)
     if resume is not None:  # every rank loads the same file
         run.load(checkpoint.load_checkpoint(resume, map_location=device))
-        _say(env, f"resumed from {resume} at step {run.step}")
+        say(env, f"resumed from {resume} at step {run.step}")
     wrap_models(run)
     main = env.is_main
     ckpt_path = out / "checkpoints" / checkpoint.LAST
