@@ -20,8 +20,10 @@ What is compared, and why these tolerances:
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -129,3 +131,25 @@ def test_errors_name_the_rank(tmp_path):
     for rank in (0, 1):
         assert f"error (rank {rank} of 2): data.batch_size=3 must be divisible by the number " \
                "of processes (2)" in res.stderr
+
+
+def test_ctrl_c_under_torchrun_checkpoints_once_all_ranks_agree(tmp_path):
+    # Ctrl-C reaches the torchrun agent, which forwards SIGINT to the workers: they agree on the
+    # step to stop at, rank 0 writes the checkpoint, and all leave the process group together.
+    out = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "-m", "vosgan.train", *TINY, "--train.steps=1000", "--out", str(out)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=env)
+    log = out / "log.jsonl"
+    deadline = time.monotonic() + 120
+    while not (log.exists() and len(log.read_text().splitlines()) >= 2):
+        assert proc.poll() is None and time.monotonic() < deadline, "training did not start"
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    stdout, _ = proc.communicate(timeout=120)
+    assert "interrupted at step" in stdout
+    step = int(stdout.split("interrupted at step ")[1].split(";")[0])
+    assert 2 <= step < 1000
+    assert checkpoint.load_checkpoint(out)["step"] == step
