@@ -1,8 +1,19 @@
 """Full training step (one D update + one G update): reference path vs ``--fused``.
 
-CPU: the ``cpu-small`` preset at its default batch. GPU (skipped without CUDA): the ``paper``
-preset, bf16 autocast. Each row records the FLOPs of one step (torch's FLOP counter) and the
-achieved FLOP/s.
+Presets: ``cpu-small`` at its default batch (8) and ``paper``; on CPU the paper preset runs at
+batch 2 (a batch-32 step takes minutes on 2 cores), on a GPU at its full batch (32) under bf16
+autocast. Each row records in ``extra_info``:
+
+- ``gflop_per_step``: FLOPs of one step of this provider counted with torch's
+  ``FlopCounterMode`` (the fused CPU sub-pixel convs count their extra border FLOPs), and
+  ``model_gflop_per_step``, the reference path's count, which ``tflops`` divides by the median
+  (so the achieved rate of both providers is comparable); on an H100/H200 also
+  ``frac_bf16_peak`` (of 989 dense bf16 TFLOP/s).
+- peak memory of one step: on a GPU ``peak_mem_mb`` (``torch.cuda.max_memory_allocated`` above
+  the memory held before the step); on CPU ``peak_rss_delta_mb``, the peak resident set size
+  above the one before the step (peak reset through ``/proc/self/clear_refs``; memory the
+  allocator reuses without returning it to the OS is not seen, so it is a lower bound).
+- ``threads``: torch's intra-op threads (set ``OMP_NUM_THREADS`` to choose).
 
 Run: ``pytest benchmarks/bench_train_step.py --benchmark-only``.
 """
@@ -12,53 +23,115 @@ from __future__ import annotations
 import contextlib
 import os
 import platform
+from collections.abc import Callable
 
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from vosgan import config
+from vosgan import config, train
 from vosgan.train import amp_dtype, build_run, train_step
 
 CUDA = torch.cuda.is_available()
-CASES = [("cpu-small", "cpu")] + ([("paper", "cuda")] if CUDA else [])
+#: case id -> (preset, device, batch or None for the preset's own, timed rounds)
+CASES = {"cpu-small-cpu": ("cpu-small", "cpu", None, 7), "paper-cpu": ("paper", "cpu", 2, 3)}
+if CUDA:
+    CASES |= {"cpu-small-cuda": ("cpu-small", "cuda", None, 30),
+              "paper-cuda": ("paper", "cuda", None, 20)}
+BF16_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0}  # dense bf16, SXM
+_MODEL_FLOPS: dict[tuple[str, str, int], float] = {}
 
 
 def _device_name(device: str) -> str:
-    return (
-        torch.cuda.get_device_name()
-        if device == "cuda"
-        else f"CPU {platform.machine()} x{os.cpu_count()}"
-    )
+    if device == "cuda":
+        return torch.cuda.get_device_name()
+    return f"CPU {platform.processor() or platform.machine()} x{os.cpu_count()}"
 
 
-@pytest.mark.parametrize("fused", [False, True], ids=["reference", "fused"])
-@pytest.mark.parametrize("preset, device", CASES, ids=[c[0] for c in CASES])
-def test_train_step(benchmark, preset: str, device: str, fused: bool) -> None:
-    cfg = config.load(preset)
+def _rss_mb(field: str) -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+def _peak_memory_mb(step: Callable[[], None], device: str) -> tuple[str, float]:
+    """(key, MB): the step's peak memory above what was held before it."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        step()
+        return "peak_mem_mb", (torch.cuda.max_memory_allocated() - before) / 2**20
+    before = _rss_mb("VmRSS")
+    with open("/proc/self/clear_refs", "w") as f:  # resets VmHWM (peak RSS) to the current RSS
+        f.write("5")
+    step()
+    return "peak_rss_delta_mb", _rss_mb("VmHWM") - before
+
+
+def _make_step(preset: str, device: str, batch: int | None, fused: bool):
+    overrides = {} if batch is None else {"data.batch_size": batch}
+    cfg = config.load(preset, overrides)
     dev = torch.device(device)
     run = build_run(cfg, dev, fused)
+    if hasattr(train, "wrap_models"):  # the phase wrappers (DDP / compile; plain modules here)
+        train.wrap_models(run)
     dtype = amp_dtype(cfg.train.amp, dev)
     autocast = torch.autocast(dev.type, dtype=dtype) if dtype else contextlib.nullcontext()
     m = cfg.model
-    real = torch.rand(cfg.data.batch_size, 3, m.frames, m.size, m.size, device=dev) * 2 - 1
+    gen = torch.Generator().manual_seed(0)
+    real = (torch.rand(cfg.data.batch_size, 3, m.frames, m.size, m.size, generator=gen) * 2 - 1)
+    real = real.to(dev)
 
     def step() -> None:
         train_step(run, real, autocast)
-        if CUDA:
+        if device == "cuda":
             torch.cuda.synchronize()
 
-    step()  # warm-up: numba/Triton compilation, cuDNN autotuning
+    return cfg, step
+
+
+def _flops(step: Callable[[], None]) -> float:
     with FlopCounterMode(display=False) as counter:
         step()
-    benchmark.pedantic(step, rounds=5 if device == "cpu" else 20, iterations=1)
-    flops = counter.get_total_flops()
-    benchmark.extra_info.update(
-        device=_device_name(device),
-        torch=torch.__version__,
-        preset=preset,
-        batch=cfg.data.batch_size,
-        provider="fused" if fused else "reference",
-        gflop_per_step=flops / 1e9,
-        tflops=flops / benchmark.stats.stats.median / 1e12,
-    )
+    return float(counter.get_total_flops())
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["reference", "fused"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_train_step(benchmark, case: str, fused: bool) -> None:
+    preset, device, batch, rounds = CASES[case]
+    cfg, step = _make_step(preset, device, batch, fused)
+    b = cfg.data.batch_size
+    step()  # warm-up: numba/Triton compilation, oneDNN/cuDNN primitive selection
+    mem_key, mem_mb = _peak_memory_mb(step, device)
+    flops = _flops(step)
+    key = (preset, device, b)
+    if not fused:
+        _MODEL_FLOPS[key] = flops
+    elif key not in _MODEL_FLOPS:  # fused run selected alone: count the reference path once
+        _MODEL_FLOPS[key] = _flops(_make_step(preset, device, batch, False)[1])
+    benchmark.pedantic(step, rounds=rounds, iterations=1, warmup_rounds=0)
+    median = benchmark.stats.stats.median
+    m = cfg.model
+    info = {
+        "device": _device_name(device),
+        "torch": torch.__version__,
+        "provider": "fused" if fused else "reference",
+        "shape": f"B={b}, 3x{m.frames}x{m.size}x{m.size}",
+        "threads": torch.get_num_threads(),
+        "amp": str(amp_dtype(cfg.train.amp, torch.device(device))),
+        "gflop_per_step": flops / 1e9,
+        "model_gflop_per_step": _MODEL_FLOPS[key] / 1e9,
+        "tflops": _MODEL_FLOPS[key] / median / 1e12,
+        mem_key: mem_mb,
+    }
+    if preset == "paper" and device == "cpu":
+        full = config.load(preset).data.batch_size
+        info["note"] = f"paper preset at batch {b} on CPU (full batch {full} on GPU)"
+    peak = next((v for k, v in BF16_PEAK_TFLOPS.items() if k in info["device"]), None)
+    if device == "cuda" and peak is not None:
+        info["frac_bf16_peak"] = info["tflops"] / peak
+    benchmark.extra_info.update(info)
