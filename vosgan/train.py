@@ -204,7 +204,9 @@ def _train(
     dtype = amp_dtype(cfg.train.amp, device)
     run = build_run(cfg, device, fused, env)
     if resume is not None:  # every rank loads the same file
-        run.load(checkpoint.load_checkpoint(resume, map_location=device))
+        # On the CPU: the RNG states must stay CPU ByteTensors (set_rng_state rejects others);
+        # load_state_dict copies weights and optimizer state to the models' device.
+        run.load(checkpoint.load_checkpoint(resume, map_location="cpu"))
         say(env, f"resumed from {resume} at step {run.step}")
     wrap_models(run)
     main = env.is_main
