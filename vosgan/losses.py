@@ -65,6 +65,19 @@ def flow_smoothness(flow: Tensor, video: Tensor, edge: float = 10.0) -> Tensor:
     return (dx * wx).mean() + (dy * wy).mean()
 
 
+def binomial_blur(video: Tensor) -> Tensor:
+    """3x3 binomial blur (``[1, 2, 1] / 4`` in y and x) of every frame, replicate-padded.
+
+    ``video (B, C, T, H, W)`` -> same shape and dtype.
+    """
+    b, c, t, h, w = video.shape
+    k = video.new_tensor([0.25, 0.5, 0.25])
+    x = F.pad(video.reshape(b, c * t, h, w), (1, 1, 1, 1), mode="replicate")
+    x = k[0] * x[..., :, :-2] + k[1] * x[..., :, 1:-1] + k[2] * x[..., :, 2:]
+    x = k[0] * x[..., :-2, :] + k[1] * x[..., 1:-1, :] + k[2] * x[..., 2:, :]
+    return x.reshape(b, c, t, h, w)
+
+
 def segmentation_loss(seg_logit: Tensor, mask: Tensor) -> Tensor:
     """BCE of D's segmentation logits against G's detached mask, both ``(B, 1, T, H, W)``."""
     return F.binary_cross_entropy_with_logits(seg_logit.float(), mask.detach().float())
@@ -88,7 +101,8 @@ class VosGanLoss(nn.Module):
         """(photometric warping loss, smoothness) of D's ``flow`` on ``video``."""
         flow = flow.float()
         weight = flow_validity(flow.detach())
-        return self.warp(video.float(), flow, weight), flow_smoothness(
+        target = binomial_blur(video.float()) if self.cfg.photometric_blur else video.float()
+        return self.warp(target, flow, weight), flow_smoothness(
             flow, video, self.cfg.smoothness_edge
         )
 
