@@ -11,18 +11,28 @@ autocast. Each row records in ``extra_info``:
   ``frac_bf16_peak`` (of 989 dense bf16 TFLOP/s).
 - peak memory of one step: on a GPU ``peak_mem_mb`` (``torch.cuda.max_memory_allocated`` above
   the memory held before the step); on CPU ``peak_rss_delta_mb``, the peak resident set size
-  above the one before the step (peak reset through ``/proc/self/clear_refs``; memory the
-  allocator reuses without returning it to the OS is not seen, so it is a lower bound).
+  above the one before the step (freed heap pages returned with glibc's ``malloc_trim`` first,
+  then the peak reset through ``/proc/self/clear_refs``; Linux only). Memory the allocator
+  still reuses without faulting pages in is not seen, so it is a lower bound.
 - ``threads``: torch's intra-op threads (set ``OMP_NUM_THREADS`` to choose).
 
-Run: ``pytest benchmarks/bench_train_step.py --benchmark-only``.
+Run: ``pytest benchmarks/bench_train_step.py --benchmark-only``. Side by side in one process
+(reference and fused steps alternating, the order flipped every round; medians of wall time and
+of process CPU time, which a loaded machine inflates less; CPU time means little with more than
+one thread, where idle OpenMP/numba workers spin):
+``python benchmarks/bench_train_step.py [--preset cpu-small] [--rounds 30]``.
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
+import ctypes
+import gc
 import os
 import platform
+import statistics
+import time
 from collections.abc import Callable
 
 import pytest
@@ -40,6 +50,7 @@ if CUDA:
               "paper-cuda": ("paper", "cuda", None, 20)}
 BF16_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0}  # dense bf16, SXM
 _MODEL_FLOPS: dict[tuple[str, str, int], float] = {}
+_LIBC = ctypes.CDLL("libc.so.6") if platform.system() == "Linux" else None
 
 
 def _device_name(device: str) -> str:
@@ -64,6 +75,11 @@ def _peak_memory_mb(step: Callable[[], None], device: str) -> tuple[str, float]:
         torch.cuda.reset_peak_memory_stats()
         step()
         return "peak_mem_mb", (torch.cuda.max_memory_allocated() - before) / 2**20
+    if _LIBC is None or not os.path.exists("/proc/self/clear_refs"):
+        step()
+        return "peak_rss_delta_mb (not measured: needs Linux /proc)", float("nan")
+    gc.collect()
+    _LIBC.malloc_trim(0)  # hand freed heap pages back, so that reusing them shows in the RSS
     before = _rss_mb("VmRSS")
     with open("/proc/self/clear_refs", "w") as f:  # resets VmHWM (peak RSS) to the current RSS
         f.write("5")
@@ -135,3 +151,37 @@ def test_train_step(benchmark, case: str, fused: bool) -> None:
     if device == "cuda" and peak is not None:
         info["frac_bf16_peak"] = info["tflops"] / peak
     benchmark.extra_info.update(info)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description="reference vs --fused training step, interleaved")
+    p.add_argument("--preset", default="cpu-small")
+    p.add_argument("--batch", type=int, default=None)
+    p.add_argument("--rounds", type=int, default=30)
+    p.add_argument("--device", default="cpu")
+    args = p.parse_args()
+    steps = {f: _make_step(args.preset, args.device, args.batch, f)[1] for f in (False, True)}
+    for step in steps.values():  # warm-up (compilation, primitive caches)
+        step()
+        step()
+    wall: dict[bool, list[float]] = {False: [], True: []}
+    cpu: dict[bool, list[float]] = {False: [], True: []}
+    for i in range(args.rounds):
+        for fused in (False, True) if i % 2 == 0 else (True, False):
+            t0, c0 = time.perf_counter(), time.process_time()
+            steps[fused]()
+            wall[fused].append(time.perf_counter() - t0)
+            cpu[fused].append(time.process_time() - c0)
+    print(f"{_device_name(args.device)}, torch {torch.__version__}, {torch.get_num_threads()} "
+          f"thread(s), preset {args.preset}, {args.rounds} interleaved rounds; os.getloadavg() "
+          f"= {os.getloadavg()[0]:.1f}")
+    for name, t in (("wall", wall), ("cpu", cpu)):
+        ref, fus = statistics.median(t[False]), statistics.median(t[True])
+        print(f"  {name}: reference {ref * 1e3:.1f} ms (min {min(t[False]) * 1e3:.1f}), fused "
+              f"{fus * 1e3:.1f} ms (min {min(t[True]) * 1e3:.1f}): {ref / fus:.3f}x median, "
+              f"{min(t[False]) / min(t[True]):.3f}x min")
+
+
+if __name__ == "__main__":
+    main()
+

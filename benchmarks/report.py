@@ -6,7 +6,7 @@
 One row per benchmark and provider: the benchmark (test function), its case (the parameters
 other than the provider), shape, device, provider, median and inter-quartile range in ms, rounds,
 the speed-up against the reference provider of the same case (``reference``, ``eager``,
-``nn.GRU``, ... or ``--reference NAME``), the benchmark's remaining ``extra_info`` (peak memory,
+``nn_gru``, ... or ``--reference NAME``), the benchmark's remaining ``extra_info`` (peak memory,
 FLOPs, ...), the versions and the run date. One table per benchmark file.
 
 With ``--out``, only the block between ``<!-- generated:begin NAME -->`` and
@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 #: Provider names taken as the baseline of a case, first match wins.
-REFERENCE_PROVIDERS = ("reference", "eager", "nn.GRU", "native", "scipy")
+REFERENCE_PROVIDERS = ("reference", "eager", "nn_gru", "nn.GRU", "native", "scipy")
 #: Parameter names that name the provider rather than the case.
 PROVIDER_PARAMS = ("provider", "fused", "backend", "impl")
 #: extra_info keys shown in their own column (or not at all); every other key goes to "extras".
