@@ -45,6 +45,8 @@ runs = []
 wrap = train.wrap_models
 train.wrap_models = lambda run: (runs.append(run), wrap(run))[1]
 code = train.main(sys.argv[2:])
+if code or not runs:
+    sys.exit(code or 1)
 run = runs[0]
 state = {**{"G." + k: v for k, v in run.G.state_dict().items()},
          **{"D." + k: v for k, v in run.D.state_dict().items()}}
