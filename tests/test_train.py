@@ -96,6 +96,7 @@ def test_resume_rejects_a_different_model(tmp_path, capsys):
         (["--model.size=48"], "model.size must be a power of two"),
         (["--data", "/some/videos"], "/some/videos: no such file or folder"),
         (["--bogus.key=1"], "unknown config key"),
+        (["--train.grad_accum=3"], "data.batch_size (2) must be divisible by train.grad_accum (3)"),
     ],
 )
 def test_bad_input_gets_a_clear_error(tmp_path, capsys, args, message):
