@@ -22,7 +22,7 @@ from vosgan.ops.conv3d_block import (
     IMPLS,
     SUBPIXEL_MAX_CHANNELS,
     bn_act,
-    subpixel_applies,
+    subpixel_blocker,
     subpixel_conv3d,
 )
 
@@ -142,17 +142,24 @@ def _fuse(module: nn.Module) -> nn.Module | None:
 
 class _SubpixelMixin:
     """``impl``: ``"auto"`` (the sub-pixel path where ``conv3d_block`` picks it on the input's
-    device and :func:`subpixel_applies`), ``"subpixel"`` (wherever it applies) or
-    ``"reference"`` (always the parent module's forward)."""
+    device), ``"subpixel"`` (on any CPU input) or ``"reference"`` (torch's own forward). A CPU
+    input the sub-pixel path cannot take (:func:`subpixel_blocker`) runs torch's forward and
+    warns once with the reason."""
 
     impl: str = "auto"
 
     def _use_subpixel(self, x: Tensor) -> bool:
         if self.impl not in ("auto", "subpixel", "reference"):
             raise ValueError(f"impl must be 'auto', 'subpixel' or 'reference', got {self.impl!r}")
-        if self.impl == "reference" or not subpixel_applies(x, self):
+        if self.impl == "reference" or x.device.type != "cpu":  # CUDA: cuDNN is fine
             return False
-        return self.impl == "subpixel" or _subpixel_auto(x.device.type)
+        if self.impl == "auto" and not _subpixel_auto(x.device.type):
+            return False
+        why = subpixel_blocker(x, self)
+        if why is not None:
+            name = type(self).__name__
+            backend.warn_once(f"{name}-{why}", f"{name}: {why}; running torch's own forward")
+        return why is None
 
 
 @torch.compiler.assume_constant_result

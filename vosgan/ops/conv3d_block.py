@@ -260,9 +260,8 @@ def fused_impl(device: torch.device) -> tuple[str | None, str]:
 def _auto_impl(device_type: str) -> str:
     choice = backend.choose("conv3d_block", device_type)
     if choice.impl != "triton":  # BN + activation have no fused kernel off CUDA
-        backend.warn_once(f"conv3d_block-{device_type}",
-                          f"conv3d_block: BatchNorm + activation run the reference ops "
-                          f"({choice.impl}: {choice.reason})")
+        why = choice.reason if choice.fused else f"reference ({choice.reason})"
+        backend.warn_once(f"conv3d_block-{device_type}", f"conv3d_block on {device_type}: {why}")
         return "reference"
     return "triton"
 
@@ -378,16 +377,26 @@ def conv_transpose3d_subpixel(x: Tensor, weight: Tensor, bias: Tensor | None = N
     return out
 
 
-def subpixel_applies(x: Tensor, conv: nn.Conv3d | nn.ConvTranspose3d) -> bool:
-    """Whether :func:`strided_conv3d` takes the sub-pixel path for ``conv(x)``."""
+def subpixel_blocker(x: Tensor, conv: nn.Conv3d | nn.ConvTranspose3d) -> str | None:
+    """Why :func:`subpixel_conv3d` cannot run ``conv(x)``, or ``None`` when it can."""
     transposed = isinstance(conv, nn.ConvTranspose3d)
     narrow = conv.out_channels if transposed else conv.in_channels
-    return (x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
-            and x.dim() == 5 and narrow <= SUBPIXEL_MAX_CHANNELS
-            and conv.kernel_size == (4, 4, 4) and conv.stride == (2, 2, 2)
-            and conv.padding == (1, 1, 1) and conv.dilation == (1, 1, 1) and conv.groups == 1
-            and conv.output_padding == (0, 0, 0) and conv.padding_mode == "zeros"
-            and (transposed or all(s % 2 == 0 for s in x.shape[2:])))
+    if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64) or x.dim() != 5:
+        return f"input is {x.dtype} {tuple(x.shape)} on {x.device.type} (needs 5-D fp32/fp64 CPU)"
+    if (conv.kernel_size, conv.stride, conv.padding, conv.dilation, conv.groups,
+            conv.output_padding, conv.padding_mode) != (
+            (4,) * 3, (2,) * 3, (1,) * 3, (1,) * 3, 1, (0,) * 3, "zeros"):
+        return "geometry is not kernel 4, stride 2, padding 1 (no dilation, groups, output_padding)"
+    if narrow > SUBPIXEL_MAX_CHANNELS:
+        return f"{narrow} channels on the narrow side (> {SUBPIXEL_MAX_CHANNELS})"
+    if not transposed and any(s % 2 for s in x.shape[2:]):
+        return f"odd T/H/W {tuple(x.shape[2:])}: the input gradient has no sub-pixel form"
+    return None
+
+
+def subpixel_applies(x: Tensor, conv: nn.Conv3d | nn.ConvTranspose3d) -> bool:
+    """Whether :func:`subpixel_conv3d` can run ``conv(x)`` (see :func:`subpixel_blocker`)."""
+    return subpixel_blocker(x, conv) is None
 
 
 class _SubpixelConvFunction(torch.autograd.Function):
