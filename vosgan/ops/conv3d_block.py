@@ -22,6 +22,10 @@ arrives in the low precision, the BN parameters stay fp32, exactly as for the ea
 Double backward (R1 penalty) works: when the backward runs with grad mode on (i.e.
 ``create_graph=True``) it computes the gradients with differentiable PyTorch ops (batch statistics
 recomputed from ``y``), otherwise with the fused Triton kernels.
+
+CPU: BN + activation run the reference ops; what is faster there is the conv itself for VOS-GAN's
+few-channel stride-2 layers (the dense heads, D's first stage): :func:`subpixel_conv3d`, used by
+``vosgan.nn.conv3d_block.SubpixelConv3d`` / ``SubpixelConvTranspose3d`` (end of this file).
 """
 
 from __future__ import annotations
