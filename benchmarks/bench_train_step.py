@@ -56,7 +56,12 @@ _LIBC = ctypes.CDLL("libc.so.6") if platform.system() == "Linux" else None
 def _device_name(device: str) -> str:
     if device == "cuda":
         return torch.cuda.get_device_name()
-    return f"CPU {platform.processor() or platform.machine()} x{os.cpu_count()}"
+    model = platform.processor() or platform.machine()
+    if os.path.exists("/proc/cpuinfo"):
+        with open("/proc/cpuinfo") as f:
+            model = next((ln.split(":", 1)[1].strip() for ln in f
+                          if ln.startswith("model name")), model)
+    return f"CPU {model} x{os.cpu_count()}"
 
 
 def _rss_mb(field: str) -> float:
