@@ -4,7 +4,12 @@
 """
 
 from vosgan.nn.composite import MaskComposite
-from vosgan.nn.conv3d_block import FusedConv3dBlock, FusedConvTranspose3dBlock
+from vosgan.nn.conv3d_block import (
+    FusedConv3dBlock,
+    FusedConvTranspose3dBlock,
+    SubpixelConv3d,
+    SubpixelConvTranspose3d,
+)
 from vosgan.nn.flow_warp import FlowWarpLoss
 from vosgan.nn.fuse import fuse_modules, register_fuser
 from vosgan.nn.gru import FusedGRU
@@ -15,6 +20,8 @@ __all__ = [
     "FusedConvTranspose3dBlock",
     "FusedGRU",
     "MaskComposite",
+    "SubpixelConv3d",
+    "SubpixelConvTranspose3d",
     "fuse_modules",
     "register_fuser",
 ]

@@ -8,7 +8,7 @@ Both subclass ``nn.Sequential`` and keep the children of the block they replace,
 ``SubpixelConv3d`` / ``SubpixelConvTranspose3d``: ``nn.Conv3d`` / ``nn.ConvTranspose3d`` (same
 parameters, same ``state_dict``) whose stride-2, kernel-4 case with a narrow side (VOS-GAN's
 dense heads and D's first stage) runs the sub-pixel CPU path of
-:func:`vosgan.ops.conv3d_block.subpixel_conv3d`; anything else runs the parent's forward.
+:func:`vosgan.ops.conv3d_subpixel.subpixel_conv3d`; anything else runs the parent's forward.
 """
 
 from __future__ import annotations
@@ -18,13 +18,8 @@ from torch import Tensor, nn
 
 from vosgan import backend
 from vosgan.nn.fuse import register_fuser
-from vosgan.ops.conv3d_block import (
-    IMPLS,
-    SUBPIXEL_MAX_CHANNELS,
-    bn_act,
-    subpixel_blocker,
-    subpixel_conv3d,
-)
+from vosgan.ops.conv3d_block import IMPLS, bn_act
+from vosgan.ops.conv3d_subpixel import SUBPIXEL_MAX_CHANNELS, subpixel_blocker, subpixel_conv3d
 
 _ACTS = (nn.LeakyReLU, nn.ReLU)
 
