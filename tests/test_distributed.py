@@ -29,6 +29,7 @@ import pytest
 import torch
 
 from vosgan import checkpoint, train
+from vosgan.models import Discriminator, Generator
 
 TINY = [
     "--model.size=16", "--model.frames=16", "--model.g_channels=16", "--model.d_channels=4",
@@ -87,18 +88,28 @@ def assert_same_run(ddp_dir, single_dir):
     for step in a:
         assert a[step].keys() == b[step].keys(), step
         for name in a[step]:
-            assert a[step][name] == pytest.approx(b[step][name], rel=1e-4, abs=1e-6), (step, name)
+            # rel 5e-4: summation order differs (all-reduce vs accumulation) and Adam rescales
+            # near-zero gradients; with loss.flow=20 the R1 norm at step 3 moved by 1.1e-4.
+            assert a[step][name] == pytest.approx(b[step][name], rel=5e-4, abs=1e-6), (step, name)
     pa, pb = params(ddp_dir), params(single_dir)
     for name in pa:
         if "running_" not in name:  # without sync_bn rank 0's statistics see half the batch
-            torch.testing.assert_close(pa[name], pb[name], rtol=0, atol=2e-5, msg=name)
+            # Adam moves a weight by at most about lr per step, whatever its gradient, so a
+            # near-zero gradient whose rounding differs can flip a whole step: bound every
+            # weight by the 4 steps taken (4 * lr) and almost all by a tenth of one step.
+            diff = (pa[name] - pb[name]).abs()
+            assert diff.max() <= 4 * 2e-4, (name, diff.max().item())
+            assert (diff > 2e-5).float().mean() < 0.01, (name, (diff > 2e-5).sum().item())
 
 
 def test_sync_bn_ddp_matches_one_process_and_resumes(tmp_path):
     out = tmp_path / "ddp"
     res = torchrun(tmp_path, "--train.sync_bn=true", "--train.steps=2", "--out", str(out))
     assert res.returncode == 0, res.stderr[-3000:]
-    assert "sync_bn: 10 BatchNorm layer(s)" in res.stdout
+    cfg = train.parse_args(TINY)[0].model
+    bns = [m for net in (Generator(cfg), Discriminator(cfg)) for m in net.modules()
+           if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    assert f"sync_bn: {len(bns)} BatchNorm layer(s)" in res.stdout
     assert_ranks_identical(tmp_path, buffers=True)
     res = torchrun(tmp_path, "--train.sync_bn=true", "--train.steps=4", "--out", str(out),
                    "--resume", "auto")

@@ -58,3 +58,24 @@ def test_trajectory_passes_through_anchors(mode):
     assert path.shape == (3, 9, 5)
     for step, k in ((0, 0), (4, 1), (8, 2)):
         torch.testing.assert_close(path[:, step], anchors[:, k], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("flow_decoder", ["shared", "separate"])
+def test_flow_decoder_modes(flow_decoder):
+    from dataclasses import replace
+
+    D = Discriminator(replace(CFG, flow_decoder=flow_decoder))
+    x = torch.rand(2, 3, CFG.frames, CFG.size, CFG.size) * 2 - 1
+    out = D(x)
+    assert out.flow.abs().max() == 0  # the flow starts at the identity warp in both modes
+    keys = D.state_dict().keys()
+    assert any(k.startswith("flow_decoder.") for k in keys) == (flow_decoder == "separate")
+    assert D.dense_head.out_channels == (1 if flow_decoder == "separate" else 3)
+    if flow_decoder == "separate":  # the segmentation does not depend on the flow's decoder
+        with torch.no_grad():
+            for p in D.flow_decoder.parameters():
+                p.add_(1.0)
+            D.flow_head.weight.add_(0.1)
+        again = D(x)
+        torch.testing.assert_close(again.seg_logit, out.seg_logit)
+        assert again.flow.abs().max() > 0
