@@ -12,7 +12,7 @@ import pytest
 import torch
 from conftest import SHARED_DATA
 
-from vosgan import checkpoint, config, train
+from vosgan import checkpoint, config, evaluate, train
 from vosgan.config import ConfigError
 
 # cpu-small with a tiny batch and dataset: a few seconds per run.
@@ -302,3 +302,7 @@ def test_training_on_frames_with_masks_scores_iou(tmp_path, capsys):
     metrics = json.loads((out / "metrics.json").read_text())
     assert 0 <= metrics["iou"] <= 1 and 0 <= metrics["baseline_iou"] <= 1
     assert metrics["skipped"] == ["flow EPE skipped: real video has no ground-truth flow"]
+    # the evaluate CLI scores the checkpoint on its own (real) validation clips, like training
+    assert evaluate.main(["--checkpoint", str(out), "--json", str(tmp_path / "e.json")]) == 0
+    again = json.loads((tmp_path / "e.json").read_text())
+    assert again["iou"] == pytest.approx(metrics["iou"]) and "epe" not in again

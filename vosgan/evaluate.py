@@ -383,7 +383,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {exc}", file=sys.stderr)
             return 2
     if not args.checkpoint:
-        print("error: give --checkpoint (synthetic evaluation) or --davis ROOT", file=sys.stderr)
+        print("error: give --checkpoint (held-out clips of its data) or --davis ROOT",
+              file=sys.stderr)
         return 2
     try:
         cfg, _, D, ckpt = load_models(args.checkpoint, torch.device(args.device))
@@ -394,7 +395,13 @@ def main(argv: list[str] | None = None) -> int:
     if clips < 1:
         print(f"error: --clips must be >= 1, got {clips}", file=sys.stderr)
         return 2
-    result = evaluate_model(D, cfg, torch.device(args.device), clips).as_dict()
+    from vosgan.train_data import Evaluator  # it imports this module
+
+    try:  # the checkpoint's own validation data: synthetic clips, or its real-data folder
+        result = Evaluator(cfg, torch.device(args.device), clips)(D)
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     result.update(step=ckpt["step"], checkpoint=ckpt["path"])
     print(json.dumps(result, indent=2))
     if args.json:
