@@ -19,3 +19,16 @@ SHARED_DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "dat
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def ckpt(tmp_path_factory: pytest.TempPathFactory):
+    """A cpu-small checkpoint after 2 training steps (batch 2) on the synthetic data (read-only:
+    tests that change a checkpoint make their own)."""
+    from vosgan import train
+
+    out = tmp_path_factory.mktemp("ckpt") / "run"
+    assert train.main(["--out", str(out), "--train.steps=2", "--train.device=cpu",
+                       "--data.batch_size=2", "--data.train_clips=4", "--data.val_clips=2",
+                       "--train.eval_clips=2"]) == 0
+    return out / "checkpoints" / "last.pt"

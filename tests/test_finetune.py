@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from vosgan import checkpoint, finetune, train
+from vosgan import checkpoint, finetune
 
 CPU = torch.device("cpu")
 #: class -> (square colour, horizontal speed in pixels/frame): colour and motion both differ.
@@ -61,16 +61,6 @@ def ucf(tmp_path_factory):
     (lists / "trainlist01.txt").write_text("\n".join(train_lines) + "\n")
     (lists / "testlist01.txt").write_text("\n".join(test_lines) + "\n")
     return root
-
-
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    """A cpu-small checkpoint after 2 training steps (batch 2) on the synthetic data."""
-    out = tmp_path_factory.mktemp("ckpt") / "run"
-    assert train.main(["--out", str(out), "--train.steps=2", "--train.device=cpu",
-                       "--data.batch_size=2", "--data.train_clips=4", "--data.val_clips=2",
-                       "--train.eval_clips=2"]) == 0
-    return out / "checkpoints" / "last.pt"
 
 
 def d_state(path):

@@ -15,7 +15,7 @@ import scipy.linalg
 import torch
 from conftest import SHARED_DATA
 
-from vosgan import fvd, train
+from vosgan import fvd
 from vosgan.video_metrics import (
     ExtractorError,
     frechet_distance,
@@ -261,16 +261,6 @@ def test_prepare_clips():
 
 
 # ---- CLI end to end -------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    """A cpu-small checkpoint after 2 training steps (batch 2) on the synthetic data."""
-    out = tmp_path_factory.mktemp("ckpt") / "run"
-    assert train.main(["--out", str(out), "--train.steps=2", "--train.device=cpu",
-                       "--data.batch_size=2", "--data.train_clips=4", "--data.val_clips=2",
-                       "--train.eval_clips=2"]) == 0
-    return out / "checkpoints" / "last.pt"
 
 
 def test_cli_end_to_end(tmp_path, scripted, ckpt, capsys):
