@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import glob
+import hashlib
 import os
 import random
 from pathlib import Path
@@ -125,3 +126,12 @@ def model_config_diff(a: Config, b: Config) -> list[str]:
     """Model fields whose values differ between two configs: ``["size: 32 != 64", ...]``."""
     da, db = a.to_dict()["model"], b.to_dict()["model"]
     return [f"model.{k}: {da[k]!r} != {db[k]!r}" for k in da if da[k] != db.get(k)]
+
+
+def sha256_file(path: str | Path) -> str:
+    """Hex SHA-256 of a file (read in 1 MiB chunks): checkpoints and extractors in protocols."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

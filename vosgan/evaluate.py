@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import csv
 import datetime
-import hashlib
 import json
 import math
 import platform
@@ -165,14 +164,6 @@ def baseline_probabilities(method: str, frames: np.ndarray, size: int, fit: str 
     raise ValueError(f"unknown baseline {method!r}; choose from {BASELINES}")
 
 
-def sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def check_sequence(seq: Sequence) -> None:
     """Missing frames are errors: a gap in the numbering, or a mask without its frame."""
     stems = [p.stem for p in seq.frames]
@@ -302,7 +293,8 @@ def davis_protocol(root: str | Path, result: dict[str, Any], *, size: int, fit: 
                               for h, w in result["frame_sizes"].values()}))
     model = "none (baselines only)"
     if ckpt is not None:
-        model = (f"{ckpt['path']} (sha256 {sha256(ckpt['path'])}, step {ckpt['step']}, "
+        digest = checkpoint.sha256_file(ckpt["path"])
+        model = (f"{ckpt['path']} (sha256 {digest}, step {ckpt['step']}, "
                  f"model.size={size}, model.frames={frames_per_window})")
     window = "n/a" if frames_per_window is None else (
         f"T={frames_per_window} frames, stride {stride or max(1, frames_per_window // 2)} "

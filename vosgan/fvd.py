@@ -37,6 +37,7 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
+from vosgan.checkpoint import sha256_file
 from vosgan.config import Config, ConfigError
 from vosgan.data.build import make_dataset
 from vosgan.data.synthetic import SPLITS
@@ -51,7 +52,6 @@ from vosgan.video_metrics import (
     load_torchscript,
     prepare_clips,
     run_model,
-    sha256_file,
 )
 
 RANGES = ("[-1,1]", "[0,1]", "[0,255]")

@@ -15,7 +15,6 @@ the user supplies (:func:`load_torchscript`); nothing is ever downloaded.
 
 from __future__ import annotations
 
-import hashlib
 import math
 import warnings
 from collections.abc import Mapping
@@ -229,15 +228,6 @@ def inception_score(
     return float(np.mean(scores)), float(np.std(scores))
 
 
-def sha256_file(path: str | Path) -> str:
-    """Hex SHA-256 of a file (read in 1 MiB chunks)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def load_torchscript(path: str | Path | None, flag: str, device: torch.device) -> torch.nn.Module:
     """``torch.jit.load`` a user-supplied model in eval mode; errors name the CLI ``flag``.
 
@@ -330,5 +320,4 @@ __all__ = [
     "polynomial_mmd2",
     "prepare_clips",
     "run_model",
-    "sha256_file",
 ]
