@@ -4,7 +4,12 @@ Same arithmetic as the Triton kernels (:mod:`vosgan.kernels.flow_warp`): sample 
 rounded exactly as ``flow_to_grid`` + ``grid_sample(align_corners=True)`` round them in fp32, so
 the bilinear cell, and the one-sided derivative at integer positions, is the reference's.
 
-Parallelism is over frame pairs ``(b, t)``. The backward is race-free without atomics or
+Parallelism is over frame pairs ``(b, t)``; each pair is walked in chunks of ``_CHUNK`` pixels,
+each chunk in short loops that LLVM vectorises over pixels (AVX2: 8 lanes): sample positions
+(:func:`_coords`), the corner loads (:func:`_gather`, scalar), Charbonnier and its gradient
+(:func:`_rho_fwd`, :func:`_rho_bwd`), the bilinear scatter into ``dx`` (:func:`_dx_chunk`, scalar).
+One fused per-pixel loop ran scalar (the gathers, the scatter and the float64 sum keep LLVM from
+vectorising it) at about 30 ns per pixel. The backward is race-free without atomics or
 buffers: pair ``t`` writes ``dflow[b, :, t]``, ``dx[b, :, t]`` (its direct term) and scatters into
 ``dx[b, :, t + 1]``, so even pairs run in parallel, then odd pairs; the result is deterministic.
 All arrays are C-contiguous float32; ``weight`` and ``grad`` are dummies when unused.
@@ -18,97 +23,222 @@ import torch
 from numba import njit, prange
 from torch import Tensor
 
+_F0 = np.float32(0.0)
 _F1 = np.float32(1.0)
 _F2 = np.float32(2.0)
 
+#: Pixels per chunk of a frame pair: the per-chunk scratch rows (about 20 of them) stay in L2,
+#: and the vector loops run long enough for LLVM's vectorised body (it needs 48+ iterations).
+_CHUNK = 512
 
-@njit(cache=True, inline="always")
-def _coords(i, j, ux, uy, h, w, border):
-    """Corner (x0, y0), weights (ax, bx, ay, by) and clip gradients (cgx, cgy) of pixel (i, j)."""
+#: Largest ``H * W`` whose pixel rows and columns :func:`_coords` derives exactly in float32.
+MAX_PIXELS = 1 << 22
+
+#: Every kernel uses numpy's error model: with Python's, each float division carries a zero test
+#: that raises, and LLVM does not vectorise a loop holding it. No division here can be by zero
+#: (``rho >= eps > 0``; ``w - 1`` and ``h - 1`` are clamped to 1).
+_JIT = {"cache": True, "error_model": "numpy"}
+
+
+@njit(**_JIT)
+def _coords(fx, fy, lo, n, h, w, border, oi, wf):
+    """Sample positions of pixels ``lo .. lo + n`` of a plane (vectorised over pixels).
+
+    ``fx, fy``: the chunk's flow, ``(n,)`` slices (an index ``lo + k`` would carry numba's
+    negative-index test, which stops LLVM from vectorising). A pixel's row and column come from
+    its flat index in float32, exact while ``H * W <= MAX_PIXELS`` (reading them from arrays
+    would add runtime alias checks, past whose limit LLVM does not vectorise). Fills
+    ``oi (8, CHUNK)`` int32 with the nw, ne, sw, se plane offsets (clamped into the plane) and
+    their validity (0/1), and ``wf (10, CHUNK)`` float32 rows 0-5 with ``ax, bx, ay, by`` and the
+    clip gradients ``cgx, cgy``. The arithmetic is ``flow_to_grid`` +
+    ``grid_sample(align_corners=True)``'s, in the same fp32 order.
+    """
     wm1 = np.float32(max(w - 1, 1))
     hm1 = np.float32(max(h - 1, 1))
     half_wm1 = np.float32((w - 1) * 0.5)
     half_hm1 = np.float32((h - 1) * 0.5)
-    gx = (_F2 * (np.float32(j) + ux)) / wm1 - _F1
-    gy = (_F2 * (np.float32(i) + uy)) / hm1 - _F1
-    ix = (gx + _F1) * half_wm1
-    iy = (gy + _F1) * half_hm1
-    cgx = _F1
-    cgy = _F1
-    if border:
-        # Borders count as out of bounds for the gradient, as in grid_sample.
-        if not (ix > 0 and ix < 2 * half_wm1):
-            cgx = np.float32(0.0)
-        if not (iy > 0 and iy < 2 * half_hm1):
-            cgy = np.float32(0.0)
-        ix = min(max(ix, np.float32(0.0)), np.float32(w - 1))
-        iy = min(max(iy, np.float32(0.0)), np.float32(h - 1))
-    else:
-        # Far outside every corner is out of bounds already: clamping keeps the ints small.
-        ix = min(max(ix, np.float32(-2.0)), np.float32(w + 1))
-        iy = min(max(iy, np.float32(-2.0)), np.float32(h + 1))
-    x0f = np.floor(ix)
-    y0f = np.floor(iy)
-    ax = (x0f + _F1) - ix
-    bx = ix - x0f
-    ay = (y0f + _F1) - iy
-    by = iy - y0f
-    if w == 1:
-        cgx = np.float32(0.0)
-    if h == 1:
-        cgy = np.float32(0.0)
-    return int(x0f), int(y0f), ax, bx, ay, by, cgx, cgy
+    wmax = np.float32(2 * half_wm1)
+    hmax = np.float32(2 * half_hm1)
+    # zeros padding: far outside every corner is out of bounds already; clamping keeps ints small
+    lo_c = _F0 if border else np.float32(-2.0)
+    hix = np.float32(w - 1) if border else np.float32(w + 1)
+    hiy = np.float32(h - 1) if border else np.float32(h + 1)
+    one_x = _F1 if w > 1 else _F0
+    one_y = _F1 if h > 1 else _F0
+    wf_ = np.float32(w)
+    base = np.float32(lo)
+    for k in range(n):
+        pf = base + np.float32(k)
+        row = np.floor((pf + np.float32(0.5)) / wf_)  # the fraction is >= 0.5 / w off an int
+        col = pf - row * wf_
+        gx = (_F2 * (col + fx[k])) / wm1 - _F1
+        gy = (_F2 * (row + fy[k])) / hm1 - _F1
+        ix = (gx + _F1) * half_wm1
+        iy = (gy + _F1) * half_hm1
+        cgx = one_x
+        cgy = one_y
+        if border:  # borders count as out of bounds for the gradient, as in grid_sample
+            cgx = one_x if (ix > 0 and ix < wmax) else _F0
+            cgy = one_y if (iy > 0 and iy < hmax) else _F0
+        ix = min(max(ix, lo_c), hix)
+        iy = min(max(iy, lo_c), hiy)
+        x0f = np.floor(ix)
+        y0f = np.floor(iy)
+        wf[0, k] = (x0f + _F1) - ix
+        wf[1, k] = ix - x0f
+        wf[2, k] = (y0f + _F1) - iy
+        wf[3, k] = iy - y0f
+        wf[4, k] = cgx
+        wf[5, k] = cgy
+        x0 = np.int32(x0f)
+        y0 = np.int32(y0f)
+        x1 = x0 + 1
+        y1 = y0 + 1
+        vx0 = np.int32(0 <= x0 and x0 < w)
+        vx1 = np.int32(0 <= x1 and x1 < w)
+        vy0 = np.int32(0 <= y0 and y0 < h)
+        vy1 = np.int32(0 <= y1 and y1 < h)
+        cx0 = min(max(x0, 0), w - 1)
+        cx1 = min(max(x1, 0), w - 1)
+        ry0 = min(max(y0, 0), h - 1) * w
+        ry1 = min(max(y1, 0), h - 1) * w
+        oi[0, k] = ry0 + cx0
+        oi[1, k] = ry0 + cx1
+        oi[2, k] = ry1 + cx0
+        oi[3, k] = ry1 + cx1
+        oi[4, k] = vx0 & vy0
+        oi[5, k] = vx1 & vy0
+        oi[6, k] = vx0 & vy1
+        oi[7, k] = vx1 & vy1
 
 
-@njit(cache=True, inline="always")
-def _corners(x, b, c, t, x0, y0, h, w, inside):
-    """The four corner values of ``x[b, c, t]`` around ``(y0, x0)`` (zero outside the frame)."""
-    if inside:  # the common case: no bounds checks
-        return x[b, c, t, y0, x0], x[b, c, t, y0, x0 + 1], x[b, c, t, y0 + 1, x0], x[
-            b, c, t, y0 + 1, x0 + 1]
-    z = np.float32(0.0)
-    in_x0 = 0 <= x0 < w
-    in_x1 = 0 <= x0 + 1 < w
-    in_y0 = 0 <= y0 < h
-    in_y1 = 0 <= y0 + 1 < h
-    v_nw = x[b, c, t, y0, x0] if in_y0 and in_x0 else z
-    v_ne = x[b, c, t, y0, x0 + 1] if in_y0 and in_x1 else z
-    v_sw = x[b, c, t, y0 + 1, x0] if in_y1 and in_x0 else z
-    v_se = x[b, c, t, y0 + 1, x0 + 1] if in_y1 and in_x1 else z
-    return v_nw, v_ne, v_sw, v_se
+@njit(**_JIT)
+def _scatter_weights(oi, wf, n):
+    """``wf`` rows 6-9: the bilinear weights of the four corners, 0 for corners off the frame."""
+    for k in range(n):
+        ax = wf[0, k]
+        bx = wf[1, k]
+        ay = wf[2, k]
+        by = wf[3, k]
+        wf[6, k] = (ax * ay) if oi[4, k] != 0 else _F0
+        wf[7, k] = (bx * ay) if oi[5, k] != 0 else _F0
+        wf[8, k] = (ax * by) if oi[6, k] != 0 else _F0
+        wf[9, k] = (bx * by) if oi[7, k] != 0 else _F0
 
 
-@njit(parallel=True, cache=True)
+@njit(**_JIT)
+def _gather(xn, oi, v, n):
+    """``v[q, k] = xn[oi[q, k]]`` for the four corners ``q`` (scalar loads: LLVM does not use
+    AVX2 gathers on Zen, so they get a loop of their own and the arithmetic stays vectorised)."""
+    for k in range(n):
+        v[0, k] = xn[oi[0, k]]
+        v[1, k] = xn[oi[1, k]]
+        v[2, k] = xn[oi[2, k]]
+        v[3, k] = xn[oi[3, k]]
+
+
+@njit(**_JIT)
+def _rho_fwd(xs, v, wt, oi, wf, eps2, r, accv, n):
+    """``r[k] = w * rho`` of one channel of the chunk; ``accv[k] += r[k]`` (float64)."""
+    for k in range(n):
+        v_nw = v[0, k] if oi[4, k] != 0 else _F0
+        v_ne = v[1, k] if oi[5, k] != 0 else _F0
+        v_sw = v[2, k] if oi[6, k] != 0 else _F0
+        v_se = v[3, k] if oi[7, k] != 0 else _F0
+        ax = wf[0, k]
+        bx = wf[1, k]
+        ay = wf[2, k]
+        by = wf[3, k]
+        warped = v_nw * (ax * ay) + v_ne * (bx * ay) + v_sw * (ax * by) + v_se * (bx * by)
+        d = xs[k] - warped
+        r[k] = np.sqrt(d * d + eps2) * wt[k]
+    for k in range(n):  # a loop of its own: the float64 update keeps LLVM off the one above
+        accv[k] += r[k]
+
+
+@njit(**_JIT)
+def _rho_bwd(xs, v, wt, go, oi, wf, eps2, r, accv, gix, giy, gb, n):
+    """One channel of the chunk: ``r = w * rho`` (added to ``accv``), the per-pixel gradient
+    ``gb = go * d / rho * w`` and its flow terms subtracted from ``gix, giy``."""
+    for k in range(n):
+        v_nw = v[0, k] if oi[4, k] != 0 else _F0
+        v_ne = v[1, k] if oi[5, k] != 0 else _F0
+        v_sw = v[2, k] if oi[6, k] != 0 else _F0
+        v_se = v[3, k] if oi[7, k] != 0 else _F0
+        ax = wf[0, k]
+        bx = wf[1, k]
+        ay = wf[2, k]
+        by = wf[3, k]
+        warped = v_nw * (ax * ay) + v_ne * (bx * ay) + v_sw * (ax * by) + v_se * (bx * by)
+        d = xs[k] - warped
+        rho = np.sqrt(d * d + eps2)
+        wk = wt[k]
+        r[k] = rho * wk
+        g = go[k] * d / rho * wk
+        gix[k] -= g * ((v_ne - v_nw) * ay + (v_se - v_sw) * by)
+        giy[k] -= g * ((v_sw - v_nw) * ax + (v_se - v_ne) * bx)
+        gb[k] = g
+    for k in range(n):
+        accv[k] += r[k]
+
+
+@njit(**_JIT)
+def _dx_chunk(gb, wf, oi, dxs, dxn, n):
+    """``dx`` of one channel: ``+g`` into frame ``t`` (``dxs``), the bilinear scatter of ``-g``
+    into frame ``t + 1`` (``dxn``, flattened). Corners off the frame have weight 0 and a clamped
+    offset, so the scatter has no branch and adds in pixel order, then nw, ne, sw, se order."""
+    for k in range(n):
+        dxs[k] += gb[k]
+    for k in range(n):
+        g = gb[k]
+        dxn[oi[0, k]] -= g * wf[6, k]
+        dxn[oi[1, k]] -= g * wf[7, k]
+        dxn[oi[2, k]] -= g * wf[8, k]
+        dxn[oi[3, k]] -= g * wf[9, k]
+
+
+@njit(**_JIT)
+def _dflow_chunk(gix, giy, wf, dfx, dfy, n):
+    """``dflow`` of the chunk: the summed flow terms times the clip gradients."""
+    for k in range(n):
+        dfx[k] = gix[k] * wf[4, k]
+    for k in range(n):
+        dfy[k] = giy[k] * wf[5, k]
+
+
+@njit(parallel=True, **_JIT)
 def fwd(x, flow, weight, has_w, eps, border, out_map, write_map):
     """Per-pair sums of ``w * rho`` (float64, shape ``(B * (T-1),)``); fills ``out_map``
     ``(B, C, T-1, H, W)`` too when ``write_map``."""
     b_, c_, t_, h, w = x.shape
+    hw = h * w
     eps2 = np.float32(eps) * np.float32(eps)
+    ch = min(hw, _CHUNK)
     sums = np.zeros(b_ * (t_ - 1), np.float64)
-    for n in prange(b_ * (t_ - 1)):
-        b = n // (t_ - 1)
-        t = n % (t_ - 1)
-        acc = 0.0
-        for i in range(h):
-            for j in range(w):
-                x0, y0, ax, bx, ay, by, _, _ = _coords(i, j, flow[b, 0, t, i, j],
-                                                       flow[b, 1, t, i, j], h, w, border)
-                inside = 0 <= x0 and x0 + 1 < w and 0 <= y0 and y0 + 1 < h
-                wt = weight[b, 0, t, i, j] if has_w else _F1
-                for c in range(c_):
-                    v_nw, v_ne, v_sw, v_se = _corners(x, b, c, t + 1, x0, y0, h, w, inside)
-                    warped = v_nw * (ax * ay) + v_ne * (bx * ay) + v_sw * (ax * by) + v_se * (
-                        bx * by)
-                    d = x[b, c, t, i, j] - warped
-                    r = np.sqrt(d * d + eps2) * wt
-                    acc += r
-                    if write_map:
-                        out_map[b, c, t, i, j] = r
-        sums[n] = acc
+    for pair in prange(b_ * (t_ - 1)):
+        b = pair // (t_ - 1)
+        t = pair % (t_ - 1)
+        oi = np.empty((8, ch), np.int32)
+        wf = np.empty((10, ch), np.float32)
+        v = np.empty((4, ch), np.float32)
+        r = np.empty(ch, np.float32)
+        accv = np.zeros(ch, np.float64)
+        wt = weight[b, 0, t].ravel() if has_w else np.ones(hw, np.float32)
+        for lo in range(0, hw, ch):
+            hi = min(lo + ch, hw)
+            n = hi - lo
+            _coords(flow[b, 0, t].ravel()[lo:hi], flow[b, 1, t].ravel()[lo:hi], lo,
+                    n, h, w, border, oi, wf)
+            for c in range(c_):
+                _gather(x[b, c, t + 1].ravel(), oi, v, n)
+                _rho_fwd(x[b, c, t].ravel()[lo:hi], v, wt[lo:hi], oi, wf, eps2, r, accv, n)
+                if write_map:
+                    out_map[b, c, t].ravel()[lo:hi] = r[:n]
+        sums[pair] = accv.sum()
     return sums
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True, **_JIT)
 def bwd(x, flow, weight, has_w, grad, g_scalar, eps, border, grad_x, dflow, dx):
     """Fill ``dflow (B, 2, T-1, H, W)`` and, when ``grad_x``, ``dx (B, C, T, H, W)`` (zeroed by
     the caller).
@@ -118,70 +248,54 @@ def bwd(x, flow, weight, has_w, grad, g_scalar, eps, border, grad_x, dflow, dx):
     mean loss and its gradient need one pass). Pair ``t`` writes frames ``t`` and ``t + 1`` of
     ``dx``, so pairs ``t`` and ``t + 2`` never collide: even pairs run in parallel, then odd ones.
     """
-    b_, _, t_, _, _ = x.shape
+    b_, _, t_, h, w = x.shape
     eps2 = np.float32(eps) * np.float32(eps)
     sums = np.zeros(b_ * (t_ - 1), np.float64)
     for phase in range(2):
         m = (t_ - phase) // 2  # pairs t in [0, T-2] with t % 2 == phase
-        for n in prange(b_ * m):
-            b = n // m
-            t = 2 * (n % m) + phase
+        for job in prange(b_ * m):
+            b = job // m
+            t = 2 * (job % m) + phase
             sums[b * (t_ - 1) + t] = _pair_bwd(x, flow, weight, has_w, grad, g_scalar, eps2,
                                                border, grad_x, dflow, dx, b, t)
     return sums
 
 
-@njit(cache=True, inline="always")
+@njit(**_JIT)
 def _pair_bwd(x, flow, weight, has_w, grad, g_scalar, eps2, border, grad_x, dflow, dx, b, t):
-    """Gradients of frame pair ``(b, t)``; returns its sum of ``w * rho``."""
+    """Gradients of frame pair ``(b, t)``, chunk by chunk; returns its sum of ``w * rho``."""
     _, c_, _, h, w = x.shape
-    acc = 0.0
-    for i in range(h):
-        for j in range(w):
-            x0, y0, ax, bx, ay, by, cgx, cgy = _coords(i, j, flow[b, 0, t, i, j],
-                                                       flow[b, 1, t, i, j], h, w, border)
-            inside = 0 <= x0 and x0 + 1 < w and 0 <= y0 and y0 + 1 < h
-            wt = weight[b, 0, t, i, j] if has_w else _F1
-            gix = np.float32(0.0)
-            giy = np.float32(0.0)
-            for c in range(c_):
-                v_nw, v_ne, v_sw, v_se = _corners(x, b, c, t + 1, x0, y0, h, w, inside)
-                warped = v_nw * (ax * ay) + v_ne * (bx * ay) + v_sw * (ax * by) + v_se * (
-                    bx * by)
-                d = x[b, c, t, i, j] - warped
-                rho = np.sqrt(d * d + eps2)
-                acc += rho * wt
-                go = grad[0, 0, 0, 0, 0] if g_scalar else grad[b, c, t, i, j]
-                g = go * d / rho * wt
-                gix -= g * ((v_ne - v_nw) * ay + (v_se - v_sw) * by)
-                giy -= g * ((v_sw - v_nw) * ax + (v_se - v_ne) * bx)
-                if grad_x:
-                    dx[b, c, t, i, j] += g
-                    if inside:
-                        dx[b, c, t + 1, y0, x0] -= g * (ax * ay)
-                        dx[b, c, t + 1, y0, x0 + 1] -= g * (bx * ay)
-                        dx[b, c, t + 1, y0 + 1, x0] -= g * (ax * by)
-                        dx[b, c, t + 1, y0 + 1, x0 + 1] -= g * (bx * by)
-                    else:
-                        _scatter_edge(dx, b, c, t + 1, x0, y0, h, w, g, ax, bx, ay, by)
-            dflow[b, 0, t, i, j] = gix * cgx
-            dflow[b, 1, t, i, j] = giy * cgy
-    return acc
-
-
-@njit(cache=True, inline="always")
-def _scatter_edge(out, b, c, t, x0, y0, h, w, g, ax, bx, ay, by):
-    """The bilinear scatter of ``-g`` into ``out[b, c, t]`` with per-corner bounds checks."""
-    if 0 <= y0 < h:
-        if 0 <= x0 < w:
-            out[b, c, t, y0, x0] -= g * (ax * ay)
-        if 0 <= x0 + 1 < w:
-            out[b, c, t, y0, x0 + 1] -= g * (bx * ay)
-    if 0 <= y0 + 1 < h:
-        if 0 <= x0 < w:
-            out[b, c, t, y0 + 1, x0] -= g * (ax * by)
-        if 0 <= x0 + 1 < w:
-            out[b, c, t, y0 + 1, x0 + 1] -= g * (bx * by)
+    hw = h * w
+    ch = min(hw, _CHUNK)
+    oi = np.empty((8, ch), np.int32)
+    wf = np.empty((10, ch), np.float32)
+    v = np.empty((4, ch), np.float32)
+    r = np.empty(ch, np.float32)
+    gix = np.empty(ch, np.float32)
+    giy = np.empty(ch, np.float32)
+    gb = np.empty(ch, np.float32)
+    accv = np.zeros(ch, np.float64)
+    wt = weight[b, 0, t].ravel() if has_w else np.ones(hw, np.float32)
+    gconst = np.full(hw, grad[0, 0, 0, 0, 0]) if g_scalar else gb
+    for lo in range(0, hw, ch):
+        hi = min(lo + ch, hw)
+        n = hi - lo
+        _coords(flow[b, 0, t].ravel()[lo:hi], flow[b, 1, t].ravel()[lo:hi], lo,
+                n, h, w, border, oi, wf)
+        if grad_x:
+            _scatter_weights(oi, wf, n)
+        gix[:] = 0.0
+        giy[:] = 0.0
+        for c in range(c_):
+            go = gconst[lo:hi] if g_scalar else grad[b, c, t].ravel()[lo:hi]
+            _gather(x[b, c, t + 1].ravel(), oi, v, n)
+            _rho_bwd(x[b, c, t].ravel()[lo:hi], v, wt[lo:hi], go, oi, wf, eps2, r, accv, gix, giy,
+                     gb, n)
+            if grad_x:
+                _dx_chunk(gb, wf, oi, dx[b, c, t].ravel()[lo:hi], dx[b, c, t + 1].ravel(), n)
+        _dflow_chunk(gix, giy, wf, dflow[b, 0, t].ravel()[lo:hi], dflow[b, 1, t].ravel()[lo:hi],
+                     n)
+    return accv.sum()
 
 
 def _f32(t: Tensor):  # noqa: ANN202 - numpy array
@@ -189,11 +303,18 @@ def _f32(t: Tensor):  # noqa: ANN202 - numpy array
     return t.detach().to(torch.float32).contiguous().numpy()
 
 
+def _check_plane(h: int, w: int) -> None:
+    if h * w > MAX_PIXELS:
+        raise ValueError(f"flow_warp_loss (numba): x frames of {h}x{w} exceed {MAX_PIXELS} "
+                         "pixels; use impl='reference'")
+
+
 def launch_fwd(x: Tensor, flow: Tensor, weight: Tensor | None, eps: float, border: bool,
                mean: bool) -> Tensor:
     """Host launcher of :func:`fwd` on torch tensors: the mean (0-dim) or the map, in
     ``x.dtype``."""
     b, c, t, h, w = x.shape
+    _check_plane(h, w)
     out = np.empty((b, c, t - 1, h, w) if not mean else (1, 1, 1, 1, 1), np.float32)
     wa = _f32(weight) if weight is not None else out
     sums = fwd(_f32(x), _f32(flow), wa, weight is not None, eps, border, out, not mean)
@@ -207,6 +328,7 @@ def launch_bwd(grad: Tensor, x: Tensor, flow: Tensor, weight: Tensor | None, eps
     """Host launcher of :func:`bwd` on torch tensors: fp32 ``(dflow, dx or None, sum of
     w * rho)``."""
     b, c, t, h, w = x.shape
+    _check_plane(h, w)
     dummy = np.zeros((1, 1, 1, 1, 1), np.float32)
     g_scalar = grad.numel() == 1
     ga = _f32(grad.reshape(1, 1, 1, 1, 1) if g_scalar else grad)
