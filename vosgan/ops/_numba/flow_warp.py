@@ -66,9 +66,11 @@ def _coords(fx, fy, lo, n, h, w, border, oi, wf):
     one_x = _F1 if w > 1 else _F0
     one_y = _F1 if h > 1 else _F0
     wf_ = np.float32(w)
+    wl = np.float32(w - 1)
+    hl = np.float32(h - 1)
     base = np.float32(lo)
     for k in range(n):
-        pf = base + np.float32(k)
+        pf = base + np.float32(np.int32(k))  # int64 -> float32 has no AVX2 instruction
         row = np.floor((pf + np.float32(0.5)) / wf_)  # the fraction is >= 0.5 / w off an int
         col = pf - row * wf_
         gx = (_F2 * (col + fx[k])) / wm1 - _F1
@@ -90,26 +92,26 @@ def _coords(fx, fy, lo, n, h, w, border, oi, wf):
         wf[3, k] = iy - y0f
         wf[4, k] = cgx
         wf[5, k] = cgy
-        x0 = np.int32(x0f)
-        y0 = np.int32(y0f)
-        x1 = x0 + 1
-        y1 = y0 + 1
-        vx0 = np.int32(0 <= x0 and x0 < w)
-        vx1 = np.int32(0 <= x1 and x1 < w)
-        vy0 = np.int32(0 <= y0 and y0 < h)
-        vy1 = np.int32(0 <= y1 and y1 < h)
-        cx0 = min(max(x0, 0), w - 1)
-        cx1 = min(max(x1, 0), w - 1)
-        ry0 = min(max(y0, 0), h - 1) * w
-        ry1 = min(max(y1, 0), h - 1) * w
-        oi[0, k] = ry0 + cx0
-        oi[1, k] = ry0 + cx1
-        oi[2, k] = ry1 + cx0
-        oi[3, k] = ry1 + cx1
-        oi[4, k] = vx0 & vy0
-        oi[5, k] = vx1 & vy0
-        oi[6, k] = vx0 & vy1
-        oi[7, k] = vx1 & vy1
+        # Integer work in float32 (exact: |values| < 2^24): numba widens int32 arithmetic to
+        # int64, which AVX2 lacks (no 64-bit min/max/multiply), and that dominated this loop.
+        x1f = x0f + _F1
+        y1f = y0f + _F1
+        vx0 = (x0f >= _F0) & (x0f <= wl)
+        vx1 = (x1f >= _F0) & (x1f <= wl)
+        vy0 = (y0f >= _F0) & (y0f <= hl)
+        vy1 = (y1f >= _F0) & (y1f <= hl)
+        cx0 = min(max(x0f, _F0), wl)
+        cx1 = min(max(x1f, _F0), wl)
+        ry0 = min(max(y0f, _F0), hl) * wf_
+        ry1 = min(max(y1f, _F0), hl) * wf_
+        oi[0, k] = np.int32(ry0 + cx0)
+        oi[1, k] = np.int32(ry0 + cx1)
+        oi[2, k] = np.int32(ry1 + cx0)
+        oi[3, k] = np.int32(ry1 + cx1)
+        oi[4, k] = np.int32(vx0 & vy0)
+        oi[5, k] = np.int32(vx1 & vy0)
+        oi[6, k] = np.int32(vx0 & vy1)
+        oi[7, k] = np.int32(vx1 & vy1)
 
 
 @njit(**_JIT)
@@ -218,7 +220,7 @@ def fwd(x, flow, weight, has_w, eps, border, out_map, write_map):
     for pair in prange(b_ * (t_ - 1)):
         b = pair // (t_ - 1)
         t = pair % (t_ - 1)
-        oi = np.empty((8, ch), np.int32)
+        oi = np.empty((8, ch), np.uint32)
         wf = np.empty((10, ch), np.float32)
         v = np.empty((4, ch), np.float32)
         r = np.empty(ch, np.float32)
@@ -267,7 +269,7 @@ def _pair_bwd(x, flow, weight, has_w, grad, g_scalar, eps2, border, grad_x, dflo
     _, c_, _, h, w = x.shape
     hw = h * w
     ch = min(hw, _CHUNK)
-    oi = np.empty((8, ch), np.int32)
+    oi = np.empty((8, ch), np.uint32)
     wf = np.empty((10, ch), np.float32)
     v = np.empty((4, ch), np.float32)
     r = np.empty(ch, np.float32)
