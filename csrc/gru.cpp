@@ -68,10 +68,9 @@ std::tuple<at::Tensor, at::Tensor> gru_forward_driver(
   return {out.to(x.scalar_type()), ws};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
-gru_backward_driver(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& h0,
-                    const at::Tensor& w_ih, const at::Tensor& w_hh, const at::Tensor& ws,
-                    BackwardRecurrence recurrence) {
+std::tuple<int64_t, int64_t, int64_t, int64_t> check_backward_args(
+    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& h0,
+    const at::Tensor& w_ih, const at::Tensor& w_hh, const at::Tensor& ws) {
   TORCH_CHECK(x.dim() == 3 && w_hh.dim() == 2,
               "vosgan gru_backward: x must be (B, T, I) and w_hh (3H, H)");
   const int64_t B = x.size(0), T = x.size(1), I = x.size(2), H = w_hh.size(1);
@@ -84,6 +83,15 @@ gru_backward_driver(const at::Tensor& grad_out, const at::Tensor& x, const at::T
                   ws.sizes() == at::IntArrayRef({B, T, 5 * H}),
               "vosgan gru_backward: ws must be the contiguous (B, T, 5H) ", acc,
               " workspace returned by gru_forward, got ", ws.scalar_type(), " ", ws.sizes());
+  return {B, T, I, H};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+gru_backward_driver(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& h0,
+                    const at::Tensor& w_ih, const at::Tensor& w_hh, const at::Tensor& ws,
+                    BackwardRecurrence recurrence) {
+  const auto [B, T, I, H] = check_backward_args(grad_out, x, h0, w_ih, w_hh, ws);
+  const auto acc = acc_type(x.scalar_type());
   const auto xa = x.to(acc);
   const auto h0a = h0.to(acc);
   const auto w_iha = w_ih.to(acc);

@@ -3,8 +3,10 @@
 // Layout (PyTorch nn.GRU, gate order r, z, n; batch first):
 //   x (B, T, I), h0 (B, H), w_ih (3H, I), w_hh (3H, H), b_ih (3H), b_hh (3H)
 //   out (B, T, H) in x's dtype
-//   ws  (B, T, 5H) in the accumulation dtype: per step [r, z, n, W_hn h + b_hn, h_t],
-//       everything backward needs, so backward never recomputes the forward.
+//   ws  (B, T, 5H) in the accumulation dtype: per step [r, z, n, W_hn h + b_hn, h],
+//       everything backward needs, so backward never recomputes the forward. It is private to
+//       each device's forward/backward pair: h is h_t on CUDA (gru_backward_driver) and h_{t-1}
+//       on CPU (gru_cpu.cpp: its columns are then the h_{t-1} operand of the dW_hh GEMM as is).
 // Accumulation dtype: float64 for float64 inputs, float32 for float32/float16/bfloat16.
 #pragma once
 
@@ -34,6 +36,11 @@ using BackwardRecurrence = void (*)(const at::Tensor& grad_out, const at::Tensor
 std::tuple<int64_t, int64_t, int64_t, int64_t> check_forward_args(
     const at::Tensor& x, const at::Tensor& h0, const at::Tensor& w_ih, const at::Tensor& w_hh,
     const at::Tensor& b_ih, const at::Tensor& b_hh);
+
+// Validates the backward arguments (names the bad argument) and returns (B, T, I, H).
+std::tuple<int64_t, int64_t, int64_t, int64_t> check_backward_args(
+    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& h0,
+    const at::Tensor& w_ih, const at::Tensor& w_hh, const at::Tensor& ws);
 
 // Device-independent driver: input projection GEMM, the recurrence, dtype conversions.
 std::tuple<at::Tensor, at::Tensor> gru_forward_driver(

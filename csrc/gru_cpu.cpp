@@ -1,15 +1,30 @@
-// CPU recurrence of the fused GRU: one at::addmm per step for the hidden projection, fused gate
-// math parallel over the batch (at::parallel_for), every buffer allocated once per call.
+// CPU kernels of the fused GRU (vosgan::gru_forward / gru_backward on CPU tensors).
+//
+// Per step: one GEMM for the hidden projection (forward) or the hidden-state gradient (backward),
+// then the fused gate math, parallel over the batch (forward) or the hidden units (backward) with
+// at::parallel_for. Everything else is one GEMM over all B*T steps, and every buffer is allocated
+// once per call.
+//
+// Layout: every per-step buffer is time-major, (T, B, .), so that one step's rows are contiguous.
+// Batch-major (B, T, .) buffers put a step's B rows T*row bytes apart; at T=32 that stride is a
+// multiple of 32-128 KiB, all rows of a step map to the same L1/L2 cache sets and evict each
+// other between the gate loop and the step's GEMM (the fused op then grew superlinearly in T).
+// So the CPU workspace ws, shape (B, T, 5H) as the schema says, holds its data in (T, B, 5H)
+// order, and its last slot is h_{t-1} (the state entering the step), which makes
+// ws[t][:, 4H:5H] the operand of step t's GEMM and the whole column block the h_{t-1} operand of
+// the dW_hh GEMM, with no copies.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/addmm.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/mm.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <bit>
 #include <cmath>
 #include <cstdint>
+#include <vector>
 
 #include "gru.h"
 
@@ -47,39 +62,108 @@ inline float tanh_f(float x) { return 1.0f - 2.0f / (1.0f + exp_clamped(2.0f * x
 inline double sigmoid_f(double x) { return 1.0 / (1.0 + std::exp(-x)); }
 inline double tanh_f(double x) { return std::tanh(x); }
 
-// One batch row of one step: gate math and state update.
-//   gi, gh: [r | z | n] pre-activations (3H); hp: h_{t-1} (H); ws: [r | z | n | ghn | h] (5H).
-template <typename T>
+// One batch row of one forward step: gate math and state update. Biases are added here (the
+// GEMMs run without them): bias = [b_ir + b_hr | b_iz + b_hz | b_in] (3H), bhn = b_hn (H).
+//   gi, gh: [r | z | n] pre-activations (3H) without biases; hp: h_{t-1} (H), the row's ws[4H:];
+//   ws: this row's workspace, slots [r | z | n | W_hn h + b_hn] written; out: h_t (H);
+//   next: the next step's ws[4H:] slot of this row (h_t again), absent at the last step.
+template <typename T, bool kNext>
 inline void forward_row_impl(const T* __restrict__ gi, const T* __restrict__ gh,
+                             const T* __restrict__ bias, const T* __restrict__ bhn,
                              const T* __restrict__ hp, T* __restrict__ ws, T* __restrict__ out,
-                             int64_t H) {
+                             T* __restrict__ next, int64_t H) {
   for (int64_t j = 0; j < H; ++j) {
-    const T r = sigmoid_f(gi[j] + gh[j]);
-    const T z = sigmoid_f(gi[H + j] + gh[H + j]);
-    const T ghn = gh[2 * H + j];
-    const T n = tanh_f(gi[2 * H + j] + r * ghn);
+    const T r = sigmoid_f(gi[j] + gh[j] + bias[j]);
+    const T z = sigmoid_f(gi[H + j] + gh[H + j] + bias[H + j]);
+    const T ghn = gh[2 * H + j] + bhn[j];
+    const T n = tanh_f(gi[2 * H + j] + bias[2 * H + j] + r * ghn);
     const T h = n + z * (hp[j] - n);
     ws[j] = r;
     ws[H + j] = z;
     ws[2 * H + j] = n;
     ws[3 * H + j] = ghn;
-    ws[4 * H + j] = h;
     out[j] = h;
+    if constexpr (kNext) {
+      next[j] = h;
+    }
   }
 }
 
-using ForwardRowF32 = void (*)(const float*, const float*, const float*, float*, float*, int64_t);
+template <typename T>
+inline void forward_row_any(const T* gi, const T* gh, const T* bias, const T* bhn, T* ws, T* out,
+                            T* next, int64_t H) {
+  if (next != nullptr) {
+    forward_row_impl<T, true>(gi, gh, bias, bhn, ws + 4 * H, ws, out, next, H);
+  } else {
+    forward_row_impl<T, false>(gi, gh, bias, bhn, ws + 4 * H, ws, out, next, H);
+  }
+}
 
-void forward_row_base(const float* gi, const float* gh, const float* hp, float* ws, float* out,
-                      int64_t H) {
-  forward_row_impl(gi, gh, hp, ws, out, H);
+// Units [j0, j1) of one batch row of one reverse step. On entry carry holds dL/dh_t from step
+// t+1; on exit it holds dh_t * z, the direct part of dL/dh_{t-1} (the caller adds dgh @ w_hh).
+//   ws: [r | z | n | ghn | h_{t-1}] (5H); g: [dr | dz | dn * r | dn] (4H), i.e. dgh = g[0:3H]
+//   and dgi = (g[0:2H], g[3H:4H]); s_r, s_z, s_nr, s_n (H each) accumulate dr, dz, dn * r, dn
+//   over the batch rows of this step. All pointers are offset to unit j0 by the caller; the four
+//   sums are separate restrict arguments because gcc does not vectorise s[H + j] += ... .
+template <typename T>
+inline void backward_row_impl(const T* __restrict__ go, T* __restrict__ carry,
+                              const T* __restrict__ ws, T* __restrict__ g, T* __restrict__ s_r,
+                              T* __restrict__ s_z, T* __restrict__ s_nr, T* __restrict__ s_n,
+                              int64_t H, int64_t units) {
+  for (int64_t j = 0; j < units; ++j) {
+    const T r = ws[j], z = ws[H + j], n = ws[2 * H + j], ghn = ws[3 * H + j];
+    const T hp = ws[4 * H + j];
+    const T dh = go[j] + carry[j];
+    const T dn = dh * (T(1) - z) * (T(1) - n * n);
+    const T dz = dh * (hp - n) * z * (T(1) - z);
+    const T dr = dn * ghn * r * (T(1) - r);
+    const T dnr = dn * r;
+    g[j] = dr;
+    g[H + j] = dz;
+    g[2 * H + j] = dnr;
+    g[3 * H + j] = dn;
+    carry[j] = dh * z;
+    s_r[j] += dr;
+    s_z[j] += dz;
+    s_nr[j] += dnr;
+    s_n[j] += dn;
+  }
+}
+
+template <typename T>
+inline void backward_row_any(const T* go, T* carry, const T* ws, T* g, T* db, int64_t H,
+                             int64_t j0, int64_t j1) {
+  backward_row_impl(go + j0, carry + j0, ws + j0, g + j0, db + j0, db + H + j0, db + 2 * H + j0,
+                    db + 3 * H + j0, H, j1 - j0);
+}
+
+using ForwardRowF32 = void (*)(const float*, const float*, const float*, const float*, float*,
+                               float*, float*, int64_t);
+using BackwardRowF32 = void (*)(const float*, float*, const float*, float*, float*, int64_t,
+                                int64_t, int64_t);
+
+void forward_row_base(const float* gi, const float* gh, const float* bias, const float* bhn,
+                      float* ws, float* out, float* next, int64_t H) {
+  forward_row_any(gi, gh, bias, bhn, ws, out, next, H);
+}
+
+void backward_row_base(const float* go, float* carry, const float* ws, float* g, float* db,
+                       int64_t H, int64_t j0, int64_t j1) {
+  backward_row_any(go, carry, ws, g, db, H, j0, j1);
 }
 
 #ifdef VOSGAN_X86_DISPATCH
 __attribute__((target("avx2,fma"))) void forward_row_avx2(const float* gi, const float* gh,
-                                                          const float* hp, float* ws, float* out,
+                                                          const float* bias, const float* bhn,
+                                                          float* ws, float* out, float* next,
                                                           int64_t H) {
-  forward_row_impl(gi, gh, hp, ws, out, H);
+  forward_row_any(gi, gh, bias, bhn, ws, out, next, H);
+}
+
+__attribute__((target("avx2,fma"))) void backward_row_avx2(const float* go, float* carry,
+                                                           const float* ws, float* g, float* db,
+                                                           int64_t H, int64_t j0, int64_t j1) {
+  backward_row_any(go, carry, ws, g, db, H, j0, j1);
 }
 #endif
 
@@ -92,61 +176,52 @@ bool has_avx2_fma() {
 #endif
 }
 
+const bool kAvx2 = has_avx2_fma();
 const ForwardRowF32 forward_row_f32 =
 #ifdef VOSGAN_X86_DISPATCH
-    has_avx2_fma() ? &forward_row_avx2 :
+    kAvx2 ? &forward_row_avx2 :
 #endif
-                   &forward_row_base;
+          &forward_row_base;
+const BackwardRowF32 backward_row_f32 =
+#ifdef VOSGAN_X86_DISPATCH
+    kAvx2 ? &backward_row_avx2 :
+#endif
+          &backward_row_base;
 
-inline void forward_row(const float* gi, const float* gh, const float* hp, float* ws, float* out,
-                        int64_t H) {
-  forward_row_f32(gi, gh, hp, ws, out, H);
+inline void forward_row(const float* gi, const float* gh, const float* bias, const float* bhn,
+                        float* ws, float* out, float* next, int64_t H) {
+  forward_row_f32(gi, gh, bias, bhn, ws, out, next, H);
 }
 
-void forward_row(const double* gi, const double* gh, const double* hp, double* ws, double* out,
-                 int64_t H) {
-  forward_row_impl(gi, gh, hp, ws, out, H);
+void forward_row(const double* gi, const double* gh, const double* bias, const double* bhn,
+                 double* ws, double* out, double* next, int64_t H) {
+  forward_row_any(gi, gh, bias, bhn, ws, out, next, H);
 }
 
-// One batch row of one reverse step. On entry carry holds dL/dh_t from step t+1; on exit it holds
-// dh_t * z, the direct part of dL/dh_{t-1} (the caller adds dgh @ w_hh).
-template <typename T>
-inline void backward_row_impl(const T* __restrict__ go, T* __restrict__ carry,
-                              const T* __restrict__ ws, const T* __restrict__ hp,
-                              T* __restrict__ dgi, T* __restrict__ dgh, int64_t H) {
-  for (int64_t j = 0; j < H; ++j) {
-    const T r = ws[j], z = ws[H + j], n = ws[2 * H + j], ghn = ws[3 * H + j];
-    const T dh = go[j] + carry[j];
-    const T dn = dh * (T(1) - z) * (T(1) - n * n);
-    const T dz = dh * (hp[j] - n) * z * (T(1) - z);
-    const T dr = dn * ghn * r * (T(1) - r);
-    dgi[j] = dr;
-    dgi[H + j] = dz;
-    dgi[2 * H + j] = dn;
-    dgh[j] = dr;
-    dgh[H + j] = dz;
-    dgh[2 * H + j] = dn * r;
-    carry[j] = dh * z;
-  }
+inline void backward_row(const float* go, float* carry, const float* ws, float* g, float* db,
+                         int64_t H, int64_t j0, int64_t j1) {
+  backward_row_f32(go, carry, ws, g, db, H, j0, j1);
 }
 
-void backward_row(const float* go, float* carry, const float* ws, const float* hp, float* dgi,
-                  float* dgh, int64_t H) {
-  backward_row_impl(go, carry, ws, hp, dgi, dgh, H);
+void backward_row(const double* go, double* carry, const double* ws, double* g, double* db,
+                  int64_t H, int64_t j0, int64_t j1) {
+  backward_row_any(go, carry, ws, g, db, H, j0, j1);
 }
 
-void backward_row(const double* go, double* carry, const double* ws, const double* hp,
-                  double* dgi, double* dgh, int64_t H) {
-  backward_row_impl(go, carry, ws, hp, dgi, dgh, H);
-}
-
-// Batch rows per parallel task: enough elementwise work to amortise a task (~4k elements).
+// Batch rows per parallel task of a forward step: ~4k elements amortise a task.
 int64_t row_grain(int64_t H) { return std::max<int64_t>(1, 4096 / H); }
 
+// Units per parallel task of the reverse steps: a multiple of the vector width.
+constexpr int64_t kUnitBlock = 16;
+
+// Forward recurrence, all steps. gi (T*B, 3H): x W_ih^T without bias, time-major; h0 (B, H);
+// w_hh (3H, H); bias, bhn as in forward_row_impl; ws: (T, B, 5H) memory; out (B, T, H).
 template <typename T>
-void forward_recurrence_cpu_t(const at::Tensor& gi, const at::Tensor& h0, const at::Tensor& w_hh,
-                              const at::Tensor& b_hh, at::Tensor& ws, at::Tensor& out) {
-  const int64_t B = gi.size(0), T_ = gi.size(1), H = w_hh.size(1);
+void forward_recurrence(const at::Tensor& gi, const at::Tensor& h0, const at::Tensor& w_hh,
+                        const T* bias, const T* bhn, at::Tensor& ws, at::Tensor& out) {
+  const int64_t B = out.size(0), T_ = out.size(1), H = out.size(2);
+  const auto ws_tm = ws.view({T_, B, 5 * H});
+  ws_tm.select(0, 0).narrow(1, 4 * H, H).copy_(h0);
   auto gh = at::empty({B, 3 * H}, gi.options());
   const auto w_hh_t = w_hh.t();
   const T* gi_p = gi.data_ptr<T>();
@@ -154,76 +229,140 @@ void forward_recurrence_cpu_t(const at::Tensor& gi, const at::Tensor& h0, const 
   T* ws_p = ws.data_ptr<T>();
   T* out_p = out.data_ptr<T>();
   for (int64_t t = 0; t < T_; ++t) {
-    // h_{t-1}: h0, or a strided (B, H) view of the previous step's output (lda = T*H).
-    const at::Tensor hp = t == 0 ? h0 : out.select(1, t - 1);
-    at::addmm_out(gh, b_hh, hp, w_hh_t);
-    const T* hp_p = hp.data_ptr<T>();
-    const int64_t hp_stride = hp.stride(0);
+    // gh = h_{t-1} (B, H; row stride 5H, inside ws) @ w_hh^T.
+    at::mm_out(gh, ws_tm.select(0, t).narrow(1, 4 * H, H), w_hh_t);
+    const bool last = t + 1 == T_;
     at::parallel_for(0, B, row_grain(H), [&](int64_t b0, int64_t b1) {
       for (int64_t b = b0; b < b1; ++b) {
-        const int64_t bt = b * T_ + t;
-        forward_row(gi_p + bt * 3 * H, gh_p + b * 3 * H, hp_p + b * hp_stride, ws_p + bt * 5 * H,
-                    out_p + bt * H, H);
+        const int64_t tb = t * B + b;
+        T* next = last ? nullptr : ws_p + (tb + B) * 5 * H + 4 * H;
+        forward_row(gi_p + tb * 3 * H, gh_p + b * 3 * H, bias, bhn, ws_p + tb * 5 * H,
+                    out_p + (b * T_ + t) * H, next, H);
       }
     });
   }
 }
 
+// Reverse recurrence, all steps, parallel over the hidden units (every task owns its slice of
+// carry and of the bias-gradient sums, so the sums do not depend on the thread count).
+//   go (B, T, H); ws: (T, B, 5H) memory. Writes g (T, B, 4H) = [dr | dz | dn*r | dn] per step,
+//   dh0 (B, H), and db (4H): the sums of g over all rows (per step in T, then in double).
 template <typename T>
-void backward_recurrence_cpu_t(const at::Tensor& grad_out, const at::Tensor& h0,
-                               const at::Tensor& w_hh, const at::Tensor& ws, at::Tensor& dgi,
-                               at::Tensor& dgh, at::Tensor& dh0) {
-  const int64_t B = grad_out.size(0), T_ = grad_out.size(1), H = w_hh.size(1);
+void backward_recurrence(const at::Tensor& go, const at::Tensor& w_hh, const at::Tensor& ws,
+                         at::Tensor& g, at::Tensor& dh0, std::vector<double>& db) {
+  const int64_t B = go.size(0), T_ = go.size(1), H = go.size(2);
   at::Tensor& carry = dh0;  // dL/dh of the current step; ends as dL/dh0
   carry.zero_();
-  const T* go_p = grad_out.data_ptr<T>();
+  db.assign(4 * H, 0.0);
+  std::vector<T> db_step(4 * H);
+  const T* go_p = go.data_ptr<T>();
   const T* ws_p = ws.data_ptr<T>();
-  const T* h0_p = h0.data_ptr<T>();
   T* carry_p = carry.data_ptr<T>();
-  T* dgi_p = dgi.data_ptr<T>();
-  T* dgh_p = dgh.data_ptr<T>();
+  T* g_p = g.data_ptr<T>();
+  T* dbs_p = db_step.data();
+  double* db_p = db.data();
+  const int64_t blocks = (H + kUnitBlock - 1) / kUnitBlock;
+  const int64_t grain = std::max<int64_t>(1, 4096 / (B * kUnitBlock));
   for (int64_t t = T_ - 1; t >= 0; --t) {
-    at::parallel_for(0, B, row_grain(H), [&](int64_t b0, int64_t b1) {
-      for (int64_t b = b0; b < b1; ++b) {
-        const int64_t bt = b * T_ + t;
-        const T* hp = t == 0 ? h0_p + b * H : ws_p + (bt - 1) * 5 * H + 4 * H;
-        backward_row(go_p + bt * H, carry_p + b * H, ws_p + bt * 5 * H, hp, dgi_p + bt * 3 * H,
-                     dgh_p + bt * 3 * H, H);
+    at::parallel_for(0, blocks, grain, [&](int64_t k0, int64_t k1) {
+      const int64_t j0 = k0 * kUnitBlock, j1 = std::min(H, k1 * kUnitBlock);
+      for (int64_t q = 0; q < 4; ++q) {
+        std::fill(dbs_p + q * H + j0, dbs_p + q * H + j1, T(0));
+      }
+      for (int64_t b = 0; b < B; ++b) {
+        const int64_t tb = t * B + b;
+        backward_row(go_p + (b * T_ + t) * H, carry_p + b * H, ws_p + tb * 5 * H,
+                     g_p + tb * 4 * H, dbs_p, H, j0, j1);
+      }
+      for (int64_t q = 0; q < 4; ++q) {
+        for (int64_t j = q * H + j0; j < q * H + j1; ++j) {
+          db_p[j] += static_cast<double>(dbs_p[j]);
+        }
       }
     });
-    carry.addmm_(dgh.select(1, t), w_hh);  // += dgh_t (B, 3H) @ w_hh (3H, H)
+    // carry += dgh_t (B, 3H; row stride 4H, inside g) @ w_hh (3H, H).
+    carry.addmm_(g.select(0, t).narrow(1, 0, 3 * H), w_hh);
   }
 }
 
-void forward_recurrence_cpu(const at::Tensor& gi, const at::Tensor& h0, const at::Tensor& w_hh,
-                            const at::Tensor& b_hh, at::Tensor& ws, at::Tensor& out) {
-  if (gi.scalar_type() == at::kDouble) {
-    forward_recurrence_cpu_t<double>(gi, h0, w_hh, b_hh, ws, out);
-  } else {
-    forward_recurrence_cpu_t<float>(gi, h0, w_hh, b_hh, ws, out);
-  }
-}
-
-void backward_recurrence_cpu(const at::Tensor& grad_out, const at::Tensor& h0,
-                             const at::Tensor& w_hh, const at::Tensor& ws, at::Tensor& dgi,
-                             at::Tensor& dgh, at::Tensor& dh0) {
-  if (ws.scalar_type() == at::kDouble) {
-    backward_recurrence_cpu_t<double>(grad_out, h0, w_hh, ws, dgi, dgh, dh0);
-  } else {
-    backward_recurrence_cpu_t<float>(grad_out, h0, w_hh, ws, dgi, dgh, dh0);
-  }
-}
+at::ScalarType acc_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
 std::tuple<at::Tensor, at::Tensor> gru_forward_cpu(const at::Tensor& x, const at::Tensor& h0,
                                                    const at::Tensor& w_ih, const at::Tensor& w_hh,
                                                    const at::Tensor& b_ih, const at::Tensor& b_hh) {
-  return gru_forward_driver(x, h0, w_ih, w_hh, b_ih, b_hh, &forward_recurrence_cpu);
+  const auto [B, T, I, H] = check_forward_args(x, h0, w_ih, w_hh, b_ih, b_hh);
+  const auto acc = acc_type(x.scalar_type());
+  // Input projection of every step at once, time-major: (T*B, I) @ (I, 3H).
+  const auto x_tm = x.to(acc).transpose(0, 1).contiguous().view({T * B, I});
+  const auto gi = at::mm(x_tm, w_ih.to(acc).t());
+  const auto b_iha = b_ih.to(acc), b_hha = b_hh.to(acc);
+  auto bias = at::empty({4 * H}, gi.options());  // [b_ir + b_hr | b_iz + b_hz | b_in | b_hn]
+  bias.narrow(0, 0, 2 * H).copy_(b_iha.narrow(0, 0, 2 * H)).add_(b_hha.narrow(0, 0, 2 * H));
+  bias.narrow(0, 2 * H, H).copy_(b_iha.narrow(0, 2 * H, H));
+  bias.narrow(0, 3 * H, H).copy_(b_hha.narrow(0, 2 * H, H));
+  auto ws = at::empty({B, T, 5 * H}, gi.options());
+  auto out = at::empty({B, T, H}, gi.options());
+  const auto h0a = h0.to(acc), w_hha = w_hh.to(acc);
+  if (acc == at::kDouble) {
+    const double* bp = bias.data_ptr<double>();
+    forward_recurrence<double>(gi, h0a, w_hha, bp, bp + 3 * H, ws, out);
+  } else {
+    const float* bp = bias.data_ptr<float>();
+    forward_recurrence<float>(gi, h0a, w_hha, bp, bp + 3 * H, ws, out);
+  }
+  return {out.to(x.scalar_type()), ws};
 }
 
+// The CPU backward: the reverse recurrence, then every weight and input gradient as one or two
+// GEMMs over all B*T steps, reading dgh, dgi and h_{t-1} in place (strided views of g and ws).
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
 gru_backward_cpu(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& h0,
                  const at::Tensor& w_ih, const at::Tensor& w_hh, const at::Tensor& ws) {
-  return gru_backward_driver(grad_out, x, h0, w_ih, w_hh, ws, &backward_recurrence_cpu);
+  const auto [B, T, I, H] = check_backward_args(grad_out, x, h0, w_ih, w_hh, ws);
+  const auto acc = ws.scalar_type();
+  const auto dt = x.scalar_type();
+  auto g = at::empty({T, B, 4 * H}, ws.options());
+  auto dh0 = at::empty({B, H}, ws.options());
+  std::vector<double> db;
+  const auto go = grad_out.to(acc);
+  const auto w_hha = w_hh.to(acc);
+  if (acc == at::kDouble) {
+    backward_recurrence<double>(go, w_hha, ws, g, dh0, db);
+  } else {
+    backward_recurrence<float>(go, w_hha, ws, g, dh0, db);
+  }
+  // Row tb = t * B + b of every (T*B, .) matrix below is step t of sequence b.
+  const auto g2 = g.view({T * B, 4 * H});
+  const auto dgh = g2.narrow(1, 0, 3 * H);     // row stride 4H
+  const auto dgi_rz = g2.narrow(1, 0, 2 * H);  // dgi's r and z columns are dgh's
+  const auto dgi_n = g2.narrow(1, 3 * H, H);
+  const auto hprev = ws.view({T * B, 5 * H}).narrow(1, 4 * H, H);  // h_{t-1}, row stride 5H
+  const auto x_tm = x.to(acc).transpose(0, 1).contiguous().view({T * B, I});
+  const auto w_iha = w_ih.to(acc);
+
+  auto dx_tm = at::mm(dgi_rz, w_iha.narrow(0, 0, 2 * H));
+  dx_tm.addmm_(dgi_n, w_iha.narrow(0, 2 * H, H));
+  // The weight gradients are computed transposed, (I, 3H) and (H, 3H): MKL runs these shapes
+  // faster than the (3H, K) @ (K, I | H) ones with a transposed left operand.
+  auto dw_ih_t = at::empty({I, 3 * H}, ws.options());
+  auto dw_ih_rz = dw_ih_t.narrow(1, 0, 2 * H);
+  auto dw_ih_n = dw_ih_t.narrow(1, 2 * H, H);
+  at::mm_out(dw_ih_rz, x_tm.t(), dgi_rz);
+  at::mm_out(dw_ih_n, x_tm.t(), dgi_n);
+  const auto dw_hh_t = at::mm(hprev.t(), dgh);
+
+  // Bias gradients: db = [sum dr | sum dz | sum dn*r | sum dn] -> b_hh: [0:3H], b_ih: r, z, n.
+  auto db_all = at::empty({4 * H}, ws.options().dtype(at::kDouble));
+  std::copy(db.begin(), db.end(), db_all.data_ptr<double>());
+  auto db_ih = at::empty({3 * H}, db_all.options());
+  db_ih.narrow(0, 0, 2 * H).copy_(db_all.narrow(0, 0, 2 * H));
+  db_ih.narrow(0, 2 * H, H).copy_(db_all.narrow(0, 3 * H, H));
+  return {dx_tm.view({T, B, I}).transpose(0, 1).contiguous().to(dt),
+          dh0.to(dt),
+          dw_ih_t.t().contiguous().to(dt),
+          dw_hh_t.t().contiguous().to(dt),
+          db_ih.to(dt),
+          db_all.narrow(0, 0, 3 * H).to(dt)};
 }
 
 }  // namespace
