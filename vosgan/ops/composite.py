@@ -138,7 +138,7 @@ def _numba_bwd(g: Tensor, f: Tensor, m: Tensor, b: Tensor) -> tuple[Tensor, Tens
     n = h * w
     df = torch.empty((bsz, c, t, h, w), dtype=cd)
     dm = torch.empty((bsz, 1, t, h, w), dtype=cd)
-    db = torch.zeros((bsz, c, h, w), dtype=cd)  # stays 0 when T == 0
+    db = (torch.empty if t else torch.zeros)((bsz, c, h, w), dtype=cd)  # the kernel zeroes it
     if df.numel():
         arrays = (g.detach().to(cd).contiguous().view(bsz, c, t, n),
                   f.detach().to(cd).contiguous().view(bsz, c, t, n),
