@@ -31,6 +31,10 @@ _F2 = np.float32(2.0)
 #: and the vector loops run long enough for LLVM's vectorised body (it needs 48+ iterations).
 _CHUNK = 512
 
+#: Zero border of the padded planes: the zeros-mode clamp keeps corners within 2 pixels of the
+#: frame (and one more column/row for the far corner).
+_PAD = 2
+
 #: Largest ``H * W`` whose pixel rows and columns :func:`_coords` derives exactly in float32.
 MAX_PIXELS = 1 << 22
 
@@ -48,10 +52,10 @@ def _coords(fx, fy, lo, n, h, w, border, oi, wf):
     negative-index test, which stops LLVM from vectorising). A pixel's row and column come from
     its flat index in float32, exact while ``H * W <= MAX_PIXELS`` (reading them from arrays
     would add runtime alias checks, past whose limit LLVM does not vectorise). Fills
-    ``oi (8, CHUNK)`` int32 with the nw, ne, sw, se plane offsets (clamped into the plane) and
-    their validity (0/1), and ``wf (10, CHUNK)`` float32 rows 0-5 with ``ax, bx, ay, by`` and the
-    clip gradients ``cgx, cgy``. The arithmetic is ``flow_to_grid`` +
-    ``grid_sample(align_corners=True)``'s, in the same fp32 order.
+    ``oi (CHUNK,)`` uint32 with the offset of the nw corner in the padded plane (:func:`_pad`)
+    and ``wf (10, CHUNK)`` float32 with ``ax, bx, ay, by``, the clip gradients ``cgx, cgy`` and
+    the corner weights ``ax * ay, bx * ay, ax * by, bx * by``. The arithmetic is
+    ``flow_to_grid`` + ``grid_sample(align_corners=True)``'s, in the same fp32 order.
     """
     wm1 = np.float32(max(w - 1, 1))
     hm1 = np.float32(max(h - 1, 1))
@@ -59,15 +63,16 @@ def _coords(fx, fy, lo, n, h, w, border, oi, wf):
     half_hm1 = np.float32((h - 1) * 0.5)
     wmax = np.float32(2 * half_wm1)
     hmax = np.float32(2 * half_hm1)
-    # zeros padding: far outside every corner is out of bounds already; clamping keeps ints small
-    lo_c = _F0 if border else np.float32(-2.0)
-    hix = np.float32(w - 1) if border else np.float32(w + 1)
-    hiy = np.float32(h - 1) if border else np.float32(h + 1)
+    # zeros padding: far outside, every corner is off the frame already; the clamp keeps all
+    # four corners inside the padded plane
+    lo_c = _F0 if border else -np.float32(_PAD)
+    hix = np.float32(w - 1) if border else np.float32(w - 1 + _PAD)
+    hiy = np.float32(h - 1) if border else np.float32(h - 1 + _PAD)
     one_x = _F1 if w > 1 else _F0
     one_y = _F1 if h > 1 else _F0
     wf_ = np.float32(w)
-    wl = np.float32(w - 1)
-    hl = np.float32(h - 1)
+    wp = np.float32(w + 2 * _PAD + 1)
+    pad = np.float32(_PAD)
     base = np.float32(lo)
     for k in range(n):
         pf = base + np.float32(np.int32(k))  # int64 -> float32 has no AVX2 instruction
@@ -86,72 +91,68 @@ def _coords(fx, fy, lo, n, h, w, border, oi, wf):
         iy = min(max(iy, lo_c), hiy)
         x0f = np.floor(ix)
         y0f = np.floor(iy)
-        wf[0, k] = (x0f + _F1) - ix
-        wf[1, k] = ix - x0f
-        wf[2, k] = (y0f + _F1) - iy
-        wf[3, k] = iy - y0f
+        ax = (x0f + _F1) - ix
+        bx = ix - x0f
+        ay = (y0f + _F1) - iy
+        by = iy - y0f
+        wf[0, k] = ax
+        wf[1, k] = bx
+        wf[2, k] = ay
+        wf[3, k] = by
         wf[4, k] = cgx
         wf[5, k] = cgy
-        # Integer work in float32 (exact: |values| < 2^24): numba widens int32 arithmetic to
-        # int64, which AVX2 lacks (no 64-bit min/max/multiply), and that dominated this loop.
-        x1f = x0f + _F1
-        y1f = y0f + _F1
-        vx0 = (x0f >= _F0) & (x0f <= wl)
-        vx1 = (x1f >= _F0) & (x1f <= wl)
-        vy0 = (y0f >= _F0) & (y0f <= hl)
-        vy1 = (y1f >= _F0) & (y1f <= hl)
-        cx0 = min(max(x0f, _F0), wl)
-        cx1 = min(max(x1f, _F0), wl)
-        ry0 = min(max(y0f, _F0), hl) * wf_
-        ry1 = min(max(y1f, _F0), hl) * wf_
-        oi[0, k] = np.int32(ry0 + cx0)
-        oi[1, k] = np.int32(ry0 + cx1)
-        oi[2, k] = np.int32(ry1 + cx0)
-        oi[3, k] = np.int32(ry1 + cx1)
-        oi[4, k] = np.int32(vx0 & vy0)
-        oi[5, k] = np.int32(vx1 & vy0)
-        oi[6, k] = np.int32(vx0 & vy1)
-        oi[7, k] = np.int32(vx1 & vy1)
+        wf[6, k] = ax * ay
+        wf[7, k] = bx * ay
+        wf[8, k] = ax * by
+        wf[9, k] = bx * by
+        # in float32 (exact below 2^24): numba widens int32 arithmetic to int64, which AVX2
+        # lacks (no 64-bit min/max/multiply), and that dominated this loop
+        oi[k] = np.int32((y0f + pad) * wp + (x0f + pad))
 
 
 @njit(**_JIT)
-def _scatter_weights(oi, wf, n):
-    """``wf`` rows 6-9: the bilinear weights of the four corners, 0 for corners off the frame."""
+def _pad(src, h, w, dst):
+    """Copy the ``(H * W,)`` plane ``src`` into the interior of ``dst``, a zero-bordered
+    ``(H + 2 * _PAD + 1) x (W + 2 * _PAD + 1)`` plane: every bilinear corner :func:`_coords`
+    can produce lands in it, and the ones off the frame read the border's zeros, so the loops
+    below need no bounds tests (and give the reference's zeros, even next to inf or nan)."""
+    wp = w + 2 * _PAD + 1
+    for i in range(h):
+        dst[(i + _PAD) * wp + _PAD:(i + _PAD) * wp + _PAD + w] = src[i * w:(i + 1) * w]
+
+
+@njit(**_JIT)
+def _unpad_add(src, h, w, dst):
+    """``dst (H * W,) += `` the interior of the padded plane ``src`` (the inverse of
+    :func:`_pad`; the border, the scatter's off-frame corners, is dropped)."""
+    wp = w + 2 * _PAD + 1
+    for i in range(h):
+        d = dst[i * w:(i + 1) * w]
+        s = src[(i + _PAD) * wp + _PAD:(i + _PAD) * wp + _PAD + w]
+        for j in range(w):
+            d[j] += s[j]
+
+
+@njit(**_JIT)
+def _gather(xp, oi, wp, v, n):
+    """``v[q, k]``: the four corners ``q`` of pixel ``k`` from the padded plane ``xp`` (scalar
+    loads: LLVM does not use AVX2 gathers on Zen, so they get a loop of their own and the
+    arithmetic stays vectorised). Unsigned offsets skip numba's negative-index fix-up."""
+    one = np.uint32(1)
     for k in range(n):
-        ax = wf[0, k]
-        bx = wf[1, k]
-        ay = wf[2, k]
-        by = wf[3, k]
-        wf[6, k] = (ax * ay) if oi[4, k] != 0 else _F0
-        wf[7, k] = (bx * ay) if oi[5, k] != 0 else _F0
-        wf[8, k] = (ax * by) if oi[6, k] != 0 else _F0
-        wf[9, k] = (bx * by) if oi[7, k] != 0 else _F0
+        o = oi[k]
+        v[0, k] = xp[o]
+        v[1, k] = xp[o + one]
+        v[2, k] = xp[o + wp]
+        v[3, k] = xp[o + wp + one]
 
 
 @njit(**_JIT)
-def _gather(xn, oi, v, n):
-    """``v[q, k] = xn[oi[q, k]]`` for the four corners ``q`` (scalar loads: LLVM does not use
-    AVX2 gathers on Zen, so they get a loop of their own and the arithmetic stays vectorised)."""
-    for k in range(n):
-        v[0, k] = xn[oi[0, k]]
-        v[1, k] = xn[oi[1, k]]
-        v[2, k] = xn[oi[2, k]]
-        v[3, k] = xn[oi[3, k]]
-
-
-@njit(**_JIT)
-def _rho_fwd(xs, v, wt, oi, wf, eps2, r, accv, n):
+def _rho_fwd(xs, v, wt, wf, eps2, r, accv, n):
     """``r[k] = w * rho`` of one channel of the chunk; ``accv[k] += r[k]`` (float64)."""
     for k in range(n):
-        v_nw = v[0, k] if oi[4, k] != 0 else _F0
-        v_ne = v[1, k] if oi[5, k] != 0 else _F0
-        v_sw = v[2, k] if oi[6, k] != 0 else _F0
-        v_se = v[3, k] if oi[7, k] != 0 else _F0
-        ax = wf[0, k]
-        bx = wf[1, k]
-        ay = wf[2, k]
-        by = wf[3, k]
-        warped = v_nw * (ax * ay) + v_ne * (bx * ay) + v_sw * (ax * by) + v_se * (bx * by)
+        warped = v[0, k] * wf[6, k] + v[1, k] * wf[7, k] + v[2, k] * wf[8, k] + v[3, k] * wf[
+            9, k]
         d = xs[k] - warped
         r[k] = np.sqrt(d * d + eps2) * wt[k]
     for k in range(n):  # a loop of its own: the float64 update keeps LLVM off the one above
@@ -159,44 +160,41 @@ def _rho_fwd(xs, v, wt, oi, wf, eps2, r, accv, n):
 
 
 @njit(**_JIT)
-def _rho_bwd(xs, v, wt, go, oi, wf, eps2, r, accv, gix, giy, gb, n):
+def _rho_bwd(xs, v, wt, go, wf, eps2, r, accv, gix, giy, gb, n):
     """One channel of the chunk: ``r = w * rho`` (added to ``accv``), the per-pixel gradient
     ``gb = go * d / rho * w`` and its flow terms subtracted from ``gix, giy``."""
     for k in range(n):
-        v_nw = v[0, k] if oi[4, k] != 0 else _F0
-        v_ne = v[1, k] if oi[5, k] != 0 else _F0
-        v_sw = v[2, k] if oi[6, k] != 0 else _F0
-        v_se = v[3, k] if oi[7, k] != 0 else _F0
-        ax = wf[0, k]
-        bx = wf[1, k]
-        ay = wf[2, k]
-        by = wf[3, k]
-        warped = v_nw * (ax * ay) + v_ne * (bx * ay) + v_sw * (ax * by) + v_se * (bx * by)
+        v_nw = v[0, k]
+        v_ne = v[1, k]
+        v_sw = v[2, k]
+        v_se = v[3, k]
+        warped = v_nw * wf[6, k] + v_ne * wf[7, k] + v_sw * wf[8, k] + v_se * wf[9, k]
         d = xs[k] - warped
         rho = np.sqrt(d * d + eps2)
         wk = wt[k]
         r[k] = rho * wk
         g = go[k] * d / rho * wk
-        gix[k] -= g * ((v_ne - v_nw) * ay + (v_se - v_sw) * by)
-        giy[k] -= g * ((v_sw - v_nw) * ax + (v_se - v_ne) * bx)
+        gix[k] -= g * ((v_ne - v_nw) * wf[2, k] + (v_se - v_sw) * wf[3, k])
+        giy[k] -= g * ((v_sw - v_nw) * wf[0, k] + (v_se - v_ne) * wf[1, k])
         gb[k] = g
     for k in range(n):
         accv[k] += r[k]
 
 
 @njit(**_JIT)
-def _dx_chunk(gb, wf, oi, dxs, dxn, n):
+def _dx_chunk(gb, wf, oi, wp, dxs, dp, n):
     """``dx`` of one channel: ``+g`` into frame ``t`` (``dxs``), the bilinear scatter of ``-g``
-    into frame ``t + 1`` (``dxn``, flattened). Corners off the frame have weight 0 and a clamped
-    offset, so the scatter has no branch and adds in pixel order, then nw, ne, sw, se order."""
+    into the padded accumulator ``dp`` of frame ``t + 1`` (in pixel order, then nw, ne, sw, se)."""
     for k in range(n):
         dxs[k] += gb[k]
+    one = np.uint32(1)
     for k in range(n):
         g = gb[k]
-        dxn[oi[0, k]] -= g * wf[6, k]
-        dxn[oi[1, k]] -= g * wf[7, k]
-        dxn[oi[2, k]] -= g * wf[8, k]
-        dxn[oi[3, k]] -= g * wf[9, k]
+        o = oi[k]
+        dp[o] -= g * wf[6, k]
+        dp[o + one] -= g * wf[7, k]
+        dp[o + wp] -= g * wf[8, k]
+        dp[o + wp + one] -= g * wf[9, k]
 
 
 @njit(**_JIT)
@@ -216,15 +214,20 @@ def fwd(x, flow, weight, has_w, eps, border, out_map, write_map):
     hw = h * w
     eps2 = np.float32(eps) * np.float32(eps)
     ch = min(hw, _CHUNK)
+    wp = np.uint32(w + 2 * _PAD + 1)
+    npad = (h + 2 * _PAD + 1) * (w + 2 * _PAD + 1)
     sums = np.zeros(b_ * (t_ - 1), np.float64)
     for pair in prange(b_ * (t_ - 1)):
         b = pair // (t_ - 1)
         t = pair % (t_ - 1)
-        oi = np.empty((8, ch), np.uint32)
+        oi = np.empty(ch, np.uint32)
         wf = np.empty((10, ch), np.float32)
         v = np.empty((4, ch), np.float32)
         r = np.empty(ch, np.float32)
         accv = np.zeros(ch, np.float64)
+        xp = np.zeros((c_, npad), np.float32)
+        for c in range(c_):
+            _pad(x[b, c, t + 1].ravel(), h, w, xp[c])
         wt = weight[b, 0, t].ravel() if has_w else np.ones(hw, np.float32)
         for lo in range(0, hw, ch):
             hi = min(lo + ch, hw)
@@ -232,8 +235,8 @@ def fwd(x, flow, weight, has_w, eps, border, out_map, write_map):
             _coords(flow[b, 0, t].ravel()[lo:hi], flow[b, 1, t].ravel()[lo:hi], lo,
                     n, h, w, border, oi, wf)
             for c in range(c_):
-                _gather(x[b, c, t + 1].ravel(), oi, v, n)
-                _rho_fwd(x[b, c, t].ravel()[lo:hi], v, wt[lo:hi], oi, wf, eps2, r, accv, n)
+                _gather(xp[c], oi, wp, v, n)
+                _rho_fwd(x[b, c, t].ravel()[lo:hi], v, wt[lo:hi], wf, eps2, r, accv, n)
                 if write_map:
                     out_map[b, c, t].ravel()[lo:hi] = r[:n]
         sums[pair] = accv.sum()
@@ -269,7 +272,9 @@ def _pair_bwd(x, flow, weight, has_w, grad, g_scalar, eps2, border, grad_x, dflo
     _, c_, _, h, w = x.shape
     hw = h * w
     ch = min(hw, _CHUNK)
-    oi = np.empty((8, ch), np.uint32)
+    wp = np.uint32(w + 2 * _PAD + 1)
+    npad = (h + 2 * _PAD + 1) * (w + 2 * _PAD + 1)
+    oi = np.empty(ch, np.uint32)
     wf = np.empty((10, ch), np.float32)
     v = np.empty((4, ch), np.float32)
     r = np.empty(ch, np.float32)
@@ -277,6 +282,10 @@ def _pair_bwd(x, flow, weight, has_w, grad, g_scalar, eps2, border, grad_x, dflo
     giy = np.empty(ch, np.float32)
     gb = np.empty(ch, np.float32)
     accv = np.zeros(ch, np.float64)
+    xp = np.zeros((c_, npad), np.float32)
+    for c in range(c_):
+        _pad(x[b, c, t + 1].ravel(), h, w, xp[c])
+    dp = np.zeros((c_, npad) if grad_x else (1, 1), np.float32)
     wt = weight[b, 0, t].ravel() if has_w else np.ones(hw, np.float32)
     gconst = np.full(hw, grad[0, 0, 0, 0, 0]) if g_scalar else gb
     for lo in range(0, hw, ch):
@@ -284,19 +293,20 @@ def _pair_bwd(x, flow, weight, has_w, grad, g_scalar, eps2, border, grad_x, dflo
         n = hi - lo
         _coords(flow[b, 0, t].ravel()[lo:hi], flow[b, 1, t].ravel()[lo:hi], lo,
                 n, h, w, border, oi, wf)
-        if grad_x:
-            _scatter_weights(oi, wf, n)
         gix[:] = 0.0
         giy[:] = 0.0
         for c in range(c_):
             go = gconst[lo:hi] if g_scalar else grad[b, c, t].ravel()[lo:hi]
-            _gather(x[b, c, t + 1].ravel(), oi, v, n)
-            _rho_bwd(x[b, c, t].ravel()[lo:hi], v, wt[lo:hi], go, oi, wf, eps2, r, accv, gix, giy,
+            _gather(xp[c], oi, wp, v, n)
+            _rho_bwd(x[b, c, t].ravel()[lo:hi], v, wt[lo:hi], go, wf, eps2, r, accv, gix, giy,
                      gb, n)
             if grad_x:
-                _dx_chunk(gb, wf, oi, dx[b, c, t].ravel()[lo:hi], dx[b, c, t + 1].ravel(), n)
+                _dx_chunk(gb, wf, oi, wp, dx[b, c, t].ravel()[lo:hi], dp[c], n)
         _dflow_chunk(gix, giy, wf, dflow[b, 0, t].ravel()[lo:hi], dflow[b, 1, t].ravel()[lo:hi],
                      n)
+    if grad_x:
+        for c in range(c_):
+            _unpad_add(dp[c], h, w, dx[b, c, t + 1].ravel())
     return accv.sum()
 
 
