@@ -336,12 +336,17 @@ def _setup_context_one_pass(ctx, inputs: tuple, output: tuple) -> None:  # noqa:
     ctx.mark_non_differentiable(dflow, dx)
     ctx.save_for_backward(x, flow, weight, dflow, dx)
     ctx.cfg = (eps, border)
+    # no zero-filled gradients for the two non-differentiable outputs (the size of flow and x:
+    # two allocations and fills per backward, 0.3 ms at cpu-small on one CPU thread)
+    ctx.set_materialize_grads(False)
 
 
 def _backward_one_pass(ctx, grad: Tensor, _gd: Tensor, _gx: Tensor  # noqa: ANN001
                        ) -> tuple[Tensor | None, ...]:
     x, flow, weight, dflow_unit, dx_unit = ctx.saved_tensors
     need_flow, need_x = ctx.needs_input_grad[1], ctx.needs_input_grad[0]
+    if grad is None:  # the loss got no gradient (grads are not materialised)
+        return None, None, None, None, None, None, None, None
     if torch.is_grad_enabled():  # create_graph=True: differentiable torch ops
         eps, border = ctx.cfg
         inputs = [t for t, need in ((flow, need_flow), (x, need_x)) if need]
