@@ -208,27 +208,63 @@ void backward_row(const double* go, double* carry, const double* ws, double* g, 
   backward_row_any(go, carry, ws, g, db, H, j0, j1);
 }
 
+// Per-thread buffers for the temporaries (slot 0: the forward's gi chunk, at most ~512 KiB; slot 1:
+// the backward's g, T*B*4H), reused across calls and grown to the largest size seen. Allocated
+// fresh every call, buffers of several MiB come from mmap (glibc's threshold) whenever other
+// allocations ran in between, and their first-touch page faults cost up to a fifth of the op
+// (B64-T32-H256 fwd+bwd interleaved with nn.GRU: ~2000 faults and about +9 ms a call). Neither
+// buffer outlives the call that takes it, and nothing inside a call takes the same slot twice.
+at::Tensor scratch(int slot, at::IntArrayRef sizes, const at::TensorOptions& options) {
+  thread_local at::Tensor buffers[2];
+  int64_t numel = 1;
+  for (const int64_t s : sizes) {
+    numel *= s;
+  }
+  at::Tensor& buf = buffers[slot];
+  if (!buf.defined() || buf.numel() < numel || buf.scalar_type() != options.dtype()) {
+    buf = at::Tensor();  // free the old one first
+    buf = at::empty({numel}, options);
+  }
+  return buf.narrow(0, 0, numel).view(sizes);
+}
+
 // Batch rows per parallel task of a forward step: ~4k elements amortise a task.
 int64_t row_grain(int64_t H) { return std::max<int64_t>(1, 4096 / H); }
 
 // Units per parallel task of the reverse steps: a multiple of the vector width.
 constexpr int64_t kUnitBlock = 16;
 
-// Forward recurrence, all steps. gi (T*B, 3H): x W_ih^T without bias, time-major; h0 (B, H);
+// Steps per input-projection GEMM: about 512 KiB of gi, so that it is still in cache when the
+// gate loops of those steps read it.
+int64_t input_chunk(int64_t T, int64_t B, int64_t H) {
+  return std::max<int64_t>(1, std::min<int64_t>(T, (int64_t(1) << 17) / (B * 3 * H)));
+}
+
+// Forward recurrence, all steps. x_tm (T*B, I): the inputs, time-major; w_ih (3H, I); h0 (B, H);
 // w_hh (3H, H); bias, bhn as in forward_row_impl; ws: (T, B, 5H) memory; out (B, T, H).
+// The input projection x W_ih^T (no bias) runs as one GEMM per chunk of steps (input_chunk).
 template <typename T>
-void forward_recurrence(const at::Tensor& gi, const at::Tensor& h0, const at::Tensor& w_hh,
-                        const T* bias, const T* bhn, at::Tensor& ws, at::Tensor& out) {
+void forward_recurrence(const at::Tensor& x_tm, const at::Tensor& w_ih, const at::Tensor& h0,
+                        const at::Tensor& w_hh, const T* bias, const T* bhn, at::Tensor& ws,
+                        at::Tensor& out) {
   const int64_t B = out.size(0), T_ = out.size(1), H = out.size(2);
   const auto ws_tm = ws.view({T_, B, 5 * H});
   ws_tm.select(0, 0).narrow(1, 4 * H, H).copy_(h0);
-  auto gh = at::empty({B, 3 * H}, gi.options());
+  const int64_t chunk = input_chunk(T_, B, H);
+  auto gi = scratch(0, {chunk * B, 3 * H}, ws.options());
+  auto gh = at::empty({B, 3 * H}, ws.options());
+  const auto w_ih_t = w_ih.t();
   const auto w_hh_t = w_hh.t();
   const T* gi_p = gi.data_ptr<T>();
   const T* gh_p = gh.data_ptr<T>();
   T* ws_p = ws.data_ptr<T>();
   T* out_p = out.data_ptr<T>();
   for (int64_t t = 0; t < T_; ++t) {
+    if (t % chunk == 0) {
+      const int64_t rows = std::min(chunk, T_ - t) * B;
+      auto gi_rows = gi.narrow(0, 0, rows);
+      at::mm_out(gi_rows, x_tm.narrow(0, t * B, rows), w_ih_t);
+    }
     // gh = h_{t-1} (B, H; row stride 5H, inside ws) @ w_hh^T.
     at::mm_out(gh, ws_tm.select(0, t).narrow(1, 4 * H, H), w_hh_t);
     const bool last = t + 1 == T_;
@@ -236,7 +272,7 @@ void forward_recurrence(const at::Tensor& gi, const at::Tensor& h0, const at::Te
       for (int64_t b = b0; b < b1; ++b) {
         const int64_t tb = t * B + b;
         T* next = last ? nullptr : ws_p + (tb + B) * 5 * H + 4 * H;
-        forward_row(gi_p + tb * 3 * H, gh_p + b * 3 * H, bias, bhn, ws_p + tb * 5 * H,
+        forward_row(gi_p + ((t % chunk) * B + b) * 3 * H, gh_p + b * 3 * H, bias, bhn, ws_p + tb * 5 * H,
                     out_p + (b * T_ + t) * H, next, H);
       }
     });
@@ -287,49 +323,26 @@ void backward_recurrence(const at::Tensor& go, const at::Tensor& w_hh, const at:
 
 at::ScalarType acc_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
-// Per-thread buffers for the two large temporaries (slot 0: the forward's gi, T*B*3H; slot 1: the
-// backward's g, T*B*4H), reused across calls and grown to the largest size seen. Allocated fresh
-// every call, buffers this size come from mmap (glibc's threshold) whenever other allocations ran
-// in between, and their first-touch page faults cost up to a fifth of the op (B64-T32-H256 fwd+bwd
-// interleaved with nn.GRU: ~2000 faults and about +9 ms a call). Neither buffer outlives the call
-// that takes it, and nothing inside a call takes the same slot twice.
-at::Tensor scratch(int slot, at::IntArrayRef sizes, const at::TensorOptions& options) {
-  thread_local at::Tensor buffers[2];
-  int64_t numel = 1;
-  for (const int64_t s : sizes) {
-    numel *= s;
-  }
-  at::Tensor& buf = buffers[slot];
-  if (!buf.defined() || buf.numel() < numel || buf.scalar_type() != options.dtype()) {
-    buf = at::Tensor();  // free the old one first
-    buf = at::empty({numel}, options);
-  }
-  return buf.narrow(0, 0, numel).view(sizes);
-}
-
 std::tuple<at::Tensor, at::Tensor> gru_forward_cpu(const at::Tensor& x, const at::Tensor& h0,
                                                    const at::Tensor& w_ih, const at::Tensor& w_hh,
                                                    const at::Tensor& b_ih, const at::Tensor& b_hh) {
   const auto [B, T, I, H] = check_forward_args(x, h0, w_ih, w_hh, b_ih, b_hh);
   const auto acc = acc_type(x.scalar_type());
-  // Input projection of every step at once, time-major: (T*B, I) @ (I, 3H).
   const auto x_tm = x.to(acc).transpose(0, 1).contiguous().view({T * B, I});
-  auto gi = scratch(0, {T * B, 3 * H}, x_tm.options());
-  at::mm_out(gi, x_tm, w_ih.to(acc).t());
   const auto b_iha = b_ih.to(acc), b_hha = b_hh.to(acc);
-  auto bias = at::empty({4 * H}, gi.options());  // [b_ir + b_hr | b_iz + b_hz | b_in | b_hn]
+  auto bias = at::empty({4 * H}, x_tm.options());  // [b_ir + b_hr | b_iz + b_hz | b_in | b_hn]
   bias.narrow(0, 0, 2 * H).copy_(b_iha.narrow(0, 0, 2 * H)).add_(b_hha.narrow(0, 0, 2 * H));
   bias.narrow(0, 2 * H, H).copy_(b_iha.narrow(0, 2 * H, H));
   bias.narrow(0, 3 * H, H).copy_(b_hha.narrow(0, 2 * H, H));
-  auto ws = at::empty({B, T, 5 * H}, gi.options());
-  auto out = at::empty({B, T, H}, gi.options());
-  const auto h0a = h0.to(acc), w_hha = w_hh.to(acc);
+  auto ws = at::empty({B, T, 5 * H}, x_tm.options());
+  auto out = at::empty({B, T, H}, x_tm.options());
+  const auto h0a = h0.to(acc), w_iha = w_ih.to(acc), w_hha = w_hh.to(acc);
   if (acc == at::kDouble) {
     const double* bp = bias.data_ptr<double>();
-    forward_recurrence<double>(gi, h0a, w_hha, bp, bp + 3 * H, ws, out);
+    forward_recurrence<double>(x_tm, w_iha, h0a, w_hha, bp, bp + 3 * H, ws, out);
   } else {
     const float* bp = bias.data_ptr<float>();
-    forward_recurrence<float>(gi, h0a, w_hha, bp, bp + 3 * H, ws, out);
+    forward_recurrence<float>(x_tm, w_iha, h0a, w_hha, bp, bp + 3 * H, ws, out);
   }
   return {out.to(x.scalar_type()), ws};
 }
