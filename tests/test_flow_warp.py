@@ -269,6 +269,22 @@ def test_validation_messages() -> None:
         flow_warp_loss(x, flow.long(), impl="numba")
 
 
+def test_numba_frame_size_limit(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Frames beyond the numba kernels' exact float32 pixel indexing are refused by name, in the
+    forward and in the one-pass backward."""
+    from vosgan.ops._numba import flow_warp as nb_flow_warp
+
+    monkeypatch.setattr(nb_flow_warp, "MAX_PIXELS", 19)
+    x = torch.randn(1, 1, 2, 4, 5)
+    flow = torch.zeros(1, 2, 1, 4, 5, requires_grad=True)
+    with pytest.raises(ValueError, match="4x5 exceed 19 pixels"):
+        flow_warp_loss(x, flow.detach(), impl="numba")
+    with pytest.raises(ValueError, match="4x5 exceed 19 pixels"):
+        flow_warp_loss(x, flow, impl="numba")
+    monkeypatch.setattr(nb_flow_warp, "MAX_PIXELS", 20)
+    flow_warp_loss(x, flow, impl="numba").backward()
+
+
 def test_auto_dispatch_and_module() -> None:
     assert fused_impl(torch.device("cpu"))[0] == "numba"
     assert backend.choose("flow_warp_loss", "cpu").impl in ("numba", "reference")
