@@ -17,6 +17,7 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/addmm.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/from_blob.h>
 #include <ATen/ops/mm.h>
 #include <torch/library.h>
 
@@ -24,6 +25,9 @@
 #include <bit>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
+#include <mutex>
+#include <unordered_map>
 #include <vector>
 
 #include "gru.h"
@@ -228,6 +232,67 @@ at::Tensor scratch(int slot, at::IntArrayRef sizes, const at::TensorOptions& opt
   return buf.narrow(0, 0, numel).view(sizes);
 }
 
+// Recycles the memory of the forward's workspace output ws (5H floats per step and sequence, 10 MiB
+// at B64-T32-H256). A fresh allocation that size comes from mmap and costs a page fault per 4 KiB
+// on first touch, every call (about 2500 faults at that shape); with the pool, the buffer freed by
+// the previous step's backward is handed to the next forward. At most kPerSize buffers of one size
+// and kMaxBytes in all are kept; the rest are freed. The pool is never destroyed, since a ws may be
+// freed after static destructors have run.
+class WorkspacePool {
+ public:
+  static WorkspacePool& instance() {
+    static auto* pool = new WorkspacePool();
+    return *pool;
+  }
+
+  at::Tensor take(at::IntArrayRef sizes, const at::TensorOptions& options) {
+    size_t bytes = options.dtype().itemsize();
+    for (const int64_t s : sizes) {
+      bytes *= static_cast<size_t>(s);
+    }
+    bytes = (bytes + kAlign - 1) / kAlign * kAlign;
+    void* data = nullptr;
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      auto it = free_.find(bytes);
+      if (it != free_.end() && !it->second.empty()) {
+        data = it->second.back();
+        it->second.pop_back();
+        cached_ -= bytes;
+      }
+    }
+    if (data == nullptr) {
+      data = std::aligned_alloc(kAlign, bytes);
+      TORCH_CHECK(data != nullptr, "vosgan gru: out of memory allocating a ", bytes,
+                  "-byte workspace");
+    }
+    return at::from_blob(
+        data, sizes, [bytes](void* p) { instance().give(p, bytes); }, options);
+  }
+
+ private:
+  static constexpr size_t kAlign = 64;
+  static constexpr size_t kPerSize = 4;
+  static constexpr size_t kMaxBytes = size_t(256) << 20;
+
+  void give(void* data, size_t bytes) {
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      auto& list = free_[bytes];
+      if (list.size() < kPerSize && cached_ + bytes <= kMaxBytes) {
+        list.push_back(data);
+        cached_ += bytes;
+        return;
+      }
+    }
+    std::free(data);
+  }
+
+  std::mutex mutex_;
+  std::unordered_map<size_t, std::vector<void*>> free_;
+  size_t cached_ = 0;
+};
+
 // Batch rows per parallel task of a forward step: ~4k elements amortise a task.
 int64_t row_grain(int64_t H) { return std::max<int64_t>(1, 4096 / H); }
 
@@ -334,7 +399,7 @@ std::tuple<at::Tensor, at::Tensor> gru_forward_cpu(const at::Tensor& x, const at
   bias.narrow(0, 0, 2 * H).copy_(b_iha.narrow(0, 0, 2 * H)).add_(b_hha.narrow(0, 0, 2 * H));
   bias.narrow(0, 2 * H, H).copy_(b_iha.narrow(0, 2 * H, H));
   bias.narrow(0, 3 * H, H).copy_(b_hha.narrow(0, 2 * H, H));
-  auto ws = at::empty({B, T, 5 * H}, x_tm.options());
+  auto ws = WorkspacePool::instance().take({B, T, 5 * H}, x_tm.options());
   auto out = at::empty({B, T, H}, x_tm.options());
   const auto h0a = h0.to(acc), w_iha = w_ih.to(acc), w_hha = w_hh.to(acc);
   if (acc == at::kDouble) {
