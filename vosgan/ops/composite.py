@@ -115,19 +115,28 @@ def _check(f: Tensor, m: Tensor, b: Tensor) -> None:
                          f"got {tuple(b.shape)}")
 
 
+def _np(x: Tensor, dtype: torch.dtype, shape: tuple[int, ...]):  # noqa: ANN202 - numpy array
+    """C-contiguous numpy view of ``x`` in ``dtype`` with ``shape`` (a copy only when needed;
+    the checks skip torch's per-call dispatch of no-op ``.to``/``.contiguous``/``.view``, which
+    is a measurable part of a cpu-small call)."""
+    if x.dtype != dtype:
+        x = x.to(dtype)
+    if not x.is_contiguous():
+        x = x.contiguous()
+    return x.detach().numpy().reshape(shape)
+
+
 def _numba_fwd(f: Tensor, m: Tensor, b: Tensor, out_dtype: torch.dtype) -> Tensor:
     from vosgan.ops._numba import composite as nb
 
     cd = torch.float64 if out_dtype == torch.float64 else torch.float32
     bsz, c, t, h, w = f.shape
-    fa = f.detach().to(cd).contiguous().view(bsz, c, t, h * w)
-    ma = m.detach().to(cd).contiguous().view(bsz, t, h * w)
-    ba = b.detach().to(cd).contiguous().view(bsz, c, h * w)
+    n = h * w
     v = torch.empty((bsz, c, t, h, w), dtype=cd)
     if v.numel():
-        nb.launch(nb.composite_fwd_kernel, fa.numpy(), ma.numpy(), ba.numpy(),
-                  v.view(bsz, c, t, h * w).numpy())
-    return v.to(out_dtype)
+        nb.launch(nb.composite_fwd_kernel, _np(f, cd, (bsz, c, t, n)), _np(m, cd, (bsz, t, n)),
+                  _np(b, cd, (bsz, c, n)), v.numpy().reshape(bsz, c, t, n))
+    return v if out_dtype == cd else v.to(out_dtype)
 
 
 def _numba_bwd(g: Tensor, f: Tensor, m: Tensor, b: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -140,14 +149,12 @@ def _numba_bwd(g: Tensor, f: Tensor, m: Tensor, b: Tensor) -> tuple[Tensor, Tens
     dm = torch.empty((bsz, 1, t, h, w), dtype=cd)
     db = (torch.empty if t else torch.zeros)((bsz, c, h, w), dtype=cd)  # the kernel zeroes it
     if df.numel():
-        arrays = (g.detach().to(cd).contiguous().view(bsz, c, t, n),
-                  f.detach().to(cd).contiguous().view(bsz, c, t, n),
-                  m.detach().to(cd).contiguous().view(bsz, t, n),
-                  b.detach().to(cd).contiguous().view(bsz, c, n))
-        nb.launch(nb.composite_bwd_kernel, *(a.numpy() for a in arrays),
-                  df.view(bsz, c, t, n).numpy(), dm.view(bsz, t, n).numpy(),
-                  db.view(bsz, c, n).numpy())
-    return df.to(f.dtype), dm.to(m.dtype), db.to(b.dtype)
+        nb.launch(nb.composite_bwd_kernel, _np(g, cd, (bsz, c, t, n)), _np(f, cd, (bsz, c, t, n)),
+                  _np(m, cd, (bsz, t, n)), _np(b, cd, (bsz, c, n)),
+                  df.numpy().reshape(bsz, c, t, n), dm.numpy().reshape(bsz, t, n),
+                  db.numpy().reshape(bsz, c, n))
+    return tuple(d if d.dtype == x.dtype else d.to(x.dtype)  # type: ignore[return-value]
+                 for d, x in ((df, f), (dm, m), (db, b)))
 
 
 def _out_dtype(f: Tensor, m: Tensor, b: Tensor) -> torch.dtype:
