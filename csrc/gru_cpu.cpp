@@ -13,11 +13,13 @@
 // order, and its last slot is h_{t-1} (the state entering the step), which makes
 // ws[t][:, 4H:5H] the operand of step t's GEMM and the whole column block the h_{t-1} operand of
 // the dW_hh GEMM, with no copies.
+//
+// Large buffers are not fresh allocations on every call (gru_cpu_buffers.h): the temporaries are
+// per-thread and reused, and ws's memory goes back to a small pool when autograd frees it.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/addmm.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/from_blob.h>
 #include <ATen/ops/mm.h>
 #include <torch/library.h>
 
@@ -25,12 +27,10 @@
 #include <bit>
 #include <cmath>
 #include <cstdint>
-#include <cstdlib>
-#include <mutex>
-#include <unordered_map>
 #include <vector>
 
 #include "gru.h"
+#include "gru_cpu_buffers.h"
 
 // The float gate loops are compiled twice, for AVX2+FMA and for the baseline ISA, and picked once
 // at load time (__builtin_cpu_supports). They vectorise thanks to the branch-free exp below and
@@ -212,87 +212,6 @@ void backward_row(const double* go, double* carry, const double* ws, double* g, 
   backward_row_any(go, carry, ws, g, db, H, j0, j1);
 }
 
-// Per-thread buffers for the temporaries (slot 0: the forward's gi chunk, at most ~512 KiB; slot 1:
-// the backward's g, T*B*4H), reused across calls and grown to the largest size seen. Allocated
-// fresh every call, buffers of several MiB come from mmap (glibc's threshold) whenever other
-// allocations ran in between, and their first-touch page faults cost up to a fifth of the op
-// (B64-T32-H256 fwd+bwd interleaved with nn.GRU: ~2000 faults and about +9 ms a call). Neither
-// buffer outlives the call that takes it, and nothing inside a call takes the same slot twice.
-at::Tensor scratch(int slot, at::IntArrayRef sizes, const at::TensorOptions& options) {
-  thread_local at::Tensor buffers[2];
-  int64_t numel = 1;
-  for (const int64_t s : sizes) {
-    numel *= s;
-  }
-  at::Tensor& buf = buffers[slot];
-  if (!buf.defined() || buf.numel() < numel || buf.scalar_type() != options.dtype()) {
-    buf = at::Tensor();  // free the old one first
-    buf = at::empty({numel}, options);
-  }
-  return buf.narrow(0, 0, numel).view(sizes);
-}
-
-// Recycles the memory of the forward's workspace output ws (5H floats per step and sequence, 10 MiB
-// at B64-T32-H256). A fresh allocation that size comes from mmap and costs a page fault per 4 KiB
-// on first touch, every call (about 2500 faults at that shape); with the pool, the buffer freed by
-// the previous step's backward is handed to the next forward. At most kPerSize buffers of one size
-// and kMaxBytes in all are kept; the rest are freed. The pool is never destroyed, since a ws may be
-// freed after static destructors have run.
-class WorkspacePool {
- public:
-  static WorkspacePool& instance() {
-    static auto* pool = new WorkspacePool();
-    return *pool;
-  }
-
-  at::Tensor take(at::IntArrayRef sizes, const at::TensorOptions& options) {
-    size_t bytes = options.dtype().itemsize();
-    for (const int64_t s : sizes) {
-      bytes *= static_cast<size_t>(s);
-    }
-    bytes = (bytes + kAlign - 1) / kAlign * kAlign;
-    void* data = nullptr;
-    {
-      std::lock_guard<std::mutex> lock(mutex_);
-      auto it = free_.find(bytes);
-      if (it != free_.end() && !it->second.empty()) {
-        data = it->second.back();
-        it->second.pop_back();
-        cached_ -= bytes;
-      }
-    }
-    if (data == nullptr) {
-      data = std::aligned_alloc(kAlign, bytes);
-      TORCH_CHECK(data != nullptr, "vosgan gru: out of memory allocating a ", bytes,
-                  "-byte workspace");
-    }
-    return at::from_blob(
-        data, sizes, [bytes](void* p) { instance().give(p, bytes); }, options);
-  }
-
- private:
-  static constexpr size_t kAlign = 64;
-  static constexpr size_t kPerSize = 4;
-  static constexpr size_t kMaxBytes = size_t(256) << 20;
-
-  void give(void* data, size_t bytes) {
-    {
-      std::lock_guard<std::mutex> lock(mutex_);
-      auto& list = free_[bytes];
-      if (list.size() < kPerSize && cached_ + bytes <= kMaxBytes) {
-        list.push_back(data);
-        cached_ += bytes;
-        return;
-      }
-    }
-    std::free(data);
-  }
-
-  std::mutex mutex_;
-  std::unordered_map<size_t, std::vector<void*>> free_;
-  size_t cached_ = 0;
-};
-
 // Batch rows per parallel task of a forward step: ~4k elements amortise a task.
 int64_t row_grain(int64_t H) { return std::max<int64_t>(1, 4096 / H); }
 
@@ -316,7 +235,7 @@ void forward_recurrence(const at::Tensor& x_tm, const at::Tensor& w_ih, const at
   const auto ws_tm = ws.view({T_, B, 5 * H});
   ws_tm.select(0, 0).narrow(1, 4 * H, H).copy_(h0);
   const int64_t chunk = input_chunk(T_, B, H);
-  auto gi = scratch(0, {chunk * B, 3 * H}, ws.options());
+  auto gi = cpu::scratch(0, {chunk * B, 3 * H}, ws.options());
   auto gh = at::empty({B, 3 * H}, ws.options());
   const auto w_ih_t = w_ih.t();
   const auto w_hh_t = w_hh.t();
@@ -399,7 +318,7 @@ std::tuple<at::Tensor, at::Tensor> gru_forward_cpu(const at::Tensor& x, const at
   bias.narrow(0, 0, 2 * H).copy_(b_iha.narrow(0, 0, 2 * H)).add_(b_hha.narrow(0, 0, 2 * H));
   bias.narrow(0, 2 * H, H).copy_(b_iha.narrow(0, 2 * H, H));
   bias.narrow(0, 3 * H, H).copy_(b_hha.narrow(0, 2 * H, H));
-  auto ws = WorkspacePool::instance().take({B, T, 5 * H}, x_tm.options());
+  auto ws = cpu::WorkspacePool::instance().take({B, T, 5 * H}, x_tm.options());
   auto out = at::empty({B, T, H}, x_tm.options());
   const auto h0a = h0.to(acc), w_iha = w_ih.to(acc), w_hha = w_hh.to(acc);
   if (acc == at::kDouble) {
@@ -420,7 +339,7 @@ gru_backward_cpu(const at::Tensor& grad_out, const at::Tensor& x, const at::Tens
   const auto [B, T, I, H] = check_backward_args(grad_out, x, h0, w_ih, w_hh, ws);
   const auto acc = ws.scalar_type();
   const auto dt = x.scalar_type();
-  auto g = scratch(1, {T, B, 4 * H}, ws.options());
+  auto g = cpu::scratch(1, {T, B, 4 * H}, ws.options());
   auto dh0 = at::empty({B, H}, ws.options());
   std::vector<double> db;
   const auto go = grad_out.to(acc);
