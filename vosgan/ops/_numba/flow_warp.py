@@ -6,12 +6,16 @@ the bilinear cell, and the one-sided derivative at integer positions, is the ref
 
 Parallelism is over frame pairs ``(b, t)``; each pair is walked in chunks of ``_CHUNK`` pixels,
 each chunk in short loops that LLVM vectorises over pixels (AVX2: 8 lanes): sample positions
-(:func:`_coords`), the corner loads (:func:`_gather`, scalar), Charbonnier and its gradient
-(:func:`_rho_fwd`, :func:`_rho_bwd`), the bilinear scatter into ``dx`` (:func:`_dx_chunk`, scalar).
-One fused per-pixel loop ran scalar (the gathers, the scatter and the float64 sum keep LLVM from
-vectorising it) at about 30 ns per pixel. The backward is race-free without atomics or
-buffers: pair ``t`` writes ``dflow[b, :, t]``, ``dx[b, :, t]`` (its direct term) and scatters into
-``dx[b, :, t + 1]``, so even pairs run in parallel, then odd pairs; the result is deterministic.
+(:func:`_coords`), Charbonnier and its gradient (:func:`_rho_fwd`, :func:`_rho_bwd`), with the
+corner loads (:func:`_gather`) and the bilinear scatter into ``dx`` (:func:`_dx_chunk`) in scalar
+loops of their own. Frame ``t + 1`` is sampled from zero-bordered copies (:func:`_pad`), so no
+loop tests bounds. (One fused per-pixel loop ran scalar, about 30 ns per pixel: the gathers, the
+scatter and the float64 sum keep LLVM from vectorising it.)
+
+The backward is race-free without atomics or buffers shared between threads: pair ``t`` writes
+``dflow[b, :, t]``, ``dx[b, :, t]`` (its direct term) and adds its scatter, summed in a
+per-pair padded accumulator, into ``dx[b, :, t + 1]``; even pairs run in parallel, then odd
+pairs, so the result is deterministic and independent of the thread count.
 All arrays are C-contiguous float32; ``weight`` and ``grad`` are dummies when unused.
 :func:`launch_fwd` and :func:`launch_bwd` run them on torch tensors (fp16/bf16 upcast to fp32).
 """
