@@ -56,8 +56,8 @@ IMPLS = ("auto", "reference", "triton", "numba")
 #: Whether a mean loss that needs a gradient runs the one-pass op (loss and fp32 gradients in
 #: the forward, scaled in the backward) instead of forward + recomputing backward. Measured
 #: fwd+bwd speed-up of one pass: Triton 1.0-2.3x (H100, B=8 and 64, 64x64, bf16/fp32: one
-#: kernel instead of two); numba 1.7x for the flow gradient (1 thread, paper shape: 42 ms vs
-#: 30 + 42 ms), 0.8-1.2x in the loaded 2-core benchmark runs.
+#: kernel instead of two); numba 1.5x for the flow gradient (1 thread, loaded 2-core box,
+#: minima: cpu-small 5.3 vs 7.7 ms, paper-b8 16.9 vs 25.2 ms), 1.3x with the video's too.
 ONE_PASS = {"numba": True, "triton": True}
 
 
