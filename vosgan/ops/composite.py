@@ -128,19 +128,21 @@ def _np(x: Tensor, dtype: torch.dtype, shape: tuple[int, ...]):  # noqa: ANN202 
 
 def _numba_fwd(f: Tensor, m: Tensor, b: Tensor, out_dtype: torch.dtype) -> Tensor:
     from vosgan.ops._numba import composite as nb
+    from vosgan.ops._numba.launch import launch
 
     cd = torch.float64 if out_dtype == torch.float64 else torch.float32
     bsz, c, t, h, w = f.shape
     n = h * w
     v = torch.empty((bsz, c, t, h, w), dtype=cd)
     if v.numel():
-        nb.launch(nb.composite_fwd_kernel, _np(f, cd, (bsz, c, t, n)), _np(m, cd, (bsz, t, n)),
-                  _np(b, cd, (bsz, c, n)), v.numpy().reshape(bsz, c, t, n))
+        launch(nb.composite_fwd_kernel, _np(f, cd, (bsz, c, t, n)), _np(m, cd, (bsz, t, n)),
+               _np(b, cd, (bsz, c, n)), v.numpy().reshape(bsz, c, t, n))
     return v if out_dtype == cd else v.to(out_dtype)
 
 
 def _numba_bwd(g: Tensor, f: Tensor, m: Tensor, b: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     from vosgan.ops._numba import composite as nb
+    from vosgan.ops._numba.launch import launch
 
     cd = torch.float64 if torch.float64 in (g.dtype, f.dtype, m.dtype, b.dtype) else torch.float32
     bsz, c, t, h, w = f.shape
@@ -149,10 +151,10 @@ def _numba_bwd(g: Tensor, f: Tensor, m: Tensor, b: Tensor) -> tuple[Tensor, Tens
     dm = torch.empty((bsz, 1, t, h, w), dtype=cd)
     db = (torch.empty if t else torch.zeros)((bsz, c, h, w), dtype=cd)  # the kernel zeroes it
     if df.numel():
-        nb.launch(nb.composite_bwd_kernel, _np(g, cd, (bsz, c, t, n)), _np(f, cd, (bsz, c, t, n)),
-                  _np(m, cd, (bsz, t, n)), _np(b, cd, (bsz, c, n)),
-                  df.numpy().reshape(bsz, c, t, n), dm.numpy().reshape(bsz, t, n),
-                  db.numpy().reshape(bsz, c, n))
+        launch(nb.composite_bwd_kernel, _np(g, cd, (bsz, c, t, n)), _np(f, cd, (bsz, c, t, n)),
+               _np(m, cd, (bsz, t, n)), _np(b, cd, (bsz, c, n)),
+               df.numpy().reshape(bsz, c, t, n), dm.numpy().reshape(bsz, t, n),
+               db.numpy().reshape(bsz, c, n))
     return tuple(d if d.dtype == x.dtype else d.to(x.dtype)  # type: ignore[return-value]
                  for d, x in ((df, f), (dm, m), (db, b)))
 

@@ -15,22 +15,8 @@ vectorises them.
 
 from __future__ import annotations
 
-import threading
-from collections.abc import Callable
-
-import numba
 import numpy as np
 from numba import njit, prange
-
-#: The ``workqueue`` threading layer (numba's fallback when neither TBB nor OpenMP loads) aborts
-#: when two Python threads launch parallel kernels at once: launches are serialised by this lock.
-LAUNCH_LOCK = threading.Lock()
-
-#: Below this many elements of ``f`` a kernel runs on the calling thread only: waking the pool
-#: costs more than the work (torch's ``at::internal::GRAIN_SIZE`` is the same 32768). On this
-#: 2-core box, loaded by other processes, a 2-thread launch of a 96-element forward took 12 ms
-#: against 2 us on one thread.
-GRAIN = 1 << 15
 
 #: The backward splits planes into slices of at least this many pixels only when there are
 #: fewer than ``_MIN_JOBS`` batches to share among the threads.
@@ -103,17 +89,3 @@ def composite_bwd_kernel(
                         dfr[k] = gm
                         dmt[k] += gk * (fr[k] - br[k])
                         acc[k] += gk - gm
-
-
-def launch(kernel: Callable[..., None], *arrays: np.ndarray) -> None:
-    """Run ``kernel(*arrays)``: serialised across Python threads, single-threaded when small."""
-    with LAUNCH_LOCK:
-        if arrays[0].size >= GRAIN:
-            kernel(*arrays)
-            return
-        threads = numba.get_num_threads()
-        numba.set_num_threads(1)  # thread-local in numba: other threads keep their setting
-        try:
-            kernel(*arrays)
-        finally:
-            numba.set_num_threads(threads)

@@ -27,6 +27,8 @@ import torch
 from numba import njit, prange
 from torch import Tensor
 
+from vosgan.ops._numba.launch import launch
+
 _F0 = np.float32(0.0)
 _F1 = np.float32(1.0)
 _F2 = np.float32(2.0)
@@ -333,7 +335,8 @@ def launch_fwd(x: Tensor, flow: Tensor, weight: Tensor | None, eps: float, borde
     _check_plane(h, w)
     out = np.empty((b, c, t - 1, h, w) if not mean else (1, 1, 1, 1, 1), np.float32)
     wa = _f32(weight) if weight is not None else out
-    sums = fwd(_f32(x), _f32(flow), wa, weight is not None, eps, border, out, not mean)
+    sums = launch(fwd, _f32(x), _f32(flow), wa, weight is not None, eps, border, out,
+                  not mean)
     if mean:
         return torch.tensor(sums.sum() / (b * c * (t - 1) * h * w), dtype=x.dtype)
     return torch.from_numpy(out).to(x.dtype)
@@ -351,6 +354,6 @@ def launch_bwd(grad: Tensor, x: Tensor, flow: Tensor, weight: Tensor | None, eps
     dflow = np.empty((b, 2, t - 1, h, w), np.float32)
     dx = np.zeros((b, c, t, h, w), np.float32) if grad_x else dummy
     wa = _f32(weight) if weight is not None else dummy
-    sums = bwd(_f32(x), _f32(flow), wa, weight is not None, ga, g_scalar, eps, border, grad_x,
-               dflow, dx)
+    sums = launch(bwd, _f32(x), _f32(flow), wa, weight is not None, ga, g_scalar, eps, border,
+                  grad_x, dflow, dx)
     return torch.from_numpy(dflow), torch.from_numpy(dx) if grad_x else None, float(sums.sum())
