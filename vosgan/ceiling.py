@@ -1,0 +1,111 @@
+"""Supervised ceiling of D's segmentation head: ``python -m vosgan.ceiling [--steps N] ...``.
+
+Not the method. VOS-GAN never shows D a ground-truth mask; this diagnostic does: it trains the
+discriminator's encoder, segmentation decoder and head with BCE against the **ground-truth**
+masks of the synthetic training clips, nothing else, and reports the held-out IoU the training
+run reports (threshold 0.5, D in eval mode). The result bounds what the unsupervised run can
+reach with the same architecture, preset and number of steps: a number the self-supervised
+segmentation is chasing, measured rather than guessed.
+
+``--lr`` sets the decoder and head learning rate and ``--lr-encoder`` the encoder's (default: the
+preset's ``optim.lr_d`` for both); any config field can be overridden with
+``--section.key=value`` as in :mod:`vosgan.train`. Prints one line per ``--eval-every`` steps and,
+with ``--json FILE``, writes them as a JSON list.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from vosgan import config as config_mod
+from vosgan.config import Config
+from vosgan.data import SyntheticVideos
+from vosgan.evaluate import evaluate_model
+from vosgan.losses import segmentation_loss
+from vosgan.models import Discriminator
+from vosgan.train_data import batch_indices
+
+ENCODER = ("encoder.", "real_fake.")
+
+
+def train_ceiling(cfg: Config, steps: int, lr: float, lr_encoder: float, eval_every: int,
+                  progress: bool = True) -> list[dict[str, Any]]:
+    """Train a fresh D's segmentation on ground-truth masks; return the evaluations.
+
+    Args:
+        cfg: the config (model, data seed and sizes, batch size, ``train.seed``, eval clips).
+        steps: optimiser steps, each on ``data.batch_size`` clips ``(B, 3, T, H, W)``.
+        lr: learning rate of every parameter outside the encoder (decoders, heads).
+        lr_encoder: learning rate of the encoder and the real/fake head.
+        eval_every: evaluate after every this many steps (and after the last).
+
+    Returns:
+        One dict per evaluation: ``step``, ``loss`` (the last step's BCE) and the
+        :func:`vosgan.evaluate.evaluate_model` fields (``iou``, ``baseline_iou``, ...).
+    """
+    if steps < 1 or eval_every < 1:
+        raise ValueError(f"steps and eval_every must be >= 1, got {steps} and {eval_every}")
+    torch.manual_seed(cfg.train.seed)
+    m, d = cfg.model, cfg.data
+    D = Discriminator(m)
+    enc = [p for n, p in D.named_parameters() if n.startswith(ENCODER)]
+    rest = [p for n, p in D.named_parameters() if not n.startswith(ENCODER)]
+    opt = torch.optim.Adam([{"params": enc, "lr": lr_encoder}, {"params": rest, "lr": lr}],
+                           betas=(cfg.optim.beta1, cfg.optim.beta2))
+    data = SyntheticVideos(d.train_clips, m.frames, m.size, seed=d.seed, split="train",
+                           progress=False)
+    results = []
+    bar = tqdm(range(1, steps + 1), desc="ceiling", unit="step", disable=not progress,
+               dynamic_ncols=True)
+    for step in bar:
+        batch = data.batch(batch_indices(step - 1, d.batch_size, len(data), d.seed))
+        loss = segmentation_loss(D(batch["video"]).seg_logit, batch["mask"])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step % eval_every == 0 or step == steps:
+            result = {"step": step, "loss": loss.item(),
+                      **evaluate_model(D, cfg, torch.device("cpu"), cfg.train.eval_clips).as_dict()}
+            results.append(result)
+            tqdm.write(f"step {step}: BCE {result['loss']:.3f}, held-out IoU {result['iou']:.3f} "
+                       f"(frame-difference baseline {result['baseline_iou']:.3f})")
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m vosgan.ceiling", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="cpu-small", choices=sorted(config_mod.PRESETS))
+    p.add_argument("--steps", type=int, default=1000)
+    p.add_argument("--lr", type=float, default=None, help="decoders and heads (default lr_d)")
+    p.add_argument("--lr-encoder", type=float, default=None, help="encoder (default lr_d)")
+    p.add_argument("--eval-every", type=int, default=250)
+    p.add_argument("--json", type=Path, default=None, help="write the evaluations here")
+    args, rest = p.parse_known_args(argv)
+    try:
+        cfg = config_mod.load(args.preset, config_mod.parse_overrides(rest))
+        lr = args.lr if args.lr is not None else cfg.optim.lr_d
+        lr_enc = args.lr_encoder if args.lr_encoder is not None else cfg.optim.lr_d
+        start = time.perf_counter()
+        results = train_ceiling(cfg, args.steps, lr, lr_enc, args.eval_every)
+    except (config_mod.ConfigError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    seconds = time.perf_counter() - start
+    print(f"supervised ceiling ({args.preset}, {args.steps} steps, lr {lr:g} / encoder "
+          f"{lr_enc:g}, {seconds:.0f} s): held-out IoU {results[-1]['iou']:.3f}")
+    if args.json is not None:
+        args.json.write_text(json.dumps(results, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
