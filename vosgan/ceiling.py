@@ -84,23 +84,26 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m vosgan.ceiling", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="cpu-small", choices=sorted(config_mod.PRESETS))
-    p.add_argument("--steps", type=int, default=1000)
+    p.add_argument("--steps", type=int, default=None, help="default: the preset's train.steps")
     p.add_argument("--lr", type=float, default=None, help="decoders and heads (default lr_d)")
     p.add_argument("--lr-encoder", type=float, default=None, help="encoder (default lr_d)")
-    p.add_argument("--eval-every", type=int, default=250)
+    p.add_argument("--eval-every", type=int, default=None,
+                   help="default: the preset's train.eval_every")
     p.add_argument("--json", type=Path, default=None, help="write the evaluations here")
     args, rest = p.parse_known_args(argv)
     try:
         cfg = config_mod.load(args.preset, config_mod.parse_overrides(rest))
         lr = args.lr if args.lr is not None else cfg.optim.lr_d
         lr_enc = args.lr_encoder if args.lr_encoder is not None else cfg.optim.lr_d
+        steps = args.steps if args.steps is not None else cfg.train.steps
+        every = args.eval_every if args.eval_every is not None else cfg.train.eval_every
         start = time.perf_counter()
-        results = train_ceiling(cfg, args.steps, lr, lr_enc, args.eval_every)
+        results = train_ceiling(cfg, steps, lr, lr_enc, every)
     except (config_mod.ConfigError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     seconds = time.perf_counter() - start
-    print(f"supervised ceiling ({args.preset}, {args.steps} steps, lr {lr:g} / encoder "
+    print(f"supervised ceiling ({args.preset}, {steps} steps, lr {lr:g} / encoder "
           f"{lr_enc:g}, {seconds:.0f} s): held-out IoU {results[-1]['iou']:.3f}")
     if args.json is not None:
         args.json.write_text(json.dumps(results, indent=2))

@@ -108,12 +108,15 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    steps: int = 1000
+    # The default run: about 9 minutes on 2 CPU cores. Measured (cpu-small, 2 threads): held-out
+    # segmentation IoU 0.131 / 0.126 / 0.173 / 0.204 / 0.264 / 0.333 at steps 500..3000, against
+    # 0.272 for the frame-difference baseline; foreground flow EPE 0.761 px (zero flow 1.114).
+    steps: int = 3000
     seed: int = 0
     device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1", ...
     amp: Literal["auto", "off", "bf16", "fp16"] = "auto"  # auto: bf16 on CUDA, off on CPU
     log_every: int = 20
-    eval_every: int = 250
+    eval_every: int = 500
     sample_every: int = 250
     checkpoint_every: int = 200
     eval_clips: int = 64
