@@ -41,6 +41,7 @@ def test_overrides_are_typed():
         ({"loss.adversarial": "wgan"}, "loss.adversarial must be one of"),
         ({"data.cache": "maybe"}, "data.cache must be a boolean"),
         ({"optim.beta1": "1.5"}, "optim.beta1"),
+        ({"optim.lr_dense": "-1"}, "optim.lr_dense must be >= 0"),
         ({"model.frames": "20"}, "model.frames must be a positive multiple"),
     ],
 )

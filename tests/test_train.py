@@ -306,3 +306,18 @@ def test_training_on_frames_with_masks_scores_iou(tmp_path, capsys):
     assert evaluate.main(["--checkpoint", str(out), "--json", str(tmp_path / "e.json")]) == 0
     again = json.loads((tmp_path / "e.json").read_text())
     assert again["iou"] == pytest.approx(metrics["iou"]) and "epe" not in again
+
+
+def test_lr_dense_gives_d_decoders_their_own_rate():
+    from vosgan.models import Discriminator
+    from vosgan.train_run import d_param_groups
+
+    D = Discriminator(config.load("cpu-small").model)
+    assert len(d_param_groups(D, 0.0)) == 1
+    trunk, dense = d_param_groups(D, 1e-3)
+    opt = torch.optim.Adam([trunk, dense], lr=2e-4)
+    assert [g["lr"] for g in opt.param_groups] == [2e-4, 1e-3]
+    names = {id(p): n for n, p in D.named_parameters()}
+    assert all(names[id(p)].startswith(("encoder.", "real_fake.")) for p in trunk["params"])
+    assert any(names[id(p)].startswith("dense_head.") for p in dense["params"])
+    assert len(trunk["params"]) + len(dense["params"]) == len(list(D.parameters()))

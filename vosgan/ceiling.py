@@ -32,8 +32,7 @@ from vosgan.evaluate import evaluate_model
 from vosgan.losses import segmentation_loss
 from vosgan.models import Discriminator
 from vosgan.train_data import batch_indices
-
-ENCODER = ("encoder.", "real_fake.")
+from vosgan.train_run import d_param_groups
 
 
 def train_ceiling(cfg: Config, steps: int, lr: float, lr_encoder: float, eval_every: int,
@@ -56,9 +55,7 @@ def train_ceiling(cfg: Config, steps: int, lr: float, lr_encoder: float, eval_ev
     torch.manual_seed(cfg.train.seed)
     m, d = cfg.model, cfg.data
     D = Discriminator(m)
-    enc = [p for n, p in D.named_parameters() if n.startswith(ENCODER)]
-    rest = [p for n, p in D.named_parameters() if not n.startswith(ENCODER)]
-    opt = torch.optim.Adam([{"params": enc, "lr": lr_encoder}, {"params": rest, "lr": lr}],
+    opt = torch.optim.Adam(d_param_groups(D, lr), lr=lr_encoder,
                            betas=(cfg.optim.beta1, cfg.optim.beta2))
     data = SyntheticVideos(d.train_clips, m.frames, m.size, seed=d.seed, split="train",
                            progress=False)

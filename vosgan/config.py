@@ -82,6 +82,10 @@ class LossConfig:
 class OptimConfig:
     lr_g: float = 2e-4
     lr_d: float = 2e-4
+    # D's decoders and dense heads (segmentation, flow); 0 = lr_d. The supervised ceiling
+    # (python -m vosgan.ceiling) learns much faster with a higher rate: 0.446 -> 0.653 IoU
+    # after 1000 steps at 2e-4 -> 1e-3 (cpu-small).
+    lr_dense: float = 0.0
     beta1: float = 0.5
     beta2: float = 0.999
 
@@ -293,6 +297,8 @@ def validate(cfg: Config) -> None:
     for name in ("lr_g", "lr_d"):
         if getattr(cfg.optim, name) <= 0:
             raise ConfigError(f"optim.{name} must be > 0, got {getattr(cfg.optim, name)}")
+    if cfg.optim.lr_dense < 0:
+        raise ConfigError(f"optim.lr_dense must be >= 0 (0 = lr_d), got {cfg.optim.lr_dense}")
     for name in ("beta1", "beta2"):
         if not 0 <= getattr(cfg.optim, name) < 1:
             raise ConfigError(f"optim.{name} must be in [0, 1), got {getattr(cfg.optim, name)}")
