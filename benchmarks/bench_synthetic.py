@@ -32,7 +32,7 @@ BATCH = 16
 def make_step(provider: str, frames: int, size: int) -> tuple[Callable[[], object], int]:
     """A callable producing clips with ``provider``, and how many clips one call delivers."""
     cached = provider == "cached"
-    ds = SyntheticVideos(4 * BATCH, frames, size, seed=0, cache=cached, progress=False)
+    ds = SyntheticVideos(4 * BATCH, frames, size, seed=0, cache=cached)
     state = {"i": 0}
 
     def step() -> object:  # new indices each call, as a shuffled loader would ask

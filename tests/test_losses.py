@@ -79,7 +79,7 @@ def test_blurred_photometric_loss_prefers_the_true_flow_to_a_shifted_one():
     # 0.0315 vs 0.0328); with the blur the true flow wins (0.0192 vs 0.0208).
     from vosgan.data import SyntheticVideos
 
-    batch = SyntheticVideos(8, 16, 32, split="val", progress=False).batch(range(8))
+    batch = SyntheticVideos(8, 16, 32, split="val").batch(range(8))
     video, true = batch["video"], batch["flow"]
     for blur, shift_wins in ((False, True), (True, False)):
         loss = L.VosGanLoss(LossConfig(photometric_blur=blur))

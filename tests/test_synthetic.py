@@ -61,7 +61,9 @@ def test_splits_are_disjoint() -> None:
 
 def test_cache_matches_on_the_fly() -> None:
     live = SyntheticVideos(5, 7, 20, seed=4, split="val")
-    cached = SyntheticVideos(5, 7, 20, seed=4, split="val", cache=True, progress=False)
+    cached = SyntheticVideos(5, 7, 20, seed=4, split="val", cache=True)
+    assert _same(live[3], cached[3])  # renders clip 3 into the cache
+    assert _same(live.batch([4, 3, 0]), cached.batch([4, 3, 0]))  # 3 read, 4 and 0 rendered
     assert _same(live.batch(range(5)), cached.batch(range(5)))
     assert _same(live[4], cached[4])
 

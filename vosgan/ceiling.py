@@ -58,7 +58,7 @@ def train_ceiling(cfg: Config, steps: int, lr: float, lr_encoder: float, eval_ev
     opt = torch.optim.Adam(d_param_groups(D, lr), lr=lr_encoder,
                            betas=(cfg.optim.beta1, cfg.optim.beta2))
     data = SyntheticVideos(d.train_clips, m.frames, m.size, seed=d.seed, split="train",
-                           progress=False)
+                           cache=d.cache)
     results = []
     bar = tqdm(range(1, steps + 1), desc="ceiling", unit="step", disable=not progress,
                dynamic_ncols=True)

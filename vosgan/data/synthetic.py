@@ -258,11 +258,12 @@ class SyntheticVideos(Dataset):
         max_speed: fastest sprite speed in pixels per frame at this resolution; default
             ``2 * size / 32`` (0.3-2 px/frame at 32x32). Speeds are uniform in
             ``[0.15 * max_speed, max_speed]``, modulated by +-20% along the path.
-        cache: render every clip once into memory (uint8 video, uint8 sprite ids, float32
-            per-sprite velocities: the flow is exact, not quantised) with a progress bar.
+        cache: keep every clip in memory once it has been rendered (uint8 video, uint8 sprite
+            ids, float32 per-sprite velocities: the flow is exact, not quantised), so later
+            epochs read instead of render. Memory grows to about ``num_clips * T * H * W * 4``
+            bytes once every clip has been used.
         noise_std: sensor noise standard deviation (fraction of the [0, 1] range).
         flicker: standard deviation of the per-frame global gain.
-        progress: show the tqdm bar while caching.
 
     Items (``__getitem__``): ``video`` float32 ``(3, T, H, W)`` in [-1, 1]; ``mask`` float32
     ``(1, T, H, W)`` in {0, 1}; ``flow`` float32 ``(2, T-1, H, W)`` forward flow in pixels
@@ -272,7 +273,7 @@ class SyntheticVideos(Dataset):
     def __init__(self, num_clips: int, frames: int, size: int, seed: int = 0,
                  split: str = "train", min_sprites: int = 1, max_sprites: int = 3,
                  max_speed: float | None = None, cache: bool = False,
-                 noise_std: float = 0.01, flicker: float = 0.01, progress: bool = True) -> None:
+                 noise_std: float = 0.01, flicker: float = 0.01) -> None:
         if num_clips < 1:
             raise ValueError(f"num_clips must be >= 1, got {num_clips}")
         if frames < 2:
@@ -294,8 +295,12 @@ class SyntheticVideos(Dataset):
         self.max_speed = 2.0 * size / 32 if max_speed is None else float(max_speed)
         self.noise_std, self.flicker = noise_std, flicker
         self._cache: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
-        if cache:
-            self._fill_cache(progress)
+        if cache:  # untouched pages of np.empty cost no memory until a clip lands there
+            n, t = num_clips, frames
+            self._cache = (np.empty((n, t, size, size, 3), np.uint8),
+                           np.empty((n, t, size, size), np.uint8),
+                           np.empty((n, max_sprites + 1, t - 1, 2), np.float32))
+            self._cached = np.zeros(n, bool)
 
     def __len__(self) -> int:
         return self.num_clips
@@ -309,18 +314,6 @@ class SyntheticVideos(Dataset):
         return render_clip(rng, self.frames, self.size, k, 0.15 * self.max_speed,
                            self.max_speed, self.max_sprites, self.noise_std, self.flicker)
 
-    def _fill_cache(self, progress: bool) -> None:
-        from tqdm.auto import tqdm
-
-        n, t, s = self.num_clips, self.frames, self.size
-        video = np.empty((n, t, s, s, 3), np.uint8)
-        ids = np.empty((n, t, s, s), np.uint8)
-        vel = np.empty((n, self.max_sprites + 1, t - 1, 2), np.float32)
-        for i in tqdm(range(n), desc=f"synthetic {self.split} clips", disable=not progress):
-            clip = self.clip(i)
-            video[i], ids[i], vel[i] = clip.video, clip.ids, clip.velocity
-        self._cache = (video, ids, vel)
-
     def _arrays(self, indices: Sequence[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         idx = [int(i) for i in indices]
         if not idx:
@@ -329,7 +322,13 @@ class SyntheticVideos(Dataset):
             if not 0 <= i < self.num_clips:
                 raise IndexError(f"clip index {i} out of range for {self.num_clips} clips")
         if self._cache is not None:
-            return tuple(a[idx] for a in self._cache)  # type: ignore[return-value]
+            video, ids, vel = self._cache
+            for i in idx:
+                if not self._cached[i]:
+                    clip = self.clip(i)
+                    video[i], ids[i], vel[i] = clip.video, clip.ids, clip.velocity
+                    self._cached[i] = True
+            return video[idx], ids[idx], vel[idx]
         clips = [self.clip(i) for i in idx]
         return (np.stack([c.video for c in clips]), np.stack([c.ids for c in clips]),
                 np.stack([c.velocity for c in clips]))
