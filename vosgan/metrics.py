@@ -44,6 +44,34 @@ def segmentation_iou(pred: Tensor, target: Tensor, threshold: float = 0.5) -> Te
     return torch.where(union > 0, inter / union.clamp_min(1), torch.ones_like(union))
 
 
+def ranking_auc(score: Tensor, positive: Tensor) -> float:
+    """Area under the ROC curve: the probability that a random positive scores above a random
+    negative (ties count one half), computed exactly from ranks (Mann-Whitney U).
+
+    Args:
+        score: any shape, e.g. foreground probabilities ``(B, 1, T, H, W)``.
+        positive: bool (or 0/1) of the same shape.
+
+    Returns:
+        AUC in [0, 1]; 0.5 is chance. ``nan`` when either class is empty.
+    """
+    if score.shape != positive.shape:
+        raise ValueError(f"ranking_auc: positive shape {tuple(positive.shape)} differs from score "
+                         f"shape {tuple(score.shape)}")
+    s, pos = score.detach().flatten().double(), positive.detach().flatten().bool()
+    n_pos = int(pos.sum())
+    n_neg = pos.numel() - n_pos
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    order = torch.argsort(s)
+    _, counts = torch.unique_consecutive(s[order], return_counts=True)
+    ends = counts.cumsum(0).double()  # 1-based rank of each tie group's last element
+    mean_rank = torch.repeat_interleave(ends - (counts.double() - 1) / 2, counts)
+    ranks = torch.empty_like(mean_rank).scatter_(0, order, mean_rank)
+    u = float(ranks[pos].sum()) - n_pos * (n_pos + 1) / 2
+    return u / (n_pos * n_neg)
+
+
 def flow_epe(pred: Tensor, target: Tensor, mask: Tensor | None = None) -> Tensor:
     """Mean end-point error ``|pred - target|_2`` per clip.
 
