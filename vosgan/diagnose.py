@@ -91,10 +91,8 @@ def diagnose(G: Generator, D: Discriminator, clips: dict[str, Tensor], num_fakes
         real_fg = clips["mask"] > 0.5
         gen = torch.Generator(device=device).manual_seed(SAMPLE_SEED)
         videos, masks, fake_seg = [], [], []
-        for n in [batch_size] * (num_fakes // batch_size) + [num_fakes % batch_size]:
-            if n == 0:
-                continue
-            out = G(*G.sample_latents(n, device, generator=gen))
+        for start in range(0, num_fakes, batch_size):
+            out = G(*G.sample_latents(min(batch_size, num_fakes - start), device, generator=gen))
             videos.append(out.video.float().cpu())
             masks.append(out.mask.float().cpu())
             fake_seg.append(predict(D, out.video)["seg"].cpu())
