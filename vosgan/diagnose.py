@@ -15,7 +15,9 @@ is made of, on held-out synthetic clips (exact masks) and on G's own samples:
 - **D on G's fakes** against ``m > 0.5``: the same AUC and IoU. D segmenting fakes well while
   failing on real clips means it learned something about the fakes that real video lacks.
 
-A diagnostic of a trained checkpoint; nothing here feeds back into training.
+A diagnostic of a trained checkpoint; nothing here feeds back into training. The real clips are
+always the built-in synthetic validation clips at the checkpoint's resolution (they have exact
+masks), whatever data the checkpoint was trained on.
 """
 
 from __future__ import annotations
