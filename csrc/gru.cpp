@@ -120,7 +120,8 @@ gru_backward_driver(const at::Tensor& grad_out, const at::Tensor& x, const at::T
 }  // namespace vosgan
 
 TORCH_LIBRARY(vosgan, m) {
-  // Fake (meta) implementations and autograd are registered from Python in this module.
+  // Fake (meta) implementations are registered from Python in this module; autograd in
+  // gru_autograd.cpp.
   m.set_python_module("vosgan.ops.gru");
   m.def(
       "gru_forward(Tensor x, Tensor h0, Tensor w_ih, Tensor w_hh, Tensor b_ih, Tensor b_hh)"

@@ -9,8 +9,10 @@ Gate equations and weight layout are PyTorch's ``nn.GRU`` (gate order r, z, n)::
 
 The fused op (``vosgan._C``, sources in ``csrc/``) runs the whole sequence in one call:
 ``torch.ops.vosgan.gru_forward`` returns the states and a workspace holding everything backward
-needs; ``torch.ops.vosgan.gru_backward`` returns every gradient at once. Fake (shape)
-implementations and autograd are registered here, so the op works under ``torch.compile``.
+needs; ``torch.ops.vosgan.gru_backward`` returns every gradient at once. Autograd is registered
+in C++ (``csrc/gru_autograd.cpp``: the Python ``torch.library.register_autograd`` wrapper cost
+0.5-2 ms a call on the CPU box) and the fake (shape) implementations here, so the ops work under
+``torch.compile``.
 
 Dtypes: float32, float16 and bfloat16 compute and accumulate in float32 (outputs and gradients in
 the input dtype); float64 (CPU only) computes in float64, for ``gradcheck``.
@@ -22,8 +24,6 @@ returning wrong gradients; use ``impl="reference"`` if you need it.
 """
 
 from __future__ import annotations
-
-from typing import Any
 
 import torch
 from torch import Tensor
@@ -177,33 +177,6 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _setup_context(ctx: Any, inputs: tuple[Tensor, ...], output: tuple[Tensor, Tensor]) -> None:
-    x, h0, w_ih, w_hh, _, _ = inputs
-    ctx.mark_non_differentiable(output[1])
-    # ws takes no gradient: without this autograd fills a (B, T, 5H) zero tensor per backward
-    # (1.9 ms per call at B64-T32-H256 on the 2-core CPU box).
-    ctx.set_materialize_grads(False)
-    ctx.save_for_backward(x, h0, w_ih, w_hh, output[1])
-
-
-def _backward(ctx: Any, grad_out: Tensor | None, _grad_ws: Tensor | None) -> tuple[Tensor, ...]:
-    x, h0, w_ih, w_hh, ws = ctx.saved_tensors
-    if grad_out is None:
-        grad_out = x.new_zeros(x.shape[0], x.shape[1], w_hh.shape[1])
-    return torch.ops.vosgan.gru_backward(grad_out.contiguous(), x, h0, w_ih, w_hh, ws)
-
-
-def _no_context(ctx: Any, inputs: tuple[Tensor, ...], output: tuple[Tensor, ...]) -> None:
-    return None
-
-
-def _no_double_backward(ctx: Any, *grads: Tensor | None) -> tuple[Tensor, ...]:
-    raise RuntimeError(
-        "vosgan gru: double backward through the fused GRU is not supported (VOS-GAN's R1 "
-        "penalty differentiates D only); use impl='reference' for higher-order gradients"
-    )
-
-
 if _C is not None:
 
     @torch.library.register_fake("vosgan::gru_forward")
@@ -228,7 +201,3 @@ if _C is not None:
             w_hh.new_empty(H3),
         )
 
-    torch.library.register_autograd("vosgan::gru_forward", _backward, setup_context=_setup_context)
-    torch.library.register_autograd(
-        "vosgan::gru_backward", _no_double_backward, setup_context=_no_context
-    )
