@@ -73,6 +73,13 @@ if [ $status -eq 0 ] && [ $CMAKE_BUILD -eq 1 ]; then
   export CPATH="$NV/include${CPATH:+:$CPATH}"
   arch_list="$(printf '%s;' "${ARCHS[@]}" | sed -E 's/([0-9])([0-9]a?);/\1.\2;/g; s/;$//')"
   echo "== CMake build of vosgan._C, TORCH_CUDA_ARCH_LIST=$arch_list"
+  # torch 2.14's CMake config asks for C++20 on every target, CUDA sources included; CMake knows
+  # nvcc's C++20 flag only from 3.26 on (Debian 12's 3.25 stops at generate time), so use the
+  # pip `cmake` in the throwaway venv, as the README's install does in the project venv.
+  if [ ! -x "$VENV/bin/cmake" ]; then
+    "$VENV/bin/pip" install -q cmake
+  fi
+  cmake() { "$VENV/bin/cmake" "$@"; }
   gen="Unix Makefiles"
   command -v ninja >/dev/null && gen=Ninja
   if cmake -S "$ROOT" -B "$OUT/cmake" -G "$gen" -DCMAKE_BUILD_TYPE=Release \
@@ -81,13 +88,15 @@ if [ $status -eq 0 ] && [ $CMAKE_BUILD -eq 1 ]; then
       -DCUDA_nvrtc_LIBRARY="$NV/lib/libnvrtc.so.13" >"$OUT/cmake.log" 2>&1 &&
       cmake --build "$OUT/cmake" -j 2 >>"$OUT/cmake.log" 2>&1; then
     grep "vosgan:" "$OUT/cmake.log"
-    # Load it (undefined symbols show here) and run the CPU kernel once; no GPU needed.
+    # Load it (undefined symbols show here) and run the CPU kernels once; no GPU needed.
     (cd "$OUT/cmake" && "$PY" -W ignore -c "
 import torch, _C
-x, h0 = torch.randn(2, 3, 4), torch.zeros(2, 5)
+x, h0 = torch.randn(2, 3, 4, requires_grad=True), torch.zeros(2, 5)
 out, ws = torch.ops.vosgan.gru_forward(x, h0, torch.randn(15, 4), torch.randn(15, 5),
                                        torch.zeros(15), torch.zeros(15))
-print('   loads: cuda_compiled =', _C.cuda_compiled, '; CPU forward', tuple(out.shape))
+out.sum().backward()  # the C++ autograd kernel
+print('   loads: cuda_compiled =', _C.cuda_compiled, '; CPU forward', tuple(out.shape),
+      '+ backward', tuple(x.grad.shape))
 ") || status=1
   else
     tail -30 "$OUT/cmake.log"
