@@ -200,4 +200,3 @@ if _C is not None:
             w_hh.new_empty(H3),
             w_hh.new_empty(H3),
         )
-
