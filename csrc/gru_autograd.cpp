@@ -14,6 +14,9 @@
 #include <torch/autograd.h>
 #include <torch/library.h>
 
+#include <tuple>
+#include <utility>
+
 namespace vosgan {
 namespace {
 
@@ -42,6 +45,10 @@ Grads call_backward(const at::Tensor& grad_out, const at::Tensor& x, const at::T
   return op.call(grad_out, x, h0, w_ih, w_hh, ws);
 }
 
+variable_list as_list(Grads grads) {
+  return std::apply([](auto&&... g) { return variable_list{std::move(g)...}; }, std::move(grads));
+}
+
 class GruForward : public torch::autograd::Function<GruForward> {
  public:
   static variable_list forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& h0,
@@ -65,9 +72,7 @@ class GruForward : public torch::autograd::Function<GruForward> {
     if (!grad_out.defined()) {  // only ws's (absent) gradient reached this node
       grad_out = at::zeros({x.size(0), x.size(1), w_hh.size(1)}, x.options());
     }
-    auto [dx, dh0, dw_ih, dw_hh, db_ih, db_hh] =
-        call_backward(grad_out.contiguous(), x, saved[1], saved[2], w_hh, saved[4]);
-    return {dx, dh0, dw_ih, dw_hh, db_ih, db_hh};
+    return as_list(call_backward(grad_out.contiguous(), x, saved[1], saved[2], w_hh, saved[4]));
   }
 };
 
@@ -77,8 +82,7 @@ class GruBackward : public torch::autograd::Function<GruBackward> {
                                const at::Tensor& x, const at::Tensor& h0, const at::Tensor& w_ih,
                                const at::Tensor& w_hh, const at::Tensor& ws) {
     at::AutoDispatchBelowADInplaceOrView guard;
-    auto [dx, dh0, dw_ih, dw_hh, db_ih, db_hh] = call_backward(grad_out, x, h0, w_ih, w_hh, ws);
-    return {dx, dh0, dw_ih, dw_hh, db_ih, db_hh};
+    return as_list(call_backward(grad_out, x, h0, w_ih, w_hh, ws));
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
