@@ -66,6 +66,14 @@ def test_temporal_change_inside_and_outside():
     assert change == {"inside": 0.5, "outside": 0.0}  # 1 of the 2 frame pairs changes inside
 
 
+def test_freeze_repeats_the_middle_frame():
+    x = torch.arange(2 * 1 * 5 * 2 * 3, dtype=torch.float32).view(2, 1, 5, 2, 3)
+    frozen = diagnose.freeze(x)
+    assert frozen.shape == x.shape and frozen.is_contiguous()
+    for t in range(5):
+        torch.testing.assert_close(frozen[:, :, t], x[:, :, 2])
+
+
 def test_cli_reports_and_rejects_bad_input(tmp_path, capsys):
     out = tmp_path / "run"
     assert train.main(["--train.steps=1", "--data.batch_size=2", "--data.train_clips=4",
@@ -78,7 +86,8 @@ def test_cli_reports_and_rejects_bad_input(tmp_path, capsys):
     assert "D on 3 held-out real clips: AUC" in printed and "G's masks: mean" in printed
     report = json.loads(path.read_text())
     assert report["num_clips"] == 3 and report["num_fakes"] == 3
-    for side in ("d_on_real", "d_on_fakes"):
+    assert "D on the real clips frozen in time: AUC" in printed
+    for side in ("d_on_real", "d_on_fakes", "d_on_real_frozen", "d_on_fakes_frozen"):
         auc = report[side]["auc"]
         assert math.isnan(auc) or 0.0 <= auc <= 1.0
         assert set(report[side]["iou_at"]) == {str(t) for t in diagnose.THRESHOLDS}

@@ -14,6 +14,10 @@ is made of, on held-out synthetic clips (exact masks) and on G's own samples:
   frames inside and outside them, next to the same for real clips' ground-truth foreground.
 - **D on G's fakes** against ``m > 0.5``: the same AUC and IoU. D segmenting fakes well while
   failing on real clips means it learned something about the fakes that real video lacks.
+- **Motion or appearance?** The same reports on the real clips and on the fakes *frozen in
+  time* (:func:`freeze`: the middle frame repeated T times), against that frame's mask. A D that
+  segments what moves falls to chance (AUC 0.5) on frozen clips; a D that keeps its AUC there
+  segments by appearance.
 
 A diagnostic of a trained checkpoint; nothing here feeds back into training. The real clips are
 always the built-in synthetic validation clips at the checkpoint's resolution (they have exact
@@ -62,6 +66,12 @@ def segmentation_report(prob: Tensor, target: Tensor) -> dict[str, Any]:
     }
 
 
+def freeze(x: Tensor) -> Tensor:
+    """``x (B, C, T, H, W)`` with every frame replaced by the middle one (frame ``T // 2``)."""
+    t = x.shape[2] // 2
+    return x[:, :, t : t + 1].expand_as(x).contiguous()
+
+
 def temporal_change(video: Tensor, region: Tensor) -> dict[str, float]:
     """Mean ``|v_{t+1} - v_t|`` (channel mean) inside and outside ``region``.
 
@@ -88,23 +98,32 @@ def diagnose(G: Generator, D: Discriminator, clips: dict[str, Tensor], num_fakes
     G.eval()
     D.eval()
     try:
-        seg = torch.cat([predict(D, v.to(device))["seg"].cpu()
-                         for v in clips["video"].split(batch_size)])
+
+        def seg_of(videos: Tensor) -> tuple[Tensor, Tensor]:  # D's seg of the clips, then frozen
+            moving, frozen = [], []
+            for v in videos.split(batch_size):
+                moving.append(predict(D, v.to(device))["seg"].cpu())
+                frozen.append(predict(D, freeze(v).to(device))["seg"].cpu())
+            return torch.cat(moving), torch.cat(frozen)
+
+        seg, seg_frozen = seg_of(clips["video"])
         real_fg = clips["mask"] > 0.5
         gen = torch.Generator(device=device).manual_seed(SAMPLE_SEED)
-        videos, masks, fake_seg = [], [], []
+        videos, masks = [], []
         for start in range(0, num_fakes, batch_size):
             out = G(*G.sample_latents(min(batch_size, num_fakes - start), device, generator=gen))
             videos.append(out.video.float().cpu())
             masks.append(out.mask.float().cpu())
-            fake_seg.append(predict(D, out.video)["seg"].cpu())
         video, mask = torch.cat(videos), torch.cat(masks)
+        fake_seg, fake_seg_frozen = seg_of(video)
     finally:
         G.train(modes[0])
         D.train(modes[1])
     return {
         "d_on_real": segmentation_report(seg, real_fg),
-        "d_on_fakes": segmentation_report(torch.cat(fake_seg), mask > 0.5),
+        "d_on_fakes": segmentation_report(fake_seg, mask > 0.5),
+        "d_on_real_frozen": segmentation_report(seg_frozen, freeze(real_fg)),
+        "d_on_fakes_frozen": segmentation_report(fake_seg_frozen, freeze(mask) > 0.5),
         "g_masks": {
             "mean": float(mask.mean()),
             "fraction_above_half": float((mask > 0.5).float().mean()),
@@ -130,6 +149,8 @@ def describe(report: dict[str, Any]) -> str:
     return "\n".join([
         _line(f"D on {report['num_clips']} held-out real clips", report["d_on_real"]),
         _line(f"D on {report['num_fakes']} fakes vs m > 0.5", report["d_on_fakes"]),
+        _line("D on the real clips frozen in time", report["d_on_real_frozen"]),
+        _line("D on the fakes frozen in time", report["d_on_fakes_frozen"]),
         f"G's masks: mean {g['mean']:.3f}, {100 * g['fraction_above_half']:.1f}% above 0.5, "
         f"softness {g['softness']:.3f} (0 = binary)",
         f"|v(t+1) - v(t)| inside / outside the mask: fakes {cf['inside']:.3f} / "
