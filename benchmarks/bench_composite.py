@@ -67,12 +67,15 @@ def min_bytes(shape, itemsize: int, mode: str) -> int:
 
 def _step(fn, f, m, b, g, mode):
     if mode == "fwd":
+
         def run():
             with torch.no_grad():
                 return fn(f, m, b)
     else:
+
         def run():
             return torch.autograd.grad(fn(f, m, b), (f, m, b), g)
+
     return run
 
 
@@ -81,27 +84,39 @@ def _bench(benchmark, provider, shape, dtype, device, mode, rounds):
     run = _step(_fn(provider, device), f, m, b, g, mode)
     for _ in range(3):  # compile / cache load / JIT before timing
         run()
-    info = {**_versions(), "shape": "x".join(map(str, shape)), "dtype": str(dtype)[6:],
-            "provider": provider, "mode": mode,
-            "min_bytes": min_bytes(shape, torch.empty((), dtype=dtype).element_size(), mode)}
+    info = {
+        **_versions(),
+        "shape": "x".join(map(str, shape)),
+        "dtype": str(dtype)[6:],
+        "provider": provider,
+        "mode": mode,
+        "min_bytes": min_bytes(shape, torch.empty((), dtype=dtype).element_size(), mode),
+    }
     if device == "cuda":
         import triton.testing
 
         ms = triton.testing.do_bench(run, warmup=25, rep=200, return_mode="median")
         x = torch.empty(info["min_bytes"] // 2, dtype=torch.uint8, device="cuda")
         y = torch.empty_like(x)
-        copy_ms = triton.testing.do_bench(lambda: y.copy_(x), warmup=25, rep=200,
-                                          return_mode="median")
-        info.update(do_bench_ms=ms, gbps=info["min_bytes"] / ms / 1e6,
-                    copy_gbps=info["min_bytes"] / copy_ms / 1e6, of_copy_bw=copy_ms / ms)
+        copy_ms = triton.testing.do_bench(
+            lambda: y.copy_(x), warmup=25, rep=200, return_mode="median"
+        )
+        info.update(
+            do_bench_ms=ms,
+            gbps=info["min_bytes"] / ms / 1e6,
+            copy_gbps=info["min_bytes"] / copy_ms / 1e6,
+            of_copy_bw=copy_ms / ms,
+        )
         # The same step replayed as a CUDA graph: GPU time without the host's dispatch and
         # autograd overhead, which dominates per-call timings at these sizes.
         try:
             gms = triton.testing.do_bench_cudagraph(run, rep=200, return_mode="median")
-            gcopy = triton.testing.do_bench_cudagraph(lambda: y.copy_(x), rep=200,
-                                                      return_mode="median")
-            info.update(graph_ms=gms, graph_gbps=info["min_bytes"] / gms / 1e6,
-                        graph_of_copy_bw=gcopy / gms)
+            gcopy = triton.testing.do_bench_cudagraph(
+                lambda: y.copy_(x), rep=200, return_mode="median"
+            )
+            info.update(
+                graph_ms=gms, graph_gbps=info["min_bytes"] / gms / 1e6, graph_of_copy_bw=gcopy / gms
+            )
         except RuntimeError as exc:  # recorded in the row, not hidden
             info.update(graph_error=f"{type(exc).__name__}: {exc}"[:200])
 
@@ -137,8 +152,10 @@ def interleaved(device: str = "cpu", rounds: int = 40) -> str:
     import time
 
     dtype = torch.float32 if device == "cpu" else torch.bfloat16
-    lines = ["| shape | mode | reference ms | fused ms | compile ms | fused/ref | compile/ref |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        "| shape | mode | reference ms | fused ms | compile ms | fused/ref | compile/ref |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for shape in CPU_SHAPES if device == "cpu" else GPU_SHAPES:
         for mode in ("fwd", "fwd+bwd"):
             f, m, b, g = _inputs(shape, dtype, device)
@@ -157,9 +174,12 @@ def interleaved(device: str = "cpu", rounds: int = 40) -> str:
             med = {p: statistics.median(v) for p, v in times.items()}
             low = {p: min(v) for p, v in times.items()}
             cells = [f"{med[p]:.2f} (min {low[p]:.2f})" for p in PROVIDERS]
-            lines.append(f"| {'x'.join(map(str, shape))} | {mode} | " + " | ".join(cells)
-                         + f" | {med['reference'] / med['fused']:.1f}x"
-                         + f" | {med['reference'] / med['compile']:.1f}x |")
+            lines.append(
+                f"| {'x'.join(map(str, shape))} | {mode} | "
+                + " | ".join(cells)
+                + f" | {med['reference'] / med['fused']:.1f}x"
+                + f" | {med['reference'] / med['compile']:.1f}x |"
+            )
     return "\n".join(lines)
 
 

@@ -49,8 +49,7 @@ CPU_BATCH = 8
 PROVIDERS = ("eager", "fused", "compile")
 
 
-def make_step(provider: str, case: tuple, batch: int, device: str,
-              mode: str) -> Callable[[], None]:
+def make_step(provider: str, case: tuple, batch: int, device: str, mode: str) -> Callable[[], None]:
     """One training-mode step of the block (``fwd`` or ``fwd+bwd``) for ``provider``."""
     _, transpose, act, cin, cout, thw = case
     torch.manual_seed(0)
@@ -81,12 +80,20 @@ def make_step(provider: str, case: tuple, batch: int, device: str,
 def _extra(benchmark, provider: str, case: tuple, batch: int, mode: str, device: str) -> None:
     import triton
 
-    benchmark.extra_info.update({
-        "device": torch.cuda.get_device_name() if device == "cuda" else platform.processor()
-        or platform.machine(),
-        "torch": torch.__version__, "triton": triton.__version__, "provider": provider,
-        "block": case[0], "shape": [batch, case[3], *case[5]], "c_out": case[4], "mode": mode,
-    })
+    benchmark.extra_info.update(
+        {
+            "device": torch.cuda.get_device_name()
+            if device == "cuda"
+            else platform.processor() or platform.machine(),
+            "torch": torch.__version__,
+            "triton": triton.__version__,
+            "provider": provider,
+            "block": case[0],
+            "shape": [batch, case[3], *case[5]],
+            "c_out": case[4],
+            "mode": mode,
+        }
+    )
 
 
 @pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])
@@ -128,10 +135,12 @@ def gpu_table(batches: list[int]) -> str:
     # VOSGAN_BENCH_CUDNN_BENCHMARK=1: let cuDNN time its conv algorithms (a trainer-wide flag)
     torch.backends.cudnn.benchmark = os.environ.get("VOSGAN_BENCH_CUDNN_BENCHMARK") == "1"
     providers = os.environ.get("VOSGAN_BENCH_PROVIDERS", ",".join(PROVIDERS)).split(",")
-    rows = [f"| block | B | mode | eager ms | fused ms | compile ms | fused/eager | "
-            f"fused/compile |  ({name}, torch {torch.__version__}, triton {triton.__version__}, "
-            f"cudnn.benchmark={torch.backends.cudnn.benchmark})",
-            "|---|---|---|---|---|---|---|---|"]
+    rows = [
+        f"| block | B | mode | eager ms | fused ms | compile ms | fused/eager | "
+        f"fused/compile |  ({name}, torch {torch.__version__}, triton {triton.__version__}, "
+        f"cudnn.benchmark={torch.backends.cudnn.benchmark})",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for batch in batches:
         for case in PAPER:
             for mode in ("fwd", "fwd+bwd"):
@@ -140,10 +149,12 @@ def gpu_table(batches: list[int]) -> str:
                     step = make_step(provider, case, batch, "cuda", mode)
                     step()
                     ms[provider] = do_bench(step, warmup=25, rep=100, return_mode="median")
-                rows.append(f"| {case[0]} {case[3]}->{case[4]} | {batch} | {mode} | "
-                            f"{ms['eager']:.3f} | {ms['fused']:.3f} | {ms['compile']:.3f} | "
-                            f"{ms['eager'] / ms['fused']:.2f}x | "
-                            f"{ms['compile'] / ms['fused']:.2f}x |")
+                rows.append(
+                    f"| {case[0]} {case[3]}->{case[4]} | {batch} | {mode} | "
+                    f"{ms['eager']:.3f} | {ms['fused']:.3f} | {ms['compile']:.3f} | "
+                    f"{ms['eager'] / ms['fused']:.2f}x | "
+                    f"{ms['compile'] / ms['fused']:.2f}x |"
+                )
                 print(rows[-1], flush=True)
     return "\n".join(rows)
 
@@ -154,8 +165,10 @@ def bn_only_table(batch: int = 64) -> str:
 
     from vosgan.ops.conv3d_block import bn_act
 
-    rows = ["| y (C, T, H, W) | B | layout | mode | eager ms | fused ms | fused/eager |",
-            "|---|---|---|---|---|---|---|"]
+    rows = [
+        "| y (C, T, H, W) | B | layout | mode | eager ms | fused ms | fused/eager |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for _, transpose, _, _, cout, thw in PAPER:
         out_thw = tuple(d * 2 if transpose else d // 2 for d in thw)
         for fmt in (torch.channels_last_3d, torch.contiguous_format):
@@ -167,15 +180,19 @@ def bn_only_table(batch: int = 64) -> str:
             for mode in ("fwd", "fwd+bwd"):
                 ms = {}
                 for impl in ("reference", "triton"):
+
                     def step(impl=impl, mode=mode, y=y, w=w, b=b, go=go):
                         out = bn_act(y, w, b, training=True, impl=impl)
                         if mode == "fwd+bwd":
                             out.backward(go)
+
                     ms[impl] = do_bench(step, warmup=25, rep=100, return_mode="median")
                 lay = "CL3d" if fmt == torch.channels_last_3d else "NCDHW"
-                rows.append(f"| {(cout, *out_thw)} | {batch} | {lay} | {mode} | "
-                            f"{ms['reference']:.3f} | {ms['triton']:.3f} | "
-                            f"{ms['reference'] / ms['triton']:.2f}x |")
+                rows.append(
+                    f"| {(cout, *out_thw)} | {batch} | {lay} | {mode} | "
+                    f"{ms['reference']:.3f} | {ms['triton']:.3f} | "
+                    f"{ms['reference'] / ms['triton']:.2f}x |"
+                )
                 print(rows[-1], flush=True)
     return "\n".join(rows)
 
@@ -186,9 +203,11 @@ def cpu_table(rounds: int = 30) -> str:
     import statistics
     import time
 
-    rows = [f"| block | B | mode | eager ms | fused ms | fused/eager |  (CPU {platform.machine()}, "
-            f"{torch.get_num_threads()} threads, torch {torch.__version__})",
-            "|---|---|---|---|---|---|"]
+    rows = [
+        f"| block | B | mode | eager ms | fused ms | fused/eager |  (CPU {platform.machine()}, "
+        f"{torch.get_num_threads()} threads, torch {torch.__version__})",
+        "|---|---|---|---|---|---|",
+    ]
     for case in CPU_SMALL:
         for mode in ("fwd", "fwd+bwd"):
             steps = {p: make_step(p, case, CPU_BATCH, "cpu", mode) for p in ("eager", "fused")}
@@ -200,9 +219,11 @@ def cpu_table(rounds: int = 30) -> str:
                     if r >= 2:  # two warm-up rounds
                         times[p].append(time.perf_counter() - t0)
             ms = {p: 1e3 * statistics.median(t) for p, t in times.items()}
-            rows.append(f"| {case[0]} {case[3]}->{case[4]} | {CPU_BATCH} | {mode} | "
-                        f"{ms['eager']:.2f} | {ms['fused']:.2f} | "
-                        f"{ms['eager'] / ms['fused']:.2f}x |")
+            rows.append(
+                f"| {case[0]} {case[3]}->{case[4]} | {CPU_BATCH} | {mode} | "
+                f"{ms['eager']:.2f} | {ms['fused']:.2f} | "
+                f"{ms['eager'] / ms['fused']:.2f}x |"
+            )
             print(rows[-1], flush=True)
     return "\n".join(rows)
 

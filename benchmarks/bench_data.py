@@ -44,8 +44,9 @@ HAS_CUDA = torch.cuda.is_available()
 def _info(**kw: object) -> dict:
     import av
 
-    dev = (torch.cuda.get_device_name() if HAS_CUDA
-           else f"CPU {platform.machine()} x{os.cpu_count()}")
+    dev = (
+        torch.cuda.get_device_name() if HAS_CUDA else f"CPU {platform.machine()} x{os.cpu_count()}"
+    )
     return {"device": dev, "torch": torch.__version__, "pyav": av.__version__, **kw}
 
 
@@ -81,8 +82,13 @@ def _decode_round(backend: str, paths: list[Path], frames: int = 16) -> Callable
     rng = np.random.default_rng(0)
 
     def run() -> None:
-        dec.read_many([(p, list(range(s, s + frames))) for p, n in zip(paths, lengths, strict=True)
-                       for s in [int(rng.integers(0, n - frames + 1))]])
+        dec.read_many(
+            [
+                (p, list(range(s, s + frames)))
+                for p, n in zip(paths, lengths, strict=True)
+                for s in [int(rng.integers(0, n - frames + 1))]
+            ]
+        )
 
     return run
 
@@ -104,9 +110,15 @@ def test_decode(benchmark, generated: dict[str, Path], videos: str, backend: str
         pytest.skip(f"DALI's CPU decoder has no {codecs}")
     run = _decode_round(backend, paths)
     benchmark.pedantic(run, rounds=3, iterations=1, warmup_rounds=1)
-    benchmark.extra_info.update(_info(
-        videos=videos, codecs=codecs, clip="16 frames at native size", clips_per_round=len(paths),
-        clips_per_s=len(paths) / benchmark.stats.stats.median))
+    benchmark.extra_info.update(
+        _info(
+            videos=videos,
+            codecs=codecs,
+            clip="16 frames at native size",
+            clips_per_round=len(paths),
+            clips_per_s=len(paths) / benchmark.stats.stats.median,
+        )
+    )
 
 
 LOADERS = {  # name: (source, preset, overrides)
@@ -135,9 +147,16 @@ def test_loader(benchmark, caches: dict[str, Path], name: str) -> None:
 
     benchmark.pedantic(load, rounds=3, iterations=1, warmup_rounds=1)
     m = cfg.model
-    benchmark.extra_info.update(_info(
-        source=str(path.name), preset=preset, batch=bsz, shape=f"T={m.frames}, {m.size}x{m.size}",
-        clips_per_s=bsz / benchmark.stats.stats.median, loader="main process, 1 batch per call"))
+    benchmark.extra_info.update(
+        _info(
+            source=str(path.name),
+            preset=preset,
+            batch=bsz,
+            shape=f"T={m.frames}, {m.size}x{m.size}",
+            clips_per_s=bsz / benchmark.stats.stats.median,
+            loader="main process, 1 batch per call",
+        )
+    )
 
 
 def test_train_step(benchmark) -> None:
@@ -150,8 +169,17 @@ def test_train_step(benchmark) -> None:
     train_step = train.train_step
     m = cfg.model
     real = torch.rand(cfg.data.batch_size, 3, m.frames, m.size, m.size) * 2 - 1
-    benchmark.pedantic(lambda: train_step(run, real, contextlib.nullcontext()), rounds=3,
-                       iterations=1, warmup_rounds=1)
-    benchmark.extra_info.update(_info(
-        preset="cpu-small", batch=cfg.data.batch_size, shape=f"T={m.frames}, {m.size}x{m.size}",
-        clips_per_s=cfg.data.batch_size / benchmark.stats.stats.median))
+    benchmark.pedantic(
+        lambda: train_step(run, real, contextlib.nullcontext()),
+        rounds=3,
+        iterations=1,
+        warmup_rounds=1,
+    )
+    benchmark.extra_info.update(
+        _info(
+            preset="cpu-small",
+            batch=cfg.data.batch_size,
+            shape=f"T={m.frames}, {m.size}x{m.size}",
+            clips_per_s=cfg.data.batch_size / benchmark.stats.stats.median,
+        )
+    )

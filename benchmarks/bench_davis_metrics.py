@@ -40,8 +40,9 @@ def _masks(case: str, n: int) -> tuple[np.ndarray, np.ndarray]:
         gt = np.stack([np.asarray(Image.open(files[i % len(files)])) > 127 for i in range(n)])
     else:  # no shared data: an ellipse moving right
         yy, xx = np.mgrid[:480, :854]
-        gt = np.stack([((yy - 240) / 120) ** 2 + ((xx - 200 - 10 * i) / 180) ** 2 <= 1
-                       for i in range(n)])
+        gt = np.stack(
+            [((yy - 240) / 120) ** 2 + ((xx - 200 - 10 * i) / 180) ** 2 <= 1 for i in range(n)]
+        )
     if case == "near":
         return np.roll(gt, (6, -9), axis=(1, 2)), gt
     rng = np.random.default_rng(0)
@@ -61,13 +62,20 @@ def test_davis_jf(benchmark, provider: str, case: str) -> None:
         dm.jaccard(pred, gt)
         dm.f_measure(pred, gt, backend=provider)
 
-    benchmark.pedantic(run, rounds=3 if provider == "scipy" else 5, iterations=1,
-                       warmup_rounds=1)
+    benchmark.pedantic(run, rounds=3 if provider == "scipy" else 5, iterations=1, warmup_rounds=1)
     median = benchmark.stats.stats.median
-    dev = (torch.cuda.get_device_name() if provider == "cupy"
-           else f"CPU {platform.machine()} x{os.cpu_count()}")
-    benchmark.extra_info.update(device=dev, torch=torch.__version__, shape=[n, 480, 854],
-                                case=case, provider=provider, radius=8,
-                                frames_per_s=round(n / median, 2),
-                                numba_threads=int(os.environ.get("NUMBA_NUM_THREADS", 0)) or
-                                os.cpu_count())
+    dev = (
+        torch.cuda.get_device_name()
+        if provider == "cupy"
+        else f"CPU {platform.machine()} x{os.cpu_count()}"
+    )
+    benchmark.extra_info.update(
+        device=dev,
+        torch=torch.__version__,
+        shape=[n, 480, 854],
+        case=case,
+        provider=provider,
+        radius=8,
+        frames_per_s=round(n / median, 2),
+        numba_threads=int(os.environ.get("NUMBA_NUM_THREADS", 0)) or os.cpu_count(),
+    )

@@ -30,8 +30,11 @@ from vosgan.ops import flow_warp as fw
 from vosgan.ops.flow_warp import flow_warp_loss, flow_warp_loss_reference
 
 CPU_SHAPES = {"cpu-small": (16, 3, 16, 32, 32), "paper-b8": (8, 3, 32, 64, 64)}
-GPU_SHAPES = {"b8-t16": (8, 3, 16, 64, 64), "b32-t32": (32, 3, 32, 64, 64),
-              "b64-t32": (64, 3, 32, 64, 64)}
+GPU_SHAPES = {
+    "b8-t16": (8, 3, 16, 64, 64),
+    "b32-t32": (32, 3, 32, 64, 64),
+    "b64-t32": (64, 3, 32, 64, 64),
+}
 PROVIDERS = ("reference", "fused", "compile")
 MODES = ("fwd", "fwd+bwd", "fwd+bwd_x")
 _COMPILED: dict[str, Callable] = {}
@@ -47,8 +50,9 @@ def validity(flow: torch.Tensor) -> torch.Tensor:
     return ((px >= 0) & (px <= w - 1) & (py >= 0) & (py <= h - 1)).to(flow.dtype)
 
 
-def make_step(provider: str, shape: tuple, device: str, dtype: torch.dtype,
-              mode: str) -> Callable[[], None]:
+def make_step(
+    provider: str, shape: tuple, device: str, dtype: torch.dtype, mode: str
+) -> Callable[[], None]:
     """One call of the loss (and its backward) for ``provider``."""
     torch.manual_seed(0)
     b, c, t, h, w = shape
@@ -63,6 +67,7 @@ def make_step(provider: str, shape: tuple, device: str, dtype: torch.dtype,
     elif provider == "fused":
         fn = partial(flow_warp_loss, impl=impl)
     elif provider == "fused-alt":  # the other ONE_PASS policy, to check the default's choice
+
         def fn(*args: torch.Tensor) -> torch.Tensor:
             default = fw.ONE_PASS[impl]
             fw.ONE_PASS[impl] = not default
@@ -106,16 +111,24 @@ def _device_name(device: str) -> str:
     return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
 
 
-def _extra(benchmark, provider: str, name: str, shape: tuple, mode: str, device: str,
-           dtype: torch.dtype) -> None:
+def _extra(
+    benchmark, provider: str, name: str, shape: tuple, mode: str, device: str, dtype: torch.dtype
+) -> None:
     import triton
 
     benchmark.group = f"flow_warp {device} {name} {mode}"
-    benchmark.extra_info.update({
-        "device": _device_name(device), "torch": torch.__version__, "triton": triton.__version__,
-        "shape": list(shape), "dtype": str(dtype).replace("torch.", ""), "provider": provider,
-        "mode": mode, "min_bytes": min_bytes(shape, dtype, mode),
-    })
+    benchmark.extra_info.update(
+        {
+            "device": _device_name(device),
+            "torch": torch.__version__,
+            "triton": triton.__version__,
+            "shape": list(shape),
+            "dtype": str(dtype).replace("torch.", ""),
+            "provider": provider,
+            "mode": mode,
+            "min_bytes": min_bytes(shape, dtype, mode),
+        }
+    )
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -133,8 +146,7 @@ def test_flow_warp_cpu(benchmark, name: str, provider: str, mode: str) -> None:
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("provider", PROVIDERS)
 @pytest.mark.parametrize("name", sorted(GPU_SHAPES))
-def test_flow_warp_gpu(benchmark, name: str, provider: str, mode: str,
-                       dtype: torch.dtype) -> None:
+def test_flow_warp_gpu(benchmark, name: str, provider: str, mode: str, dtype: torch.dtype) -> None:
     shape = GPU_SHAPES[name]
     step = make_step(provider, shape, "cuda", dtype, mode)
     _extra(benchmark, provider, name, shape, mode, "cuda", dtype)
@@ -160,8 +172,10 @@ def main(device: str, shapes: list[str], dtypes: list[torch.dtype]) -> None:
     import triton
 
     print(f"device: {_device_name(device)}; torch {torch.__version__}, triton {triton.__version__}")
-    print("| shape (B,C,T,H,W) | dtype | mode | reference ms | compile ms | fused ms | alt ms | "
-          "fused vs ref | fused vs compile | fused GB/s |")
+    print(
+        "| shape (B,C,T,H,W) | dtype | mode | reference ms | compile ms | fused ms | alt ms | "
+        "fused vs ref | fused vs compile | fused GB/s |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|")
     all_shapes = {**GPU_SHAPES, **CPU_SHAPES}
     for name in shapes:
@@ -169,20 +183,25 @@ def main(device: str, shapes: list[str], dtypes: list[torch.dtype]) -> None:
         for dtype in dtypes:
             for mode in MODES:
                 provs = (*PROVIDERS, "fused-alt") if mode != "fwd" else PROVIDERS
-                ms = {p: _median_ms(make_step(p, shape, device, dtype, mode), device)
-                      for p in provs}
+                ms = {
+                    p: _median_ms(make_step(p, shape, device, dtype, mode), device) for p in provs
+                }
                 gbs = min_bytes(shape, dtype, mode) / ms["fused"] / 1e6
                 alt = f"{ms['fused-alt']:.3f}" if "fused-alt" in ms else "-"
-                print(f"| {shape} | {str(dtype)[6:]} | {mode} | {ms['reference']:.3f} | "
-                      f"{ms['compile']:.3f} | {ms['fused']:.3f} | {alt} | "
-                      f"{ms['reference'] / ms['fused']:.2f}x | {ms['compile'] / ms['fused']:.2f}x "
-                      f"| {gbs:.1f} |", flush=True)
+                print(
+                    f"| {shape} | {str(dtype)[6:]} | {mode} | {ms['reference']:.3f} | "
+                    f"{ms['compile']:.3f} | {ms['fused']:.3f} | {alt} | "
+                    f"{ms['reference'] / ms['fused']:.2f}x | {ms['compile'] / ms['fused']:.2f}x "
+                    f"| {gbs:.1f} |",
+                    flush=True,
+                )
 
 
 if __name__ == "__main__":
     # python benchmarks/bench_flow_warp.py [shape names...] [--fp32-only]
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     names = [a for a in sys.argv[1:] if not a.startswith("--")] or list(
-        GPU_SHAPES if dev == "cuda" else CPU_SHAPES)
+        GPU_SHAPES if dev == "cuda" else CPU_SHAPES
+    )
     lp = dev == "cuda" and "--fp32-only" not in sys.argv
     main(dev, names, [torch.bfloat16, torch.float32] if lp else [torch.float32])

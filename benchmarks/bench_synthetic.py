@@ -46,10 +46,17 @@ def make_step(provider: str, frames: int, size: int) -> tuple[Callable[[], objec
 
 def _info(shape: str, provider: str) -> dict[str, object]:
     frames, size = SHAPES[shape]
-    return {"device": platform.processor() or platform.machine(), "threads":
-            torch.get_num_threads(), "torch": torch.__version__, "numpy": np.__version__,
-            "python": sys.version.split()[0], "shape": f"T={frames}, {size}x{size}",
-            "preset": shape, "provider": provider, "batch": 1 if provider == "render" else BATCH}
+    return {
+        "device": platform.processor() or platform.machine(),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "numpy": np.__version__,
+        "python": sys.version.split()[0],
+        "shape": f"T={frames}, {size}x{size}",
+        "preset": shape,
+        "provider": provider,
+        "batch": 1 if provider == "render" else BATCH,
+    }
 
 
 @pytest.mark.parametrize("provider", PROVIDERS)
@@ -58,8 +65,9 @@ def test_synthetic_throughput(benchmark, shape: str, provider: str) -> None:
     step, clips = make_step(provider, *SHAPES[shape])
     step()  # warm-up (matrix caches, allocator)
     benchmark.extra_info.update(_info(shape, provider))
-    benchmark.pedantic(step, rounds=20 if provider == "render" else 8, iterations=1,
-                       warmup_rounds=1)
+    benchmark.pedantic(
+        step, rounds=20 if provider == "render" else 8, iterations=1, warmup_rounds=1
+    )
     if benchmark.stats is not None:  # None under --benchmark-disable
         median = benchmark.stats.stats.median
         benchmark.extra_info["clips_per_s"] = clips / median
@@ -67,8 +75,10 @@ def test_synthetic_throughput(benchmark, shape: str, provider: str) -> None:
 
 
 def main() -> None:
-    print(f"device: {platform.processor() or platform.machine()}, torch {torch.__version__}, "
-          f"numpy {np.__version__}, {torch.get_num_threads()} threads")
+    print(
+        f"device: {platform.processor() or platform.machine()}, torch {torch.__version__}, "
+        f"numpy {np.__version__}, {torch.get_num_threads()} threads"
+    )
     print("| preset | shape | provider | median ms / call | min ms / call | ms / clip | clips/s |")
     print("|---|---|---|---|---|---|---|")
     for shape, (frames, size) in SHAPES.items():
@@ -81,8 +91,10 @@ def main() -> None:
                 step()
                 times.append(time.perf_counter() - t0)
             med = statistics.median(times)
-            print(f"| {shape} | T={frames}, {size}x{size} | {provider} | {1e3 * med:.2f} | "
-                  f"{1e3 * min(times):.2f} | {1e3 * med / clips:.2f} | {clips / med:.0f} |")
+            print(
+                f"| {shape} | T={frames}, {size}x{size} | {provider} | {1e3 * med:.2f} | "
+                f"{1e3 * min(times):.2f} | {1e3 * med / clips:.2f} | {clips / med:.0f} |"
+            )
 
 
 if __name__ == "__main__":

@@ -46,8 +46,10 @@ CUDA = torch.cuda.is_available()
 #: case id -> (preset, device, batch or None for the preset's own, timed rounds)
 CASES = {"cpu-small-cpu": ("cpu-small", "cpu", None, 7), "paper-cpu": ("paper", "cpu", 2, 3)}
 if CUDA:
-    CASES |= {"cpu-small-cuda": ("cpu-small", "cuda", None, 30),
-              "paper-cuda": ("paper", "cuda", None, 20)}
+    CASES |= {
+        "cpu-small-cuda": ("cpu-small", "cuda", None, 30),
+        "paper-cuda": ("paper", "cuda", None, 20),
+    }
 BF16_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0}  # dense bf16, SXM
 _MODEL_FLOPS: dict[tuple[str, str, int], float] = {}
 _LIBC = ctypes.CDLL("libc.so.6") if platform.system() == "Linux" else None
@@ -59,8 +61,9 @@ def _device_name(device: str) -> str:
     model = platform.processor() or platform.machine()
     if os.path.exists("/proc/cpuinfo"):
         with open("/proc/cpuinfo") as f:
-            model = next((ln.split(":", 1)[1].strip() for ln in f
-                          if ln.startswith("model name")), model)
+            model = next(
+                (ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), model
+            )
     return f"CPU {model} x{os.cpu_count()}"
 
 
@@ -103,7 +106,7 @@ def _make_step(preset: str, device: str, batch: int | None, fused: bool):
     autocast = torch.autocast(dev.type, dtype=dtype) if dtype else contextlib.nullcontext()
     m = cfg.model
     gen = torch.Generator().manual_seed(0)
-    real = (torch.rand(cfg.data.batch_size, 3, m.frames, m.size, m.size, generator=gen) * 2 - 1)
+    real = torch.rand(cfg.data.batch_size, 3, m.frames, m.size, m.size, generator=gen) * 2 - 1
     real = real.to(dev)
 
     def step() -> None:
@@ -177,16 +180,19 @@ def main() -> None:
             steps[fused]()
             wall[fused].append(time.perf_counter() - t0)
             cpu[fused].append(time.process_time() - c0)
-    print(f"{_device_name(args.device)}, torch {torch.__version__}, {torch.get_num_threads()} "
-          f"thread(s), preset {args.preset}, {args.rounds} interleaved rounds; os.getloadavg() "
-          f"= {os.getloadavg()[0]:.1f}")
+    print(
+        f"{_device_name(args.device)}, torch {torch.__version__}, {torch.get_num_threads()} "
+        f"thread(s), preset {args.preset}, {args.rounds} interleaved rounds; os.getloadavg() "
+        f"= {os.getloadavg()[0]:.1f}"
+    )
     for name, t in (("wall", wall), ("cpu", cpu)):
         ref, fus = statistics.median(t[False]), statistics.median(t[True])
-        print(f"  {name}: reference {ref * 1e3:.1f} ms (min {min(t[False]) * 1e3:.1f}), fused "
-              f"{fus * 1e3:.1f} ms (min {min(t[True]) * 1e3:.1f}): {ref / fus:.3f}x median, "
-              f"{min(t[False]) / min(t[True]):.3f}x min")
+        print(
+            f"  {name}: reference {ref * 1e3:.1f} ms (min {min(t[False]) * 1e3:.1f}), fused "
+            f"{fus * 1e3:.1f} ms (min {min(t[True]) * 1e3:.1f}): {ref / fus:.3f}x median, "
+            f"{min(t[False]) / min(t[True]):.3f}x min"
+        )
 
 
 if __name__ == "__main__":
     main()
-

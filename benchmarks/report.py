@@ -72,8 +72,9 @@ def load_rows(paths: Sequence[Path]) -> list[dict[str, Any]]:
         except (OSError, json.JSONDecodeError) as exc:
             raise ReportError(f"{path}: cannot read pytest-benchmark JSON ({exc})") from exc
         if not isinstance(data, dict) or not isinstance(data.get("benchmarks"), list):
-            raise ReportError(f"{path}: no 'benchmarks' list; was it written by "
-                              "pytest --benchmark-json?")
+            raise ReportError(
+                f"{path}: no 'benchmarks' list; was it written by pytest --benchmark-json?"
+            )
         machine = data.get("machine_info") or {}
         cpu = (machine.get("cpu") or {}).get("brand_raw") or machine.get("machine", "?")
         date = str(data.get("datetime", "?"))[:10]
@@ -83,24 +84,29 @@ def load_rows(paths: Sequence[Path]) -> list[dict[str, Any]]:
                 raise ReportError(f"{path}: benchmark {bench.get('name')!r} has no stats.median")
             fullname = bench.get("fullname") or bench.get("name", "?")
             file = fullname.split("::")[0]
-            versions = [f"{k} {info[k]}" for k in ("torch", "triton", "numpy", "numba")
-                        if k in info]
+            versions = [
+                f"{k} {info[k]}" for k in ("torch", "triton", "numpy", "numba") if k in info
+            ]
             iqr = stats.get("iqr")
-            rows.append({
-                "file": Path(file).name,
-                "benchmark": re.sub(r"\[.*\]$", "", fullname.split("::")[-1]),
-                "case": _case(bench),
-                "shape": _fmt(info.get("shape", "-")),
-                "device": _fmt(info.get("device", cpu)),
-                "provider": _provider(bench),
-                "median_ms": stats["median"] * 1e3,
-                "iqr_ms": iqr * 1e3 if iqr is not None else None,
-                "rounds": stats.get("rounds", "?"),
-                "extras": ", ".join(f"{k}={_fmt(v)}" for k, v in info.items()
-                                    if k not in _OWN_COLUMNS),
-                "versions": ", ".join(versions) or f"python {machine.get('python_version', '?')}",
-                "date": date,
-            })
+            rows.append(
+                {
+                    "file": Path(file).name,
+                    "benchmark": re.sub(r"\[.*\]$", "", fullname.split("::")[-1]),
+                    "case": _case(bench),
+                    "shape": _fmt(info.get("shape", "-")),
+                    "device": _fmt(info.get("device", cpu)),
+                    "provider": _provider(bench),
+                    "median_ms": stats["median"] * 1e3,
+                    "iqr_ms": iqr * 1e3 if iqr is not None else None,
+                    "rounds": stats.get("rounds", "?"),
+                    "extras": ", ".join(
+                        f"{k}={_fmt(v)}" for k, v in info.items() if k not in _OWN_COLUMNS
+                    ),
+                    "versions": ", ".join(versions)
+                    or f"python {machine.get('python_version', '?')}",
+                    "date": date,
+                }
+            )
     return rows
 
 
@@ -119,8 +125,10 @@ def add_ratios(rows: list[dict[str, Any]], reference: str | None = None) -> None
             row["is_reference"] = row is base
 
 
-_HEADER = ("| benchmark | case | shape | device | provider | median ms | IQR ms | rounds "
-           "| vs reference | extras | versions | date |\n" + "|---" * 12 + "|")
+_HEADER = (
+    "| benchmark | case | shape | device | provider | median ms | IQR ms | rounds "
+    "| vs reference | extras | versions | date |\n" + "|---" * 12 + "|"
+)
 
 
 def render(rows: list[dict[str, Any]]) -> str:
@@ -129,18 +137,31 @@ def render(rows: list[dict[str, Any]]) -> str:
     files = list(dict.fromkeys(r["file"] for r in rows))
     for file in files:
         mine = [r for r in rows if r["file"] == file]
-        order = {key: i for i, key in enumerate(dict.fromkeys(
-            (r["benchmark"], r["case"], r["shape"], r["device"]) for r in mine))}
-        mine.sort(key=lambda r: (order[(r["benchmark"], r["case"], r["shape"], r["device"])],
-                                 not r.get("is_reference")))
+        order = {
+            key: i
+            for i, key in enumerate(
+                dict.fromkeys((r["benchmark"], r["case"], r["shape"], r["device"]) for r in mine)
+            )
+        }
+        mine.sort(
+            key=lambda r: (
+                order[(r["benchmark"], r["case"], r["shape"], r["device"])],
+                not r.get("is_reference"),
+            )
+        )
         out += [f"### {file}", "", _HEADER]
         for r in mine:
             iqr = f"{r['iqr_ms']:.3f}" if r["iqr_ms"] is not None else "-"
-            speed = "ref" if r.get("is_reference") else (
-                f"{r['speedup']:.2f}x" if r.get("speedup") is not None else "-")
-            out.append(f"| {r['benchmark']} | {r['case']} | {r['shape']} | {r['device']} | "
-                       f"{r['provider']} | {r['median_ms']:.3f} | {iqr} | {r['rounds']} | "
-                       f"{speed} | {r['extras'] or '-'} | {r['versions']} | {r['date']} |")
+            speed = (
+                "ref"
+                if r.get("is_reference")
+                else (f"{r['speedup']:.2f}x" if r.get("speedup") is not None else "-")
+            )
+            out.append(
+                f"| {r['benchmark']} | {r['case']} | {r['shape']} | {r['device']} | "
+                f"{r['provider']} | {r['median_ms']:.3f} | {iqr} | {r['rounds']} | "
+                f"{speed} | {r['extras'] or '-'} | {r['versions']} | {r['date']} |"
+            )
         out.append("")
     return "\n".join(out).rstrip("\n")
 
@@ -156,12 +177,15 @@ def splice(document: str, section: str, body: str) -> str:
     block = f"{begin}\n{body}\n{end}"
     i, j = document.find(begin), document.find(end)
     if i < 0 and j < 0:
-        sep = "" if not document or document.endswith("\n\n") else (
-            "\n" if document.endswith("\n") else "\n\n")
+        sep = (
+            ""
+            if not document or document.endswith("\n\n")
+            else ("\n" if document.endswith("\n") else "\n\n")
+        )
         return f"{document}{sep}{block}\n"
     if i < 0 or j < i:
         raise ReportError(f"section {section!r}: unbalanced markers {begin!r} / {end!r}")
-    return document[:i] + block + document[j + len(end):]
+    return document[:i] + block + document[j + len(end) :]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -169,8 +193,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("json", nargs="+", type=Path, help="pytest --benchmark-json output file(s)")
     p.add_argument("--out", type=Path, help="Markdown file whose generated block is rewritten")
     p.add_argument("--section", default="cpu", help="name of the generated block (default cpu)")
-    p.add_argument("--reference", help="baseline provider name (default: the first of "
-                   f"{', '.join(REFERENCE_PROVIDERS)} present in a case)")
+    p.add_argument(
+        "--reference",
+        help="baseline provider name (default: the first of "
+        f"{', '.join(REFERENCE_PROVIDERS)} present in a case)",
+    )
     args = p.parse_args(argv)
     if not re.fullmatch(r"[\w.-]+", args.section):
         p.error(f"--section must be letters, digits, '.', '_' or '-', got {args.section!r}")

@@ -35,8 +35,19 @@ _TILE = 4096  # elements per [BLOCK_C, BLOCK_S] tile: 16 fp32 per thread at 8 wa
 
 
 @triton.jit
-def _tile_offsets(u, n_sblocks, C, S, stride_b, stride_c, stride_s, pid_c,
-                  CL: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
+def _tile_offsets(
+    u,
+    n_sblocks,
+    C,
+    S,
+    stride_b,
+    stride_c,
+    stride_s,
+    pid_c,
+    CL: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+):
     # unit u -> (b', s-block); the unit stride is a literal 1 so loads vectorise
     b = u // n_sblocks
     s = (u % n_sblocks) * BLOCK_S + tl.arange(0, BLOCK_S)
@@ -49,9 +60,21 @@ def _tile_offsets(u, n_sblocks, C, S, stride_b, stride_c, stride_s, pid_c,
 
 
 @triton.jit
-def _bn_stats_partial_kernel(y_ptr, part_ptr, C, S, n_units, units_per_prog, n_sblocks,
-                             stride_b, stride_c, stride_s,
-                             CL: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
+def _bn_stats_partial_kernel(
+    y_ptr,
+    part_ptr,
+    C,
+    S,
+    n_units,
+    units_per_prog,
+    n_sblocks,
+    stride_b,
+    stride_c,
+    stride_s,
+    CL: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+):
     """part[0|1|2, pid, c] = (count, mean, M2) of channel ``c`` over this program's units."""
     pid = tl.program_id(0)
     pid_c = tl.program_id(1)
@@ -61,8 +84,9 @@ def _bn_stats_partial_kernel(y_ptr, part_ptr, C, S, n_units, units_per_prog, n_s
     m2 = tl.zeros([BLOCK_C], dtype=tl.float32)
     for i in range(0, units_per_prog):
         u = pid * units_per_prog + i
-        offs, c, s, cm, sm = _tile_offsets(u, n_sblocks, C, S, stride_b, stride_c, stride_s,
-                                           pid_c, CL, BLOCK_C, BLOCK_S)
+        offs, c, s, cm, sm = _tile_offsets(
+            u, n_sblocks, C, S, stride_b, stride_c, stride_s, pid_c, CL, BLOCK_C, BLOCK_S
+        )
         sm = s < tl.where(u < n_units, S, 0)  # a unit past the end masks everything
         mask = cm[:, None] & sm[None, :]
         x = tl.load(y_ptr + offs, mask=mask, other=0.0).to(tl.float32)
@@ -88,9 +112,20 @@ def _bn_stats_partial_kernel(y_ptr, part_ptr, C, S, n_units, units_per_prog, n_s
 
 
 @triton.jit
-def _bn_stats_finalize_kernel(part_ptr, mean_ptr, var_ptr, rm_ptr, rv_ptr, C, n_part,
-                              momentum, unbias, UPDATE: tl.constexpr,
-                              BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+def _bn_stats_finalize_kernel(
+    part_ptr,
+    mean_ptr,
+    var_ptr,
+    rm_ptr,
+    rv_ptr,
+    C,
+    n_part,
+    momentum,
+    unbias,
+    UPDATE: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
     """Merge ``n_part`` partials per channel: ``mean[c]`` and biased ``var[c]``.
 
     Two passes over [BLOCK_P, BLOCK_C] tiles of partials (parallel, not a serial chain of
@@ -130,10 +165,14 @@ def _update_running(rm_ptr, rv_ptr, c, cm, mean, var, momentum, unbias):
     # nn.BatchNorm3d: running = (1 - momentum) * running + momentum * batch (unbiased variance)
     rm = tl.load(rm_ptr + c, mask=cm, other=0.0).to(tl.float32)
     rv = tl.load(rv_ptr + c, mask=cm, other=0.0).to(tl.float32)
-    tl.store(rm_ptr + c, (rm * (1 - momentum) + mean * momentum).to(rm_ptr.dtype.element_ty),
-             mask=cm)
-    tl.store(rv_ptr + c, (rv * (1 - momentum) + var * unbias * momentum)
-             .to(rv_ptr.dtype.element_ty), mask=cm)
+    tl.store(
+        rm_ptr + c, (rm * (1 - momentum) + mean * momentum).to(rm_ptr.dtype.element_ty), mask=cm
+    )
+    tl.store(
+        rv_ptr + c,
+        (rv * (1 - momentum) + var * unbias * momentum).to(rv_ptr.dtype.element_ty),
+        mask=cm,
+    )
 
 
 @triton.jit
@@ -148,13 +187,41 @@ def _channel_affine(mean_ptr, var_ptr, w_ptr, b_ptr, c, cm, eps):
 
 
 @triton.jit
-def _bn_act_fwd_kernel(y_ptr, r_ptr, out_ptr, mean_ptr, var_ptr, w_ptr, b_ptr,
-                       C, S, n_sblocks, stride_b, stride_c, stride_s, eps, slope,
-                       CL: tl.constexpr, HAS_RES: tl.constexpr,
-                       BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
+def _bn_act_fwd_kernel(
+    y_ptr,
+    r_ptr,
+    out_ptr,
+    mean_ptr,
+    var_ptr,
+    w_ptr,
+    b_ptr,
+    C,
+    S,
+    n_sblocks,
+    stride_b,
+    stride_c,
+    stride_s,
+    eps,
+    slope,
+    CL: tl.constexpr,
+    HAS_RES: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+):
     """out = act(y * scale + shift [+ r]) for one tile (one unit x one channel block)."""
-    offs, c, s, cm, sm = _tile_offsets(tl.program_id(0), n_sblocks, C, S, stride_b, stride_c,
-                                       stride_s, tl.program_id(1), CL, BLOCK_C, BLOCK_S)
+    offs, c, s, cm, sm = _tile_offsets(
+        tl.program_id(0),
+        n_sblocks,
+        C,
+        S,
+        stride_b,
+        stride_c,
+        stride_s,
+        tl.program_id(1),
+        CL,
+        BLOCK_C,
+        BLOCK_S,
+    )
     mask = cm[:, None] & sm[None, :]
     _, _, scale, shift = _channel_affine(mean_ptr, var_ptr, w_ptr, b_ptr, c, cm, eps)
     z = tl.load(y_ptr + offs, mask=mask, other=0.0).to(tl.float32) * scale[:, None] + shift[:, None]
@@ -165,8 +232,9 @@ def _bn_act_fwd_kernel(y_ptr, r_ptr, out_ptr, mean_ptr, var_ptr, w_ptr, b_ptr,
 
 
 @triton.jit
-def _grad_pre_act(go_ptr, y_ptr, r_ptr, offs, mask, mean, invstd, scale, shift, slope,
-                  HAS_RES: tl.constexpr):
+def _grad_pre_act(
+    go_ptr, y_ptr, r_ptr, offs, mask, mean, invstd, scale, shift, slope, HAS_RES: tl.constexpr
+):
     # g = grad_out * act'(z), with z recomputed from y (and r); xhat = (y - mean) * invstd
     y = tl.load(y_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     z = y * scale[:, None] + shift[:, None]
@@ -179,11 +247,30 @@ def _grad_pre_act(go_ptr, y_ptr, r_ptr, offs, mask, mean, invstd, scale, shift, 
 
 
 @triton.jit
-def _bn_act_bwd_reduce_kernel(go_ptr, y_ptr, r_ptr, mean_ptr, var_ptr, w_ptr, b_ptr, part_ptr,
-                              C, S, n_units, units_per_prog, n_sblocks,
-                              stride_b, stride_c, stride_s, eps, slope,
-                              CL: tl.constexpr, HAS_RES: tl.constexpr,
-                              BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
+def _bn_act_bwd_reduce_kernel(
+    go_ptr,
+    y_ptr,
+    r_ptr,
+    mean_ptr,
+    var_ptr,
+    w_ptr,
+    b_ptr,
+    part_ptr,
+    C,
+    S,
+    n_units,
+    units_per_prog,
+    n_sblocks,
+    stride_b,
+    stride_c,
+    stride_s,
+    eps,
+    slope,
+    CL: tl.constexpr,
+    HAS_RES: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+):
     """part[0|1, pid, c] = (sum g, sum g * xhat) of channel ``c`` over this program's units."""
     pid = tl.program_id(0)
     pid_c = tl.program_id(1)
@@ -194,11 +281,13 @@ def _bn_act_bwd_reduce_kernel(go_ptr, y_ptr, r_ptr, mean_ptr, var_ptr, w_ptr, b_
     acc_gx = tl.zeros([BLOCK_C, BLOCK_S], dtype=tl.float32)
     for i in range(0, units_per_prog):
         u = pid * units_per_prog + i
-        offs, c, s, cm, sm = _tile_offsets(u, n_sblocks, C, S, stride_b, stride_c, stride_s,
-                                           pid_c, CL, BLOCK_C, BLOCK_S)
+        offs, c, s, cm, sm = _tile_offsets(
+            u, n_sblocks, C, S, stride_b, stride_c, stride_s, pid_c, CL, BLOCK_C, BLOCK_S
+        )
         mask = cm[:, None] & (s < tl.where(u < n_units, S, 0))[None, :]
-        g, xhat = _grad_pre_act(go_ptr, y_ptr, r_ptr, offs, mask, mean, invstd, scale, shift,
-                                slope, HAS_RES)
+        g, xhat = _grad_pre_act(
+            go_ptr, y_ptr, r_ptr, offs, mask, mean, invstd, scale, shift, slope, HAS_RES
+        )
         acc_g += g  # masked lanes load 0 -> g = 0
         acc_gx += g * xhat
     cm0 = c0 < C
@@ -208,17 +297,52 @@ def _bn_act_bwd_reduce_kernel(go_ptr, y_ptr, r_ptr, mean_ptr, var_ptr, w_ptr, b_
 
 
 @triton.jit
-def _bn_act_bwd_kernel(go_ptr, y_ptr, r_ptr, dy_ptr, dr_ptr, mean_ptr, var_ptr, w_ptr, b_ptr,
-                       sum_g_ptr, sum_gx_ptr, C, S, n_sblocks, stride_b, stride_c, stride_s,
-                       inv_n, eps, slope, CL: tl.constexpr, HAS_RES: tl.constexpr,
-                       TRAINING: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
+def _bn_act_bwd_kernel(
+    go_ptr,
+    y_ptr,
+    r_ptr,
+    dy_ptr,
+    dr_ptr,
+    mean_ptr,
+    var_ptr,
+    w_ptr,
+    b_ptr,
+    sum_g_ptr,
+    sum_gx_ptr,
+    C,
+    S,
+    n_sblocks,
+    stride_b,
+    stride_c,
+    stride_s,
+    inv_n,
+    eps,
+    slope,
+    CL: tl.constexpr,
+    HAS_RES: tl.constexpr,
+    TRAINING: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+):
     """dy = scale * (g - mean(g) - xhat * mean(g * xhat)) (training) or scale * g (eval)."""
-    offs, c, s, cm, sm = _tile_offsets(tl.program_id(0), n_sblocks, C, S, stride_b, stride_c,
-                                       stride_s, tl.program_id(1), CL, BLOCK_C, BLOCK_S)
+    offs, c, s, cm, sm = _tile_offsets(
+        tl.program_id(0),
+        n_sblocks,
+        C,
+        S,
+        stride_b,
+        stride_c,
+        stride_s,
+        tl.program_id(1),
+        CL,
+        BLOCK_C,
+        BLOCK_S,
+    )
     mask = cm[:, None] & sm[None, :]
     mean, invstd, scale, shift = _channel_affine(mean_ptr, var_ptr, w_ptr, b_ptr, c, cm, eps)
-    g, xhat = _grad_pre_act(go_ptr, y_ptr, r_ptr, offs, mask, mean, invstd, scale, shift, slope,
-                            HAS_RES)
+    g, xhat = _grad_pre_act(
+        go_ptr, y_ptr, r_ptr, offs, mask, mean, invstd, scale, shift, slope, HAS_RES
+    )
     if TRAINING:
         mg = tl.load(sum_g_ptr + c, mask=cm, other=0.0) * inv_n
         mgx = tl.load(sum_gx_ptr + c, mask=cm, other=0.0) * inv_n
@@ -246,8 +370,10 @@ class _View:
         :mod:`vosgan.kernels.bn_act_small`, narrow enough for ``min_programs`` channel blocks."""
         bsz, ch = y.shape[:2]
         spatial = y.shape[2] * y.shape[3] * y.shape[4]
-        self.cl = y.is_contiguous(memory_format=torch.channels_last_3d) and ch > 1 and not (
-            y.is_contiguous()
+        self.cl = (
+            y.is_contiguous(memory_format=torch.channels_last_3d)
+            and ch > 1
+            and not (y.is_contiguous())
         )
         if self.cl:
             self.shape = (1, ch, bsz * spatial)
@@ -304,8 +430,10 @@ def _running_args(update: RunningUpdate | None, count: int, like: torch.Tensor) 
     return rm, rv, momentum, count / max(count - 1, 1)
 
 
-def bn_stats(y: torch.Tensor, update: RunningUpdate | None = None,
-             ) -> tuple[torch.Tensor, torch.Tensor]:
+def bn_stats(
+    y: torch.Tensor,
+    update: RunningUpdate | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-channel batch mean and biased variance of ``y (B, C, T, H, W)``, both fp32 ``(C,)``.
 
     ``update``: also update these running statistics in place, as ``nn.BatchNorm3d`` does.
@@ -314,36 +442,86 @@ def bn_stats(y: torch.Tensor, update: RunningUpdate | None = None,
     n_prog, per_prog = v.split(y.device)
     part = torch.empty((3, n_prog, v.shape[1]), device=y.device, dtype=torch.float32)
     _bn_stats_partial_kernel[(n_prog, v.n_cblocks)](
-        y, part, *v.args(), v.n_units, per_prog, v.n_sblocks, *v.strides,
-        CL=v.cl, BLOCK_C=v.block_c, BLOCK_S=v.block_s, num_warps=v.num_warps)
+        y,
+        part,
+        *v.args(),
+        v.n_units,
+        per_prog,
+        v.n_sblocks,
+        *v.strides,
+        CL=v.cl,
+        BLOCK_C=v.block_c,
+        BLOCK_S=v.block_s,
+        num_warps=v.num_warps,
+    )
     mean = torch.empty(v.shape[1], device=y.device, dtype=torch.float32)
     var = torch.empty_like(mean)
     rm, rv, momentum, unbias = _running_args(update, v.count, mean)
     _bn_stats_finalize_kernel[(triton.cdiv(v.shape[1], 32),)](
-        part, mean, var, rm, rv, v.shape[1], n_prog, momentum, unbias,
-        UPDATE=update is not None, BLOCK_P=64, BLOCK_C=32)
+        part,
+        mean,
+        var,
+        rm,
+        rv,
+        v.shape[1],
+        n_prog,
+        momentum,
+        unbias,
+        UPDATE=update is not None,
+        BLOCK_P=64,
+        BLOCK_C=32,
+    )
     return mean, var
 
 
-def bn_act_forward(y: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, weight: torch.Tensor,
-                   bias: torch.Tensor, residual: torch.Tensor | None, eps: float,
-                   slope: float) -> torch.Tensor:
+def bn_act_forward(
+    y: torch.Tensor,
+    mean: torch.Tensor,
+    var: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    residual: torch.Tensor | None,
+    eps: float,
+    slope: float,
+) -> torch.Tensor:
     """``act(xhat * weight + bias [+ residual])``, same shape, dtype and memory format as ``y``."""
     v = _View(y)
     residual = _strided_like(residual, y)
     out = torch.empty_like(y)
     _bn_act_fwd_kernel[(v.n_units, v.n_cblocks)](
-        y, residual if residual is not None else y, out, mean, var, weight, bias,
-        *v.args(), v.n_sblocks, *v.strides, eps, slope,
-        CL=v.cl, HAS_RES=residual is not None, BLOCK_C=v.block_c, BLOCK_S=v.block_s,
-        num_warps=v.num_warps)
+        y,
+        residual if residual is not None else y,
+        out,
+        mean,
+        var,
+        weight,
+        bias,
+        *v.args(),
+        v.n_sblocks,
+        *v.strides,
+        eps,
+        slope,
+        CL=v.cl,
+        HAS_RES=residual is not None,
+        BLOCK_C=v.block_c,
+        BLOCK_S=v.block_s,
+        num_warps=v.num_warps,
+    )
     return out
 
 
-def bn_act_backward(grad_out: torch.Tensor, y: torch.Tensor, residual: torch.Tensor | None,
-                    mean: torch.Tensor, var: torch.Tensor, weight: torch.Tensor,
-                    bias: torch.Tensor, eps: float, slope: float, training: bool,
-                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+def bn_act_backward(
+    grad_out: torch.Tensor,
+    y: torch.Tensor,
+    residual: torch.Tensor | None,
+    mean: torch.Tensor,
+    var: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    eps: float,
+    slope: float,
+    training: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Gradients ``(dy, dweight, dbias, dresidual)``, ``dy``/``dresidual`` in ``y``'s layout.
 
     ``dweight``/``dbias`` are fp32 ``(C,)``; ``dresidual`` is ``None`` without a residual.
@@ -354,15 +532,53 @@ def bn_act_backward(grad_out: torch.Tensor, y: torch.Tensor, residual: torch.Ten
     n_prog, per_prog = v.split(y.device)
     part = torch.empty((2, n_prog, v.shape[1]), device=y.device, dtype=torch.float32)
     _bn_act_bwd_reduce_kernel[(n_prog, v.n_cblocks)](
-        grad_out, y, res, mean, var, weight, bias, part, *v.args(), v.n_units, per_prog,
-        v.n_sblocks, *v.strides, eps, slope, CL=v.cl, HAS_RES=residual is not None,
-        BLOCK_C=v.block_c, BLOCK_S=v.block_s, num_warps=v.num_warps)
+        grad_out,
+        y,
+        res,
+        mean,
+        var,
+        weight,
+        bias,
+        part,
+        *v.args(),
+        v.n_units,
+        per_prog,
+        v.n_sblocks,
+        *v.strides,
+        eps,
+        slope,
+        CL=v.cl,
+        HAS_RES=residual is not None,
+        BLOCK_C=v.block_c,
+        BLOCK_S=v.block_s,
+        num_warps=v.num_warps,
+    )
     sum_g, sum_gx = part.sum(dim=1).unbind(0)  # (C,) each: views of one (2, C) tensor
     dy = torch.empty_like(y)
     dres = torch.empty_like(y) if residual is not None else None
     _bn_act_bwd_kernel[(v.n_units, v.n_cblocks)](
-        grad_out, y, res, dy, dres if dres is not None else dy, mean, var, weight, bias,
-        sum_g, sum_gx, *v.args(), v.n_sblocks, *v.strides, 1.0 / v.count, eps, slope,
-        CL=v.cl, HAS_RES=residual is not None, TRAINING=training,
-        BLOCK_C=v.block_c, BLOCK_S=v.block_s, num_warps=v.num_warps)
+        grad_out,
+        y,
+        res,
+        dy,
+        dres if dres is not None else dy,
+        mean,
+        var,
+        weight,
+        bias,
+        sum_g,
+        sum_gx,
+        *v.args(),
+        v.n_sblocks,
+        *v.strides,
+        1.0 / v.count,
+        eps,
+        slope,
+        CL=v.cl,
+        HAS_RES=residual is not None,
+        TRAINING=training,
+        BLOCK_C=v.block_c,
+        BLOCK_S=v.block_s,
+        num_warps=v.num_warps,
+    )
     return dy, sum_gx, sum_g, dres

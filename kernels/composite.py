@@ -36,10 +36,22 @@ def _up(x, FP64: tl.constexpr):
 
 @triton.jit
 def composite_fwd_kernel(
-    f_ptr, m_ptr, b_ptr, v_ptr,
-    N, T,
-    sf_b, sf_c, sf_t, sm_b, sm_t, sb_b, sb_c,
-    C: tl.constexpr, BLOCK: tl.constexpr, FP64: tl.constexpr,
+    f_ptr,
+    m_ptr,
+    b_ptr,
+    v_ptr,
+    N,
+    T,
+    sf_b,
+    sf_c,
+    sf_t,
+    sm_b,
+    sm_t,
+    sb_b,
+    sb_c,
+    C: tl.constexpr,
+    BLOCK: tl.constexpr,
+    FP64: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     t = tl.program_id(1)
@@ -51,20 +63,47 @@ def composite_fwd_kernel(
     v_base = v_ptr + bi * C * T * N + t * N
     # Stage 2: per channel, read f (streamed) and b (reused over T: keep in L2), write v.
     for c in tl.static_range(C):
-        f = _up(tl.load(f_ptr + bi * sf_b + c * sf_c + t * sf_t + offs, mask=mask,
-                        eviction_policy="evict_first"), FP64)
-        b = _up(tl.load(b_ptr + bi * sb_b + c * sb_c + offs, mask=mask,
-                        eviction_policy="evict_last"), FP64)
+        f = _up(
+            tl.load(
+                f_ptr + bi * sf_b + c * sf_c + t * sf_t + offs,
+                mask=mask,
+                eviction_policy="evict_first",
+            ),
+            FP64,
+        )
+        b = _up(
+            tl.load(b_ptr + bi * sb_b + c * sb_c + offs, mask=mask, eviction_policy="evict_last"),
+            FP64,
+        )
         v = m * f + (1.0 - m) * b
         tl.store(v_base + c * T * N + offs, v.to(v_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def composite_bwd_kernel(
-    g_ptr, f_ptr, m_ptr, b_ptr, df_ptr, dm_ptr, db_ptr,
-    N, T,
-    sg_b, sg_c, sg_t, sf_b, sf_c, sf_t, sm_b, sm_t, sb_b, sb_c,
-    C: tl.constexpr, C_PAD: tl.constexpr, BLOCK: tl.constexpr, FP64: tl.constexpr,
+    g_ptr,
+    f_ptr,
+    m_ptr,
+    b_ptr,
+    df_ptr,
+    dm_ptr,
+    db_ptr,
+    N,
+    T,
+    sg_b,
+    sg_c,
+    sg_t,
+    sf_b,
+    sf_c,
+    sf_t,
+    sm_b,
+    sm_t,
+    sb_b,
+    sb_c,
+    C: tl.constexpr,
+    C_PAD: tl.constexpr,
+    BLOCK: tl.constexpr,
+    FP64: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     bi = tl.program_id(1).to(tl.int64)
@@ -73,8 +112,9 @@ def composite_bwd_kernel(
     mask_n = offs < N
     mask = (cs[:, None] < C) & mask_n[None, :]
     # Stage 1: the background tile, read once, and the fp32 accumulator of db.
-    b = _up(tl.load(b_ptr + bi * sb_b + cs[:, None] * sb_c + offs[None, :], mask=mask,
-                    other=0.0), FP64)
+    b = _up(
+        tl.load(b_ptr + bi * sb_b + cs[:, None] * sb_c + offs[None, :], mask=mask, other=0.0), FP64
+    )
     db = _up(tl.zeros([C_PAD, BLOCK], dtype=tl.float32), FP64)
     g_base = g_ptr + bi * sg_b + cs[:, None] * sg_c + offs[None, :]
     f_base = f_ptr + bi * sf_b + cs[:, None] * sf_c + offs[None, :]
@@ -82,17 +122,22 @@ def composite_bwd_kernel(
     # Stage 2: walk the frames; padded channels load 0 and so add nothing to dm or db.
     for t in range(T):
         m = _up(tl.load(m_ptr + bi * sm_b + t * sm_t + offs, mask=mask_n), FP64)
-        g = _up(tl.load(g_base + t * sg_t, mask=mask, other=0.0, eviction_policy="evict_first"),
-                FP64)
-        f = _up(tl.load(f_base + t * sf_t, mask=mask, other=0.0, eviction_policy="evict_first"),
-                FP64)
+        g = _up(
+            tl.load(g_base + t * sg_t, mask=mask, other=0.0, eviction_policy="evict_first"), FP64
+        )
+        f = _up(
+            tl.load(f_base + t * sf_t, mask=mask, other=0.0, eviction_policy="evict_first"), FP64
+        )
         tl.store(df_base + t * N, (g * m[None, :]).to(df_ptr.dtype.element_ty), mask=mask)
         dm = tl.sum(g * (f - b), axis=0)
         tl.store(dm_ptr + (bi * T + t) * N + offs, dm.to(dm_ptr.dtype.element_ty), mask=mask_n)
         db += g * (1.0 - m[None, :])
     # Stage 3: db, once.
-    tl.store(db_ptr + bi * C * N + cs[:, None] * N + offs[None, :],
-             db.to(db_ptr.dtype.element_ty), mask=mask)
+    tl.store(
+        db_ptr + bi * C * N + cs[:, None] * N + offs[None, :],
+        db.to(db_ptr.dtype.element_ty),
+        mask=mask,
+    )
 
 
 def _plane_dense(x: Tensor) -> bool:
@@ -147,9 +192,23 @@ def composite_fwd(f: Tensor, m: Tensor, b: Tensor, out_dtype: torch.dtype) -> Te
     block, warps = fwd_block(n)
     grid = (triton.cdiv(n, block), t, bsz)
     composite_fwd_kernel[grid](
-        f, m, b, v, n, t,
-        f.stride(0), f.stride(1), f.stride(2), m.stride(0), m.stride(2), b.stride(0), b.stride(1),
-        C=c, BLOCK=block, FP64=out_dtype == torch.float64, num_warps=warps,
+        f,
+        m,
+        b,
+        v,
+        n,
+        t,
+        f.stride(0),
+        f.stride(1),
+        f.stride(2),
+        m.stride(0),
+        m.stride(2),
+        b.stride(0),
+        b.stride(1),
+        C=c,
+        BLOCK=block,
+        FP64=out_dtype == torch.float64,
+        num_warps=warps,
     )
     return v
 
@@ -177,10 +236,29 @@ def composite_bwd(g: Tensor, f: Tensor, m: Tensor, b: Tensor) -> tuple[Tensor, T
     block, warps = bwd_block(min(g.element_size(), f.element_size()), c_pad)
     grid = (triton.cdiv(n, block), bsz)
     composite_bwd_kernel[grid](
-        g, f, m, b, df, dm, db, n, t,
-        g.stride(0), g.stride(1), g.stride(2), f.stride(0), f.stride(1), f.stride(2),
-        m.stride(0), m.stride(2), b.stride(0), b.stride(1),
-        C=c, C_PAD=c_pad, BLOCK=block,
-        FP64=torch.float64 in (g.dtype, f.dtype, m.dtype, b.dtype), num_warps=warps,
+        g,
+        f,
+        m,
+        b,
+        df,
+        dm,
+        db,
+        n,
+        t,
+        g.stride(0),
+        g.stride(1),
+        g.stride(2),
+        f.stride(0),
+        f.stride(1),
+        f.stride(2),
+        m.stride(0),
+        m.stride(2),
+        b.stride(0),
+        b.stride(1),
+        C=c,
+        C_PAD=c_pad,
+        BLOCK=block,
+        FP64=torch.float64 in (g.dtype, f.dtype, m.dtype, b.dtype),
+        num_warps=warps,
     )
     return df, dm, db

@@ -27,8 +27,9 @@ import triton.language as tl
 
 
 @triton.jit
-def _coords(p, ux, uy, W, H, half_wm1, half_hm1, wm1, hm1, BORDER: tl.constexpr,
-            RECIP: tl.constexpr):
+def _coords(
+    p, ux, uy, W, H, half_wm1, half_hm1, wm1, hm1, BORDER: tl.constexpr, RECIP: tl.constexpr
+):
     """Pixel coordinates sampled by pixel ``p``, corners, bilinear weights and clip gradients."""
     i = p // W
     j = p - i * W
@@ -79,11 +80,35 @@ def _corners(x0, y0, W, H, pm):
 
 @triton.jit
 def _fwd_kernel(
-    x_ptr, flow_ptr, w_ptr, out_ptr,
-    C, Tm1, H, W, HW,
-    x_sb, x_sc, x_st, f_sb, f_sc, f_st, w_sb, w_st, o_sb, o_sc, o_st,
-    half_wm1, half_hm1, wm1, hm1, eps2,
-    HAS_W: tl.constexpr, BORDER: tl.constexpr, REDUCE: tl.constexpr, RECIP: tl.constexpr,
+    x_ptr,
+    flow_ptr,
+    w_ptr,
+    out_ptr,
+    C,
+    Tm1,
+    H,
+    W,
+    HW,
+    x_sb,
+    x_sc,
+    x_st,
+    f_sb,
+    f_sc,
+    f_st,
+    w_sb,
+    w_st,
+    o_sb,
+    o_sc,
+    o_st,
+    half_wm1,
+    half_hm1,
+    wm1,
+    hm1,
+    eps2,
+    HAS_W: tl.constexpr,
+    BORDER: tl.constexpr,
+    REDUCE: tl.constexpr,
+    RECIP: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     pid_p = tl.program_id(0)
@@ -96,8 +121,9 @@ def _fwd_kernel(
     f_base = flow_ptr + b * f_sb + t * f_st
     ux = tl.load(f_base + p, mask=pm, other=0.0).to(tl.float32)
     uy = tl.load(f_base + f_sc + p, mask=pm, other=0.0).to(tl.float32)
-    x0, y0, ax, bx, ay, by, _cgx, _cgy = _coords(p, ux, uy, W, H, half_wm1, half_hm1, wm1, hm1,
-                                                 BORDER, RECIP)
+    x0, y0, ax, bx, ay, by, _cgx, _cgy = _coords(
+        p, ux, uy, W, H, half_wm1, half_hm1, wm1, hm1, BORDER, RECIP
+    )
     o_nw, m_nw, m_ne, m_sw, m_se = _corners(x0, y0, W, H, pm)
     if HAS_W:
         wt = tl.load(w_ptr + b * w_sb + t * w_st + p, mask=pm, other=0.0).to(tl.float32)
@@ -127,14 +153,51 @@ def _fwd_kernel(
 
 @triton.jit
 def _bwd_kernel(
-    x_ptr, flow_ptr, w_ptr, g_ptr, dflow_ptr, dx_ptr, qscale_ptr, loss_ptr,
-    C, Tm1, H, W, HW,
-    x_sb, x_sc, x_st, f_sb, f_sc, f_st, w_sb, w_st, g_sb, g_sc, g_st,
-    df_sb, df_sc, df_st, dx_sb, dx_sc, dx_st,
-    half_wm1, half_hm1, wm1, hm1, eps2, gx_scale, gy_scale,
-    HAS_W: tl.constexpr, BORDER: tl.constexpr, G_SCALAR: tl.constexpr,
-    GRAD_X: tl.constexpr, FIXED_POINT: tl.constexpr, WITH_LOSS: tl.constexpr,
-    RECIP: tl.constexpr, BLOCK: tl.constexpr,
+    x_ptr,
+    flow_ptr,
+    w_ptr,
+    g_ptr,
+    dflow_ptr,
+    dx_ptr,
+    qscale_ptr,
+    loss_ptr,
+    C,
+    Tm1,
+    H,
+    W,
+    HW,
+    x_sb,
+    x_sc,
+    x_st,
+    f_sb,
+    f_sc,
+    f_st,
+    w_sb,
+    w_st,
+    g_sb,
+    g_sc,
+    g_st,
+    df_sb,
+    df_sc,
+    df_st,
+    dx_sb,
+    dx_sc,
+    dx_st,
+    half_wm1,
+    half_hm1,
+    wm1,
+    hm1,
+    eps2,
+    gx_scale,
+    gy_scale,
+    HAS_W: tl.constexpr,
+    BORDER: tl.constexpr,
+    G_SCALAR: tl.constexpr,
+    GRAD_X: tl.constexpr,
+    FIXED_POINT: tl.constexpr,
+    WITH_LOSS: tl.constexpr,
+    RECIP: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     pid_p = tl.program_id(0)
     pid_bt = tl.program_id(1)
@@ -145,8 +208,9 @@ def _bwd_kernel(
     f_base = flow_ptr + b * f_sb + t * f_st
     ux = tl.load(f_base + p, mask=pm, other=0.0).to(tl.float32)
     uy = tl.load(f_base + f_sc + p, mask=pm, other=0.0).to(tl.float32)
-    x0, y0, ax, bx, ay, by, cgx, cgy = _coords(p, ux, uy, W, H, half_wm1, half_hm1, wm1, hm1,
-                                               BORDER, RECIP)
+    x0, y0, ax, bx, ay, by, cgx, cgy = _coords(
+        p, ux, uy, W, H, half_wm1, half_hm1, wm1, hm1, BORDER, RECIP
+    )
     o_nw, m_nw, m_ne, m_sw, m_se = _corners(x0, y0, W, H, pm)
     if HAS_W:
         wt = tl.load(w_ptr + b * w_sb + t * w_st + p, mask=pm, other=0.0).to(tl.float32)
@@ -191,14 +255,18 @@ def _bwd_kernel(
             d_nw = dx_base + dx_st + c * dx_sc + o_nw
             if FIXED_POINT:
                 tl.atomic_add(d_cur, (g * qscale).to(tl.int64), mask=pm, sem="relaxed")
-                tl.atomic_add(d_nw, (-g * (ax * ay) * qscale).to(tl.int64), mask=m_nw,
-                              sem="relaxed")
-                tl.atomic_add(d_nw + 1, (-g * (bx * ay) * qscale).to(tl.int64), mask=m_ne,
-                              sem="relaxed")
-                tl.atomic_add(d_nw + W, (-g * (ax * by) * qscale).to(tl.int64), mask=m_sw,
-                              sem="relaxed")
-                tl.atomic_add(d_nw + W + 1, (-g * (bx * by) * qscale).to(tl.int64), mask=m_se,
-                              sem="relaxed")
+                tl.atomic_add(
+                    d_nw, (-g * (ax * ay) * qscale).to(tl.int64), mask=m_nw, sem="relaxed"
+                )
+                tl.atomic_add(
+                    d_nw + 1, (-g * (bx * ay) * qscale).to(tl.int64), mask=m_ne, sem="relaxed"
+                )
+                tl.atomic_add(
+                    d_nw + W, (-g * (ax * by) * qscale).to(tl.int64), mask=m_sw, sem="relaxed"
+                )
+                tl.atomic_add(
+                    d_nw + W + 1, (-g * (bx * by) * qscale).to(tl.int64), mask=m_se, sem="relaxed"
+                )
             else:
                 tl.atomic_add(d_cur, g, mask=pm, sem="relaxed")
                 tl.atomic_add(d_nw, -g * (ax * ay), mask=m_nw, sem="relaxed")
@@ -226,8 +294,11 @@ def _geometry(h: int, w: int, eps: float, recip: bool) -> dict[str, float]:
     if recip:  # torch's CUDA division by a scalar: a * (1 / b), the reciprocal rounded to fp32
         wm1, hm1 = np.float32(1) / wm1, np.float32(1) / hm1
     return {
-        "half_wm1": (w - 1) * 0.5, "half_hm1": (h - 1) * 0.5,
-        "wm1": float(wm1), "hm1": float(hm1), "eps2": float(eps) ** 2,
+        "half_wm1": (w - 1) * 0.5,
+        "half_hm1": (h - 1) * 0.5,
+        "wm1": float(wm1),
+        "hm1": float(hm1),
+        "eps2": float(eps) ** 2,
     }
 
 
@@ -237,7 +308,11 @@ def _plane_contiguous(t: torch.Tensor, name: str) -> None:
 
 
 def flow_warp_loss_fwd(
-    x: torch.Tensor, flow: torch.Tensor, weight: torch.Tensor | None, eps: float, border: bool,
+    x: torch.Tensor,
+    flow: torch.Tensor,
+    weight: torch.Tensor | None,
+    eps: float,
+    border: bool,
     reduce: bool,
 ) -> torch.Tensor:
     """Forward launcher.
@@ -263,17 +338,43 @@ def flow_warp_loss_fwd(
         o_strides = (out.stride(0), out.stride(1), out.stride(2))
     wt = weight if weight is not None else flow
     _fwd_kernel[grid](
-        x, flow, wt, out, c, t - 1, h, w, hw,
-        x.stride(0), x.stride(1), x.stride(2), flow.stride(0), flow.stride(1), flow.stride(2),
-        wt.stride(0), wt.stride(2), *o_strides, **_geometry(h, w, eps, cfg["RECIP"]),
-        HAS_W=weight is not None, BORDER=border, REDUCE=reduce, **cfg,
+        x,
+        flow,
+        wt,
+        out,
+        c,
+        t - 1,
+        h,
+        w,
+        hw,
+        x.stride(0),
+        x.stride(1),
+        x.stride(2),
+        flow.stride(0),
+        flow.stride(1),
+        flow.stride(2),
+        wt.stride(0),
+        wt.stride(2),
+        *o_strides,
+        **_geometry(h, w, eps, cfg["RECIP"]),
+        HAS_W=weight is not None,
+        BORDER=border,
+        REDUCE=reduce,
+        **cfg,
     )
     return out
 
 
 def flow_warp_loss_bwd(
-    grad: torch.Tensor, x: torch.Tensor, flow: torch.Tensor, weight: torch.Tensor | None,
-    eps: float, border: bool, grad_x: bool, deterministic: bool = False, with_loss: bool = False,
+    grad: torch.Tensor,
+    x: torch.Tensor,
+    flow: torch.Tensor,
+    weight: torch.Tensor | None,
+    eps: float,
+    border: bool,
+    grad_x: bool,
+    deterministic: bool = False,
+    with_loss: bool = False,
     fp32_grads: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """Backward launcher.
@@ -300,10 +401,12 @@ def flow_warp_loss_bwd(
     grid = (triton.cdiv(hw, cfg["BLOCK"]), b * (t - 1))
     g_scalar = grad.numel() == 1
     g_strides = (0, 0, 0) if g_scalar else (grad.stride(0), grad.stride(1), grad.stride(2))
-    dflow = torch.empty(flow.shape, device=x.device,
-                        dtype=torch.float32 if fp32_grads else flow.dtype)
-    partial = torch.empty(grid[0] * grid[1], device=x.device, dtype=torch.float32) \
-        if with_loss else None
+    dflow = torch.empty(
+        flow.shape, device=x.device, dtype=torch.float32 if fp32_grads else flow.dtype
+    )
+    partial = (
+        torch.empty(grid[0] * grid[1], device=x.device, dtype=torch.float32) if with_loss else None
+    )
     qscale = None
     if not grad_x:
         dx_acc = flow  # never written (GRAD_X=False)
@@ -322,16 +425,44 @@ def flow_warp_loss_bwd(
     gx_scale = 1.0 if w > 1 else 0.0  # W == 1: grid_sample samples column 0 whatever the flow
     gy_scale = 1.0 if h > 1 else 0.0
     _bwd_kernel[grid](
-        x, flow, wt, grad, dflow, dx_acc, qscale if qscale is not None else grad,
+        x,
+        flow,
+        wt,
+        grad,
+        dflow,
+        dx_acc,
+        qscale if qscale is not None else grad,
         partial if partial is not None else grad,
-        c, t - 1, h, w, hw,
-        x.stride(0), x.stride(1), x.stride(2), flow.stride(0), flow.stride(1), flow.stride(2),
-        wt.stride(0), wt.stride(2), *g_strides,
-        dflow.stride(0), dflow.stride(1), dflow.stride(2),
-        dx_acc.stride(0), dx_acc.stride(1), dx_acc.stride(2),
-        **_geometry(h, w, eps, cfg["RECIP"]), gx_scale=gx_scale, gy_scale=gy_scale,
-        HAS_W=weight is not None, BORDER=border, G_SCALAR=g_scalar, GRAD_X=grad_x,
-        FIXED_POINT=grad_x and deterministic, WITH_LOSS=with_loss, **cfg,
+        c,
+        t - 1,
+        h,
+        w,
+        hw,
+        x.stride(0),
+        x.stride(1),
+        x.stride(2),
+        flow.stride(0),
+        flow.stride(1),
+        flow.stride(2),
+        wt.stride(0),
+        wt.stride(2),
+        *g_strides,
+        dflow.stride(0),
+        dflow.stride(1),
+        dflow.stride(2),
+        dx_acc.stride(0),
+        dx_acc.stride(1),
+        dx_acc.stride(2),
+        **_geometry(h, w, eps, cfg["RECIP"]),
+        gx_scale=gx_scale,
+        gy_scale=gy_scale,
+        HAS_W=weight is not None,
+        BORDER=border,
+        G_SCALAR=g_scalar,
+        GRAD_X=grad_x,
+        FIXED_POINT=grad_x and deterministic,
+        WITH_LOSS=with_loss,
+        **cfg,
     )
     dx_dtype = torch.float32 if fp32_grads else x.dtype
     if not grad_x:

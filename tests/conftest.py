@@ -28,7 +28,19 @@ def ckpt(tmp_path_factory: pytest.TempPathFactory):
     from vosgan import train
 
     out = tmp_path_factory.mktemp("ckpt") / "run"
-    assert train.main(["--out", str(out), "--train.steps=2", "--train.device=cpu",
-                       "--data.batch_size=2", "--data.train_clips=4", "--data.val_clips=2",
-                       "--train.eval_clips=2"]) == 0
+    assert (
+        train.main(
+            [
+                "--out",
+                str(out),
+                "--train.steps=2",
+                "--train.device=cpu",
+                "--data.batch_size=2",
+                "--data.train_clips=4",
+                "--data.val_clips=2",
+                "--train.eval_clips=2",
+            ]
+        )
+        == 0
+    )
     return out / "checkpoints" / "last.pt"

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 _SPEC = importlib.util.spec_from_file_location(
-    "bench_report", Path(__file__).resolve().parents[1] / "benchmarks" / "report.py")
+    "bench_report", Path(__file__).resolve().parents[1] / "benchmarks" / "report.py"
+)
 report = importlib.util.module_from_spec(_SPEC)
 _SPEC.loader.exec_module(report)
 
@@ -17,12 +18,24 @@ _SPEC.loader.exec_module(report)
 def _bench(func: str, params: dict, median: float, iqr: float, extra: dict) -> dict:
     ids = "-".join(str(v) for v in params.values())
     return {
-        "group": None, "name": f"{func}[{ids}]",
+        "group": None,
+        "name": f"{func}[{ids}]",
         "fullname": f"benchmarks/bench_train_step.py::{func}[{ids}]",
-        "params": params, "param": ids, "extra_info": extra,
-        "stats": {"min": median * 0.9, "max": median * 1.2, "median": median, "iqr": iqr,
-                  "q1": median - iqr / 2, "q3": median + iqr / 2, "rounds": 5,
-                  "mean": median, "stddev": iqr, "iterations": 1},
+        "params": params,
+        "param": ids,
+        "extra_info": extra,
+        "stats": {
+            "min": median * 0.9,
+            "max": median * 1.2,
+            "median": median,
+            "iqr": iqr,
+            "q1": median - iqr / 2,
+            "q3": median + iqr / 2,
+            "rounds": 5,
+            "mean": median,
+            "stddev": iqr,
+            "iterations": 1,
+        },
     }
 
 
@@ -32,12 +45,27 @@ def _fixture(tmp_path: Path) -> Path:
         "machine_info": {"cpu": {"brand_raw": "AMD EPYC"}, "python_version": "3.11.9"},
         "datetime": "2026-11-25T12:00:00.000000",
         "benchmarks": [
-            _bench("test_train_step", {"preset": "cpu-small", "fused": False}, 0.250, 0.010,
-                   {**info, "provider": "reference", "gflop_per_step": 8.4}),
-            _bench("test_train_step", {"preset": "cpu-small", "fused": True}, 0.200, 0.004,
-                   {**info, "provider": "fused", "gflop_per_step": 8.4, "peak_rss_mb": 512.0}),
-            _bench("test_train_step", {"preset": "paper", "fused": True}, 1.5, 0.1,
-                   {**info, "shape": "B=2, 3x32x64x64", "provider": "fused"}),
+            _bench(
+                "test_train_step",
+                {"preset": "cpu-small", "fused": False},
+                0.250,
+                0.010,
+                {**info, "provider": "reference", "gflop_per_step": 8.4},
+            ),
+            _bench(
+                "test_train_step",
+                {"preset": "cpu-small", "fused": True},
+                0.200,
+                0.004,
+                {**info, "provider": "fused", "gflop_per_step": 8.4, "peak_rss_mb": 512.0},
+            ),
+            _bench(
+                "test_train_step",
+                {"preset": "paper", "fused": True},
+                1.5,
+                0.1,
+                {**info, "shape": "B=2, 3x32x64x64", "provider": "fused"},
+            ),
             _bench("test_loader", {"provider": "cache"}, 0.030, 0.002, {}),
         ],
     }

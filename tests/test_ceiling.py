@@ -10,14 +10,19 @@ import pytest
 from vosgan import config as config_mod
 from vosgan.ceiling import main, train_ceiling
 
-TINY = {"model.size": "16", "model.d_channels": "4", "data.batch_size": "4",
-        "data.train_clips": "32", "data.val_clips": "4", "train.eval_clips": "4"}
+TINY = {
+    "model.size": "16",
+    "model.d_channels": "4",
+    "data.batch_size": "4",
+    "data.train_clips": "32",
+    "data.val_clips": "4",
+    "train.eval_clips": "4",
+}
 
 
 def test_train_ceiling_learns_and_reports_each_evaluation() -> None:
     cfg = config_mod.load("cpu-small", TINY)
-    results = train_ceiling(cfg, steps=40, lr=3e-3, lr_encoder=3e-3, eval_every=20,
-                            progress=False)
+    results = train_ceiling(cfg, steps=40, lr=3e-3, lr_encoder=3e-3, eval_every=20, progress=False)
     assert [r["step"] for r in results] == [20, 40]
     for r in results:
         assert 0.0 <= r["iou"] <= 1.0 and 0.0 <= r["baseline_iou"] <= 1.0

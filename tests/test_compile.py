@@ -56,8 +56,9 @@ def test_composite_fullgraph_inductor():
     inputs = _leaves((2, 3, 4, 5, 7), (2, 1, 4, 5, 7), (2, 3, 5, 7), gen=gen)
     with torch.no_grad():
         inputs[1].sigmoid_()
-    check_compiles(lambda f, m, b: composite.composite(f, m, b, impl=impl), inputs,
-                   backend="inductor")
+    check_compiles(
+        lambda f, m, b: composite.composite(f, m, b, impl=impl), inputs, backend="inductor"
+    )
 
 
 def test_flow_warp_loss_fullgraph():
@@ -70,8 +71,9 @@ def test_flow_warp_loss_fullgraph():
 def test_gru_fullgraph():
     impl = fused(gru)
     gen = torch.Generator().manual_seed(2)
-    x, h0, w_ih, w_hh, b_ih, b_hh = _leaves((3, 5, 4), (3, 6), (18, 4), (18, 6), (18,), (18,),
-                                            gen=gen)
+    x, h0, w_ih, w_hh, b_ih, b_hh = _leaves(
+        (3, 5, 4), (3, 6), (18, 4), (18, 6), (18,), (18,), gen=gen
+    )
     check_compiles(lambda *a: gru.gru(*a, impl=impl)[0], [x, h0, w_ih, w_hh, b_ih, b_hh])
 
 
@@ -80,8 +82,10 @@ def test_bn_act_fullgraph():
     gen = torch.Generator().manual_seed(3)
     y, weight, bias = _leaves((2, 3, 2, 3, 5), (3,), (3,), gen=gen)
     mean, var = torch.zeros(3), torch.ones(3)
-    check_compiles(lambda y, w, b: conv3d_block.bn_act(y, w, b, mean.clone(), var.clone(),
-                                                        impl="triton"), [y, weight, bias])
+    check_compiles(
+        lambda y, w, b: conv3d_block.bn_act(y, w, b, mean.clone(), var.clone(), impl="triton"),
+        [y, weight, bias],
+    )
 
 
 def test_compile_flag_trains_like_eager(tmp_path, monkeypatch):
@@ -89,16 +93,29 @@ def test_compile_flag_trains_like_eager(tmp_path, monkeypatch):
     # graphs (fused ops, the R1 step on the uncompiled D, D frozen in the G step) in seconds.
     real_compile = torch.compile
     monkeypatch.setattr(torch, "compile", lambda m, **kw: real_compile(m, backend="aot_eager"))
-    args = ["--model.size=16", "--model.frames=16", "--model.g_channels=16",
-            "--model.d_channels=4", "--model.gru_hidden=16", "--data.batch_size=2",
-            "--data.train_clips=4", "--data.val_clips=2", "--train.eval_clips=2",
-            "--train.steps=2", "--train.log_every=1", "--loss.r1=1", "--loss.r1_every=2",
-            "--fused"]
+    args = [
+        "--model.size=16",
+        "--model.frames=16",
+        "--model.g_channels=16",
+        "--model.d_channels=4",
+        "--model.gru_hidden=16",
+        "--data.batch_size=2",
+        "--data.train_clips=4",
+        "--data.val_clips=2",
+        "--train.eval_clips=2",
+        "--train.steps=2",
+        "--train.log_every=1",
+        "--loss.r1=1",
+        "--loss.r1_every=2",
+        "--fused",
+    ]
     assert train.main([*args, "--compile", "--out", str(tmp_path / "c")]) == 0
     assert json.loads((tmp_path / "c" / "config.json").read_text())["train"]["compile"]
     assert train.main([*args, "--out", str(tmp_path / "e")]) == 0
-    logs = [[json.loads(line) for line in (tmp_path / d / "log.jsonl").read_text().splitlines()]
-            for d in ("c", "e")]
+    logs = [
+        [json.loads(line) for line in (tmp_path / d / "log.jsonl").read_text().splitlines()]
+        for d in ("c", "e")
+    ]
     for a, b in zip(*logs, strict=True):
         for name in a:
             if name != "clips_per_s":

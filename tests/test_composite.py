@@ -151,8 +151,11 @@ def test_opcheck(impl):
 def test_torch_compile_fullgraph(impl):
     """The op traces (fake implementations) and its backward runs inside a compiled graph."""
     f, m, b = _inputs((1, 3, 2, 5, 7))
-    fn = torch.compile(lambda f, m, b: composite(f, m, b, impl=impl).square().mean(),
-                       fullgraph=True, backend="aot_eager")
+    fn = torch.compile(
+        lambda f, m, b: composite(f, m, b, impl=impl).square().mean(),
+        fullgraph=True,
+        backend="aot_eager",
+    )
     loss = fn(f, m, b)
     got = torch.autograd.grad(loss, (f, m, b))
     want = torch.autograd.grad(composite_reference(f, m, b).square().mean(), (f, m, b))
@@ -226,10 +229,40 @@ def test_numba_concurrent_calls():
 # --- Ahead-of-time compilation for real GPUs (no GPU needed) ---------------------------------
 
 _SCALARS = ("N", "T")
-_FWD = ("f_ptr", "m_ptr", "b_ptr", "v_ptr", *_SCALARS,
-        "sf_b", "sf_c", "sf_t", "sm_b", "sm_t", "sb_b", "sb_c")
-_BWD = ("g_ptr", "f_ptr", "m_ptr", "b_ptr", "df_ptr", "dm_ptr", "db_ptr", *_SCALARS,
-        "sg_b", "sg_c", "sg_t", "sf_b", "sf_c", "sf_t", "sm_b", "sm_t", "sb_b", "sb_c")
+_FWD = (
+    "f_ptr",
+    "m_ptr",
+    "b_ptr",
+    "v_ptr",
+    *_SCALARS,
+    "sf_b",
+    "sf_c",
+    "sf_t",
+    "sm_b",
+    "sm_t",
+    "sb_b",
+    "sb_c",
+)
+_BWD = (
+    "g_ptr",
+    "f_ptr",
+    "m_ptr",
+    "b_ptr",
+    "df_ptr",
+    "dm_ptr",
+    "db_ptr",
+    *_SCALARS,
+    "sg_b",
+    "sg_c",
+    "sg_t",
+    "sf_b",
+    "sf_c",
+    "sf_t",
+    "sm_b",
+    "sm_t",
+    "sb_b",
+    "sb_c",
+)
 # (kernel, pointer dtypes in argument order, block, warps) with the launchers' block choices:
 # every kernel in fp32 and in the AMP mix (bf16 f/b, fp32 m -> fp32 v and fp32 dL/dv), which has
 # both 16-bit (bf16; fp16 loads have the same width) and 32-bit loads and stores.
@@ -253,8 +286,9 @@ def _aot(kernel, ptrs, block, warps, arch):
     sig.update(dict.fromkeys(consts, "constexpr"))
     # Pointers, N and the strides are 16-divisible at VOS-GAN shapes (N = 64 * 64); T is not.
     aligned = tuple(i for i, n in enumerate(names) if n != "T")
-    return aot.compile_kernel("vosgan.kernels.composite", kernel, sig, consts, arch=arch,
-                              aligned=aligned, num_warps=warps)
+    return aot.compile_kernel(
+        "vosgan.kernels.composite", kernel, sig, consts, arch=arch, aligned=aligned, num_warps=warps
+    )
 
 
 @pytest.fixture(scope="module")
@@ -280,6 +314,7 @@ def test_aot_no_spills_vectorised(aot_reports, variant, arch):
 
 
 # --- GPU only -------------------------------------------------------------------------------
+
 
 @requires_cuda
 @pytest.mark.gpu

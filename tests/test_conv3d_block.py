@@ -79,8 +79,9 @@ def test_kernels_match_reference(shape, layout, dtype, path, monkeypatch):
 
 
 def _block(transpose, act="lrelu"):
-    return conv3d_block_reference(4, 6, transpose=transpose, act=act,
-                                  kernel_size=3, stride=1, padding=1).to(DEV)
+    return conv3d_block_reference(
+        4, 6, transpose=transpose, act=act, kernel_size=3, stride=1, padding=1
+    ).to(DEV)
 
 
 @pytest.mark.parametrize("transpose", [False, True])
@@ -95,8 +96,9 @@ def test_module_train_eval_running_stats(transpose, path, monkeypatch):
     for _ in range(2):
         torch.testing.assert_close(fused(x), ref(x), rtol=1e-5, atol=1e-5)
     for name in ("running_mean", "running_var", "num_batches_tracked"):
-        torch.testing.assert_close(getattr(fused[1], name), getattr(ref[1], name),
-                                   rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(
+            getattr(fused[1], name), getattr(ref[1], name), rtol=1e-6, atol=1e-7
+        )
     ref.eval()
     fused.eval()
     xe = torch.randn(2, 4, 1, 5, 3, device=DEV, requires_grad=True)
@@ -162,12 +164,16 @@ class _R3DStyle(nn.Module):
 
     def __init__(self):
         super().__init__()
-        self.stem = nn.Sequential(nn.Conv3d(3, 6, (1, 3, 3), (1, 2, 2), (0, 1, 1), bias=False),
-                                  nn.BatchNorm3d(6), nn.ReLU(inplace=True))
+        self.stem = nn.Sequential(
+            nn.Conv3d(3, 6, (1, 3, 3), (1, 2, 2), (0, 1, 1), bias=False),
+            nn.BatchNorm3d(6),
+            nn.ReLU(inplace=True),
+        )
         self.conv1 = nn.Sequential(self.Conv3DSimple(6, 6), nn.BatchNorm3d(6), nn.ReLU(True))
         self.conv2 = nn.Sequential(self.Conv3DSimple(6, 6), nn.BatchNorm3d(6))  # not a match
-        self.up = nn.Sequential(nn.ConvTranspose3d(6, 5, 4, 2, 1, bias=False),
-                                nn.BatchNorm3d(5), nn.LeakyReLU(0.1))
+        self.up = nn.Sequential(
+            nn.ConvTranspose3d(6, 5, 4, 2, 1, bias=False), nn.BatchNorm3d(5), nn.LeakyReLU(0.1)
+        )
         self.head = nn.Sequential(nn.Conv3d(5, 2, 1), nn.LeakyReLU(0.2))  # no BN: not a match
 
     def forward(self, x):
@@ -246,8 +252,12 @@ def test_auto_dispatch_reports_and_warns():
     with warnings.catch_warnings(record=True):
         warnings.simplefilter("always")
         out = bn_act(y, w, b)  # auto on CPU -> the reference ops
-    torch.testing.assert_close(out, bn_act_reference(y, w, b, None, None, training=True,
-                                                     momentum=0.1, eps=1e-5, negative_slope=0.2))
+    torch.testing.assert_close(
+        out,
+        bn_act_reference(
+            y, w, b, None, None, training=True, momentum=0.1, eps=1e-5, negative_slope=0.2
+        ),
+    )
 
 
 @pytest.mark.parametrize("residual", [False, True])
@@ -260,62 +270,209 @@ def test_opcheck(residual):
     torch.library.opcheck(torch.ops.vosgan.bn_act_fwd, (y, w, b, r, rm, rv, 1e-5, 0.0))
     _, mean, var = torch.ops.vosgan.bn_act_fwd(y, w, b, r, None, None, 1e-5, 0.2)
     go = torch.randn_like(y)
-    torch.library.opcheck(torch.ops.vosgan.bn_act_bwd,
-                          (go, y.detach(), w.detach(), b.detach(), r, mean, var, 1e-5, 0.2, True))
+    torch.library.opcheck(
+        torch.ops.vosgan.bn_act_bwd,
+        (go, y.detach(), w.detach(), b.detach(), r, mean, var, 1e-5, 0.2, True),
+    )
 
 
 def test_reference_gradcheck_float64():
-    y, w, b, r = (t.double().requires_grad_() for t in
-                  _inputs((2, 2, 1, 2, 3), torch.float32, "ncdhw", True))
+    y, w, b, r = (
+        t.double().requires_grad_() for t in _inputs((2, 2, 1, 2, 3), torch.float32, "ncdhw", True)
+    )
 
     def fn(y, w, b, r):
-        return bn_act_reference(y, w, b, None, None, training=True, momentum=0.1, eps=1e-5,
-                                negative_slope=0.2, residual=r)
+        return bn_act_reference(
+            y,
+            w,
+            b,
+            None,
+            None,
+            training=True,
+            momentum=0.1,
+            eps=1e-5,
+            negative_slope=0.2,
+            residual=r,
+        )
 
     assert torch.autograd.gradcheck(fn, (y, w, b, r))
     assert torch.autograd.gradgradcheck(fn, (y, w, b, r))
 
 
-_KSIG = {"C": "i32", "S": "i32", "n_sblocks": "i32", "stride_b": "i32", "stride_c": "i32",
-         "stride_s": "i32", "eps": "fp32", "slope": "fp32", "CL": "constexpr",
-         "HAS_RES": "constexpr", "BLOCK_C": "constexpr", "BLOCK_S": "constexpr"}
+_KSIG = {
+    "C": "i32",
+    "S": "i32",
+    "n_sblocks": "i32",
+    "stride_b": "i32",
+    "stride_c": "i32",
+    "stride_s": "i32",
+    "eps": "fp32",
+    "slope": "fp32",
+    "CL": "constexpr",
+    "HAS_RES": "constexpr",
+    "BLOCK_C": "constexpr",
+    "BLOCK_S": "constexpr",
+}
 _AOT = {
-    "_bn_stats_partial_kernel": ["y_ptr:*bf16", "part_ptr:*fp32", "C", "S", "n_units:i32",
-                                 "units_per_prog:i32", "n_sblocks", "stride_b", "stride_c",
-                                 "stride_s", "CL", "BLOCK_C", "BLOCK_S"],
-    "_bn_stats_finalize_kernel": ["part_ptr:*fp32", "mean_ptr:*fp32", "var_ptr:*fp32",
-                                  "rm_ptr:*fp32", "rv_ptr:*fp32", "C", "n_part:i32",
-                                  "momentum:fp32", "unbias:fp32", "UPDATE:constexpr",
-                                  "BLOCK_P:constexpr", "BLOCK_C"],
-    "_bn_act_fwd_kernel": ["y_ptr:*bf16", "r_ptr:*bf16", "out_ptr:*bf16", "mean_ptr:*fp32",
-                           "var_ptr:*fp32", "w_ptr:*fp32", "b_ptr:*fp32", "C", "S", "n_sblocks",
-                           "stride_b", "stride_c", "stride_s", "eps", "slope", "CL", "HAS_RES",
-                           "BLOCK_C", "BLOCK_S"],
-    "_bn_act_bwd_reduce_kernel": ["go_ptr:*bf16", "y_ptr:*bf16", "r_ptr:*bf16", "mean_ptr:*fp32",
-                                  "var_ptr:*fp32", "w_ptr:*fp32", "b_ptr:*fp32",
-                                  "part_ptr:*fp32", "C", "S", "n_units:i32",
-                                  "units_per_prog:i32", "n_sblocks", "stride_b", "stride_c",
-                                  "stride_s", "eps", "slope", "CL", "HAS_RES", "BLOCK_C",
-                                  "BLOCK_S"],
-    "_bn_act_bwd_kernel": ["go_ptr:*bf16", "y_ptr:*bf16", "r_ptr:*bf16", "dy_ptr:*bf16",
-                           "dr_ptr:*bf16", "mean_ptr:*fp32", "var_ptr:*fp32", "w_ptr:*fp32",
-                           "b_ptr:*fp32", "sum_g_ptr:*fp32", "sum_gx_ptr:*fp32", "C", "S",
-                           "n_sblocks", "stride_b", "stride_c", "stride_s", "inv_n:fp32", "eps",
-                           "slope", "CL", "HAS_RES", "TRAINING:constexpr", "BLOCK_C",
-                           "BLOCK_S"],
+    "_bn_stats_partial_kernel": [
+        "y_ptr:*bf16",
+        "part_ptr:*fp32",
+        "C",
+        "S",
+        "n_units:i32",
+        "units_per_prog:i32",
+        "n_sblocks",
+        "stride_b",
+        "stride_c",
+        "stride_s",
+        "CL",
+        "BLOCK_C",
+        "BLOCK_S",
+    ],
+    "_bn_stats_finalize_kernel": [
+        "part_ptr:*fp32",
+        "mean_ptr:*fp32",
+        "var_ptr:*fp32",
+        "rm_ptr:*fp32",
+        "rv_ptr:*fp32",
+        "C",
+        "n_part:i32",
+        "momentum:fp32",
+        "unbias:fp32",
+        "UPDATE:constexpr",
+        "BLOCK_P:constexpr",
+        "BLOCK_C",
+    ],
+    "_bn_act_fwd_kernel": [
+        "y_ptr:*bf16",
+        "r_ptr:*bf16",
+        "out_ptr:*bf16",
+        "mean_ptr:*fp32",
+        "var_ptr:*fp32",
+        "w_ptr:*fp32",
+        "b_ptr:*fp32",
+        "C",
+        "S",
+        "n_sblocks",
+        "stride_b",
+        "stride_c",
+        "stride_s",
+        "eps",
+        "slope",
+        "CL",
+        "HAS_RES",
+        "BLOCK_C",
+        "BLOCK_S",
+    ],
+    "_bn_act_bwd_reduce_kernel": [
+        "go_ptr:*bf16",
+        "y_ptr:*bf16",
+        "r_ptr:*bf16",
+        "mean_ptr:*fp32",
+        "var_ptr:*fp32",
+        "w_ptr:*fp32",
+        "b_ptr:*fp32",
+        "part_ptr:*fp32",
+        "C",
+        "S",
+        "n_units:i32",
+        "units_per_prog:i32",
+        "n_sblocks",
+        "stride_b",
+        "stride_c",
+        "stride_s",
+        "eps",
+        "slope",
+        "CL",
+        "HAS_RES",
+        "BLOCK_C",
+        "BLOCK_S",
+    ],
+    "_bn_act_bwd_kernel": [
+        "go_ptr:*bf16",
+        "y_ptr:*bf16",
+        "r_ptr:*bf16",
+        "dy_ptr:*bf16",
+        "dr_ptr:*bf16",
+        "mean_ptr:*fp32",
+        "var_ptr:*fp32",
+        "w_ptr:*fp32",
+        "b_ptr:*fp32",
+        "sum_g_ptr:*fp32",
+        "sum_gx_ptr:*fp32",
+        "C",
+        "S",
+        "n_sblocks",
+        "stride_b",
+        "stride_c",
+        "stride_s",
+        "inv_n:fp32",
+        "eps",
+        "slope",
+        "CL",
+        "HAS_RES",
+        "TRAINING:constexpr",
+        "BLOCK_C",
+        "BLOCK_S",
+    ],
 }
 
 
 _AOT["_bn_act_fwd_small_kernel"] = [
-    "y_ptr:*bf16", "r_ptr:*bf16", "out_ptr:*bf16", "mean_ptr:*fp32", "var_ptr:*fp32",
-    "w_ptr:*fp32", "b_ptr:*fp32", "rm_ptr:*fp32", "rv_ptr:*fp32", "C", "S", "n_units:i32",
-    "n_sblocks", "stride_b", "stride_c", "stride_s", "eps", "slope", "momentum:fp32",
-    "unbias:fp32", "CL", "HAS_RES", "UPDATE:constexpr", "BLOCK_C", "BLOCK_S"]
+    "y_ptr:*bf16",
+    "r_ptr:*bf16",
+    "out_ptr:*bf16",
+    "mean_ptr:*fp32",
+    "var_ptr:*fp32",
+    "w_ptr:*fp32",
+    "b_ptr:*fp32",
+    "rm_ptr:*fp32",
+    "rv_ptr:*fp32",
+    "C",
+    "S",
+    "n_units:i32",
+    "n_sblocks",
+    "stride_b",
+    "stride_c",
+    "stride_s",
+    "eps",
+    "slope",
+    "momentum:fp32",
+    "unbias:fp32",
+    "CL",
+    "HAS_RES",
+    "UPDATE:constexpr",
+    "BLOCK_C",
+    "BLOCK_S",
+]
 _AOT["_bn_act_bwd_small_kernel"] = [
-    "go_ptr:*bf16", "y_ptr:*bf16", "r_ptr:*bf16", "dy_ptr:*bf16", "dr_ptr:*bf16",
-    "mean_ptr:*fp32", "var_ptr:*fp32", "w_ptr:*fp32", "b_ptr:*fp32", "dw_ptr:*fp32",
-    "db_ptr:*fp32", "C", "S", "n_units:i32", "n_sblocks", "stride_b", "stride_c", "stride_s",
-    "inv_n:fp32", "eps", "slope", "CL", "HAS_RES", "TRAINING:constexpr", "BLOCK_C", "BLOCK_S"]
+    "go_ptr:*bf16",
+    "y_ptr:*bf16",
+    "r_ptr:*bf16",
+    "dy_ptr:*bf16",
+    "dr_ptr:*bf16",
+    "mean_ptr:*fp32",
+    "var_ptr:*fp32",
+    "w_ptr:*fp32",
+    "b_ptr:*fp32",
+    "dw_ptr:*fp32",
+    "db_ptr:*fp32",
+    "C",
+    "S",
+    "n_units:i32",
+    "n_sblocks",
+    "stride_b",
+    "stride_c",
+    "stride_s",
+    "inv_n:fp32",
+    "eps",
+    "slope",
+    "CL",
+    "HAS_RES",
+    "TRAINING:constexpr",
+    "BLOCK_C",
+    "BLOCK_S",
+]
 
 
 def _aot_compile(kernel: str, arch: int) -> aot.AotReport:
@@ -327,14 +484,21 @@ def _aot_compile(kernel: str, arch: int) -> aot.AotReport:
             aligned.append(i)  # what Triton's runtime specialisation sees when C % 16 == 0
     # the channels_last tilings the launchers pick for a 64-channel bf16 stage, 8 warps
     small = kernel.endswith("_small_kernel")
-    consts = {"CL": True, "HAS_RES": True, "TRAINING": True, "UPDATE": True,
-              "BLOCK_C": 8 if small else 64, "BLOCK_S": 512 if small else 64}
+    consts = {
+        "CL": True,
+        "HAS_RES": True,
+        "TRAINING": True,
+        "UPDATE": True,
+        "BLOCK_C": 8 if small else 64,
+        "BLOCK_S": 512 if small else 64,
+    }
     consts = {k: v for k, v in consts.items() if k in sig}
     if kernel == "_bn_stats_finalize_kernel":
         consts.update(BLOCK_P=64, BLOCK_C=32)
     module = "vosgan.kernels.bn_act_small" if small else "vosgan.kernels.bn_act"
-    return aot.compile_kernel(module, kernel, sig, consts, arch=arch, aligned=tuple(aligned),
-                              num_warps=8)
+    return aot.compile_kernel(
+        module, kernel, sig, consts, arch=arch, aligned=tuple(aligned), num_warps=8
+    )
 
 
 def test_aot_compiles_without_spills():

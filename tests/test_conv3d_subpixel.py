@@ -20,14 +20,21 @@ def test_subpixel_transpose_matches_conv_transpose3d(shape):
     x = torch.randn(shape, dtype=torch.float64)
     w = torch.randn(shape[1], 3, 4, 4, 4, dtype=torch.float64)
     b = torch.randn(3, dtype=torch.float64)
-    torch.testing.assert_close(ops.conv_transpose3d_subpixel(x, w, b),
-                               F.conv_transpose3d(x, w, b, 2, 1), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(
+        ops.conv_transpose3d_subpixel(x, w, b),
+        F.conv_transpose3d(x, w, b, 2, 1),
+        rtol=1e-12,
+        atol=1e-12,
+    )
 
 
 @pytest.mark.parametrize("transposed", [True, False])
 def test_subpixel_gradcheck_float64(transposed):
-    x = torch.randn(1, 2, 1, 3, 2, dtype=torch.float64) if transposed else torch.randn(
-        1, 2, 2, 2, 4, dtype=torch.float64)
+    x = (
+        torch.randn(1, 2, 1, 3, 2, dtype=torch.float64)
+        if transposed
+        else torch.randn(1, 2, 2, 2, 4, dtype=torch.float64)
+    )
     w = torch.randn(2, 2, 4, 4, 4, dtype=torch.float64) * 0.3
     b = torch.randn(2, dtype=torch.float64)
     args = tuple(t.requires_grad_() for t in (x, w, b))
@@ -47,7 +54,8 @@ def test_subpixel_modules_match_torch(cls, bias, monkeypatch):
     ref = nn.Sequential(cls(3, 4, 4, 2, 1, bias=bias), nn.LeakyReLU(0.2))
     fused = copy.deepcopy(ref)
     assert [r.split(" (")[0] for r in fuse_modules(fused)] == [
-        f"0: {cls.__name__} -> Subpixel{cls.__name__}"]
+        f"0: {cls.__name__} -> Subpixel{cls.__name__}"
+    ]
     assert type(fused[0]) in (SubpixelConv3d, SubpixelConvTranspose3d) and fused[0].impl == "auto"
     assert fused.state_dict().keys() == ref.state_dict().keys()
     for shape in [(2, 3, 4, 6, 8)] + ([(2, 3, 3, 5, 1)] if cls is nn.ConvTranspose3d else []):
@@ -75,8 +83,10 @@ def test_subpixel_fuser_rejects_other_geometries():
     assert fuse_modules(nn.Sequential(nn.Conv3d(5, 2, 4, 2, 1))) == []  # C_in > 4
     assert fuse_modules(nn.Sequential(nn.ConvTranspose3d(8, 3, 3, 2, 1))) == []  # kernel 3
     assert fuse_modules(nn.Sequential(nn.Conv3d(3, 8, 4, 1, 1))) == []  # stride 1
-    assert fuse_modules(nn.Sequential(nn.ConvTranspose3d(8, 3, 4, 2, 1, groups=1,
-                                                         output_padding=1))) == []
+    assert (
+        fuse_modules(nn.Sequential(nn.ConvTranspose3d(8, 3, 4, 2, 1, groups=1, output_padding=1)))
+        == []
+    )
     conv = SubpixelConvTranspose3d(8, 3, 4, 2, 1)
     assert fuse_modules(nn.Sequential(conv)) == []  # already switched
     conv.impl = "bogus"

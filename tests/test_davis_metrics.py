@@ -15,10 +15,9 @@ SQUARE = np.zeros((4, 5), bool)
 SQUARE[1:3, 1:3] = True  # a 2x2 object
 # seg2bmap by hand: a pixel differing from its right, bottom or bottom-right neighbour; last row:
 # right only; last column: bottom only; the corner never.
-SQUARE_BOUNDARY = np.array([[1, 1, 1, 0, 0],
-                            [1, 0, 1, 0, 0],
-                            [1, 1, 1, 0, 0],
-                            [0, 0, 0, 0, 0]], bool)
+SQUARE_BOUNDARY = np.array(
+    [[1, 1, 1, 0, 0], [1, 0, 1, 0, 0], [1, 1, 1, 0, 0], [0, 0, 0, 0, 0]], bool
+)
 CPU_BACKENDS = ("numba", "scipy")
 
 
@@ -26,8 +25,12 @@ def test_seg2bmap_hand_computed() -> None:
     np.testing.assert_array_equal(dm.seg2bmap(SQUARE[None])[0], SQUARE_BOUNDARY)
     one = np.zeros((1, 6, 6), bool)
     one[0, 3, 3] = True  # a one-pixel object: itself and its left, upper, upper-left neighbours
-    assert set(zip(*np.nonzero(dm.seg2bmap(one)[0]), strict=True)) == {(2, 2), (2, 3), (3, 2),
-                                                                        (3, 3)}
+    assert set(zip(*np.nonzero(dm.seg2bmap(one)[0]), strict=True)) == {
+        (2, 2),
+        (2, 3),
+        (3, 2),
+        (3, 3),
+    }
     # image edges: an object touching the last row / column / corner
     edge = np.zeros((1, 3, 3), bool)
     edge[0, 2, 2] = True
@@ -106,8 +109,9 @@ def _blobs(rng: np.random.Generator, n: int, h: int, w: int) -> np.ndarray:
     return (smooth > 0.6) ^ (rng.random((n, h, w)) > 0.97)
 
 
-@pytest.mark.parametrize("shape,bound_th", [((5, 37, 53), 0.008), ((3, 61, 29), 4),
-                                            ((4, 1, 17), 2), ((4, 23, 1), 1)])
+@pytest.mark.parametrize(
+    "shape,bound_th", [((5, 37, 53), 0.008), ((3, 61, 29), 4), ((4, 1, 17), 2), ((4, 23, 1), 1)]
+)
 def test_numba_matches_scipy(shape: tuple[int, int, int], bound_th: float) -> None:
     rng = np.random.default_rng(sum(shape))
     p, g = _blobs(rng, *shape), _blobs(rng, *shape)
@@ -136,8 +140,9 @@ def test_numba_matches_scipy_on_davis_masks() -> None:
 def test_cupy_matches_numba() -> None:
     rng = np.random.default_rng(1)
     p, g = _blobs(rng, 4, 120, 213), _blobs(rng, 4, 120, 213)
-    np.testing.assert_array_equal(dm.boundary_counts(p, g, backend="cupy"),
-                                  dm.boundary_counts(p, g, backend="numba"))
+    np.testing.assert_array_equal(
+        dm.boundary_counts(p, g, backend="cupy"), dm.boundary_counts(p, g, backend="numba")
+    )
     assert dm.resolve_backend("auto") == "cupy"
 
 
@@ -161,7 +166,7 @@ def test_decay_bins_match_davis_code(half_even: bool) -> None:
         v = rng.random(n)
         grid = np.linspace(1, n, 5) + (0 if half_even else 1e-10)  # the DAVIS 2016 / 2017 code
         ids = (np.round(grid) - 1).astype(np.int64)
-        bins = [v[ids[i]: ids[i + 1] + 1] for i in range(4)]
+        bins = [v[ids[i] : ids[i + 1] + 1] for i in range(4)]
         assert dm.statistics(v, half_even).decay == pytest.approx(bins[0].mean() - bins[3].mean())
 
 

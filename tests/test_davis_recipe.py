@@ -18,9 +18,19 @@ from vosgan import checkpoint, evaluate, train
 from vosgan.data import prepare
 
 DAVIS = Path(SHARED_DATA) / "davis2016"
-TINY = ["--model.size=16", "--model.frames=16", "--model.g_channels=16", "--model.d_channels=4",
-        "--model.gru_hidden=16", "--data.batch_size=2", "--data.train_clips=4",
-        "--data.val_clips=2", "--train.eval_clips=2", "--train.steps=2", "--data.crop=random"]
+TINY = [
+    "--model.size=16",
+    "--model.frames=16",
+    "--model.g_channels=16",
+    "--model.d_channels=4",
+    "--model.gru_hidden=16",
+    "--data.batch_size=2",
+    "--data.train_clips=4",
+    "--data.val_clips=2",
+    "--train.eval_clips=2",
+    "--train.steps=2",
+    "--data.crop=random",
+]
 
 
 @pytest.fixture
@@ -61,8 +71,19 @@ def test_train_on_unlabeled_davis_frames_then_score_jf(tmp_path: Path, davis_roo
         torch.testing.assert_close(value, without[key], rtol=0, atol=0, msg=key)
 
     out = tmp_path / "eval"
-    assert evaluate.main(["--davis", str(davis_root), "--checkpoint",
-                          str(run / "checkpoints" / "last.pt"), "--out", str(out)]) == 0
+    assert (
+        evaluate.main(
+            [
+                "--davis",
+                str(davis_root),
+                "--checkpoint",
+                str(run / "checkpoints" / "last.pt"),
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     res = json.loads((out / "davis_jf.json").read_text())
     assert set(res["methods"]) == {"model", "frame-difference", "all-foreground", "centre-prior"}
     for scores in res["methods"].values():

@@ -76,12 +76,28 @@ def test_freeze_repeats_the_middle_frame():
 
 def test_cli_reports_and_rejects_bad_input(tmp_path, capsys):
     out = tmp_path / "run"
-    assert train.main(["--train.steps=1", "--data.batch_size=2", "--data.train_clips=4",
-                       "--data.val_clips=4", "--train.eval_clips=2", "--out", str(out)]) == 0
+    assert (
+        train.main(
+            [
+                "--train.steps=1",
+                "--data.batch_size=2",
+                "--data.train_clips=4",
+                "--data.val_clips=4",
+                "--train.eval_clips=2",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     capsys.readouterr()
     path = tmp_path / "d.json"
-    assert diagnose.main(["--checkpoint", str(out), "--clips", "3", "--fakes", "3",
-                          "--json", str(path)]) == 0
+    assert (
+        diagnose.main(
+            ["--checkpoint", str(out), "--clips", "3", "--fakes", "3", "--json", str(path)]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     assert "D on 3 held-out real clips: AUC" in printed and "G's masks: mean" in printed
     report = json.loads(path.read_text())

@@ -32,10 +32,21 @@ from vosgan import checkpoint, train
 from vosgan.models import Discriminator, Generator
 
 TINY = [
-    "--model.size=16", "--model.frames=16", "--model.g_channels=16", "--model.d_channels=4",
-    "--model.gru_hidden=16", "--data.batch_size=4", "--data.train_clips=16", "--data.val_clips=4",
-    "--train.eval_clips=4", "--train.log_every=1", "--train.eval_every=1000",
-    "--train.sample_every=1000", "--train.device=cpu", "--loss.r1=1", "--loss.r1_every=2",
+    "--model.size=16",
+    "--model.frames=16",
+    "--model.g_channels=16",
+    "--model.d_channels=4",
+    "--model.gru_hidden=16",
+    "--data.batch_size=4",
+    "--data.train_clips=16",
+    "--data.val_clips=4",
+    "--train.eval_clips=4",
+    "--train.log_every=1",
+    "--train.eval_every=1000",
+    "--train.sample_every=1000",
+    "--train.device=cpu",
+    "--loss.r1=1",
+    "--loss.r1_every=2",
     "--optim.lr_dense=0",  # one learning rate (2e-4) for all of D: the tolerances below use it
 ]
 
@@ -61,8 +72,17 @@ def torchrun(tmp_path, *args, nproc=2):
     worker = tmp_path / "worker.py"
     worker.write_text(WORKER)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-           f"--nproc_per_node={nproc}", str(worker), str(tmp_path), *TINY, *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        str(worker),
+        str(tmp_path),
+        *TINY,
+        *args,
+    ]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
 
 
@@ -108,12 +128,17 @@ def test_sync_bn_ddp_matches_one_process_and_resumes(tmp_path):
     res = torchrun(tmp_path, "--train.sync_bn=true", "--train.steps=2", "--out", str(out))
     assert res.returncode == 0, res.stderr[-3000:]
     cfg = train.parse_args(TINY)[0].model
-    bns = [m for net in (Generator(cfg), Discriminator(cfg)) for m in net.modules()
-           if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    bns = [
+        m
+        for net in (Generator(cfg), Discriminator(cfg))
+        for m in net.modules()
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
+    ]
     assert f"sync_bn: {len(bns)} BatchNorm layer(s)" in res.stdout
     assert_ranks_identical(tmp_path, buffers=True)
-    res = torchrun(tmp_path, "--train.sync_bn=true", "--train.steps=4", "--out", str(out),
-                   "--resume", "auto")
+    res = torchrun(
+        tmp_path, "--train.sync_bn=true", "--train.steps=4", "--out", str(out), "--resume", "auto"
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     assert res.stdout.count("resumed from") == 1  # rank 0 alone prints
     assert_ranks_identical(tmp_path, buffers=True)
@@ -128,13 +153,16 @@ def test_ddp_without_sync_bn_is_accumulation_over_rank_shares(tmp_path):
     out = tmp_path / "ddp"
     # no loss reads D's dense heads here: DDP must find the idle decoder (find_unused_parameters)
     idle = ["--loss.segmentation=0", "--loss.flow=0", "--loss.flow_smoothness=0"]
-    res = torchrun(tmp_path, "--train.steps=3", "--train.checkpoint_activations=true", *idle,
-                   "--out", str(out))
+    res = torchrun(
+        tmp_path, "--train.steps=3", "--train.checkpoint_activations=true", *idle, "--out", str(out)
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     assert_ranks_identical(tmp_path, buffers=False)
     one = tmp_path / "accum"
-    assert train.main([*TINY, "--train.steps=3", "--train.grad_accum=2", *idle,
-                       "--out", str(one)]) == 0
+    assert (
+        train.main([*TINY, "--train.steps=3", "--train.grad_accum=2", *idle, "--out", str(one)])
+        == 0
+    )
     assert_same_run(out, one)
 
 
@@ -143,8 +171,12 @@ def test_errors_name_the_rank(tmp_path):
     res = torchrun(tmp_path, "--train.steps=1", "--data.batch_size=3", "--out", str(tmp_path / "r"))
     assert res.returncode != 0
     # The first rank to fail makes torchrun stop the other, which may not get to print.
-    said = [rank for rank in (0, 1) if f"error (rank {rank} of 2): data.batch_size=3 must be "
-            "divisible by the number of processes (2)" in res.stderr]
+    said = [
+        rank
+        for rank in (0, 1)
+        if f"error (rank {rank} of 2): data.batch_size=3 must be "
+        "divisible by the number of processes (2)" in res.stderr
+    ]
     assert said, res.stderr[-2000:]
 
 
@@ -153,10 +185,20 @@ def test_ctrl_c_under_torchrun_checkpoints_once_all_ranks_agree(tmp_path):
     # step to stop at, rank 0 writes the checkpoint, and all leave the process group together.
     out = tmp_path / "run"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           "-m", "vosgan.train", *TINY, "--train.steps=1000", "--out", str(out)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=env)
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "vosgan.train",
+        *TINY,
+        "--train.steps=1000",
+        "--out",
+        str(out),
+    ]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     log = out / "log.jsonl"
     deadline = time.monotonic() + 120
     while not (log.exists() and len(log.read_text().splitlines()) >= 2):

@@ -13,8 +13,11 @@ from vosgan import checkpoint, finetune
 
 CPU = torch.device("cpu")
 #: class -> (square colour, horizontal speed in pixels/frame): colour and motion both differ.
-CLASSES = {"RedRight": ((220, 40, 40), 1), "GreenLeft": ((40, 200, 40), -1),
-           "BlueStill": ((40, 40, 220), 0)}
+CLASSES = {
+    "RedRight": ((220, 40, 40), 1),
+    "GreenLeft": ((40, 200, 40), -1),
+    "BlueStill": ((40, 40, 220), 0),
+}
 TRAIN_GROUPS, TEST_GROUPS, UNLISTED_GROUP = (1, 2, 3, 4), (5, 6), 7
 
 
@@ -57,7 +60,8 @@ def ucf(tmp_path_factory):
         train_lines += [f"{name(cls, g)} {k}" for g in TRAIN_GROUPS]
         test_lines += [name(cls, g) for g in TEST_GROUPS]
     (lists / "classInd.txt").write_text(
-        "".join(f"{k} {c}\n" for k, c in enumerate(CLASSES, start=1)))
+        "".join(f"{k} {c}\n" for k, c in enumerate(CLASSES, start=1))
+    )
     (lists / "trainlist01.txt").write_text("\n".join(train_lines) + "\n")
     (lists / "testlist01.txt").write_text("\n".join(test_lines) + "\n")
     return root
@@ -68,15 +72,27 @@ def d_state(path):
 
 
 def finetune_run(tmp_path, ucf, ckpt, *extra):
-    args = finetune.parse_args(["--checkpoint", str(ckpt), "--data", str(ucf), "--out",
-                                str(tmp_path / "out"), "--batch-size", "4", *extra])
+    args = finetune.parse_args(
+        [
+            "--checkpoint",
+            str(ckpt),
+            "--data",
+            str(ucf),
+            "--out",
+            str(tmp_path / "out"),
+            "--batch-size",
+            "4",
+            *extra,
+        ]
+    )
     return finetune.run(args)
 
 
 def test_frozen_head_learns_and_tests_on_the_test_list_only(tmp_path, ucf, ckpt):
     before = d_state(ckpt)
-    result, model = finetune_run(tmp_path, ucf, ckpt, "--mode", "frozen", "--epochs", "60",
-                                 "--lr", "0.01")
+    result, model = finetune_run(
+        tmp_path, ucf, ckpt, "--mode", "frozen", "--epochs", "60", "--lr", "0.01"
+    )
     p = result["protocol"]
     assert (p["train_videos"], p["test_videos"], p["classes"], p["split"]) == (12, 6, 3, 1)
     assert p["frames"] == 16 and p["resolution"] == [32, 32] and p["feature_dim"] == 128
@@ -98,10 +114,30 @@ def test_frozen_head_learns_and_tests_on_the_test_list_only(tmp_path, ucf, ckpt)
 
 def test_finetune_mode_updates_the_encoder(tmp_path, ucf, ckpt, capsys):
     before = d_state(ckpt)
-    assert finetune.main(["--checkpoint", str(ckpt), "--data", str(ucf), "--out",
-                          str(tmp_path / "ft"), "--mode", "finetune", "--epochs", "2",
-                          "--batch-size", "6", "--test-clips", "2", "--features", "all",
-                          "--data.flip=true"]) == 0
+    assert (
+        finetune.main(
+            [
+                "--checkpoint",
+                str(ckpt),
+                "--data",
+                str(ucf),
+                "--out",
+                str(tmp_path / "ft"),
+                "--mode",
+                "finetune",
+                "--epochs",
+                "2",
+                "--batch-size",
+                "6",
+                "--test-clips",
+                "2",
+                "--features",
+                "all",
+                "--data.flip=true",
+            ]
+        )
+        == 0
+    )
     assert "top-1 accuracy" in capsys.readouterr().out
     result = json.loads((tmp_path / "ft" / "result.json").read_text())
     p = result["protocol"]
@@ -122,8 +158,11 @@ def test_finetune_mode_updates_the_encoder(tmp_path, ucf, ckpt, capsys):
         (["--model.size=64"], "only --data.\\* overrides"),
         (["--data.bogus=1"], "unknown config key 'data.bogus'"),
         (["--batch-size", "1"], "--batch-size must be >= 2"),
-        pytest.param(["--device", "cuda"], "no CUDA device", marks=pytest.mark.skipif(
-            torch.cuda.is_available(), reason="CUDA present")),
+        pytest.param(
+            ["--device", "cuda"],
+            "no CUDA device",
+            marks=pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA present"),
+        ),
     ],
 )
 def test_bad_arguments(tmp_path, ucf, ckpt, capsys, extra, message):
@@ -134,8 +173,21 @@ def test_bad_arguments(tmp_path, ucf, ckpt, capsys, extra, message):
 
 def test_bad_data(tmp_path, ckpt, capsys):
     def err(data):
-        assert finetune.main(["--checkpoint", str(ckpt), "--data", str(data), "--out",
-                              str(tmp_path / "o"), "--epochs", "1"]) == 2
+        assert (
+            finetune.main(
+                [
+                    "--checkpoint",
+                    str(ckpt),
+                    "--data",
+                    str(data),
+                    "--out",
+                    str(tmp_path / "o"),
+                    "--epochs",
+                    "1",
+                ]
+            )
+            == 2
+        )
         return capsys.readouterr().err
 
     assert "no such folder" in err(tmp_path / "missing")
@@ -146,8 +198,19 @@ def test_bad_data(tmp_path, ckpt, capsys):
     (flat / "trainlist01.txt").write_text("a.avi\n")
     (flat / "testlist01.txt").write_text("b.avi\n")
     assert "have no class labels" in err(flat)
-    assert finetune.main(["--checkpoint", str(tmp_path / "none.pt"), "--data", str(flat),
-                          "--out", str(tmp_path / "o")]) == 2
+    assert (
+        finetune.main(
+            [
+                "--checkpoint",
+                str(tmp_path / "none.pt"),
+                "--data",
+                str(flat),
+                "--out",
+                str(tmp_path / "o"),
+            ]
+        )
+        == 2
+    )
     assert "does not exist" in capsys.readouterr().err
 
 

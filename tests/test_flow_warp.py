@@ -77,8 +77,9 @@ def test_matches_reference_fp32(impl: str, padding: str, kind: str) -> None:
         assert out.shape == ref.shape and out.dtype == ref.dtype
         torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
         g = torch.randn_like(ref)
-        for name, got, want in zip(("dx", "dflow"), grads(out, [x, flow], g),
-                                   grads(ref, [x, flow], g), strict=True):
+        for name, got, want in zip(
+            ("dx", "dflow"), grads(out, [x, flow], g), grads(ref, [x, flow], g), strict=True
+        ):
             assert_close_rel(got, want, 2e-5, f"{impl} {padding} {kind} {(b, c, t, h, w)} {name}")
 
 
@@ -131,8 +132,14 @@ def test_deterministic_fixed_point_dx(impl: str) -> None:
     flow = (torch.randn(b, 2, t - 1, h, w) * 0.4).requires_grad_()  # many shared targets
     weight = torch.rand(b, 1, t - 1, h, w)
     want = grads(flow_warp_loss_reference(x, flow, weight), [x, flow], torch.tensor(3.0))
-    runs = [grads(flow_warp_loss(x, flow, weight, impl=impl, deterministic=True), [x, flow],
-                  torch.tensor(3.0)) for _ in range(2)]
+    runs = [
+        grads(
+            flow_warp_loss(x, flow, weight, impl=impl, deterministic=True),
+            [x, flow],
+            torch.tensor(3.0),
+        )
+        for _ in range(2)
+    ]
     for name, got, ref in zip(("dx", "dflow"), runs[0], want, strict=True):
         assert_close_rel(got, ref, 2e-5, f"deterministic {name}")
     assert all(torch.equal(a, b) for a, b in zip(*runs, strict=True))
@@ -149,8 +156,12 @@ def test_grad_only_when_requested(impl: str) -> None:
     # x only (flow detached) also works
     xg = x.clone().requires_grad_()
     (dx,) = torch.autograd.grad(flow_warp_loss(xg, flow.detach(), impl=impl), [xg])
-    assert_close_rel(dx, torch.autograd.grad(flow_warp_loss_reference(xg, flow.detach()), [xg])[0],
-                     2e-5, "dx only")
+    assert_close_rel(
+        dx,
+        torch.autograd.grad(flow_warp_loss_reference(xg, flow.detach()), [xg])[0],
+        2e-5,
+        "dx only",
+    )
 
 
 def _grid_sample_has_double_backward() -> bool:
@@ -178,8 +189,11 @@ def test_double_backward(impl: str, padding: str) -> None:
     weight = torch.rand(b, 1, t - 1, h, w)
     outs = []
     for fused in (True, False):
-        loss = (flow_warp_loss(x, flow, weight, padding_mode=padding, impl=impl) if fused
-                else flow_warp_loss_reference(x, flow, weight, padding_mode=padding))
+        loss = (
+            flow_warp_loss(x, flow, weight, padding_mode=padding, impl=impl)
+            if fused
+            else flow_warp_loss_reference(x, flow, weight, padding_mode=padding)
+        )
         first = torch.autograd.grad(loss, [x, flow], create_graph=True)
         outs.append(first)
         if fused or _grid_sample_has_double_backward():
@@ -197,8 +211,7 @@ def test_double_backward(impl: str, padding: str) -> None:
 def test_gradgradcheck_differentiable_warp(padding: str) -> None:
     x = torch.randn(1, 2, 4, 5, dtype=torch.float64, requires_grad=True)
     flow = (torch.rand(1, 2, 4, 5, dtype=torch.float64) * 3 - 1.5).requires_grad_()
-    assert torch.autograd.gradgradcheck(lambda a, f: warp_differentiable(a, f, padding),
-                                        (x, flow))
+    assert torch.autograd.gradgradcheck(lambda a, f: warp_differentiable(a, f, padding), (x, flow))
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -210,18 +223,22 @@ def test_opcheck(impl: str) -> None:
     for mean in (True, False):
         torch.library.opcheck(flow_warp_loss_op, (x, flow, weight, 1e-3, False, mean, False, impl))
     g = torch.full((1,), 0.1)
-    torch.library.opcheck(flow_warp_loss_backward_op,
-                          (g, x.detach(), flow.detach(), None, 1e-3, True, True, False, impl))
+    torch.library.opcheck(
+        flow_warp_loss_backward_op,
+        (g, x.detach(), flow.detach(), None, 1e-3, True, True, False, impl),
+    )
     for grad_x in (True, False):
-        torch.library.opcheck(flow_warp_loss_and_grad_op,
-                              (x if grad_x else x.detach(), flow, weight, 1e-3, False, grad_x,
-                               False, impl))
+        torch.library.opcheck(
+            flow_warp_loss_and_grad_op,
+            (x if grad_x else x.detach(), flow, weight, 1e-3, False, grad_x, False, impl),
+        )
 
 
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("one_pass", [True, False])
-def test_one_pass_and_two_pass_paths(impl: str, one_pass: bool,
-                                     monkeypatch: pytest.MonkeyPatch) -> None:
+def test_one_pass_and_two_pass_paths(
+    impl: str, one_pass: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A mean loss needing gradients runs either the one-pass op (forward computes the fp32
     gradients, backward scales them) or forward + recomputing backward: both match."""
     monkeypatch.setitem(fw.ONE_PASS, impl, one_pass)
@@ -245,7 +262,8 @@ def test_gradcheck_reference_float64(padding: str) -> None:
     flow = (torch.rand(b, 2, t - 1, h, w, dtype=torch.float64) * 3 - 1.5).requires_grad_()
     weight = torch.rand(b, 1, t - 1, h, w, dtype=torch.float64)
     assert torch.autograd.gradcheck(
-        lambda a, f: flow_warp_loss_reference(a, f, weight, 1e-2, padding, "none"), (x, flow))
+        lambda a, f: flow_warp_loss_reference(a, f, weight, 1e-2, padding, "none"), (x, flow)
+    )
 
 
 def test_validation_messages() -> None:
@@ -298,38 +316,119 @@ def test_auto_dispatch_and_module() -> None:
         FlowWarpLoss(impl="cuda")
     with pytest.raises(ValueError, match="eps must be"):
         FlowWarpLoss(eps=0.0)
-    torch.testing.assert_close(model[0](x, flow),
-                               flow_warp_loss_reference(x, flow, None, 1e-2, "border"))
+    torch.testing.assert_close(
+        model[0](x, flow), flow_warp_loss_reference(x, flow, None, 1e-2, "border")
+    )
 
 
 _I32 = "i32"
 _FWD_SIG = {
-    "x_ptr": "*bf16", "flow_ptr": "*bf16", "w_ptr": "*bf16", "out_ptr": "*fp32",
-    **{k: _I32 for k in ("C", "Tm1", "H", "W", "HW", "x_sb", "x_sc", "x_st", "f_sb", "f_sc",
-                         "f_st", "w_sb", "w_st", "o_sb", "o_sc", "o_st")},
+    "x_ptr": "*bf16",
+    "flow_ptr": "*bf16",
+    "w_ptr": "*bf16",
+    "out_ptr": "*fp32",
+    **{
+        k: _I32
+        for k in (
+            "C",
+            "Tm1",
+            "H",
+            "W",
+            "HW",
+            "x_sb",
+            "x_sc",
+            "x_st",
+            "f_sb",
+            "f_sc",
+            "f_st",
+            "w_sb",
+            "w_st",
+            "o_sb",
+            "o_sc",
+            "o_st",
+        )
+    },
     **{k: "fp32" for k in ("half_wm1", "half_hm1", "wm1", "hm1", "eps2")},
     **{k: "constexpr" for k in ("HAS_W", "BORDER", "REDUCE", "RECIP", "BLOCK")},
 }
 _BWD_SIG = {
-    "x_ptr": "*bf16", "flow_ptr": "*bf16", "w_ptr": "*bf16", "g_ptr": "*fp32",
-    "dflow_ptr": "*bf16", "dx_ptr": "*fp32", "qscale_ptr": "*fp32", "loss_ptr": "*fp32",
-    **{k: _I32 for k in ("C", "Tm1", "H", "W", "HW", "x_sb", "x_sc", "x_st", "f_sb", "f_sc",
-                         "f_st", "w_sb", "w_st", "g_sb", "g_sc", "g_st", "df_sb", "df_sc",
-                         "df_st", "dx_sb", "dx_sc", "dx_st")},
-    **{k: "fp32" for k in ("half_wm1", "half_hm1", "wm1", "hm1", "eps2", "gx_scale",
-                           "gy_scale")},
-    **{k: "constexpr" for k in ("HAS_W", "BORDER", "G_SCALAR", "GRAD_X", "FIXED_POINT",
-                                "WITH_LOSS", "RECIP", "BLOCK")},
+    "x_ptr": "*bf16",
+    "flow_ptr": "*bf16",
+    "w_ptr": "*bf16",
+    "g_ptr": "*fp32",
+    "dflow_ptr": "*bf16",
+    "dx_ptr": "*fp32",
+    "qscale_ptr": "*fp32",
+    "loss_ptr": "*fp32",
+    **{
+        k: _I32
+        for k in (
+            "C",
+            "Tm1",
+            "H",
+            "W",
+            "HW",
+            "x_sb",
+            "x_sc",
+            "x_st",
+            "f_sb",
+            "f_sc",
+            "f_st",
+            "w_sb",
+            "w_st",
+            "g_sb",
+            "g_sc",
+            "g_st",
+            "df_sb",
+            "df_sc",
+            "df_st",
+            "dx_sb",
+            "dx_sc",
+            "dx_st",
+        )
+    },
+    **{k: "fp32" for k in ("half_wm1", "half_hm1", "wm1", "hm1", "eps2", "gx_scale", "gy_scale")},
+    **{
+        k: "constexpr"
+        for k in (
+            "HAS_W",
+            "BORDER",
+            "G_SCALAR",
+            "GRAD_X",
+            "FIXED_POINT",
+            "WITH_LOSS",
+            "RECIP",
+            "BLOCK",
+        )
+    },
 }
 # The launch configurations the GPU path uses (BLOCK=512, 4 warps), both accumulation modes.
 AOT_CASES = {
     "fwd-sum": ("_fwd_kernel", _FWD_SIG, {"HAS_W": True, "BORDER": False, "REDUCE": True}),
-    "bwd-atomic": ("_bwd_kernel", _BWD_SIG, {"HAS_W": True, "BORDER": True, "G_SCALAR": True,
-                                             "GRAD_X": True, "FIXED_POINT": False,
-                                             "WITH_LOSS": True}),
-    "bwd-fixed": ("_bwd_kernel", {**_BWD_SIG, "dx_ptr": "*i64", "g_ptr": "*bf16"},
-                  {"HAS_W": True, "BORDER": False, "G_SCALAR": False, "GRAD_X": True,
-                   "FIXED_POINT": True, "WITH_LOSS": False}),
+    "bwd-atomic": (
+        "_bwd_kernel",
+        _BWD_SIG,
+        {
+            "HAS_W": True,
+            "BORDER": True,
+            "G_SCALAR": True,
+            "GRAD_X": True,
+            "FIXED_POINT": False,
+            "WITH_LOSS": True,
+        },
+    ),
+    "bwd-fixed": (
+        "_bwd_kernel",
+        {**_BWD_SIG, "dx_ptr": "*i64", "g_ptr": "*bf16"},
+        {
+            "HAS_W": True,
+            "BORDER": False,
+            "G_SCALAR": False,
+            "GRAD_X": True,
+            "FIXED_POINT": True,
+            "WITH_LOSS": False,
+        },
+    ),
 }
 
 
@@ -343,14 +442,19 @@ def test_aot_compile_no_spills(case: str, arch: int) -> None:
     # 64x64), as Triton's launch-time specialisation would see them; C, T, H, W are generic.
     names = list(sig)
     generic = {"C", "Tm1", "H", "W"}
-    aligned = tuple(i for i, n in enumerate(names)
-                    if sig[n].startswith("*") or (sig[n] == _I32 and n not in generic))
+    aligned = tuple(
+        i
+        for i, n in enumerate(names)
+        if sig[n].startswith("*") or (sig[n] == _I32 and n not in generic)
+    )
     consts = {**constexprs, "BLOCK": 512, "RECIP": True}
-    rep = aot.compile_kernel("vosgan.kernels.flow_warp", kernel, sig, consts, arch=arch,
-                             aligned=aligned, num_warps=4)
+    rep = aot.compile_kernel(
+        "vosgan.kernels.flow_warp", kernel, sig, consts, arch=arch, aligned=aligned, num_warps=4
+    )
     assert rep.registers > 0, "ptxas reported no register count"
     assert rep.spill_stores == 0 and rep.spill_loads == 0, (
-        f"{case} sm_{arch}: {rep.spill_stores} B spill stores, {rep.spill_loads} B spill loads")
+        f"{case} sm_{arch}: {rep.spill_stores} B spill stores, {rep.spill_loads} B spill loads"
+    )
     # The per-pixel streams (x_t, flow, weight) are contiguous and vectorised (4 bf16 per thread
     # at BLOCK=512: 64-bit loads); the four bilinear corner loads are gathers.
     assert re.search(r"ld\.global(?:\.\w+)*\.v[24]", rep.ptx), f"{case} sm_{arch}: no vector loads"

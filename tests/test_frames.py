@@ -50,8 +50,13 @@ def test_shared_single_sequence_folder() -> None:
 
 def test_davis_layout_with_palette_masks(tmp_path: Path) -> None:
     for name in ("b-seq", "a-seq"):
-        write_sequence(tmp_path, 4, frame_dir=f"JPEGImages/480p/{name}",
-                       mask_dir=f"Annotations/480p/{name}", mode="P")
+        write_sequence(
+            tmp_path,
+            4,
+            frame_dir=f"JPEGImages/480p/{name}",
+            mask_dir=f"Annotations/480p/{name}",
+            mode="P",
+        )
     seqs = find_sequences(tmp_path)
     assert [s.name for s in seqs] == ["a-seq", "b-seq"]
     m = load_masks(seqs[0])

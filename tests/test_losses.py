@@ -85,4 +85,3 @@ def test_blurred_photometric_loss_prefers_the_true_flow_to_a_shifted_one():
         loss = L.VosGanLoss(LossConfig(photometric_blur=blur))
         gap = loss.motion(video, true + 0.25)[0].item() - loss.motion(video, true)[0].item()
         assert (gap < 0) == shift_wins, (blur, gap)
-

@@ -116,8 +116,10 @@ def test_evaluate_predictions_pools_frames_and_pixels() -> None:
     assert perfect.iou == 1.0 and perfect.epe == 0.0 and perfect.epe_fg == 0.0
 
     def pred(b: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return {"seg": torch.zeros_like(b["mask"]), "flow": b["flow"] + torch.tensor([0.6, 0.8])
-                .view(1, 2, 1, 1, 1)}
+        return {
+            "seg": torch.zeros_like(b["mask"]),
+            "flow": b["flow"] + torch.tensor([0.6, 0.8]).view(1, 2, 1, 1, 1),
+        }
 
     res = evaluate_predictions([(b1, pred(b1)), (b2, pred(b2))])
     assert res.epe == pytest.approx(1.0) and res.epe_fg == pytest.approx(1.0)
@@ -131,8 +133,15 @@ def test_evaluate_predictions_pools_frames_and_pixels() -> None:
     assert res.baseline_epe_fg == pytest.approx(float(speed[fg].mean()), rel=1e-5)
     seg = frame_difference_baseline(both["video"])["seg"]
     assert res.baseline_iou == pytest.approx(float(segmentation_iou(seg, both["mask"]).mean()))
-    assert set(res.as_dict()) == {"iou", "epe", "epe_fg", "baseline_iou", "baseline_epe",
-                                  "baseline_epe_fg", "num_clips"}
+    assert set(res.as_dict()) == {
+        "iou",
+        "epe",
+        "epe_fg",
+        "baseline_iou",
+        "baseline_epe",
+        "baseline_epe_fg",
+        "num_clips",
+    }
 
 
 def test_evaluate_predictions_validates() -> None:

@@ -42,17 +42,23 @@ def _cfg(source: Path, size: int = 16, **data: object) -> config.Config:
 def test_round_trip_equals_decode(src: Path, tmp_path: Path) -> None:
     with pytest.warns(UserWarning, match="skipping Run/v_Run_broken.mp4"):
         index = prep.prepare(src, tmp_path / "c", size=16, progress=False)
-    assert [v["name"] for v in index["videos"]] == ["Run/v_Run_h264.mp4", "Walk/v_Walk_h264.mp4",
-                                                    "Walk/v_Walk_vp9.webm"]
+    assert [v["name"] for v in index["videos"]] == [
+        "Run/v_Run_h264.mp4",
+        "Walk/v_Walk_h264.mp4",
+        "Walk/v_Walk_vp9.webm",
+    ]
     assert [v["label"] for v in index["videos"]] == [0, 1, 1]
     assert index["skipped"][0][0] == "Run/v_Run_broken.mp4" and not index["has_masks"]
     cache = CacheSource(tmp_path / "c")
     for k, v in enumerate(index["videos"]):
         assert (v["length"], v["height"], v["width"]) == (
-            {"Run": 10}.get(v["name"][:3], 14 if "h264" in v["name"] else 12), 16, 24)
+            {"Run": 10}.get(v["name"][:3], 14 if "h264" in v["name"] else 12),
+            16,
+            24,
+        )
         got, _ = PyAVDecoder.decode(src / v["name"], lambda i: True, size=16)
         ref = np.stack([got[i] for i in sorted(got)])
-        (frames, masks), = cache.read([(k, [3, 0, 3])], 16)
+        ((frames, masks),) = cache.read([(k, [3, 0, 3])], 16)
         np.testing.assert_array_equal(frames, ref[[3, 0, 3]])  # bytes in == bytes out
         assert masks is None
     # training from the cache needs no decoder; the same clips as from the videos
@@ -87,8 +93,9 @@ def test_shared_davis_sequence_cache(tmp_path: Path) -> None:
     assert b["video"].shape == (2, 3, 16, 32, 32) and 0.02 < b["mask"].mean() < 0.6
 
 
-def test_resume_after_interruption(src: Path, tmp_path: Path,
-                                   monkeypatch: pytest.MonkeyPatch) -> None:
+def test_resume_after_interruption(
+    src: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     with pytest.warns(UserWarning):
         prep.prepare(src, tmp_path / "fresh", size=16, progress=False)
     calls = {"n": 0}
@@ -113,14 +120,16 @@ def test_resume_after_interruption(src: Path, tmp_path: Path,
     monkeypatch.setattr(prep, "decode_source", real)
     index = prep.prepare(src, out, size=16, progress=False)
     assert calls["n"] == 3 and len(index["videos"]) == 3 and not (out / "progress.jsonl").exists()
-    assert (out / "shard_00000.bin").read_bytes() == (tmp_path / "fresh" /
-                                                      "shard_00000.bin").read_bytes()
+    assert (out / "shard_00000.bin").read_bytes() == (
+        tmp_path / "fresh" / "shard_00000.bin"
+    ).read_bytes()
     fresh = json.loads((tmp_path / "fresh" / "index.json").read_text())
     assert index["videos"] == fresh["videos"] and index["skipped"] == fresh["skipped"]
 
 
-def test_checksum_guards_and_cli(src: Path, tmp_path: Path,
-                                 capsys: pytest.CaptureFixture[str]) -> None:
+def test_checksum_guards_and_cli(
+    src: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     out = tmp_path / "c"
     with pytest.warns(UserWarning):
         assert prep.main([str(src), "--out", str(out), "--size", "16", "--shard-mb", "1"]) == 0
@@ -153,5 +162,4 @@ def test_cache_in_loader_workers_matches_main_process(src: Path, tmp_path: Path)
     loader = torch.utils.data.DataLoader(Steps(), batch_size=None, num_workers=2)
     for step, got in enumerate(loader):  # seeded clips: workers and main process agree
         want = ds.batch(range(4 * step, 4 * step + 4))
-        assert torch.equal(got["video"], want["video"]) and torch.equal(got["label"],
-                                                                        want["label"])
+        assert torch.equal(got["video"], want["video"]) and torch.equal(got["label"], want["label"])

@@ -61,14 +61,15 @@ def test_segment_frames_averages_overlapping_windows(n: int) -> None:
     assert prob.shape == (n, 24, 40) and prob.dtype == np.float32 and stub.training
     starts = segment.window_starts(n, t, t // 2)
     for i in range(n):
-        expect = np.mean([torch.sigmoid(torch.tensor((i - s) / 4)).item()
-                          for s in starts if s <= i < s + t])
+        expect = np.mean(
+            [torch.sigmoid(torch.tensor((i - s) / 4)).item() for s in starts if s <= i < s + t]
+        )
         np.testing.assert_allclose(prob[i], expect, rtol=1e-5)
     tiles = len(segment.window_starts(27, size, size // 2))  # 40x24 -> 27x16 working size
     assert sum(x.shape[0] for x in stub.seen) == len(starts) * tiles
     if n < t:  # padded by repeating the last frame
         clip = stub.seen[0][0]
-        assert torch.equal(clip[:, n:], clip[:, n - 1: n].expand(-1, t - n, -1, -1))
+        assert torch.equal(clip[:, n:], clip[:, n - 1 : n].expand(-1, t - n, -1, -1))
 
 
 def test_segment_frames_tiles_keep_the_layout() -> None:
@@ -88,9 +89,16 @@ def ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
     cfg = config.load("cpu-small")
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp("ckpt") / "tiny.pt"
-    checkpoint.save_atomic({"format": checkpoint.FORMAT, "config": cfg.to_dict(), "step": 2,
-                            "G": Generator(cfg.model).state_dict(),
-                            "D": Discriminator(cfg.model).state_dict()}, path)
+    checkpoint.save_atomic(
+        {
+            "format": checkpoint.FORMAT,
+            "config": cfg.to_dict(),
+            "step": 2,
+            "G": Generator(cfg.model).state_dict(),
+            "D": Discriminator(cfg.model).state_dict(),
+        },
+        path,
+    )
     return path
 
 
@@ -101,8 +109,10 @@ def davis_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
         pytest.skip(f"shared DAVIS data not found at {DAVIS}")
     root = tmp_path_factory.mktemp("davis")
     for name in ("car-shadow", "libby"):
-        for sub, suffix, resample in (("frames", "jpg", Image.BILINEAR),
-                                      ("masks", "png", Image.NEAREST)):
+        for sub, suffix, resample in (
+            ("frames", "jpg", Image.BILINEAR),
+            ("masks", "png", Image.NEAREST),
+        ):
             (root / name / sub).mkdir(parents=True)
             for i in range(20):
                 img = Image.open(DAVIS / name / sub / f"{i:05d}.{suffix}")
@@ -110,17 +120,30 @@ def davis_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-def test_segment_cli_on_video_and_davis_root(tmp_path: Path, ckpt: Path, davis_root: Path
-                                             ) -> None:
+def test_segment_cli_on_video_and_davis_root(tmp_path: Path, ckpt: Path, davis_root: Path) -> None:
     rng = np.random.default_rng(0)
-    video = np.full((20, 48, 64, 3), 90, np.uint8) + rng.integers(0, 20, (20, 48, 64, 3),
-                                                                    dtype=np.uint8)
+    video = np.full((20, 48, 64, 3), 90, np.uint8) + rng.integers(
+        0, 20, (20, 48, 64, 3), dtype=np.uint8
+    )
     for i in range(20):
-        video[i, 10:26, 2 + 2 * i: 18 + 2 * i] = (230, 40, 40)  # a moving square
+        video[i, 10:26, 2 + 2 * i : 18 + 2 * i] = (230, 40, 40)  # a moving square
     write_video(tmp_path / "clip.mp4", video, fps=10)
     out = tmp_path / "seg"
-    assert segment.main(["--checkpoint", str(ckpt), "--input", str(tmp_path / "clip.mp4"),
-                         "--out", str(out), "--threshold", "0.3"]) == 0
+    assert (
+        segment.main(
+            [
+                "--checkpoint",
+                str(ckpt),
+                "--input",
+                str(tmp_path / "clip.mp4"),
+                "--out",
+                str(out),
+                "--threshold",
+                "0.3",
+            ]
+        )
+        == 0
+    )
     pngs = sorted((out / "clip" / "masks").glob("*.png"))
     assert [p.stem for p in pngs] == [f"{i:05d}" for i in range(20)]
     mask = np.asarray(Image.open(pngs[0]))
@@ -129,19 +152,26 @@ def test_segment_cli_on_video_and_davis_root(tmp_path: Path, ckpt: Path, davis_r
         assert (out / "clip" / name).stat().st_size > 0
 
     # batch mode over a DAVIS root: one folder per sequence, masks named like the frames
-    assert segment.main(["--checkpoint", str(ckpt), "--input", str(davis_root), "--out",
-                         str(out), "--no-video"]) == 0
+    assert (
+        segment.main(
+            ["--checkpoint", str(ckpt), "--input", str(davis_root), "--out", str(out), "--no-video"]
+        )
+        == 0
+    )
     for name in ("car-shadow", "libby"):
         masks = sorted((out / name / "masks").glob("*.png"))
         assert len(masks) == 20 and np.asarray(Image.open(masks[3])).shape == (120, 213)
         assert not (out / name / "overlay.mp4").exists()
 
 
-def test_davis_evaluation_cli(tmp_path: Path, ckpt: Path, davis_root: Path,
-                              capsys: pytest.CaptureFixture[str]) -> None:
+def test_davis_evaluation_cli(
+    tmp_path: Path, ckpt: Path, davis_root: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     out = tmp_path / "eval"
-    assert evaluate.main(["--davis", str(davis_root), "--checkpoint", str(ckpt), "--out",
-                          str(out)]) == 0
+    assert (
+        evaluate.main(["--davis", str(davis_root), "--checkpoint", str(ckpt), "--out", str(out)])
+        == 0
+    )
     screen = capsys.readouterr().out
     assert "first and last frame excluded" in screen and "centre-prior" in screen
     rows = list(csv.DictReader(open(out / "davis_jf.csv")))
@@ -160,18 +190,54 @@ def test_davis_evaluation_cli(tmp_path: Path, ckpt: Path, davis_root: Path,
     assert allfg["mean"]["F_mean"] == 0.0  # a full mask has no boundary
     # the model's J comes from the very masks `segment` writes for the same checkpoint
     seg_out = tmp_path / "seg"
-    assert segment.main(["--checkpoint", str(ckpt), "--input", str(davis_root), "--out",
-                         str(seg_out), "--no-video"]) == 0
+    assert (
+        segment.main(
+            [
+                "--checkpoint",
+                str(ckpt),
+                "--input",
+                str(davis_root),
+                "--out",
+                str(seg_out),
+                "--no-video",
+            ]
+        )
+        == 0
+    )
     for name in ("car-shadow", "libby"):
-        pred = np.stack([np.asarray(Image.open(seg_out / name / "masks" / f"{i:05d}.png"))
-                         for i in range(1, 19)])
-        gt = np.stack([np.asarray(Image.open(davis_root / name / "masks" / f"{i:05d}.png"))
-                       for i in range(1, 19)])
-        np.testing.assert_allclose(dm.jaccard(pred, gt),
-                                   res["methods"]["model"]["per_frame"][name]["J"])
+        pred = np.stack(
+            [
+                np.asarray(Image.open(seg_out / name / "masks" / f"{i:05d}.png"))
+                for i in range(1, 19)
+            ]
+        )
+        gt = np.stack(
+            [
+                np.asarray(Image.open(davis_root / name / "masks" / f"{i:05d}.png"))
+                for i in range(1, 19)
+            ]
+        )
+        np.testing.assert_allclose(
+            dm.jaccard(pred, gt), res["methods"]["model"]["per_frame"][name]["J"]
+        )
     # baselines only, the DAVIS 2017 unsupervised convention (all frames)
-    assert evaluate.main(["--davis", str(davis_root), "--out", str(out), "--sequences", "libby",
-                          "--frames", "davis2017-unsupervised", "--size", "32"]) == 0
+    assert (
+        evaluate.main(
+            [
+                "--davis",
+                str(davis_root),
+                "--out",
+                str(out),
+                "--sequences",
+                "libby",
+                "--frames",
+                "davis2017-unsupervised",
+                "--size",
+                "32",
+            ]
+        )
+        == 0
+    )
     rows = list(csv.DictReader(open(out / "davis_jf.csv")))
     assert {r["method"] for r in rows} == set(methods[1:]) and rows[0]["frames"] == "20"
 
@@ -183,8 +249,9 @@ def _copy_seq(src: Path, dst: Path, n: int = 6) -> None:
             (dst / sub / f.name).write_bytes(f.read_bytes())
 
 
-def test_bad_input(tmp_path: Path, ckpt: Path, davis_root: Path,
-                   capsys: pytest.CaptureFixture[str]) -> None:
+def test_bad_input(
+    tmp_path: Path, ckpt: Path, davis_root: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     def run_eval(root: Path, *extra: str) -> str:
         assert evaluate.main(["--davis", str(root), "--out", str(tmp_path / "o"), *extra]) == 2
         return capsys.readouterr().err
@@ -218,10 +285,35 @@ def test_bad_input(tmp_path: Path, ckpt: Path, davis_root: Path,
         dm.jaccard(m / 255.0, m > 127)
 
     assert "differs from the checkpoint's resolution (model.size=32)" in run_eval(
-        size, "--checkpoint", str(ckpt), "--size", "64")
-    assert segment.main(["--checkpoint", str(ckpt), "--input", str(size), "--out",
-                         str(tmp_path / "o"), "--size", "64"]) == 2
+        size, "--checkpoint", str(ckpt), "--size", "64"
+    )
+    assert (
+        segment.main(
+            [
+                "--checkpoint",
+                str(ckpt),
+                "--input",
+                str(size),
+                "--out",
+                str(tmp_path / "o"),
+                "--size",
+                "64",
+            ]
+        )
+        == 2
+    )
     assert "omit --size" in capsys.readouterr().err
-    assert segment.main(["--checkpoint", str(ckpt), "--input", str(tmp_path / "none.mp4"),
-                         "--out", str(tmp_path / "o")]) == 2
+    assert (
+        segment.main(
+            [
+                "--checkpoint",
+                str(ckpt),
+                "--input",
+                str(tmp_path / "none.mp4"),
+                "--out",
+                str(tmp_path / "o"),
+            ]
+        )
+        == 2
+    )
     assert "does not exist" in capsys.readouterr().err

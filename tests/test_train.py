@@ -58,8 +58,15 @@ def test_run_folder_contents(tmp_path):
 def test_r1_and_hinge_through_fused_modules(tmp_path):
     # R1 runs on steps 0 and 2 only: the log average must cope with losses missing on some steps,
     # and the penalty needs double backward through D (fused blocks under --fused).
-    args = ["--train.steps=3", "--train.log_every=3", "--loss.r1=1.0", "--loss.r1_every=2",
-            "--loss.adversarial=hinge", "--loss.consistency=0.5", "--fused"]
+    args = [
+        "--train.steps=3",
+        "--train.log_every=3",
+        "--loss.r1=1.0",
+        "--loss.r1_every=2",
+        "--loss.adversarial=hinge",
+        "--loss.consistency=0.5",
+        "--fused",
+    ]
     assert run(tmp_path, *args) == 0
     assert checkpoint.load_checkpoint(tmp_path / "run")["step"] == 3
 
@@ -202,11 +209,21 @@ def test_backend_report_cli():
 
 
 def _tiny_run(k=1, checkpointing=False, frozen_bn=False):
-    cfg = config.load("cpu-small", {
-        "model.size": 16, "model.frames": 16, "model.g_channels": 16, "model.d_channels": 4,
-        "model.gru_hidden": 16, "data.batch_size": 4, "train.grad_accum": k, "loss.r1": 1.0,
-        "loss.r1_every": 2, "train.checkpoint_activations": checkpointing,
-    })
+    cfg = config.load(
+        "cpu-small",
+        {
+            "model.size": 16,
+            "model.frames": 16,
+            "model.g_channels": 16,
+            "model.d_channels": 4,
+            "model.gru_hidden": 16,
+            "data.batch_size": 4,
+            "train.grad_accum": k,
+            "loss.r1": 1.0,
+            "loss.r1_every": 2,
+            "train.checkpoint_activations": checkpointing,
+        },
+    )
     run = train.build_run(cfg, torch.device("cpu"), fused=False)
     if frozen_bn:  # BN on its running statistics: every sample's loss is independent of the rest
         for m in [*run.G.modules(), *run.D.modules()]:
@@ -218,8 +235,10 @@ def _tiny_run(k=1, checkpointing=False, frozen_bn=False):
     for _ in range(3):  # R1 on steps 0 and 2
         logs.append(train.train_step(run, real, contextlib.nullcontext()))
         run.step += 1
-    state = {**{f"G.{k}": v for k, v in run.G.state_dict().items()},
-             **{f"D.{k}": v for k, v in run.D.state_dict().items()}}
+    state = {
+        **{f"G.{k}": v for k, v in run.G.state_dict().items()},
+        **{f"D.{k}": v for k, v in run.D.state_dict().items()},
+    }
     return logs, state
 
 
@@ -269,9 +288,19 @@ def _write_mp4(path, frames=20, size=(40, 48), seed=0):
             out.mux(packet)
 
 
-REAL = ["--model.size=16", "--model.frames=16", "--model.g_channels=16", "--model.d_channels=4",
-        "--model.gru_hidden=16", "--data.batch_size=2", "--data.train_clips=4",
-        "--data.val_clips=2", "--train.eval_clips=2", "--train.steps=2", "--train.log_every=1"]
+REAL = [
+    "--model.size=16",
+    "--model.frames=16",
+    "--model.g_channels=16",
+    "--model.d_channels=4",
+    "--model.gru_hidden=16",
+    "--data.batch_size=2",
+    "--data.train_clips=4",
+    "--data.val_clips=2",
+    "--train.eval_clips=2",
+    "--train.steps=2",
+    "--train.log_every=1",
+]
 
 
 def test_training_on_a_folder_of_videos(tmp_path, capsys):

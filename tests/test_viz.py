@@ -69,7 +69,7 @@ def test_sample_grid_layout() -> None:
 
     def tile(row: int, col: int) -> np.ndarray:
         y, x = pad + row * (s * h + pad), pad + col * (s * w + pad)
-        return grid[:, y:y + s * h, x:x + s * w]
+        return grid[:, y : y + s * h, x : x + s * w]
 
     expect = ((video[1] + 1) / 2 * 255 + 0.5).to(torch.uint8).permute(1, 2, 3, 0).numpy()
     np.testing.assert_array_equal(tile(1, 0)[:, ::2, ::2], expect)  # nearest 2x upscaling

@@ -24,13 +24,20 @@ def pattern(i: int, w: int, h: int) -> np.ndarray:
     """Frame ``i`` as uint8 ``(h, w, 3)``."""
     img = np.empty((h, w, 3), np.uint8)
     img[..., 0] = (np.arange(w)[None] * 200 // max(w - 1, 1) + 3 * i) % 256
-    img[..., 1] = (np.arange(h)[:, None] * 200 // max(h - 1, 1))
+    img[..., 1] = np.arange(h)[:, None] * 200 // max(h - 1, 1)
     img[..., 2] = level(i)
     return img
 
 
-def write_video(path: Path, codec: str = "h264", frames: int = 16, w: int = 64, h: int = 48,
-                fps: int = 24, faststart: bool = False) -> Path:
+def write_video(
+    path: Path,
+    codec: str = "h264",
+    frames: int = 16,
+    w: int = 64,
+    h: int = 48,
+    fps: int = 24,
+    faststart: bool = False,
+) -> Path:
     """Encode ``frames`` pattern frames to ``path`` (the codec's suffix added if it has none)."""
     name, suffix = CODECS[codec]
     if path.suffix == "":
@@ -61,8 +68,16 @@ def frame_ids(video: np.ndarray) -> list[int]:
     return out
 
 
-def write_sequence(root: Path, frames: int = 6, w: int = 40, h: int = 30, masks: bool = True,
-                   frame_dir: str = "frames", mask_dir: str = "masks", mode: str = "L") -> Path:
+def write_sequence(
+    root: Path,
+    frames: int = 6,
+    w: int = 40,
+    h: int = 30,
+    masks: bool = True,
+    frame_dir: str = "frames",
+    mask_dir: str = "masks",
+    mode: str = "L",
+) -> Path:
     """A ``root/frames/*.jpg`` (+ ``root/masks/*.png``) sequence; mask: a moving box."""
     (root / frame_dir).mkdir(parents=True, exist_ok=True)
     if masks:

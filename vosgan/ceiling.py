@@ -35,8 +35,9 @@ from vosgan.train_data import batch_indices
 from vosgan.train_run import d_param_groups
 
 
-def train_ceiling(cfg: Config, steps: int, lr: float, lr_encoder: float, eval_every: int,
-                  progress: bool = True) -> list[dict[str, Any]]:
+def train_ceiling(
+    cfg: Config, steps: int, lr: float, lr_encoder: float, eval_every: int, progress: bool = True
+) -> list[dict[str, Any]]:
     """Train a fresh D's segmentation on ground-truth masks; return the evaluations.
 
     Args:
@@ -55,13 +56,16 @@ def train_ceiling(cfg: Config, steps: int, lr: float, lr_encoder: float, eval_ev
     torch.manual_seed(cfg.train.seed)
     m, d = cfg.model, cfg.data
     D = Discriminator(m)
-    opt = torch.optim.Adam(d_param_groups(D, lr), lr=lr_encoder,
-                           betas=(cfg.optim.beta1, cfg.optim.beta2))
-    data = SyntheticVideos(d.train_clips, m.frames, m.size, seed=d.seed, split="train",
-                           cache=d.cache)
+    opt = torch.optim.Adam(
+        d_param_groups(D, lr), lr=lr_encoder, betas=(cfg.optim.beta1, cfg.optim.beta2)
+    )
+    data = SyntheticVideos(
+        d.train_clips, m.frames, m.size, seed=d.seed, split="train", cache=d.cache
+    )
     results = []
-    bar = tqdm(range(1, steps + 1), desc="ceiling", unit="step", disable=not progress,
-               dynamic_ncols=True)
+    bar = tqdm(
+        range(1, steps + 1), desc="ceiling", unit="step", disable=not progress, dynamic_ncols=True
+    )
     for step in bar:
         batch = data.batch(batch_indices(step - 1, d.batch_size, len(data), d.seed))
         loss = segmentation_loss(D(batch["video"]).seg_logit, batch["mask"])
@@ -69,23 +73,32 @@ def train_ceiling(cfg: Config, steps: int, lr: float, lr_encoder: float, eval_ev
         loss.backward()
         opt.step()
         if step % eval_every == 0 or step == steps:
-            result = {"step": step, "loss": loss.item(),
-                      **evaluate_model(D, cfg, torch.device("cpu"), cfg.train.eval_clips).as_dict()}
+            result = {
+                "step": step,
+                "loss": loss.item(),
+                **evaluate_model(D, cfg, torch.device("cpu"), cfg.train.eval_clips).as_dict(),
+            }
             results.append(result)
-            tqdm.write(f"step {step}: BCE {result['loss']:.3f}, held-out IoU {result['iou']:.3f} "
-                       f"(frame-difference baseline {result['baseline_iou']:.3f})")
+            tqdm.write(
+                f"step {step}: BCE {result['loss']:.3f}, held-out IoU {result['iou']:.3f} "
+                f"(frame-difference baseline {result['baseline_iou']:.3f})"
+            )
     return results
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m vosgan.ceiling", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m vosgan.ceiling",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--preset", default="cpu-small", choices=sorted(config_mod.PRESETS))
     p.add_argument("--steps", type=int, default=None, help="default: the preset's train.steps")
     p.add_argument("--lr", type=float, default=None, help="decoders and heads (default lr_d)")
     p.add_argument("--lr-encoder", type=float, default=None, help="encoder (default lr_d)")
-    p.add_argument("--eval-every", type=int, default=None,
-                   help="default: the preset's train.eval_every")
+    p.add_argument(
+        "--eval-every", type=int, default=None, help="default: the preset's train.eval_every"
+    )
     p.add_argument("--json", type=Path, default=None, help="write the evaluations here")
     args, rest = p.parse_known_args(argv)
     try:
@@ -100,8 +113,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     seconds = time.perf_counter() - start
-    print(f"supervised ceiling ({args.preset}, {steps} steps, lr {lr:g} / encoder "
-          f"{lr_enc:g}, {seconds:.0f} s): held-out IoU {results[-1]['iou']:.3f}")
+    print(
+        f"supervised ceiling ({args.preset}, {steps} steps, lr {lr:g} / encoder "
+        f"{lr_enc:g}, {seconds:.0f} s): held-out IoU {results[-1]['iou']:.3f}"
+    )
     if args.json is not None:
         args.json.write_text(json.dumps(results, indent=2))
     return 0

@@ -280,8 +280,15 @@ def validate(cfg: Config) -> None:
         ("data", ("train_clips", "val_clips", "batch_size")),
         (
             "train",
-            ("steps", "log_every", "eval_every", "sample_every", "checkpoint_every", "eval_clips",
-             "grad_accum"),
+            (
+                "steps",
+                "log_every",
+                "eval_every",
+                "sample_every",
+                "checkpoint_every",
+                "eval_clips",
+                "grad_accum",
+            ),
         ),
         ("loss", ("r1_every",)),
     ):

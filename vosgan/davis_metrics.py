@@ -74,11 +74,17 @@ class FrameConvention:
 
 CONVENTIONS: dict[str, FrameConvention] = {
     "davis2016": FrameConvention(
-        "davis2016", True, True,
-        "DAVIS 2016 benchmark code fperazzi/davis: per-frame scores on frames [1:-1]"),
+        "davis2016",
+        True,
+        True,
+        "DAVIS 2016 benchmark code fperazzi/davis: per-frame scores on frames [1:-1]",
+    ),
     "davis2017-unsupervised": FrameConvention(
-        "davis2017-unsupervised", False, False,
-        "davisvideochallenge/davis2017-evaluation: [1:-1] only for the semi-supervised task"),
+        "davis2017-unsupervised",
+        False,
+        False,
+        "davisvideochallenge/davis2017-evaluation: [1:-1] only for the semi-supervised task",
+    ),
 }
 
 
@@ -109,16 +115,20 @@ def as_binary(name: str, mask: Any) -> np.ndarray:
     top = arr.max()
     if top not in (0, 1, 255) or not np.all((arr == 0) | (arr == top)):
         found = np.unique(arr[arr != 0])[:6]
-        raise ValueError(f"{name} is not a binary mask: values must be {{0, 1}} or {{0, 255}}, "
-                         f"found e.g. {found.tolist()}; threshold probabilities first")
+        raise ValueError(
+            f"{name} is not a binary mask: values must be {{0, 1}} or {{0, 255}}, "
+            f"found e.g. {found.tolist()}; threshold probabilities first"
+        )
     return arr > 0
 
 
 def _check_pair(pred: Any, gt: Any) -> tuple[np.ndarray, np.ndarray]:
     p, g = as_binary("pred", pred), as_binary("gt", gt)
     if p.shape != g.shape:
-        raise ValueError(f"pred {p.shape} and gt {g.shape} differ in shape: masks must have "
-                         "the size of their frames (upsample predictions first)")
+        raise ValueError(
+            f"pred {p.shape} and gt {g.shape} differ in shape: masks must have "
+            "the size of their frames (upsample predictions first)"
+        )
     return p, g
 
 
@@ -126,8 +136,9 @@ def boundary_radius(height: int, width: int, bound_th: float = BOUND_TH) -> int:
     """The disk radius in pixels: ``ceil(bound_th * hypot(H, W))``, or ``bound_th`` if >= 1."""
     if bound_th >= 1:
         if bound_th != int(bound_th):
-            raise ValueError(f"bound_th >= 1 is a radius in pixels and must be whole, got "
-                             f"{bound_th}")
+            raise ValueError(
+                f"bound_th >= 1 is a radius in pixels and must be whole, got {bound_th}"
+            )
         return int(bound_th)
     if not bound_th > 0:
         raise ValueError(f"bound_th must be > 0, got {bound_th}")
@@ -136,8 +147,9 @@ def boundary_radius(height: int, width: int, bound_th: float = BOUND_TH) -> int:
 
 def disk_half_widths(radius: int) -> np.ndarray:
     """Row half-widths of the disk ``dy^2 + dx^2 <= r^2``: ``(2r + 1,)`` int64 (exact isqrt)."""
-    return np.array([math.isqrt(radius * radius - dy * dy) for dy in range(-radius, radius + 1)],
-                    np.int64)
+    return np.array(
+        [math.isqrt(radius * radius - dy * dy) for dy in range(-radius, radius + 1)], np.int64
+    )
 
 
 def disk(radius: int) -> np.ndarray:
@@ -193,8 +205,15 @@ def _counts_ndimage(p: Any, g: Any, radius: int, xp: Any, ndi: Any) -> np.ndarra
     struct = xp.asarray(disk(radius))[None]  # (1, k, k): frames dilate independently
     dil_p = ndi.binary_dilation(bp, structure=struct)
     dil_g = ndi.binary_dilation(bg, structure=struct)
-    out = xp.stack([bp.sum(axis=(1, 2)), bg.sum(axis=(1, 2)), (bp & dil_g).sum(axis=(1, 2)),
-                    (bg & dil_p).sum(axis=(1, 2))], axis=1)
+    out = xp.stack(
+        [
+            bp.sum(axis=(1, 2)),
+            bg.sum(axis=(1, 2)),
+            (bp & dil_g).sum(axis=(1, 2)),
+            (bg & dil_p).sum(axis=(1, 2)),
+        ],
+        axis=1,
+    )
     return np.asarray(out.get() if hasattr(out, "get") else out, dtype=np.int64)
 
 
@@ -214,8 +233,7 @@ def _counts_cupy(p: np.ndarray, g: np.ndarray, radius: int) -> np.ndarray:
 def _counts_numba(p: np.ndarray, g: np.ndarray, radius: int) -> np.ndarray:
     if numba is None:
         raise RuntimeError(f"numba unavailable ({_NUMBA_ERROR})")
-    return _numba_counts(np.ascontiguousarray(p), np.ascontiguousarray(g),
-                         disk_half_widths(radius))
+    return _numba_counts(np.ascontiguousarray(p), np.ascontiguousarray(g), disk_half_widths(radius))
 
 
 if numba is not None:
@@ -319,8 +337,10 @@ def resolve_backend(name: str = "auto") -> str:
         if ok:
             # numba is the CPU path: falling to it warns only where a GPU went unused
             if cand == "scipy" or (cand == "numba" and torch.cuda.is_available()):
-                backend.warn_once(f"davis-f-{cand}", f"davis_metrics: F boundary matching runs "
-                                  f"on {cand}: {'; '.join(reasons)}")
+                backend.warn_once(
+                    f"davis-f-{cand}",
+                    f"davis_metrics: F boundary matching runs on {cand}: {'; '.join(reasons)}",
+                )
             return cand
         reasons.append(reason)
     raise RuntimeError(f"no boundary backend available: {'; '.join(reasons)}")
@@ -329,16 +349,16 @@ def resolve_backend(name: str = "auto") -> str:
 _COUNTS = {"numba": _counts_numba, "scipy": _counts_scipy, "cupy": _counts_cupy}
 
 
-def boundary_counts(pred: Any, gt: Any, bound_th: float = BOUND_TH,
-                    backend: str = "auto") -> np.ndarray:
+def boundary_counts(
+    pred: Any, gt: Any, bound_th: float = BOUND_TH, backend: str = "auto"
+) -> np.ndarray:
     """Per frame ``[n_pred, n_gt, pred_matched, gt_matched]`` boundary pixel counts, ``(N, 4)``."""
     p, g = _check_pair(pred, gt)
     radius = boundary_radius(p.shape[1], p.shape[2], bound_th)
     return _COUNTS[resolve_backend(backend)](p, g, radius)
 
 
-def f_measure(pred: Any, gt: Any, bound_th: float = BOUND_TH, backend: str = "auto"
-              ) -> np.ndarray:
+def f_measure(pred: Any, gt: Any, bound_th: float = BOUND_TH, backend: str = "auto") -> np.ndarray:
     """Boundary F-measure per frame, ``(N,)`` float64 (see the module docstring).
 
     Args:
@@ -369,7 +389,7 @@ def statistics(values: Any, half_even: bool = False) -> Statistics:
         raise ValueError(f"statistics needs >= 1 finite value, got {v.size} values")
     grid = np.linspace(1, v.size, 5)
     edges = (np.round(grid) if half_even else np.floor(grid + 0.5)).astype(np.int64) - 1
-    first, last = v[edges[0]: edges[1] + 1], v[edges[3]: edges[4] + 1]
+    first, last = v[edges[0] : edges[1] + 1], v[edges[3] : edges[4] + 1]
     return Statistics(float(v.mean()), float(np.mean(v > 0.5)), float(first.mean() - last.mean()))
 
 
@@ -388,8 +408,9 @@ class SequenceScore:
     def as_row(self) -> dict[str, Any]:
         row: dict[str, Any] = {"sequence": self.name, "frames": len(self.frames)}
         for key, st in (("J", self.j_stats), ("F", self.f_stats)):
-            row.update({f"{key}_mean": st.mean, f"{key}_recall": st.recall,
-                        f"{key}_decay": st.decay})
+            row.update(
+                {f"{key}_mean": st.mean, f"{key}_recall": st.recall, f"{key}_decay": st.decay}
+            )
         row["JF_mean"] = (self.j_stats.mean + self.f_stats.mean) / 2
         return row
 
@@ -397,9 +418,14 @@ class SequenceScore:
         return asdict(self)
 
 
-def evaluate_sequence(pred: Any, gt: Any, name: str = "", conv: str | FrameConvention =
-                      "davis2016", bound_th: float = BOUND_TH, backend: str = "auto"
-                      ) -> SequenceScore:
+def evaluate_sequence(
+    pred: Any,
+    gt: Any,
+    name: str = "",
+    conv: str | FrameConvention = "davis2016",
+    bound_th: float = BOUND_TH,
+    backend: str = "auto",
+) -> SequenceScore:
     """Score one sequence: per-frame J and F on the frames ``conv`` keeps, and their statistics.
 
     Args:
@@ -410,13 +436,22 @@ def evaluate_sequence(pred: Any, gt: Any, name: str = "", conv: str | FrameConve
     keep = np.arange(p.shape[0])
     if c.skip_first_last:
         if p.shape[0] < 3:
-            raise ValueError(f"sequence {name!r}: the {c.name} convention excludes the first and "
-                             f"last frame and needs >= 3 frames, got {p.shape[0]}")
+            raise ValueError(
+                f"sequence {name!r}: the {c.name} convention excludes the first and "
+                f"last frame and needs >= 3 frames, got {p.shape[0]}"
+            )
         keep = keep[1:-1]
-    p, g = p[keep[0]: keep[-1] + 1], g[keep[0]: keep[-1] + 1]
+    p, g = p[keep[0] : keep[-1] + 1], g[keep[0] : keep[-1] + 1]
     j, f = jaccard(p, g), f_measure(p, g, bound_th, backend)
-    return SequenceScore(name, keep.tolist(), j.tolist(), f.tolist(),
-                         statistics(j, c.half_even), statistics(f, c.half_even), c.name)
+    return SequenceScore(
+        name,
+        keep.tolist(),
+        j.tolist(),
+        f.tolist(),
+        statistics(j, c.half_even),
+        statistics(f, c.half_even),
+        c.name,
+    )
 
 
 def summarize(scores: list[SequenceScore]) -> dict[str, float]:
@@ -428,7 +463,24 @@ def summarize(scores: list[SequenceScore]) -> dict[str, float]:
     return {k: float(np.mean([r[k] for r in rows])) for k in keys}
 
 
-__all__ = ["BACKENDS", "BOUND_TH", "CONVENTIONS", "FrameConvention", "SequenceScore",
-           "Statistics", "as_binary", "boundary_counts", "boundary_radius", "convention",
-           "disk", "evaluate_sequence", "f_from_counts", "f_measure", "jaccard",
-           "resolve_backend", "seg2bmap", "statistics", "summarize"]
+__all__ = [
+    "BACKENDS",
+    "BOUND_TH",
+    "CONVENTIONS",
+    "FrameConvention",
+    "SequenceScore",
+    "Statistics",
+    "as_binary",
+    "boundary_counts",
+    "boundary_radius",
+    "convention",
+    "disk",
+    "evaluate_sequence",
+    "f_from_counts",
+    "f_measure",
+    "jaccard",
+    "resolve_backend",
+    "seg2bmap",
+    "statistics",
+    "summarize",
+]

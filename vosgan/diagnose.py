@@ -61,8 +61,7 @@ def segmentation_report(prob: Tensor, target: Tensor) -> dict[str, Any]:
         "mean_prob_fg": float(p[fg].mean()) if fg.any() else float("nan"),
         "mean_prob_bg": float(p[~fg].mean()) if (~fg).any() else float("nan"),
         "auc": ranking_auc(p, fg),
-        "iou_at": {str(th): float(segmentation_iou(p, fg.float(), th).mean())
-                   for th in THRESHOLDS},
+        "iou_at": {str(th): float(segmentation_iou(p, fg.float(), th).mean()) for th in THRESHOLDS},
     }
 
 
@@ -81,13 +80,21 @@ def temporal_change(video: Tensor, region: Tensor) -> dict[str, float]:
     """
     diff = (video[:, :, 1:] - video[:, :, :-1]).abs().float().mean(1, keepdim=True)
     inside = region[:, :, 1:]
-    return {"inside": float(diff[inside].mean()) if inside.any() else float("nan"),
-            "outside": float(diff[~inside].mean()) if (~inside).any() else float("nan")}
+    return {
+        "inside": float(diff[inside].mean()) if inside.any() else float("nan"),
+        "outside": float(diff[~inside].mean()) if (~inside).any() else float("nan"),
+    }
 
 
 @torch.no_grad()
-def diagnose(G: Generator, D: Discriminator, clips: dict[str, Tensor], num_fakes: int,
-             device: torch.device, batch_size: int = 8) -> dict[str, Any]:
+def diagnose(
+    G: Generator,
+    D: Discriminator,
+    clips: dict[str, Tensor],
+    num_fakes: int,
+    device: torch.device,
+    batch_size: int = 8,
+) -> dict[str, Any]:
     """The whole report for ``G`` and ``D`` (both in eval mode; their modes are restored).
 
     Args:
@@ -138,32 +145,43 @@ def diagnose(G: Generator, D: Discriminator, clips: dict[str, Tensor], num_fakes
 
 def _line(name: str, r: dict[str, Any]) -> str:
     ious = " ".join(f"{th}:{v:.3f}" for th, v in r["iou_at"].items())
-    return (f"{name}: AUC {r['auc']:.3f}; mean p fg {r['mean_prob_fg']:.3f} bg "
-            f"{r['mean_prob_bg']:.3f} (fg {100 * r['fg_fraction']:.1f}% of pixels); IoU at {ious}")
+    return (
+        f"{name}: AUC {r['auc']:.3f}; mean p fg {r['mean_prob_fg']:.3f} bg "
+        f"{r['mean_prob_bg']:.3f} (fg {100 * r['fg_fraction']:.1f}% of pixels); IoU at {ious}"
+    )
 
 
 def describe(report: dict[str, Any]) -> str:
     """The report as a few readable lines."""
     g = report["g_masks"]
     cf, cr = g["change_in_fakes"], report["change_in_real"]
-    return "\n".join([
-        _line(f"D on {report['num_clips']} held-out real clips", report["d_on_real"]),
-        _line(f"D on {report['num_fakes']} fakes vs m > 0.5", report["d_on_fakes"]),
-        _line("D on the real clips frozen in time", report["d_on_real_frozen"]),
-        _line("D on the fakes frozen in time", report["d_on_fakes_frozen"]),
-        f"G's masks: mean {g['mean']:.3f}, {100 * g['fraction_above_half']:.1f}% above 0.5, "
-        f"softness {g['softness']:.3f} (0 = binary)",
-        f"|v(t+1) - v(t)| inside / outside the mask: fakes {cf['inside']:.3f} / "
-        f"{cf['outside']:.3f}, real clips {cr['inside']:.3f} / {cr['outside']:.3f}",
-    ])
+    return "\n".join(
+        [
+            _line(f"D on {report['num_clips']} held-out real clips", report["d_on_real"]),
+            _line(f"D on {report['num_fakes']} fakes vs m > 0.5", report["d_on_fakes"]),
+            _line("D on the real clips frozen in time", report["d_on_real_frozen"]),
+            _line("D on the fakes frozen in time", report["d_on_fakes_frozen"]),
+            f"G's masks: mean {g['mean']:.3f}, {100 * g['fraction_above_half']:.1f}% above 0.5, "
+            f"softness {g['softness']:.3f} (0 = binary)",
+            f"|v(t+1) - v(t)| inside / outside the mask: fakes {cf['inside']:.3f} / "
+            f"{cf['outside']:.3f}, real clips {cr['inside']:.3f} / {cr['outside']:.3f}",
+        ]
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m vosgan.diagnose", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m vosgan.diagnose",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--checkpoint", required=True, help="checkpoint file or run folder")
-    p.add_argument("--clips", type=int, default=None,
-                   help="held-out synthetic clips (default: train.eval_clips)")
+    p.add_argument(
+        "--clips",
+        type=int,
+        default=None,
+        help="held-out synthetic clips (default: train.eval_clips)",
+    )
     p.add_argument("--fakes", type=int, default=64, help="samples of G to score")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--json", type=Path, default=None, help="also write the report here")
@@ -175,10 +193,14 @@ def main(argv: list[str] | None = None) -> int:
         for name, n in (("--clips", clips), ("--fakes", args.fakes)):
             if n < 1:
                 raise ValueError(f"{name} must be >= 1, got {n}")
-        data = SyntheticVideos(max(cfg.data.val_clips, clips), cfg.model.frames, cfg.model.size,
-                               seed=cfg.data.seed, split="val")
-        report = diagnose(G, D, data.batch(range(clips)), args.fakes, device,
-                          cfg.data.batch_size)
+        data = SyntheticVideos(
+            max(cfg.data.val_clips, clips),
+            cfg.model.frames,
+            cfg.model.size,
+            seed=cfg.data.seed,
+            split="val",
+        )
+        report = diagnose(G, D, data.batch(range(clips)), args.fakes, device, cfg.data.batch_size)
     except (FileNotFoundError, ValueError, RuntimeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

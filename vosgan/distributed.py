@@ -70,8 +70,9 @@ def env_from_environ(environ: Mapping[str, str] | None = None) -> DistEnv:
             f"{environ['RANK']!r}, {environ['WORLD_SIZE']!r}, {environ['LOCAL_RANK']!r}"
         ) from None
     if world < 1 or not 0 <= rank < world or local < 0:
-        raise ConfigError(f"distributed launch: bad RANK={rank} / WORLD_SIZE={world} / "
-                          f"LOCAL_RANK={local}")
+        raise ConfigError(
+            f"distributed launch: bad RANK={rank} / WORLD_SIZE={world} / LOCAL_RANK={local}"
+        )
     return DistEnv(rank, world, local)
 
 
@@ -85,8 +86,10 @@ def rank_device(env: DistEnv, device: torch.device) -> torch.device:
             "use train.device=cuda or auto (restrict GPUs with CUDA_VISIBLE_DEVICES)"
         )
     if env.local_rank >= torch.cuda.device_count():
-        raise ConfigError(f"LOCAL_RANK={env.local_rank} but only {torch.cuda.device_count()} "
-                          "CUDA device(s) are visible")
+        raise ConfigError(
+            f"LOCAL_RANK={env.local_rank} but only {torch.cuda.device_count()} "
+            "CUDA device(s) are visible"
+        )
     torch.cuda.set_device(env.local_rank)
     return torch.device("cuda", env.local_rank)
 
@@ -105,8 +108,9 @@ def init(env: DistEnv, device: torch.device) -> None:
         backend = "nccl" if device.type == "cuda" else "gloo"
         # Rank 0 evaluates and writes samples while the others wait in their next collective:
         # allow that for 30 minutes (NCCL's default is 10).
-        dist.init_process_group(backend, rank=env.rank, world_size=env.world_size,
-                                timeout=timedelta(minutes=30))
+        dist.init_process_group(
+            backend, rank=env.rank, world_size=env.world_size, timeout=timedelta(minutes=30)
+        )
         _control_group = dist.new_group(backend="gloo") if backend == "nccl" else None
 
 
@@ -185,8 +189,12 @@ class SyncBatchNorm(nn.modules.batchnorm._BatchNorm):
 
     def forward(self, x: Tensor) -> Tensor:
         self._check_input_dim(x)
-        sync = (self.training and dist.is_available() and dist.is_initialized()
-                and dist.get_world_size() > 1)
+        sync = (
+            self.training
+            and dist.is_available()
+            and dist.is_initialized()
+            and dist.get_world_size() > 1
+        )
         if not sync:
             return super().forward(x)
         factor = 0.0 if self.momentum is None else self.momentum
@@ -219,8 +227,13 @@ def convert_sync_batchnorm(module: nn.Module) -> tuple[nn.Module, int]:
     """Replace every ``nn.BatchNorm1d/2d/3d`` in ``module`` with :class:`SyncBatchNorm` sharing
     its parameters and buffers (``state_dict`` unchanged). Returns ``(module, count)``."""
     if type(module) in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d):
-        new = SyncBatchNorm(module.num_features, module.eps, module.momentum, module.affine,
-                            module.track_running_stats)
+        new = SyncBatchNorm(
+            module.num_features,
+            module.eps,
+            module.momentum,
+            module.affine,
+            module.track_running_stats,
+        )
         new.weight, new.bias = module.weight, module.bias
         new.running_mean, new.running_var = module.running_mean, module.running_var
         new.num_batches_tracked = module.num_batches_tracked

@@ -146,8 +146,9 @@ def centre_prior(height: int, width: int) -> np.ndarray:
     return np.exp(-(y[:, None] ** 2 + x[None, :] ** 2) / 2).astype(np.float32)
 
 
-def baseline_probabilities(method: str, frames: np.ndarray, size: int, fit: str = "tiles"
-                           ) -> np.ndarray:
+def baseline_probabilities(
+    method: str, frames: np.ndarray, size: int, fit: str = "tiles"
+) -> np.ndarray:
     """A baseline's foreground probability ``(N, H, W)`` float32 for uint8 ``(N, H, W, 3)``."""
     from vosgan.segment import resize_frames, upsample, working_size
 
@@ -171,23 +172,37 @@ def check_sequence(seq: Sequence) -> None:
         nums = [int(st) for st in stems]
         for a, b in zip(nums, nums[1:], strict=False):
             if b != a + 1:
-                raise ValueError(f"sequence {seq.name!r}: frame {a + 1} is missing (frame {a} is "
-                                 f"followed by {b}); DAVIS sequences are numbered without gaps")
+                raise ValueError(
+                    f"sequence {seq.name!r}: frame {a + 1} is missing (frame {a} is "
+                    f"followed by {b}); DAVIS sequences are numbered without gaps"
+                )
     if seq.masks:
-        masks = {p.stem for p in seq.masks[0].parent.iterdir()
-                 if p.suffix.lower() in IMAGE_SUFFIXES}
+        masks = {
+            p.stem for p in seq.masks[0].parent.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES
+        }
         extra = sorted(masks - set(stems))
         if extra:
-            raise ValueError(f"sequence {seq.name!r}: masks {extra[:3]} have no frame in "
-                             f"{seq.frames[0].parent} (missing frame files?)")
+            raise ValueError(
+                f"sequence {seq.name!r}: masks {extra[:3]} have no frame in "
+                f"{seq.frames[0].parent} (missing frame files?)"
+            )
 
 
-def evaluate_davis(root: str | Path, D: Discriminator | None = None, size: int = DEFAULT_SIZE,
-                   frames_per_window: int | None = None, threshold: float = 0.5,
-                   conv: str = "davis2016", fit: str = "tiles", stride: int | None = None,
-                   sequences: list[str] | None = None, max_frames: int | None = None,
-                   methods: tuple[str, ...] = BASELINES, backend: str = "auto",
-                   progress: bool = True) -> dict[str, Any]:
+def evaluate_davis(
+    root: str | Path,
+    D: Discriminator | None = None,
+    size: int = DEFAULT_SIZE,
+    frames_per_window: int | None = None,
+    threshold: float = 0.5,
+    conv: str = "davis2016",
+    fit: str = "tiles",
+    stride: int | None = None,
+    sequences: list[str] | None = None,
+    max_frames: int | None = None,
+    methods: tuple[str, ...] = BASELINES,
+    backend: str = "auto",
+    progress: bool = True,
+) -> dict[str, Any]:
     """J&F of D (when given; method ``"model"``) and of ``methods`` on a DAVIS-style root.
 
     Returns:
@@ -228,15 +243,21 @@ def evaluate_davis(root: str | Path, D: Discriminator | None = None, size: int =
                 prob = segment_frames(D, frames, frames_per_window, size, stride, fit)
             else:
                 prob = baseline_probabilities(m, frames, size, fit)
-            scores[m].append(dm.evaluate_sequence(prob > threshold, gt, seq.name, c,
-                                                  backend=backend))
+            scores[m].append(
+                dm.evaluate_sequence(prob > threshold, gt, seq.name, c, backend=backend)
+            )
     return {
         "convention": c.name,
         "sequences": [s.name for s in seqs],
         "frame_sizes": sizes,
-        "methods": {m: {"rows": [s.as_row() for s in sc], "mean": dm.summarize(sc),
-                        "per_frame": {s.name: {"frames": s.frames, "J": s.j, "F": s.f}
-                                      for s in sc}} for m, sc in scores.items()},
+        "methods": {
+            m: {
+                "rows": [s.as_row() for s in sc],
+                "mean": dm.summarize(sc),
+                "per_frame": {s.name: {"frames": s.frames, "J": s.j, "F": s.f} for s in sc},
+            }
+            for m, sc in scores.items()
+        },
     }
 
 
@@ -249,15 +270,20 @@ def format_table(result: dict[str, Any], markdown: bool = False) -> str:
     body = []
     for m, res in result["methods"].items():
         for row in [*res["rows"], {"sequence": "MEAN", "frames": "", **res["mean"]}]:
-            body.append([m, row["sequence"], str(row["frames"]),
-                         *(f"{row[k]:.3f}" for k in _COLUMNS)])
+            body.append(
+                [m, row["sequence"], str(row["frames"]), *(f"{row[k]:.3f}" for k in _COLUMNS)]
+            )
     if markdown:
         lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in body])
     widths = [max(len(r[i]) for r in [head, *body]) for i in range(len(head))]
-    return "\n".join("  ".join(v.rjust(w) if i > 1 else v.ljust(w)
-                               for i, (v, w) in enumerate(zip(r, widths, strict=True)))
-                     for r in [head, *body])
+    return "\n".join(
+        "  ".join(
+            v.rjust(w) if i > 1 else v.ljust(w)
+            for i, (v, w) in enumerate(zip(r, widths, strict=True))
+        )
+        for r in [head, *body]
+    )
 
 
 def protocol_card(protocol: dict[str, Any]) -> str:
@@ -265,8 +291,9 @@ def protocol_card(protocol: dict[str, Any]) -> str:
     return "\n".join(f"- **{k}**: {v}" for k, v in protocol.items())
 
 
-def write_davis_outputs(out: str | Path, result: dict[str, Any], protocol: dict[str, Any]
-                        ) -> list[Path]:
+def write_davis_outputs(
+    out: str | Path, result: dict[str, Any], protocol: dict[str, Any]
+) -> list[Path]:
     """``davis_jf.csv`` (rows + MEAN per method), ``davis_jf.json``, ``davis_protocol.md``."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -276,47 +303,77 @@ def write_davis_outputs(out: str | Path, result: dict[str, Any], protocol: dict[
         writer.writerow(["method", "sequence", "frames", *_COLUMNS, "convention"])
         for m, res in result["methods"].items():
             for row in [*res["rows"], {"sequence": "MEAN", "frames": "", **res["mean"]}]:
-                writer.writerow([m, row["sequence"], row["frames"],
-                                 *(f"{row[k]:.6f}" for k in _COLUMNS), result["convention"]])
+                writer.writerow(
+                    [
+                        m,
+                        row["sequence"],
+                        row["frames"],
+                        *(f"{row[k]:.6f}" for k in _COLUMNS),
+                        result["convention"],
+                    ]
+                )
     paths[1].write_text(json.dumps({"protocol": protocol, **result}, indent=1))
-    paths[2].write_text("# DAVIS J&F\n\n## Protocol\n\n" + protocol_card(protocol)
-                        + "\n\n## Results\n\n" + format_table(result, markdown=True) + "\n")
+    paths[2].write_text(
+        "# DAVIS J&F\n\n## Protocol\n\n"
+        + protocol_card(protocol)
+        + "\n\n## Results\n\n"
+        + format_table(result, markdown=True)
+        + "\n"
+    )
     return paths
 
 
-def davis_protocol(root: str | Path, result: dict[str, Any], *, size: int, fit: str,
-                   frames_per_window: int | None, stride: int | None, threshold: float,
-                   conv: str, backend: str, max_frames: int | None,
-                   ckpt: dict[str, Any] | None) -> dict[str, Any]:
+def davis_protocol(
+    root: str | Path,
+    result: dict[str, Any],
+    *,
+    size: int,
+    fit: str,
+    frames_per_window: int | None,
+    stride: int | None,
+    threshold: float,
+    conv: str,
+    backend: str,
+    max_frames: int | None,
+    ckpt: dict[str, Any] | None,
+) -> dict[str, Any]:
     """The protocol card: everything a reader needs to reproduce or compare the numbers."""
-    radii = ", ".join(sorted({f"{w}x{h}: {dm.boundary_radius(h, w)}"
-                              for h, w in result["frame_sizes"].values()}))
+    radii = ", ".join(
+        sorted({f"{w}x{h}: {dm.boundary_radius(h, w)}" for h, w in result["frame_sizes"].values()})
+    )
     model = "none (baselines only)"
     if ckpt is not None:
         digest = checkpoint.sha256_file(ckpt["path"])
-        model = (f"{ckpt['path']} (sha256 {digest}, step {ckpt['step']}, "
-                 f"model.size={size}, model.frames={frames_per_window})")
-    window = "n/a" if frames_per_window is None else (
-        f"T={frames_per_window} frames, stride {stride or max(1, frames_per_window // 2)} "
-        "(last window flush with the end; shorter sequences padded with their last frame); "
-        "overlaps averaged")
+        model = (
+            f"{ckpt['path']} (sha256 {digest}, step {ckpt['step']}, "
+            f"model.size={size}, model.frames={frames_per_window})"
+        )
+    window = (
+        "n/a"
+        if frames_per_window is None
+        else (
+            f"T={frames_per_window} frames, stride {stride or max(1, frames_per_window // 2)} "
+            "(last window flush with the end; shorter sequences padded with their last frame); "
+            "overlaps averaged"
+        )
+    )
     return {
         "data": f"{root}: {len(result['sequences'])} sequences ({', '.join(result['sequences'])})"
-                + (f", first {max_frames} frames of each" if max_frames else ""),
+        + (f", first {max_frames} frames of each" if max_frames else ""),
         "frames": dm.convention(conv).describe(),
         "measures": f"J = region IoU (both empty -> 1); F = boundary F-measure, seg2bmap "
-                    f"boundaries, disk tolerance ceil({dm.BOUND_TH} * diagonal) px ({radii}); "
-                    "per sequence mean, recall (> 0.5), decay (4 bins); dataset means over "
-                    f"sequences; F backend {dm.resolve_backend(backend)}",
+        f"boundaries, disk tolerance ceil({dm.BOUND_TH} * diagonal) px ({radii}); "
+        "per sequence mean, recall (> 0.5), decay (4 bins); dataset means over "
+        f"sequences; F backend {dm.resolve_backend(backend)}",
         "resolution": f"working size: short side {size} px ({fit}), predictions upsampled "
-                      "(bilinear) to the frame size, scored against full-size masks",
+        "(bilinear) to the frame size, scored against full-size masks",
         "window": window,
         "threshold": f"foreground if probability > {threshold}",
         "checkpoint": model,
         "baselines": ", ".join(m for m in result["methods"] if m != "model")
-                     + " (definitions: vosgan.evaluate module docstring)",
+        + " (definitions: vosgan.evaluate module docstring)",
         "software": f"vosgan, torch {torch.__version__}, numpy {np.__version__}, "
-                    f"python {platform.python_version()}",
+        f"python {platform.python_version()}",
         "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
     }
 
@@ -328,16 +385,38 @@ def _davis_main(args: argparse.Namespace) -> int:
     if args.checkpoint:
         cfg, _, D, ckpt = load_models(args.checkpoint, device)
         if args.size is not None and args.size != cfg.model.size:
-            raise ValueError(f"--size {args.size} differs from the checkpoint's resolution "
-                             f"(model.size={cfg.model.size}); omit --size to use it")
+            raise ValueError(
+                f"--size {args.size} differs from the checkpoint's resolution "
+                f"(model.size={cfg.model.size}); omit --size to use it"
+            )
         size, frames = cfg.model.size, cfg.model.frames
     sequences = args.sequences.split(",") if args.sequences else None
-    result = evaluate_davis(args.davis, D, size, frames, args.threshold, args.frames, args.fit,
-                            args.stride, sequences, args.max_frames, backend=args.f_backend)
-    protocol = davis_protocol(args.davis, result, size=size, fit=args.fit,
-                              frames_per_window=frames, stride=args.stride,
-                              threshold=args.threshold, conv=args.frames,
-                              backend=args.f_backend, max_frames=args.max_frames, ckpt=ckpt)
+    result = evaluate_davis(
+        args.davis,
+        D,
+        size,
+        frames,
+        args.threshold,
+        args.frames,
+        args.fit,
+        args.stride,
+        sequences,
+        args.max_frames,
+        backend=args.f_backend,
+    )
+    protocol = davis_protocol(
+        args.davis,
+        result,
+        size=size,
+        fit=args.fit,
+        frames_per_window=frames,
+        stride=args.stride,
+        threshold=args.threshold,
+        conv=args.frames,
+        backend=args.f_backend,
+        max_frames=args.max_frames,
+        ckpt=ckpt,
+    )
     print(protocol_card(protocol))
     print(format_table(result))
     paths = write_davis_outputs(args.out, result, protocol)
@@ -346,8 +425,11 @@ def _davis_main(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m vosgan.evaluate", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m vosgan.evaluate",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--checkpoint", help="checkpoint file or run folder")
     p.add_argument(
         "--clips", type=int, default=None, help="held-out clips (default: train.eval_clips)"
@@ -357,11 +439,19 @@ def main(argv: list[str] | None = None) -> int:
     davis = p.add_argument_group("DAVIS J&F (--davis)")
     davis.add_argument("--davis", help="DAVIS-style root: score J&F on its sequences")
     davis.add_argument("--out", default="davis_eval", help="folder for the CSV/JSON/card")
-    davis.add_argument("--frames", choices=sorted(dm.CONVENTIONS), default="davis2016",
-                       help="frame convention (default: davis2016, first and last excluded)")
+    davis.add_argument(
+        "--frames",
+        choices=sorted(dm.CONVENTIONS),
+        default="davis2016",
+        help="frame convention (default: davis2016, first and last excluded)",
+    )
     davis.add_argument("--threshold", type=float, default=0.5)
-    davis.add_argument("--size", type=int, default=None,
-                       help=f"working resolution (default: model.size, or {DEFAULT_SIZE})")
+    davis.add_argument(
+        "--size",
+        type=int,
+        default=None,
+        help=f"working resolution (default: model.size, or {DEFAULT_SIZE})",
+    )
     davis.add_argument("--fit", choices=("tiles", "squash"), default="tiles")
     davis.add_argument("--stride", type=int, default=None, help="window stride (default T/2)")
     davis.add_argument("--sequences", default=None, help="comma-separated subset")
@@ -375,8 +465,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {exc}", file=sys.stderr)
             return 2
     if not args.checkpoint:
-        print("error: give --checkpoint (held-out clips of its data) or --davis ROOT",
-              file=sys.stderr)
+        print(
+            "error: give --checkpoint (held-out clips of its data) or --davis ROOT", file=sys.stderr
+        )
         return 2
     try:
         cfg, _, D, ckpt = load_models(args.checkpoint, torch.device(args.device))

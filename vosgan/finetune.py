@@ -53,8 +53,9 @@ class ActionClassifier(nn.Module):
     are kept (so ``D`` stays whole) but unused; only ``D.encoder`` and ``head`` are trained.
     """
 
-    def __init__(self, D: Discriminator, num_classes: int, features: str = "last",
-                 dropout: float = 0.0) -> None:
+    def __init__(
+        self, D: Discriminator, num_classes: int, features: str = "last", dropout: float = 0.0
+    ) -> None:
         super().__init__()
         if features not in ("last", "all"):
             raise ValueError(f"features must be 'last' or 'all', got {features!r}")
@@ -63,8 +64,11 @@ class ActionClassifier(nn.Module):
         self.D, self.features = D, features
         widths = [stage_out_channels(s) for s in D.encoder]
         self.dim = widths[-1] if features == "last" else sum(widths)
-        self.head = nn.Sequential(nn.BatchNorm1d(self.dim, affine=False), nn.Dropout(dropout),
-                                  nn.Linear(self.dim, num_classes))
+        self.head = nn.Sequential(
+            nn.BatchNorm1d(self.dim, affine=False),
+            nn.Dropout(dropout),
+            nn.Linear(self.dim, num_classes),
+        )
 
     def embed(self, x: Tensor) -> Tensor:
         """Pooled encoder features ``(B, dim)``: :meth:`Discriminator.encode` + mean over THW."""
@@ -95,12 +99,17 @@ def _batches(n: int, size: int, gen: torch.Generator | None) -> list[list[int]]:
 
 
 @torch.no_grad()
-def embed_all(model: ActionClassifier, data: Any, device: torch.device, batch: int,
-              autocast: contextlib.AbstractContextManager, desc: str) -> tuple[Tensor, Tensor]:
+def embed_all(
+    model: ActionClassifier,
+    data: Any,
+    device: torch.device,
+    batch: int,
+    autocast: contextlib.AbstractContextManager,
+    desc: str,
+) -> tuple[Tensor, Tensor]:
     """Frozen features ``(N, dim)`` float32 and labels ``(N,)`` of every clip of ``data``."""
     feats, labels = [], []
-    for idx in tqdm(_batches(len(data), batch, None), desc=desc, unit="batch",
-                    dynamic_ncols=True):
+    for idx in tqdm(_batches(len(data), batch, None), desc=desc, unit="batch", dynamic_ncols=True):
         b = data.batch(idx)
         with autocast:
             feats.append(model.embed(b["video"].to(device)).float().cpu())
@@ -108,9 +117,13 @@ def embed_all(model: ActionClassifier, data: Any, device: torch.device, batch: i
     return torch.cat(feats), torch.cat(labels)
 
 
-def train_frozen(model: ActionClassifier, train_data: Any, args: argparse.Namespace,
-                 device: torch.device, autocast: contextlib.AbstractContextManager
-                 ) -> tuple[list[float], int]:
+def train_frozen(
+    model: ActionClassifier,
+    train_data: Any,
+    args: argparse.Namespace,
+    device: torch.device,
+    autocast: contextlib.AbstractContextManager,
+) -> tuple[list[float], int]:
     """Fixed encoder: embed the train clips once, then fit the head on the features.
 
     Returns the mean loss per epoch and the number of optimiser steps.
@@ -137,24 +150,37 @@ def train_frozen(model: ActionClassifier, train_data: Any, args: argparse.Namesp
     return losses, steps
 
 
-def train_finetune(model: ActionClassifier, train_data: Any, args: argparse.Namespace,
-                   device: torch.device, dtype: torch.dtype | None) -> tuple[list[float], int]:
+def train_finetune(
+    model: ActionClassifier,
+    train_data: Any,
+    args: argparse.Namespace,
+    device: torch.device,
+    dtype: torch.dtype | None,
+) -> tuple[list[float], int]:
     """Encoder and head train together; the AMP policy is train.py's (GradScaler for fp16).
 
     ``train_data`` holds ``args.epochs`` passes of clips; epoch ``e`` reads the ``e``-th block
     (shuffled). Returns the mean loss per epoch and the number of optimiser steps.
     """
     opt = torch.optim.AdamW(
-        [{"params": model.D.encoder.parameters(), "lr": args.encoder_lr},
-         {"params": model.head.parameters(), "lr": args.lr}], weight_decay=args.weight_decay)
+        [
+            {"params": model.D.encoder.parameters(), "lr": args.encoder_lr},
+            {"params": model.head.parameters(), "lr": args.lr},
+        ],
+        weight_decay=args.weight_decay,
+    )
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     autocast = torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext()
     gen = torch.Generator().manual_seed(args.seed)
     per_epoch = len(train_data) // args.epochs
     losses, steps = [], 0
     model.train()
-    bar = tqdm(total=args.epochs * len(_batches(per_epoch, args.batch_size, None)),
-               desc="finetune", unit="step", dynamic_ncols=True)
+    bar = tqdm(
+        total=args.epochs * len(_batches(per_epoch, args.batch_size, None)),
+        desc="finetune",
+        unit="step",
+        dynamic_ncols=True,
+    )
     for epoch in range(args.epochs):
         total, seen = torch.zeros((), device=device), 0
         for idx in _batches(per_epoch, args.batch_size, gen):
@@ -177,9 +203,15 @@ def train_finetune(model: ActionClassifier, train_data: Any, args: argparse.Name
 
 
 @torch.no_grad()
-def predict_videos(model: ActionClassifier, test_data: Any, num_videos: int, clips: int,
-                   device: torch.device, batch: int, autocast: contextlib.AbstractContextManager
-                   ) -> tuple[Tensor, Tensor]:
+def predict_videos(
+    model: ActionClassifier,
+    test_data: Any,
+    num_videos: int,
+    clips: int,
+    device: torch.device,
+    batch: int,
+    autocast: contextlib.AbstractContextManager,
+) -> tuple[Tensor, Tensor]:
     """Per-video logits ``(V, K)`` averaged over ``clips`` clips, and labels ``(V,)``.
 
     Clip ``i`` of ``test_data`` (length ``clips * V``) belongs to video ``i % V``.
@@ -187,8 +219,9 @@ def predict_videos(model: ActionClassifier, test_data: Any, num_videos: int, cli
     model.eval()
     logits = torch.zeros(num_videos, model.head[-1].out_features)
     labels = torch.full((num_videos,), -1, dtype=torch.long)
-    for idx in tqdm(_batches(len(test_data), batch, None), desc="test", unit="batch",
-                    dynamic_ncols=True):
+    for idx in tqdm(
+        _batches(len(test_data), batch, None), desc="test", unit="batch", dynamic_ncols=True
+    ):
         b = test_data.batch(idx)
         with autocast:
             out = model(b["video"].to(device)).float().cpu()
@@ -199,16 +232,23 @@ def predict_videos(model: ActionClassifier, test_data: Any, num_videos: int, cli
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m vosgan.finetune", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m vosgan.finetune",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--checkpoint", required=True, help="checkpoint file or run folder")
     p.add_argument("--data", required=True, help="UCF-101 layout root (class folders + lists)")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--mode", default="frozen", choices=("frozen", "finetune"))
     p.add_argument("--split", type=int, default=1, choices=(1, 2, 3), help="UCF-101 split")
     p.add_argument("--features", default="last", choices=("last", "all"))
-    p.add_argument("--epochs", type=int, default=None,
-                   help="default: 30 (frozen: cheap, features are cached) / 5 (finetune)")
+    p.add_argument(
+        "--epochs",
+        type=int,
+        default=None,
+        help="default: 30 (frozen: cheap, features are cached) / 5 (finetune)",
+    )
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--lr", type=float, default=1e-3, help="head learning rate (AdamW)")
     p.add_argument("--encoder-lr", type=float, default=1e-4, help="finetune mode only")
@@ -216,8 +256,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--dropout", type=float, default=0.0)
     p.add_argument("--train-clips", type=int, default=1, help="clips per train video (per epoch)")
     p.add_argument("--test-clips", type=int, default=1, help="clips per test video, averaged")
-    p.add_argument("--amp", default="auto", choices=("auto", "off", "bf16", "fp16"),
-                   help="as train.amp: auto = bf16 on CUDA, off on CPU")
+    p.add_argument(
+        "--amp",
+        default="auto",
+        choices=("auto", "off", "bf16", "fp16"),
+        help="as train.amp: auto = bf16 on CUDA, off on CPU",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda:N")
     args, rest = p.parse_known_args(argv)
@@ -227,9 +271,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         raise ConfigError(f"only --data.* overrides apply here (clip sampling), got {bad}")
     if args.epochs is None:
         args.epochs = 30 if args.mode == "frozen" else 5
-    for flag, value, low in (("--epochs", args.epochs, 1), ("--batch-size", args.batch_size, 2),
-                             ("--train-clips", args.train_clips, 1),
-                             ("--test-clips", args.test_clips, 1)):
+    for flag, value, low in (
+        ("--epochs", args.epochs, 1),
+        ("--batch-size", args.batch_size, 2),
+        ("--train-clips", args.train_clips, 1),
+        ("--test-clips", args.test_clips, 1),
+    ):
         if value < low:
             raise ConfigError(f"{flag} must be >= {low}, got {value}")
     for flag, value in (("--lr", args.lr), ("--encoder-lr", args.encoder_lr)):
@@ -255,8 +302,9 @@ def class_names(root: str, num_labels: int) -> list[str]:
     return [index.get(k, str(k)) for k in range(max(num_labels, len(index)))]
 
 
-def clip_datasets(cfg: Config, root: str, split: int, train_clips: int, test_clips: int,
-                  epochs: int) -> tuple[Any, Any, list[Any], list[str]]:
+def clip_datasets(
+    cfg: Config, root: str, split: int, train_clips: int, test_clips: int, epochs: int
+) -> tuple[Any, Any, list[Any], list[str]]:
     """Train and test clip datasets of a UCF-101 layout root, with the lists of split ``split``.
 
     The train dataset holds ``epochs * train_clips`` clips per video (epoch ``e`` reads clips
@@ -269,15 +317,19 @@ def clip_datasets(cfg: Config, root: str, split: int, train_clips: int, test_cli
 
     if not Path(root).is_dir():
         raise FileNotFoundError(f"--data {root}: no such folder (expected a UCF-101 layout root)")
-    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, source=root,
-                                                            split_list=str(split)))
+    cfg = dataclasses.replace(
+        cfg, data=dataclasses.replace(cfg.data, source=root, split_list=str(split))
+    )
     train = make_dataset(cfg, "train", 1)
-    test = make_dataset(dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, flip=False)),
-                        "test", 1)
+    test = make_dataset(
+        dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, flip=False)), "test", 1
+    )
     for name, ds in (("train", train), ("test", test)):
         if not getattr(ds, "has_labels", False):
-            raise ValueError(f"--data {root}: the {name} videos have no class labels (expected "
-                             "one folder per class, or labels in the split list)")
+            raise ValueError(
+                f"--data {root}: the {name} videos have no class labels (expected "
+                "one folder per class, or labels in the split list)"
+            )
     # clip i comes from video i % V: V clips per pass over the videos
     train.num_clips = epochs * train_clips * len(train.usable)
     test.num_clips = test_clips * len(test.usable)
@@ -286,8 +338,9 @@ def clip_datasets(cfg: Config, root: str, split: int, train_clips: int, test_cli
     names = class_names(root, max(train_labels | {it.label for it in videos}) + 1)
     missing = sorted({it.label for it in videos} - train_labels)
     if missing:
-        raise ValueError(f"--data {root}: test classes {[names[k] for k in missing][:5]} have "
-                         "no training video")
+        raise ValueError(
+            f"--data {root}: test classes {[names[k] for k in missing][:5]} have no training video"
+        )
     return train, test, videos, names
 
 
@@ -300,25 +353,31 @@ def run(args: argparse.Namespace) -> tuple[dict[str, Any], ActionClassifier]:
     dtype = amp_dtype(args.amp, device)
     autocast = torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext()
     epochs_in_data = 1 if args.mode == "frozen" else args.epochs
-    train, test, videos, names = clip_datasets(cfg, args.data, args.split, args.train_clips,
-                                               args.test_clips, epochs_in_data)
+    train, test, videos, names = clip_datasets(
+        cfg, args.data, args.split, args.train_clips, args.test_clips, epochs_in_data
+    )
     model = ActionClassifier(D, len(names), args.features, args.dropout).to(device)
     t0 = time.perf_counter()
     if args.mode == "frozen":
         losses, steps = train_frozen(model, train, args, device, autocast)
     else:
         losses, steps = train_finetune(model, train, args, device, dtype)
-    logits, labels = predict_videos(model, test, len(videos), args.test_clips, device,
-                                    args.batch_size, autocast)
+    logits, labels = predict_videos(
+        model, test, len(videos), args.test_clips, device, args.batch_size, autocast
+    )
     if len(test.usable) < len(videos):
-        warnings.warn(f"{len(videos) - len(test.usable)} test video(s) failed to decode; their "
-                      "clips came from the next usable video (see the warnings above)",
-                      UserWarning, stacklevel=2)
+        warnings.warn(
+            f"{len(videos) - len(test.usable)} test video(s) failed to decode; their "
+            "clips came from the next usable video (see the warnings above)",
+            UserWarning,
+            stacklevel=2,
+        )
     pred = logits.argmax(1)
     correct = pred == labels
     top5 = (logits.topk(min(5, len(names)), 1).indices == labels[:, None]).any(1)
-    per_class = {names[k]: float(correct[labels == k].float().mean())
-                 for k in sorted(set(labels.tolist()))}
+    per_class = {
+        names[k]: float(correct[labels == k].float().mean()) for k in sorted(set(labels.tolist()))
+    }
     train_videos = len(train.usable)
     result = {
         "top1": float(correct.float().mean()),
@@ -327,17 +386,30 @@ def run(args: argparse.Namespace) -> tuple[dict[str, Any], ActionClassifier]:
         "per_class": per_class,
         "train_loss": losses,
         "protocol": {
-            "mode": args.mode, "features": args.features, "feature_dim": model.dim,
-            "split": args.split, "classes": len(names), "train_videos": train_videos,
-            "test_videos": len(videos), "train_steps": steps,
+            "mode": args.mode,
+            "features": args.features,
+            "feature_dim": model.dim,
+            "split": args.split,
+            "classes": len(names),
+            "train_videos": train_videos,
+            "test_videos": len(videos),
+            "train_steps": steps,
             "train_clips_per_video": args.train_clips,
-            "test_clips_per_video": args.test_clips, "frames": cfg.model.frames,
-            "resolution": [cfg.model.size, cfg.model.size], "epochs": args.epochs,
-            "lr": args.lr, "encoder_lr": args.encoder_lr if args.mode == "finetune" else None,
-            "batch_size": args.batch_size, "amp": str(dtype).replace("torch.", "") if dtype
-            else "off", "data": args.data, "data_overrides": args.overrides,
-            "checkpoint": ckpt["path"], "checkpoint_step": ckpt["step"], "seed": args.seed,
-            "device": str(device), "seconds": round(time.perf_counter() - t0, 2),
+            "test_clips_per_video": args.test_clips,
+            "frames": cfg.model.frames,
+            "resolution": [cfg.model.size, cfg.model.size],
+            "epochs": args.epochs,
+            "lr": args.lr,
+            "encoder_lr": args.encoder_lr if args.mode == "finetune" else None,
+            "batch_size": args.batch_size,
+            "amp": str(dtype).replace("torch.", "") if dtype else "off",
+            "data": args.data,
+            "data_overrides": args.overrides,
+            "checkpoint": ckpt["path"],
+            "checkpoint_step": ckpt["step"],
+            "seed": args.seed,
+            "device": str(device),
+            "seconds": round(time.perf_counter() - t0, 2),
         },
     }
     out = Path(args.out)
@@ -351,8 +423,14 @@ def run(args: argparse.Namespace) -> tuple[dict[str, Any], ActionClassifier]:
             path = Path(it.name).resolve()
             rel = path.relative_to(root).as_posix() if path.is_relative_to(root) else it.name
             w.writerow([rel, names[y], names[p], int(y == p)])
-    state = {"head": model.head.state_dict(), "classes": names, "features": args.features,
-             "mode": args.mode, "checkpoint": ckpt["path"], "config": cfg.to_dict()}
+    state = {
+        "head": model.head.state_dict(),
+        "classes": names,
+        "features": args.features,
+        "mode": args.mode,
+        "checkpoint": ckpt["path"],
+        "config": cfg.to_dict(),
+    }
     if args.mode == "finetune":
         state["encoder"] = model.D.encoder.state_dict()
     checkpoint.save_atomic(state, out / "head.pt")
@@ -366,17 +444,23 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print(f"top-1 accuracy {result['top1']:.4f} on {result['protocol']['test_videos']} test "
-          f"videos of split {result['protocol']['split']} ({result['protocol']['mode']}); "
-          f"wrote {Path(args.out) / 'result.json'}")
+    print(
+        f"top-1 accuracy {result['top1']:.4f} on {result['protocol']['test_videos']} test "
+        f"videos of split {result['protocol']['split']} ({result['protocol']['mode']}); "
+        f"wrote {Path(args.out) / 'result.json'}"
+    )
     return 0
 
 
-__all__ = ["ActionClassifier", "clip_datasets", "embed_all", "predict_videos", "run",
-           "stage_out_channels"]
+__all__ = [
+    "ActionClassifier",
+    "clip_datasets",
+    "embed_all",
+    "predict_videos",
+    "run",
+    "stage_out_channels",
+]
 
 
 if __name__ == "__main__":
     raise SystemExit(main())
-
-

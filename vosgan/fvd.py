@@ -140,12 +140,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--save-features", action="store_true", help="also write DIR/features.npz")
     args = p.parse_args(argv)
     args.num_real = args.num if args.num_real is None else args.num_real
-    for flag, value, low in (("--num", args.num, 2), ("--num-real", args.num_real, 2),
-                             ("--batch-size", args.batch_size, 1),
-                             ("--extractor-size", args.extractor_size, 0),
-                             ("--kvd-subsets", args.kvd_subsets, 1),
-                             ("--kvd-subset-size", args.kvd_subset_size, 2),
-                             ("--is-splits", args.is_splits, 1)):
+    for flag, value, low in (
+        ("--num", args.num, 2),
+        ("--num-real", args.num_real, 2),
+        ("--batch-size", args.batch_size, 1),
+        ("--extractor-size", args.extractor_size, 0),
+        ("--kvd-subsets", args.kvd_subsets, 1),
+        ("--kvd-subset-size", args.kvd_subset_size, 2),
+        ("--is-splits", args.is_splits, 1),
+    ):
         if value < low:
             raise ConfigError(f"{flag} must be >= {low}, got {value}")
     if args.classifier and args.is_splits > args.num:
@@ -183,15 +186,20 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     fake_models = dict(feat)
     if classifier is not None:
         fake_models["logits"] = wrap(classifier, args.classifier_kwargs, "--classifier")
-    fake = extract(_fake_batches(G, args.num, args.batch_size, args.seed), fake_models, args.num,
-                   "generated")
+    fake = extract(
+        _fake_batches(G, args.num, args.batch_size, args.seed), fake_models, args.num, "generated"
+    )
     fr, ff = real["features"], fake["features"]
     kvd, kvd_std, subset = kernel_distance(ff, fr, args.kvd_subsets, args.kvd_subset_size)
-    metrics: dict[str, Any] = {"fvd": frechet_distance_from_features(ff, fr),
-                               "kvd": kvd, "kvd_std": kvd_std}
+    metrics: dict[str, Any] = {
+        "fvd": frechet_distance_from_features(ff, fr),
+        "kvd": kvd,
+        "kvd_std": kvd_std,
+    }
     if classifier is not None:
-        is_mean, is_std = inception_score(fake["logits"], args.is_splits,
-                                          probabilities=args.classifier_output == "probs")
+        is_mean, is_std = inception_score(
+            fake["logits"], args.is_splits, probabilities=args.classifier_output == "probs"
+        )
         metrics.update(is_mean=is_mean, is_std=is_std)
     frames, res = cfg.model.frames, cfg.model.size
     protocol = {
@@ -218,25 +226,36 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
         "feature_dim": int(fr.shape[1]),
         # N <= feature_dim: singular covariance, FVD comparable only at equal N (a warning too)
         "covariance_full_rank": min(len(fr), len(ff)) > fr.shape[1],
-        "kvd": {"kernel": "(x.y/d + 1)^3", "estimator": "unbiased MMD^2",
-                "subsets": args.kvd_subsets, "subset_size": subset},
+        "kvd": {
+            "kernel": "(x.y/d + 1)^3",
+            "estimator": "unbiased MMD^2",
+            "subsets": args.kvd_subsets,
+            "subset_size": subset,
+        },
         "dtype": "float32 features, float64 statistics",
         "device": str(device),
         "torch": torch.__version__,
         "seconds": round(time.perf_counter() - t0, 2),
     }
     if classifier is not None:
-        protocol.update(classifier=str(Path(args.classifier).resolve()),
-                        classifier_sha256=sha256_file(args.classifier),
-                        classifier_kwargs=args.classifier_kwargs,
-                        classifier_output=args.classifier_output, is_splits=args.is_splits)
+        protocol.update(
+            classifier=str(Path(args.classifier).resolve()),
+            classifier_sha256=sha256_file(args.classifier),
+            classifier_kwargs=args.classifier_kwargs,
+            classifier_output=args.classifier_output,
+            is_splits=args.is_splits,
+        )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     result = {"metrics": metrics, "protocol": protocol}
     (out / "metrics.json").write_text(json.dumps(result, indent=2))
     if args.save_features:
-        np.savez(out / "features.npz", real=fr, generated=ff, **(
-            {"logits": fake["logits"]} if classifier is not None else {}))
+        np.savez(
+            out / "features.npz",
+            real=fr,
+            generated=ff,
+            **({"logits": fake["logits"]} if classifier is not None else {}),
+        )
     return result
 
 
@@ -248,14 +267,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     m, pr = result["metrics"], result["protocol"]
-    line = (f"FVD {m['fvd']:.3f}  KVD {m['kvd']:.5f} (+-{m['kvd_std']:.5f})"
-            + (f"  IS {m['is_mean']:.3f} (+-{m['is_std']:.3f})" if "is_mean" in m else ""))
+    line = f"FVD {m['fvd']:.3f}  KVD {m['kvd']:.5f} (+-{m['kvd_std']:.5f})" + (
+        f"  IS {m['is_mean']:.3f} (+-{m['is_std']:.3f})" if "is_mean" in m else ""
+    )
     print(line)
-    print(f"protocol: {pr['num_generated']} generated vs {pr['num_real']} real clips "
-          f"({pr['data']}, split {pr['split']}), {pr['frames']} frames at "
-          f"{pr['resolution'][0]}x{pr['resolution'][1]}, extractor input "
-          f"{pr['extractor_input']['shape'][3]}px {pr['extractor_input']['range']}, "
-          f"sha256 {pr['extractor_sha256'][:12]}")
+    print(
+        f"protocol: {pr['num_generated']} generated vs {pr['num_real']} real clips "
+        f"({pr['data']}, split {pr['split']}), {pr['frames']} frames at "
+        f"{pr['resolution'][0]}x{pr['resolution'][1]}, extractor input "
+        f"{pr['extractor_input']['shape'][3]}px {pr['extractor_input']['range']}, "
+        f"sha256 {pr['extractor_sha256'][:12]}"
+    )
     print(f"wrote {Path(args.out) / 'metrics.json'}")
     return 0
 

@@ -20,8 +20,10 @@ def _check_pair(name: str, pred: Tensor, target: Tensor, channels: int) -> None:
     if pred.dim() != 5 or pred.shape[1] != channels:
         raise ValueError(f"{name}: pred must be (B, {channels}, T, H, W), got {tuple(pred.shape)}")
     if pred.shape != target.shape:
-        raise ValueError(f"{name}: target shape {tuple(target.shape)} differs from pred shape "
-                         f"{tuple(pred.shape)}")
+        raise ValueError(
+            f"{name}: target shape {tuple(target.shape)} differs from pred shape "
+            f"{tuple(pred.shape)}"
+        )
 
 
 def segmentation_iou(pred: Tensor, target: Tensor, threshold: float = 0.5) -> Tensor:
@@ -56,8 +58,10 @@ def ranking_auc(score: Tensor, positive: Tensor) -> float:
         AUC in [0, 1]; 0.5 is chance. ``nan`` when either class is empty.
     """
     if score.shape != positive.shape:
-        raise ValueError(f"ranking_auc: positive shape {tuple(positive.shape)} differs from score "
-                         f"shape {tuple(score.shape)}")
+        raise ValueError(
+            f"ranking_auc: positive shape {tuple(positive.shape)} differs from score "
+            f"shape {tuple(score.shape)}"
+        )
     s, pos = score.detach().flatten().double(), positive.detach().flatten().bool()
     n_pos = int(pos.sum())
     n_neg = pos.numel() - n_pos
@@ -179,13 +183,16 @@ class _Totals:
 
     def means(self) -> tuple[float, float, float]:
         nan = float("nan")
-        return (self.iou / self.frames if self.frames else nan,
-                self.err / self.pixels if self.pixels else nan,
-                self.err_fg / self.pixels_fg if self.pixels_fg else nan)
+        return (
+            self.iou / self.frames if self.frames else nan,
+            self.err / self.pixels if self.pixels else nan,
+            self.err_fg / self.pixels_fg if self.pixels_fg else nan,
+        )
 
 
-def evaluate_predictions(batches: Iterable[tuple[dict[str, Tensor], dict[str, Tensor]]]
-                         ) -> EvalResult:
+def evaluate_predictions(
+    batches: Iterable[tuple[dict[str, Tensor], dict[str, Tensor]]],
+) -> EvalResult:
     """Score predictions against ground truth, and the frame-difference baseline alongside.
 
     Args:
@@ -219,5 +226,11 @@ def evaluate_predictions(batches: Iterable[tuple[dict[str, Tensor], dict[str, Te
     return EvalResult(*model.means(), *base.means(), num_clips=clips)
 
 
-__all__ = ["EvalResult", "evaluate_predictions", "flow_epe", "frame_difference_baseline",
-           "frame_difference_saliency", "segmentation_iou"]
+__all__ = [
+    "EvalResult",
+    "evaluate_predictions",
+    "flow_epe",
+    "frame_difference_baseline",
+    "frame_difference_saliency",
+    "segmentation_iou",
+]

@@ -71,10 +71,9 @@ def resize_frames(frames: np.ndarray, hw: tuple[int, int], chunk: int = 16) -> T
     """uint8 ``(N, H, W, 3)`` -> float32 ``(3, N, h, w)`` in [-1, 1] (bilinear, antialiased)."""
     out = torch.empty(3, frames.shape[0], *hw)
     for i in range(0, frames.shape[0], chunk):
-        x = torch.from_numpy(np.ascontiguousarray(frames[i: i + chunk])).permute(0, 3, 1, 2)
-        x = F.interpolate(x.float(), size=hw, mode="bilinear", align_corners=False,
-                          antialias=True)
-        out[:, i: i + chunk] = (x / 127.5 - 1.0).clamp(-1, 1).transpose(0, 1)
+        x = torch.from_numpy(np.ascontiguousarray(frames[i : i + chunk])).permute(0, 3, 1, 2)
+        x = F.interpolate(x.float(), size=hw, mode="bilinear", align_corners=False, antialias=True)
+        out[:, i : i + chunk] = (x / 127.5 - 1.0).clamp(-1, 1).transpose(0, 1)
     return out
 
 
@@ -82,9 +81,10 @@ def upsample(prob: Tensor, hw: tuple[int, int], chunk: int = 16) -> np.ndarray:
     """``(N, h, w)`` probabilities -> float32 numpy ``(N, H, W)`` (bilinear)."""
     out = np.empty((prob.shape[0], *hw), np.float32)
     for i in range(0, prob.shape[0], chunk):
-        up = F.interpolate(prob[i: i + chunk, None].float(), size=hw, mode="bilinear",
-                           align_corners=False)
-        out[i: i + chunk] = up[:, 0].clamp(0, 1).cpu().numpy()
+        up = F.interpolate(
+            prob[i : i + chunk, None].float(), size=hw, mode="bilinear", align_corners=False
+        )
+        out[i : i + chunk] = up[:, 0].clamp(0, 1).cpu().numpy()
     return out
 
 
@@ -98,9 +98,16 @@ def _check_frames(frames: np.ndarray) -> np.ndarray:
 
 
 @torch.no_grad()
-def segment_frames(D: Discriminator, frames: np.ndarray, frames_per_window: int, size: int,
-                   stride: int | None = None, fit: str = "tiles", batch_size: int = 8,
-                   progress: bool = False) -> np.ndarray:
+def segment_frames(
+    D: Discriminator,
+    frames: np.ndarray,
+    frames_per_window: int,
+    size: int,
+    stride: int | None = None,
+    fit: str = "tiles",
+    batch_size: int = 8,
+    progress: bool = False,
+) -> np.ndarray:
     """Foreground probability per pixel and frame from D's segmentation head.
 
     Args:
@@ -119,9 +126,11 @@ def segment_frames(D: Discriminator, frames: np.ndarray, frames_per_window: int,
     frames = _check_frames(frames)
     cfg = getattr(D, "cfg", None)
     if cfg is not None and (cfg.size, cfg.frames) != (size, frames_per_window):
-        raise ValueError(f"the discriminator was built for {cfg.frames} frames of "
-                         f"{cfg.size}x{cfg.size} (model.frames, model.size), but size={size}, "
-                         f"frames_per_window={frames_per_window} were requested")
+        raise ValueError(
+            f"the discriminator was built for {cfg.frames} frames of "
+            f"{cfg.size}x{cfg.size} (model.frames, model.size), but size={size}, "
+            f"frames_per_window={frames_per_window} were requested"
+        )
     t = frames_per_window
     stride = max(1, t // 2) if stride is None else stride
     if batch_size < 1:
@@ -132,24 +141,37 @@ def segment_frames(D: Discriminator, frames: np.ndarray, frames_per_window: int,
     device = next(D.parameters()).device
     acc = torch.zeros(n, *hw, device=device)
     cnt = torch.zeros(n, *hw, device=device)
-    jobs = [(s, y, x) for s in window_starts(n, t, stride)
-            for y in window_starts(hw[0], size, size // 2)
-            for x in window_starts(hw[1], size, size // 2)]
+    jobs = [
+        (s, y, x)
+        for s in window_starts(n, t, stride)
+        for y in window_starts(hw[0], size, size // 2)
+        for x in window_starts(hw[1], size, size // 2)
+    ]
     was_training = D.training
     D.eval()
     try:
-        bar = tqdm(total=len(jobs), desc="segment", unit="clip", disable=not progress,
-                   leave=False, dynamic_ncols=True)
+        bar = tqdm(
+            total=len(jobs),
+            desc="segment",
+            unit="clip",
+            disable=not progress,
+            leave=False,
+            dynamic_ncols=True,
+        )
         for i in range(0, len(jobs), batch_size):
-            batch = jobs[i: i + batch_size]
+            batch = jobs[i : i + batch_size]
             idx = [torch.arange(s, s + t).clamp_(max=n - 1) for s, _, _ in batch]
-            clips = torch.stack([video[:, ix, y: y + size, x: x + size]
-                                 for ix, (_, y, x) in zip(idx, batch, strict=True)])
+            clips = torch.stack(
+                [
+                    video[:, ix, y : y + size, x : x + size]
+                    for ix, (_, y, x) in zip(idx, batch, strict=True)
+                ]
+            )
             seg = predict(D, clips.to(device))["seg"][:, 0]  # (B, T, S, S)
             for k, (s, y, x) in enumerate(batch):
                 keep = min(t, n - s)  # drop the predictions of padded frames
-                acc[s: s + keep, y: y + size, x: x + size] += seg[k, :keep]
-                cnt[s: s + keep, y: y + size, x: x + size] += 1
+                acc[s : s + keep, y : y + size, x : x + size] += seg[k, :keep]
+                cnt[s : s + keep, y : y + size, x : x + size] += 1
             bar.update(len(batch))
         bar.close()
     finally:
@@ -174,8 +196,14 @@ def _downscale(frames: np.ndarray, longest: int) -> np.ndarray:
     return np.stack([np.asarray(Image.fromarray(f).resize(size, Image.BILINEAR)) for f in frames])
 
 
-def write_outputs(out_dir: Path, frames: np.ndarray, masks: np.ndarray, stems: list[str],
-                  fps: int = 8, videos: bool = True) -> list[Path]:
+def write_outputs(
+    out_dir: Path,
+    frames: np.ndarray,
+    masks: np.ndarray,
+    stems: list[str],
+    fps: int = 8,
+    videos: bool = True,
+) -> list[Path]:
     """Write ``masks/<stem>.png`` (0/255) per frame and ``overlay.mp4`` / ``overlay.gif``."""
     mask_dir = out_dir / "masks"
     mask_dir.mkdir(parents=True, exist_ok=True)
@@ -199,8 +227,9 @@ def iter_inputs(path: str | Path) -> Iterator[tuple[str, np.ndarray, list[str]]]
     path = Path(path)
     if path.is_file():
         if path.suffix.lower() not in VIDEO_SUFFIXES:
-            raise ValueError(f"--input {path}: not a video ({', '.join(VIDEO_SUFFIXES)}) "
-                             "nor a folder")
+            raise ValueError(
+                f"--input {path}: not a video ({', '.join(VIDEO_SUFFIXES)}) nor a folder"
+            )
         frames = read_video(path)
         yield path.stem, frames, [f"{i:05d}" for i in range(len(frames))]
         return
@@ -211,14 +240,21 @@ def iter_inputs(path: str | Path) -> Iterator[tuple[str, np.ndarray, list[str]]]
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m vosgan.segment", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m vosgan.segment",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--checkpoint", required=True, help="checkpoint file or run folder")
     p.add_argument("--input", required=True, help="video file, frame folder or DAVIS root")
     p.add_argument("--out", required=True, help="output folder (one sub-folder per sequence)")
     p.add_argument("--threshold", type=float, default=0.5, help="foreground if prob > this")
-    p.add_argument("--size", type=int, default=None,
-                   help="model resolution; must equal the checkpoint's model.size (default)")
+    p.add_argument(
+        "--size",
+        type=int,
+        default=None,
+        help="model resolution; must equal the checkpoint's model.size (default)",
+    )
     p.add_argument("--stride", type=int, default=None, help="window stride (default T/2)")
     p.add_argument("--fit", choices=FITS, default="tiles")
     p.add_argument("--batch-size", type=int, default=8)
@@ -233,15 +269,31 @@ def main(argv: list[str] | None = None) -> int:
         cfg, _, D, _ = load_models(args.checkpoint, torch.device(args.device))
         size = cfg.model.size
         if args.size is not None and args.size != size:
-            raise ValueError(f"--size {args.size} differs from the checkpoint's resolution "
-                             f"(model.size={size}); omit --size to use it")
+            raise ValueError(
+                f"--size {args.size} differs from the checkpoint's resolution "
+                f"(model.size={size}); omit --size to use it"
+            )
         bar = tqdm(iter_inputs(args.input), desc="sequences", unit="seq", dynamic_ncols=True)
         for name, frames, stems in bar:
             bar.set_postfix_str(name)
-            prob = segment_frames(D, frames, cfg.model.frames, size, stride=args.stride,
-                                  fit=args.fit, batch_size=args.batch_size, progress=True)
-            write_outputs(Path(args.out) / name, frames, prob > args.threshold, stems,
-                          fps=args.fps, videos=not args.no_video)
+            prob = segment_frames(
+                D,
+                frames,
+                cfg.model.frames,
+                size,
+                stride=args.stride,
+                fit=args.fit,
+                batch_size=args.batch_size,
+                progress=True,
+            )
+            write_outputs(
+                Path(args.out) / name,
+                frames,
+                prob > args.threshold,
+                stems,
+                fps=args.fps,
+                videos=not args.no_video,
+            )
             tqdm.write(f"{name}: {len(stems)} frames -> {Path(args.out) / name}")
     except (FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)

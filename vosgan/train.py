@@ -37,8 +37,18 @@ from vosgan.evaluate import write_samples
 from vosgan.train_data import Evaluator, batch_indices, batches, describe, make_dataset
 from vosgan.train_run import Run, amp_dtype, build_run, resolve_device, say, wrap_models
 
-__all__ = ["Run", "amp_dtype", "batch_indices", "build_run", "main", "make_dataset",
-           "resolve_device", "train", "train_step", "wrap_models"]
+__all__ = [
+    "Run",
+    "amp_dtype",
+    "batch_indices",
+    "build_run",
+    "main",
+    "make_dataset",
+    "resolve_device",
+    "train",
+    "train_step",
+    "wrap_models",
+]
 
 
 class NonFiniteLossError(RuntimeError):
@@ -242,8 +252,14 @@ def _train(
     def sample() -> None:
         write_samples(run.G, run.D, out / "samples" / f"step_{run.step:06d}", num=4)
 
-    bar = tqdm(total=t.steps, initial=run.step, desc="train", unit="step", dynamic_ncols=True,
-               disable=not main)
+    bar = tqdm(
+        total=t.steps,
+        initial=run.step,
+        desc="train",
+        unit="step",
+        dynamic_ncols=True,
+        disable=not main,
+    )
     t0, n0 = time.perf_counter(), run.step
     with _Interrupt(env) as interrupt:
         for batch in batches(cfg, run.step, device, env):
@@ -313,8 +329,11 @@ def parse_args(argv: list[str] | None = None) -> tuple[Config, Path, bool, Path 
     p.add_argument("--fused", action="store_true", help="use every fused op available here")
     p.add_argument("--compile", action="store_true", help="torch.compile G and D (train.compile)")
     p.add_argument("--preset", default="cpu-small", choices=sorted(config_mod.PRESETS))
-    p.add_argument("--data", default=None,
-                   help="'synthetic' (default) or a path: videos, frame folders, a clip cache")
+    p.add_argument(
+        "--data",
+        default=None,
+        help="'synthetic' (default) or a path: videos, frame folders, a clip cache",
+    )
     p.add_argument("--out", default=None, help="run folder (default: runs/<preset>-<time>)")
     p.add_argument("--resume", default=None, help="checkpoint file, run folder, or 'auto'")
     args, rest = p.parse_known_args(argv)

@@ -120,25 +120,34 @@ class Evaluator:
                     continue
                 seg = predict(D, batch["video"].to(self.device))["seg"].cpu()
                 iou += float(segmentation_iou(seg, batch["mask"]).sum())
-                base += float(segmentation_iou(frame_difference_saliency(batch["video"]),
-                                               batch["mask"]).sum())
+                base += float(
+                    segmentation_iou(frame_difference_saliency(batch["video"]), batch["mask"]).sum()
+                )
                 frames += seg.shape[0] * seg.shape[2]
         finally:
             D.train(was_training)
         if not frames:
             return {"num_clips": clips, "skipped": [NO_MASKS, NO_FLOW]}
-        return {"iou": iou / frames, "baseline_iou": base / frames, "num_clips": clips,
-                "skipped": [NO_FLOW]}
+        return {
+            "iou": iou / frames,
+            "baseline_iou": base / frames,
+            "num_clips": clips,
+            "skipped": [NO_FLOW],
+        }
 
 
 def describe(result: dict[str, Any]) -> str:
     """One line for the log: the scores an evaluation produced and what it skipped."""
     parts = []
     if "iou" in result:
-        parts.append(f"segmentation IoU {result['iou']:.3f} vs frame-difference baseline "
-                     f"{result['baseline_iou']:.3f}")
+        parts.append(
+            f"segmentation IoU {result['iou']:.3f} vs frame-difference baseline "
+            f"{result['baseline_iou']:.3f}"
+        )
     if "epe" in result:
-        parts.append(f"flow EPE {result['epe']:.3f} px (foreground {result['epe_fg']:.3f}) vs "
-                     f"zero flow {result['baseline_epe']:.3f} ({result['baseline_epe_fg']:.3f})")
+        parts.append(
+            f"flow EPE {result['epe']:.3f} px (foreground {result['epe_fg']:.3f}) vs "
+            f"zero flow {result['baseline_epe']:.3f} ({result['baseline_epe_fg']:.3f})"
+        )
     parts += result.get("skipped", [])
     return "; ".join(parts)

@@ -142,15 +142,17 @@ def build_run(
             why = "" if choice.fused else f" ({choice.reason})"
             say(env, f"  {op:<16} {'fused: ' + choice.impl if choice.fused else 'reference'}{why}")
     if cfg.train.checkpoint_activations:
-        n = checkpoint_blocks([*G.foreground, *D.encoder, *D.decoder,
-                               *getattr(D, "flow_decoder", [])])
+        n = checkpoint_blocks(
+            [*G.foreground, *D.encoder, *D.decoder, *getattr(D, "flow_decoder", [])]
+        )
         say(env, f"checkpoint_activations: {n} block(s) recompute their activations in backward")
     o = cfg.optim
     # --fused also takes Adam's fused (single-kernel) step: both steps 9.1 -> 2.3 ms per training
     # step at cpu-small (2.19 M parameters, 1 thread, 2-core dev box).
     opt_g = torch.optim.Adam(G.parameters(), lr=o.lr_g, betas=(o.beta1, o.beta2), fused=fused)
-    opt_d = torch.optim.Adam(d_param_groups(D, o.lr_dense), lr=o.lr_d, betas=(o.beta1, o.beta2),
-                             fused=fused)
+    opt_d = torch.optim.Adam(
+        d_param_groups(D, o.lr_dense), lr=o.lr_d, betas=(o.beta1, o.beta2), fused=fused
+    )
     scaler = torch.amp.GradScaler(
         device.type, enabled=amp_dtype(cfg.train.amp, device) == torch.float16
     )
@@ -164,9 +166,10 @@ def d_param_groups(D: nn.Module, lr_dense: float) -> list[dict[str, Any]]:
     if lr_dense <= 0:
         return [{"params": list(D.parameters())}]
     trunk = ("encoder.", "real_fake.")
-    return [{"params": [p for n, p in D.named_parameters() if n.startswith(trunk)]},
-            {"params": [p for n, p in D.named_parameters() if not n.startswith(trunk)],
-             "lr": lr_dense}]
+    return [
+        {"params": [p for n, p in D.named_parameters() if n.startswith(trunk)]},
+        {"params": [p for n, p in D.named_parameters() if not n.startswith(trunk)], "lr": lr_dense},
+    ]
 
 
 def wrap_models(run: Run) -> None:
@@ -194,8 +197,11 @@ def wrap_models(run: Run) -> None:
     run.d_r1 = d_ddp
     if run.cfg.train.compile:
         if run.device.type == "cpu":
-            say(run.env, "--compile on CPU: measured 0.96x eager at cpu-small after a 116 s "
-                "warm-up (2-core dev box, under load); it is meant for GPUs")
+            say(
+                run.env,
+                "--compile on CPU: measured 0.96x eager at cpu-small after a 116 s "
+                "warm-up (2-core dev box, under load); it is meant for GPUs",
+            )
         run.g_train, run.d_train = torch.compile(g_ddp), torch.compile(d_ddp)
         run.d_frozen = torch.compile(run.D) if run.env.enabled else run.d_train
     else:

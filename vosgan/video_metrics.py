@@ -288,9 +288,7 @@ def prepare_clips(video: Tensor, size: int | None, value_range: str = "[-1,1]") 
 
 
 @torch.no_grad()
-def run_model(
-    model: torch.nn.Module, x: Tensor, kwargs: Mapping[str, Any], flag: str
-) -> Tensor:
+def run_model(model: torch.nn.Module, x: Tensor, kwargs: Mapping[str, Any], flag: str) -> Tensor:
     """``model(x, **kwargs)`` -> float32 ``(B, D)`` on the CPU, validated (errors name ``flag``)."""
     try:
         out = model(x, **kwargs)
@@ -304,8 +302,9 @@ def run_model(
         out = out[0]
     if not isinstance(out, Tensor) or out.dim() < 2 or out.shape[0] != x.shape[0]:
         shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
-        raise ExtractorError(f"{flag} model must return (B, D) features for B={x.shape[0]}, "
-                             f"got {shape}")
+        raise ExtractorError(
+            f"{flag} model must return (B, D) features for B={x.shape[0]}, got {shape}"
+        )
     return out.flatten(1).float().cpu()
 
 

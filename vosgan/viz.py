@@ -24,8 +24,14 @@ def _colour_wheel() -> Tensor:
     """The Middlebury colour wheel (Baker et al., 2011): 55 RGB colours in [0, 1], ``(55, 3)``."""
     ramps = []
     # (length, ramp channel, rising?, channel held at 255): RY, YG, GC, CB, BM, MR
-    for n, channel, rising, full in ((15, 1, True, 0), (6, 0, False, 1), (4, 2, True, 1),
-                                     (11, 1, False, 2), (13, 0, True, 2), (6, 2, False, 0)):
+    for n, channel, rising, full in (
+        (15, 1, True, 0),
+        (6, 0, False, 1),
+        (4, 2, True, 1),
+        (11, 1, False, 2),
+        (13, 0, True, 2),
+        (6, 2, False, 0),
+    ):
         seg = torch.zeros(n, 3, dtype=torch.float64)
         ramp = torch.floor(255.0 * torch.arange(n, dtype=torch.float64) / n)
         seg[:, channel] = ramp if rising else 255.0 - ramp
@@ -88,14 +94,22 @@ def _label_row(width: int, height: int, col_width: int, pad: int) -> np.ndarray:
     for c, title in enumerate(GRID_COLUMNS):
         left, top, right, bottom = draw.textbbox((0, 0), title, font=font)
         x = pad + c * (col_width + pad) + (col_width - (right - left)) // 2 - left
-        draw.text((x, (height - (bottom - top)) // 2 - top), title, fill=(255, 255, 255),
-                  font=font)
+        draw.text((x, (height - (bottom - top)) // 2 - top), title, fill=(255, 255, 255), font=font)
     return np.asarray(img)
 
 
-def sample_grid(video: Tensor, fg: Tensor, mask: Tensor, bg: Tensor, seg: Tensor, flow: Tensor,
-                max_rows: int = 8, scale: int | None = None, pad: int = 2,
-                header: bool = True) -> np.ndarray:
+def sample_grid(
+    video: Tensor,
+    fg: Tensor,
+    mask: Tensor,
+    bg: Tensor,
+    seg: Tensor,
+    flow: Tensor,
+    max_rows: int = 8,
+    scale: int | None = None,
+    pad: int = 2,
+    header: bool = True,
+) -> np.ndarray:
     """Tile samples as ``video | foreground | mask | background | D seg | D flow`` per row.
 
     Args:
@@ -175,8 +189,10 @@ def write_video(path: str | os.PathLike, frames: np.ndarray, fps: int = 8) -> No
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix not in (".mp4", ".gif"):
-        raise ValueError(f"write_video: unsupported suffix {path.suffix!r} of {str(path)!r}; "
-                         "use '.mp4' or '.gif'")
+        raise ValueError(
+            f"write_video: unsupported suffix {path.suffix!r} of {str(path)!r}; "
+            "use '.mp4' or '.gif'"
+        )
     frames = np.asarray(frames)
     if frames.ndim != 4 or frames.shape[-1] != 3 or frames.shape[0] < 1:
         raise ValueError(f"frames must be (T, H, W, 3) with T >= 1, got {frames.shape}")
@@ -227,5 +243,12 @@ def _write_gif(tmp: str, frames: np.ndarray, fps: int) -> None:
     from PIL import Image
 
     images = [Image.fromarray(f) for f in frames]
-    images[0].save(tmp, format="GIF", save_all=True, append_images=images[1:],
-                   duration=max(20, round(1000 / fps)), loop=0, optimize=False)
+    images[0].save(
+        tmp,
+        format="GIF",
+        save_all=True,
+        append_images=images[1:],
+        duration=max(20, round(1000 / fps)),
+        loop=0,
+        optimize=False,
+    )

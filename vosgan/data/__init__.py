@@ -9,7 +9,21 @@ from vosgan.data.frames import Sequence, find_sequences, load_frames, load_masks
 from vosgan.data.synthetic import SPLITS, Clip, SyntheticVideos, clips_to_tensors, render_clip
 from vosgan.data.video import ClipDataset
 
-__all__ = ["SPLITS", "Clip", "SyntheticVideos", "clips_to_tensors", "render_clip",
-           "Sequence", "find_sequences", "load_frames", "load_masks",
-           "VideoError", "VideoInfo", "make_decoder", "probe", "read_video",
-           "ClipDataset", "make_dataset"]
+__all__ = [
+    "SPLITS",
+    "Clip",
+    "SyntheticVideos",
+    "clips_to_tensors",
+    "render_clip",
+    "Sequence",
+    "find_sequences",
+    "load_frames",
+    "load_masks",
+    "VideoError",
+    "VideoInfo",
+    "make_decoder",
+    "probe",
+    "read_video",
+    "ClipDataset",
+    "make_dataset",
+]

@@ -38,8 +38,9 @@ def find_videos(root: str | Path) -> list[Path]:
     found = []
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
         dirnames.sort()
-        found += [Path(dirpath, f) for f in sorted(filenames)
-                  if Path(f).suffix.lower() in VIDEO_SUFFIXES]
+        found += [
+            Path(dirpath, f) for f in sorted(filenames) if Path(f).suffix.lower() in VIDEO_SUFFIXES
+        ]
     return found
 
 
@@ -86,8 +87,9 @@ def parse_split_list(path: str | Path) -> dict[str, int]:
     return out
 
 
-def labelled_videos(root: str | Path, split: str, split_list: str = "auto"
-                    ) -> list[tuple[Path, int]]:
+def labelled_videos(
+    root: str | Path, split: str, split_list: str = "auto"
+) -> list[tuple[Path, int]]:
     """The ``(path, label)`` videos of ``split`` under ``root`` (label -1 when unlabeled).
 
     Args:
@@ -116,8 +118,9 @@ def labelled_videos(root: str | Path, split: str, split_list: str = "auto"
         name = f"{'train' if split == 'train' else 'test'}list{number}.txt"
         path = find_list_file(root, name)
         if path is None and split_list != "auto":
-            raise FileNotFoundError(f"data.split_list={split_list}: no {name} in {root} or "
-                                    f"{root / 'ucfTrainTestlist'}")
+            raise FileNotFoundError(
+                f"data.split_list={split_list}: no {name} in {root} or {root / 'ucfTrainTestlist'}"
+            )
         chosen = parse_split_list(path) if path else None
     out = []
     for f in files:
@@ -129,8 +132,10 @@ def labelled_videos(root: str | Path, split: str, split_list: str = "auto"
             label = chosen[r]
         out.append((f, label))
     if not out:
-        raise ValueError(f"{root}: the {split} split list selects none of the {len(files)} "
-                         "videos found (names are compared as <class>/<file>)")
+        raise ValueError(
+            f"{root}: the {split} split list selects none of the {len(files)} "
+            "videos found (names are compared as <class>/<file>)"
+        )
     return out
 
 
@@ -162,8 +167,10 @@ def make_source(cfg: Config, split: str) -> Source:
     d = cfg.data
     kind = layout(d.source)
     if d.decoder == "cache" and kind != "cache":
-        raise ConfigError(f"data.decoder=cache but data.source={d.source!r} is not a prepared "
-                          "cache; run python -m vosgan.data.prepare SRC --out CACHE first")
+        raise ConfigError(
+            f"data.decoder=cache but data.source={d.source!r} is not a prepared "
+            "cache; run python -m vosgan.data.prepare SRC --out CACHE first"
+        )
     if kind == "cache":
         from vosgan.data.cache import CacheSource
 
@@ -183,8 +190,18 @@ def make_dataset(cfg: Config, split: str, num_clips: int) -> Any:
     """
     d, m = cfg.data, cfg.model
     if d.source == "synthetic":
-        return SyntheticVideos(num_clips, m.frames, m.size, seed=d.seed, split=split,
-                               cache=d.cache)
-    return ClipDataset(make_source(cfg, split), num_clips, m.frames, m.size, seed=d.seed,
-                       split=split, stride=d.stride, fps=d.fps, short=d.short, crop=d.crop,
-                       flip=d.flip, sampling=d.sampling)
+        return SyntheticVideos(num_clips, m.frames, m.size, seed=d.seed, split=split, cache=d.cache)
+    return ClipDataset(
+        make_source(cfg, split),
+        num_clips,
+        m.frames,
+        m.size,
+        seed=d.seed,
+        split=split,
+        stride=d.stride,
+        fps=d.fps,
+        short=d.short,
+        crop=d.crop,
+        flip=d.flip,
+        sampling=d.sampling,
+    )

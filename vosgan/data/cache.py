@@ -57,8 +57,13 @@ class CacheWriter:
         force: discard an existing cache or progress with another checksum instead of failing.
     """
 
-    def __init__(self, root: str | Path, header: dict[str, Any], shard_bytes: int = 1 << 30,
-                 force: bool = False) -> None:
+    def __init__(
+        self,
+        root: str | Path,
+        header: dict[str, Any],
+        shard_bytes: int = 1 << 30,
+        force: bool = False,
+    ) -> None:
         self.root, self.header, self.shard_bytes = Path(root), dict(header), shard_bytes
         self.root.mkdir(parents=True, exist_ok=True)
         self.entries: list[dict[str, Any]] = []
@@ -69,11 +74,15 @@ class CacheWriter:
                 raise ValueError(
                     f"{self.root} holds a cache of another source list or settings (checksum "
                     f"{str(old.get('source_checksum'))[:12]} != {header['source_checksum'][:12]})"
-                    "; pass --force to overwrite it or choose another --out")
+                    "; pass --force to overwrite it or choose another --out"
+                )
             old = None
         if old is None:
-            for p in [*self.root.glob("shard_*.bin"), *self.root.glob("mask_*.bin"),
-                      self.root / INDEX]:
+            for p in [
+                *self.root.glob("shard_*.bin"),
+                *self.root.glob("mask_*.bin"),
+                self.root / INDEX,
+            ]:
                 p.unlink(missing_ok=True)
             progress.write_text(json.dumps(header) + "\n")
         elif (self.root / INDEX).is_file():
@@ -135,21 +144,30 @@ class CacheWriter:
         """Record an unusable source video."""
         self._record({"name": name, "skipped": reason})
 
-    def add(self, name: str, video: np.ndarray, masks: np.ndarray | None, fps: float,
-            label: int) -> None:
+    def add(
+        self, name: str, video: np.ndarray, masks: np.ndarray | None, fps: float, label: int
+    ) -> None:
         """Append one video: uint8 ``(N, H, W, 3)`` frames, optional bool ``(N, H, W)`` masks."""
         if video.dtype != np.uint8 or video.ndim != 4 or video.shape[-1] != 3:
-            raise ValueError(f"{name}: video must be uint8 (N, H, W, 3), got {video.dtype} "
-                             f"{video.shape}")
+            raise ValueError(
+                f"{name}: video must be uint8 (N, H, W, 3), got {video.dtype} {video.shape}"
+            )
         written = [e for e in self.entries if "shard" in e]
         shard = written[-1]["shard"] if written else 0
         path = _shard(self.root, "shard", shard)
         if path.exists() and path.stat().st_size >= self.shard_bytes:
             shard += 1
             path = _shard(self.root, "shard", shard)
-        entry: dict[str, Any] = {"name": name, "label": label, "fps": fps,
-                                 "length": video.shape[0], "height": video.shape[1],
-                                 "width": video.shape[2], "shard": shard, "mask_offset": None}
+        entry: dict[str, Any] = {
+            "name": name,
+            "label": label,
+            "fps": fps,
+            "length": video.shape[0],
+            "height": video.shape[1],
+            "width": video.shape[2],
+            "shard": shard,
+            "mask_offset": None,
+        }
         for kind, data in (("shard", video), ("mask", masks)):
             if data is None:
                 continue
@@ -165,10 +183,14 @@ class CacheWriter:
     def finish(self) -> dict[str, Any]:
         """Write ``index.json`` (atomically) and drop the progress file; returns the index."""
         videos = [e for e in self.entries if "shard" in e]
-        index = {**self.header, "format": FORMAT, "version": VERSION,
-                 "has_masks": bool(videos) and all(e["mask_offset"] is not None for e in videos),
-                 "videos": videos,
-                 "skipped": [[e["name"], e["skipped"]] for e in self.entries if "skipped" in e]}
+        index = {
+            **self.header,
+            "format": FORMAT,
+            "version": VERSION,
+            "has_masks": bool(videos) and all(e["mask_offset"] is not None for e in videos),
+            "videos": videos,
+            "skipped": [[e["name"], e["skipped"]] for e in self.entries if "skipped" in e],
+        }
         tmp = self.root / (INDEX + ".tmp")
         tmp.write_text(json.dumps(index))
         os.replace(tmp, self.root / INDEX)
@@ -182,8 +204,10 @@ def read_index(root: str | Path) -> dict[str, Any]:
     root = Path(root)
     if not (root / INDEX).is_file():
         if (root / PROGRESS).is_file():
-            raise ValueError(f"{root}: the cache is incomplete (interrupted prepare); run "
-                             "python -m vosgan.data.prepare again with the same SRC to resume")
+            raise ValueError(
+                f"{root}: the cache is incomplete (interrupted prepare); run "
+                "python -m vosgan.data.prepare again with the same SRC to resume"
+            )
         raise FileNotFoundError(f"{root / INDEX} does not exist (not a prepared cache)")
     index = json.loads((root / INDEX).read_text())
     if index.get("format") != FORMAT or index.get("version") != VERSION:
@@ -216,8 +240,16 @@ class CacheSource(Source):
                 raise FileNotFoundError(f"data.split_list={split_list}: no {name} in {root}")
             if path is not None:
                 chosen = parse_split_list(path)
-                videos = [dict(v, label=chosen[v["name"].lower()] if chosen[v["name"].lower()]
-                               >= 0 else v["label"]) for v in videos if v["name"].lower() in chosen]
+                videos = [
+                    dict(
+                        v,
+                        label=chosen[v["name"].lower()]
+                        if chosen[v["name"].lower()] >= 0
+                        else v["label"],
+                    )
+                    for v in videos
+                    if v["name"].lower() in chosen
+                ]
                 if not videos:
                     raise ValueError(f"{path} selects none of the videos in {root}")
         self.videos = videos

@@ -44,8 +44,9 @@ class DaliDecoder(Decoder):
         if device not in ("cpu", "gpu"):
             raise ValueError(f"device must be 'cpu' or 'gpu', got {device!r}")
         if max_batch < 1 or num_threads < 1:
-            raise ValueError(f"max_batch and num_threads must be >= 1, got {max_batch}, "
-                             f"{num_threads}")
+            raise ValueError(
+                f"max_batch and num_threads must be >= 1, got {max_batch}, {num_threads}"
+            )
         ok, why = dali_status(device)
         if not ok:
             raise RuntimeError(f"DALI {device} decoding unavailable: {why}")
@@ -65,8 +66,13 @@ class DaliDecoder(Decoder):
         else:
             device_id, op_device = None, "cpu"
 
-        @pipeline_def(batch_size=self.max_batch, num_threads=self.num_threads,
-                      device_id=device_id, prefetch_queue_depth=1, exec_dynamic=True)
+        @pipeline_def(
+            batch_size=self.max_batch,
+            num_threads=self.num_threads,
+            device_id=device_id,
+            prefetch_queue_depth=1,
+            exec_dynamic=True,
+        )
         def pipe() -> Any:
             encoded = fn.external_source(name="encoded", dtype=types.UINT8, ndim=1)
             frames = fn.external_source(name="frames", dtype=types.INT32, ndim=1)
@@ -93,8 +99,11 @@ class DaliDecoder(Decoder):
                 raise ShortVideoError(path, info.frames, max(idx))
             allowed = DALI_GPU_CODECS if self.device == "gpu" else DALI_CPU_CODECS
             if info.codec not in allowed:
-                raise VideoError(path, f"codec {info.codec} is not supported by {self.name} "
-                                       f"(supported: {sorted(allowed)})")
+                raise VideoError(
+                    path,
+                    f"codec {info.codec} is not supported by {self.name} "
+                    f"(supported: {sorted(allowed)})",
+                )
             encoded.append(np.fromfile(path, np.uint8))
             frames.append(np.asarray(idx, np.int32))
             infos.append(info)

@@ -183,14 +183,20 @@ class PyAVDecoder(Decoder):
             union = sorted({i for idx in lists for i in idx})
             frames = self.read(path, union) if len(ks) > 1 else None
             for k, idx in zip(ks, lists, strict=True):
-                out[k] = (frames[np.searchsorted(union, idx)] if frames is not None
-                          else self.read(path, idx))
+                out[k] = (
+                    frames[np.searchsorted(union, idx)]
+                    if frames is not None
+                    else self.read(path, idx)
+                )
         return out  # type: ignore[return-value]
 
     @staticmethod
     def decode(
-        path: str | Path, keep: Callable[[int], bool], last: int | None = None,
-        size: int | None = None, threads: bool = True,
+        path: str | Path,
+        keep: Callable[[int], bool],
+        last: int | None = None,
+        size: int | None = None,
+        threads: bool = True,
     ) -> tuple[dict[int, np.ndarray], int]:
         """Decode frames ``0..last`` (or to the end), converting those where ``keep(i)``.
 
@@ -210,8 +216,11 @@ class PyAVDecoder(Decoder):
             kw: dict[str, Any] = {}
             if size is not None:
                 w, h = s.codec_context.width, s.codec_context.height
-                kw = {"width": size, "height": max(1, round(h * size / w))} if w <= h else {
-                    "width": max(1, round(w * size / h)), "height": size}
+                kw = (
+                    {"width": size, "height": max(1, round(h * size / w))}
+                    if w <= h
+                    else {"width": max(1, round(w * size / h)), "height": size}
+                )
                 kw["interpolation"] = "AREA"
 
             def frames() -> Iterator[av.VideoFrame]:
@@ -251,10 +260,14 @@ def dali_status(device: str) -> tuple[bool, str]:
 
         import torch
 
-        if (torch.utils.data.get_worker_info() is not None
-                and multiprocessing.get_start_method() == "fork"):
-            return False, ("inside a forked DataLoader worker, where CUDA cannot be used "
-                           "(data.num_workers=0 lets DALI decode on the GPU)")
+        if (
+            torch.utils.data.get_worker_info() is not None
+            and multiprocessing.get_start_method() == "fork"
+        ):
+            return False, (
+                "inside a forked DataLoader worker, where CUDA cannot be used "
+                "(data.num_workers=0 lets DALI decode on the GPU)"
+            )
         if not torch.cuda.is_available():
             return False, "no CUDA device"
         return True, f"DALI on CUDA device {torch.cuda.current_device()} (NVDEC)"

@@ -111,9 +111,7 @@ def find_sequences(root: str | Path) -> list[Sequence]:
     res = _davis_resolution(root)
     if res is not None:
         annotations = root / "Annotations" / res.relative_to(root / "JPEGImages")
-        seqs = [
-            _pair(d.name, d, annotations / d.name) for d in sorted(res.iterdir()) if d.is_dir()
-        ]
+        seqs = [_pair(d.name, d, annotations / d.name) for d in sorted(res.iterdir()) if d.is_dir()]
     elif (root / "frames").is_dir():
         seqs = [_pair(root.name, root / "frames", root / "masks")]
     else:

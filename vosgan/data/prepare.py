@@ -36,16 +36,28 @@ def _sources(src: Path) -> tuple[str, list[dict[str, Any]]]:
         out = []
         for s in fr.find_sequences(src):
             files = s.frames + (s.masks or [])
-            out.append({"name": s.name, "seq": s, "label": -1,
-                        "bytes": sum(p.stat().st_size for p in files)})
+            out.append(
+                {
+                    "name": s.name,
+                    "seq": s,
+                    "label": -1,
+                    "bytes": sum(p.stat().st_size for p in files),
+                }
+            )
         return kind, out
     base = src if src.is_dir() else src.parent
-    return kind, [{"name": p.relative_to(base).as_posix(), "path": p, "label": label,
-                   "bytes": p.stat().st_size} for p, label in labelled_videos(src, "all")]
+    return kind, [
+        {
+            "name": p.relative_to(base).as_posix(),
+            "path": p,
+            "label": label,
+            "bytes": p.stat().st_size,
+        }
+        for p, label in labelled_videos(src, "all")
+    ]
 
 
-def decode_source(entry: dict[str, Any], size: int
-                  ) -> tuple[np.ndarray, np.ndarray | None, float]:
+def decode_source(entry: dict[str, Any], size: int) -> tuple[np.ndarray, np.ndarray | None, float]:
     """Frames uint8 ``(N, H, W, 3)`` (short side ``size``), masks bool or None, and fps."""
     if "seq" in entry:
         seq = entry["seq"]
@@ -58,8 +70,14 @@ def decode_source(entry: dict[str, Any], size: int
     return np.stack([got[i] for i in sorted(got)]), None, info.fps
 
 
-def prepare(src: str | Path, out: str | Path, size: int = 64, shard_mb: int = 1024,
-            force: bool = False, progress: bool = True) -> dict[str, Any]:
+def prepare(
+    src: str | Path,
+    out: str | Path,
+    size: int = 64,
+    shard_mb: int = 1024,
+    force: bool = False,
+    progress: bool = True,
+) -> dict[str, Any]:
     """Build (or resume) the cache of ``src`` in ``out``; returns the index (see module doc)."""
     src, out = Path(src), Path(out)
     if size < 8:
@@ -69,8 +87,13 @@ def prepare(src: str | Path, out: str | Path, size: int = 64, shard_mb: int = 10
     kind, entries = _sources(src)
     settings = {"size": size, "kind": kind, "version": VERSION}
     checksum = source_checksum([(e["name"], e["bytes"]) for e in entries], settings)
-    header = {"size": size, "kind": kind, "source": str(src.resolve()),
-              "source_checksum": checksum, "num_sources": len(entries)}
+    header = {
+        "size": size,
+        "kind": kind,
+        "source": str(src.resolve()),
+        "source_checksum": checksum,
+        "num_sources": len(entries),
+    }
     writer = CacheWriter(out, header, shard_bytes=shard_mb << 20, force=force)
     if writer.complete:
         print(f"{out}: already complete for this source list ({len(entries)} videos)")
@@ -84,8 +107,15 @@ def prepare(src: str | Path, out: str | Path, size: int = 64, shard_mb: int = 10
                     shutil.copyfile(p, out / p.name)
     if writer.done:
         print(f"resuming: {writer.done} of {len(entries)} videos already done")
-    bar = tqdm(entries, initial=writer.done, total=len(entries), desc="prepare", unit="video",
-               disable=not progress, dynamic_ncols=True)
+    bar = tqdm(
+        entries,
+        initial=writer.done,
+        total=len(entries),
+        desc="prepare",
+        unit="video",
+        disable=not progress,
+        dynamic_ncols=True,
+    )
     for entry in entries[writer.done :]:
         try:
             video, masks, fps = decode_source(entry, size)
@@ -100,16 +130,21 @@ def prepare(src: str | Path, out: str | Path, size: int = 64, shard_mb: int = 10
     n = len(index["videos"])
     frames = sum(v["length"] for v in index["videos"])
     nbytes = sum(p.stat().st_size for p in out.glob("*.bin"))
-    print(f"{out}: {n} videos, {frames} frames, {nbytes / 2**20:.1f} MiB"
-          + (f"; skipped {len(index['skipped'])} unusable file(s)" if index["skipped"] else ""))
+    print(
+        f"{out}: {n} videos, {frames} frames, {nbytes / 2**20:.1f} MiB"
+        + (f"; skipped {len(index['skipped'])} unusable file(s)" if index["skipped"] else "")
+    )
     if n == 0:
         raise ValueError(f"{src}: no usable video (all {len(entries)} skipped)")
     return index
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m vosgan.data.prepare", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m vosgan.data.prepare",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("src", help="video folder, UCF-101 folder, DAVIS or frame folders")
     p.add_argument("--out", required=True, help="cache folder (created; resumed if unfinished)")
     p.add_argument("--size", type=int, default=64, help="stored short side in pixels (64)")
@@ -119,8 +154,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         prepare(args.src, args.out, args.size, args.shard_mb, args.force)
     except KeyboardInterrupt:
-        print(f"\ninterrupted; run the same command again to resume into {args.out}",
-              file=sys.stderr)
+        print(
+            f"\ninterrupted; run the same command again to resume into {args.out}", file=sys.stderr
+        )
         return 130
     except (FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)

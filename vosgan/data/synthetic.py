@@ -66,8 +66,14 @@ def _upsample_matrix(n_out: int, n_in: int) -> np.ndarray:
     return m
 
 
-def _fractal_noise(rng: np.random.Generator, h: int, w: int, lattices: Sequence[int],
-                   channels: int = 1, persistence: float = 0.55) -> np.ndarray:
+def _fractal_noise(
+    rng: np.random.Generator,
+    h: int,
+    w: int,
+    lattices: Sequence[int],
+    channels: int = 1,
+    persistence: float = 0.55,
+) -> np.ndarray:
     """Sum of value-noise octaves, ``(channels, h, w)`` float32 rescaled to [0, 1] per channel."""
     out = np.zeros((channels, h, w), np.float32)
     amp = 1.0
@@ -80,8 +86,9 @@ def _fractal_noise(rng: np.random.Generator, h: int, w: int, lattices: Sequence[
     return (out - lo) / np.maximum(hi - lo, 1e-6)
 
 
-def _colour(rng: np.random.Generator, sat: tuple[float, float], val: tuple[float, float]
-            ) -> np.ndarray:
+def _colour(
+    rng: np.random.Generator, sat: tuple[float, float], val: tuple[float, float]
+) -> np.ndarray:
     """A random RGB colour in [0, 1] from hue/saturation/value ranges."""
     rgb = colorsys.hsv_to_rgb(rng.random(), rng.uniform(*sat), rng.uniform(*val))
     return np.asarray(rgb, np.float32)
@@ -107,8 +114,14 @@ def _background(rng: np.random.Generator, size: int) -> np.ndarray:
     return np.clip(img, 0.0, 1.0).astype(np.float32)
 
 
-def _trajectory(rng: np.random.Generator, frames: int, size: int, radius: float,
-                min_speed: float, max_speed: float) -> np.ndarray:
+def _trajectory(
+    rng: np.random.Generator,
+    frames: int,
+    size: int,
+    radius: float,
+    min_speed: float,
+    max_speed: float,
+) -> np.ndarray:
     """Sub-pixel centre positions ``(T, 2)`` as (y, x): smooth path, reflected in a border band."""
     speed = rng.uniform(min_speed, max_speed)
     t = np.arange(max(frames - 1, 0), dtype=np.float64)
@@ -123,8 +136,9 @@ def _trajectory(rng: np.random.Generator, frames: int, size: int, radius: float,
     return np.where(y > span, 2 * span - y, y) + lo
 
 
-def _sprite(rng: np.random.Generator, pos: np.ndarray, radius_a: float, radius_b: float
-            ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def _sprite(
+    rng: np.random.Generator, pos: np.ndarray, radius_a: float, radius_b: float
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Render one sprite (semi-axes ``radius_a``, ``radius_b``) at sub-pixel positions ``pos``.
 
     Args:
@@ -143,7 +157,7 @@ def _sprite(rng: np.random.Generator, pos: np.ndarray, radius_a: float, radius_b
     rot = rng.uniform(0, np.pi)
     cr, sr = np.float32(np.cos(rot)), np.float32(np.sin(rot))
     # texture on the local lattice (P+1)^2: tex[a, b] is local (y, x) = (a - c - 1, b - c - 1)
-    ly, lx = np.mgrid[-c - 1:c + 1, -c - 1:c + 1].astype(np.float32)
+    ly, lx = np.mgrid[-c - 1 : c + 1, -c - 1 : c + 1].astype(np.float32)
     u, v = (cr * lx + sr * ly) / radius_a, (-sr * lx + cr * ly) / radius_b
     c0, c1 = _colour(rng, (0.2, 0.9), (0.25, 1.0)), _colour(rng, (0.1, 0.9), (0.1, 0.9))
     n = _fractal_noise(rng, p + 1, p + 1, (3, 5, max(p // 3, 7)))[0]
@@ -152,7 +166,8 @@ def _sprite(rng: np.random.Generator, pos: np.ndarray, radius_a: float, radius_b
         f = rng.uniform(1.5, 4.0)
         pattern = np.sin(f * np.pi * u) * (np.sin(f * np.pi * v) if rng.random() < 0.5 else 1.0)
         tex = tex + (0.5 + 0.5 * pattern[..., None]) * rng.uniform(0.3, 0.8) * (
-            _colour(rng, (0.0, 0.9), (0.1, 1.0)) - tex)
+            _colour(rng, (0.0, 0.9), (0.1, 1.0)) - tex
+        )
     light = rng.uniform(0, 2 * np.pi)
     shade = 1.0 + 0.25 * (np.cos(light) * u + np.sin(light) * v) - 0.2 * (u * u + v * v)
     tex = np.clip(tex * shade[..., None], 0.0, 1.0).astype(np.float32)
@@ -170,7 +185,7 @@ def _sprite(rng: np.random.Generator, pos: np.ndarray, radius_a: float, radius_b
     if kind == 0:
         inside = u * u + v * v <= 1.0
     elif kind == 1:
-        inside = u ** 4 + v ** 4 <= 1.0
+        inside = u**4 + v**4 <= 1.0
     else:
         # r(angle) = 1 + sum_k h_k cos(k * angle + phase_k), k = 2..4, via powers of e^(i angle)
         rho2 = u * u + v * v
@@ -184,9 +199,17 @@ def _sprite(rng: np.random.Generator, pos: np.ndarray, radius_a: float, radius_b
     return patch, inside, ipos[:, 0, None] + offsets, ipos[:, 1, None] + offsets
 
 
-def render_clip(rng: np.random.Generator, frames: int, size: int, num_sprites: int,
-                min_speed: float, max_speed: float, max_sprites: int,
-                noise_std: float = 0.01, flicker: float = 0.01) -> Clip:
+def render_clip(
+    rng: np.random.Generator,
+    frames: int,
+    size: int,
+    num_sprites: int,
+    min_speed: float,
+    max_speed: float,
+    max_sprites: int,
+    noise_std: float = 0.01,
+    flicker: float = 0.01,
+) -> Clip:
     """Render one clip with ``num_sprites`` sprites (see the module docstring)."""
     bg = _background(rng, size)
     canvas = np.broadcast_to(bg, (frames, size, size, 3)).copy()
@@ -218,8 +241,9 @@ def render_clip(rng: np.random.Generator, frames: int, size: int, num_sprites: i
     return Clip(video, ids, velocity, bg)
 
 
-def clips_to_tensors(video: np.ndarray, ids: np.ndarray, velocity: np.ndarray
-                     ) -> dict[str, torch.Tensor]:
+def clips_to_tensors(
+    video: np.ndarray, ids: np.ndarray, velocity: np.ndarray
+) -> dict[str, torch.Tensor]:
     """Stacked numpy clips -> the dataset's tensors.
 
     Args:
@@ -243,8 +267,11 @@ def clips_to_tensors(video: np.ndarray, ids: np.ndarray, velocity: np.ndarray
     index = ids[:, :-1].astype(np.intp) + rows[:, :, None, None]
     table = velocity.transpose(3, 0, 2, 1).reshape(2, -1)  # (2, B * (T-1) * K)
     flow = np.stack((table[0][index], table[1][index]), axis=1)
-    return {"video": torch.from_numpy(out), "mask": torch.from_numpy(mask),
-            "flow": torch.from_numpy(flow)}
+    return {
+        "video": torch.from_numpy(out),
+        "mask": torch.from_numpy(mask),
+        "flow": torch.from_numpy(flow),
+    }
 
 
 class SyntheticVideos(Dataset):
@@ -270,10 +297,20 @@ class SyntheticVideos(Dataset):
     (channel 0 = x, 1 = y; 0 on background). :meth:`batch` returns the same with a batch dim.
     """
 
-    def __init__(self, num_clips: int, frames: int, size: int, seed: int = 0,
-                 split: str = "train", min_sprites: int = 1, max_sprites: int = 3,
-                 max_speed: float | None = None, cache: bool = False,
-                 noise_std: float = 0.01, flicker: float = 0.01) -> None:
+    def __init__(
+        self,
+        num_clips: int,
+        frames: int,
+        size: int,
+        seed: int = 0,
+        split: str = "train",
+        min_sprites: int = 1,
+        max_sprites: int = 3,
+        max_speed: float | None = None,
+        cache: bool = False,
+        noise_std: float = 0.01,
+        flicker: float = 0.01,
+    ) -> None:
         if num_clips < 1:
             raise ValueError(f"num_clips must be >= 1, got {num_clips}")
         if frames < 2:
@@ -283,23 +320,32 @@ class SyntheticVideos(Dataset):
         if split not in SPLITS:
             raise ValueError(f"split must be one of {sorted(SPLITS)}, got {split!r}")
         if not 0 <= min_sprites <= max_sprites or max_sprites > 254:
-            raise ValueError(f"need 0 <= min_sprites <= max_sprites <= 254, got "
-                             f"min_sprites={min_sprites}, max_sprites={max_sprites}")
+            raise ValueError(
+                f"need 0 <= min_sprites <= max_sprites <= 254, got "
+                f"min_sprites={min_sprites}, max_sprites={max_sprites}"
+            )
         if max_speed is not None and max_speed < 0:
             raise ValueError(f"max_speed must be >= 0 pixels/frame, got {max_speed}")
         if noise_std < 0 or flicker < 0:
             raise ValueError(f"noise_std and flicker must be >= 0, got {noise_std}, {flicker}")
         self.num_clips, self.frames, self.size, self.seed, self.split = (
-            num_clips, frames, size, seed, split)
+            num_clips,
+            frames,
+            size,
+            seed,
+            split,
+        )
         self.min_sprites, self.max_sprites = min_sprites, max_sprites
         self.max_speed = 2.0 * size / 32 if max_speed is None else float(max_speed)
         self.noise_std, self.flicker = noise_std, flicker
         self._cache: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
         if cache:  # untouched pages of np.empty cost no memory until a clip lands there
             n, t = num_clips, frames
-            self._cache = (np.empty((n, t, size, size, 3), np.uint8),
-                           np.empty((n, t, size, size), np.uint8),
-                           np.empty((n, max_sprites + 1, t - 1, 2), np.float32))
+            self._cache = (
+                np.empty((n, t, size, size, 3), np.uint8),
+                np.empty((n, t, size, size), np.uint8),
+                np.empty((n, max_sprites + 1, t - 1, 2), np.float32),
+            )
             self._cached = np.zeros(n, bool)
 
     def __len__(self) -> int:
@@ -311,8 +357,17 @@ class SyntheticVideos(Dataset):
             raise IndexError(f"clip index {i} out of range for {self.num_clips} clips")
         rng = np.random.default_rng(np.random.SeedSequence([self.seed, SPLITS[self.split], i]))
         k = int(rng.integers(self.min_sprites, self.max_sprites + 1))
-        return render_clip(rng, self.frames, self.size, k, 0.15 * self.max_speed,
-                           self.max_speed, self.max_sprites, self.noise_std, self.flicker)
+        return render_clip(
+            rng,
+            self.frames,
+            self.size,
+            k,
+            0.15 * self.max_speed,
+            self.max_speed,
+            self.max_sprites,
+            self.noise_std,
+            self.flicker,
+        )
 
     def _arrays(self, indices: Sequence[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         idx = [int(i) for i in indices]
@@ -330,8 +385,11 @@ class SyntheticVideos(Dataset):
                     self._cached[i] = True
             return video[idx], ids[idx], vel[idx]
         clips = [self.clip(i) for i in idx]
-        return (np.stack([c.video for c in clips]), np.stack([c.ids for c in clips]),
-                np.stack([c.velocity for c in clips]))
+        return (
+            np.stack([c.video for c in clips]),
+            np.stack([c.ids for c in clips]),
+            np.stack([c.velocity for c in clips]),
+        )
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         return {k: v[0] for k, v in clips_to_tensors(*self._arrays([i])).items()}

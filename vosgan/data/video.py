@@ -76,11 +76,17 @@ def skip_bad(root: str, bad: list[tuple[str, str]], total: int) -> None:
     for name, why in bad:
         warn_once(f"bad-video:{name}", f"skipping {name}: {why}")
     if bad:
-        warnings.warn(f"{root}: skipped {len(bad)} of {total} videos (unreadable, empty or "
-                      "corrupt; see the warnings above)", UserWarning, stacklevel=3)
+        warnings.warn(
+            f"{root}: skipped {len(bad)} of {total} videos (unreadable, empty or "
+            "corrupt; see the warnings above)",
+            UserWarning,
+            stacklevel=3,
+        )
     if len(bad) == total:
-        raise ValueError(f"{root}: none of the {total} videos is usable"
-                         + (f" (first: {bad[0][0]}: {bad[0][1]})" if bad else ""))
+        raise ValueError(
+            f"{root}: none of the {total} videos is usable"
+            + (f" (first: {bad[0][0]}: {bad[0][1]})" if bad else "")
+        )
 
 
 class VideoFileSource(Source):
@@ -128,8 +134,11 @@ class FrameFolderSource(Source):
         with_masks = sum(s.masks is not None for s in self.seqs)
         self.has_masks = with_masks == len(self.seqs)
         if 0 < with_masks < len(self.seqs):
-            warn_once(f"partial-masks:{root}", f"{root}: only {with_masks} of {len(self.seqs)} "
-                      "sequences have masks; masks are not returned")
+            warn_once(
+                f"partial-masks:{root}",
+                f"{root}: only {with_masks} of {len(self.seqs)} "
+                "sequences have masks; masks are not returned",
+            )
 
     def read(self, requests: Sequence[tuple[int, list[int]]], size: int) -> list[Frames]:
         out: list[Frames] = []
@@ -156,8 +165,9 @@ def clip_indices(length: int, frames: int, step: float, start: int, short: str) 
     return [min(i, length - 1) for i in idx]
 
 
-def _square(video: np.ndarray, masks: np.ndarray | None, size: int, u: float, flip: bool
-            ) -> tuple[np.ndarray, np.ndarray | None]:
+def _square(
+    video: np.ndarray, masks: np.ndarray | None, size: int, u: float, flip: bool
+) -> tuple[np.ndarray, np.ndarray | None]:
     """Crop the square of side ``min(H, W)`` at fraction ``u`` of the free range, resize to
     ``size`` (bilinear frames, nearest masks), flip when asked: ``(n, size, size, 3)`` uint8."""
     n, h, w, _ = video.shape
@@ -168,10 +178,24 @@ def _square(video: np.ndarray, masks: np.ndarray | None, size: int, u: float, fl
         m = None if masks is None else masks[:, y0 : y0 + side, x0 : x0 + side]
     else:
         box = (x0, y0, x0 + side, y0 + side)
-        v = np.stack([np.asarray(Image.fromarray(f).resize((size, size), Image.BILINEAR, box,
-                                                           reducing_gap=3.0)) for f in video])
-        m = None if masks is None else np.stack([np.asarray(Image.fromarray(f).resize(
-            (size, size), Image.NEAREST, box)) for f in masks])
+        v = np.stack(
+            [
+                np.asarray(
+                    Image.fromarray(f).resize((size, size), Image.BILINEAR, box, reducing_gap=3.0)
+                )
+                for f in video
+            ]
+        )
+        m = (
+            None
+            if masks is None
+            else np.stack(
+                [
+                    np.asarray(Image.fromarray(f).resize((size, size), Image.NEAREST, box))
+                    for f in masks
+                ]
+            )
+        )
     if flip:
         v = v[:, :, ::-1]
         m = None if m is None else m[:, :, ::-1]
@@ -192,35 +216,65 @@ class ClipDataset(torch.utils.data.Dataset):
     {0, 1} when the source has masks; ``label`` int64 scalar when it has class labels.
     """
 
-    def __init__(self, source: Source, num_clips: int, frames: int, size: int, seed: int = 0,
-                 split: str = "train", stride: int = 1, fps: float = 0.0, short: str = "loop",
-                 crop: str = "center", flip: bool = False, sampling: str = "seeded",
-                 uint8: bool = False) -> None:
-        for name, value, ok in (("num_clips", num_clips, num_clips >= 1),
-                                ("frames", frames, frames >= 1), ("size", size, size >= 1),
-                                ("stride", stride, stride >= 1), ("fps", fps, fps >= 0),
-                                ("short", short, short in SHORT_POLICIES),
-                                ("crop", crop, crop in ("center", "random")),
-                                ("sampling", sampling, sampling in ("seeded", "random")),
-                                ("split", split, split in SPLITS)):
+    def __init__(
+        self,
+        source: Source,
+        num_clips: int,
+        frames: int,
+        size: int,
+        seed: int = 0,
+        split: str = "train",
+        stride: int = 1,
+        fps: float = 0.0,
+        short: str = "loop",
+        crop: str = "center",
+        flip: bool = False,
+        sampling: str = "seeded",
+        uint8: bool = False,
+    ) -> None:
+        for name, value, ok in (
+            ("num_clips", num_clips, num_clips >= 1),
+            ("frames", frames, frames >= 1),
+            ("size", size, size >= 1),
+            ("stride", stride, stride >= 1),
+            ("fps", fps, fps >= 0),
+            ("short", short, short in SHORT_POLICIES),
+            ("crop", crop, crop in ("center", "random")),
+            ("sampling", sampling, sampling in ("seeded", "random")),
+            ("split", split, split in SPLITS),
+        ):
             if not ok:
                 raise ValueError(f"{name}={value!r} is invalid for {type(self).__name__}")
         self.source, self.num_clips, self.frames, self.size = source, num_clips, frames, size
         self.seed, self.split, self.stride, self.fps = seed, split, stride, fps
         self.short, self.crop, self.flip, self.sampling, self.uint8 = (
-            short, crop, flip, sampling, uint8)
+            short,
+            crop,
+            flip,
+            sampling,
+            uint8,
+        )
         if fps > 0 and any(it.fps <= 0 for it in source.items):
-            warn_once(f"no-fps:{source.root}", f"{source.root}: some videos have no frame rate "
-                      f"(frame folders); data.fps={fps} is ignored for them, data.stride is used")
+            warn_once(
+                f"no-fps:{source.root}",
+                f"{source.root}: some videos have no frame rate "
+                f"(frame folders); data.fps={fps} is ignored for them, data.stride is used",
+            )
         self.items = list(source.items)
         self.usable = [k for k, it in enumerate(self.items) if self._usable(it)]
         if len(self.usable) < len(self.items):
             n = len(self.items) - len(self.usable)
-            warnings.warn(f"{source.root}: short=skip leaves out {n} of {len(self.items)} videos "
-                          f"shorter than a {frames}-frame clip", UserWarning, stacklevel=2)
+            warnings.warn(
+                f"{source.root}: short=skip leaves out {n} of {len(self.items)} videos "
+                f"shorter than a {frames}-frame clip",
+                UserWarning,
+                stacklevel=2,
+            )
         if not self.usable:
-            raise ValueError(f"{source.root}: no video is long enough for a {frames}-frame clip "
-                             "with short=skip; use data.short=loop or pad")
+            raise ValueError(
+                f"{source.root}: no video is long enough for a {frames}-frame clip "
+                "with short=skip; use data.short=loop or pad"
+            )
         order = np.random.default_rng(np.random.SeedSequence([seed, SPLITS[split]]))
         self._base = [self.usable[j] for j in order.permutation(len(self.usable))]
         self.has_labels = all(it.label >= 0 for it in self.items)
@@ -245,7 +299,9 @@ class ClipDataset(torch.utils.data.Dataset):
             raise IndexError(f"clip index {i} out of range for {self.num_clips} clips")
         rng = np.random.default_rng(
             np.random.SeedSequence([self.seed, SPLITS[self.split], i])
-            if self.sampling == "seeded" else None)
+            if self.sampling == "seeded"
+            else None
+        )
         k = self._base[i % len(self._base)]  # fixed when built: a dropped file moves no clip
         if k not in self.usable:
             k = self._next_usable(k)
@@ -264,8 +320,11 @@ class ClipDataset(torch.utils.data.Dataset):
         """Forget (or shorten) item ``k`` after a read failure; warn once."""
         item = self.items[k]
         if isinstance(exc, ShortVideoError) and exc.available > 0:
-            warn_once(f"short:{item.name}", f"{item.name}: header says {item.length} frames but "
-                      f"only {exc.available} decode (truncated?); using {exc.available}")
+            warn_once(
+                f"short:{item.name}",
+                f"{item.name}: header says {item.length} frames but "
+                f"only {exc.available} decode (truncated?); using {exc.available}",
+            )
             self.items[k] = replace(item, length=exc.available)
             if self._usable(self.items[k]):
                 return
@@ -275,8 +334,7 @@ class ClipDataset(torch.utils.data.Dataset):
         if not self.usable:
             raise ValueError(f"{self.source.root}: no usable video left (last failure: {exc})")
 
-    def _read(self, plans: list[tuple[int, list[int], float, bool]]
-              ) -> list[tuple[int, Frames]]:
+    def _read(self, plans: list[tuple[int, list[int], float, bool]]) -> list[tuple[int, Frames]]:
         """Read every plan -> (video read, frames); a failing video is dropped and its clip
         re-planned from the start of the video that stands in for it."""
         try:

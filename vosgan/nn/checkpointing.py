@@ -29,10 +29,14 @@ _MARK = "_vosgan_checkpointed"
 @contextlib.contextmanager
 def _frozen_running_stats(module: nn.Module) -> Iterator[None]:
     """Batch statistics still normalise; running statistics and counters are put back after."""
-    bns = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
-           and m.track_running_stats and m.training]
-    saved = [[b.clone() for b in (bn.running_mean, bn.running_var, bn.num_batches_tracked)]
-             for bn in bns]
+    bns = [
+        m
+        for m in module.modules()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats and m.training
+    ]
+    saved = [
+        [b.clone() for b in (bn.running_mean, bn.running_var, bn.num_batches_tracked)] for bn in bns
+    ]
     try:
         yield
     finally:

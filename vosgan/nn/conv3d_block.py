@@ -27,13 +27,21 @@ _ACTS = (nn.LeakyReLU, nn.ReLU)
 class _FusedBlock(nn.Sequential):
     _conv_type: type[nn.Module] = nn.Conv3d
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 4,
-                 stride: int = 2, padding: int = 1, *, act: str = "lrelu",
-                 negative_slope: float = 0.2, impl: str = "auto") -> None:
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int = 4,
+        stride: int = 2,
+        padding: int = 1,
+        *,
+        act: str = "lrelu",
+        negative_slope: float = 0.2,
+        impl: str = "auto",
+    ) -> None:
         if act not in ("lrelu", "relu"):
             raise ValueError(f"act must be 'lrelu' or 'relu', got {act!r}")
-        conv = self._conv_type(in_channels, out_channels, kernel_size, stride, padding,
-                               bias=False)
+        conv = self._conv_type(in_channels, out_channels, kernel_size, stride, padding, bias=False)
         activation = nn.LeakyReLU(negative_slope) if act == "lrelu" else nn.ReLU()
         super().__init__(conv, nn.BatchNorm3d(out_channels), activation)
         self._check(impl)
@@ -43,13 +51,15 @@ class _FusedBlock(nn.Sequential):
         if impl not in IMPLS:
             raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
         if not isinstance(self[0], self._conv_type):
-            raise TypeError(f"child 0 must be a {self._conv_type.__name__}, got "
-                            f"{type(self[0]).__name__}")
+            raise TypeError(
+                f"child 0 must be a {self._conv_type.__name__}, got {type(self[0]).__name__}"
+            )
         if type(self[1]) is not nn.BatchNorm3d or not self[1].affine:
             raise TypeError("child 1 must be an affine nn.BatchNorm3d")
         if type(self[2]) not in _ACTS:
-            raise TypeError(f"child 2 must be nn.LeakyReLU or nn.ReLU, got "
-                            f"{type(self[2]).__name__}")
+            raise TypeError(
+                f"child 2 must be nn.LeakyReLU or nn.ReLU, got {type(self[2]).__name__}"
+            )
         if self.negative_slope < 0:
             raise ValueError(f"negative_slope must be >= 0, got {self.negative_slope}")
 
@@ -79,10 +89,19 @@ class _FusedBlock(nn.Sequential):
                 factor = 1.0 / float(bn.num_batches_tracked)
         batch_stats = bn.training or (bn.running_mean is None and bn.running_var is None)
         use_buffers = not bn.training or bn.track_running_stats
-        return bn_act(y, bn.weight, bn.bias, bn.running_mean if use_buffers else None,
-                      bn.running_var if use_buffers else None, training=batch_stats,
-                      momentum=factor, eps=bn.eps, negative_slope=self.negative_slope,
-                      residual=residual, impl=self.impl)
+        return bn_act(
+            y,
+            bn.weight,
+            bn.bias,
+            bn.running_mean if use_buffers else None,
+            bn.running_var if use_buffers else None,
+            training=batch_stats,
+            momentum=factor,
+            eps=bn.eps,
+            negative_slope=self.negative_slope,
+            residual=residual,
+            impl=self.impl,
+        )
 
     def extra_repr(self) -> str:
         return f"impl={self.impl!r}"
@@ -195,8 +214,15 @@ def _fuse_subpixel(module: nn.Module) -> nn.Module | None:
         cls, narrow = SubpixelConvTranspose3d, module.out_channels
     else:
         return None
-    geometry = (module.kernel_size, module.stride, module.padding, module.dilation,
-                module.output_padding, module.groups, module.padding_mode)
+    geometry = (
+        module.kernel_size,
+        module.stride,
+        module.padding,
+        module.dilation,
+        module.output_padding,
+        module.groups,
+        module.padding_mode,
+    )
     if geometry != ((4,) * 3, (2,) * 3, (1,) * 3, (1,) * 3, (0,) * 3, 1, "zeros"):
         return None
     if narrow > SUBPIXEL_MAX_CHANNELS:
@@ -205,4 +231,3 @@ def _fuse_subpixel(module: nn.Module) -> nn.Module | None:
     new.__dict__.update(module.__dict__)  # shares the parameter and buffer dicts
     new.impl = "auto"
     return new
-

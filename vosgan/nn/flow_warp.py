@@ -25,8 +25,13 @@ class FlowWarpLoss(nn.Module):
     parameters or buffers: the ``state_dict`` is empty for every ``impl``.
     """
 
-    def __init__(self, eps: float = 1e-3, padding_mode: str = "zeros", impl: str = "auto",
-                 deterministic: bool = False) -> None:
+    def __init__(
+        self,
+        eps: float = 1e-3,
+        padding_mode: str = "zeros",
+        impl: str = "auto",
+        deterministic: bool = False,
+    ) -> None:
         super().__init__()
         if padding_mode not in PADDING_MODES:
             raise ValueError(f"padding_mode must be one of {PADDING_MODES}, got {padding_mode!r}")
@@ -38,12 +43,21 @@ class FlowWarpLoss(nn.Module):
         self.deterministic = deterministic
 
     def forward(self, x: Tensor, flow: Tensor, weight: Tensor | None = None) -> Tensor:
-        return flow_warp_loss(x, flow, weight, self.eps, self.padding_mode, impl=self.impl,
-                              deterministic=self.deterministic)
+        return flow_warp_loss(
+            x,
+            flow,
+            weight,
+            self.eps,
+            self.padding_mode,
+            impl=self.impl,
+            deterministic=self.deterministic,
+        )
 
     def extra_repr(self) -> str:
-        return (f"eps={self.eps}, padding_mode={self.padding_mode!r}, impl={self.impl!r}, "
-                f"deterministic={self.deterministic}")
+        return (
+            f"eps={self.eps}, padding_mode={self.padding_mode!r}, impl={self.impl!r}, "
+            f"deterministic={self.deterministic}"
+        )
 
 
 @register_fuser("flow_warp_loss")

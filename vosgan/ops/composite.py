@@ -100,19 +100,23 @@ def _check(f: Tensor, m: Tensor, b: Tensor) -> None:
         if not isinstance(x, Tensor):
             raise TypeError(f"composite: {name} must be a Tensor, got {type(x).__name__}")
         if x.dtype not in _DTYPES:
-            raise TypeError(f"composite: {name} has dtype {x.dtype}; expected fp32, fp16, bf16 "
-                            "or fp64")
+            raise TypeError(
+                f"composite: {name} has dtype {x.dtype}; expected fp32, fp16, bf16 or fp64"
+            )
         if x.device != f.device:
             raise ValueError(f"composite: {name} is on {x.device} but f is on {f.device}")
     if f.dim() != 5:
         raise ValueError(f"composite: f must be (B, C, T, H, W), got shape {tuple(f.shape)}")
     bsz, c, t, h, w = f.shape
     if tuple(m.shape) != (bsz, 1, t, h, w):
-        raise ValueError(f"composite: m must be (B, 1, T, H, W) = {(bsz, 1, t, h, w)} to match f, "
-                         f"got {tuple(m.shape)}")
+        raise ValueError(
+            f"composite: m must be (B, 1, T, H, W) = {(bsz, 1, t, h, w)} to match f, "
+            f"got {tuple(m.shape)}"
+        )
     if tuple(b.shape) != (bsz, c, h, w):
-        raise ValueError(f"composite: b must be (B, C, H, W) = {(bsz, c, h, w)} to match f, "
-                         f"got {tuple(b.shape)}")
+        raise ValueError(
+            f"composite: b must be (B, C, H, W) = {(bsz, c, h, w)} to match f, got {tuple(b.shape)}"
+        )
 
 
 def _np(x: Tensor, dtype: torch.dtype, shape: tuple[int, ...]):  # noqa: ANN202 - numpy array
@@ -135,8 +139,13 @@ def _numba_fwd(f: Tensor, m: Tensor, b: Tensor, out_dtype: torch.dtype) -> Tenso
     n = h * w
     v = torch.empty((bsz, c, t, h, w), dtype=cd)
     if v.numel():
-        launch(nb.composite_fwd_kernel, _np(f, cd, (bsz, c, t, n)), _np(m, cd, (bsz, t, n)),
-               _np(b, cd, (bsz, c, n)), v.numpy().reshape(bsz, c, t, n))
+        launch(
+            nb.composite_fwd_kernel,
+            _np(f, cd, (bsz, c, t, n)),
+            _np(m, cd, (bsz, t, n)),
+            _np(b, cd, (bsz, c, n)),
+            v.numpy().reshape(bsz, c, t, n),
+        )
     return v if out_dtype == cd else v.to(out_dtype)
 
 
@@ -151,12 +160,20 @@ def _numba_bwd(g: Tensor, f: Tensor, m: Tensor, b: Tensor) -> tuple[Tensor, Tens
     dm = torch.empty((bsz, 1, t, h, w), dtype=cd)
     db = (torch.empty if t else torch.zeros)((bsz, c, h, w), dtype=cd)  # the kernel zeroes it
     if df.numel():
-        launch(nb.composite_bwd_kernel, _np(g, cd, (bsz, c, t, n)), _np(f, cd, (bsz, c, t, n)),
-               _np(m, cd, (bsz, t, n)), _np(b, cd, (bsz, c, n)),
-               df.numpy().reshape(bsz, c, t, n), dm.numpy().reshape(bsz, t, n),
-               db.numpy().reshape(bsz, c, n))
-    return tuple(d if d.dtype == x.dtype else d.to(x.dtype)  # type: ignore[return-value]
-                 for d, x in ((df, f), (dm, m), (db, b)))
+        launch(
+            nb.composite_bwd_kernel,
+            _np(g, cd, (bsz, c, t, n)),
+            _np(f, cd, (bsz, c, t, n)),
+            _np(m, cd, (bsz, t, n)),
+            _np(b, cd, (bsz, c, n)),
+            df.numpy().reshape(bsz, c, t, n),
+            dm.numpy().reshape(bsz, t, n),
+            db.numpy().reshape(bsz, c, n),
+        )
+    return tuple(
+        d if d.dtype == x.dtype else d.to(x.dtype)  # type: ignore[return-value]
+        for d, x in ((df, f), (dm, m), (db, b))
+    )
 
 
 def _out_dtype(f: Tensor, m: Tensor, b: Tensor) -> torch.dtype:
@@ -169,8 +186,10 @@ def _resolve(impl: str, device: torch.device) -> str:
     if impl == "numba" and device.type != "cpu":
         raise ValueError(f"composite: impl='numba' runs on CPU tensors, got {device.type}")
     if impl == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-        raise ValueError(f"composite: impl='triton' needs CUDA tensors (or TRITON_INTERPRET=1 "
-                         f"for CPU tensors), got {device.type}")
+        raise ValueError(
+            f"composite: impl='triton' needs CUDA tensors (or TRITON_INTERPRET=1 "
+            f"for CPU tensors), got {device.type}"
+        )
     if impl not in ("triton", "numba"):
         raise ValueError(f"composite: unknown impl {impl!r}; use one of {IMPLS}")
     return impl

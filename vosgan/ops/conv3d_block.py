@@ -78,9 +78,17 @@ IMPLS = ("auto", "reference", "triton")
 
 
 def bn_act_reference(
-    y: Tensor, weight: Tensor, bias: Tensor, running_mean: Tensor | None,
-    running_var: Tensor | None, *, training: bool, momentum: float, eps: float,
-    negative_slope: float, residual: Tensor | None = None,
+    y: Tensor,
+    weight: Tensor,
+    bias: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    *,
+    training: bool,
+    momentum: float,
+    eps: float,
+    negative_slope: float,
+    residual: Tensor | None = None,
 ) -> Tensor:
     """``act(BatchNorm3d(y) [+ residual])`` with PyTorch's own ops (updates running stats).
 
@@ -95,8 +103,16 @@ def bn_act_reference(
 
 
 def _grads_differentiable(
-    grad_out: Tensor, y: Tensor, weight: Tensor, bias: Tensor, residual: Tensor | None,
-    mean: Tensor, var: Tensor, eps: float, slope: float, training: bool,
+    grad_out: Tensor,
+    y: Tensor,
+    weight: Tensor,
+    bias: Tensor,
+    residual: Tensor | None,
+    mean: Tensor,
+    var: Tensor,
+    eps: float,
+    slope: float,
+    training: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
     """The backward of :func:`bn_act` in differentiable PyTorch ops (for double backward).
 
@@ -125,8 +141,14 @@ def _grads_differentiable(
 
 
 def _fwd_kernels(
-    y: Tensor, weight: Tensor, bias: Tensor, residual: Tensor | None, stat_mean: Tensor | None,
-    stat_var: Tensor | None, eps: float, negative_slope: float,
+    y: Tensor,
+    weight: Tensor,
+    bias: Tensor,
+    residual: Tensor | None,
+    stat_mean: Tensor | None,
+    stat_var: Tensor | None,
+    eps: float,
+    negative_slope: float,
     update: tuple[Tensor, Tensor, float] | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """The Triton launches of the forward; ``update`` = running stats updated in the same launch."""
@@ -135,8 +157,9 @@ def _fwd_kernels(
 
     if stat_mean is None or stat_var is None:
         if y.numel() <= small.SMALL_NUMEL:  # one launch instead of three
-            return small.bn_act_train_forward(y, weight, bias, residual, eps, negative_slope,
-                                              update)
+            return small.bn_act_train_forward(
+                y, weight, bias, residual, eps, negative_slope, update
+            )
         mean, var = kernels.bn_stats(y, update)
     else:
         mean, var = stat_mean.float().clone(), stat_var.float().clone()
@@ -145,9 +168,14 @@ def _fwd_kernels(
 
 
 def _fwd_impl(
-    y: Tensor, weight: Tensor, bias: Tensor, residual: Optional[Tensor],  # noqa: UP045
-    stat_mean: Optional[Tensor], stat_var: Optional[Tensor],  # noqa: UP045
-    eps: float, negative_slope: float,
+    y: Tensor,
+    weight: Tensor,
+    bias: Tensor,
+    residual: Optional[Tensor],  # noqa: UP045
+    stat_mean: Optional[Tensor],  # noqa: UP045
+    stat_var: Optional[Tensor],  # noqa: UP045
+    eps: float,
+    negative_slope: float,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Fused forward. ``stat_mean``/``stat_var`` ``None``: batch statistics (training).
 
@@ -162,14 +190,24 @@ _bn_act_fwd = torch.library.custom_op("vosgan::bn_act_fwd", _fwd_impl, mutates_a
 @_bn_act_fwd.register_fake
 def _(y, weight, bias, residual, stat_mean, stat_var, eps, negative_slope):
     c = y.shape[1]
-    return (torch.empty_like(y), y.new_empty(c, dtype=torch.float32),
-            y.new_empty(c, dtype=torch.float32))
+    return (
+        torch.empty_like(y),
+        y.new_empty(c, dtype=torch.float32),
+        y.new_empty(c, dtype=torch.float32),
+    )
 
 
 def _bwd_impl(
-    grad_out: Tensor, y: Tensor, weight: Tensor, bias: Tensor,
-    residual: Optional[Tensor], mean: Tensor, var: Tensor,  # noqa: UP045
-    eps: float, negative_slope: float, training: bool,
+    grad_out: Tensor,
+    y: Tensor,
+    weight: Tensor,
+    bias: Tensor,
+    residual: Optional[Tensor],  # noqa: UP045
+    mean: Tensor,
+    var: Tensor,
+    eps: float,
+    negative_slope: float,
+    training: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Fused backward: ``(dy, dweight, dbias, dresidual)``; ``dresidual`` is empty without one."""
     from vosgan.kernels import bn_act as kernels
@@ -177,18 +215,27 @@ def _bwd_impl(
 
     launcher = small if y.numel() <= small.SMALL_NUMEL else kernels  # 1 launch vs 3
     dy, dw, db, dres = launcher.bn_act_backward(
-        grad_out, y, residual, mean, var, weight, bias, eps, negative_slope, training)
+        grad_out, y, residual, mean, var, weight, bias, eps, negative_slope, training
+    )
     return dy, dw.to(weight.dtype), db.to(bias.dtype), dres if dres is not None else y.new_empty(0)
 
 
 def _bwd_op_impl(
-    grad_out: Tensor, y: Tensor, weight: Tensor, bias: Tensor,
-    residual: Optional[Tensor], mean: Tensor, var: Tensor,  # noqa: UP045
-    eps: float, negative_slope: float, training: bool,
+    grad_out: Tensor,
+    y: Tensor,
+    weight: Tensor,
+    bias: Tensor,
+    residual: Optional[Tensor],  # noqa: UP045
+    mean: Tensor,
+    var: Tensor,
+    eps: float,
+    negative_slope: float,
+    training: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """:func:`_bwd_impl` as an op: outputs may not alias (dweight/dbias share one buffer)."""
-    dy, dw, db, dres = _bwd_impl(grad_out, y, weight, bias, residual, mean, var, eps,
-                                 negative_slope, training)
+    dy, dw, db, dres = _bwd_impl(
+        grad_out, y, weight, bias, residual, mean, var, eps, negative_slope, training
+    )
     return dy, dw.clone(), db.clone(), dres
 
 
@@ -271,33 +318,55 @@ def _auto_impl(device_type: str) -> str:
     return "triton"
 
 
-def _validate(y: Tensor, weight: Tensor, bias: Tensor, running_mean: Tensor | None,
-              running_var: Tensor | None, residual: Tensor | None, negative_slope: float,
-              impl: str) -> None:
+def _validate(
+    y: Tensor,
+    weight: Tensor,
+    bias: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    residual: Tensor | None,
+    negative_slope: float,
+    impl: str,
+) -> None:
     if y.dim() != 5 or not y.is_floating_point():
         raise ValueError(f"y must be a floating (B, C, T, H, W) tensor, got {y.dtype} {y.shape}")
     c = y.shape[1]
-    for name, t in (("weight", weight), ("bias", bias), ("running_mean", running_mean),
-                    ("running_var", running_var)):
+    for name, t in (
+        ("weight", weight),
+        ("bias", bias),
+        ("running_mean", running_mean),
+        ("running_var", running_var),
+    ):
         if t is not None and t.shape != (c,):
-            raise ValueError(f"{name} must have shape ({c},) for y {tuple(y.shape)}, got "
-                             f"{tuple(t.shape)}")
+            raise ValueError(
+                f"{name} must have shape ({c},) for y {tuple(y.shape)}, got {tuple(t.shape)}"
+            )
     if (running_mean is None) != (running_var is None):
         raise ValueError("running_mean and running_var must be given together")
     if residual is not None and residual.shape != y.shape:
-        raise ValueError(f"residual must have y's shape {tuple(y.shape)}, got "
-                         f"{tuple(residual.shape)}")
+        raise ValueError(
+            f"residual must have y's shape {tuple(y.shape)}, got {tuple(residual.shape)}"
+        )
     if negative_slope < 0:
-        raise ValueError(f"negative_slope must be >= 0 (the mask is taken from the output), "
-                         f"got {negative_slope}")
+        raise ValueError(
+            f"negative_slope must be >= 0 (the mask is taken from the output), got {negative_slope}"
+        )
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
 
 
 def bn_act(
-    y: Tensor, weight: Tensor, bias: Tensor, running_mean: Tensor | None = None,
-    running_var: Tensor | None = None, *, training: bool = True, momentum: float = 0.1,
-    eps: float = 1e-5, negative_slope: float = 0.2, residual: Tensor | None = None,
+    y: Tensor,
+    weight: Tensor,
+    bias: Tensor,
+    running_mean: Tensor | None = None,
+    running_var: Tensor | None = None,
+    *,
+    training: bool = True,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+    negative_slope: float = 0.2,
+    residual: Tensor | None = None,
     impl: str = "auto",
 ) -> Tensor:
     """``act(BatchNorm3d(y) [+ residual])``, fused where available; semantics of ``nn.BatchNorm3d``.
@@ -321,20 +390,39 @@ def bn_act(
         impl = _auto_impl(y.device.type)
     batch_stats = training or running_mean is None
     if batch_stats and y.numel() // y.shape[1] <= 1:
-        raise ValueError(f"Expected more than 1 value per channel when training, got input size "
-                         f"{list(y.shape)}")
+        raise ValueError(
+            f"Expected more than 1 value per channel when training, got input size {list(y.shape)}"
+        )
     if impl == "reference":
-        return bn_act_reference(y, weight, bias, running_mean, running_var, training=batch_stats,
-                                momentum=momentum, eps=eps, negative_slope=negative_slope,
-                                residual=residual)
+        return bn_act_reference(
+            y,
+            weight,
+            bias,
+            running_mean,
+            running_var,
+            training=batch_stats,
+            momentum=momentum,
+            eps=eps,
+            negative_slope=negative_slope,
+            residual=residual,
+        )
     if not (y.is_contiguous() or y.is_contiguous(memory_format=torch.channels_last_3d)):
         y = y.contiguous()
     update = batch_stats and running_mean is not None and running_var is not None
-    args = (y, weight, bias, residual, None if batch_stats else running_mean,
-            None if batch_stats else running_var, eps, negative_slope)
+    args = (
+        y,
+        weight,
+        bias,
+        residual,
+        None if batch_stats else running_mean,
+        None if batch_stats else running_var,
+        eps,
+        negative_slope,
+    )
     if not torch.compiler.is_compiling():  # eager: running stats updated inside the kernels
         out, _, _ = _BnActFunction.apply(
-            *args, (running_mean, running_var, momentum) if update else None)
+            *args, (running_mean, running_var, momentum) if update else None
+        )
         return out
     out, mean, var = torch.ops.vosgan.bn_act_fwd(*args)
     if update:

@@ -45,7 +45,8 @@ def conv_transpose3d_subpixel(x: Tensor, weight: Tensor, bias: Tensor | None = N
     for r in range(8):
         rt, rh, rw = r >> 2, (r >> 1) & 1, r & 1
         ov[:, :, :, 1 - rt, :, 1 - rh, :, 1 - rw].copy_(
-            z[:, rt, rh, rw, :, 1 - rt : t + 1 - rt, 1 - rh : h + 1 - rh, 1 - rw : w + 1 - rw])
+            z[:, rt, rh, rw, :, 1 - rt : t + 1 - rt, 1 - rh : h + 1 - rh, 1 - rw : w + 1 - rw]
+        )
     return out
 
 
@@ -55,9 +56,15 @@ def subpixel_blocker(x: Tensor, conv: nn.Conv3d | nn.ConvTranspose3d) -> str | N
     narrow = conv.out_channels if transposed else conv.in_channels
     if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64) or x.dim() != 5:
         return f"input is {x.dtype} {tuple(x.shape)} on {x.device.type} (needs 5-D fp32/fp64 CPU)"
-    if (conv.kernel_size, conv.stride, conv.padding, conv.dilation, conv.groups,
-            conv.output_padding, conv.padding_mode) != (
-            (4,) * 3, (2,) * 3, (1,) * 3, (1,) * 3, 1, (0,) * 3, "zeros"):
+    if (
+        conv.kernel_size,
+        conv.stride,
+        conv.padding,
+        conv.dilation,
+        conv.groups,
+        conv.output_padding,
+        conv.padding_mode,
+    ) != ((4,) * 3, (2,) * 3, (1,) * 3, (1,) * 3, 1, (0,) * 3, "zeros"):
         return "geometry is not kernel 4, stride 2, padding 1 (no dilation, groups, output_padding)"
     if narrow > SUBPIXEL_MAX_CHANNELS:
         return f"{narrow} channels on the narrow side (> {SUBPIXEL_MAX_CHANNELS})"
@@ -95,8 +102,18 @@ class _SubpixelConvFunction(torch.autograd.Function):
         if any(mask):  # e.g. not in G's step through a frozen D, where only dx is needed
             bias_sizes = [weight.shape[1] if ctx.transposed else weight.shape[0]]
             dx, dw, db = torch.ops.aten.convolution_backward(
-                grad, x, weight, bias_sizes if ctx.has_bias else None, [2] * 3, [1] * 3,
-                [1] * 3, ctx.transposed, [0] * 3, 1, mask)
+                grad,
+                x,
+                weight,
+                bias_sizes if ctx.has_bias else None,
+                [2] * 3,
+                [1] * 3,
+                [1] * 3,
+                ctx.transposed,
+                [0] * 3,
+                1,
+                mask,
+            )
         if subpixel_dx:
             dx = conv_transpose3d_subpixel(grad.contiguous(), weight)
         return dx, dw, db, None

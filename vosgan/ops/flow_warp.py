@@ -85,7 +85,10 @@ def warp_reference(x: Tensor, flow: Tensor, padding_mode: str = "zeros") -> Tens
         ``(N, C, H, W)``.
     """
     return F.grid_sample(
-        x, flow_to_grid(flow).to(x.dtype), mode="bilinear", padding_mode=padding_mode,
+        x,
+        flow_to_grid(flow).to(x.dtype),
+        mode="bilinear",
+        padding_mode=padding_mode,
         align_corners=True,
     )
 
@@ -98,8 +101,9 @@ def check_inputs(x: Tensor, flow: Tensor, weight: Tensor | None, padding_mode: s
     if t < 2:
         raise ValueError(f"x needs at least 2 frames (T >= 2), got T={t}")
     if tuple(flow.shape) != (b, 2, t - 1, h, w):
-        raise ValueError(f"flow must be {(b, 2, t - 1, h, w)} for x {tuple(x.shape)}, "
-                         f"got {tuple(flow.shape)}")
+        raise ValueError(
+            f"flow must be {(b, 2, t - 1, h, w)} for x {tuple(x.shape)}, got {tuple(flow.shape)}"
+        )
     if weight is not None and tuple(weight.shape) != (b, 1, t - 1, h, w):
         raise ValueError(f"weight must be {(b, 1, t - 1, h, w)}, got {tuple(weight.shape)}")
     for name, ten in (("x", x), ("flow", flow), ("weight", weight)):
@@ -167,16 +171,27 @@ def _resolve(impl: str, device: torch.device) -> str:
     if impl == "numba" and device.type != "cpu":
         raise ValueError(f"flow_warp_loss: impl='numba' runs on CPU tensors, got {device.type}")
     if impl == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-        raise ValueError("flow_warp_loss: impl='triton' needs CUDA tensors (or TRITON_INTERPRET=1 "
-                         f"for CPU tensors), got {device.type}")
+        raise ValueError(
+            "flow_warp_loss: impl='triton' needs CUDA tensors (or TRITON_INTERPRET=1 "
+            f"for CPU tensors), got {device.type}"
+        )
     if impl not in ("triton", "numba"):
         raise ValueError(f"flow_warp_loss: unknown impl {impl!r}; use one of {IMPLS}")
     return impl
 
 
-def _fused_grads(grad: Tensor, x: Tensor, flow: Tensor, weight: Tensor | None, eps: float,
-                 border: bool, grad_x: bool, deterministic: bool, impl: str, fp32: bool
-                 ) -> tuple[Tensor, Tensor, Tensor]:
+def _fused_grads(
+    grad: Tensor,
+    x: Tensor,
+    flow: Tensor,
+    weight: Tensor | None,
+    eps: float,
+    border: bool,
+    grad_x: bool,
+    deterministic: bool,
+    impl: str,
+    fp32: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
     """``(dflow, dx or empty, sum of w * rho as a 0-dim fp32 tensor)`` from one fused pass;
     gradients in fp32 when ``fp32``, else in the dtypes of ``flow`` and ``x``."""
     if _resolve(impl, x.device) == "numba":
@@ -190,16 +205,34 @@ def _fused_grads(grad: Tensor, x: Tensor, flow: Tensor, weight: Tensor | None, e
     else:
         from vosgan.kernels.flow_warp import flow_warp_loss_bwd
 
-        dflow, dx, partial = flow_warp_loss_bwd(grad, x, flow, weight, eps, border, grad_x,
-                                                deterministic, with_loss=fp32, fp32_grads=fp32)
+        dflow, dx, partial = flow_warp_loss_bwd(
+            grad,
+            x,
+            flow,
+            weight,
+            eps,
+            border,
+            grad_x,
+            deterministic,
+            with_loss=fp32,
+            fp32_grads=fp32,
+        )
         loss = partial.sum() if partial is not None else grad.new_zeros(())
     empty = x.new_empty(0, dtype=torch.float32 if fp32 else x.dtype)
     return dflow, dx if dx is not None else empty, loss
 
 
 @torch.library.custom_op("vosgan::flow_warp_loss", mutates_args=())
-def flow_warp_loss_op(x: Tensor, flow: Tensor, weight: Tensor | None, eps: float, border: bool,
-                      mean: bool, deterministic: bool, impl: str) -> Tensor:
+def flow_warp_loss_op(
+    x: Tensor,
+    flow: Tensor,
+    weight: Tensor | None,
+    eps: float,
+    border: bool,
+    mean: bool,
+    deterministic: bool,
+    impl: str,
+) -> Tensor:
     """Fused forward: the mean (0-dim) or the map ``(B, C, T-1, H, W)``, in ``x.dtype``."""
     if _resolve(impl, x.device) == "numba":
         from vosgan.ops._numba.flow_warp import launch_fwd
@@ -215,26 +248,52 @@ def flow_warp_loss_op(x: Tensor, flow: Tensor, weight: Tensor | None, eps: float
 
 
 @flow_warp_loss_op.register_fake
-def _(x: Tensor, flow: Tensor, weight: Tensor | None, eps: float, border: bool, mean: bool,
-      deterministic: bool, impl: str) -> Tensor:
+def _(
+    x: Tensor,
+    flow: Tensor,
+    weight: Tensor | None,
+    eps: float,
+    border: bool,
+    mean: bool,
+    deterministic: bool,
+    impl: str,
+) -> Tensor:
     b, c, t, h, w = x.shape
     return x.new_empty(() if mean else (b, c, t - 1, h, w))
 
 
 @torch.library.custom_op("vosgan::flow_warp_loss_backward", mutates_args=())
-def flow_warp_loss_backward_op(grad: Tensor, x: Tensor, flow: Tensor, weight: Tensor | None,
-                               eps: float, border: bool, grad_x: bool, deterministic: bool,
-                               impl: str) -> tuple[Tensor, Tensor]:
+def flow_warp_loss_backward_op(
+    grad: Tensor,
+    x: Tensor,
+    flow: Tensor,
+    weight: Tensor | None,
+    eps: float,
+    border: bool,
+    grad_x: bool,
+    deterministic: bool,
+    impl: str,
+) -> tuple[Tensor, Tensor]:
     """Fused backward: ``(dflow, dx)``; ``grad`` is ``d loss / d (w * rho)`` (one element, or the
     map); ``dx`` is an empty tensor when ``grad_x`` is False."""
-    dflow, dx, _ = _fused_grads(grad, x, flow, weight, eps, border, grad_x, deterministic, impl,
-                                fp32=False)
+    dflow, dx, _ = _fused_grads(
+        grad, x, flow, weight, eps, border, grad_x, deterministic, impl, fp32=False
+    )
     return dflow, dx
 
 
 @flow_warp_loss_backward_op.register_fake
-def _(grad: Tensor, x: Tensor, flow: Tensor, weight: Tensor | None, eps: float, border: bool,
-      grad_x: bool, deterministic: bool, impl: str) -> tuple[Tensor, Tensor]:
+def _(
+    grad: Tensor,
+    x: Tensor,
+    flow: Tensor,
+    weight: Tensor | None,
+    eps: float,
+    border: bool,
+    grad_x: bool,
+    deterministic: bool,
+    impl: str,
+) -> tuple[Tensor, Tensor]:
     return flow.new_empty(flow.shape), x.new_empty(x.shape if grad_x else (0,))
 
 
@@ -263,9 +322,16 @@ def warp_differentiable(x: Tensor, flow: Tensor, padding_mode: str = "zeros") ->
     return out
 
 
-def _differentiable_grads(grad: Tensor, x: Tensor, flow: Tensor, weight: Tensor | None,
-                          eps: float, border: bool, mean: bool, inputs: list[Tensor]
-                          ) -> list[Tensor]:
+def _differentiable_grads(
+    grad: Tensor,
+    x: Tensor,
+    flow: Tensor,
+    weight: Tensor | None,
+    eps: float,
+    border: bool,
+    mean: bool,
+    inputs: list[Tensor],
+) -> list[Tensor]:
     """Gradients as differentiable graphs (the ``create_graph=True`` path), through
     :func:`warp_differentiable`."""
     b, c, t, h, w = x.shape
@@ -297,8 +363,9 @@ def _backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:  # noqa: ANN001
     elif need_flow or need_x:
         b, c, t, h, w = x.shape
         g = (grad.float() / (b * c * (t - 1) * h * w)).reshape(1) if mean else grad.contiguous()
-        dflow, dx = flow_warp_loss_backward_op(g, x, flow, weight, eps, border, need_x,
-                                               deterministic, impl)
+        dflow, dx = flow_warp_loss_backward_op(
+            g, x, flow, weight, eps, border, need_x, deterministic, impl
+        )
         dflow = dflow if need_flow else None
         dx = dx if need_x else None
     return dx, dflow, None, None, None, None, None, None
@@ -308,26 +375,45 @@ flow_warp_loss_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 @torch.library.custom_op("vosgan::flow_warp_loss_and_grad", mutates_args=())
-def flow_warp_loss_and_grad_op(x: Tensor, flow: Tensor, weight: Tensor | None, eps: float,
-                               border: bool, grad_x: bool, deterministic: bool, impl: str
-                               ) -> tuple[Tensor, Tensor, Tensor]:
+def flow_warp_loss_and_grad_op(
+    x: Tensor,
+    flow: Tensor,
+    weight: Tensor | None,
+    eps: float,
+    border: bool,
+    grad_x: bool,
+    deterministic: bool,
+    impl: str,
+) -> tuple[Tensor, Tensor, Tensor]:
     """One pass for a mean loss and its gradient: ``(loss in x.dtype, d mean / d flow (fp32),
     d mean / d x (fp32, empty unless grad_x))``. The autograd formula scales the saved
     gradients by the incoming one, so the backward reads no input again."""
     b, c, t, h, w = x.shape
     n = b * c * (t - 1) * h * w
     g = torch.full((1,), 1.0 / n, device=x.device, dtype=torch.float32)
-    dflow, dx, total = _fused_grads(g, x, flow, weight, eps, border, grad_x, deterministic, impl,
-                                    fp32=True)
+    dflow, dx, total = _fused_grads(
+        g, x, flow, weight, eps, border, grad_x, deterministic, impl, fp32=True
+    )
     return (total / n).to(x.dtype), dflow, dx
 
 
 @flow_warp_loss_and_grad_op.register_fake
-def _(x: Tensor, flow: Tensor, weight: Tensor | None, eps: float, border: bool, grad_x: bool,
-      deterministic: bool, impl: str) -> tuple[Tensor, Tensor, Tensor]:
+def _(
+    x: Tensor,
+    flow: Tensor,
+    weight: Tensor | None,
+    eps: float,
+    border: bool,
+    grad_x: bool,
+    deterministic: bool,
+    impl: str,
+) -> tuple[Tensor, Tensor, Tensor]:
     f32 = torch.float32
-    return (x.new_empty(()), flow.new_empty(flow.shape, dtype=f32),
-            x.new_empty(x.shape if grad_x else (0,), dtype=f32))
+    return (
+        x.new_empty(()),
+        flow.new_empty(flow.shape, dtype=f32),
+        x.new_empty(x.shape if grad_x else (0,), dtype=f32),
+    )
 
 
 def _setup_context_one_pass(ctx, inputs: tuple, output: tuple) -> None:  # noqa: ANN001
@@ -341,8 +427,12 @@ def _setup_context_one_pass(ctx, inputs: tuple, output: tuple) -> None:  # noqa:
     ctx.set_materialize_grads(False)
 
 
-def _backward_one_pass(ctx, grad: Tensor, _gd: Tensor, _gx: Tensor  # noqa: ANN001
-                       ) -> tuple[Tensor | None, ...]:
+def _backward_one_pass(
+    ctx,  # noqa: ANN001
+    grad: Tensor,
+    _gd: Tensor,
+    _gx: Tensor,
+) -> tuple[Tensor | None, ...]:
     x, flow, weight, dflow_unit, dx_unit = ctx.saved_tensors
     need_flow, need_x = ctx.needs_input_grad[1], ctx.needs_input_grad[0]
     if grad is None:  # the loss got no gradient (grads are not materialised)
@@ -355,16 +445,19 @@ def _backward_one_pass(ctx, grad: Tensor, _gd: Tensor, _gx: Tensor  # noqa: ANN0
         dx = grads.pop(0) if need_x else None
     else:
         if need_x and dx_unit.numel() == 0:
-            raise RuntimeError("flow_warp_loss_and_grad: x requires grad but the op ran with "
-                               "grad_x=False (flow_warp_loss sets it from x.requires_grad)")
+            raise RuntimeError(
+                "flow_warp_loss_and_grad: x requires grad but the op ran with "
+                "grad_x=False (flow_warp_loss sets it from x.requires_grad)"
+            )
         g = grad.float()
         dflow = (dflow_unit * g).to(flow.dtype) if need_flow else None
         dx = (dx_unit * g).to(x.dtype) if need_x else None
     return dx, dflow, None, None, None, None, None, None
 
 
-flow_warp_loss_and_grad_op.register_autograd(_backward_one_pass,
-                                             setup_context=_setup_context_one_pass)
+flow_warp_loss_and_grad_op.register_autograd(
+    _backward_one_pass, setup_context=_setup_context_one_pass
+)
 
 
 def flow_warp_loss(
@@ -400,18 +493,23 @@ def flow_warp_loss(
         choice = backend.choose("flow_warp_loss", x.device)
         impl = choice.impl
         if not choice.fused:
-            backend.warn_once(f"flow_warp-{x.device.type}",
-                              f"flow_warp_loss: reference ({choice.reason})")
+            backend.warn_once(
+                f"flow_warp-{x.device.type}", f"flow_warp_loss: reference ({choice.reason})"
+            )
         elif impl == "numba" and torch.float64 in (x.dtype, flow.dtype):
-            backend.warn_once("flow_warp-f64", "flow_warp_loss: float64 inputs run the reference "
-                                               "(the numba kernels are fp32)")
+            backend.warn_once(
+                "flow_warp-f64",
+                "flow_warp_loss: float64 inputs run the reference (the numba kernels are fp32)",
+            )
             impl = "reference"
     if impl == "reference":
         return flow_warp_loss_reference(x, flow, weight, eps, padding_mode, reduction)
     _resolve(impl, x.device)
     if weight is not None and weight.requires_grad and torch.is_grad_enabled():
-        raise ValueError("flow_warp_loss: weight requires grad, but the fused op treats it as a "
-                         "constant; pass weight.detach() or impl='reference'")
+        raise ValueError(
+            "flow_warp_loss: weight requires grad, but the fused op treats it as a "
+            "constant; pass weight.detach() or impl='reference'"
+        )
 
     def plane(t: Tensor) -> Tensor:  # the kernels need contiguous (H, W) planes
         return t if t.stride(-1) == 1 and t.stride(-2) == t.shape[-1] else t.contiguous()
@@ -421,7 +519,9 @@ def flow_warp_loss(
     border = padding_mode == "border"
     wants_grad = torch.is_grad_enabled() and (x.requires_grad or flow.requires_grad)
     if reduction == "mean" and wants_grad and ONE_PASS[impl]:
-        return flow_warp_loss_and_grad_op(x, flow, weight, float(eps), border, x.requires_grad,
-                                          deterministic, impl)[0]
-    return flow_warp_loss_op(x, flow, weight, float(eps), border, reduction == "mean",
-                             deterministic, impl)
+        return flow_warp_loss_and_grad_op(
+            x, flow, weight, float(eps), border, x.requires_grad, deterministic, impl
+        )[0]
+    return flow_warp_loss_op(
+        x, flow, weight, float(eps), border, reduction == "mean", deterministic, impl
+    )

@@ -46,8 +46,13 @@ def composite_fwd_kernel(f: np.ndarray, m: np.ndarray, b: np.ndarray, v: np.ndar
 
 @njit(parallel=True, cache=True)
 def composite_bwd_kernel(
-    g: np.ndarray, f: np.ndarray, m: np.ndarray, b: np.ndarray,
-    df: np.ndarray, dm: np.ndarray, db: np.ndarray,
+    g: np.ndarray,
+    f: np.ndarray,
+    m: np.ndarray,
+    b: np.ndarray,
+    df: np.ndarray,
+    dm: np.ndarray,
+    db: np.ndarray,
 ) -> None:
     """``df = g * m``, ``dm = sum_c g * (f - b)``, ``db = sum_t g * (1 - m)`` in one pass.
 

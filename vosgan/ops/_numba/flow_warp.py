@@ -124,7 +124,7 @@ def _pad(src, h, w, dst):
     below need no bounds tests (and give the reference's zeros, even next to inf or nan)."""
     wp = w + 2 * _PAD + 1
     for i in range(h):
-        dst[(i + _PAD) * wp + _PAD:(i + _PAD) * wp + _PAD + w] = src[i * w:(i + 1) * w]
+        dst[(i + _PAD) * wp + _PAD : (i + _PAD) * wp + _PAD + w] = src[i * w : (i + 1) * w]
 
 
 @njit(**_JIT)
@@ -133,8 +133,8 @@ def _unpad_add(src, h, w, dst):
     :func:`_pad`; the border, the scatter's off-frame corners, is dropped)."""
     wp = w + 2 * _PAD + 1
     for i in range(h):
-        d = dst[i * w:(i + 1) * w]
-        s = src[(i + _PAD) * wp + _PAD:(i + _PAD) * wp + _PAD + w]
+        d = dst[i * w : (i + 1) * w]
+        s = src[(i + _PAD) * wp + _PAD : (i + _PAD) * wp + _PAD + w]
         for j in range(w):
             d[j] += s[j]
 
@@ -157,8 +157,7 @@ def _gather(xp, oi, wp, v, n):
 def _rho_fwd(xs, v, wt, wf, eps2, r, accv, n):
     """``r[k] = w * rho`` of one channel of the chunk; ``accv[k] += r[k]`` (float64)."""
     for k in range(n):
-        warped = v[0, k] * wf[6, k] + v[1, k] * wf[7, k] + v[2, k] * wf[8, k] + v[3, k] * wf[
-            9, k]
+        warped = v[0, k] * wf[6, k] + v[1, k] * wf[7, k] + v[2, k] * wf[8, k] + v[3, k] * wf[9, k]
         d = xs[k] - warped
         r[k] = np.sqrt(d * d + eps2) * wt[k]
     for k in range(n):  # a loop of its own: the float64 update keeps LLVM off the one above
@@ -238,8 +237,17 @@ def fwd(x, flow, weight, has_w, eps, border, out_map, write_map):
         for lo in range(0, hw, ch):
             hi = min(lo + ch, hw)
             n = hi - lo
-            _coords(flow[b, 0, t].ravel()[lo:hi], flow[b, 1, t].ravel()[lo:hi], lo,
-                    n, h, w, border, oi, wf)
+            _coords(
+                flow[b, 0, t].ravel()[lo:hi],
+                flow[b, 1, t].ravel()[lo:hi],
+                lo,
+                n,
+                h,
+                w,
+                border,
+                oi,
+                wf,
+            )
             for c in range(c_):
                 _gather(xp[c], oi, wp, v, n)
                 _rho_fwd(x[b, c, t].ravel()[lo:hi], v, wt[lo:hi], wf, eps2, r, accv, n)
@@ -267,8 +275,9 @@ def bwd(x, flow, weight, has_w, grad, g_scalar, eps, border, grad_x, dflow, dx):
         for job in prange(b_ * m):
             b = job // m
             t = 2 * (job % m) + phase
-            sums[b * (t_ - 1) + t] = _pair_bwd(x, flow, weight, has_w, grad, g_scalar, eps2,
-                                               border, grad_x, dflow, dx, b, t)
+            sums[b * (t_ - 1) + t] = _pair_bwd(
+                x, flow, weight, has_w, grad, g_scalar, eps2, border, grad_x, dflow, dx, b, t
+            )
     return sums
 
 
@@ -297,19 +306,20 @@ def _pair_bwd(x, flow, weight, has_w, grad, g_scalar, eps2, border, grad_x, dflo
     for lo in range(0, hw, ch):
         hi = min(lo + ch, hw)
         n = hi - lo
-        _coords(flow[b, 0, t].ravel()[lo:hi], flow[b, 1, t].ravel()[lo:hi], lo,
-                n, h, w, border, oi, wf)
+        _coords(
+            flow[b, 0, t].ravel()[lo:hi], flow[b, 1, t].ravel()[lo:hi], lo, n, h, w, border, oi, wf
+        )
         gix[:] = 0.0
         giy[:] = 0.0
         for c in range(c_):
             go = gconst[lo:hi] if g_scalar else grad[b, c, t].ravel()[lo:hi]
             _gather(xp[c], oi, wp, v, n)
-            _rho_bwd(x[b, c, t].ravel()[lo:hi], v, wt[lo:hi], go, wf, eps2, r, accv, gix, giy,
-                     gb, n)
+            _rho_bwd(
+                x[b, c, t].ravel()[lo:hi], v, wt[lo:hi], go, wf, eps2, r, accv, gix, giy, gb, n
+            )
             if grad_x:
                 _dx_chunk(gb, wf, oi, wp, dx[b, c, t].ravel()[lo:hi], dp[c], n)
-        _dflow_chunk(gix, giy, wf, dflow[b, 0, t].ravel()[lo:hi], dflow[b, 1, t].ravel()[lo:hi],
-                     n)
+        _dflow_chunk(gix, giy, wf, dflow[b, 0, t].ravel()[lo:hi], dflow[b, 1, t].ravel()[lo:hi], n)
     if grad_x:
         for c in range(c_):
             _unpad_add(dp[c], h, w, dx[b, c, t + 1].ravel())
@@ -323,27 +333,36 @@ def _f32(t: Tensor):  # noqa: ANN202 - numpy array
 
 def _check_plane(h: int, w: int) -> None:
     if h * w > MAX_PIXELS:
-        raise ValueError(f"flow_warp_loss (numba): x frames of {h}x{w} exceed {MAX_PIXELS} "
-                         "pixels; use impl='reference'")
+        raise ValueError(
+            f"flow_warp_loss (numba): x frames of {h}x{w} exceed {MAX_PIXELS} "
+            "pixels; use impl='reference'"
+        )
 
 
-def launch_fwd(x: Tensor, flow: Tensor, weight: Tensor | None, eps: float, border: bool,
-               mean: bool) -> Tensor:
+def launch_fwd(
+    x: Tensor, flow: Tensor, weight: Tensor | None, eps: float, border: bool, mean: bool
+) -> Tensor:
     """Host launcher of :func:`fwd` on torch tensors: the mean (0-dim) or the map, in
     ``x.dtype``."""
     b, c, t, h, w = x.shape
     _check_plane(h, w)
     out = np.empty((b, c, t - 1, h, w) if not mean else (1, 1, 1, 1, 1), np.float32)
     wa = _f32(weight) if weight is not None else out
-    sums = launch(fwd, _f32(x), _f32(flow), wa, weight is not None, eps, border, out,
-                  not mean)
+    sums = launch(fwd, _f32(x), _f32(flow), wa, weight is not None, eps, border, out, not mean)
     if mean:
         return torch.tensor(sums.sum() / (b * c * (t - 1) * h * w), dtype=x.dtype)
     return torch.from_numpy(out).to(x.dtype)
 
 
-def launch_bwd(grad: Tensor, x: Tensor, flow: Tensor, weight: Tensor | None, eps: float,
-               border: bool, grad_x: bool) -> tuple[Tensor, Tensor | None, float]:
+def launch_bwd(
+    grad: Tensor,
+    x: Tensor,
+    flow: Tensor,
+    weight: Tensor | None,
+    eps: float,
+    border: bool,
+    grad_x: bool,
+) -> tuple[Tensor, Tensor | None, float]:
     """Host launcher of :func:`bwd` on torch tensors: fp32 ``(dflow, dx or None, sum of
     w * rho)``."""
     b, c, t, h, w = x.shape
@@ -354,6 +373,18 @@ def launch_bwd(grad: Tensor, x: Tensor, flow: Tensor, weight: Tensor | None, eps
     dflow = np.empty((b, 2, t - 1, h, w), np.float32)
     dx = np.zeros((b, c, t, h, w), np.float32) if grad_x else dummy
     wa = _f32(weight) if weight is not None else dummy
-    sums = launch(bwd, _f32(x), _f32(flow), wa, weight is not None, ga, g_scalar, eps, border,
-                  grad_x, dflow, dx)
+    sums = launch(
+        bwd,
+        _f32(x),
+        _f32(flow),
+        wa,
+        weight is not None,
+        ga,
+        g_scalar,
+        eps,
+        border,
+        grad_x,
+        dflow,
+        dx,
+    )
     return torch.from_numpy(dflow), torch.from_numpy(dx) if grad_x else None, float(sums.sum())
