@@ -86,6 +86,17 @@ def temporal_change(video: Tensor, region: Tensor) -> dict[str, float]:
     }
 
 
+def _segment_moving_and_frozen(
+    D: Discriminator, videos: Tensor, device: torch.device, batch_size: int
+) -> tuple[Tensor, Tensor]:
+    """D's foreground probability ``(N, 1, T, H, W)`` on ``videos`` and on ``freeze(videos)``."""
+    moving, frozen = [], []
+    for v in videos.split(batch_size):
+        moving.append(predict(D, v.to(device))["seg"].cpu())
+        frozen.append(predict(D, freeze(v).to(device))["seg"].cpu())
+    return torch.cat(moving), torch.cat(frozen)
+
+
 @torch.no_grad()
 def diagnose(
     G: Generator,
@@ -105,15 +116,7 @@ def diagnose(
     G.eval()
     D.eval()
     try:
-
-        def seg_of(videos: Tensor) -> tuple[Tensor, Tensor]:  # D's seg of the clips, then frozen
-            moving, frozen = [], []
-            for v in videos.split(batch_size):
-                moving.append(predict(D, v.to(device))["seg"].cpu())
-                frozen.append(predict(D, freeze(v).to(device))["seg"].cpu())
-            return torch.cat(moving), torch.cat(frozen)
-
-        seg, seg_frozen = seg_of(clips["video"])
+        seg, seg_frozen = _segment_moving_and_frozen(D, clips["video"], device, batch_size)
         real_fg = clips["mask"] > 0.5
         gen = torch.Generator(device=device).manual_seed(SAMPLE_SEED)
         videos, masks = [], []
@@ -122,7 +125,7 @@ def diagnose(
             videos.append(out.video.float().cpu())
             masks.append(out.mask.float().cpu())
         video, mask = torch.cat(videos), torch.cat(masks)
-        fake_seg, fake_seg_frozen = seg_of(video)
+        fake_seg, fake_seg_frozen = _segment_moving_and_frozen(D, video, device, batch_size)
     finally:
         G.train(modes[0])
         D.train(modes[1])
