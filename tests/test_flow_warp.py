@@ -322,32 +322,14 @@ def test_auto_dispatch_and_module() -> None:
 
 
 _I32 = "i32"
+# Shape and input-stride arguments both kernels take, in their signature order.
+_SHAPE_AND_INPUT_STRIDES = "C Tm1 H W HW x_sb x_sc x_st f_sb f_sc f_st w_sb w_st".split()
 _FWD_SIG = {
     "x_ptr": "*bf16",
     "flow_ptr": "*bf16",
     "w_ptr": "*bf16",
     "out_ptr": "*fp32",
-    **{
-        k: _I32
-        for k in (
-            "C",
-            "Tm1",
-            "H",
-            "W",
-            "HW",
-            "x_sb",
-            "x_sc",
-            "x_st",
-            "f_sb",
-            "f_sc",
-            "f_st",
-            "w_sb",
-            "w_st",
-            "o_sb",
-            "o_sc",
-            "o_st",
-        )
-    },
+    **{k: _I32 for k in [*_SHAPE_AND_INPUT_STRIDES, "o_sb", "o_sc", "o_st"]},
     **{k: "fp32" for k in ("half_wm1", "half_hm1", "wm1", "hm1", "eps2")},
     **{k: "constexpr" for k in ("HAS_W", "BORDER", "REDUCE", "RECIP", "BLOCK")},
 }
@@ -362,30 +344,10 @@ _BWD_SIG = {
     "loss_ptr": "*fp32",
     **{
         k: _I32
-        for k in (
-            "C",
-            "Tm1",
-            "H",
-            "W",
-            "HW",
-            "x_sb",
-            "x_sc",
-            "x_st",
-            "f_sb",
-            "f_sc",
-            "f_st",
-            "w_sb",
-            "w_st",
-            "g_sb",
-            "g_sc",
-            "g_st",
-            "df_sb",
-            "df_sc",
-            "df_st",
-            "dx_sb",
-            "dx_sc",
-            "dx_st",
-        )
+        for k in [
+            *_SHAPE_AND_INPUT_STRIDES,
+            *"g_sb g_sc g_st df_sb df_sc df_st dx_sb dx_sc dx_st".split(),
+        ]
     },
     **{k: "fp32" for k in ("half_wm1", "half_hm1", "wm1", "hm1", "eps2", "gx_scale", "gy_scale")},
     **{
