@@ -1,4 +1,5 @@
-// Autograd for vosgan::gru_forward, registered in C++ (the Autograd dispatch key).
+// Autograd for vosgan::gru_forward, registered in C++ (the Autograd dispatch key), and its
+// autocast kernels (AutocastCPU / AutocastCUDA; see the end of this file).
 //
 // The op's backward is its own op, vosgan::gru_backward, so the graph holds one node per
 // sequence. Registered here rather than with torch.library.register_autograd from Python: the
@@ -11,6 +12,8 @@
 // backward raises, so `create_graph=True` works and a second differentiation fails loudly
 // instead of returning wrong (zero) gradients.
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <c10/core/DispatchKeySet.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/autograd.h>
 #include <torch/library.h>
 
@@ -107,10 +110,43 @@ Grads gru_backward_autograd(const at::Tensor& grad_out, const at::Tensor& x, con
   return {g[0], g[1], g[2], g[3], g[4], g[5]};
 }
 
+// Autocast: the GRU runs in float32 (its accumulation type) whatever autocast's low precision
+// is, i.e. on autocast's fp32 list. float16/bfloat16 arguments are cast up (autograd records the
+// casts, so gradients reach them in their own dtype) and autocast is excluded below this point:
+// left on, it would cast the drivers' internal GEMMs (at::addmm, at::mm) down to bfloat16 and
+// hand the float32 recurrence a bfloat16 input projection.
+at::Tensor up(const at::Tensor& t) {
+  const auto s = t.scalar_type();
+  return s == at::kHalf || s == at::kBFloat16 ? t.to(at::kFloat) : t;
+}
+
+std::tuple<at::Tensor, at::Tensor> gru_forward_autocast(
+    const at::Tensor& x, const at::Tensor& h0, const at::Tensor& w_ih, const at::Tensor& w_hh,
+    const at::Tensor& b_ih, const at::Tensor& b_hh) {
+  c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
+  return call_forward(up(x), up(h0), up(w_ih), up(w_hh), up(b_ih), up(b_hh));
+}
+
+Grads gru_backward_autocast(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& h0,
+                            const at::Tensor& w_ih, const at::Tensor& w_hh, const at::Tensor& ws) {
+  c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
+  return call_backward(up(grad_out), up(x), up(h0), up(w_ih), up(w_hh), ws);
+}
+
 }  // namespace
 }  // namespace vosgan
 
 TORCH_LIBRARY_IMPL(vosgan, Autograd, m) {
   m.impl("gru_forward", &vosgan::gru_forward_autograd);
   m.impl("gru_backward", &vosgan::gru_backward_autograd);
+}
+
+TORCH_LIBRARY_IMPL(vosgan, AutocastCPU, m) {
+  m.impl("gru_forward", &vosgan::gru_forward_autocast);
+  m.impl("gru_backward", &vosgan::gru_backward_autocast);
+}
+
+TORCH_LIBRARY_IMPL(vosgan, AutocastCUDA, m) {
+  m.impl("gru_forward", &vosgan::gru_forward_autocast);
+  m.impl("gru_backward", &vosgan::gru_backward_autocast);
 }

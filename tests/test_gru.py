@@ -286,3 +286,26 @@ def test_cuda_opcheck_and_compile() -> None:
     out = torch.compile(lambda x: fused(x)[0].sum(), fullgraph=True)(args[0])
     out.backward()
     assert fused.weight_hh_l0.grad is not None
+
+
+@requires_ext
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=requires_cuda)])
+def test_op_under_autocast_runs_in_float32(device: str) -> None:
+    # Autocast reaches custom ops. The ops' AutocastCPU/AutocastCUDA kernels cast half/bfloat16
+    # arguments up to float32 and keep autocast away from the drivers' GEMMs, which it would
+    # otherwise cast down (a bfloat16 input projection handed to the float32 recurrence).
+    args = [a.to(device) for a in _raw_args(3, 4, 5, 6, w_hh=0.5)]
+    x_low = args[0].to(torch.bfloat16).requires_grad_()
+    g = torch.randn(3, 4, 6, device=device, dtype=torch.bfloat16)
+    want, ws = torch.ops.vosgan.gru_forward(x_low.detach().float(), *args[1:])
+    want_grads = torch.ops.vosgan.gru_backward(g.float(), x_low.detach().float(), *args[1:4], ws)
+    with torch.autocast(device, dtype=torch.bfloat16):
+        out, _ = torch.ops.vosgan.gru_forward(x_low, *args[1:])
+        grads = torch.ops.vosgan.gru_backward(g, x_low.detach(), *args[1:4], ws)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, want)
+    for got, exp in zip(grads, want_grads, strict=True):
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got, exp)
+    out.backward(g.float())
+    assert x_low.grad is not None and x_low.grad.dtype == torch.bfloat16
