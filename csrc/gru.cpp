@@ -22,14 +22,15 @@ at::ScalarType acc_type(at::ScalarType t) {
 
 void check_tensor(const at::Tensor& t, const char* name, const at::Tensor& x,
                   std::initializer_list<int64_t> shape) {
-  TORCH_CHECK(t.device() == x.device(), "vosgan gru: ", name, " is on ", t.device(),
-              " but x is on ", x.device());
-  TORCH_CHECK(t.scalar_type() == x.scalar_type(), "vosgan gru: ", name, " has dtype ",
-              t.scalar_type(), " but x has dtype ", x.scalar_type(),
-              "; cast all arguments to one dtype");
-  TORCH_CHECK(t.sizes() == at::IntArrayRef(shape), "vosgan gru: ", name, " must have shape ",
-              at::IntArrayRef(shape), ", got ", t.sizes());
-  TORCH_CHECK(t.is_contiguous(), "vosgan gru: ", name, " must be contiguous");
+  TORCH_CHECK(t.device() == x.device(),
+              msg("vosgan gru: ", name, " is on ", t.device(), " but x is on ", x.device()));
+  TORCH_CHECK(t.scalar_type() == x.scalar_type(),
+              msg("vosgan gru: ", name, " has dtype ", t.scalar_type(), " but x has dtype ",
+                  x.scalar_type(), "; cast all arguments to one dtype"));
+  TORCH_CHECK(t.sizes() == at::IntArrayRef(shape),
+              msg("vosgan gru: ", name, " must have shape ", at::IntArrayRef(shape), ", got ",
+                  t.sizes()));
+  TORCH_CHECK(t.is_contiguous(), msg("vosgan gru: ", name, " must be contiguous"));
 }
 
 }  // namespace
@@ -37,15 +38,17 @@ void check_tensor(const at::Tensor& t, const char* name, const at::Tensor& x,
 std::tuple<int64_t, int64_t, int64_t, int64_t> check_forward_args(
     const at::Tensor& x, const at::Tensor& h0, const at::Tensor& w_ih, const at::Tensor& w_hh,
     const at::Tensor& b_ih, const at::Tensor& b_hh) {
-  TORCH_CHECK(x.dim() == 3, "vosgan gru: x must be (B, T, I), got shape ", x.sizes());
+  TORCH_CHECK(x.dim() == 3, msg("vosgan gru: x must be (B, T, I), got shape ", x.sizes()));
   const auto dt = x.scalar_type();
   TORCH_CHECK(dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16 || dt == at::kDouble,
-              "vosgan gru: x has dtype ", dt, "; supported: float32, float16, bfloat16, float64");
+              msg("vosgan gru: x has dtype ", dt, "; supported: float32, float16, bfloat16, "
+                  "float64"));
   TORCH_CHECK(x.is_contiguous(), "vosgan gru: x must be contiguous");
   TORCH_CHECK(w_hh.dim() == 2 && w_hh.size(0) == 3 * w_hh.size(1) && w_hh.size(1) > 0,
-              "vosgan gru: w_hh must be (3H, H), got shape ", w_hh.sizes());
+              msg("vosgan gru: w_hh must be (3H, H), got shape ", w_hh.sizes()));
   const int64_t B = x.size(0), T = x.size(1), I = x.size(2), H = w_hh.size(1);
-  TORCH_CHECK(B > 0 && T > 0 && I > 0, "vosgan gru: x must have B, T, I > 0, got ", x.sizes());
+  TORCH_CHECK(B > 0 && T > 0 && I > 0,
+              msg("vosgan gru: x must have B, T, I > 0, got ", x.sizes()));
   check_tensor(h0, "h0", x, {B, H});
   check_tensor(w_ih, "w_ih", x, {3 * H, I});
   check_tensor(w_hh, "w_hh", x, {3 * H, H});
@@ -81,8 +84,8 @@ std::tuple<int64_t, int64_t, int64_t, int64_t> check_backward_args(
   const auto acc = acc_type(x.scalar_type());
   TORCH_CHECK(ws.scalar_type() == acc && ws.device() == x.device() && ws.is_contiguous() &&
                   ws.sizes() == at::IntArrayRef({B, T, 5 * H}),
-              "vosgan gru_backward: ws must be the contiguous (B, T, 5H) ", acc,
-              " workspace returned by gru_forward, got ", ws.scalar_type(), " ", ws.sizes());
+              msg("vosgan gru_backward: ws must be the contiguous (B, T, 5H) ", acc,
+                  " workspace returned by gru_forward, got ", ws.scalar_type(), " ", ws.sizes()));
   return {B, T, I, H};
 }
 

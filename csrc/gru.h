@@ -12,9 +12,40 @@
 
 #include <ATen/core/Tensor.h>
 
+#include <string>
 #include <tuple>
+#include <type_traits>
 
 namespace vosgan {
+
+// Error messages, built without iostreams: msg("w_hh must be (3H, H), got ", w_hh.sizes()) is
+// one std::string, which TORCH_CHECK passes through untouched (c10::str of several arguments
+// would format them with an ostringstream inside this module). On the lent H200 machine's build
+// of this module (torch 2.11.0+cu130, 2026-11-26), formatting a number into a stream here
+// segfaulted in std::ostream::_M_insert<long>, which the debugger placed inside this module
+// rather than in libstdc++ (cuda-gdb backtrace in csrc/README.md); std::to_string touches no
+// locale.
+inline std::string msg_piece(const char* s) { return s; }
+inline std::string msg_piece(const std::string& s) { return s; }
+inline std::string msg_piece(at::ScalarType t) { return c10::toString(t); }
+inline std::string msg_piece(const c10::Device& d) { return d.str(); }
+inline std::string msg_piece(at::IntArrayRef v) {
+  std::string s = "[";
+  for (size_t i = 0; i < v.size(); ++i) {
+    s += (i ? ", " : "") + std::to_string(v[i]);
+  }
+  return s + "]";
+}
+template <class T, std::enable_if_t<std::is_integral_v<T>, int> = 0>
+std::string msg_piece(T v) {
+  return std::to_string(v);
+}
+template <class... Args>
+std::string msg(const Args&... args) {
+  std::string s;
+  ((s += msg_piece(args)), ...);
+  return s;
+}
 
 // Recurrent part of the forward pass, all steps in one call.
 //   gi (B, T, 3H): x W_ih^T + b_ih for every step (one GEMM, done by the caller)

@@ -6,6 +6,8 @@
 #include <ATen/ops/empty.h>
 #include <ATen/ops/from_blob.h>
 
+#include "gru.h"
+
 #include <cstddef>
 #include <cstdint>
 #include <cstdlib>
@@ -67,8 +69,8 @@ class WorkspacePool {
     }
     if (data == nullptr) {
       data = std::aligned_alloc(kAlign, bytes);
-      TORCH_CHECK(data != nullptr, "vosgan gru: out of memory allocating a ", bytes,
-                  "-byte workspace");
+      TORCH_CHECK(data != nullptr,
+                  msg("vosgan gru: out of memory allocating a ", bytes, "-byte workspace"));
     }
     return at::from_blob(
         data, sizes, [bytes](void* p) { instance().give(p, bytes); }, options);

@@ -198,14 +198,16 @@ void launch_cooperative(const void* kernel, int threads, int H, int U, size_t sm
   int max_smem = 0, sms = 0, per_sm = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&max_smem, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
-  TORCH_CHECK(smem <= static_cast<size_t>(max_smem), "vosgan gru (CUDA): hidden size ", H,
-              " needs ", smem, " bytes of shared memory per block, the device allows ", max_smem);
+  TORCH_CHECK(smem <= static_cast<size_t>(max_smem),
+              msg("vosgan gru (CUDA): hidden size ", H, " needs ", smem,
+                  " bytes of shared memory per block, the device allows ", max_smem));
   C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                       static_cast<int>(smem)));
   C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, smem));
   const int blocks = (H + U - 1) / U;
-  TORCH_CHECK(blocks <= per_sm * sms, "vosgan gru (CUDA): ", blocks,
-              " blocks cannot all be resident (", per_sm, " per SM x ", sms, " SMs)");
+  TORCH_CHECK(blocks <= per_sm * sms, msg("vosgan gru (CUDA): ", blocks,
+                                          " blocks cannot all be resident (", per_sm,
+                                          " per SM x ", sms, " SMs)"));
   C10_CUDA_CHECK(cudaLaunchCooperativeKernel(kernel, blocks, threads, args, smem,
                                              at::cuda::getCurrentCUDAStream()));
 }
