@@ -78,10 +78,13 @@ def test_gru_fullgraph():
 
 
 def test_bn_act_fullgraph():
-    pytest.importorskip("triton")  # the fused BN + activation is a Triton kernel (interpreted)
+    pytest.importorskip("triton")  # a Triton kernel: on the GPU, else interpreted on CPU tensors
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     gen = torch.Generator().manual_seed(3)
-    y, weight, bias = _leaves((2, 3, 2, 3, 5), (3,), (3,), gen=gen)
-    mean, var = torch.zeros(3), torch.ones(3)
+    y, weight, bias = (
+        t.detach().to(dev).requires_grad_() for t in _leaves((2, 3, 2, 3, 5), (3,), (3,), gen=gen)
+    )
+    mean, var = torch.zeros(3, device=dev), torch.ones(3, device=dev)
     check_compiles(
         lambda y, w, b: conv3d_block.bn_act(y, w, b, mean.clone(), var.clone(), impl="triton"),
         [y, weight, bias],

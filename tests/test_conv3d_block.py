@@ -242,6 +242,14 @@ def test_validation_messages():
         bn_act(y[:1, :, :, :1, :1], w, b, impl="reference")
 
 
+def test_triton_on_cpu_tensors_needs_the_interpreter(monkeypatch):
+    # Without the interpreter, Triton cannot read CPU memory: a clear error, not Triton's own.
+    y, w, b = torch.randn(2, 5, 1, 3, 3), torch.ones(5), torch.zeros(5)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(ValueError, match="impl='triton' needs CUDA tensors"):
+        bn_act(y, w, b, impl="triton")
+
+
 def test_auto_dispatch_reports_and_warns():
     name, reason = ops.fused_impl(torch.device("cpu"))
     assert name == "subpixel" and "BatchNorm + activation run the reference ops" in reason
