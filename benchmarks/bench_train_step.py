@@ -40,7 +40,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from vosgan import config, train
-from vosgan.train import amp_dtype, build_run, train_step
+from vosgan.train import amp_dtype, build_run, configure_backends, train_step
 
 CUDA = torch.cuda.is_available()
 #: case id -> (preset, device, batch or None for the preset's own, timed rounds)
@@ -50,6 +50,8 @@ if CUDA:
         "cpu-small-cuda": ("cpu-small", "cuda", None, 30),
         "paper-cuda": ("paper", "cuda", None, 20),
     }
+#: reference path, --fused, and the reference path under torch.compile (--compile; GPU only)
+PROVIDERS = ["reference", "fused", "compile"]
 BF16_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0}  # dense bf16, SXM
 _MODEL_FLOPS: dict[tuple[str, str, int], float] = {}
 _LIBC = ctypes.CDLL("libc.so.6") if platform.system() == "Linux" else None
@@ -95,10 +97,13 @@ def _peak_memory_mb(step: Callable[[], None], device: str) -> tuple[str, float]:
     return "peak_rss_delta_mb", _rss_mb("VmHWM") - before
 
 
-def _make_step(preset: str, device: str, batch: int | None, fused: bool):
+def _make_step(preset: str, device: str, batch: int | None, fused: bool, compile: bool = False):
     overrides = {} if batch is None else {"data.batch_size": batch}
+    if compile:
+        overrides["train.compile"] = "true"
     cfg = config.load(preset, overrides)
     dev = torch.device(device)
+    configure_backends(dev)  # as the trainer runs (cuDNN autotuning, TF32)
     run = build_run(cfg, dev, fused)
     if hasattr(train, "wrap_models"):  # the phase wrappers (DDP / compile; plain modules here)
         train.wrap_models(run)
@@ -123,27 +128,36 @@ def _flops(step: Callable[[], None]) -> float:
     return float(counter.get_total_flops())
 
 
-@pytest.mark.parametrize("fused", [False, True], ids=["reference", "fused"])
+@pytest.mark.parametrize("provider", PROVIDERS)
 @pytest.mark.parametrize("case", list(CASES))
-def test_train_step(benchmark, case: str, fused: bool) -> None:
+def test_train_step(benchmark, case: str, provider: str) -> None:
     preset, device, batch, rounds = CASES[case]
-    cfg, step = _make_step(preset, device, batch, fused)
+    if provider == "compile" and device == "cpu":
+        pytest.skip("--compile on CPU: inductor takes minutes on the 2-core box (0.96x measured)")
+    fused = provider == "fused"
+    cfg, step = _make_step(preset, device, batch, fused, compile=provider == "compile")
     b = cfg.data.batch_size
-    step()  # warm-up: numba/Triton compilation, oneDNN/cuDNN primitive selection
+    # Warm-up: numba/Triton compilation, oneDNN/cuDNN primitive selection; under torch.compile
+    # also the recompilations of the first steps (D runs with and without parameter gradients).
+    for _ in range(3 if provider == "compile" else 1):
+        step()
     mem_key, mem_mb = _peak_memory_mb(step, device)
-    flops = _flops(step)
     key = (preset, device, b)
-    if not fused:
-        _MODEL_FLOPS[key] = flops
-    elif key not in _MODEL_FLOPS:  # fused run selected alone: count the reference path once
-        _MODEL_FLOPS[key] = _flops(_make_step(preset, device, batch, False)[1])
+    if key not in _MODEL_FLOPS:  # the reference path's count, also when selected alone
+        _MODEL_FLOPS[key] = _flops(
+            step if provider == "reference" else _make_step(preset, device, batch, False)[1]
+        )
+    # A compiled step is not counted itself: the counter's dispatch mode would recompile it.
+    flops = _MODEL_FLOPS[key] if provider != "fused" else _flops(step)
     benchmark.pedantic(step, rounds=rounds, iterations=1, warmup_rounds=0)
+    if benchmark.stats is None:  # --benchmark-disable: the step ran as a plain test
+        return
     median = benchmark.stats.stats.median
     m = cfg.model
     info = {
         "device": _device_name(device),
         "torch": torch.__version__,
-        "provider": "fused" if fused else "reference",
+        "provider": provider,
         "shape": f"B={b}, 3x{m.frames}x{m.size}x{m.size}",
         "threads": torch.get_num_threads(),
         "amp": str(amp_dtype(cfg.train.amp, torch.device(device))),
@@ -156,8 +170,10 @@ def test_train_step(benchmark, case: str, fused: bool) -> None:
         full = config.load(preset).data.batch_size
         info["note"] = f"paper preset at batch {b} on CPU (full batch {full} on GPU)"
     peak = next((v for k, v in BF16_PEAK_TFLOPS.items() if k in info["device"]), None)
-    if device == "cuda" and peak is not None:
-        info["frac_bf16_peak"] = info["tflops"] / peak
+    if device == "cuda":
+        info["cudnn_benchmark"] = torch.backends.cudnn.benchmark
+        if peak is not None:
+            info["frac_bf16_peak"] = info["tflops"] / peak
     benchmark.extra_info.update(info)
 
 

@@ -35,13 +35,22 @@ from vosgan.config import Config, ConfigError
 from vosgan.distributed import DistEnv
 from vosgan.evaluate import write_samples
 from vosgan.train_data import Evaluator, batch_indices, batches, describe, make_dataset
-from vosgan.train_run import Run, amp_dtype, build_run, resolve_device, say, wrap_models
+from vosgan.train_run import (
+    Run,
+    amp_dtype,
+    build_run,
+    configure_backends,
+    resolve_device,
+    say,
+    wrap_models,
+)
 
 __all__ = [
     "Run",
     "amp_dtype",
     "batch_indices",
     "build_run",
+    "configure_backends",
     "main",
     "make_dataset",
     "resolve_device",
@@ -207,10 +216,7 @@ def _train(
 ) -> dict[str, Any]:
     from torch.utils.tensorboard import SummaryWriter
 
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-        torch.backends.cudnn.benchmark = True
+    configure_backends(device)
     dtype = amp_dtype(cfg.train.amp, device)
     run = build_run(cfg, device, fused, env)
     if resume is not None:  # every rank loads the same file

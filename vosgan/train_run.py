@@ -45,6 +45,15 @@ def amp_dtype(policy: str, device: torch.device) -> torch.dtype | None:
     return torch.float16
 
 
+def configure_backends(device: torch.device) -> None:
+    """The trainer's CUDA settings (process-wide): TF32 for float32 matmuls and convolutions, and
+    cuDNN autotuning (the shapes of a run never change). No-op on CPU."""
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True
+
+
 @dataclass
 class Run:
     """Everything a training run holds; what a checkpoint saves and restores.
