@@ -1,0 +1,84 @@
+#!/usr/bin/env bash
+# Everything that needs a GPU, as one script for a short lease of a CUDA machine: build the
+# extension for the card, the CUDA tests, the GPU benchmarks, a short training run on the GPU.
+# Its first version ran in 5 minutes on an H200 (2026-11-26); the torch.compile step added
+# since takes about a minute more. Steps run in order of value, each under its own time cap, so
+# a step that hangs or fails costs its cap and the rest still run. Results land in OUTDIR:
+# log.txt (everything) and pytest-benchmark JSON files (tables: benchmarks/report.py).
+#
+# Usage, from the repository root on the CUDA machine:  benchmarks/gpu_session.sh [OUTDIR]
+# Env: PYTHON (default python3), TORCH_CUDA_ARCH_LIST (default: the card's own, e.g. 9.0).
+# Python wheels the machine lacks (PyAV, say) can wait in .whl/: they are installed to /tmp/site.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUTDIR="${1:-${OUT:-/tmp/vosgan-gpu}}"
+mkdir -p "$OUTDIR"
+exec > >(tee -a "$OUTDIR/log.txt") 2>&1
+export PYTHONUNBUFFERED=1
+PY="${PYTHON:-python3}"
+T0=$(date +%s)
+step() { echo; echo "=== [$(($(date +%s) - T0)) s] $*"; }
+
+step "machine"
+nvidia-smi -L
+"$PY" -c "import torch, triton; print('torch', torch.__version__, 'CUDA', torch.version.cuda, \
+'triton', triton.__version__, torch.cuda.get_device_name())" || exit 1
+if compgen -G ".whl/*.whl" >/dev/null; then
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl &&
+    export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+ARCH="${TORCH_CUDA_ARCH_LIST:-$("$PY" -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())")}"
+[ -x /usr/local/cuda/bin/nvcc ] && export CUDACXX="${CUDACXX:-/usr/local/cuda/bin/nvcc}"
+
+step "build vosgan._C for sm_$ARCH (background); meanwhile the Triton/cupy tests from a source copy"
+(TORCH_CUDA_ARCH_LIST="$ARCH" CMAKE_BUILD_PARALLEL_LEVEL=8 timeout 300 \
+  "$PY" -m pip install -q --no-build-isolation --no-deps -e . >"$OUTDIR/build.txt" 2>&1
+  echo "build exit $?" >>"$OUTDIR/build.txt") &
+BUILD=$!
+rm -rf /tmp/vosgan-src && mkdir /tmp/vosgan-src && cp -r vosgan tests pyproject.toml /tmp/vosgan-src/ &&
+  cp -r kernels /tmp/vosgan-src/vosgan/kernels
+(cd /tmp/vosgan-src && timeout 200 "$PY" -m pytest -q -p no:cacheprovider -n 8 --timeout 150 -rfEs \
+  tests/test_composite.py tests/test_flow_warp.py tests/test_conv3d_block.py \
+  tests/test_conv3d_subpixel.py tests/test_davis_metrics.py)
+echo "tests (ops) exit $?"
+wait $BUILD
+tail -15 "$OUTDIR/build.txt"
+# Toolchain facts for csrc/README.md: which compiler built the module, and whether it defines
+# its own copies of libstdc++'s stream code (it should import them: "U").
+c++ --version | head -1
+SO="$("$PY" -c "import torch, vosgan._C as c; print(c.__file__)")" &&
+  nm -D -C "$SO" | grep -E "_M_insert<long>|num_put" | head -5
+
+step "backend report; the tests that need the extension (sequential: a crash names its test)"
+"$PY" -m vosgan.backend
+PYTHONFAULTHANDLER=1 timeout 150 "$PY" -m pytest -v -p no:cacheprovider -p no:xdist --timeout 120 \
+  -rfEs tests/test_gru.py tests/test_backend.py tests/test_compile.py 2>&1 | grep -v PASSED
+echo "tests (extension) exit ${PIPESTATUS[0]}"
+
+step "full training step: reference vs --fused (paper and cpu-small presets, bf16)"
+timeout 150 "$PY" -m pytest -q -p no:cacheprovider benchmarks/bench_train_step.py --benchmark-only \
+  -k "cuda and not compile" --benchmark-json "$OUTDIR/train_step.json" \
+  --benchmark-columns=min,median,max,rounds
+echo "train step exit $?"
+
+step "python -m vosgan.train --fused on the GPU (cpu-small, 300 steps)"
+timeout 90 "$PY" -m vosgan.train --fused --train.device=cuda --train.steps=300 \
+  --out /tmp/vosgan-gpu-run 2>&1 | tr '\r' '\n' | grep -v "^\s*$" | tail -5
+echo "train exit ${PIPESTATUS[0]}"
+cp /tmp/vosgan-gpu-run/metrics.json "$OUTDIR/train_metrics.json" 2>/dev/null
+
+step "conv blocks: eager cuDNN block vs fused (paper shapes, B=16 and 64, bf16 channels_last_3d)"
+VOSGAN_BENCH_PROVIDERS=eager,fused timeout 100 "$PY" benchmarks/bench_conv3d_block.py 16 64
+echo "conv blocks exit $?"
+
+step "flow-warp loss, B=32 T=32 64x64, reference / compile / fused"
+timeout 90 "$PY" benchmarks/bench_flow_warp.py b32-t32
+echo "flow warp exit $?"
+
+step "full training step under torch.compile (paper preset; inductor compiles for about a minute)"
+timeout 150 "$PY" -m pytest -q -p no:cacheprovider benchmarks/bench_train_step.py --benchmark-only \
+  -k "paper-cuda and compile" --benchmark-json "$OUTDIR/train_step_compile.json" \
+  --benchmark-columns=min,median,max,rounds
+echo "train step (compile) exit $?"
+
+step "done"
