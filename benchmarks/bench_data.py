@@ -110,6 +110,8 @@ def test_decode(benchmark, generated: dict[str, Path], videos: str, backend: str
         pytest.skip(f"DALI's CPU decoder has no {codecs}")
     run = _decode_round(backend, paths)
     benchmark.pedantic(run, rounds=3, iterations=1, warmup_rounds=1)
+    if benchmark.stats is None:  # --benchmark-disable: ran as a plain test
+        return
     benchmark.extra_info.update(
         _info(
             videos=videos,
@@ -146,6 +148,8 @@ def test_loader(benchmark, caches: dict[str, Path], name: str) -> None:
         ds.batch(range(start, start + bsz))
 
     benchmark.pedantic(load, rounds=3, iterations=1, warmup_rounds=1)
+    if benchmark.stats is None:  # --benchmark-disable: ran as a plain test
+        return
     m = cfg.model
     benchmark.extra_info.update(
         _info(
@@ -175,6 +179,8 @@ def test_train_step(benchmark) -> None:
         iterations=1,
         warmup_rounds=1,
     )
+    if benchmark.stats is None:  # --benchmark-disable: ran as a plain test
+        return
     benchmark.extra_info.update(
         _info(
             preset="cpu-small",
