@@ -212,8 +212,14 @@ def test_input_validation_names_the_argument() -> None:
     if gru_ops._C is not None:  # the C++ op checks on its own when called directly
         with pytest.raises(RuntimeError, match="x must be contiguous"):
             torch.ops.vosgan.gru_forward(x.transpose(0, 1), h0[:1].expand(3, H).contiguous(), *w)
-        with pytest.raises(RuntimeError, match="w_hh must be"):
+        # Messages with numbers in them: built without iostreams (a stream formatting a number
+        # crashed the H200 machine's build of the module; csrc/README.md).
+        with pytest.raises(RuntimeError, match=r"w_hh must be \(3H, H\), got shape \[15, 4\]"):
             torch.ops.vosgan.gru_forward(x, h0, w[0], w[1][:, :4], *w[2:])
+        with pytest.raises(RuntimeError, match=r"h0 must have shape \[2, 5\], got \[3, 5\]"):
+            torch.ops.vosgan.gru_forward(x, torch.randn(3, H), *w)
+        with pytest.raises(RuntimeError, match="h0 has dtype Double but x has dtype Float"):
+            torch.ops.vosgan.gru_forward(x, h0.double(), *w)
 
 
 def test_fallback_warns_once_with_reason(monkeypatch) -> None:
