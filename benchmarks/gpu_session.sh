@@ -55,11 +55,15 @@ PYTHONFAULTHANDLER=1 timeout 150 "$PY" -m pytest -v -p no:cacheprovider -p no:xd
   -rfEs tests/test_gru.py tests/test_backend.py tests/test_compile.py 2>&1 | grep -v PASSED
 echo "tests (extension) exit ${PIPESTATUS[0]}"
 
+# bench_train_step.py's cases selected by -k $1, their pytest-benchmark JSON to $OUTDIR/$2.
+train_step_bench() {
+  timeout 150 "$PY" -m pytest -q -p no:cacheprovider benchmarks/bench_train_step.py \
+    --benchmark-only -k "$1" --benchmark-json "$OUTDIR/$2" --benchmark-columns=min,median,max,rounds
+  echo "train step ($1) exit $?"
+}
+
 step "full training step: reference vs --fused (paper and cpu-small presets, bf16)"
-timeout 150 "$PY" -m pytest -q -p no:cacheprovider benchmarks/bench_train_step.py --benchmark-only \
-  -k "cuda and not compile" --benchmark-json "$OUTDIR/train_step.json" \
-  --benchmark-columns=min,median,max,rounds
-echo "train step exit $?"
+train_step_bench "cuda and not compile" train_step.json
 
 step "python -m vosgan.train --fused on the GPU (cpu-small, 300 steps)"
 timeout 90 "$PY" -m vosgan.train --fused --train.device=cuda --train.steps=300 \
@@ -76,9 +80,6 @@ timeout 90 "$PY" benchmarks/bench_flow_warp.py b32-t32
 echo "flow warp exit $?"
 
 step "full training step under torch.compile (paper preset; inductor compiles for about a minute)"
-timeout 150 "$PY" -m pytest -q -p no:cacheprovider benchmarks/bench_train_step.py --benchmark-only \
-  -k "paper-cuda and compile" --benchmark-json "$OUTDIR/train_step_compile.json" \
-  --benchmark-columns=min,median,max,rounds
-echo "train step (compile) exit $?"
+train_step_bench "paper-cuda and compile" train_step_compile.json
 
 step "done"
