@@ -42,3 +42,19 @@ def test_warn_once(recwarn):
     backend.warn_once("test-key-unique", "first")
     backend.warn_once("test-key-unique", "second")
     assert [str(w.message) for w in recwarn] == ["first"]
+
+
+def test_triton_impl_on_cpu_tensors_needs_the_interpreter(monkeypatch):
+    # Without the interpreter Triton cannot read CPU memory: each op names itself and the cause.
+    from vosgan.ops.composite import composite
+    from vosgan.ops.flow_warp import flow_warp_loss
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    f, m, b = torch.rand(1, 3, 2, 4, 4), torch.rand(1, 1, 2, 4, 4), torch.rand(1, 3, 4, 4)
+    with pytest.raises(ValueError, match=r"composite: impl='triton' needs CUDA tensors"):
+        composite(f, m, b, impl="triton")
+    with pytest.raises(ValueError, match=r"flow_warp_loss: impl='triton' needs CUDA tensors"):
+        flow_warp_loss(f, torch.zeros(1, 2, 1, 4, 4), impl="triton")
+    backend.check_triton_device("op", torch.device("cuda"))  # CUDA tensors: no error
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    backend.check_triton_device("op", torch.device("cpu"))  # the interpreter reads CPU memory

@@ -83,6 +83,16 @@ def _choose(op: str, device_type: str) -> OpChoice:
     return OpChoice(op, name, reason)
 
 
+def check_triton_device(op: str, device: torch.device) -> None:
+    """Raise ``ValueError`` naming ``op`` unless Triton can read ``device``'s memory: CUDA
+    tensors, or CPU tensors under the interpreter (``TRITON_INTERPRET=1``)."""
+    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError(
+            f"{op}: impl='triton' needs CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors), "
+            f"got {device.type}"
+        )
+
+
 def triton_mode() -> tuple[str, str]:
     """Triton's state: ("gpu" | "interpreter" | "absent", detail)."""
     try:

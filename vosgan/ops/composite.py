@@ -36,8 +36,6 @@ any non-contiguous input. Outputs and gradients are contiguous.
 
 from __future__ import annotations
 
-import os
-
 import torch
 from torch import Tensor
 
@@ -185,11 +183,8 @@ def _resolve(impl: str, device: torch.device) -> str:
     """Map an ``impl`` request to a runnable one on ``device`` (raises when impossible)."""
     if impl == "numba" and device.type != "cpu":
         raise ValueError(f"composite: impl='numba' runs on CPU tensors, got {device.type}")
-    if impl == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-        raise ValueError(
-            f"composite: impl='triton' needs CUDA tensors (or TRITON_INTERPRET=1 "
-            f"for CPU tensors), got {device.type}"
-        )
+    if impl == "triton":
+        backend.check_triton_device("composite", device)
     if impl not in ("triton", "numba"):
         raise ValueError(f"composite: unknown impl {impl!r}; use one of {IMPLS}")
     return impl

@@ -30,7 +30,6 @@ few-channel stride-2 layers (the dense heads, D's first stage): :func:`subpixel_
 
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import torch
@@ -354,11 +353,8 @@ def _validate(
         )
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
-    if impl == "triton" and y.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-        raise ValueError(
-            "bn_act: impl='triton' needs CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors), "
-            f"got {y.device.type}"
-        )
+    if impl == "triton":
+        backend.check_triton_device("bn_act", y.device)
 
 
 def bn_act(

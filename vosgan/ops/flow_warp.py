@@ -43,8 +43,6 @@ Fused ops (``torch.library`` custom ops with fake implementations and registered
   this loss, so the R1 step always uses the fused path where the loss appears at all.
 """
 
-import os
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -170,11 +168,8 @@ def _resolve(impl: str, device: torch.device) -> str:
     """Check that the fused ``impl`` can run on ``device`` (raises with the reason otherwise)."""
     if impl == "numba" and device.type != "cpu":
         raise ValueError(f"flow_warp_loss: impl='numba' runs on CPU tensors, got {device.type}")
-    if impl == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-        raise ValueError(
-            "flow_warp_loss: impl='triton' needs CUDA tensors (or TRITON_INTERPRET=1 "
-            f"for CPU tensors), got {device.type}"
-        )
+    if impl == "triton":
+        backend.check_triton_device("flow_warp_loss", device)
     if impl not in ("triton", "numba"):
         raise ValueError(f"flow_warp_loss: unknown impl {impl!r}; use one of {IMPLS}")
     return impl
