@@ -48,6 +48,18 @@ def test_segmentation_loss_detaches_the_mask():
     assert mask.grad is None and logit.grad is not None
 
 
+def test_balanced_segmentation_loss_weights_the_foreground_by_its_rarity():
+    logit = torch.zeros(1, 1, 1, 2, 4)
+    mask = torch.tensor([1.0, 1.0, 0, 0, 0, 0, 0, 0]).view(1, 1, 1, 2, 4)  # mu = 0.25: weight 3
+    plain, balanced = L.segmentation_loss(logit, mask), L.segmentation_loss(logit, mask, True)
+    assert math.isclose(plain.item(), math.log(2), rel_tol=1e-6)
+    assert math.isclose(balanced.item(), (2 * 3 + 6) / 8 * math.log(2), rel_tol=1e-6)
+    tiny = torch.zeros_like(mask)
+    tiny[..., 0, 0] = 0.08  # mu = 0.01, clamped to 0.02: weight 49
+    expect = (0.08 * 49 * math.log(2) + 0.92 * math.log(2) + 7 * math.log(2)) / 8
+    assert math.isclose(L.segmentation_loss(logit, tiny, True).item(), expect, rel_tol=1e-6)
+
+
 def test_r1_penalty_matches_closed_form():
     x = torch.randn(3, 5, requires_grad=True)
     w = torch.randn(5)

@@ -1,3 +1,5 @@
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -10,8 +12,12 @@ CFG = load(
 ).model
 
 
-def test_generator_shapes_ranges_and_composite():
-    G = Generator(CFG)
+STREAMS = pytest.mark.parametrize("fg_stream", ["conv3d", "sprite"])
+
+
+@STREAMS
+def test_generator_shapes_ranges_and_composite(fg_stream):
+    G = Generator(replace(CFG, fg_stream=fg_stream))
     out = G(*G.sample_latents(2))
     T, S = CFG.frames, CFG.size
     assert out.video.shape == (2, 3, T, S, S) and out.fg.shape == (2, 3, T, S, S)
@@ -20,8 +26,9 @@ def test_generator_shapes_ranges_and_composite():
     torch.testing.assert_close(out.video, composite_reference(out.fg, out.mask, out.bg))
 
 
-def test_generator_background_is_static_and_foreground_moves():
-    G = Generator(CFG).eval()
+@STREAMS
+def test_generator_background_is_static_and_foreground_moves(fg_stream):
+    G = Generator(replace(CFG, fg_stream=fg_stream)).eval()
     z_c, anchors = G.sample_latents(2)
     out = G(z_c, anchors)
     other = G(z_c, torch.randn_like(anchors))  # same content, other motion
@@ -41,14 +48,35 @@ def test_discriminator_shapes_and_dense_switch():
     torch.testing.assert_close(light.logit, out.logit)
 
 
-def test_gradients_reach_every_parameter():
-    G, D = Generator(CFG), Discriminator(CFG)
+@STREAMS
+def test_gradients_reach_every_parameter(fg_stream):
+    G, D = Generator(replace(CFG, fg_stream=fg_stream)), Discriminator(CFG)
     out = G(*G.sample_latents(2))
     d = D(out.video)
     (d.logit.sum() + d.seg_logit.mean() + d.flow.mean()).backward()
     for name, p in list(G.named_parameters()) + list(D.named_parameters()):
         assert p.grad is not None and torch.isfinite(p.grad).all(), name
     assert G.gru.weight_hh_l0.grad.abs().sum() > 0  # the trajectory encoder is trained through G
+
+
+def test_sprite_moves_by_the_offset_its_path_gives():
+    G = Generator(replace(CFG, fg_stream="sprite")).eval()
+    sprite = G.sprite
+    z_c, anchors = G.sample_latents(1)
+    states = torch.randn(1, 2, CFG.gru_hidden)
+
+    def at(dx: float, dy: float) -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.no_grad():
+            sprite.path.weight.zero_()
+            sprite.path.bias.copy_(torch.atanh(torch.tensor([dx, dy]) / sprite.reach))
+        return sprite(z_c, anchors[:, 0], states)
+
+    f0, m0 = at(0.0, 0.0)
+    f, m = at(3.0, -2.0)  # 3 px right, 2 px up: pixel (y, x) shows the sprite at (y + 2, x - 3)
+    assert m0.sum() > 1 and (m0 > 0).any()
+    torch.testing.assert_close(m[..., :-2, 3:], m0[..., 2:, :-3], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(f[..., :-2, 3:], f0[..., 2:, :-3], atol=1e-5, rtol=1e-5)
+    assert m[..., -2:, :].abs().max() == 0 and m[..., :3].abs().max() == 0  # zeros moved in
 
 
 @pytest.mark.parametrize("mode", ["linear", "slerp"])
@@ -62,8 +90,6 @@ def test_trajectory_passes_through_anchors(mode):
 
 @pytest.mark.parametrize("flow_decoder", ["shared", "separate"])
 def test_flow_decoder_modes(flow_decoder):
-    from dataclasses import replace
-
     D = Discriminator(replace(CFG, flow_decoder=flow_decoder))
     x = torch.rand(2, 3, CFG.frames, CFG.size, CFG.size) * 2 - 1
     out = D(x)

@@ -34,6 +34,9 @@ class ModelConfig:
     mask_bias: float = -2.0  # initial bias of G's mask logit: masks start at sigmoid(-2) = 0.12
     # D's flow head gets its own U-Net decoder instead of sharing the segmentation decoder.
     flow_decoder: Literal["shared", "separate"] = "separate"
+    # G's foreground: "conv3d", the paper's 3D transposed-conv stream, or "sprite", one 2D
+    # sprite translated along a path read from the GRU states (models.generator.SpriteForeground).
+    fg_stream: Literal["conv3d", "sprite"] = "conv3d"
 
     @property
     def up_stages(self) -> int:
@@ -76,6 +79,10 @@ class LossConfig:
     r1: float = 0.0  # R1 gradient penalty weight (0 disables)
     r1_every: int = 16  # lazy regularisation interval
     consistency: float = 0.0  # G-side: BCE(D seg of fake, m) pulled toward agreement
+    # Class-balanced segmentation BCE: foreground pixels weighted (1 - mu) / mu, mu the batch's
+    # mean G mask (clamped to [0.02, 0.5]), as in HED's class-balanced loss. Without it a
+    # compact-sprite G's D stays unsure of real foregrounds (mean probability 0.36-0.38 there).
+    seg_balance: bool = False
 
 
 @dataclass(frozen=True)

@@ -78,9 +78,18 @@ def binomial_blur(video: Tensor) -> Tensor:
     return x.reshape(b, c, t, h, w)
 
 
-def segmentation_loss(seg_logit: Tensor, mask: Tensor) -> Tensor:
-    """BCE of D's segmentation logits against G's detached mask, both ``(B, 1, T, H, W)``."""
-    return F.binary_cross_entropy_with_logits(seg_logit.float(), mask.detach().float())
+def segmentation_loss(seg_logit: Tensor, mask: Tensor, balance: bool = False) -> Tensor:
+    """BCE of D's segmentation logits against G's detached mask, both ``(B, 1, T, H, W)``.
+
+    ``balance``: weight foreground terms by ``(1 - mu) / mu``, ``mu`` the mean of ``mask``
+    (clamped to [0.02, 0.5]), so a small foreground counts as much as the background.
+    """
+    target = mask.detach().float()
+    pos_weight = None
+    if balance:
+        mu = target.mean().clamp(0.02, 0.5)
+        pos_weight = ((1 - mu) / mu).reshape(1)
+    return F.binary_cross_entropy_with_logits(seg_logit.float(), target, pos_weight=pos_weight)
 
 
 def r1_penalty(logit: Tensor, inputs: Tensor) -> Tensor:
@@ -114,7 +123,7 @@ class VosGanLoss(nn.Module):
         parts = {"d_adv": d_adversarial(d_real.logit.float(), d_fake.logit.float(), c.adversarial)}
         total = parts["d_adv"]
         if c.segmentation > 0:
-            parts["d_seg"] = segmentation_loss(d_fake.seg_logit, fake.mask)
+            parts["d_seg"] = segmentation_loss(d_fake.seg_logit, fake.mask, c.seg_balance)
             total = total + c.segmentation * parts["d_seg"]
         if c.flow > 0 or c.flow_smoothness > 0:
             warp, smooth = self.motion(real, d_real.flow)

@@ -152,7 +152,7 @@ def build_run(
             say(env, f"  {op:<16} {'fused: ' + choice.impl if choice.fused else 'reference'}{why}")
     if cfg.train.checkpoint_activations:
         n = checkpoint_blocks(
-            [*G.foreground, *D.encoder, *D.decoder, *getattr(D, "flow_decoder", [])]
+            [*getattr(G, "foreground", []), *D.encoder, *D.decoder, *getattr(D, "flow_decoder", [])]
         )
         say(env, f"checkpoint_activations: {n} block(s) recompute their activations in backward")
     o = cfg.optim

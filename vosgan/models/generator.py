@@ -54,9 +54,14 @@ class Generator(nn.Module):
     """VOS-GAN generator (VGAN-sized two-stream design; see README "Method").
 
     Background: ``z_c (B, Zc)`` -> 2D transposed convs -> ``b (B, 3, H, W)``.
-    Foreground: anchors ``(B, K, Dm)`` -> trajectory ``(B, T, Dm)`` -> GRU ``(B, T, Hg)`` -> pooled
-    to ``T0 = T / 2**stages`` steps, projected to ``C0 x 4 x 4`` maps, joined with a projection of
-    ``z_c`` -> 3D transposed convs -> ``f (B, 3, T, H, W)`` and ``m (B, 1, T, H, W)``.
+    Foreground: anchors ``(B, K, Dm)`` -> trajectory ``(B, T, Dm)`` -> GRU ``(B, T, Hg)``, then
+    (``cfg.fg_stream``):
+
+    - ``"conv3d"`` [paper]: the states pooled to ``T0 = T / 2**stages`` steps, projected to
+      ``C0 x 4 x 4`` maps, joined with a projection of ``z_c`` -> 3D transposed convs ->
+      ``f (B, 3, T, H, W)`` and ``m (B, 1, T, H, W)``.
+    - ``"sprite"`` [ours]: :class:`SpriteForeground`, one 2D sprite moved along a path read from
+      the states.
     """
 
     def __init__(self, cfg: ModelConfig) -> None:
@@ -82,6 +87,10 @@ class Generator(nn.Module):
 
         # Motion: trajectory encoder (the op the C++ extension fuses).
         self.gru = nn.GRU(cfg.z_motion, cfg.gru_hidden, batch_first=True)
+        self.composite = MaskComposite(impl="reference")
+        if cfg.fg_stream == "sprite":
+            self.sprite = SpriteForeground(cfg)
+            return
         self.motion_proj = nn.Linear(cfg.gru_hidden, ch[0] * 16)
         self.content_proj = nn.Linear(cfg.z_content, ch[0] * 16)
         self.fg_in = nn.Sequential(nn.BatchNorm3d(2 * ch[0]), nn.ReLU())
@@ -97,7 +106,6 @@ class Generator(nn.Module):
         self.heads = nn.ConvTranspose3d(c_in, 4, 4, 2, 1)
         with torch.no_grad():  # start mostly background (m = sigmoid(mask_bias)) [ours]
             self.heads.bias[3] = cfg.mask_bias
-        self.composite = MaskComposite(impl="reference")
 
     def sample_latents(
         self,
@@ -121,6 +129,9 @@ class Generator(nn.Module):
 
         traj = interpolate_trajectory(anchors, cfg.frames, cfg.interpolation)
         states, _ = self.gru(traj)  # (B, T, Hg)
+        if cfg.fg_stream == "sprite":
+            f, m = self.sprite(z_c, anchors[:, 0], states)
+            return GenOutput(self.composite(f, m, b), f, m, b)
         pooled = nn.functional.adaptive_avg_pool1d(states.transpose(1, 2), cfg.first_frames)
         motion = self.motion_proj(pooled.transpose(1, 2))  # (B, T0, C0*16)
         motion = motion.view(bsz, cfg.first_frames, c0, 4, 4).permute(0, 2, 1, 3, 4)
@@ -130,3 +141,61 @@ class Generator(nn.Module):
         heads = self.heads(self.foreground(self.fg_in(torch.cat([motion, content], dim=1))))
         f, m = torch.tanh(heads[:, :3]), torch.sigmoid(heads[:, 3:])
         return GenOutput(self.composite(f, m, b), f, m, b)
+
+
+class SpriteForeground(nn.Module):
+    """One 2D sprite moved along a path read from the trajectory encoder [ours].
+
+    An object-layer alternative to the paper's 3D foreground stream, so that a fake's foreground
+    is a compact object that translates, as moving objects in a static-camera video do:
+
+    - sprite: ``(z_c, a_0)`` -> 2D stages (``1 -> 4`` transposed conv, then nearest-neighbour
+      x2 upsampling + 3x3 conv, which cannot make the transposed conv's checkerboard) -> colour
+      (tanh) and alpha (sigmoid) at ``(H, W)``; the alpha is windowed by a soft disc of radius
+      ``0.2 * H`` around the centre, so the sprite stays compact;
+    - path: ``tanh(Linear(state_t)) * 0.4 * H``, the sprite's offset in pixels at frame t; the
+      sprite is moved there by bilinear resampling (zeros outside the frame).
+    """
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        n, size = cfg.up_stages, cfg.size
+        ch = [cfg.g_channels // 2**i for i in range(n)]
+        layers: list[nn.Module] = [
+            nn.ConvTranspose2d(cfg.z_content + cfg.z_motion, ch[0], 4, 1, 0, bias=False),
+            nn.BatchNorm2d(ch[0]),
+            nn.ReLU(),
+        ]
+        for i in range(n - 1):
+            layers += [*_upsample_conv(ch[i], ch[i + 1], bias=False), nn.BatchNorm2d(ch[i + 1])]
+            layers.append(nn.ReLU())
+        layers += _upsample_conv(ch[-1], 4, bias=True)
+        self.net = nn.Sequential(*layers)
+        self.path = nn.Linear(cfg.gru_hidden, 2)
+        r = torch.arange(size, dtype=torch.float32) - (size - 1) / 2
+        radius = (r.view(size, 1) ** 2 + r.view(1, size) ** 2).sqrt()
+        self.register_buffer("window", torch.sigmoid(0.2 * size - radius), persistent=False)
+        self.reach = 0.4 * size
+
+    def forward(self, z_c: Tensor, anchor: Tensor, states: Tensor) -> tuple[Tensor, Tensor]:
+        """``z_c (B, Zc)``, ``anchor (B, Dm)``, ``states (B, T, Hg)`` -> ``f (B, 3, T, H, W)``,
+        ``m (B, 1, T, H, W)``."""
+        bsz, t = states.shape[:2]
+        out = self.net(torch.cat([z_c, anchor], 1)[..., None, None])  # (B, 4, H, W)
+        h, w = out.shape[-2:]
+        layer = torch.cat([torch.tanh(out[:, :3]), torch.sigmoid(out[:, 3:]) * self.window], 1)
+        offset = torch.tanh(self.path(states)) * self.reach  # (B, T, 2) pixels, (x, y)
+        # Output pixel p samples the sprite at p - offset; grid units are 2 / size per pixel.
+        theta = torch.zeros(bsz * t, 2, 3, device=out.device, dtype=layer.dtype)
+        theta[:, 0, 0] = theta[:, 1, 1] = 1
+        theta[:, :, 2] = -2 * offset.reshape(bsz * t, 2).to(layer.dtype) / h
+        grid = nn.functional.affine_grid(theta, [bsz * t, 4, h, w], align_corners=False)
+        frames = layer.unsqueeze(1).expand(-1, t, -1, -1, -1).reshape(bsz * t, 4, h, w)
+        moved = nn.functional.grid_sample(frames, grid, padding_mode="zeros", align_corners=False)
+        moved = moved.view(bsz, t, 4, h, w).transpose(1, 2)  # (B, 4, T, H, W)
+        return moved[:, :3].contiguous(), moved[:, 3:].contiguous()
+
+
+def _upsample_conv(c_in: int, c_out: int, bias: bool) -> list[nn.Module]:
+    """x2 nearest-neighbour upsampling then a 3x3 conv (2D)."""
+    return [nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(c_in, c_out, 3, 1, 1, bias=bias)]
