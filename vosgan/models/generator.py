@@ -188,7 +188,7 @@ class SpriteForeground(nn.Module):
         # Output pixel p samples the sprite at p - offset; grid units are 2 / size per pixel.
         theta = torch.zeros(bsz * t, 2, 3, device=out.device, dtype=layer.dtype)
         theta[:, 0, 0] = theta[:, 1, 1] = 1
-        theta[:, :, 2] = -2 * offset.reshape(bsz * t, 2).to(layer.dtype) / h
+        theta[:, :, 2] = -2 * offset.reshape(bsz * t, 2).to(layer.dtype) / layer.new_tensor([w, h])
         grid = nn.functional.affine_grid(theta, [bsz * t, 4, h, w], align_corners=False)
         frames = layer.unsqueeze(1).expand(-1, t, -1, -1, -1).reshape(bsz * t, 4, h, w)
         moved = nn.functional.grid_sample(frames, grid, padding_mode="zeros", align_corners=False)
