@@ -189,13 +189,15 @@ class SpriteForeground(nn.Module):
         layer = torch.cat([torch.tanh(out[:, :3]), torch.sigmoid(out[:, 3:]) * self.window], 1)
         offset = torch.tanh(self.path(states)) * self.reach  # (B, T, 2) pixels, (x, y)
         # Output pixel p samples the sprite at p - offset; grid units are 2 / size per pixel.
-        theta = torch.zeros(bsz * t, 2, 3, device=out.device, dtype=layer.dtype)
-        theta[:, 0, 0] = theta[:, 1, 1] = 1
-        theta[:, :, 2] = -2 * offset.reshape(bsz * t, 2).to(layer.dtype) / layer.new_tensor([w, h])
-        grid = nn.functional.affine_grid(theta, [bsz * t, 4, h, w], align_corners=False)
-        frames = layer.unsqueeze(1).expand(-1, t, -1, -1, -1).reshape(bsz * t, 4, h, w)
-        moved = nn.functional.grid_sample(frames, grid, padding_mode="zeros", align_corners=False)
-        moved = moved.view(bsz, t, 4, h, w).transpose(1, 2)  # (B, 4, T, H, W)
+        # All T frames sample the one sprite: the grid stacks them along its height, so the
+        # sprite is never copied T times.
+        shift = 2 * offset.to(layer.dtype) / layer.new_tensor([w, h])  # (B, T, 2)
+        xs = (2 * torch.arange(w, device=out.device, dtype=layer.dtype) + 1) / w - 1
+        ys = (2 * torch.arange(h, device=out.device, dtype=layer.dtype) + 1) / h - 1
+        base = torch.stack(torch.broadcast_tensors(xs.view(1, w), ys.view(h, 1)), -1)  # (H, W, 2)
+        grid = (base - shift.view(bsz, t, 1, 1, 2)).view(bsz, t * h, w, 2)
+        moved = nn.functional.grid_sample(layer, grid, padding_mode="zeros", align_corners=False)
+        moved = moved.view(bsz, 4, t, h, w)  # (B, 4, T, H, W)
         return moved[:, :3].contiguous(), moved[:, 3:].contiguous()
 
 
