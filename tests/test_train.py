@@ -3,6 +3,7 @@
 import contextlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -55,20 +56,27 @@ def test_run_folder_contents(tmp_path):
     assert not list((out / "checkpoints").glob(".*tmp*"))  # no temporary files left behind
 
 
-def test_r1_and_hinge_through_fused_modules(tmp_path):
-    # R1 runs on steps 0 and 2 only: the log average must cope with losses missing on some steps,
-    # and the penalty needs double backward through D (fused blocks under --fused).
+def test_r1_and_hinge_through_fused_modules(tmp_path, capsys):
+    # R1 runs on steps 0 and 2 only, and needs double backward through D's fused blocks; the
+    # G-side consistency term reads D's segmentation. First one step per log row, then three
+    # steps in one row: the log average must cope with losses missing on some steps.
     args = [
-        "--train.steps=3",
-        "--train.log_every=3",
         "--loss.r1=1.0",
         "--loss.r1_every=2",
         "--loss.adversarial=hinge",
         "--loss.consistency=0.5",
         "--fused",
     ]
-    assert run(tmp_path, *args) == 0
-    assert checkpoint.load_checkpoint(tmp_path / "run")["step"] == 3
+    assert run(tmp_path, "--train.steps=3", *args) == 0
+    fused = re.search(r"--fused: (\d+) module\(s\) switched", capsys.readouterr().out)
+    assert fused and int(fused[1]) > 0
+    rows = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").open()]
+    present = [("d_r1" in r, "g_consistency" in r) for r in rows]
+    assert present == [(True, True), (False, True), (True, True)]
+    assert all(r["d_r1"] >= 0 for r in rows if "d_r1" in r)
+    assert run(tmp_path, "--train.steps=3", "--train.log_every=3", *args, name="one_row") == 0
+    (row,) = [json.loads(line) for line in (tmp_path / "one_row" / "log.jsonl").open()]
+    assert "d_r1" in row and checkpoint.load_checkpoint(tmp_path / "one_row")["step"] == 3
 
 
 def test_resume_gives_the_same_weights(tmp_path):
@@ -208,7 +216,7 @@ def test_backend_report_cli():
         assert word in res.stdout
 
 
-def _tiny_run(k=1, checkpointing=False, frozen_bn=False):
+def _tiny_run(k=1, checkpointing=False, frozen_bn=False, probe=None):
     cfg = config.load(
         "cpu-small",
         {
@@ -230,6 +238,8 @@ def _tiny_run(k=1, checkpointing=False, frozen_bn=False):
             if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
                 m.eval()
     train.wrap_models(run)
+    if probe is not None:
+        probe(run)
     real = torch.rand(4, 3, 16, 16, 16, generator=torch.Generator().manual_seed(1)) * 2 - 1
     logs = []
     for _ in range(3):  # R1 on steps 0 and 2
@@ -261,11 +271,26 @@ def test_grad_accumulation_equals_the_big_batch():
     assert any((ghost[n] - plain[n]).abs().max() > 1e-4 for n in plain)
 
 
+def _count_conv_calls(counts):
+    """A probe for :func:`_tiny_run`: counts the calls of every conv in D's encoder blocks."""
+
+    def probe(run):
+        for block in run.D.encoder:
+            for m in block.modules():
+                if isinstance(m, torch.nn.Conv3d):
+                    m.register_forward_hook(lambda *_: counts.append(1))
+
+    return probe
+
+
 def test_activation_checkpointing_changes_nothing():
     # Recomputation replays the same ops on the same inputs (running statistics restored): the
     # gradients, the R1 double backward and BN's running statistics are bitwise the same.
-    logs, plain = _tiny_run()
-    ck_logs, ck = _tiny_run(checkpointing=True)
+    plain_calls, ck_calls = [], []
+    logs, plain = _tiny_run(probe=_count_conv_calls(plain_calls))
+    ck_logs, ck = _tiny_run(checkpointing=True, probe=_count_conv_calls(ck_calls))
+    # and the blocks really recompute: every encoder conv that ran with grad runs again in backward
+    assert len(ck_calls) > len(plain_calls) > 0
     for name in plain:
         torch.testing.assert_close(ck[name], plain[name], rtol=0, atol=0, msg=name)
     assert [sorted(x) for x in logs] == [sorted(x) for x in ck_logs]
