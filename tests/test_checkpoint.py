@@ -1,3 +1,6 @@
+import random
+
+import numpy as np
 import pytest
 import torch
 
@@ -22,9 +25,10 @@ def test_save_atomic_keeps_the_old_file_when_writing_fails(tmp_path, monkeypatch
 
 def test_rng_state_round_trip():
     state = checkpoint.rng_state()
-    a = torch.rand(3)
+    a = (torch.rand(3), np.random.rand(3), random.random())
     checkpoint.set_rng_state(state)
-    torch.testing.assert_close(torch.rand(3), a)
+    torch.testing.assert_close(torch.rand(3), a[0])
+    assert np.array_equal(np.random.rand(3), a[1]) and random.random() == a[2]
 
 
 def test_not_a_vosgan_checkpoint(tmp_path):

@@ -1,9 +1,11 @@
 import math
 
 import torch
+import torch.nn.functional as F
 
 from vosgan import losses as L
-from vosgan.config import LossConfig
+from vosgan.config import LossConfig, ModelConfig
+from vosgan.models import DiscOutput, Discriminator, GenOutput
 
 
 def test_adversarial_known_values():
@@ -97,3 +99,52 @@ def test_blurred_photometric_loss_prefers_the_true_flow_to_a_shifted_one():
         loss = L.VosGanLoss(LossConfig(photometric_blur=blur))
         gap = loss.motion(video, true + 0.25)[0].item() - loss.motion(video, true)[0].item()
         assert (gap < 0) == shift_wins, (blur, gap)
+
+
+def test_total_losses_weight_their_parts_as_configured():
+    # Each weight a distinct value, so a dropped or swapped weight changes the total.
+    cfg = LossConfig(
+        adversarial="hinge",
+        segmentation=0.7,
+        flow=3.0,
+        flow_fake=0.25,
+        flow_smoothness=0.4,
+        mask_sparsity=0.3,
+        consistency=0.6,
+        r1=2.0,
+        r1_every=4,
+    )
+    loss = L.VosGanLoss(cfg)
+    g = torch.Generator().manual_seed(0)
+    real, fake_video = (torch.rand(2, 3, 4, 8, 8, generator=g) * 2 - 1 for _ in range(2))
+    mask = torch.rand(2, 1, 4, 8, 8, generator=g)
+    fake = GenOutput(fake_video, fake_video, mask, fake_video[:, :, 0])
+    d_real, d_fake = (
+        DiscOutput(
+            torch.randn(2, generator=g),
+            torch.randn(2, 1, 4, 8, 8, generator=g),
+            torch.randn(2, 2, 3, 8, 8, generator=g),
+        )
+        for _ in range(2)
+    )
+    total, parts = loss.discriminator(real, d_real, fake, d_fake)
+    warp_r, smooth_r = loss.motion(real, d_real.flow)
+    warp_f, smooth_f = loss.motion(fake_video, d_fake.flow)
+    torch.testing.assert_close(parts["d_adv"], L.d_adversarial(d_real.logit, d_fake.logit, "hinge"))
+    torch.testing.assert_close(parts["d_seg"], L.segmentation_loss(d_fake.seg_logit, mask))
+    torch.testing.assert_close(parts["d_flow"], warp_r + 0.25 * warp_f)
+    torch.testing.assert_close(parts["d_smooth"], smooth_r + 0.25 * smooth_f)
+    expect = parts["d_adv"] + 0.7 * parts["d_seg"] + 3.0 * parts["d_flow"]
+    torch.testing.assert_close(total, expect + 0.4 * parts["d_smooth"])
+
+    total, parts = loss.generator(fake, d_fake)
+    consistency = F.binary_cross_entropy(mask, torch.sigmoid(d_fake.seg_logit))
+    torch.testing.assert_close(parts["g_adv"], L.g_adversarial(d_fake.logit, "hinge"))
+    torch.testing.assert_close(parts["g_mask"], mask.mean())
+    torch.testing.assert_close(parts["g_consistency"], consistency)
+    torch.testing.assert_close(total, parts["g_adv"] + 0.3 * mask.mean() + 0.6 * consistency)
+
+    D = Discriminator(ModelConfig(size=16, frames=16, d_channels=4))
+    x = torch.rand(2, 3, 16, 16, 16, generator=g)
+    penalty = L.r1_penalty(D(x.requires_grad_(True), dense=False).logit, x)
+    torch.testing.assert_close(loss.r1(D, x), 0.5 * 2.0 * 4 * penalty)  # lazy: times r1_every

@@ -241,33 +241,42 @@ def _tiny_run(k=1, checkpointing=False, frozen_bn=False, probe=None):
     if probe is not None:
         probe(run)
     real = torch.rand(4, 3, 16, 16, 16, generator=torch.Generator().manual_seed(1)) * 2 - 1
-    logs = []
+    logs, named = [], [*run.G.named_parameters("G"), *run.D.named_parameters("D")]
     for _ in range(3):  # R1 on steps 0 and 2
         logs.append(train.train_step(run, real, contextlib.nullcontext()))
+        if run.step == 0:  # what the first D and G updates were computed from
+            grads = {name: p.grad.clone() for name, p in named}
         run.step += 1
     state = {
         **{f"G.{k}": v for k, v in run.G.state_dict().items()},
         **{f"D.{k}": v for k, v in run.D.state_dict().items()},
     }
-    return logs, state
+    return logs, state, grads
 
 
 def test_grad_accumulation_equals_the_big_batch():
     # BatchNorm normalises each micro-batch with its own statistics, so accumulation differs from
     # the big batch by design; with BN on fixed statistics the two are the same function, and
-    # must agree to float rounding: losses to rtol 2e-5, weights (3 Adam steps of at most
-    # lr = 2e-4 each) to atol 1e-6.
-    big_logs, big = _tiny_run(k=1, frozen_bn=True)
-    acc_logs, acc = _tiny_run(k=4, frozen_bn=True)
+    # must agree to float rounding: the losses to rtol 2e-5, the first step's gradients to
+    # rtol 1e-4, the weights after 3 Adam steps as bounded below.
+    big_logs, big, big_grads = _tiny_run(k=1, frozen_bn=True)
+    acc_logs, acc, acc_grads = _tiny_run(k=4, frozen_bn=True)
     for a, b in zip(big_logs, acc_logs, strict=True):
         assert a.keys() == b.keys()
         for name in a:
             torch.testing.assert_close(b[name], a[name], rtol=2e-5, atol=1e-7, msg=name)
+    for name, grad in big_grads.items():  # the first step's gradients, before Adam rescales them
+        scale = grad.abs().max().item()
+        torch.testing.assert_close(acc_grads[name], grad, rtol=1e-4, atol=1e-5 * scale, msg=name)
     for name in big:
-        torch.testing.assert_close(acc[name], big[name], rtol=0, atol=1e-6, msg=name)
+        # Adam moves a weight by at most about lr = 2e-4 per step whatever its gradient, so a
+        # near-zero gradient whose rounding differs can flip a whole step: bound every weight by
+        # the 3 steps taken and almost all by 1e-6 (measured: all of them, today).
+        diff = (acc[name].float() - big[name].float()).abs()
+        assert diff.max() <= 3 * 2e-4 and (diff > 1e-6).float().mean() < 0.01, name
     # and with BN in training mode the difference is real (the test above can fail)
-    _, ghost = _tiny_run(k=2)
-    _, plain = _tiny_run(k=1)
+    _, ghost, _ = _tiny_run(k=2)
+    _, plain, _ = _tiny_run(k=1)
     assert any((ghost[n] - plain[n]).abs().max() > 1e-4 for n in plain)
 
 
@@ -287,8 +296,8 @@ def test_activation_checkpointing_changes_nothing():
     # Recomputation replays the same ops on the same inputs (running statistics restored): the
     # gradients, the R1 double backward and BN's running statistics are bitwise the same.
     plain_calls, ck_calls = [], []
-    logs, plain = _tiny_run(probe=_count_conv_calls(plain_calls))
-    ck_logs, ck = _tiny_run(checkpointing=True, probe=_count_conv_calls(ck_calls))
+    logs, plain, _ = _tiny_run(probe=_count_conv_calls(plain_calls))
+    ck_logs, ck, _ = _tiny_run(checkpointing=True, probe=_count_conv_calls(ck_calls))
     # and the blocks really recompute: every encoder conv that ran with grad runs again in backward
     assert len(ck_calls) > len(plain_calls) > 0
     for name in plain:
