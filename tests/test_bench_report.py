@@ -40,6 +40,8 @@ def _bench(func: str, params: dict, median: float, iqr: float, extra: dict) -> d
 
 
 def _fixture(tmp_path: Path) -> Path:
+    # the reference row and the paper row name no provider: it comes from their bool `fused`
+    # parameter (False -> "reference", True -> "fused"); the other fused row names it
     info = {"device": "CPU x86_64 x2", "torch": "2.13.0+cpu", "shape": "B=8, 3x16x32x32"}
     data = {
         "machine_info": {"cpu": {"brand_raw": "AMD EPYC"}, "python_version": "3.11.9"},
@@ -50,7 +52,7 @@ def _fixture(tmp_path: Path) -> Path:
                 {"preset": "cpu-small", "fused": False},
                 0.250,
                 0.010,
-                {**info, "provider": "reference", "gflop_per_step": 8.4},
+                {**info, "gflop_per_step": 8.4},
             ),
             _bench(
                 "test_train_step",
@@ -64,7 +66,7 @@ def _fixture(tmp_path: Path) -> Path:
                 {"preset": "paper", "fused": True},
                 1.5,
                 0.1,
-                {**info, "shape": "B=2, 3x32x64x64", "provider": "fused"},
+                {**info, "shape": "B=2, 3x32x64x64"},
             ),
             _bench("test_loader", {"provider": "cache"}, 0.030, 0.002, {}),
         ],

@@ -185,6 +185,19 @@ def test_evaluate_sequence_conventions() -> None:
     assert row["JF_mean"] == pytest.approx((row["J_mean"] + row["F_mean"]) / 2)
     means = dm.summarize([s16, s17])
     assert means["J_mean"] == pytest.approx((0.75 + 4 / 6) / 2)
+    # 7 scored frames: linspace(1, 7, 5) = [1, 2.5, 4, 5.5, 7]; the first bin ends at 2.5 ->
+    # frame 2 (half-to-even, davis2016) or 3 (half up, davis2017); the last bin is frames 6-7
+    # for both. J = [1, 1, 0, 1, 1, 0, 0]: decay 1 - 0 (2016) vs 2/3 - 0 (2017)
+    gt9 = np.zeros((9, 10, 10), bool)
+    gt9[:, 2:6, 2:6] = True
+    pred9 = gt9.copy()
+    pred9[[3, 6, 7]] = False  # scored frames 1..7 of 9 -> J [1, 1, 0, 1, 1, 0, 0]
+    d16 = dm.evaluate_sequence(pred9, gt9, "s", "davis2016")
+    d17 = dm.evaluate_sequence(pred9[1:8], gt9[1:8], "s", "davis2017-unsupervised")
+    assert d16.j == d17.j == [1.0, 1.0, 0.0, 1.0, 1.0, 0.0, 0.0]
+    assert d16.j_stats.decay == pytest.approx(1.0)
+    assert d17.j_stats.decay == pytest.approx(2 / 3)
+    assert d16.f_stats.decay == pytest.approx(1.0) and d17.f_stats.decay == pytest.approx(2 / 3)
 
 
 def test_validation() -> None:

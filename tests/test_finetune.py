@@ -1,5 +1,6 @@
 """Action recognition head on D's encoder: a tiny generated UCF-101-layout dataset, end to end."""
 
+import contextlib
 import csv
 import json
 import re
@@ -88,6 +89,60 @@ def finetune_run(tmp_path, ucf, ckpt, *extra):
     return finetune.run(args)
 
 
+def check_class_accuracy(result, predictions):
+    """per_class = each true class's share of correct rows in ``predictions``; mean_class_accuracy
+    their unweighted mean."""
+    with open(predictions) as fh:
+        rows = list(csv.DictReader(fh))
+    want = {
+        c: np.mean([int(r["correct"]) for r in rows if r["label"] == c])
+        for c in sorted({r["label"] for r in rows})
+    }
+    assert result["per_class"] == pytest.approx(want)
+    assert result["mean_class_accuracy"] == pytest.approx(np.mean(list(want.values())))
+
+
+class _ClipLogits(torch.nn.Module):
+    """Stub classifier: every pixel of clip ``i`` holds ``i``; its logits are ``[i, 10 - i, 0]``."""
+
+    def __init__(self):
+        super().__init__()
+        self.head = torch.nn.Sequential(torch.nn.Linear(1, 3))
+
+    def forward(self, x):
+        i = x[:, 0, 0, 0, 0]
+        return torch.stack((i, 10 - i, torch.zeros_like(i)), 1)
+
+
+class _Clips:
+    """``n`` clips of ``len(labels)`` videos: clip ``i`` is of video ``v = i % len(labels)``,
+    class ``labels[v]``."""
+
+    def __init__(self, n, labels):
+        self.n, self.labels = n, labels
+
+    def __len__(self):
+        return self.n
+
+    def batch(self, idx):
+        video = torch.tensor(idx, dtype=torch.float32).view(-1, 1, 1, 1, 1).expand(-1, 3, 2, 2, 2)
+        return {
+            "video": video,
+            "label": torch.tensor([self.labels[i % len(self.labels)] for i in idx]),
+        }
+
+
+def test_predict_videos_averages_each_videos_clips():
+    # 3 videos x 2 clips (clips i and i + 3 belong to video i), batches of 4 split video 0's
+    # clips (0, 3) from video 1's (1, 4): logits are the mean of the two clips' logits
+    logits, labels = finetune.predict_videos(
+        _ClipLogits(), _Clips(6, [2, 0, 1]), 3, 2, CPU, 4, contextlib.nullcontext()
+    )
+    want = [[(i + i + 3) / 2, 10 - (i + i + 3) / 2, 0] for i in range(3)]
+    torch.testing.assert_close(logits, torch.tensor(want))
+    assert labels.tolist() == [2, 0, 1]
+
+
 def test_frozen_head_learns_and_tests_on_the_test_list_only(tmp_path, ucf, ckpt):
     before = d_state(ckpt)
     result, model = finetune_run(
@@ -101,6 +156,7 @@ def test_frozen_head_learns_and_tests_on_the_test_list_only(tmp_path, ucf, ckpt)
     tested = sorted(r["video"] for r in rows)  # paths relative to --data
     assert tested == sorted(name(c, g) for c in CLASSES for g in TEST_GROUPS)
     assert result["top1"] == pytest.approx(np.mean([int(r["correct"]) for r in rows]))
+    check_class_accuracy(result, tmp_path / "out" / "predictions.csv")
     # colour and direction differ clearly: a linear probe on D's features separates them
     assert result["top1"] >= 5 / 6, result
     assert result["train_loss"][-1] < result["train_loss"][0]
@@ -112,8 +168,18 @@ def test_frozen_head_learns_and_tests_on_the_test_list_only(tmp_path, ucf, ckpt)
     assert json.loads((tmp_path / "out" / "result.json").read_text())["top1"] == result["top1"]
 
 
-def test_finetune_mode_updates_the_encoder(tmp_path, ucf, ckpt, capsys):
+def test_finetune_mode_updates_the_encoder(tmp_path, ucf, ckpt, capsys, monkeypatch):
     before = d_state(ckpt)
+    real_predict = finetune.predict_videos
+
+    def fixed_predict(*args):
+        # the real prediction runs; the scores then use known, unbalanced labels and predictions:
+        # correct [1, 1, 0, 0, 1, 1] -> per class 1/2, 1, 1; top-1 4/6 != class mean 5/6
+        logits, labels = real_predict(*args)
+        assert logits.shape == (6, 3) and sorted(labels.tolist()) == [0, 0, 1, 1, 2, 2]
+        return torch.eye(3)[[0, 0, 1, 1, 1, 2]], torch.tensor([0, 0, 0, 0, 1, 2])
+
+    monkeypatch.setattr(finetune, "predict_videos", fixed_predict)
     assert (
         finetune.main(
             [
@@ -141,9 +207,13 @@ def test_finetune_mode_updates_the_encoder(tmp_path, ucf, ckpt, capsys):
     assert "top-1 accuracy" in capsys.readouterr().out
     result = json.loads((tmp_path / "ft" / "result.json").read_text())
     p = result["protocol"]
-    assert 0 <= result["top1"] <= 1 and p["test_videos"] == 6 and p["feature_dim"] == 240
+    assert p["test_videos"] == 6 and p["feature_dim"] == 240
     assert p["data_overrides"] == {"data.flip": "true"} and len(result["train_loss"]) == 2
     assert p["train_steps"] == 2 * 12 // 6 and result["top5"] is None  # 2 epochs, 3 classes
+    check_class_accuracy(result, tmp_path / "ft" / "predictions.csv")
+    assert result["per_class"] == {"redright": 0.5, "greenleft": 1.0, "bluestill": 1.0}
+    assert result["top1"] == pytest.approx(4 / 6)
+    assert result["mean_class_accuracy"] == pytest.approx(5 / 6)
     saved = torch.load(tmp_path / "ft" / "head.pt", weights_only=False)
     enc = saved["encoder"]
     changed = [k for k in enc if not torch.equal(enc[k], before[f"encoder.{k}"])]

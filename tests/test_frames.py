@@ -39,7 +39,12 @@ def test_shared_davis_sequences() -> None:
     assert 0.01 < m.mean() < 0.6  # one car, DAVIS 2016 binary masks
     raw = np.asarray(Image.open(seq.masks[17])) > 127
     np.testing.assert_array_equal(m[1], raw)
-    assert load_masks(seq, 32, idx).shape == (3, 32, 57)
+    small_m = load_masks(seq, 32, idx)
+    assert small_m.shape == (3, 32, 57)
+    # the resized mask of frame 17 is that frame's mask: an independent nearest resize of the PNG
+    ref_m = np.asarray(Image.fromarray(raw).resize((57, 32), Image.NEAREST))
+    np.testing.assert_array_equal(small_m[1], ref_m)
+    assert not np.array_equal(small_m[0], small_m[1])  # the car moves between frames 0 and 17
 
 
 @needs_davis

@@ -10,12 +10,13 @@ import numpy as np
 import pytest
 import torch
 from conftest import SHARED_DATA
+from PIL import Image
 from video_fixtures import frame_ids, write_sequence, write_video
 
 from vosgan import config
 from vosgan.data import prepare as prep
 from vosgan.data.build import make_dataset
-from vosgan.data.cache import CacheSource, read_index
+from vosgan.data.cache import CacheSource, CacheWriter, read_index
 from vosgan.data.decode import PyAVDecoder
 
 DAVIS = Path(SHARED_DATA) / "davis2016"
@@ -91,6 +92,12 @@ def test_shared_davis_sequence_cache(tmp_path: Path) -> None:
     prep.prepare(tmp_path / "src", tmp_path / "c", size=32, progress=False)
     b = make_dataset(_cfg(tmp_path / "c", size=32), "train", 2).batch([0, 1])
     assert b["video"].shape == (2, 3, 16, 32, 32) and 0.02 < b["mask"].mean() < 0.6
+    # the cached mask of frame 17 against an independent nearest resize of its PNG (854x480)
+    ((_, masks),) = CacheSource(tmp_path / "c").read([(0, [0, 17])], 32)
+    raw = np.asarray(Image.open(DAVIS / "car-shadow" / "masks" / "00017.png")) > 127
+    ref = np.asarray(Image.fromarray(raw).resize((57, 32), Image.NEAREST))
+    np.testing.assert_array_equal(masks[1], ref)
+    assert not np.array_equal(masks[0], masks[1])  # the car moves between frames 0 and 17
 
 
 def test_resume_after_interruption(
@@ -145,6 +152,29 @@ def test_checksum_guards_and_cli(
     assert "already a prepared cache" in capsys.readouterr().err
     with pytest.raises(ValueError, match="--size must be >= 8"):
         prep.prepare(src, tmp_path / "z", size=4)
+
+
+def test_shards_roll_over_and_read_back(tmp_path: Path) -> None:
+    # a new shard starts once the current one holds >= shard_bytes: 720-byte videos, 1000-byte
+    # shards -> two videos per shard; every video reads back byte for byte from its own shard
+    rng = np.random.default_rng(0)
+    videos = [rng.integers(0, 256, (3, 8, 10, 3), np.uint8) for _ in range(5)]
+    masks = [rng.random((3, 8, 10)) > 0.5 for _ in range(5)]
+    header = {"size": 8, "source": "test", "source_checksum": "x"}
+    writer = CacheWriter(tmp_path / "c", header, shard_bytes=1000)
+    for k, (v, m) in enumerate(zip(videos, masks, strict=True)):
+        writer.add(f"v{k}", v, m, 0.0, k % 2)
+    index = writer.finish()
+    assert [v["shard"] for v in index["videos"]] == [0, 0, 1, 1, 2]
+    assert sorted(p.name for p in (tmp_path / "c").glob("*.bin")) == [
+        f"{kind}_{k:05d}.bin" for kind in ("mask", "shard") for k in range(3)
+    ]
+    cache = CacheSource(tmp_path / "c")
+    got = cache.read([(k, [2, 0, 1]) for k in (4, 1, 2, 0, 3)], 8)
+    for k, (frames, m) in zip((4, 1, 2, 0, 3), got, strict=True):
+        np.testing.assert_array_equal(frames, videos[k][[2, 0, 1]])
+        np.testing.assert_array_equal(m, masks[k][[2, 0, 1]])
+    assert [it.label for it in cache.items] == [0, 1, 0, 1, 0]
 
 
 def test_cache_in_loader_workers_matches_main_process(src: Path, tmp_path: Path) -> None:

@@ -17,6 +17,8 @@ from torch import nn
 
 from vosgan import checkpoint, config, evaluate, segment
 from vosgan import davis_metrics as dm
+from vosgan.data.decode import read_video
+from vosgan.data.frames import find_sequences, load_frames
 from vosgan.models import Discriminator, Generator
 from vosgan.models.discriminator import DiscOutput
 from vosgan.viz import write_video
@@ -25,16 +27,19 @@ DAVIS = Path(SHARED_DATA) / "davis2016"
 
 
 class WindowStub(nn.Module):
-    """A stand-in D: logit = (position in the window) / 4 + 4 * red channel; records its inputs."""
+    """A stand-in D: logit = (position in the window) / 4 + 4 * red channel; records its inputs
+    and its mode at each call."""
 
     def __init__(self, size: int, frames: int) -> None:
         super().__init__()
         self.cfg = SimpleNamespace(size=size, frames=frames)
         self.scale = nn.Parameter(torch.ones(()))
         self.seen: list[torch.Tensor] = []
+        self.modes: list[bool] = []
 
     def forward(self, x: torch.Tensor) -> DiscOutput:
         self.seen.append(x.clone())
+        self.modes.append(self.training)
         b, _, t, h, w = x.shape
         pos = torch.arange(t, dtype=x.dtype).view(1, 1, t, 1, 1) / 4
         logit = self.scale * (pos + 4 * (x[:, :1] + 1))
@@ -59,6 +64,7 @@ def test_segment_frames_averages_overlapping_windows(n: int) -> None:
     stub = WindowStub(size, t).train()
     prob = segment.segment_frames(stub, frames, t, size, batch_size=3)
     assert prob.shape == (n, 24, 40) and prob.dtype == np.float32 and stub.training
+    assert stub.modes and not any(stub.modes)  # D ran in eval mode; its mode is restored after
     starts = segment.window_starts(n, t, t // 2)
     for i in range(n):
         expect = np.mean(
@@ -148,6 +154,12 @@ def test_segment_cli_on_video_and_davis_root(tmp_path: Path, ckpt: Path, davis_r
     assert [p.stem for p in pngs] == [f"{i:05d}" for i in range(20)]
     mask = np.asarray(Image.open(pngs[0]))
     assert mask.shape == (48, 64) and set(np.unique(mask)) <= {0, 255}
+    # the masks are this checkpoint's probabilities > 0.3 (where 0.3 and 0.5 disagree too)
+    _, _, D, _ = evaluate.load_models(ckpt, torch.device("cpu"))
+    prob = segment.segment_frames(D, read_video(tmp_path / "clip.mp4"), 16, 32)
+    written = np.stack([np.asarray(Image.open(p)) for p in pngs])
+    np.testing.assert_array_equal(written, (prob > 0.3) * 255)
+    assert ((prob > 0.3) != (prob > 0.5)).any()
     for name in ("overlay.mp4", "overlay.gif"):
         assert (out / "clip" / name).stat().st_size > 0
 
@@ -220,6 +232,14 @@ def test_davis_evaluation_cli(
         np.testing.assert_allclose(
             dm.jaccard(pred, gt), res["methods"]["model"]["per_frame"][name]["J"]
         )
+        # the baselines' J: their probability maps (tested below) > 0.5 on the scored frames
+        (seq,) = find_sequences(davis_root / name)
+        frames = load_frames(seq)
+        for method in ("frame-difference", "centre-prior"):
+            prob = evaluate.baseline_probabilities(method, frames, 32)[1:19]
+            np.testing.assert_allclose(
+                dm.jaccard(prob > 0.5, gt), res["methods"][method]["per_frame"][name]["J"]
+            )
     # baselines only, the DAVIS 2017 unsupervised convention (all frames)
     assert (
         evaluate.main(
@@ -240,6 +260,29 @@ def test_davis_evaluation_cli(
     )
     rows = list(csv.DictReader(open(out / "davis_jf.csv")))
     assert {r["method"] for r in rows} == set(methods[1:]) and rows[0]["frames"] == "20"
+
+
+def test_baselines_follow_their_definitions() -> None:
+    # centre prior: > 0.5 exactly inside the ellipse of semi-axes W/4, H/4 (pixel centres),
+    # pi/16 = 19.6% of the frame
+    h, w = 120, 213
+    y, x = np.mgrid[0:h, 0:w] + 0.5
+    ellipse = ((x - w / 2) / (w / 4)) ** 2 + ((y - h / 2) / (h / 4)) ** 2 < 1
+    prior = evaluate.baseline_probabilities("centre-prior", np.zeros((2, h, w, 3), np.uint8), 32)
+    assert prior.shape == (2, h, w)
+    np.testing.assert_array_equal(prior[1] > 0.5, ellipse)
+    assert abs(ellipse.mean() - np.pi / 16) < 0.003
+    # frame difference on a clean moving square (no noise: any change counts): frame t is
+    # foreground where the square enters or leaves between t-1, t and t+1
+    n = 6
+    square = np.zeros((n, 32, 48), bool)
+    for t in range(n):
+        square[t, 12:20, 4 + 5 * t : 12 + 5 * t] = True
+    frames = np.where(square[..., None], 220, 100).astype(np.uint8).repeat(3, axis=-1)
+    d = square[1:] ^ square[:-1]  # changes between t and t+1
+    expect = np.concatenate((d[:1], d)) | np.concatenate((d, d[-1:]))
+    prob = evaluate.baseline_probabilities("frame-difference", frames, 32)  # working size 32x48
+    np.testing.assert_array_equal(prob > 0.5, expect)
 
 
 def _copy_seq(src: Path, dst: Path, n: int = 6) -> None:

@@ -255,6 +255,19 @@ def test_frame_folder_dataset_has_masks(tmp_path: Path) -> None:
     assert set(b["mask"].unique().tolist()) == {0.0, 1.0} and "label" not in b
     item = ds[1]
     assert item["video"].shape == (3, 16, 16, 16) and item["mask"].shape == (1, 16, 16, 16)
+    # flip: a clip's masks are mirrored exactly when its frames are (the moving box is asymmetric)
+    plain = make_dataset(_cfg(tmp_path / "seqs"), "train", 12).arrays(range(12))
+    flipped = make_dataset(_cfg(tmp_path / "seqs", flip=True), "train", 12).arrays(range(12))
+    n_flip = 0
+    for fv, fm, pv, pm in zip(
+        flipped["video"], flipped["mask"], plain["video"], plain["mask"], strict=True
+    ):
+        mirrored = not np.array_equal(fv, pv)
+        assert np.array_equal(fv, pv[:, :, ::-1] if mirrored else pv)
+        assert not np.array_equal(pm, pm[:, :, ::-1])
+        np.testing.assert_array_equal(fm, pm[:, :, ::-1] if mirrored else pm)
+        n_flip += mirrored
+    assert 1 <= n_flip <= 11
 
 
 def test_ucf101_labels_and_split_lists(tmp_path: Path, vids: dict[str, Path]) -> None:
@@ -332,6 +345,40 @@ class _Numbered(Source):
             )
             for k, idx in requests
         ]
+
+
+class _Columns(Source):
+    """One video of 12 frames at ``size x (size + 10)``: red = 9 * column, green = frame number."""
+
+    def __init__(self) -> None:
+        self.items = [Item("columns", 12)]
+        self.root = "columns"
+
+    def read(self, requests: list[tuple[int, list[int]]], size: int) -> list[tuple]:
+        out = []
+        for _, idx in requests:
+            v = np.zeros((len(idx), size, size + 10, 3), np.uint8)
+            v[..., 0] = 9 * np.arange(size + 10)
+            v[..., 1] = np.asarray(idx)[:, None, None]
+            out.append((v, None))
+        return out
+
+
+def test_random_crop_moves_the_window() -> None:
+    # short side == size: the crop is a slice, its left column's red / 9 is the offset x0
+    kw = dict(num_clips=16, frames=3, size=16, uint8=True)
+    rnd = ClipDataset(_Columns(), **kw, crop="random").arrays(range(16))["video"]
+    mid = ClipDataset(_Columns(), **kw, crop="center").arrays(range(16))["video"]
+    cols = 9 * np.arange(16)
+    offsets = []
+    for r, m in zip(rnd, mid, strict=True):
+        np.testing.assert_array_equal(r[..., 1], m[..., 1])  # same clip: same start and frames
+        np.testing.assert_array_equal(m[..., 0], np.broadcast_to(cols + 9 * 5, m.shape[:3]))
+        x0 = int(r[0, 0, 0, 0]) // 9
+        np.testing.assert_array_equal(r[..., 0], np.broadcast_to(cols + 9 * x0, r.shape[:3]))
+        offsets.append(x0)
+    # x0 = round(u * 10), u uniform: 16 clips reach both sides of the centre (5)
+    assert min(offsets) < 5 < max(offsets) and len(set(offsets)) >= 4, offsets
 
 
 def test_every_video_serves_equally_and_few_clips_span_videos() -> None:

@@ -15,7 +15,9 @@ import scipy.linalg
 import torch
 from conftest import SHARED_DATA
 
-from vosgan import fvd
+from vosgan import checkpoint, config, fvd
+from vosgan.data import SyntheticVideos
+from vosgan.data.build import make_dataset
 from vosgan.video_metrics import (
     ExtractorError,
     frechet_distance,
@@ -266,6 +268,16 @@ def test_prepare_clips():
     )
     ref = ref[:, :, :, 4:16].reshape(2, 4, 3, 12, 12).permute(0, 2, 1, 3, 4)
     torch.testing.assert_close(x, ref)
+    # shrinking is antialiased: short side 6 -> 3 (/2), long side 10 -> 5, columns 1..3 kept
+    small = torch.nn.functional.interpolate(
+        video.permute(0, 2, 1, 3, 4).reshape(8, 3, 6, 10),
+        size=(3, 5),
+        mode="bilinear",
+        align_corners=False,
+        antialias=True,
+    )
+    small = small[:, :, :, 1:4].reshape(2, 4, 3, 3, 3).permute(0, 2, 1, 3, 4)
+    torch.testing.assert_close(prepare_clips(video, 3), small)
     assert torch.equal(prepare_clips(video, None), video)
     torch.testing.assert_close(prepare_clips(video, None, "[0,1]"), (video + 1) / 2)
     torch.testing.assert_close(prepare_clips(video, None, "[0,255]"), (video + 1) * 127.5)
@@ -325,6 +337,15 @@ def test_cli_end_to_end(tmp_path, scripted, ckpt, capsys):
     assert m["fvd"] == pytest.approx(
         frechet_distance_from_features(feats["generated"], feats["real"])
     )
+    kvd = kernel_distance(feats["generated"], feats["real"], num_subsets=3, subset_size=12)
+    assert (m["kvd"], m["kvd_std"]) == pytest.approx(kvd[:2], rel=1e-12)
+    assert (m["is_mean"], m["is_std"]) == pytest.approx(inception_score(feats["logits"], 2))
+    # the real features are those of the first 14 synthetic training clips (the checkpoint's
+    # data seed), rebuilt here and put through the same extractor
+    cfg = checkpoint.checkpoint_config(checkpoint.load_checkpoint(ckpt))
+    real = SyntheticVideos(14, 16, 32, seed=cfg.data.seed, split="train").batch(range(14))
+    want = TinyExtractor()(prepare_clips(real["video"], 8))
+    np.testing.assert_allclose(feats["real"], want.double().numpy(), rtol=1e-5, atol=1e-6)
     assert "FVD" in capsys.readouterr().out
 
 
@@ -361,6 +382,7 @@ def test_cli_real_video_folder(tmp_path, scripted, ckpt, capsys):
         "2",
         "--out",
         str(tmp_path / "out"),
+        "--save-features",
     ]
     with pytest.warns(UserWarning, match="rank-deficient"):  # 5 and 6 clips, 9-d features
         assert fvd.main(args) == 0, capsys.readouterr().err
@@ -369,6 +391,13 @@ def test_cli_real_video_folder(tmp_path, scripted, ckpt, capsys):
     assert p["covariance_full_rank"] is False
     assert (p["num_real"], p["real_videos"], p["split"], p["data"]) == (5, 3, "test", str(folder))
     assert "is_mean" not in result["metrics"] and result["metrics"]["fvd"] > 0
+    # the real features are those of the folder's first 5 test clips (no flip), rebuilt here
+    cfg = checkpoint.checkpoint_config(checkpoint.load_checkpoint(ckpt))
+    over = {"data.source": str(folder), "data.flip": False}
+    real = make_dataset(config.apply_overrides(cfg, over), "test", 5).batch(range(5))
+    want = TinyExtractor()(prepare_clips(real["video"], 8))
+    feats = np.load(tmp_path / "out" / "features.npz")
+    np.testing.assert_allclose(feats["real"], want.double().numpy(), rtol=1e-5, atol=1e-6)
 
 
 def test_cli_shared_real_clips(tmp_path, scripted, ckpt, capsys):

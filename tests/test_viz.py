@@ -71,12 +71,22 @@ def test_sample_grid_layout() -> None:
         y, x = pad + row * (s * h + pad), pad + col * (s * w + pad)
         return grid[:, y : y + s * h, x : x + s * w]
 
-    expect = ((video[1] + 1) / 2 * 255 + 0.5).to(torch.uint8).permute(1, 2, 3, 0).numpy()
+    def u8(x: torch.Tensor) -> np.ndarray:  # [0, 1] (C, T, H, W) -> uint8 (T, H, W, C)
+        return (x * 255 + 0.5).to(torch.uint8).permute(1, 2, 3, 0).numpy()
+
+    expect = u8((video[1] + 1) / 2)
     np.testing.assert_array_equal(tile(1, 0)[:, ::2, ::2], expect)  # nearest 2x upscaling
     np.testing.assert_array_equal(tile(1, 0)[:, 1::2, 1::2], expect)
     np.testing.assert_array_equal(tile(0, 2)[..., 0][:, ::2, ::2], mask[0, 0].numpy() * 255)
     bg_tile = tile(0, 3)
     assert all(np.array_equal(bg_tile[0], bg_tile[i]) for i in range(t))  # static background
+    for row in (0, 1):  # each column shows its own input of its own sample, every frame
+        np.testing.assert_array_equal(tile(row, 1)[:, 1::2, ::2], u8((fg[row] + 1) / 2))
+        bg_t = ((bg[row] + 1) / 2)[:, None].expand(3, t, h, w)
+        np.testing.assert_array_equal(tile(row, 3)[:, ::2, 1::2], u8(bg_t))
+        np.testing.assert_array_equal(
+            tile(row, 4)[:, 1::2, 1::2], u8(seg[row].expand(3, -1, -1, -1))
+        )
     flow_tile = tile(1, 5)
     np.testing.assert_array_equal(flow_tile[-1], flow_tile[-2])  # last flow frame repeated
     assert not np.array_equal(flow_tile[0], flow_tile[1])
@@ -141,6 +151,22 @@ def test_write_gif_round_trip(tmp_path: Path) -> None:
         im.seek(2)
         err = np.abs(np.asarray(im.convert("RGB")).astype(int) - frames[2].astype(int)).mean()
     assert err < 8, err
+
+
+def test_failed_write_leaves_no_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from vosgan import viz
+
+    def broken(tmp: str, frames: np.ndarray, fps: int) -> None:
+        Path(tmp).write_bytes(b"GIF89a")  # part of the file is written, then the writer fails
+        raise OSError("disk full")
+
+    monkeypatch.setattr(viz, "_write_gif", broken)
+    (tmp_path / "old.gif").write_bytes(b"kept")
+    with pytest.raises(OSError, match="disk full"):
+        write_video(tmp_path / "old.gif", _frames(t=2), fps=4)
+    # no temporary file left, and the previous file is untouched (the rename never happened)
+    assert [p.name for p in tmp_path.iterdir()] == ["old.gif"]
+    assert (tmp_path / "old.gif").read_bytes() == b"kept"
 
 
 def test_write_video_rejects_bad_input(tmp_path: Path) -> None:
