@@ -1,6 +1,7 @@
 """Test configuration: Triton runs in interpreter mode on machines without a GPU."""
 
 import os
+import threading
 
 import pytest
 import torch
@@ -44,3 +45,20 @@ def ckpt(tmp_path_factory: pytest.TempPathFactory):
         == 0
     )
     return out / "checkpoints" / "last.pt"
+
+
+class HolderLock:
+    """Stand-in for the numba launcher's ``LAUNCH_LOCK``: a real lock that records which thread
+    holds it, so a test can check that every launch ran under the lock of its own thread."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.holder: int | None = None
+
+    def __enter__(self) -> None:
+        self._lock.acquire()
+        self.holder = threading.get_ident()
+
+    def __exit__(self, *exc: object) -> None:
+        self.holder = None
+        self._lock.release()

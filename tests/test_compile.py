@@ -84,18 +84,50 @@ def test_bn_act_fullgraph():
     y, weight, bias = (
         t.detach().to(dev).requires_grad_() for t in _leaves((2, 3, 2, 3, 5), (3,), (3,), gen=gen)
     )
-    mean, var = torch.zeros(3, device=dev), torch.ones(3, device=dev)
+    # Compiled, bn_act updates the running statistics with its own torch ops (not the eager
+    # kernels' in-place update): check them against nn.BatchNorm3d after one training step.
+    rm = torch.randn(3, generator=gen).to(dev)
+    rv = torch.rand(3, generator=gen).add(0.5).to(dev)
+    bn = torch.nn.BatchNorm3d(3, momentum=0.1).to(dev)
+    with torch.no_grad():
+        bn.weight.copy_(weight)
+        bn.bias.copy_(bias)
+        bn.running_mean.copy_(rm)
+        bn.running_var.copy_(rv)
+    # rm, rv as inputs: the compiled call updates these, the eager twin its clones.
     check_compiles(
-        lambda y, w, b: conv3d_block.bn_act(y, w, b, mean.clone(), var.clone(), impl="triton"),
-        [y, weight, bias],
+        lambda y, w, b, m, v: conv3d_block.bn_act(y, w, b, m, v, impl="triton"),
+        [y, weight, bias, rm, rv],
     )
+    bn(y.detach())  # nn.BatchNorm3d's own running-stat update, the reference
+    torch.testing.assert_close(rm, bn.running_mean, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(rv, bn.running_var, rtol=1e-5, atol=1e-6)
+    # Eval: normalised with the running statistics, which stay as they are.
+    bn.eval()
+    evaluate = torch.compile(
+        lambda y: conv3d_block.bn_act(y, weight, bias, rm, rv, training=False, impl="triton"),
+        fullgraph=True,
+        backend="aot_eager",
+    )
+    with torch.no_grad():
+        got = evaluate(y.detach() * 2 - 1)
+        want = torch.nn.functional.leaky_relu(bn(y.detach() * 2 - 1), 0.2)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(rm, bn.running_mean, rtol=0, atol=0)
+    torch.testing.assert_close(rv, bn.running_var, rtol=0, atol=0)
 
 
 def test_compile_flag_trains_like_eager(tmp_path, monkeypatch):
     # inductor would spend minutes compiling G and D on 2 cores; aot_eager traces the same
     # graphs (fused ops, the R1 step on the uncompiled D, D frozen in the G step) in seconds.
     real_compile = torch.compile
-    monkeypatch.setattr(torch, "compile", lambda m, **kw: real_compile(m, backend="aot_eager"))
+    compiled = []  # what train_run handed to torch.compile: G, D (and D frozen if distributed)
+
+    def compile_aot_eager(m, **kw):
+        compiled.append(m)
+        return real_compile(m, backend="aot_eager")
+
+    monkeypatch.setattr(torch, "compile", compile_aot_eager)
     args = [
         "--model.size=16",
         "--model.frames=16",
@@ -114,7 +146,10 @@ def test_compile_flag_trains_like_eager(tmp_path, monkeypatch):
     ]
     assert train.main([*args, "--compile", "--out", str(tmp_path / "c")]) == 0
     assert json.loads((tmp_path / "c" / "config.json").read_text())["train"]["compile"]
+    assert len(compiled) >= 2  # --compile really compiled G and D
+    n_compiled = len(compiled)
     assert train.main([*args, "--out", str(tmp_path / "e")]) == 0
+    assert len(compiled) == n_compiled  # and without it nothing is compiled
     logs = [
         [json.loads(line) for line in (tmp_path / d / "log.jsonl").read_text().splitlines()]
         for d in ("c", "e")

@@ -16,7 +16,7 @@ from conftest import HAS_CUDA, requires_cuda
 from torch import nn
 from vosgan.kernels import bn_act_small
 
-from vosgan import aot
+from vosgan import aot, backend
 from vosgan.nn import FusedConv3dBlock, FusedConvTranspose3dBlock, fuse_modules
 from vosgan.ops import conv3d_block as ops
 from vosgan.ops.conv3d_block import bn_act, bn_act_reference, conv3d_block_reference
@@ -250,16 +250,21 @@ def test_triton_on_cpu_tensors_needs_the_interpreter(monkeypatch):
         bn_act(y, w, b, impl="triton")
 
 
-def test_auto_dispatch_reports_and_warns():
+def test_auto_dispatch_reports_and_warns(monkeypatch):
+    monkeypatch.setattr(backend, "_warned", set())  # warn_once's registry: a fresh process
     name, reason = ops.fused_impl(torch.device("cpu"))
     assert name == "subpixel" and "BatchNorm + activation run the reference ops" in reason
     if HAS_CUDA:
         assert ops.fused_impl(torch.device("cuda"))[0] == "triton"
         return
     y, w, b, _ = _inputs((2, 5, 1, 3, 3), torch.float32, "ncdhw", False)
-    with warnings.catch_warnings(record=True):
+    with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        out = bn_act(y, w, b)  # auto on CPU -> the reference ops
+        out = bn_act(y, w, b)  # auto on CPU -> the reference ops, with one warning saying so
+        bn_act(y, w, b)  # ... only the first time
+    assert [str(c.message) for c in caught if "conv3d_block on cpu" in str(c.message)] == [
+        f"conv3d_block on cpu: {reason}"
+    ]
     torch.testing.assert_close(
         out,
         bn_act_reference(
@@ -529,8 +534,6 @@ def test_gpu_bf16_channels_last_and_compile():
     fused = FusedConv3dBlock.from_sequential(copy.deepcopy(block))
     x = torch.randn(4, 64, 8, 32, 32, device="cuda").to(memory_format=CL)
     with torch.autocast("cuda", torch.bfloat16):
-        ref32 = conv3d_block_reference(64, 128).cuda()
-        ref32.load_state_dict(block.state_dict())
         out_f, out_r = fused(x), block(x)
     assert out_f.dtype == torch.bfloat16
     torch.testing.assert_close(out_f.float(), out_r.float(), rtol=2e-2, atol=2e-2)

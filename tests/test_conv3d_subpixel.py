@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vosgan import backend
+from vosgan.nn import conv3d_block as nn_block
 from vosgan.nn import fuse_modules
 from vosgan.nn.conv3d_block import SubpixelConv3d, SubpixelConvTranspose3d
 from vosgan.ops import conv3d_subpixel as ops
@@ -50,6 +51,13 @@ def test_subpixel_gradcheck_float64(transposed):
 @pytest.mark.parametrize("bias", [False, True])
 def test_subpixel_modules_match_torch(cls, bias, monkeypatch):
     monkeypatch.setattr(backend, "_warned", set())  # the fallback warning below, every time
+    calls = []  # the module's sub-pixel calls: it takes that path, not torch's own forward
+
+    def counted(*args, **kw):
+        calls.append(1)
+        return ops.subpixel_conv3d(*args, **kw)
+
+    monkeypatch.setattr(nn_block, "subpixel_conv3d", counted)
     torch.manual_seed(3)
     ref = nn.Sequential(cls(3, 4, 4, 2, 1, bias=bias), nn.LeakyReLU(0.2))
     fused = copy.deepcopy(ref)
@@ -62,7 +70,9 @@ def test_subpixel_modules_match_torch(cls, bias, monkeypatch):
         x = torch.randn(shape)
         xr, xf = x.clone().requires_grad_(), x.clone().requires_grad_()
         assert ops.subpixel_applies(x, fused[0])
+        n_calls = len(calls)
         out_r, out_f = ref(xr), fused(xf)
+        assert len(calls) == n_calls + 1
         torch.testing.assert_close(out_f, out_r, rtol=1e-5, atol=1e-5)
         go = torch.randn_like(out_r)
         out_r.backward(go)
@@ -74,8 +84,10 @@ def test_subpixel_modules_match_torch(cls, bias, monkeypatch):
     if cls is nn.Conv3d:  # odd sizes: the input gradient has no sub-pixel form -> parent path
         x = torch.randn(1, 3, 3, 4, 4)
         assert "odd T/H/W" in ops.subpixel_blocker(x, fused[0])
+        n_calls = len(calls)
         with pytest.warns(UserWarning, match="odd T/H/W"):
             torch.testing.assert_close(fused(x), ref(x))
+        assert len(calls) == n_calls
 
 
 def test_subpixel_fuser_rejects_other_geometries():

@@ -101,8 +101,10 @@ def test_integer_positions_pick_grid_sample_side(impl: str) -> None:
 
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_low_precision(impl: str, dtype: torch.dtype) -> None:
-    """Error vs the fp32 reference at most 2x that of the reference run in the same dtype."""
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_low_precision(impl: str, dtype: torch.dtype, reduction: str) -> None:
+    """Error vs the fp32 reference at most 2x that of the reference run in the same dtype;
+    ``mean`` with gradients runs the one-pass op (the training path), ``none`` the two-pass."""
     if impl == "triton" and dtype == torch.bfloat16 and not HAS_CUDA:
         pytest.skip("bf16 arithmetic is not supported by the Triton interpreter (GPU test below)")
     b, c, t, h, w = 2, 3, 3, 6, 11
@@ -110,12 +112,12 @@ def test_low_precision(impl: str, dtype: torch.dtype) -> None:
     flow = make_flow("random", b, t, h, w).to(dtype).requires_grad_()
     weight = torch.rand(b, 1, t - 1, h, w).to(dtype)
     x32, f32 = x.detach().float().requires_grad_(), flow.detach().float().requires_grad_()
-    ref32 = flow_warp_loss_reference(x32, f32, weight.float(), reduction="none")
+    ref32 = flow_warp_loss_reference(x32, f32, weight.float(), reduction=reduction)
     g = torch.randn_like(ref32)
     want = [ref32, *grads(ref32, [x32, f32], g)]
-    ref_lp = flow_warp_loss_reference(x, flow, weight, reduction="none")
+    ref_lp = flow_warp_loss_reference(x, flow, weight, reduction=reduction)
     base = [ref_lp, *grads(ref_lp, [x, flow], g.to(dtype))]
-    out = flow_warp_loss(x, flow, weight, reduction="none", impl=impl)
+    out = flow_warp_loss(x, flow, weight, reduction=reduction, impl=impl)
     got = [out, *grads(out, [x, flow], g.to(dtype))]
     for name, a, r, w32 in zip(("loss", "dx", "dflow"), got, base, want, strict=True):
         assert a.dtype == r.dtype, name
@@ -146,16 +148,31 @@ def test_deterministic_fixed_point_dx(impl: str) -> None:
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-def test_grad_only_when_requested(impl: str) -> None:
+def test_grad_only_when_requested(impl: str, monkeypatch) -> None:
+    """The fused pass computes dx only when x requires grad (spied on its grad_x argument)."""
+    real, grad_x = fw._fused_grads, []
+
+    def spy(*args, **kw):
+        grad_x.append(args[6])
+        return real(*args, **kw)
+
+    monkeypatch.setattr(fw, "_fused_grads", spy)
     b, c, t, h, w = 1, 2, 3, 4, 5
     x = torch.randn(b, c, t, h, w)
     flow = make_flow("random", b, t, h, w).requires_grad_()
     loss = flow_warp_loss(x, flow, impl=impl)
     (dflow,) = torch.autograd.grad(loss, [flow])
-    assert x.grad is None and dflow.shape == flow.shape
+    assert grad_x == [False] and dflow.shape == flow.shape
+    assert_close_rel(
+        dflow,
+        torch.autograd.grad(flow_warp_loss_reference(x, flow), [flow])[0],
+        2e-5,
+        "dflow only",
+    )
     # x only (flow detached) also works
     xg = x.clone().requires_grad_()
     (dx,) = torch.autograd.grad(flow_warp_loss(xg, flow.detach(), impl=impl), [xg])
+    assert grad_x == [False, True]
     assert_close_rel(
         dx,
         torch.autograd.grad(flow_warp_loss_reference(xg, flow.detach()), [xg])[0],

@@ -7,8 +7,12 @@ import threading
 
 import numba
 import numpy as np
+import pytest
 import torch
+from conftest import HolderLock
 
+from vosgan.ops._numba import flow_warp as nb_flow_warp
+from vosgan.ops._numba import launch as launch_module
 from vosgan.ops._numba.launch import GRAIN, launch
 from vosgan.ops.flow_warp import flow_warp_loss, flow_warp_loss_reference
 
@@ -18,22 +22,44 @@ def _threads(a: np.ndarray) -> int:
     return numba.get_num_threads() + 0 * a.size
 
 
+@pytest.mark.skipif(
+    numba.config.NUMBA_NUM_THREADS < 2,
+    reason="NUMBA_NUM_THREADS=1: one-thread and parallel launches cannot be told apart",
+)
 def test_small_work_runs_on_one_thread_and_restores_the_count() -> None:
     before = numba.get_num_threads()
-    assert launch(_threads, np.zeros(8, np.float32)) == 1
-    assert launch(_threads, np.zeros(GRAIN, np.float32)) == before
-    assert numba.get_num_threads() == before
+    numba.set_num_threads(2)  # whatever an earlier test left: a count the small path must lower
+    try:
+        assert launch(_threads, np.zeros(8, np.float32)) == 1
+        assert launch(_threads, np.zeros(GRAIN, np.float32)) == 2
+        assert numba.get_num_threads() == 2
+    finally:
+        numba.set_num_threads(before)
 
 
-def test_concurrent_flow_warp_launches_agree_with_the_reference() -> None:
+def test_concurrent_flow_warp_launches_agree_with_the_reference(monkeypatch) -> None:
+    """Two threads launch parallel kernels (x of GRAIN elements), two the one-thread path; every
+    launch runs with the launch lock held by its own thread."""
+    lock, seen = HolderLock(), []
+    kernel = nb_flow_warp.fwd
+
+    def spy(*args):
+        seen.append((args[0].size, lock.holder == threading.get_ident()))
+        return kernel(*args)
+
+    monkeypatch.setattr(launch_module, "LAUNCH_LOCK", lock)
+    monkeypatch.setattr(nb_flow_warp, "fwd", spy)
     torch.manual_seed(0)
-    x = torch.rand(2, 3, 4, 9, 11)
-    flows = [torch.randn(2, 2, 3, 9, 11) * 2 for _ in range(4)]
-    want = [flow_warp_loss_reference(x, f) for f in flows]
+    shapes = [((1, 2, 4, 64, 64), (1, 2, 3, 64, 64)), ((2, 3, 4, 9, 11), (2, 2, 3, 9, 11))] * 2
+    cases = [(torch.rand(xs), torch.randn(fs) * 2) for xs, fs in shapes]
+    assert cases[0][0].numel() == GRAIN > cases[1][0].numel() == 2376
+    want = [flow_warp_loss_reference(x, f) for x, f in cases]
     got: list[torch.Tensor | None] = [None] * 4
+    barrier = threading.Barrier(4)
 
     def work(i: int) -> None:
-        got[i] = flow_warp_loss(x, flows[i], impl="numba")
+        barrier.wait()
+        got[i] = flow_warp_loss(*cases[i], impl="numba")
 
     threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
     for t in threads:
@@ -42,3 +68,5 @@ def test_concurrent_flow_warp_launches_agree_with_the_reference() -> None:
         t.join()
     for g, w in zip(got, want, strict=True):
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
+    assert sorted(n for n, _ in seen) == [2376, 2376, 32768, 32768]
+    assert all(held for _, held in seen)
