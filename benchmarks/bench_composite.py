@@ -5,7 +5,8 @@ CPU: fp32, the cpu-small and paper shapes, fused = numba. GPU (skipped without C
 fp32 at B = 8..64, T = 16..32, 64 x 64, fused = Triton; each GPU row also records the
 ``triton.testing.do_bench`` median, the bytes the op must move, the GB/s that gives and the
 fraction of a same-size device copy's bandwidth (the achievable HBM bandwidth), per call and
-replayed as a CUDA graph (GPU time only).
+replayed as a CUDA graph (GPU time only). Before timing, each fused case checks its output (and
+gradients) against the reference's on the same inputs (:func:`check_provider`).
 
 Run: ``pytest benchmarks/bench_composite.py --benchmark-only``. First calls (numba compile or
 cache load, Triton JIT, inductor compile) happen before timing.
@@ -18,6 +19,7 @@ import platform
 
 import pytest
 import torch
+from reference_check import Tol, check, outputs, upcast
 
 from vosgan.ops.composite import composite, composite_reference
 
@@ -79,8 +81,32 @@ def _step(fn, f, m, b, g, mode):
     return run
 
 
+def _outputs(fn, args, g, mode):
+    if mode == "fwd":
+        with torch.no_grad():
+            return outputs(fn, args)
+    return outputs(fn, args, dict(zip("fmb", args, strict=True)), g)
+
+
+def check_provider(provider, device, f, m, b, g, mode) -> None:
+    """``provider``'s v (and df, dm, db for fwd+bwd) against the reference's on the same inputs,
+    with the tolerances of tests/test_composite.py: fp32 element-wise 1e-5; bf16/fp16 at most
+    2x the error of the reference run in that dtype, both against the reference in fp32."""
+    if provider != "fused":  # compile: inductor's numerics, not this repo's kernels
+        return
+    args = (f, m, b)
+    want = _outputs(composite_reference, args, g, mode)
+    exact = None
+    if f.dtype != torch.float32:
+        exact = _outputs(composite_reference, upcast(args), g.float(), mode)
+    got = _outputs(_fn(provider, device), args, g, mode)
+    what = f"composite {provider} {mode} {f.dtype} {tuple(f.shape)}"
+    check(what, got, want, Tol(1e-5, 1e-5), exact=exact, floor=1e-6)
+
+
 def _bench(benchmark, provider, shape, dtype, device, mode, rounds):
     f, m, b, g = _inputs(shape, dtype, device)
+    check_provider(provider, device, f, m, b, g, mode)  # once, before timing
     run = _step(_fn(provider, device), f, m, b, g, mode)
     for _ in range(3):  # compile / cache load / JIT before timing
         run()
@@ -159,6 +185,7 @@ def interleaved(device: str = "cpu", rounds: int = 40) -> str:
     for shape in CPU_SHAPES if device == "cpu" else GPU_SHAPES:
         for mode in ("fwd", "fwd+bwd"):
             f, m, b, g = _inputs(shape, dtype, device)
+            check_provider("fused", device, f, m, b, g, mode)
             runs = {p: _step(_fn(p, device), f, m, b, g, mode) for p in PROVIDERS}
             times: dict[str, list[float]] = {p: [] for p in PROVIDERS}
             for run in runs.values():

@@ -8,10 +8,15 @@ Providers: ``eager`` (the ``nn.Sequential`` block: cuDNN/oneDNN conv, native BN,
   batch 16 and 64. ``python benchmarks/bench_conv3d_block.py [batch...]`` prints the markdown
   rows of ``benchmarks/RESULTS.md`` (``triton.testing.do_bench`` medians).
 - CPU (fp32): the ``cpu-small`` preset's shapes through pytest-benchmark.
+
+Before a fused block is timed, its output and gradients are checked once against the eager
+block's on the same input (:func:`check_provider`); each fused row records in ``extra_info``
+what ran for BN + activation (``bn_act_impl``: ``triton`` on CUDA, ``reference`` on CPU).
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import platform
@@ -20,8 +25,10 @@ from collections.abc import Callable
 
 import pytest
 import torch
+from reference_check import Tol, check, outputs
 
 from vosgan.nn import FusedConv3dBlock, FusedConvTranspose3dBlock
+from vosgan.ops import conv3d_block as conv3d_block_ops
 from vosgan.ops.conv3d_block import conv3d_block_reference
 
 # (name, transpose, act, C_in, C_out, (T, H, W) of the input); k=4, s=2, p=1 everywhere
@@ -49,8 +56,18 @@ CPU_BATCH = 8
 PROVIDERS = ("eager", "fused", "compile")
 
 
-def make_step(provider: str, case: tuple, batch: int, device: str, mode: str) -> Callable[[], None]:
-    """One training-mode step of the block (``fwd`` or ``fwd+bwd``) for ``provider``."""
+def fused_impl(device: str) -> tuple[str, str]:
+    """``(impl, resolved)``: the ``impl`` the fused block is built with, and what runs for BN +
+    activation. CUDA asks for ``"triton"`` outright, so that a missing Triton raises instead of
+    timing the reference under the fused label; CPU keeps ``"auto"``, which runs the reference
+    BN + activation there (no CPU kernel)."""
+    impl = "triton" if device == "cuda" else "auto"
+    return impl, conv3d_block_ops._auto_impl(device) if impl == "auto" else impl
+
+
+def _build(provider: str, case: tuple, batch: int, device: str) -> tuple:
+    """``(block, x, go, autocast)`` of ``provider``: seeded, so every provider gets the same
+    weights, input and output gradient."""
     _, transpose, act, cin, cout, thw = case
     torch.manual_seed(0)
     block = conv3d_block_reference(cin, cout, transpose=transpose, act=act).to(device)
@@ -59,7 +76,7 @@ def make_step(provider: str, case: tuple, batch: int, device: str, mode: str) ->
     block = block.to(memory_format=fmt)
     if provider == "fused":
         cls = FusedConvTranspose3dBlock if transpose else FusedConv3dBlock
-        block = cls.from_sequential(copy.deepcopy(block))
+        block = cls.from_sequential(copy.deepcopy(block), impl=fused_impl(device)[0])
     elif provider == "compile":
         torch._dynamo.reset()
         block = torch.compile(block)
@@ -67,6 +84,48 @@ def make_step(provider: str, case: tuple, batch: int, device: str, mode: str) ->
     autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=cuda)
     with autocast:
         go = torch.randn_like(block(x))
+    return block, x, go, autocast
+
+
+def _outputs(block: torch.nn.Module, x: torch.Tensor, go: torch.Tensor, autocast, mode: str):
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        with autocast:
+            return block(x)
+
+    wrt = {} if mode == "fwd" else {"x": x, **dict(block.named_parameters())}
+    return outputs(forward, [x], wrt, go)
+
+
+def check_provider(provider: str, case: tuple, batch: int, device: str, mode: str) -> None:
+    """The fused block's output (and, for fwd+bwd, the gradients of x and of every parameter)
+    against the eager block's on the same input, with the tolerances of
+    tests/test_conv3d_block.py: fp32 output 1e-5, gradients 1e-4; bf16 autocast (CUDA) at most
+    2x the error of the eager block (+ 2e-3 of the max), both against the eager block in fp32
+    without TF32."""
+    if provider != "fused":  # compile: inductor's numerics, not this repo's kernels
+        return
+    ref, x, go, autocast = _build("eager", case, batch, device)
+    want = _outputs(ref, x, go, autocast, mode)
+    exact = None
+    if device == "cuda":
+        flags = torch.backends.cudnn
+        with flags.flags(
+            enabled=True,
+            benchmark=flags.benchmark,
+            deterministic=flags.deterministic,
+            allow_tf32=False,
+        ):
+            exact = _outputs(ref, x, go.float(), contextlib.nullcontext(), mode)
+    got = _outputs(_build("fused", case, batch, device)[0], x, go, autocast, mode)
+    what = f"{case[0]} fused {mode} B={batch} {device}"
+    check(what, got, want, Tol(1e-5, 1e-5), grad_tol=Tol(1e-4, 1e-4), exact=exact, floor=2e-3)
+
+
+def make_step(provider: str, case: tuple, batch: int, device: str, mode: str) -> Callable[[], None]:
+    """One training-mode step of the block (``fwd`` or ``fwd+bwd``) for ``provider``, checked
+    against the eager block once before it is returned."""
+    check_provider(provider, case, batch, device, mode)
+    block, x, go, autocast = _build(provider, case, batch, device)
 
     def step() -> None:
         with autocast:
@@ -94,6 +153,8 @@ def _extra(benchmark, provider: str, case: tuple, batch: int, mode: str, device:
             "mode": mode,
         }
     )
+    if provider == "fused":  # what ran for BN + activation (the conv is torch's either way)
+        benchmark.extra_info["bn_act_impl"] = fused_impl(device)[1]
 
 
 @pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])

@@ -7,6 +7,9 @@ per-boundary-pixel scan; frame-difference masks look like this). Each call score
 every frame of the stack (``jaccard`` + ``f_measure``). scipy dilates with the 17x17 disk like
 the DAVIS code (OpenCV there), so it is slow: it runs on fewer frames.
 
+Without the shared DAVIS masks the cases score a synthetic moving ellipse instead; each row's
+``extra_info["masks"]`` says which.
+
 Run: ``pytest benchmarks/bench_davis_metrics.py --benchmark-only``. The numba functions are
 compiled (or loaded from the cache) before timing.
 """
@@ -30,6 +33,11 @@ FRAMES = {"numba": 16, "scipy": 2, "cupy": 64}
 
 def _cupy_ok() -> bool:
     return torch.cuda.is_available() and dm._available("cupy")[0]
+
+
+def masks_source() -> str:
+    """Which masks the cases score: the DAVIS dog masks, or the stand-in when they are absent."""
+    return "davis2016/dog" if DOG.is_dir() else "synthetic ellipse (DAVIS dog masks absent)"
 
 
 def _masks(case: str, n: int) -> tuple[np.ndarray, np.ndarray]:
@@ -76,6 +84,7 @@ def test_davis_jf(benchmark, provider: str, case: str) -> None:
         torch=torch.__version__,
         shape=[n, 480, 854],
         case=case,
+        masks=masks_source(),
         provider=provider,
         radius=8,
         frames_per_s=round(n / median, 2),

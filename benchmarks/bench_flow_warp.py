@@ -12,6 +12,10 @@ Inputs as in training: ``x (B, 3, T, H, W)``, D's flow of a few pixels, the in-b
   prints the markdown rows of ``benchmarks/RESULTS.md`` (``triton.testing.do_bench`` medians on
   GPU, perf_counter medians on CPU), with the device and an effective GB/s (minimum bytes moved
   / time).
+
+The fused providers are checked once against the reference on the same inputs before they are
+timed (:func:`check_provider`; ``compile`` is not: inductor's own dflow differs by up to 4e-4 of
+its max at the cpu-small shape).
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from functools import partial
 
 import pytest
 import torch
+from reference_check import Tol, check, outputs, upcast
 
 from vosgan.ops import flow_warp as fw
 from vosgan.ops.flow_warp import flow_warp_loss, flow_warp_loss_reference
@@ -50,10 +55,9 @@ def validity(flow: torch.Tensor) -> torch.Tensor:
     return ((px >= 0) & (px <= w - 1) & (py >= 0) & (py <= h - 1)).to(flow.dtype)
 
 
-def make_step(
-    provider: str, shape: tuple, device: str, dtype: torch.dtype, mode: str
-) -> Callable[[], None]:
-    """One call of the loss (and its backward) for ``provider``."""
+def make_inputs(shape: tuple, device: str, dtype: torch.dtype, mode: str) -> tuple:
+    """``(x, flow, weight, wrt)``: the seeded inputs of a case; ``wrt`` names the tensors its
+    backward differentiates (none for ``fwd``)."""
     torch.manual_seed(0)
     b, c, t, h, w = shape
     x = torch.rand(b, c, t, h, w, device=device).to(dtype)
@@ -61,12 +65,18 @@ def make_step(
     weight = validity(flow)
     x.requires_grad_(mode == "fwd+bwd_x")
     flow.requires_grad_(mode != "fwd")
+    wrt = {} if mode == "fwd" else {"flow": flow, **({"x": x} if mode == "fwd+bwd_x" else {})}
+    return x, flow, weight, wrt
+
+
+def loss_fn(provider: str, device: str, mode: str) -> Callable[..., torch.Tensor]:
+    """``provider``'s ``(x, flow, weight) -> loss``."""
     impl = "triton" if device == "cuda" else "numba"
     if provider == "reference":
-        fn = flow_warp_loss_reference
-    elif provider == "fused":
-        fn = partial(flow_warp_loss, impl=impl)
-    elif provider == "fused-alt":  # the other ONE_PASS policy, to check the default's choice
+        return flow_warp_loss_reference
+    if provider == "fused":
+        return partial(flow_warp_loss, impl=impl)
+    if provider == "fused-alt":  # the other ONE_PASS policy, to check the default's choice
 
         def fn(*args: torch.Tensor) -> torch.Tensor:
             default = fw.ONE_PASS[impl]
@@ -75,9 +85,46 @@ def make_step(
                 return flow_warp_loss(*args, impl=impl)
             finally:
                 fw.ONE_PASS[impl] = default
-    else:
-        fn = _COMPILED.setdefault(f"{device}-{mode}", torch.compile(flow_warp_loss_reference))
-    inputs = [flow, x] if mode == "fwd+bwd_x" else [flow]
+
+        return fn
+    return _COMPILED.setdefault(f"{device}-{mode}", torch.compile(flow_warp_loss_reference))
+
+
+def _outputs(fn: Callable[..., torch.Tensor], args: list, wrt: dict) -> dict[str, torch.Tensor]:
+    with torch.set_grad_enabled(bool(wrt)):
+        return outputs(fn, args, wrt)
+
+
+def check_provider(provider: str, shape: tuple, device: str, dtype: torch.dtype, mode: str) -> None:
+    """``provider``'s loss (and dflow, dx where the mode times them) against the reference's on
+    the same inputs, with the tolerances of tests/test_flow_warp.py at these sizes
+    (test_gpu_matches_reference): fp32 loss 1e-5, gradients 1e-4 of their max (sums of ~10^5
+    terms: summation order); bf16 at most 2x the error of the reference run in bf16 (+ 1e-3 of
+    the max), both against the reference in fp32."""
+    if not provider.startswith("fused"):  # compile: inductor's numerics, not this repo's kernels
+        return
+    x, flow, weight, wrt = make_inputs(shape, device, dtype, mode)
+    args = [x, flow, weight]
+    want = _outputs(flow_warp_loss_reference, args, wrt)
+    exact = None
+    if dtype != torch.float32:
+        args32 = upcast(args)
+        wrt32 = {k: args32[1 if k == "flow" else 0] for k in wrt}
+        exact = _outputs(flow_warp_loss_reference, args32, wrt32)
+    got = _outputs(loss_fn(provider, device, mode), args, wrt)
+    what = f"flow_warp_loss {provider} {mode} {dtype} {shape}"
+    check(what, got, want, Tol(1e-5, 1e-6), grad_tol=Tol(0, 1e-4, scaled=True), exact=exact)
+
+
+def make_step(
+    provider: str, shape: tuple, device: str, dtype: torch.dtype, mode: str
+) -> Callable[[], None]:
+    """One call of the loss (and its backward) for ``provider``, checked against the reference
+    once before it is returned."""
+    check_provider(provider, shape, device, dtype, mode)
+    x, flow, weight, wrt = make_inputs(shape, device, dtype, mode)
+    fn = loss_fn(provider, device, mode)
+    inputs = list(wrt.values())
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
 
     def step() -> None:

@@ -5,6 +5,8 @@ d_m = 32 (the trajectory latent). CPU: fp32, fused = the C++ kernel (``impl="cpp
 ATen's CPU GRU. GPU (skipped without CUDA): fp32, fused = the persistent CUDA kernel, nn.GRU =
 cuDNN. Forward runs under ``no_grad``; fwd+bwd backpropagates a fixed gradient of the output
 into the input and every parameter. GPU timings synchronise inside the timed function.
+Before timing, the fused GRU's output and gradients are checked once against nn.GRU's with the
+same weights and input (:func:`check_provider`).
 
 Run: ``pytest benchmarks/bench_gru.py --benchmark-only`` (about 1-2 min on a 2-core CPU).
 """
@@ -16,6 +18,7 @@ import platform
 
 import pytest
 import torch
+from reference_check import Tol, check, outputs
 from torch import nn
 
 from vosgan.nn import FusedGRU
@@ -55,13 +58,35 @@ class _CellLoop(nn.Module):
         return torch.stack(outs, 1), h.unsqueeze(0)
 
 
-def _module(provider: str, hidden: int, device: str) -> nn.Module:
-    gru = nn.GRU(D_M, hidden, batch_first=True).to(device)
+def _module(provider: str, gru: nn.GRU, device: str) -> nn.Module:
+    """``provider``'s module with ``gru``'s weights."""
     if provider == "nn_gru":
         return gru
     if provider == "fused":
         return FusedGRU.from_gru(gru, impl="cuda" if device == "cuda" else "cpp")
     return _CellLoop(gru).to(device)
+
+
+def _outputs(module: nn.Module, x: torch.Tensor, g: torch.Tensor, mode: str) -> dict:
+    if mode == "fwd":
+        with torch.no_grad():
+            return outputs(lambda x: module(x)[0], [x])
+    names = ("w_ih", "w_hh", "b_ih", "b_hh")  # nn.GRU's and GRUCell's parameter order
+    wrt = {"x": x, **dict(zip(names, module.parameters(), strict=True))}
+    return outputs(lambda x: module(x)[0], [x], wrt, g)
+
+
+def check_provider(provider: str, gru: nn.GRU, x: torch.Tensor, g: torch.Tensor, mode: str):
+    """``provider``'s output (and, for fwd_bwd, the gradients of x and of every parameter)
+    against nn.GRU's with the same weights and input, with the tolerances of tests/test_gru.py:
+    CPU atol 2e-5, rtol 1e-4; CUDA atol 1e-4, rtol 1e-3 against cuDNN without TF32."""
+    if provider != "fused":  # grucell_loop: torch's own cell, a baseline like nn.GRU
+        return
+    with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
+        want = _outputs(gru, x, g, mode)
+    got = _outputs(_module(provider, gru, x.device.type), x, g, mode)
+    tol = Tol(1e-3, 1e-4) if x.is_cuda else Tol(1e-4, 2e-5)
+    check(f"gru {provider} {mode} {tuple(x.shape)} H={gru.hidden_size}", got, want, tol)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -72,9 +97,11 @@ def test_gru(benchmark, provider: str, shape: tuple[int, int, int], mode: str, d
     if provider == "fused" and gru_ops.fused_impl(torch.device(device))[0] is None:
         pytest.skip(gru_ops.fused_impl(torch.device(device))[1])
     B, T, H = shape
-    module = _module(provider, H, device)
+    gru = nn.GRU(D_M, H, batch_first=True).to(device)
     x = torch.randn(B, T, D_M, device=device, requires_grad=mode == "fwd_bwd")
     g = torch.randn(B, T, H, device=device)
+    check_provider(provider, gru, x, g, mode)  # once, before timing
+    module = _module(provider, gru, device)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
 
     def run() -> None:

@@ -15,6 +15,11 @@ autocast. Each row records in ``extra_info``:
   then the peak reset through ``/proc/self/clear_refs``; Linux only). Memory the allocator
   still reuses without faulting pages in is not seen, so it is a lower bound.
 - ``threads``: torch's intra-op threads (set ``OMP_NUM_THREADS`` to choose).
+- ``ops``: what each op ran (``vosgan.backend``'s choice, e.g. ``gru:cpp``; ``op:reference``
+  where ``--fused`` falls back for that op), ``reference`` for the other providers.
+
+Before the fused provider is timed, its first step is checked against the reference path's
+(:func:`check_fused_step`: every loss part and parameter gradient).
 
 Run: ``pytest benchmarks/bench_train_step.py --benchmark-only``. Side by side in one process
 (reference and fused steps alternating, the order flipped every round; medians of wall time and
@@ -37,9 +42,10 @@ from collections.abc import Callable
 
 import pytest
 import torch
+from reference_check import Tol, check
 from torch.utils.flop_counter import FlopCounterMode
 
-from vosgan import config, train
+from vosgan import backend, config, train
 from vosgan.train import amp_dtype, build_run, configure_backends, train_step
 
 CUDA = torch.cuda.is_available()
@@ -97,10 +103,20 @@ def _peak_memory_mb(step: Callable[[], None], device: str) -> tuple[str, float]:
     return "peak_rss_delta_mb", _rss_mb("VmHWM") - before
 
 
-def _make_step(preset: str, device: str, batch: int | None, fused: bool, compile: bool = False):
+def _make_step(
+    preset: str,
+    device: str,
+    batch: int | None,
+    fused: bool,
+    compile: bool = False,
+    amp: str | None = None,
+):
+    """``(cfg, step, run)``: ``step()`` runs one training step and returns its loss parts."""
     overrides = {} if batch is None else {"data.batch_size": batch}
     if compile:
         overrides["train.compile"] = "true"
+    if amp is not None:
+        overrides["train.amp"] = amp
     cfg = config.load(preset, overrides)
     dev = torch.device(device)
     configure_backends(dev)  # as the trainer runs (cuDNN autotuning, TF32)
@@ -114,12 +130,62 @@ def _make_step(preset: str, device: str, batch: int | None, fused: bool, compile
     real = torch.rand(cfg.data.batch_size, 3, m.frames, m.size, m.size, generator=gen) * 2 - 1
     real = real.to(dev)
 
-    def step() -> None:
-        train_step(run, real, autocast)
+    def step() -> dict[str, torch.Tensor]:
+        parts = train_step(run, real, autocast)
         if device == "cuda":
             torch.cuda.synchronize()
+        return parts
 
-    return cfg, step
+    return cfg, step, run
+
+
+def _first_step(step: Callable[[], dict], run) -> dict[str, torch.Tensor]:
+    """One step from the seeded state: its loss parts and the gradient of every G and D
+    parameter (``.grad`` holds that step's gradients: both updates zero them first)."""
+    torch.manual_seed(0)  # the latents
+    res = {k: v.detach().clone() for k, v in step().items()}
+    for name, model in (("G", run.G), ("D", run.D)):
+        for n, p in model.named_parameters():
+            if p.grad is not None:
+                res[f"{name}.{n}.grad"] = p.grad.detach().clone()
+    return res
+
+
+#: Gradient tolerance of the fused step's check, a fraction of each gradient's max (fp32, CPU).
+#: A 1e-7 relative perturbation of the reference's own initial weights moves its gradients by up
+#: to 4e-6 of their max at cpu-small, but by 3e-2 at paper with batch 2 (BatchNorm over 2
+#: samples), where no bound separates rounding from a bug: there, and under bf16 autocast, only
+#: the loss parts are compared (the same fused ops are checked at cpu-small, and by the tests).
+GRAD_TOL = 1e-4
+
+
+def check_fused_step(preset: str, device: str, batch: int | None, step, run) -> None:
+    """The fused run's first step (``step``/``run``, fresh from ``build_run``) against the
+    reference path's from the same initial weights and latents: every loss part and every
+    parameter gradient (gradients at ``cpu-small`` on CPU only, see ``GRAD_TOL``). fp32 (CPU):
+    loss parts within 1e-4, gradients within ``GRAD_TOL`` of their max; bf16 autocast (CUDA):
+    at most 2x the error of the reference path against the reference in fp32, plus 1e-2 of the
+    max."""
+    want = _first_step(*_make_step(preset, device, batch, False)[1:])
+    exact = None
+    if device == "cuda":
+        exact = _first_step(*_make_step(preset, device, batch, False, amp="off")[1:])
+    got = _first_step(step, run)
+    what = f"train step {preset} fused {device}"
+    grad_checks = (False, True) if preset == "cpu-small" and device == "cpu" else (False,)
+    for grads in grad_checks:  # the loss parts, then the gradients where they are stable
+        g, w, e = (
+            {k: v for k, v in d.items() if k.endswith(".grad") == grads}
+            for d in (got, want, exact or {})
+        )
+        tol = Tol(0, GRAD_TOL, scaled=True) if grads else Tol(1e-4, 1e-6)
+        check(what, g, w, tol, exact=e if exact is not None else None, floor=1e-2)
+
+
+def _ops(device: str) -> str:
+    """What each op ran under ``--fused``: ``vosgan.backend``'s per-op choice on ``device``
+    (``op:reference`` where that op falls back)."""
+    return "; ".join(f"{op}:{backend.choose(op, device).impl}" for op in backend.OPS)
 
 
 def _flops(step: Callable[[], None]) -> float:
@@ -135,8 +201,10 @@ def test_train_step(benchmark, case: str, provider: str) -> None:
     if provider == "compile" and device == "cpu":
         pytest.skip("--compile on CPU: inductor takes minutes on the 2-core box (0.96x measured)")
     fused = provider == "fused"
-    cfg, step = _make_step(preset, device, batch, fused, compile=provider == "compile")
+    cfg, step, run = _make_step(preset, device, batch, fused, compile=provider == "compile")
     b = cfg.data.batch_size
+    if fused:  # its first step, before timing (also the first warm-up step)
+        check_fused_step(preset, device, batch, step, run)
     # Warm-up: numba/Triton compilation, oneDNN/cuDNN primitive selection; under torch.compile
     # also the recompilations of the first steps (D runs with and without parameter gradients).
     for _ in range(3 if provider == "compile" else 1):
@@ -165,6 +233,7 @@ def test_train_step(benchmark, case: str, provider: str) -> None:
         "model_gflop_per_step": _MODEL_FLOPS[key] / 1e9,
         "tflops": _MODEL_FLOPS[key] / median / 1e12,
         mem_key: mem_mb,
+        "ops": _ops(device) if fused else "reference",
     }
     if preset == "paper" and device == "cpu":
         full = config.load(preset).data.batch_size
@@ -184,7 +253,9 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=30)
     p.add_argument("--device", default="cpu")
     args = p.parse_args()
-    steps = {f: _make_step(args.preset, args.device, args.batch, f)[1] for f in (False, True)}
+    made = {f: _make_step(args.preset, args.device, args.batch, f) for f in (False, True)}
+    check_fused_step(args.preset, args.device, args.batch, *made[True][1:])
+    steps = {f: m[1] for f, m in made.items()}
     for step in steps.values():  # warm-up (compilation, primitive caches)
         step()
         step()
