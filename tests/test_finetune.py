@@ -228,16 +228,43 @@ def test_finetune_mode_updates_the_encoder(tmp_path, ucf, ckpt, capsys, monkeypa
         (["--model.size=64"], "only --data.\\* overrides"),
         (["--data.bogus=1"], "unknown config key 'data.bogus'"),
         (["--batch-size", "1"], "--batch-size must be >= 2"),
-        pytest.param(
-            ["--device", "cuda"],
-            "no CUDA device",
-            marks=pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA present"),
-        ),
     ],
 )
 def test_bad_arguments(tmp_path, ucf, ckpt, capsys, extra, message):
     args = ["--checkpoint", str(ckpt), "--data", str(ucf), "--out", str(tmp_path / "o"), *extra]
     assert finetune.main(args) == 2
+    assert re.search(message, capsys.readouterr().err)
+
+
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        (["--device", "bogus"], "argument --device: 'bogus' is not a device"),
+        (["--out", "{tmp}/afile"], "argument --out: .*afile is a file, expected a folder"),
+        (["--out", "/proc/vosgan-finetune"], "argument --out: .*cannot create files under /proc"),
+        (["--weight-decay", "-1"], "argument --weight-decay: must be >= 0, got -1"),
+        pytest.param(
+            ["--device", "cuda"],
+            "argument --device: 'cuda': this machine has no CUDA device",
+            marks=pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA present"),
+        ),
+        pytest.param(
+            ["--amp", "fp16"],
+            "--amp fp16 needs a CUDA device, got --device cpu",
+            marks=pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA present"),
+        ),
+    ],
+)
+def test_bad_arguments_fail_before_any_work(tmp_path, capsys, extra, message):
+    """Checked before the checkpoint is read (it does not exist here)."""
+    (tmp_path / "afile").write_text("")
+    args = ["--checkpoint", str(tmp_path / "none.pt"), "--data", str(tmp_path)]
+    args += ["--out", str(tmp_path / "o"), *(a.format(tmp=tmp_path) for a in extra)]
+    try:
+        code = finetune.main(args)
+    except SystemExit as exc:  # argparse's own errors
+        code = exc.code
+    assert code == 2
     assert re.search(message, capsys.readouterr().err)
 
 

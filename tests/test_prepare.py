@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -193,3 +194,60 @@ def test_cache_in_loader_workers_matches_main_process(src: Path, tmp_path: Path)
     for step, got in enumerate(loader):  # seeded clips: workers and main process agree
         want = ds.batch(range(4 * step, 4 * step + 4))
         assert torch.equal(got["video"], want["video"]) and torch.equal(got["label"], want["label"])
+
+
+def test_damaged_cache_errors_name_the_file(
+    src: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A corrupt index.json or a truncated shard: prepare and the readers (train --data CACHE)
+    name the file and what is wrong; prepare --force rebuilds."""
+    out = tmp_path / "c"
+    with pytest.warns(UserWarning):
+        prep.prepare(src, out, size=16, progress=False)
+    good = (out / "index.json").read_text()
+    shard = out / "shard_00000.bin"
+    whole = shard.read_bytes()
+
+    def cli_error() -> str:
+        assert prep.main([str(src), "--out", str(out), "--size", "16"]) == 2
+        return capsys.readouterr().err
+
+    (out / "index.json").write_text("{bad json")
+    for read in (read_index, CacheSource, lambda root: make_dataset(_cfg(root), "train", 4)):
+        with pytest.raises(ValueError, match=r"c/index.json is unreadable \(Expecting property"):
+            read(out)
+    assert re.search(r"c/index.json is unreadable .*; pass --force", cli_error())
+
+    (out / "index.json").write_text(good)
+    shard.write_bytes(whole[:1000])
+    message = rf"c/shard_00000.bin holds 1000 bytes, fewer than the {len(whole)} its videos need"
+    for read in (read_index, CacheSource, lambda root: make_dataset(_cfg(root), "train", 4)):
+        with pytest.raises(ValueError, match=message):
+            read(out)
+    assert re.search(message, cli_error())  # not "already complete"
+    shard.unlink()
+    assert re.search(r"c/shard_00000.bin is missing", cli_error())
+
+    with pytest.warns(UserWarning):
+        assert prep.main([str(src), "--out", str(out), "--size", "16", "--force"]) == 0
+    assert shard.read_bytes() == whole and len(read_index(out)["videos"]) == 3
+
+
+def test_cli_leaves_no_output_on_bad_out_or_no_usable_video(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    garbage = tmp_path / "garbage.mp4"
+    garbage.write_bytes(b"\x00" * 512)
+    (tmp_path / "afile").write_text("")
+    with pytest.raises(SystemExit) as exc:
+        prep.main([str(garbage), "--out", str(tmp_path / "afile")])
+    assert exc.value.code == 2
+    assert "argument --out: " in capsys.readouterr().err
+    with pytest.warns(UserWarning, match="skipping garbage.mp4"):
+        assert prep.main([str(garbage), "--out", str(tmp_path / "new" / "c")]) == 2
+    assert "no usable video (all 1 skipped); no cache written" in capsys.readouterr().err
+    assert not (tmp_path / "new" / "c").exists()  # created by this run: removed
+    (tmp_path / "empty").mkdir()
+    with pytest.warns(UserWarning, match="skipping garbage.mp4"):
+        assert prep.main([str(garbage), "--out", str(tmp_path / "empty")]) == 2
+    assert list((tmp_path / "empty").iterdir()) == []  # there before: kept, but left empty

@@ -208,8 +208,14 @@ def test_inception_score_known_cases():
     assert inception_score(z, 3) == pytest.approx(inception_score(soft, 3, probabilities=True))
     with pytest.raises(ValueError, match="splits must be in"):
         inception_score(z, splits=31)
-    with pytest.raises(ValueError, match="probabilities must be >= 0"):
+    with pytest.raises(ValueError, match="not probabilities: values must be >= 0"):
         inception_score(-soft, 1, probabilities=True)
+    with pytest.raises(ValueError, match=r"rows summing to 1 .*row sums in \[2, 2\]"):
+        inception_score(2 * soft, 1, probabilities=True)
+    nearly = soft * (1 + 1e-3)  # low-precision softmax outputs: accepted, renormalised
+    assert inception_score(nearly, 3, probabilities=True) == pytest.approx(
+        inception_score(soft, 3, probabilities=True)
+    )
 
 
 # ---- extractor loading and input preparation ------------------------------------------------
@@ -230,6 +236,13 @@ class TinyClassifier(torch.nn.Module):
         return 4.0 * torch.cat([x.mean(dim=(2, 3, 4)), -x.mean(dim=(1, 2, 3, 4))[:, None]], 1)
 
 
+class NaNModel(torch.nn.Module):
+    """A broken extractor/classifier: 4-d outputs, all NaN."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.full((x.shape[0], 4), float("nan"))
+
+
 @pytest.fixture(scope="module")
 def scripted(tmp_path_factory):
     root = tmp_path_factory.mktemp("scripted")
@@ -237,6 +250,7 @@ def scripted(tmp_path_factory):
         warnings.filterwarnings("ignore", ".*torch.jit.script.* is deprecated", DeprecationWarning)
         torch.jit.script(TinyExtractor()).save(str(root / "extractor.pt"))
         torch.jit.script(TinyClassifier()).save(str(root / "classifier.pt"))
+        torch.jit.script(NaNModel()).save(str(root / "nan.pt"))
     return root
 
 
@@ -245,6 +259,8 @@ def test_load_torchscript_errors(tmp_path, scripted):
         load_torchscript(None, "--extractor", CPU)
     with pytest.raises(ExtractorError, match=r"--extractor .*missing\.pt: no such file"):
         load_torchscript(tmp_path / "missing.pt", "--extractor", CPU)
+    with pytest.raises(ExtractorError, match=r"--extractor .* is a folder, expected a TorchScript"):
+        load_torchscript(tmp_path, "--extractor", CPU)
     (tmp_path / "junk.pt").write_bytes(b"not a model")
     with pytest.raises(ExtractorError, match="--classifier .*not a loadable TorchScript"):
         load_torchscript(tmp_path / "junk.pt", "--classifier", CPU)
@@ -440,10 +456,22 @@ def test_cli_shared_real_clips(tmp_path, scripted, ckpt, capsys):
         (["--extractor", "{ext}", "--data", "{tmp}/nowhere"], "--data .*nowhere: no such"),
         (["--extractor", "{ext}", "--split", "dev"], "--split must be one of"),
         (["--extractor", "{ext}", "--classifier", "{ext}", "--is-splits", "5"], "--is-splits"),
+        (["--extractor", "{tmp}"], "--extractor .* is a folder, expected a TorchScript model"),
+        (["--extractor", "{nan}"], "--extractor .*nan.pt returned NaN/Inf values for the real"),
+        (
+            ["--extractor", "{ext}", "--classifier", "{nan}", "--is-splits", "2"],
+            "--classifier .*nan.pt returned NaN/Inf values for the generated clips",
+        ),
+        (  # logits (some negative) passed off as probabilities
+            ["--extractor", "{ext}", "--classifier", "{cls}", "--is-splits", "2"]
+            + ["--classifier-output", "probs"],
+            "--classifier .*classifier.pt with --classifier-output probs: not probabilities",
+        ),
     ],
 )
 def test_cli_bad_input(tmp_path, scripted, ckpt, capsys, extra, message):
-    extra = [a.format(tmp=tmp_path, ext=scripted / "extractor.pt") for a in extra]
+    names = {"ext": "extractor.pt", "cls": "classifier.pt", "nan": "nan.pt"}
+    extra = [a.format(tmp=tmp_path, **{k: scripted / v for k, v in names.items()}) for a in extra]
     args = [
         "--checkpoint",
         str(ckpt),
@@ -456,4 +484,21 @@ def test_cli_bad_input(tmp_path, scripted, ckpt, capsys, extra, message):
         *extra,
     ]
     assert fvd.main(args) == 2
+    assert re.search(message, capsys.readouterr().err)
+
+
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        (["--device", "bogus"], "argument --device: 'bogus' is not a device"),
+        (["--out", "{tmp}/afile"], "argument --out: .*afile is a file, expected a folder"),
+        (["--out", "/proc/vosgan-fvd"], "argument --out: .*cannot create files under /proc"),
+    ],
+)
+def test_cli_bad_arguments_fail_before_any_work(tmp_path, capsys, extra, message):
+    (tmp_path / "afile").write_text("")
+    args = ["--checkpoint", str(tmp_path / "none.pt"), "--extractor", str(tmp_path / "none.pt")]
+    with pytest.raises(SystemExit) as exc:
+        fvd.main([*args, "--out", str(tmp_path / "o"), *(a.format(tmp=tmp_path) for a in extra)])
+    assert exc.value.code == 2
     assert re.search(message, capsys.readouterr().err)

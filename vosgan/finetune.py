@@ -38,12 +38,12 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from vosgan import checkpoint
+from vosgan import checkpoint, cli
 from vosgan import config as config_mod
 from vosgan.config import Config, ConfigError
 from vosgan.evaluate import load_models
 from vosgan.models import Discriminator
-from vosgan.train import amp_dtype, resolve_device
+from vosgan.train import amp_dtype
 
 
 class ActionClassifier(nn.Module):
@@ -239,31 +239,50 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--checkpoint", required=True, help="checkpoint file or run folder")
     p.add_argument("--data", required=True, help="UCF-101 layout root (class folders + lists)")
-    p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--mode", default="frozen", choices=("frozen", "finetune"))
+    p.add_argument("--out", required=True, type=cli.out_dir, help="output folder")
+    p.add_argument(
+        "--mode",
+        default="frozen",
+        choices=("frozen", "finetune"),
+        help="frozen: train the head on fixed D features (default); finetune: encoder too",
+    )
     p.add_argument("--split", type=int, default=1, choices=(1, 2, 3), help="UCF-101 split")
-    p.add_argument("--features", default="last", choices=("last", "all"))
+    p.add_argument(
+        "--features",
+        default="last",
+        choices=("last", "all"),
+        help="pool the last encoder stage (default) or every stage, concatenated",
+    )
     p.add_argument(
         "--epochs",
         type=int,
         default=None,
         help="default: 30 (frozen: cheap, features are cached) / 5 (finetune)",
     )
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--batch-size", type=int, default=16, help="clips per step (16)")
     p.add_argument("--lr", type=float, default=1e-3, help="head learning rate (AdamW)")
     p.add_argument("--encoder-lr", type=float, default=1e-4, help="finetune mode only")
-    p.add_argument("--weight-decay", type=float, default=1e-4)
-    p.add_argument("--dropout", type=float, default=0.0)
+    p.add_argument(
+        "--weight-decay", type=cli.finite_float(0), default=1e-4, help="AdamW weight decay"
+    )
+    p.add_argument("--dropout", type=float, default=0.0, help="dropout before the linear layer")
     p.add_argument("--train-clips", type=int, default=1, help="clips per train video (per epoch)")
     p.add_argument("--test-clips", type=int, default=1, help="clips per test video, averaged")
     p.add_argument(
         "--amp",
         default="auto",
         choices=("auto", "off", "bf16", "fp16"),
-        help="as train.amp: auto = bf16 on CUDA, off on CPU",
+        help="as train.amp: auto = bf16 on CUDA, off on CPU; fp16 needs CUDA",
     )
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda:N")
+    p.add_argument(
+        "--seed", type=int, default=0, help="head initialisation, dropout and batch order"
+    )
+    p.add_argument(
+        "--device",
+        type=cli.device,
+        default="auto",
+        help="auto (CUDA when available), cpu, cuda, cuda:N",
+    )
     args, rest = p.parse_known_args(argv)
     args.overrides = config_mod.parse_overrides(rest)
     bad = [k for k in args.overrides if not k.startswith("data.")]
@@ -284,6 +303,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             raise ConfigError(f"{flag} must be > 0, got {value}")
     if not 0 <= args.dropout < 1:
         raise ConfigError(f"--dropout must be in [0, 1), got {args.dropout}")
+    if args.amp == "fp16" and args.device.type != "cuda":
+        raise ConfigError(f"--amp fp16 needs a CUDA device, got --device {args.device}")
     return args
 
 
@@ -346,7 +367,7 @@ def clip_datasets(
 
 def run(args: argparse.Namespace) -> tuple[dict[str, Any], ActionClassifier]:
     """Train and test; writes the output folder and returns ``(result, model)``."""
-    device = resolve_device(args.device)
+    device = args.device
     torch.manual_seed(args.seed)
     cfg, _, D, ckpt = load_models(args.checkpoint, device)
     cfg = config_mod.apply_overrides(cfg, args.overrides)
@@ -412,7 +433,7 @@ def run(args: argparse.Namespace) -> tuple[dict[str, Any], ActionClassifier]:
             "seconds": round(time.perf_counter() - t0, 2),
         },
     }
-    out = Path(args.out)
+    out = args.out
     out.mkdir(parents=True, exist_ok=True)
     (out / "result.json").write_text(json.dumps(result, indent=2))
     with open(out / "predictions.csv", "w", newline="") as fh:
@@ -447,7 +468,7 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"top-1 accuracy {result['top1']:.4f} on {result['protocol']['test_videos']} test "
         f"videos of split {result['protocol']['split']} ({result['protocol']['mode']}); "
-        f"wrote {Path(args.out) / 'result.json'}"
+        f"wrote {args.out / 'result.json'}"
     )
     return 0
 

@@ -37,13 +37,13 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
+from vosgan import cli
 from vosgan.checkpoint import sha256_file
 from vosgan.config import Config, ConfigError
 from vosgan.data.build import make_dataset
 from vosgan.data.synthetic import SPLITS
 from vosgan.evaluate import load_models
 from vosgan.models import Generator
-from vosgan.train import resolve_device
 from vosgan.video_metrics import (
     ExtractorError,
     frechet_distance_from_features,
@@ -88,16 +88,23 @@ def _fake_batches(G: Generator, num: int, batch: int, seed: int) -> Iterator[Ten
 
 def extract(
     batches: Iterator[Tensor],
-    models: dict[str, Callable[[Tensor], Tensor]],
+    models: dict[str, tuple[Callable[[Tensor], Tensor], str]],
     total: int,
     desc: str,
 ) -> dict[str, np.ndarray]:
-    """Run every model on every batch; ``{name: (N, D) float64}``."""
+    """Run every model on every batch; ``{name: (N, D) float64}``.
+
+    ``models`` maps a name to ``(fn, source)``; ``source`` (e.g. ``--extractor FILE``) names the
+    model when it returns NaN or Inf for these (``desc``) clips.
+    """
     out: dict[str, list[Tensor]] = {k: [] for k in models}
     with tqdm(total=total, desc=desc, unit="clip", dynamic_ncols=True) as bar:
         for video in batches:
-            for name, fn in models.items():
-                out[name].append(fn(video))
+            for name, (fn, source) in models.items():
+                values = fn(video)
+                if not torch.isfinite(values).all():
+                    raise ExtractorError(f"{source} returned NaN/Inf values for the {desc} clips")
+                out[name].append(values)
             bar.update(video.shape[0])
     return {k: torch.cat(v).double().numpy() for k, v in out.items()}
 
@@ -124,19 +131,36 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--split", default="train", help="split of --data the real clips come from")
     p.add_argument("--num", type=int, default=2048, help="generated videos")
     p.add_argument("--num-real", type=int, default=None, help="real clips (default: --num)")
-    p.add_argument("--out", required=True, help="output folder (metrics.json)")
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--out", required=True, type=cli.out_dir, help="output folder (metrics.json)")
+    p.add_argument("--batch-size", type=int, default=16, help="clips per forward (16)")
     p.add_argument("--seed", type=int, default=0, help="latent seed of the generated videos")
-    p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda:N")
+    p.add_argument(
+        "--device",
+        type=cli.device,
+        default="auto",
+        help="auto (CUDA when available), cpu, cuda, cuda:N",
+    )
     p.add_argument("--extractor-size", type=int, default=224, help="input side S; 0 = as is")
-    p.add_argument("--extractor-range", default="[-1,1]", choices=RANGES)
+    p.add_argument(
+        "--extractor-range",
+        default="[-1,1]",
+        choices=RANGES,
+        help="value range the extractor and classifier expect (default [-1,1])",
+    )
     p.add_argument("--extractor-kwargs", default="{}", help="JSON keyword arguments")
     p.add_argument("--classifier", default=None, help="TorchScript classifier for IS (.pt)")
     p.add_argument("--classifier-kwargs", default="{}", help="JSON keyword arguments")
-    p.add_argument("--classifier-output", default="logits", choices=("logits", "probs"))
-    p.add_argument("--is-splits", type=int, default=10)
-    p.add_argument("--kvd-subsets", type=int, default=100)
-    p.add_argument("--kvd-subset-size", type=int, default=1000)
+    p.add_argument(
+        "--classifier-output",
+        default="logits",
+        choices=("logits", "probs"),
+        help="what --classifier returns: logits (default) or class probabilities",
+    )
+    p.add_argument(
+        "--is-splits", type=int, default=10, help="IS: mean and std over this many splits (10)"
+    )
+    p.add_argument("--kvd-subsets", type=int, default=100, help="KVD random subsets (100)")
+    p.add_argument("--kvd-subset-size", type=int, default=1000, help="clips per KVD subset (1000)")
     p.add_argument("--save-features", action="store_true", help="also write DIR/features.npz")
     args = p.parse_args(argv)
     args.num_real = args.num if args.num_real is None else args.num_real
@@ -160,7 +184,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     """Load everything, extract features, compute the metrics; returns the result dict."""
-    device = resolve_device(args.device)
+    device = args.device
     extractor = load_torchscript(args.extractor, "--extractor", device)  # fail before G runs
     classifier = (
         load_torchscript(args.classifier, "--classifier", device) if args.classifier else None
@@ -176,7 +200,12 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
 
         return fn
 
-    feat = {"features": wrap(extractor, args.extractor_kwargs, "--extractor")}
+    feat = {
+        "features": (
+            wrap(extractor, args.extractor_kwargs, "--extractor"),
+            f"--extractor {args.extractor}",
+        )
+    }
     dataset = real_dataset(cfg, args.data, args.split, args.num_real)
     num_real = len(dataset)
     # distinct real videos behind the clips (clip i comes from video i % V)
@@ -185,7 +214,10 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     real = extract(_real_batches(dataset, num_real, args.batch_size), feat, num_real, "real")
     fake_models = dict(feat)
     if classifier is not None:
-        fake_models["logits"] = wrap(classifier, args.classifier_kwargs, "--classifier")
+        fake_models["logits"] = (
+            wrap(classifier, args.classifier_kwargs, "--classifier"),
+            f"--classifier {args.classifier}",
+        )
     fake = extract(
         _fake_batches(G, args.num, args.batch_size, args.seed), fake_models, args.num, "generated"
     )
@@ -197,9 +229,16 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
         "kvd_std": kvd_std,
     }
     if classifier is not None:
-        is_mean, is_std = inception_score(
-            fake["logits"], args.is_splits, probabilities=args.classifier_output == "probs"
-        )
+        probs = args.classifier_output == "probs"
+        try:
+            is_mean, is_std = inception_score(fake["logits"], args.is_splits, probabilities=probs)
+        except ValueError as exc:
+            if not probs:
+                raise
+            raise ExtractorError(
+                f"--classifier {args.classifier} with --classifier-output probs: {exc}; "
+                "pass --classifier-output logits if it returns logits"
+            ) from exc
         metrics.update(is_mean=is_mean, is_std=is_std)
     frames, res = cfg.model.frames, cfg.model.size
     protocol = {
@@ -245,7 +284,7 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
             classifier_output=args.classifier_output,
             is_splits=args.is_splits,
         )
-    out = Path(args.out)
+    out = args.out
     out.mkdir(parents=True, exist_ok=True)
     result = {"metrics": metrics, "protocol": protocol}
     (out / "metrics.json").write_text(json.dumps(result, indent=2))
@@ -278,7 +317,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{pr['extractor_input']['shape'][3]}px {pr['extractor_input']['range']}, "
         f"sha256 {pr['extractor_sha256'][:12]}"
     )
-    print(f"wrote {Path(args.out) / 'metrics.json'}")
+    print(f"wrote {args.out / 'metrics.json'}")
     return 0
 
 

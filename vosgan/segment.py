@@ -35,6 +35,7 @@ from PIL import Image
 from torch import Tensor
 from tqdm import tqdm
 
+from vosgan import cli
 from vosgan.evaluate import load_models, predict
 from vosgan.models import Discriminator
 from vosgan.viz import write_video
@@ -247,7 +248,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--checkpoint", required=True, help="checkpoint file or run folder")
     p.add_argument("--input", required=True, help="video file, frame folder or DAVIS root")
-    p.add_argument("--out", required=True, help="output folder (one sub-folder per sequence)")
+    p.add_argument(
+        "--out", required=True, type=cli.out_dir, help="output folder (one sub-folder per sequence)"
+    )
     p.add_argument("--threshold", type=float, default=0.5, help="foreground if prob > this")
     p.add_argument(
         "--size",
@@ -255,18 +258,35 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="model resolution; must equal the checkpoint's model.size (default)",
     )
-    p.add_argument("--stride", type=int, default=None, help="window stride (default T/2)")
-    p.add_argument("--fit", choices=FITS, default="tiles")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--fps", type=int, default=8, help="overlay video frame rate")
+    p.add_argument(
+        "--stride", type=cli.int_at_least(1), default=None, help="window stride (default T/2)"
+    )
+    p.add_argument(
+        "--fit",
+        choices=FITS,
+        default="tiles",
+        help="tiles: short side to the model size, S x S tiles (default); squash: whole frame "
+        "resized to S x S",
+    )
+    p.add_argument(
+        "--batch-size", type=cli.int_at_least(1), default=8, help="clips per D forward (8)"
+    )
+    p.add_argument(
+        "--fps", type=cli.int_at_least(1), default=8, help="overlay video frame rate (8)"
+    )
     p.add_argument("--no-video", action="store_true", help="write the PNG masks only")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument(
+        "--device",
+        type=cli.device,
+        default="cuda" if torch.cuda.is_available() else "cpu",
+        help="cpu, cuda, cuda:N or auto (default: CUDA when available)",
+    )
     args = p.parse_args(argv)
     if not 0.0 <= args.threshold < 1.0:
         print(f"error: --threshold must be in [0, 1), got {args.threshold}", file=sys.stderr)
         return 2
     try:
-        cfg, _, D, _ = load_models(args.checkpoint, torch.device(args.device))
+        cfg, _, D, _ = load_models(args.checkpoint, args.device)
         size = cfg.model.size
         if args.size is not None and args.size != size:
             raise ValueError(
@@ -287,14 +307,14 @@ def main(argv: list[str] | None = None) -> int:
                 progress=True,
             )
             write_outputs(
-                Path(args.out) / name,
+                args.out / name,
                 frames,
                 prob > args.threshold,
                 stems,
                 fps=args.fps,
                 videos=not args.no_video,
             )
-            tqdm.write(f"{name}: {len(stems)} frames -> {Path(args.out) / name}")
+            tqdm.write(f"{name}: {len(stems)} frames -> {args.out / name}")
     except (FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

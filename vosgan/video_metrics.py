@@ -28,6 +28,8 @@ from torch import Tensor
 
 #: Relative tolerance on the negative eigenvalues that rounding leaves in a PSD matrix.
 PSD_TOL = 1e-6
+#: How far from 1 a row of class probabilities may sum (low-precision softmax outputs).
+PROB_TOL = 1e-2
 
 
 class ExtractorError(ValueError):
@@ -202,7 +204,8 @@ def inception_score(
 
     Args:
         logits: classifier outputs ``(N, K)``: logits, or class probabilities when
-            ``probabilities`` (rows are then renormalised; zeros are allowed).
+            ``probabilities`` (>= 0, zeros allowed; each row must sum to 1 within
+            :data:`PROB_TOL` and is renormalised).
         splits: the N samples are cut into this many consecutive, near-equal parts.
     """
     x = _as_features("logits", logits)
@@ -210,9 +213,14 @@ def inception_score(
     if not 1 <= splits <= n:
         raise ValueError(f"splits must be in [1, N={n}], got {splits}")
     if probabilities:
-        if (x < 0).any():
-            raise ValueError("probabilities must be >= 0")
-        p = x / np.maximum(x.sum(axis=1, keepdims=True), 1e-300)
+        sums = x.sum(axis=1, keepdims=True)
+        if (x < 0).any() or (np.abs(sums - 1) > PROB_TOL).any():
+            raise ValueError(
+                "not probabilities: values must be >= 0 with rows summing to 1 "
+                f"(within {PROB_TOL:g}), got values in [{x.min():.3g}, {x.max():.3g}] and row "
+                f"sums in [{sums.min():.3g}, {sums.max():.3g}]"
+            )
+        p = x / sums
         with np.errstate(divide="ignore"):
             logp = np.log(p)
     else:
@@ -237,6 +245,8 @@ def load_torchscript(path: str | Path | None, flag: str, device: torch.device) -
     if path is None or str(path) == "":
         raise ExtractorError(f"{flag} is required: the path of a TorchScript model file (.pt)")
     p = Path(path)
+    if p.is_dir():
+        raise ExtractorError(f"{flag} {p} is a folder, expected a TorchScript model file (.pt)")
     if not p.is_file():
         raise ExtractorError(
             f"{flag} {p}: no such file (supply a TorchScript file made with torch.jit.script/"

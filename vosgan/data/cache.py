@@ -54,7 +54,8 @@ class CacheWriter:
         root: cache folder (created). header: ``{"size", "source", "source_checksum", ...}``;
             a resumed run must have the same ``source_checksum``.
         shard_bytes: start a new shard once the current one holds this many bytes.
-        force: discard an existing cache or progress with another checksum instead of failing.
+        force: discard an existing cache or progress with another checksum, an unreadable index
+            or damaged shards instead of failing.
     """
 
     def __init__(
@@ -69,13 +70,10 @@ class CacheWriter:
         self.entries: list[dict[str, Any]] = []
         progress = self.root / PROGRESS
         old = self._previous()
-        if old is not None and old.get("source_checksum") != header["source_checksum"]:
+        problem = None if old is None else self._problem(old)
+        if problem:
             if not force:
-                raise ValueError(
-                    f"{self.root} holds a cache of another source list or settings (checksum "
-                    f"{str(old.get('source_checksum'))[:12]} != {header['source_checksum'][:12]})"
-                    "; pass --force to overwrite it or choose another --out"
-                )
+                raise ValueError(f"{problem}; pass --force to overwrite it or choose another --out")
             old = None
         if old is None:
             for p in [
@@ -86,7 +84,7 @@ class CacheWriter:
                 p.unlink(missing_ok=True)
             progress.write_text(json.dumps(header) + "\n")
         elif (self.root / INDEX).is_file():
-            self.entries = json.loads((self.root / INDEX).read_text())["videos"]
+            self.entries = old["videos"]
             self.complete = True
             return
         else:
@@ -96,17 +94,36 @@ class CacheWriter:
                     self.entries.append(json.loads(line))
                 except json.JSONDecodeError:
                     break  # a line cut by the interruption: that video is redone
+            problem = shard_problem(self.root, [e for e in self.entries if "shard" in e])
+            if problem:
+                raise ValueError(f"{problem}; pass --force to start over")
             self._truncate()
         self.complete = False
 
+    def _problem(self, old: dict[str, Any]) -> str | None:
+        """Why the cache or progress already in ``root`` cannot be kept or resumed, if it can't."""
+        index = self.root / INDEX
+        if not old:
+            name = index if index.is_file() else self.root / PROGRESS
+            return f"{name} is unreadable (damaged, or not written by vosgan.data.prepare)"
+        if old.get("source_checksum") != self.header["source_checksum"]:
+            return (
+                f"{self.root} holds a cache of another source list or settings (checksum "
+                f"{str(old.get('source_checksum'))[:12]} != {self.header['source_checksum'][:12]})"
+            )
+        return shard_problem(self.root, old["videos"]) if index.is_file() else None
+
     def _previous(self) -> dict[str, Any] | None:
+        """The index, else the progress header; ``{}`` when unreadable, None when neither."""
         for name in (INDEX, PROGRESS):
             p = self.root / name
             if p.is_file():
                 try:
-                    return json.loads(p.read_text().splitlines()[0])
-                except (json.JSONDecodeError, IndexError):
+                    value = json.loads(p.read_text().splitlines()[0])
+                except (json.JSONDecodeError, IndexError, UnicodeDecodeError):
                     return {}
+                ok = isinstance(value, dict) and (name != INDEX or _is_index(value))
+                return value if ok else {}
         return None
 
     def _truncate(self) -> None:
@@ -209,12 +226,61 @@ def read_index(root: str | Path) -> dict[str, Any]:
                 "python -m vosgan.data.prepare again with the same SRC to resume"
             )
         raise FileNotFoundError(f"{root / INDEX} does not exist (not a prepared cache)")
-    index = json.loads((root / INDEX).read_text())
-    if index.get("format") != FORMAT or index.get("version") != VERSION:
+    try:
+        index = json.loads((root / INDEX).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(
+            f"{root / INDEX} is unreadable ({exc}); rebuild the cache with "
+            f"python -m vosgan.data.prepare SRC --out {root} --force"
+        ) from None
+    fmt = (index.get("format"), index.get("version")) if isinstance(index, dict) else None
+    if fmt != (FORMAT, VERSION):
         raise ValueError(f"{root / INDEX}: not a {FORMAT} v{VERSION} index")
+    if not _is_index(index):
+        raise ValueError(f"{root / INDEX}: damaged index (missing or malformed video entries)")
     if not index["videos"]:
         raise ValueError(f"{root}: the cache holds no usable video")
+    problem = shard_problem(root, index["videos"])
+    if problem:
+        raise ValueError(
+            f"{problem}; rebuild the cache with python -m vosgan.data.prepare SRC --out {root} "
+            "--force"
+        )
     return index
+
+
+_ENTRY_KEYS = ("name", "length", "height", "width", "shard", "offset", "mask_offset")
+
+
+def _is_index(index: dict[str, Any]) -> bool:
+    """Whether ``index`` has ``size``, ``has_masks`` and a ``videos`` list of complete entries."""
+    videos = index.get("videos")
+    return (
+        {"size", "has_masks"} <= index.keys()
+        and isinstance(videos, list)
+        and all(isinstance(v, dict) and all(k in v for k in _ENTRY_KEYS) for v in videos)
+    )
+
+
+def shard_problem(root: str | Path, videos: Sequence[dict[str, Any]]) -> str | None:
+    """What is wrong with the shards of ``root`` (naming the file), if one is missing or shorter
+    than the ``videos`` stored in it need; None when all are whole."""
+    ends: dict[Path, int] = {}
+    for v in videos:
+        n = v["length"] * v["height"] * v["width"]
+        for kind, offset, nbytes in (("shard", v["offset"], 3 * n), ("mask", v["mask_offset"], n)):
+            if offset is not None:
+                path = _shard(Path(root), kind, v["shard"])
+                ends[path] = max(ends.get(path, 0), offset + nbytes)
+    for path, end in sorted(ends.items()):
+        if not path.is_file():
+            return f"{path} is missing (its videos need {end} bytes)"
+        if path.stat().st_size < end:
+            return (
+                f"{path} holds {path.stat().st_size} bytes, fewer than the {end} its videos "
+                "need (a truncated or damaged shard)"
+            )
+    return None
 
 
 class CacheSource(Source):

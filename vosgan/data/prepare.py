@@ -21,9 +21,10 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+from vosgan import cli
 from vosgan.data import frames as fr
 from vosgan.data.build import LIST_DIRS, labelled_videos, layout
-from vosgan.data.cache import VERSION, CacheWriter, source_checksum
+from vosgan.data.cache import INDEX, VERSION, CacheWriter, source_checksum
 from vosgan.data.decode import PyAVDecoder, VideoError
 
 
@@ -94,6 +95,7 @@ def prepare(
         "source_checksum": checksum,
         "num_sources": len(entries),
     }
+    created = not out.exists()
     writer = CacheWriter(out, header, shard_bytes=shard_mb << 20, force=force)
     if writer.complete:
         print(f"{out}: already complete for this source list ({len(entries)} videos)")
@@ -128,14 +130,18 @@ def prepare(
     bar.close()
     index = writer.finish()
     n = len(index["videos"])
+    if n == 0:  # nothing usable: leave no cache that looks complete
+        if created:
+            shutil.rmtree(out)
+        else:
+            (out / INDEX).unlink()
+        raise ValueError(f"{src}: no usable video (all {len(entries)} skipped); no cache written")
     frames = sum(v["length"] for v in index["videos"])
     nbytes = sum(p.stat().st_size for p in out.glob("*.bin"))
     print(
         f"{out}: {n} videos, {frames} frames, {nbytes / 2**20:.1f} MiB"
         + (f"; skipped {len(index['skipped'])} unusable file(s)" if index["skipped"] else "")
     )
-    if n == 0:
-        raise ValueError(f"{src}: no usable video (all {len(entries)} skipped)")
     return index
 
 
@@ -146,10 +152,17 @@ def main(argv: list[str] | None = None) -> int:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("src", help="video folder, UCF-101 folder, DAVIS or frame folders")
-    p.add_argument("--out", required=True, help="cache folder (created; resumed if unfinished)")
+    p.add_argument(
+        "--out",
+        required=True,
+        type=cli.out_dir,
+        help="cache folder (created; resumed if unfinished)",
+    )
     p.add_argument("--size", type=int, default=64, help="stored short side in pixels (64)")
     p.add_argument("--shard-mb", type=int, default=1024, help="shard size in MiB (1024)")
-    p.add_argument("--force", action="store_true", help="overwrite a cache of another source")
+    p.add_argument(
+        "--force", action="store_true", help="overwrite a cache of another source, or a damaged one"
+    )
     args = p.parse_args(argv)
     try:
         prepare(args.src, args.out, args.size, args.shard_mb, args.force)
