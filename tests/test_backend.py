@@ -62,3 +62,24 @@ def test_triton_impl_on_cpu_tensors_needs_the_interpreter(monkeypatch):
     backend.check_triton_device("op", torch.device("cuda"))  # CUDA tensors: no error
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     backend.check_triton_device("op", torch.device("cpu"))  # the interpreter reads CPU memory
+
+
+def test_cli_reports_on_the_device_given(capsys):
+    assert backend.main(["cpu"]) == 0
+    assert "device for this report: cpu" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--help"], "usage: python -m vosgan.backend [-h] [device]"),
+        (["foo"], "argument device: 'foo' is not a device"),
+        (["cpu", "extra"], "unrecognized arguments: extra"),
+    ],
+)
+def test_cli_arguments(capsys, args, message):
+    with pytest.raises(SystemExit) as exc:
+        backend.main(args)
+    out = capsys.readouterr()
+    assert exc.value.code == (0 if args == ["--help"] else 2)
+    assert message in out.out + out.err

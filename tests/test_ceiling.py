@@ -7,6 +7,7 @@ import math
 
 import pytest
 
+from vosgan import ceiling
 from vosgan import config as config_mod
 from vosgan.ceiling import main, train_ceiling
 
@@ -44,7 +45,47 @@ def test_cli_writes_json_and_rejects_bad_arguments(tmp_path, capsys) -> None:
     assert main(argv) == 0
     assert [r["step"] for r in json.loads(out.read_text())] == [1, 2]
     assert "supervised ceiling" in capsys.readouterr().out
-    assert main(["--steps", "0"]) == 2
-    assert "steps" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["--preset", "nope"])
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--steps", "0"], "argument --steps: must be >= 1, got 0"),
+        (["--eval-every", "0"], "argument --eval-every: must be >= 1, got 0"),
+        (["--lr", "-1"], "argument --lr: must be > 0, got -1"),
+        (["--lr", "0"], "argument --lr: must be > 0, got 0"),
+        (["--lr", "nan"], "argument --lr: must be a finite number, got 'nan'"),
+        (["--lr-encoder", "inf"], "argument --lr-encoder: must be a finite number, got 'inf'"),
+        (["--json", "/proc/x/y.json"], "argument --json: /proc/x/y.json: cannot create"),
+        (["--json", "{tmp}"], "argument --json: must end in .json"),
+    ],
+)
+def test_cli_bad_arguments_name_the_flag(tmp_path, capsys, args, message) -> None:
+    args = [a.format(tmp=tmp_path) for a in args]
+    with pytest.raises(SystemExit) as exc:
+        main(["--steps", "2", *args])
+    assert exc.value.code == 2
+    assert message.format(tmp=tmp_path) in capsys.readouterr().err
+
+
+def test_cli_stops_on_a_non_finite_loss_and_creates_the_json_folder(
+    tmp_path, capsys, monkeypatch
+) -> None:
+    out = tmp_path / "new" / "ceiling.json"
+    argv = ["--steps", "1", "--json", str(out), *(f"--{k}={v}" for k, v in TINY.items())]
+    assert main(argv) == 0 and out.exists()  # the missing folder is created
+    capsys.readouterr()
+    calls, bce = [], ceiling.segmentation_loss
+
+    def nan_on_step_2(logit, mask):
+        calls.append(1)
+        loss = bce(logit, mask)
+        return loss * float("nan") if len(calls) == 2 else loss
+
+    monkeypatch.setattr(ceiling, "segmentation_loss", nan_on_step_2)
+    out.unlink()
+    assert main(["--steps", "3", "--json", str(out), *argv[4:]]) == 2
+    assert "BCE is nan at step 2" in capsys.readouterr().err
+    assert not out.exists()

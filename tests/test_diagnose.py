@@ -110,5 +110,29 @@ def test_cli_reports_and_rejects_bad_input(tmp_path, capsys):
     assert 0.0 <= report["g_masks"]["softness"] <= 0.5
     assert diagnose.main(["--checkpoint", str(tmp_path / "missing.pt")]) == 2
     assert "does not exist" in capsys.readouterr().err
-    assert diagnose.main(["--checkpoint", str(out), "--fakes", "0"]) == 2
-    assert "--fakes must be >= 1" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--fakes", "0"], "argument --fakes: must be >= 1, got 0"),
+        (["--clips", "0"], "argument --clips: must be >= 1, got 0"),
+        (["--clips", "-1"], "argument --clips: must be >= 1, got -1"),
+        (["--device", "bogus"], "argument --device: 'bogus' is not a device"),
+        (["--json", "/proc/x/y.json"], "argument --json: /proc/x/y.json: cannot create"),
+        (["--json", "{tmp}"], "argument --json: must end in .json"),
+    ],
+)
+def test_cli_bad_arguments_name_the_flag(tmp_path, ckpt, capsys, args, message):
+    args = [a.format(tmp=tmp_path) for a in args]
+    with pytest.raises(SystemExit) as exc:
+        diagnose.main(["--checkpoint", str(ckpt), *args])
+    assert exc.value.code == 2
+    assert message.format(tmp=tmp_path) in capsys.readouterr().err
+
+
+def test_cli_creates_the_json_folder(tmp_path, ckpt, capsys):
+    path = tmp_path / "new" / "d.json"
+    argv = ["--checkpoint", str(ckpt), "--clips", "1", "--fakes", "1", "--json", str(path)]
+    assert diagnose.main(argv) == 0
+    assert json.loads(path.read_text())["num_clips"] == 1

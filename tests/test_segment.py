@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import re
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -260,6 +261,33 @@ def test_davis_evaluation_cli(
     )
     rows = list(csv.DictReader(open(out / "davis_jf.csv")))
     assert {r["method"] for r in rows} == set(methods[1:]) and rows[0]["frames"] == "20"
+
+
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        (["--device", "bogus"], "argument --device: 'bogus' is not a device"),
+        (["--out", "{tmp}/afile"], "argument --out: .*afile is a file, expected a folder"),
+        (["--out", "/proc/vosgan-segment"], "argument --out: .*cannot create files under /proc"),
+        (["--stride", "0"], "argument --stride: must be >= 1, got 0"),
+        (["--batch-size", "0"], "argument --batch-size: must be >= 1, got 0"),
+        (["--fps", "0"], "argument --fps: must be >= 1, got 0"),
+        (["--fps", "-3"], "argument --fps: must be >= 1, got -3"),
+    ],
+)
+def test_segment_bad_arguments_fail_before_any_work(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], extra: list[str], message: str
+) -> None:
+    """Rejected by argparse before the checkpoint (which does not exist here) is read, so no
+    mask is ever written."""
+    (tmp_path / "afile").write_text("")
+    args = ["--checkpoint", str(tmp_path / "none.pt"), "--input", str(tmp_path)]
+    args += ["--out", str(tmp_path / "o"), *(a.format(tmp=tmp_path) for a in extra)]
+    with pytest.raises(SystemExit) as exc:
+        segment.main(args)
+    assert exc.value.code == 2
+    assert re.search(message, capsys.readouterr().err)
+    assert not (tmp_path / "o").exists()
 
 
 def test_baselines_follow_their_definitions() -> None:

@@ -1,6 +1,6 @@
 """Which implementation each op runs: decided once, overridable, observable.
 
-``python -m vosgan.backend`` prints the whole report. Overrides (environment variables):
+``python -m vosgan.backend [DEVICE]`` prints the whole report. Overrides (environment variables):
 
 - ``VOSGAN_IMPL=reference`` forces the plain PyTorch reference for every op;
 - ``VOSGAN_IMPL_<OP>=reference|<impl>`` (e.g. ``VOSGAN_IMPL_GRU=reference``) for one op.
@@ -12,6 +12,7 @@ reference runs. A fallback warns once, with that reason, through :func:`warn_onc
 
 from __future__ import annotations
 
+import argparse
 import importlib
 import os
 import platform
@@ -21,6 +22,8 @@ from dataclasses import dataclass
 from functools import cache
 
 import torch
+
+from vosgan import cli
 
 #: op name -> the ``vosgan.ops`` module implementing it.
 OPS: dict[str, str] = {
@@ -144,5 +147,24 @@ def report(device: torch.device | str | None = None) -> str:
     return "\n".join(lines)
 
 
+def main(argv: list[str] | None = None) -> int:
+    """Print :func:`report` for the device given on the command line."""
+    p = argparse.ArgumentParser(
+        prog="python -m vosgan.backend",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "device",
+        nargs="?",
+        type=cli.device,
+        default="auto",
+        help="the device to report on: auto (default: CUDA when available, else CPU), cpu, "
+        "cuda or cuda:N",
+    )
+    print(report(p.parse_args(argv).device))
+    return 0
+
+
 if __name__ == "__main__":
-    print(report(sys.argv[1] if len(sys.argv) > 1 else None))
+    sys.exit(main())

@@ -10,7 +10,8 @@ segmentation is chasing, measured rather than guessed.
 ``--lr`` sets the decoder and head learning rate and ``--lr-encoder`` the encoder's (default: the
 preset's ``optim.lr_d`` for both); any config field can be overridden with
 ``--section.key=value`` as in :mod:`vosgan.train`. Prints one line per ``--eval-every`` steps and,
-with ``--json FILE``, writes them as a JSON list.
+with ``--json FILE``, writes them as a JSON list. A NaN or infinite BCE stops the run with an
+error naming the step (exit status 2).
 """
 
 from __future__ import annotations
@@ -19,18 +20,19 @@ import argparse
 import json
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
 from tqdm import tqdm
 
+from vosgan import cli
 from vosgan import config as config_mod
 from vosgan.config import Config
 from vosgan.data import SyntheticVideos
 from vosgan.evaluate import evaluate_model
 from vosgan.losses import segmentation_loss
 from vosgan.models import Discriminator
+from vosgan.train import NonFiniteLossError
 from vosgan.train_data import batch_indices
 from vosgan.train_run import d_param_groups
 
@@ -50,6 +52,9 @@ def train_ceiling(
     Returns:
         One dict per evaluation: ``step``, ``loss`` (the last step's BCE) and the
         :func:`vosgan.evaluate.evaluate_model` fields (``iou``, ``baseline_iou``, ...).
+
+    Raises:
+        NonFiniteLossError: the BCE of a step is NaN or infinite (named in the message).
     """
     if steps < 1 or eval_every < 1:
         raise ValueError(f"steps and eval_every must be >= 1, got {steps} and {eval_every}")
@@ -69,6 +74,10 @@ def train_ceiling(
     for step in bar:
         batch = data.batch(batch_indices(step - 1, d.batch_size, len(data), d.seed))
         loss = segmentation_loss(D(batch["video"]).seg_logit, batch["mask"])
+        if not torch.isfinite(loss):
+            raise NonFiniteLossError(
+                f"BCE is {loss.item()} at step {step}; stopped. Try a lower --lr or --lr-encoder."
+            )
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -92,14 +101,33 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--preset", default="cpu-small", choices=sorted(config_mod.PRESETS))
-    p.add_argument("--steps", type=int, default=None, help="default: the preset's train.steps")
-    p.add_argument("--lr", type=float, default=None, help="decoders and heads (default lr_d)")
-    p.add_argument("--lr-encoder", type=float, default=None, help="encoder (default lr_d)")
     p.add_argument(
-        "--eval-every", type=int, default=None, help="default: the preset's train.eval_every"
+        "--preset",
+        default="cpu-small",
+        choices=sorted(config_mod.PRESETS),
+        help="config preset: architecture, data, batch size (default: cpu-small)",
     )
-    p.add_argument("--json", type=Path, default=None, help="write the evaluations here")
+    p.add_argument(
+        "--steps",
+        type=cli.int_at_least(1),
+        default=None,
+        help="default: the preset's train.steps",
+    )
+    lr = cli.finite_float(0, strict=True)
+    p.add_argument("--lr", type=lr, default=None, help="decoders and heads (default lr_d)")
+    p.add_argument("--lr-encoder", type=lr, default=None, help="encoder (default lr_d)")
+    p.add_argument(
+        "--eval-every",
+        type=cli.int_at_least(1),
+        default=None,
+        help="default: the preset's train.eval_every",
+    )
+    p.add_argument(
+        "--json",
+        type=cli.out_file(".json"),
+        default=None,
+        help="write the evaluations to this .json file (its folder is created)",
+    )
     args, rest = p.parse_known_args(argv)
     try:
         cfg = config_mod.load(args.preset, config_mod.parse_overrides(rest))
@@ -109,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
         every = args.eval_every if args.eval_every is not None else cfg.train.eval_every
         start = time.perf_counter()
         results = train_ceiling(cfg, steps, lr, lr_enc, every)
-    except (config_mod.ConfigError, ValueError) as exc:
+    except (config_mod.ConfigError, ValueError, NonFiniteLossError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     seconds = time.perf_counter() - start
@@ -118,6 +146,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{lr_enc:g}, {seconds:.0f} s): held-out IoU {results[-1]['iou']:.3f}"
     )
     if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(results, indent=2))
     return 0
 

@@ -29,12 +29,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from vosgan import cli
 from vosgan.data import SyntheticVideos
 from vosgan.evaluate import SAMPLE_SEED, load_models, predict
 from vosgan.metrics import ranking_auc, segmentation_iou
@@ -181,21 +181,28 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--checkpoint", required=True, help="checkpoint file or run folder")
     p.add_argument(
         "--clips",
-        type=int,
+        type=cli.int_at_least(1),
         default=None,
         help="held-out synthetic clips (default: train.eval_clips)",
     )
-    p.add_argument("--fakes", type=int, default=64, help="samples of G to score")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--json", type=Path, default=None, help="also write the report here")
+    p.add_argument("--fakes", type=cli.int_at_least(1), default=64, help="samples of G to score")
+    p.add_argument(
+        "--device",
+        type=cli.device,
+        default="auto",
+        help="auto (default: CUDA when available, else CPU), cpu, cuda or cuda:N",
+    )
+    p.add_argument(
+        "--json",
+        type=cli.out_file(".json"),
+        default=None,
+        help="also write the report to this .json file (its folder is created)",
+    )
     args = p.parse_args(argv)
+    device = args.device
     try:
-        device = torch.device(args.device)
         cfg, G, D, _ = load_models(args.checkpoint, device)
-        clips = args.clips or cfg.train.eval_clips
-        for name, n in (("--clips", clips), ("--fakes", args.fakes)):
-            if n < 1:
-                raise ValueError(f"{name} must be >= 1, got {n}")
+        clips = args.clips if args.clips is not None else cfg.train.eval_clips
         data = SyntheticVideos(
             max(cfg.data.val_clips, clips),
             cfg.model.frames,
@@ -209,6 +216,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(describe(report))
     if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(report, indent=2))
     return 0
 

@@ -37,7 +37,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from vosgan import checkpoint
+from vosgan import checkpoint, cli
 from vosgan import davis_metrics as dm
 from vosgan.config import Config
 from vosgan.data import SyntheticVideos
@@ -93,7 +93,8 @@ def write_samples(
     seed: int = SAMPLE_SEED,
     formats: tuple[str, ...] = (".mp4", ".gif"),
 ) -> list[Path]:
-    """Write a sample grid (video | fg | mask | bg | D seg | D flow) as ``stem.<format>`` files.
+    """Write a sample grid (video | fg | mask | bg | D seg | D flow) as ``stem.<format>`` files
+    (the format is appended: a dot in ``stem`` stays, ``out/r.sh`` gives ``out/r.sh.mp4``).
 
     G and D run in eval mode (their modes are restored); latents come from a generator seeded with
     ``seed``, so samples at different steps show the same latents and training RNG is untouched.
@@ -116,7 +117,7 @@ def write_samples(
     )
     stem = Path(stem)
     stem.parent.mkdir(parents=True, exist_ok=True)
-    paths = [stem.with_suffix(fmt) for fmt in formats]
+    paths = [stem.with_name(stem.name + fmt) for fmt in formats]
     for path in paths:
         write_video(path, np.ascontiguousarray(grid))
     return paths
@@ -125,17 +126,33 @@ def write_samples(
 def load_models(
     ckpt_path: str | Path, device: torch.device
 ) -> tuple[Config, Generator, Discriminator, dict]:
-    """Rebuild G and D from a checkpoint (its own config decides the architecture)."""
+    """Rebuild G and D from a checkpoint (its own config decides the architecture).
+
+    Raises:
+        FileNotFoundError: no such checkpoint.
+        ValueError: not a readable vosgan checkpoint, or one without its config or weights, or
+            weights that do not fit its config; the message names the file.
+    """
     ckpt = checkpoint.load_checkpoint(ckpt_path, map_location=device)
+    for key in ("config", "G", "D"):
+        if key not in ckpt:
+            raise ValueError(f"checkpoint {ckpt['path']} has no {key!r} entry (damaged file?)")
     cfg = checkpoint.checkpoint_config(ckpt)
     G, D = Generator(cfg.model).to(device), Discriminator(cfg.model).to(device)
-    G.load_state_dict(ckpt["G"])
-    D.load_state_dict(ckpt["D"])
+    try:
+        G.load_state_dict(ckpt["G"])
+        D.load_state_dict(ckpt["D"])
+    except RuntimeError as exc:
+        raise ValueError(
+            f"checkpoint {ckpt['path']}: the weights do not fit its config ({exc})"
+        ) from exc
     return cfg, G, D, ckpt
 
 
 BASELINES = ("frame-difference", "all-foreground", "centre-prior")
 DEFAULT_SIZE = 64  # working resolution without a checkpoint: the paper preset's
+MIN_SIZE = 8  # smallest --size: working frames at least 8 px on the short side
+DEFAULT_OUT = "davis_eval"
 
 
 def centre_prior(height: int, width: int) -> np.ndarray:
@@ -379,11 +396,10 @@ def davis_protocol(
 
 
 def _davis_main(args: argparse.Namespace) -> int:
-    device = torch.device(args.device)
     D, ckpt, frames = None, None, None
     size = args.size or DEFAULT_SIZE
     if args.checkpoint:
-        cfg, _, D, ckpt = load_models(args.checkpoint, device)
+        cfg, _, D, ckpt = load_models(args.checkpoint, args.device)
         if args.size is not None and args.size != cfg.model.size:
             raise ValueError(
                 f"--size {args.size} differs from the checkpoint's resolution "
@@ -432,33 +448,75 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--checkpoint", help="checkpoint file or run folder")
     p.add_argument(
-        "--clips", type=int, default=None, help="held-out clips (default: train.eval_clips)"
+        "--clips",
+        type=cli.int_at_least(1),
+        default=None,
+        help="held-out clips (default: train.eval_clips)",
     )
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--json", default=None, help="also write the result here")
+    p.add_argument(
+        "--device",
+        type=cli.device,
+        default="auto",
+        help="auto (default: CUDA when available, else CPU), cpu, cuda or cuda:N",
+    )
+    p.add_argument(
+        "--json",
+        type=cli.out_file(".json"),
+        default=None,
+        help="also write the result to this .json file (its folder is created)",
+    )
     davis = p.add_argument_group("DAVIS J&F (--davis)")
     davis.add_argument("--davis", help="DAVIS-style root: score J&F on its sequences")
-    davis.add_argument("--out", default="davis_eval", help="folder for the CSV/JSON/card")
+    davis.add_argument(
+        "--out",
+        type=cli.out_dir,
+        default=None,
+        help=f"folder for the CSV/JSON/card (default: {DEFAULT_OUT})",
+    )
     davis.add_argument(
         "--frames",
         choices=sorted(dm.CONVENTIONS),
         default="davis2016",
         help="frame convention (default: davis2016, first and last excluded)",
     )
-    davis.add_argument("--threshold", type=float, default=0.5)
+    davis.add_argument(
+        "--threshold",
+        type=float,
+        default=0.5,
+        help="foreground where the probability is > this, in [0, 1) (default: 0.5)",
+    )
     davis.add_argument(
         "--size",
-        type=int,
+        type=cli.int_at_least(MIN_SIZE),
         default=None,
-        help=f"working resolution (default: model.size, or {DEFAULT_SIZE})",
+        help=f"working resolution, >= {MIN_SIZE} (default: model.size, or {DEFAULT_SIZE})",
     )
-    davis.add_argument("--fit", choices=("tiles", "squash"), default="tiles")
-    davis.add_argument("--stride", type=int, default=None, help="window stride (default T/2)")
+    davis.add_argument(
+        "--fit",
+        choices=("tiles", "squash"),
+        default="tiles",
+        help="tiles: short side to --size, aspect kept (default); squash: --size x --size",
+    )
+    davis.add_argument(
+        "--stride", type=cli.int_at_least(1), default=None, help="window stride (default T/2)"
+    )
     davis.add_argument("--sequences", default=None, help="comma-separated subset")
-    davis.add_argument("--max-frames", type=int, default=None, help="first N frames only")
-    davis.add_argument("--f-backend", choices=dm.BACKENDS, default="auto")
+    davis.add_argument(
+        "--max-frames", type=cli.int_at_least(1), default=None, help="first N frames only"
+    )
+    davis.add_argument(
+        "--f-backend",
+        choices=dm.BACKENDS,
+        default="auto",
+        help="implementation of F's boundary matching (default: auto, the fastest available)",
+    )
     args = p.parse_args(argv)
     if args.davis:
+        if args.out is None:
+            try:
+                args.out = cli.out_dir(DEFAULT_OUT)
+            except argparse.ArgumentTypeError as exc:
+                p.error(f"argument --out: {exc}")
         try:
             return _davis_main(args)
         except (FileNotFoundError, ValueError, RuntimeError) as exc:
@@ -470,25 +528,23 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 2
     try:
-        cfg, _, D, ckpt = load_models(args.checkpoint, torch.device(args.device))
+        cfg, _, D, ckpt = load_models(args.checkpoint, args.device)
     except (FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    clips = args.clips or cfg.train.eval_clips
-    if clips < 1:
-        print(f"error: --clips must be >= 1, got {clips}", file=sys.stderr)
-        return 2
+    clips = args.clips if args.clips is not None else cfg.train.eval_clips
     from vosgan.train_data import Evaluator  # it imports this module
 
     try:  # the checkpoint's own validation data: synthetic clips, or its real-data folder
-        result = Evaluator(cfg, torch.device(args.device), clips)(D)
+        result = Evaluator(cfg, args.device, clips)(D)
     except (FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     result.update(step=ckpt["step"], checkpoint=ckpt["path"])
     print(json.dumps(result, indent=2))
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2))
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=2))
     return 0
 
 

@@ -2,36 +2,43 @@
 
 ``FILE`` ending in ``.mp4`` or ``.gif`` gets the sample grid (video | foreground | mask |
 background | D segmentation | D flow); ``.pt`` gets the raw tensors ``{video, fg, mask, bg}``.
+Exactly ``FILE`` is written (its folder is created), and only once it is complete.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
-from pathlib import Path
+import tempfile
 
 import torch
 
+from vosgan import cli
 from vosgan.evaluate import load_models, write_samples
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m vosgan.generate", description=__doc__)
     p.add_argument("--checkpoint", required=True, help="checkpoint file or run folder")
-    p.add_argument("--num", type=int, default=8, help="number of videos")
-    p.add_argument("--out", required=True, help="output .mp4, .gif or .pt")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--num", type=cli.int_at_least(1), default=8, help="number of videos")
+    p.add_argument(
+        "--out",
+        type=cli.out_file(".mp4", ".gif", ".pt"),
+        required=True,
+        help="output .mp4, .gif or .pt",
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed of the latents (default: 0)")
+    p.add_argument(
+        "--device",
+        type=cli.device,
+        default="auto",
+        help="auto (default: CUDA when available, else CPU), cpu, cuda or cuda:N",
+    )
     args = p.parse_args(argv)
-    out = Path(args.out)
-    if out.suffix not in (".mp4", ".gif", ".pt"):
-        print(f"error: --out must end in .mp4, .gif or .pt, got {out.name!r}", file=sys.stderr)
-        return 2
-    if args.num < 1:
-        print(f"error: --num must be >= 1, got {args.num}", file=sys.stderr)
-        return 2
+    out = args.out
     try:
-        _, G, D, _ = load_models(args.checkpoint, torch.device(args.device))
+        _, G, D, _ = load_models(args.checkpoint, args.device)
     except (FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -41,11 +48,19 @@ def main(argv: list[str] | None = None) -> int:
         with torch.no_grad():
             o = G(*G.sample_latents(args.num, args.device, generator=gen))
         out.parent.mkdir(parents=True, exist_ok=True)
-        torch.save({k: v.cpu() for k, v in o._asdict().items()}, out)
+        fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.")
+        os.close(fd)
+        try:  # a complete file or none: saved beside it, then renamed
+            torch.save({k: v.cpu() for k, v in o._asdict().items()}, tmp)
+            os.chmod(tmp, 0o644)
+            os.replace(tmp, out)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
         written = [out]
-    else:
+    else:  # the stem keeps every dot of the name: out/r.sh.mp4 is written as such
         written = write_samples(
-            G, D, out.with_suffix(""), num=args.num, seed=args.seed, formats=(out.suffix,)
+            G, D, out.with_name(out.stem), num=args.num, seed=args.seed, formats=(out.suffix,)
         )
     print("wrote " + ", ".join(map(str, written)))
     return 0

@@ -1,0 +1,113 @@
+"""Command-line errors of vosgan.evaluate and vosgan.generate: each names the flag or file, exits
+with status 2 before any work, and writes nothing; outputs go exactly where they are asked."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from vosgan import evaluate, generate
+
+
+def usage_error(main, argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
+    """``main(argv)`` stops in argparse with exit status 2; its stderr."""
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+    return capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "tool, args, message",
+    [
+        (evaluate, ["--clips", "0"], "argument --clips: must be >= 1, got 0"),
+        (evaluate, ["--clips", "-1"], "argument --clips: must be >= 1, got -1"),
+        (evaluate, ["--device", "bogus"], "argument --device: 'bogus' is not a device"),
+        (evaluate, ["--json", "/proc/x/y.json"], "argument --json: /proc/x/y.json: cannot create"),
+        (evaluate, ["--json", "{tmp}"], "argument --json: must end in .json"),
+        (evaluate, ["--json", "{tmp}/file.txt/e.json"], "argument --json: "),
+        (generate, ["--num", "0"], "argument --num: must be >= 1, got 0"),
+        (generate, ["--device", "bogus"], "argument --device: 'bogus' is not a device"),
+        (generate, ["--out", "x.avi"], "argument --out: must end in .mp4, .gif, .pt"),
+        (generate, ["--out", "/proc/x.mp4"], "argument --out: /proc/x.mp4: cannot create"),
+        (generate, ["--out", "/proc/x.pt"], "argument --out: /proc/x.pt: cannot create"),
+        (generate, ["--out", "{tmp}/dir.mp4"], "argument --out: {tmp}/dir.mp4 is a folder"),
+    ],
+)
+def test_bad_arguments_name_the_flag(tool, args, message, tmp_path, ckpt, capsys) -> None:
+    (tmp_path / "file.txt").write_text("")
+    (tmp_path / "dir.mp4").mkdir()
+    args = [a.format(tmp=tmp_path) for a in args]
+    base = ["--checkpoint", str(ckpt)] + (["--out", "x.mp4"] if tool is generate else [])
+    err = usage_error(tool.main, [*base, *args], capsys)
+    assert message.format(tmp=tmp_path) in err and "Traceback" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dir.mp4", "file.txt"]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA device")
+@pytest.mark.parametrize("tool", [evaluate, generate])
+def test_cuda_without_a_gpu_is_refused_up_front(tool, ckpt, capsys) -> None:
+    argv = ["--checkpoint", str(ckpt), "--device", "cuda", "--out", "x.mp4"]
+    err = usage_error(tool.main, argv if tool is generate else argv[:-2], capsys)
+    assert "argument --device: 'cuda': this machine has no CUDA device" in err
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--size", "0"], "argument --size: must be >= 8, got 0"),
+        (["--size", "7"], "argument --size: must be >= 8, got 7"),
+        (["--stride", "0"], "argument --stride: must be >= 1, got 0"),
+        (["--max-frames", "0"], "argument --max-frames: must be >= 1, got 0"),
+        (["--out", "{tmp}/file.txt"], "argument --out: {tmp}/file.txt is a file"),
+        (["--device", "bogus"], "argument --device: 'bogus' is not a device"),
+    ],
+)
+def test_davis_bad_arguments_name_the_flag(args, message, tmp_path, capsys) -> None:
+    (tmp_path / "file.txt").write_text("")
+    args = [a.format(tmp=tmp_path) for a in args]
+    argv = ["--davis", str(tmp_path), "--out", str(tmp_path / "o"), *args]
+    assert message.format(tmp=tmp_path) in usage_error(evaluate.main, argv, capsys)
+    assert [p.name for p in tmp_path.iterdir()] == ["file.txt"]
+
+
+@pytest.mark.parametrize("name", ["r.sh.mp4", "r.v1.gif", "sub/r.v1.pt"])
+def test_generate_writes_exactly_the_out_path(name, tmp_path, ckpt, capsys) -> None:
+    out = tmp_path / name
+    argv = ["--checkpoint", str(ckpt), "--num", "1", "--out", str(out), "--device", "cpu"]
+    assert generate.main(argv) == 0
+    assert capsys.readouterr().out.strip() == f"wrote {out}"
+    assert [p.name for p in out.parent.iterdir()] == [out.name]  # no temporary file left
+    assert out.stat().st_size > 0
+    if out.suffix == ".pt":
+        assert torch.load(out)["video"].shape[0] == 1
+
+
+def test_evaluate_creates_the_json_folder(tmp_path, ckpt, capsys) -> None:
+    out = tmp_path / "new" / "e.json"
+    assert evaluate.main(["--checkpoint", str(ckpt), "--clips", "1", "--json", str(out)]) == 0
+    assert json.loads(out.read_text())["num_clips"] == 1
+
+
+@pytest.mark.parametrize("key", ["config", "G", "D"])
+def test_checkpoint_without_an_entry_is_named(key, tmp_path, ckpt, capsys) -> None:
+    state = torch.load(ckpt, weights_only=False)
+    del state[key]
+    bad = tmp_path / f"no{key}.pt"
+    torch.save(state, bad)
+    with pytest.raises(ValueError, match=f"checkpoint {bad} has no '{key}' entry"):
+        evaluate.load_models(bad, torch.device("cpu"))
+    assert evaluate.main(["--checkpoint", str(bad)]) == 2
+    assert f"has no '{key}' entry" in capsys.readouterr().err
+
+
+def test_checkpoint_with_mismatched_weights_is_named(tmp_path, ckpt) -> None:
+    state = torch.load(ckpt, weights_only=False)
+    state["G"] = {k: v for k, v in list(state["G"].items())[1:]}
+    bad = tmp_path / "short.pt"
+    torch.save(state, bad)
+    with pytest.raises(ValueError, match="weights do not fit its config"):
+        evaluate.load_models(Path(bad), torch.device("cpu"))
