@@ -41,13 +41,36 @@ def test_overrides_are_typed():
         ({"loss.adversarial": "wgan"}, "loss.adversarial must be one of"),
         ({"data.cache": "maybe"}, "data.cache must be a boolean"),
         ({"optim.beta1": "1.5"}, "optim.beta1"),
-        ({"optim.lr_dense": "-1"}, "optim.lr_dense must be >= 0"),
+        ({"optim.lr_dense": "-1"}, "optim.lr_dense must be finite and >= 0"),
         ({"model.frames": "20"}, "model.frames must be a positive multiple"),
+        ({"optim.lr_g": "inf"}, "optim.lr_g must be finite and > 0, got inf"),
+        ({"optim.lr_d": "nan"}, "optim.lr_d must be finite and > 0, got nan"),
+        ({"optim.lr_dense": "nan"}, "optim.lr_dense must be finite and >= 0"),
+        ({"optim.beta2": "nan"}, "optim.beta2 must be in"),
+        ({"loss.flow": "nan"}, "loss.flow must be finite and >= 0, got nan"),
+        ({"loss.r1": "inf"}, "loss.r1 must be finite and >= 0, got inf"),
+        ({"model.flow_scale": "-inf"}, "model.flow_scale must be finite, got -inf"),
+        ({"train.device": "bogus"}, "train.device must be auto, cpu, cuda or cuda:N"),
+        ({"train.device": "cuda:x"}, "train.device must be auto, cpu, cuda or cuda:N"),
+        ({"data.batch_size": "1"}, r"data.batch_size / train.grad_accum \(1 / 1\) must be >= 2"),
+        (
+            {"data.batch_size": "4", "train.grad_accum": "4"},
+            r"data.batch_size / train.grad_accum \(4 / 4\) must be >= 2",
+        ),
     ],
 )
 def test_bad_values_are_named(overrides, message):
     with pytest.raises(C.ConfigError, match=message):
         C.load("cpu-small", overrides)
+
+
+def test_edge_values_are_accepted():
+    # lr_dense 0 means "lr_d"; a device is only checked against this machine when training
+    cfg = C.load(
+        "cpu-small",
+        {"optim.lr_dense": "0", "train.device": "cuda:7", "loss.flow": "0", "data.batch_size": "2"},
+    )
+    assert cfg.optim.lr_dense == 0 and cfg.train.device == "cuda:7"
 
 
 def test_unknown_preset_and_bad_cli_argument():

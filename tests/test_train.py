@@ -7,6 +7,7 @@ import re
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -95,7 +96,57 @@ def test_existing_run_is_never_overwritten(tmp_path, capsys):
     before = (tmp_path / "run" / "checkpoints" / "last.pt").read_bytes()
     assert run(tmp_path, "--train.steps=1") == 2
     assert "already holds a run" in capsys.readouterr().err
+    # nor by resuming another checkpoint into it
+    (tmp_path / "other.pt").write_bytes(before)
+    assert run(tmp_path, "--train.steps=2", "--resume", str(tmp_path / "other.pt")) == 2
+    assert "already holds a run" in capsys.readouterr().err
     assert (tmp_path / "run" / "checkpoints" / "last.pt").read_bytes() == before
+
+
+def test_leftovers_of_a_failed_run_are_not_overwritten(tmp_path, capsys):
+    out = tmp_path / "run"  # what a run that failed before its first checkpoint leaves
+    out.mkdir()
+    (out / "config.json").write_text("{}")
+    (out / "log.jsonl").write_text('{"step": 1}\n')
+    assert run(tmp_path, "--train.steps=1") == 2
+    assert f"--out {out} is not empty" in capsys.readouterr().err
+    assert (out / "config.json").read_text() == "{}"
+    assert (out / "log.jsonl").read_text() == '{"step": 1}\n'
+    # --resume auto says "continue this folder": it starts afresh there (no checkpoint yet)
+    assert train.parse_args([*FAST, "--out", str(out), "--resume", "auto"])[1:] == (
+        out,
+        False,
+        None,
+    )
+
+
+@pytest.mark.parametrize("where", ["", "file", "/proc/vosgan-run"])
+def test_bad_out_is_refused_by_argparse(tmp_path, monkeypatch, capsys, where):
+    monkeypatch.chdir(tmp_path)  # --out "" would mean this folder
+    (tmp_path / "file").write_text("not a folder")
+    with pytest.raises(SystemExit) as exc:
+        train.main([*FAST, "--train.steps=1", "--out", where])
+    assert exc.value.code == 2 and "argument --out: " in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
+
+
+def test_resume_with_nothing_to_train(tmp_path, capsys):
+    assert run(tmp_path, "--train.steps=2") == 0
+    for steps in (1, 2):  # the checkpoint at step 2 holds the final evaluation: nothing to do
+        assert run(tmp_path, f"--train.steps={steps}", "--resume", "auto") == 2
+        err = capsys.readouterr().err
+        assert f"train.steps={steps} <= the checkpoint's step 2: nothing to train" in err
+    # A checkpoint at its last step without the final evaluation (Ctrl-C at the last step):
+    # resuming at the same train.steps runs just that evaluation.
+    ckpt_path = tmp_path / "run" / "checkpoints" / "last.pt"
+    ckpt = checkpoint.load_checkpoint(ckpt_path)
+    del ckpt["path"]
+    ckpt["history"] = []
+    checkpoint.save_atomic(ckpt, ckpt_path)
+    (tmp_path / "run" / "metrics.json").unlink()
+    assert run(tmp_path, "--train.steps=2", "--resume", "auto") == 0
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["step"] == 2
+    assert [h["step"] for h in checkpoint.load_checkpoint(ckpt_path)["history"]] == [2]
 
 
 def test_resume_rejects_a_different_model(tmp_path, capsys):
@@ -112,11 +163,50 @@ def test_resume_rejects_a_different_model(tmp_path, capsys):
         (["--data", "/some/videos"], "/some/videos: no such file or folder"),
         (["--bogus.key=1"], "unknown config key"),
         (["--train.grad_accum=3"], "data.batch_size (2) must be divisible by train.grad_accum (3)"),
+        (["--data.batch_size=1"], "data.batch_size / train.grad_accum (1 / 1) must be >= 2"),
+        (["--optim.lr_g=inf"], "optim.lr_g must be finite and > 0, got inf"),
+        (["--train.device=bogus"], "train.device must be auto, cpu, cuda or cuda:N"),
+        (["--train.device=cuda:99"], "train.device: 'cuda:99': this machine has"),
+        (["--data", "empty"], "data.source {tmp}/empty: no videos"),
+        (["--data", "garbage"], "none of the 1 videos is usable"),
+        (["--data.batch_size=32"], "data.batch_size=32 is larger than data.train_clips=16"),
     ],
 )
 def test_bad_input_gets_a_clear_error(tmp_path, capsys, args, message):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "garbage").mkdir()
+    (tmp_path / "garbage" / "a.mp4").write_text("not a video")
+    args = [str(tmp_path / a) if a in ("empty", "garbage") else a for a in args]
     assert run(tmp_path, "--train.steps=1", *args) == 2
-    assert message in capsys.readouterr().err
+    assert message.format(tmp=tmp_path) in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()  # checked before the run folder is made
+
+
+def test_each_process_needs_two_clips_per_micro_batch(monkeypatch):
+    # Under torchrun each rank's share of data.batch_size feeds BatchNorm (checked before
+    # joining the process group: no rendezvous happens here).
+    env = {
+        "RANK": "0",
+        "WORLD_SIZE": "2",
+        "LOCAL_RANK": "0",
+        "MASTER_ADDR": "x",
+        "MASTER_PORT": "1",
+    }
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    cfg = config.load("cpu-small", {"data.batch_size": "2"})
+    with pytest.raises(
+        ConfigError, match="each of the 2 processes gets 1 clips of data.batch_size"
+    ):
+        train.train(cfg, Path("unused"))
+
+
+def test_help_explains_config_overrides(capsys):
+    with pytest.raises(SystemExit) as exc:
+        train.main(["--help"])
+    out = capsys.readouterr().out
+    assert exc.value.code == 0 and "--section.key=value" in out and "--train.steps=200" in out
+    assert "optim: lr_g, lr_d, lr_dense, beta1, beta2" in out
 
 
 def test_unreadable_checkpoint_is_named(tmp_path):
@@ -126,20 +216,26 @@ def test_unreadable_checkpoint_is_named(tmp_path):
         checkpoint.load_checkpoint(bad)
 
 
-def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("bad_step", [2, 0])
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch, capsys, bad_step):
     real_step = train.train_step
 
     def poisoned(run_, real, autocast):
         parts = real_step(run_, real, autocast)
-        if run_.step == 2:  # the third step (0-based step index 2)
+        if run_.step == bad_step:  # 0-based step index
             parts["g_adv"] = torch.tensor(float("nan"))
         return parts
 
     monkeypatch.setattr(train, "train_step", poisoned)
-    assert run(tmp_path, "--train.steps=5", "--train.checkpoint_every=1") == 2
+    assert run(tmp_path, "--train.steps=5", "--train.checkpoint_every=2") == 2
     err = capsys.readouterr().err
-    assert "loss g_adv is nan at step 3" in err
-    assert checkpoint.load_checkpoint(tmp_path / "run")["step"] == 2
+    assert f"loss g_adv is nan at step {bad_step + 1}" in err
+    ckpt = tmp_path / "run" / "checkpoints" / "last.pt"
+    if bad_step == 2:
+        assert f"The last good checkpoint, {ckpt}, is kept" in err
+        assert checkpoint.load_checkpoint(tmp_path / "run")["step"] == 2
+    else:
+        assert f"No checkpoint was written to {ckpt.parent} yet" in err and not ckpt.exists()
 
 
 def test_ctrl_c_finishes_the_step_and_checkpoints(tmp_path, monkeypatch):
@@ -206,7 +302,7 @@ def test_evaluate_and_generate_clis(tmp_path):
     res = cli("vosgan.evaluate", "--checkpoint", str(tmp_path / "missing.pt"))
     assert res.returncode == 2 and "does not exist" in res.stderr
     res = cli("vosgan.generate", "--checkpoint", str(ckpt), "--out", str(tmp_path / "x.avi"))
-    assert res.returncode == 2 and "--out must end in" in res.stderr
+    assert res.returncode == 2 and "argument --out: must end in" in res.stderr
 
 
 def test_backend_report_cli():
@@ -216,7 +312,7 @@ def test_backend_report_cli():
         assert word in res.stdout
 
 
-def _tiny_run(k=1, checkpointing=False, frozen_bn=False, probe=None):
+def _tiny_run(k=1, checkpointing=False, frozen_bn=False, probe=None, batch=4):
     cfg = config.load(
         "cpu-small",
         {
@@ -225,7 +321,7 @@ def _tiny_run(k=1, checkpointing=False, frozen_bn=False, probe=None):
             "model.g_channels": 16,
             "model.d_channels": 4,
             "model.gru_hidden": 16,
-            "data.batch_size": 4,
+            "data.batch_size": batch,
             "train.grad_accum": k,
             "loss.r1": 1.0,
             "loss.r1_every": 2,
@@ -240,7 +336,7 @@ def _tiny_run(k=1, checkpointing=False, frozen_bn=False, probe=None):
     train.wrap_models(run)
     if probe is not None:
         probe(run)
-    real = torch.rand(4, 3, 16, 16, 16, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    real = torch.rand(batch, 3, 16, 16, 16, generator=torch.Generator().manual_seed(1)) * 2 - 1
     logs, named = [], [*run.G.named_parameters("G"), *run.D.named_parameters("D")]
     for _ in range(3):  # R1 on steps 0 and 2
         logs.append(train.train_step(run, real, contextlib.nullcontext()))
@@ -259,8 +355,8 @@ def test_grad_accumulation_equals_the_big_batch():
     # the big batch by design; with BN on fixed statistics the two are the same function, and
     # must agree to float rounding: the losses to rtol 2e-5, the first step's gradients to
     # rtol 1e-4, the weights after 3 Adam steps as bounded below.
-    big_logs, big, big_grads = _tiny_run(k=1, frozen_bn=True)
-    acc_logs, acc, acc_grads = _tiny_run(k=4, frozen_bn=True)
+    big_logs, big, big_grads = _tiny_run(k=1, frozen_bn=True, batch=8)
+    acc_logs, acc, acc_grads = _tiny_run(k=4, frozen_bn=True, batch=8)
     for a, b in zip(big_logs, acc_logs, strict=True):
         assert a.keys() == b.keys()
         for name in a:

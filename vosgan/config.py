@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 import typing
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, Literal
@@ -314,24 +315,39 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"data.split_list must be auto, none, 1, 2 or 3, got {d.split_list!r}")
     if d.source != "synthetic" and not d.source.strip():
         raise ConfigError("data.source must be 'synthetic' or a dataset path, got ''")
+    # Written "not (ok)" so that NaN, which fails every comparison, is rejected too.
     for name in ("lr_g", "lr_d"):
-        if getattr(cfg.optim, name) <= 0:
-            raise ConfigError(f"optim.{name} must be > 0, got {getattr(cfg.optim, name)}")
-    if cfg.optim.lr_dense < 0:
-        raise ConfigError(f"optim.lr_dense must be >= 0 (0 = lr_d), got {cfg.optim.lr_dense}")
+        if not (math.isfinite(lr := getattr(cfg.optim, name)) and lr > 0):
+            raise ConfigError(f"optim.{name} must be finite and > 0, got {lr}")
+    if not (math.isfinite(cfg.optim.lr_dense) and cfg.optim.lr_dense >= 0):
+        raise ConfigError(
+            f"optim.lr_dense must be finite and >= 0 (0 = lr_d), got {cfg.optim.lr_dense}"
+        )
     for name in ("beta1", "beta2"):
         if not 0 <= getattr(cfg.optim, name) < 1:
             raise ConfigError(f"optim.{name} must be in [0, 1), got {getattr(cfg.optim, name)}")
     for f in fields(cfg.loss):
         value = getattr(cfg.loss, f.name)
-        if isinstance(value, float) and value < 0:
-            raise ConfigError(f"loss.{f.name} must be >= 0, got {value}")
+        if isinstance(value, float) and not (math.isfinite(value) and value >= 0):
+            raise ConfigError(f"loss.{f.name} must be finite and >= 0, got {value}")
     if cfg.loss.charbonnier_eps <= 0:
         raise ConfigError(f"loss.charbonnier_eps must be > 0, got {cfg.loss.charbonnier_eps}")
+    for section in SECTIONS:  # every other float field
+        for f in fields(getattr(cfg, section)):
+            value = getattr(getattr(cfg, section), f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f"{section}.{f.name} must be finite, got {value}")
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", t.device):
+        raise ConfigError(f"train.device must be auto, cpu, cuda or cuda:N, got {t.device!r}")
     if d.batch_size % t.grad_accum:
         raise ConfigError(
             f"data.batch_size ({d.batch_size}) must be divisible by train.grad_accum "
             f"({t.grad_accum})"
+        )
+    if d.batch_size // t.grad_accum < 2:
+        raise ConfigError(
+            f"data.batch_size / train.grad_accum ({d.batch_size} / {t.grad_accum}) must be >= 2: "
+            "BatchNorm needs at least 2 clips per micro-batch"
         )
     if t.eval_clips > d.val_clips:
         raise ConfigError(

@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import signal
 import sys
+import textwrap
 import time
 from pathlib import Path
 from typing import Any
@@ -29,7 +31,7 @@ from torch.distributed.elastic.multiprocessing.errors import record
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from vosgan import checkpoint, distributed
+from vosgan import checkpoint, cli, distributed
 from vosgan import config as config_mod
 from vosgan.config import Config, ConfigError
 from vosgan.distributed import DistEnv
@@ -141,14 +143,20 @@ def _reduced(pending: list[tuple[int, dict[str, Tensor]]]) -> list[tuple[int, di
     return [(step, {k: next(flat) for k in ks}) for step, ks in keys]
 
 
-def check_finite(pending: list[tuple[int, dict[str, Tensor]]]) -> None:
-    """Raise :class:`NonFiniteLossError` naming the first step and loss that is NaN/Inf."""
+def check_finite(pending: list[tuple[int, dict[str, Tensor]]], ckpt: Path) -> None:
+    """Raise :class:`NonFiniteLossError` naming the first step and loss that is NaN/Inf, and
+    whether the run's checkpoint ``ckpt`` (only ever written with finite losses) exists."""
     for step, parts in pending:
         for name, value in parts.items():
             if not torch.isfinite(value):
+                kept = (
+                    f"The last good checkpoint, {ckpt}, is kept"
+                    if ckpt.exists()
+                    else f"No checkpoint was written to {ckpt.parent} yet"
+                )
                 raise NonFiniteLossError(
                     f"loss {name} is {value.item()} at step {step + 1}; training stopped. "
-                    "The last good checkpoint is kept; try a lower learning rate or train.amp=off."
+                    f"{kept}; try a lower learning rate or train.amp=off."
                 )
 
 
@@ -191,11 +199,14 @@ def train(
     """
     env = distributed.env_from_environ()
     share = distributed.local_slice(cfg.data.batch_size, env)
-    if (share.stop - share.start) % cfg.train.grad_accum:
+    n, k = share.stop - share.start, cfg.train.grad_accum
+    each = f"each of the {env.world_size} processes gets {n} clips of data.batch_size"
+    if n % k:
+        raise ConfigError(f"{each}={cfg.data.batch_size}, not divisible by train.grad_accum={k}")
+    if n // k < 2:
         raise ConfigError(
-            f"each of the {env.world_size} processes gets {share.stop - share.start} clips of "
-            f"data.batch_size={cfg.data.batch_size}, not divisible by "
-            f"train.grad_accum={cfg.train.grad_accum}"
+            f"{each}={cfg.data.batch_size}, {n // k} per micro-batch with train.grad_accum={k}; "
+            "BatchNorm needs at least 2"
         )
     device = distributed.rank_device(env, resolve_device(cfg.train.device))
     distributed.init(env, device)
@@ -218,14 +229,28 @@ def _train(
 
     configure_backends(device)
     dtype = amp_dtype(cfg.train.amp, device)
+    t = cfg.train
     run = build_run(cfg, device, fused, env)
     if resume is not None:  # every rank loads the same file
         # On the CPU: the RNG states must stay CPU ByteTensors (set_rng_state rejects others);
         # load_state_dict copies weights and optimizer state to the models' device.
         run.load(checkpoint.load_checkpoint(resume, map_location="cpu"))
+        # At train.steps == its step, a checkpoint still lacking the final evaluation (Ctrl-C at
+        # the last step, or a crash in the evaluation) gets it; one that has it is finished.
+        evaluated = bool(run.history) and run.history[-1]["step"] == run.step
+        if t.steps < run.step or (t.steps == run.step and evaluated):
+            raise ConfigError(
+                f"train.steps={t.steps} <= the checkpoint's step {run.step}: nothing to train "
+                "(raise train.steps to train on)"
+            )
         say(env, f"resumed from {resume} at step {run.step}")
     wrap_models(run)
     main = env.is_main
+    # Open the data before writing anything: a bad data.source leaves no run folder behind.
+    data = batches(cfg, run.step, device, env)
+    evaluator = Evaluator(cfg, device, t.eval_clips)
+    if main:
+        evaluator.open()
     ckpt_path = out / "checkpoints" / checkpoint.LAST
     writer = log = None
     if main:
@@ -236,16 +261,13 @@ def _train(
     autocast = (
         torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
     )
-    t = cfg.train
     pending: list[tuple[int, dict[str, Tensor]]] = []
 
     def save() -> None:
         pending[:] = _reduced(pending)  # every rank: a NaN on any rank stops them all
-        check_finite(pending)  # never checkpoint a diverged model
+        check_finite(pending, ckpt_path)  # never checkpoint a diverged model
         if main:
             checkpoint.save_atomic(run.state(), ckpt_path)
-
-    evaluator = Evaluator(cfg, device, t.eval_clips)
 
     def evaluate() -> dict[str, Any]:
         result = evaluator(run.D)
@@ -268,7 +290,7 @@ def _train(
     )
     t0, n0 = time.perf_counter(), run.step
     with _Interrupt(env) as interrupt:
-        for batch in batches(cfg, run.step, device, env):
+        for batch in data:
             real = batch["video"].to(device, non_blocking=True)
             pending.append((run.step, train_step(run, real, autocast)))
             run.step += 1
@@ -276,7 +298,7 @@ def _train(
             stop = distributed.any_rank(interrupt.requested)
             if run.step % t.log_every == 0 or run.step == t.steps:
                 pending[:] = _reduced(pending)
-                check_finite(pending)
+                check_finite(pending, ckpt_path)
                 keys = {k for _, parts in pending for k in parts}  # R1 is only on some steps
                 means = {
                     k: torch.stack([p[k] for _, p in pending if k in p]).mean().item() for k in keys
@@ -330,17 +352,28 @@ def parse_args(argv: list[str] | None = None) -> tuple[Config, Path, bool, Path 
     p = argparse.ArgumentParser(
         prog="python -m vosgan.train",
         description=__doc__,
+        epilog=_overrides_help(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--fused", action="store_true", help="use every fused op available here")
     p.add_argument("--compile", action="store_true", help="torch.compile G and D (train.compile)")
-    p.add_argument("--preset", default="cpu-small", choices=sorted(config_mod.PRESETS))
+    p.add_argument(
+        "--preset",
+        default="cpu-small",
+        choices=sorted(config_mod.PRESETS),
+        help="the config to start from (PRESETS in vosgan/config.py; default: cpu-small)",
+    )
     p.add_argument(
         "--data",
         default=None,
         help="'synthetic' (default) or a path: videos, frame folders, a clip cache",
     )
-    p.add_argument("--out", default=None, help="run folder (default: runs/<preset>-<time>)")
+    p.add_argument(
+        "--out",
+        type=cli.out_dir,
+        default=None,
+        help="run folder, new or empty unless resumed (default: runs/<preset>-<time>)",
+    )
     p.add_argument("--resume", default=None, help="checkpoint file, run folder, or 'auto'")
     args, rest = p.parse_known_args(argv)
     overrides: dict[str, Any] = config_mod.parse_overrides(rest)
@@ -353,16 +386,42 @@ def parse_args(argv: list[str] | None = None) -> tuple[Config, Path, bool, Path 
     if args.resume is not None:
         resume = checkpoint.find_resume(args.resume, args.out, args.preset)
     if args.out is not None:
-        out = Path(args.out)
+        out = args.out
     elif resume is not None:
         out = resume.parent.parent
     else:
         out = Path("runs") / f"{args.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
-    if resume is None and checkpoint.latest_in(out) is not None:
+    # Never write into another run's folder: only --resume auto (which starts fresh in an --out
+    # without a checkpoint) or a checkpoint inside --out may continue there.
+    resuming_out = args.resume == "auto" or (
+        resume is not None and resume.parent.parent.resolve() == out.resolve()
+    )
+    if not resuming_out and checkpoint.latest_in(out) is not None:
         raise ConfigError(
             f"{out} already holds a run; pass --resume auto to continue it, or choose another --out"
         )
+    if not resuming_out and out.is_dir() and any(out.iterdir()):
+        raise ConfigError(
+            f"--out {out} is not empty (an earlier run that wrote no checkpoint?); choose another "
+            "--out, or pass --resume auto to start this run in it"
+        )
     return cfg, out, args.fused, resume
+
+
+def _overrides_help() -> str:
+    """The epilog of ``--help``: how to override config fields, and their names."""
+    lines = [
+        "config overrides:",
+        "  --section.key=value sets a field of vosgan/config.py (each described there), e.g.",
+        "  --train.steps=200 --data.batch_size=16. A run's full config is saved in",
+        "  <out>/config.json. The fields:",
+    ]
+    for section in config_mod.SECTIONS:
+        names = ", ".join(f.name for f in dataclasses.fields(getattr(config_mod.Config(), section)))
+        lines += textwrap.wrap(
+            f"{section}: {names}", width=98, initial_indent="    ", subsequent_indent="      "
+        )
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:

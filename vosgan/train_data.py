@@ -66,8 +66,13 @@ class _StepBatches(torch.utils.data.Dataset):
 def batches(
     cfg: Config, start: int, device: torch.device, env: DistEnv = distributed.SINGLE
 ) -> Iterator[dict[str, Tensor]]:
-    """This rank's training batches for steps ``start, start + 1, ...`` (pinned, prefetched)."""
+    """This rank's training batches for steps ``start, start + 1, ...`` (pinned, prefetched).
+
+    Opens the dataset now, not on the first batch, so that a bad ``data.source`` or a batch
+    larger than the dataset fails before the caller writes anything.
+    """
     data = make_dataset(cfg, "train", cfg.data.train_clips)
+    batch_indices(0, cfg.data.batch_size, len(data), cfg.data.seed)  # batch_size <= len(data)
     part = distributed.local_slice(cfg.data.batch_size, env)
     loader = torch.utils.data.DataLoader(
         _StepBatches(data, cfg.data.batch_size, cfg.data.seed, part),
@@ -82,7 +87,7 @@ def batches(
         # ranks get different seeds (rank 0 keeps the single-process seed).
         generator=torch.Generator().manual_seed(cfg.data.seed + 1_000_003 * env.rank),
     )
-    yield from loader
+    return iter(loader)
 
 
 class Evaluator:
@@ -91,18 +96,22 @@ class Evaluator:
     Synthetic data: :class:`vosgan.metrics.EvalResult` as a dict. Real video: ``iou`` and
     ``baseline_iou`` over the clips that have masks (pooled over frames), ``num_clips``, and
     ``skipped``, the reasons for what could not be measured. The real validation set is opened
-    once, on first use.
+    once, on first use (or by :meth:`open`).
     """
 
     def __init__(self, cfg: Config, device: torch.device, num_clips: int) -> None:
         self.cfg, self.device, self.num_clips = cfg, device, num_clips
         self._data: Any = None
 
+    def open(self) -> None:
+        """Open the real validation set now (a bad one fails here); no-op on synthetic data."""
+        if self.cfg.data.source != "synthetic" and self._data is None:
+            self._data = make_dataset(self.cfg, "val", self.cfg.data.val_clips)
+
     def __call__(self, D: Discriminator) -> dict[str, Any]:
         if self.cfg.data.source == "synthetic":
             return evaluate_model(D, self.cfg, self.device, self.num_clips).as_dict()
-        if self._data is None:
-            self._data = make_dataset(self.cfg, "val", self.cfg.data.val_clips)
+        self.open()
         return self._real(D)
 
     @torch.no_grad()

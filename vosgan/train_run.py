@@ -7,6 +7,7 @@ configured) and :func:`wrap_models` (the DDP and ``torch.compile`` wrappers each
 
 from __future__ import annotations
 
+import argparse
 import inspect
 from dataclasses import dataclass, field
 from typing import Any
@@ -15,7 +16,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
-from vosgan import backend, checkpoint, distributed
+from vosgan import backend, checkpoint, cli, distributed
 from vosgan.config import Config, ConfigError
 from vosgan.distributed import DistEnv
 from vosgan.losses import VosGanLoss
@@ -25,13 +26,12 @@ from vosgan.nn.checkpointing import checkpoint_blocks
 
 
 def resolve_device(name: str) -> torch.device:
-    """``"auto"`` -> CUDA when available, else CPU; anything else is checked."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"train.device={name!r} but no CUDA device is available")
-    return dev
+    """``train.device`` on this machine: ``"auto"`` -> CUDA when available, else CPU; ``cpu``,
+    ``cuda`` or ``cuda:N``, checked to exist (:func:`vosgan.cli.device`)."""
+    try:
+        return cli.device(name)
+    except argparse.ArgumentTypeError as exc:
+        raise ConfigError(f"train.device: {exc}") from None
 
 
 def amp_dtype(policy: str, device: torch.device) -> torch.dtype | None:
