@@ -65,3 +65,10 @@ def test_output_paths(tmp_path):
     ]:
         with pytest.raises(argparse.ArgumentError, match=message):
             parse(kind, value)
+
+
+def test_add_device():
+    p = argparse.ArgumentParser(exit_on_error=False)
+    cli.add_device(p)
+    assert p.parse_args([]).device.type == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert p.parse_args(["--device", "cpu"]).device == torch.device("cpu")

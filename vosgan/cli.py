@@ -39,6 +39,16 @@ def device(value: str) -> torch.device:
     return dev
 
 
+def add_device(parser: argparse.ArgumentParser) -> None:
+    """Add the ``--device`` flag every tool shares (:func:`device`, default ``auto``)."""
+    parser.add_argument(
+        "--device",
+        type=device,
+        default="auto",
+        help="auto (default: CUDA when available, else CPU), cpu, cuda or cuda:N",
+    )
+
+
 def int_at_least(low: int) -> Callable[[str], int]:
     """An integer ``>= low``."""
 

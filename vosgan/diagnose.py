@@ -186,12 +186,7 @@ def main(argv: list[str] | None = None) -> int:
         help="held-out synthetic clips (default: train.eval_clips)",
     )
     p.add_argument("--fakes", type=cli.int_at_least(1), default=64, help="samples of G to score")
-    p.add_argument(
-        "--device",
-        type=cli.device,
-        default="auto",
-        help="auto (default: CUDA when available, else CPU), cpu, cuda or cuda:N",
-    )
+    cli.add_device(p)
     p.add_argument(
         "--json",
         type=cli.out_file(".json"),

@@ -453,12 +453,7 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="held-out clips (default: train.eval_clips)",
     )
-    p.add_argument(
-        "--device",
-        type=cli.device,
-        default="auto",
-        help="auto (default: CUDA when available, else CPU), cpu, cuda or cuda:N",
-    )
+    cli.add_device(p)
     p.add_argument(
         "--json",
         type=cli.out_file(".json"),

@@ -277,12 +277,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--seed", type=int, default=0, help="head initialisation, dropout and batch order"
     )
-    p.add_argument(
-        "--device",
-        type=cli.device,
-        default="auto",
-        help="auto (CUDA when available), cpu, cuda, cuda:N",
-    )
+    cli.add_device(p)
     args, rest = p.parse_known_args(argv)
     args.overrides = config_mod.parse_overrides(rest)
     bad = [k for k in args.overrides if not k.startswith("data.")]

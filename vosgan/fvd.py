@@ -134,12 +134,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--out", required=True, type=cli.out_dir, help="output folder (metrics.json)")
     p.add_argument("--batch-size", type=int, default=16, help="clips per forward (16)")
     p.add_argument("--seed", type=int, default=0, help="latent seed of the generated videos")
-    p.add_argument(
-        "--device",
-        type=cli.device,
-        default="auto",
-        help="auto (CUDA when available), cpu, cuda, cuda:N",
-    )
+    cli.add_device(p)
     p.add_argument("--extractor-size", type=int, default=224, help="input side S; 0 = as is")
     p.add_argument(
         "--extractor-range",

@@ -29,12 +29,7 @@ def main(argv: list[str] | None = None) -> int:
         help="output .mp4, .gif or .pt",
     )
     p.add_argument("--seed", type=int, default=0, help="seed of the latents (default: 0)")
-    p.add_argument(
-        "--device",
-        type=cli.device,
-        default="auto",
-        help="auto (default: CUDA when available, else CPU), cpu, cuda or cuda:N",
-    )
+    cli.add_device(p)
     args = p.parse_args(argv)
     out = args.out
     try:

@@ -275,12 +275,7 @@ def main(argv: list[str] | None = None) -> int:
         "--fps", type=cli.int_at_least(1), default=8, help="overlay video frame rate (8)"
     )
     p.add_argument("--no-video", action="store_true", help="write the PNG masks only")
-    p.add_argument(
-        "--device",
-        type=cli.device,
-        default="cuda" if torch.cuda.is_available() else "cpu",
-        help="cpu, cuda, cuda:N or auto (default: CUDA when available)",
-    )
+    cli.add_device(p)
     args = p.parse_args(argv)
     if not 0.0 <= args.threshold < 1.0:
         print(f"error: --threshold must be in [0, 1), got {args.threshold}", file=sys.stderr)
