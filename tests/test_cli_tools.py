@@ -74,6 +74,20 @@ def test_davis_bad_arguments_name_the_flag(args, message, tmp_path, capsys) -> N
     assert [p.name for p in tmp_path.iterdir()] == ["file.txt"]
 
 
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--davis", "{tmp}", "--clips", "3"], "--clips and --json are for --checkpoint alone"),
+        (["--davis", "{tmp}", "--json", "{tmp}/r.json"], "--clips and --json are for"),
+        (["--checkpoint", "c.pt", "--size", "32"], "--size applies only with --davis"),
+        (["--checkpoint", "c.pt", "--out", "o", "--fit", "squash"], "--out, --fit apply only"),
+    ],
+)
+def test_flags_of_the_other_mode_are_refused(argv, message, tmp_path, capsys) -> None:
+    argv = [a.format(tmp=tmp_path) for a in argv]
+    assert message in usage_error(evaluate.main, argv, capsys)
+
+
 @pytest.mark.parametrize("name", ["r.sh.mp4", "r.v1.gif", "sub/r.v1.pt"])
 def test_generate_writes_exactly_the_out_path(name, tmp_path, ckpt, capsys) -> None:
     out = tmp_path / name

@@ -506,6 +506,14 @@ def main(argv: list[str] | None = None) -> int:
         help="implementation of F's boundary matching (default: auto, the fastest available)",
     )
     args = p.parse_args(argv)
+    # Flags of the other mode would be ignored silently: refuse them instead.
+    given = [
+        a.option_strings[0] for a in davis._group_actions if getattr(args, a.dest) != a.default
+    ]
+    if args.davis and (args.clips is not None or args.json is not None):
+        p.error("--clips and --json are for --checkpoint alone; --davis writes to --out")
+    if not args.davis and given:
+        p.error(f"{', '.join(given)} {'applies' if len(given) == 1 else 'apply'} only with --davis")
     if args.davis:
         if args.out is None:
             try:
