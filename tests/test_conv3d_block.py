@@ -242,6 +242,109 @@ def test_validation_messages():
         bn_act(y[:1, :, :, :1, :1], w, b, impl="reference")
 
 
+def _bn_lrelu(y, w, b, rm=None, rv=None, training=True, momentum=0.1, eps=1e-5):
+    """The oracle: F.batch_norm + LeakyReLU(0.2)."""
+    return F.leaky_relu(F.batch_norm(y, rm, rv, w, b, training, momentum, eps), 0.2)
+
+
+@pytest.mark.parametrize("impl", ["triton", "reference"])
+def test_strided_weight_and_bias(impl):
+    """A column view and an expanded (stride-0) parameter: values and gradients of the view."""
+    torch.manual_seed(0)
+    y = torch.randn(2, 4, 3, 2, 3, device=DEV)
+    base = torch.stack([torch.rand(4, device=DEV) + 0.5, torch.zeros(4, device=DEV)], 1)
+    base.requires_grad_()
+    scalar = torch.tensor(0.3, device=DEV, requires_grad=True)
+    go = torch.randn_like(y)
+    out = bn_act(y, base[:, 0], scalar.expand(4), impl=impl)
+    (out * go).sum().backward()
+    w = base.detach()[:, 0].clone().requires_grad_()
+    b = torch.full((4,), 0.3, device=DEV, requires_grad=True)
+    ref = _bn_lrelu(y, w, b)
+    (ref * go).sum().backward()
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(base.grad[:, 0], w.grad, rtol=1e-4, atol=1e-4)
+    assert base.grad[:, 1].eq(0).all()
+    torch.testing.assert_close(scalar.grad, b.grad.sum(), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("impl", ["triton", "reference"])
+@pytest.mark.parametrize("path", ["split", "single"])
+def test_strided_running_stats_updated_in_place(impl, path, monkeypatch):
+    """Running stats that are column views: updated as F.batch_norm does, in place, and the
+    other column of their buffers untouched."""
+    monkeypatch.setattr(bn_act_small, "SMALL_NUMEL", 0 if path == "split" else 1 << 30)
+    torch.manual_seed(1)
+    y = torch.randn(2, 4, 3, 2, 3, device=DEV)
+    w, b = torch.rand(4, device=DEV) + 0.5, torch.randn(4, device=DEV)
+    buf = torch.stack([torch.randn(4, device=DEV), torch.full((4,), 7.0, device=DEV)], 1)
+    vbuf = torch.stack([torch.rand(4, device=DEV) + 0.5, torch.full((4,), 9.0, device=DEV)], 1)
+    rm, rv = buf[:, 0], vbuf[:, 0]
+    rm_ref, rv_ref = rm.clone(), rv.clone()
+    out = bn_act(y, w, b, rm, rv, training=True, momentum=0.3, impl=impl)
+    ref = _bn_lrelu(y, w, b, rm_ref, rv_ref, momentum=0.3)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(rm, rm_ref, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(rv, rv_ref, rtol=1e-6, atol=1e-6)
+    assert buf[:, 1].eq(7.0).all() and vbuf[:, 1].eq(9.0).all()
+    assert rm.data_ptr() == buf.data_ptr()  # still the caller's view
+    out = bn_act(y, w, b, rm, rv, training=False, impl=impl)
+    torch.testing.assert_close(out, _bn_lrelu(y, w, b, rm_ref, rv_ref, training=False))
+
+
+@pytest.mark.parametrize("impl", ["triton", "reference"])
+def test_without_affine_parameters(impl):
+    """weight/bias None (nn.BatchNorm3d(affine=False)): weight 1, bias 0, as F.batch_norm."""
+    torch.manual_seed(2)
+    y = torch.randn(2, 3, 1, 3, 5, device=DEV)
+    go = torch.randn_like(y)
+    rm, rv = torch.zeros(3, device=DEV), torch.ones(3, device=DEV)
+    rm_ref, rv_ref = rm.clone(), rv.clone()
+    yi, yr = y.clone().requires_grad_(), y.clone().requires_grad_()
+    out = bn_act(yi, None, None, rm, rv, impl=impl)
+    ref = _bn_lrelu(yr, None, None, rm_ref, rv_ref)
+    (out * go).sum().backward()
+    (ref * go).sum().backward()
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(yi.grad, yr.grad, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close((rm, rv), (rm_ref, rv_ref), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("impl", ["triton", "reference"])
+def test_validation_dtype_device_and_scalars(impl):
+    """Wrong dtypes, devices and scalars are refused by name, before any kernel runs."""
+    y = torch.randn(2, 4, 1, 3, 3, device=DEV)
+    w, b = torch.ones(4, device=DEV), torch.zeros(4, device=DEV)
+    rm, rv = torch.zeros(4, device=DEV), torch.ones(4, device=DEV)
+    meta = torch.device("meta")
+    cases = [
+        ("weight", dict(weight=w.long())),
+        ("weight", dict(weight=w.double())),
+        ("bias", dict(bias=b.to(meta))),
+        ("running_mean", dict(running_mean=rm.long(), running_var=rv.long())),
+        ("running_var", dict(running_mean=rm, running_var=rv.to(meta))),
+        ("residual", dict(residual=torch.ones_like(y, dtype=torch.bool))),
+        ("residual", dict(residual=torch.ones_like(y, device=meta))),
+        ("momentum", dict(running_mean=rm, running_var=rv, momentum=None)),
+        ("eps", dict(eps=-1.0)),
+        ("eps", dict(eps=0.0)),
+        ("eps", dict(eps=float("nan"))),
+    ]
+    for name, kw in cases:
+        args = {"weight": w, "bias": b, **kw}
+        with pytest.raises(ValueError, match=f"bn_act: {name} must"):
+            bn_act(y, impl=impl, **args)
+    with pytest.raises(ValueError, match="at least one channel"):
+        bn_act(y[:, :0], w[:0], b[:0], impl=impl)
+    # one dtype for the parameters and statistics: y's, or fp32 with a fp16/bf16 y
+    with pytest.raises(ValueError, match="running_mean must be bfloat16 on"):
+        bn_act(y.bfloat16(), w.bfloat16(), b.bfloat16(), rm, rv, impl=impl)
+    out = bn_act(y.bfloat16(), w, b, rm, rv, impl=impl)  # the autocast case
+    assert out.dtype == torch.bfloat16
+    if impl == "reference":  # fp64 end to end (the reference's gradcheck dtype)
+        bn_act(y.double(), w.double(), b.double(), rm.double(), rv.double(), impl=impl)
+
+
 def test_triton_on_cpu_tensors_needs_the_interpreter(monkeypatch):
     # Without the interpreter, Triton cannot read CPU memory: a clear error, not Triton's own.
     y, w, b = torch.randn(2, 5, 1, 3, 3), torch.ones(5), torch.zeros(5)

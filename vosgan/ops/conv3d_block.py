@@ -30,6 +30,7 @@ few-channel stride-2 layers (the dense heads, D's first stage): :func:`subpixel_
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -151,10 +152,12 @@ def _fwd_kernels(
     negative_slope: float,
     update: tuple[Tensor, Tensor, float] | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """The Triton launches of the forward; ``update`` = running stats updated in the same launch."""
+    """The Triton launches of the forward; ``update`` = running stats updated in the same launch
+    (contiguous: the kernels index them, and the (C,)-sized parameters, with unit stride)."""
     from vosgan.kernels import bn_act as kernels
     from vosgan.kernels import bn_act_small as small
 
+    weight, bias = weight.contiguous(), bias.contiguous()
     if stat_mean is None or stat_var is None:
         if y.numel() <= small.SMALL_NUMEL:  # one launch instead of three
             return small.bn_act_train_forward(
@@ -162,7 +165,8 @@ def _fwd_kernels(
             )
         mean, var = kernels.bn_stats(y, update)
     else:
-        mean, var = stat_mean.float().clone(), stat_var.float().clone()
+        mean = stat_mean.float().clone(memory_format=torch.contiguous_format)
+        var = stat_var.float().clone(memory_format=torch.contiguous_format)
     out = kernels.bn_act_forward(y, mean, var, weight, bias, residual, eps, negative_slope)
     return out, mean, var
 
@@ -214,8 +218,9 @@ def _bwd_impl(
     from vosgan.kernels import bn_act_small as small
 
     launcher = small if y.numel() <= small.SMALL_NUMEL else kernels  # 1 launch vs 3
+    params = (t.contiguous() for t in (mean, var, weight, bias))  # (C,): unit stride in-kernel
     dy, dw, db, dres = launcher.bn_act_backward(
-        grad_out, y, residual, mean, var, weight, bias, eps, negative_slope, training
+        grad_out, y, residual, *params, eps, negative_slope, training
     )
     return dy, dw.to(weight.dtype), db.to(bias.dtype), dres if dres is not None else y.new_empty(0)
 
@@ -318,49 +323,88 @@ def _auto_impl(device_type: str) -> str:
     return "triton"
 
 
+def _dtype_names(dtypes: tuple[torch.dtype, ...]) -> str:
+    return "/".join(str(d).removeprefix("torch.") for d in dtypes)
+
+
 def _validate(
     y: Tensor,
-    weight: Tensor,
-    bias: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
     running_mean: Tensor | None,
     running_var: Tensor | None,
     residual: Tensor | None,
+    momentum: float,
+    eps: float,
     negative_slope: float,
     impl: str,
 ) -> None:
+    """Shapes, dtypes and devices (metadata only: no pass over a tensor, no host sync)."""
     if y.dim() != 5 or not y.is_floating_point():
-        raise ValueError(f"y must be a floating (B, C, T, H, W) tensor, got {y.dtype} {y.shape}")
+        raise ValueError(
+            f"bn_act: y must be a floating (B, C, T, H, W) tensor, got {y.dtype} {y.shape}"
+        )
     c = y.shape[1]
+    if c < 1:
+        raise ValueError(f"bn_act: y must have at least one channel, got shape {tuple(y.shape)}")
+    # ATen's rule: the BN parameters and statistics share one dtype, y's or (with a fp16/bf16
+    # y, the autocast case) float32
+    allowed = (y.dtype, torch.float32) if y.dtype in (torch.float16, torch.bfloat16) else (y.dtype,)
     for name, t in (
         ("weight", weight),
         ("bias", bias),
         ("running_mean", running_mean),
         ("running_var", running_var),
     ):
-        if t is not None and t.shape != (c,):
+        if t is None:
+            continue
+        if t.shape != (c,):
             raise ValueError(
-                f"{name} must have shape ({c},) for y {tuple(y.shape)}, got {tuple(t.shape)}"
+                f"bn_act: {name} must have shape ({c},) for y {tuple(y.shape)}, "
+                f"got {tuple(t.shape)}"
             )
+        if t.dtype not in allowed or t.device != y.device:
+            raise ValueError(
+                f"bn_act: {name} must be {_dtype_names(allowed)} on {y.device} (weight, bias, "
+                "running_mean, running_var share one dtype: y's, or float32 with a fp16/bf16 y), "
+                f"got {t.dtype} on {t.device}"
+            )
+        allowed = (t.dtype,)
     if (running_mean is None) != (running_var is None):
-        raise ValueError("running_mean and running_var must be given together")
-    if residual is not None and residual.shape != y.shape:
+        raise ValueError("bn_act: running_mean and running_var must be given together")
+    if residual is not None:
+        if residual.shape != y.shape:
+            raise ValueError(
+                f"bn_act: residual must have y's shape {tuple(y.shape)}, "
+                f"got {tuple(residual.shape)}"
+            )
+        if not residual.is_floating_point() or residual.device != y.device:
+            raise ValueError(
+                f"bn_act: residual must be a floating tensor on y's device {y.device}, "
+                f"got {residual.dtype} on {residual.device}"
+            )
+    if not isinstance(momentum, (int, float)):
         raise ValueError(
-            f"residual must have y's shape {tuple(y.shape)}, got {tuple(residual.shape)}"
+            "bn_act: momentum must be a float (for nn.BatchNorm's momentum=None, the cumulative "
+            f"average, pass 1 / num_batches_tracked), got {momentum!r}"
         )
+    if not (math.isfinite(eps) and eps > 0):
+        raise ValueError(f"bn_act: eps must be finite and > 0, got {eps}")
     if negative_slope < 0:
         raise ValueError(
-            f"negative_slope must be >= 0 (the mask is taken from the output), got {negative_slope}"
+            "bn_act: negative_slope must be >= 0 (the mask is taken from the output), "
+            f"got {negative_slope}"
         )
     if impl not in IMPLS:
-        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+        raise ValueError(f"bn_act: impl must be one of {IMPLS}, got {impl!r}")
     if impl == "triton":
         backend.check_triton_device("bn_act", y.device)
 
 
 def bn_act(
     y: Tensor,
-    weight: Tensor,
-    bias: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
     running_mean: Tensor | None = None,
     running_var: Tensor | None = None,
     *,
@@ -375,11 +419,16 @@ def bn_act(
 
     Args:
         y: conv output ``(B, C, T, H, W)``, contiguous or ``channels_last_3d``.
-        weight, bias: BN affine parameters ``(C,)``.
+        weight, bias: BN affine parameters ``(C,)``, or ``None`` (``affine=False``: weight 1,
+            bias 0). The parameters and statistics share one dtype: ``y``'s, or float32 with a
+            fp16/bf16 ``y``; all on ``y``'s device.
         running_mean, running_var: ``(C,)`` running statistics or ``None``
             (``track_running_stats=False``: batch statistics in eval too).
         training: batch statistics, and an in-place running-stat update with ``momentum``
             (unbiased variance), exactly as ``nn.BatchNorm3d``; else the running statistics.
+        momentum: a float; for ``nn.BatchNorm3d``'s ``momentum=None`` (cumulative average) the
+            caller passes ``1 / num_batches_tracked``, as ``nn.BatchNorm3d.forward`` does.
+        eps: finite, > 0.
         negative_slope: LeakyReLU slope (``0`` for ReLU); must be >= 0.
         residual: optional ``(B, C, T, H, W)`` added after the affine, before the activation.
         impl: ``"auto"`` (see :func:`fused_impl`), ``"reference"`` or ``"triton"``.
@@ -387,7 +436,9 @@ def bn_act(
     Returns:
         ``(B, C, T, H, W)`` with ``y``'s dtype and memory format.
     """
-    _validate(y, weight, bias, running_mean, running_var, residual, negative_slope, impl)
+    _validate(
+        y, weight, bias, running_mean, running_var, residual, momentum, eps, negative_slope, impl
+    )
     if impl == "auto":
         impl = _auto_impl(y.device.type)
     batch_stats = training or running_mean is None
@@ -410,6 +461,10 @@ def bn_act(
         )
     if not (y.is_contiguous() or y.is_contiguous(memory_format=torch.channels_last_3d)):
         y = y.contiguous()
+    if weight is None:  # affine=False, as F.batch_norm takes it (no gradient to return)
+        weight = y.new_ones(y.shape[1], dtype=torch.float32)
+    if bias is None:
+        bias = y.new_zeros(y.shape[1], dtype=torch.float32)
     update = batch_stats and running_mean is not None and running_var is not None
     args = (
         y,
@@ -422,9 +477,15 @@ def bn_act(
         negative_slope,
     )
     if not torch.compiler.is_compiling():  # eager: running stats updated inside the kernels
-        out, _, _ = _BnActFunction.apply(
-            *args, (running_mean, running_var, momentum) if update else None
-        )
+        if not update:
+            return _BnActFunction.apply(*args, None)[0]
+        # the kernels index the running stats with unit stride: a strided view is updated
+        # through a contiguous copy, copied back in place (nothing outside the view is written)
+        stats = (running_mean.contiguous(), running_var.contiguous())
+        out, _, _ = _BnActFunction.apply(*args, (*stats, momentum))
+        for running, updated in zip((running_mean, running_var), stats, strict=True):
+            if updated is not running:
+                running.copy_(updated)
         return out
     out, mean, var = torch.ops.vosgan.bn_act_fwd(*args)
     if update:
