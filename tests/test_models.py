@@ -3,7 +3,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from vosgan.config import load
+from vosgan.config import ConfigError, ModelConfig, load
 from vosgan.models import Discriminator, Generator, interpolate_trajectory
 from vosgan.ops.composite import composite_reference
 
@@ -108,3 +108,45 @@ def test_flow_decoder_modes(flow_decoder):
         again = D(x)
         torch.testing.assert_close(again.seg_logit, out.seg_logit)
         assert again.flow.abs().max() > 0
+
+
+@pytest.mark.parametrize(
+    "net, fields, message",
+    [
+        (Generator, {"size": 24, "frames": 8}, "model.size must be a power of two"),
+        (Generator, {"size": 16, "frames": 6}, "model.frames must be a positive multiple of 4"),
+        (Generator, {"fg_stream": "x"}, r"model.fg_stream must be one of \['conv3d', 'sprite'\]"),
+        (Generator, {"anchors": 1}, "model.anchors must be >= 2"),
+        (Discriminator, {"flow_decoder": "x"}, "model.flow_decoder must be one of"),
+        (
+            Discriminator,
+            {"size": 32, "frames": 24},
+            "model.frames must be a positive multiple of 16",
+        ),
+        (Discriminator, {"size": 8, "frames": 16}, "model.size must be >= 16"),
+    ],
+)
+def test_models_refuse_configs_they_cannot_build(net, fields, message):
+    with pytest.raises(ConfigError, match=message):
+        net(ModelConfig(**fields))
+
+
+def test_generator_checks_inputs_and_takes_an_empty_batch():
+    G = Generator(CFG)
+    z_c, anchors = G.sample_latents(2)
+    with pytest.raises(ValueError, match=r"z_c must be \(B, 100\) \(model.z_content\)"):
+        G(z_c[:, :9], anchors)
+    with pytest.raises(ValueError, match="anchors must be"):
+        G(z_c, anchors[:, :1])
+    with pytest.raises(ValueError, match="z_c has batch 2 but anchors has batch 1"):
+        G(z_c, anchors[:1])
+    out = G(z_c[:0], anchors[:0])
+    T, S = CFG.frames, CFG.size
+    assert out.video.shape == (0, 3, T, S, S) and out.bg.shape == (0, 3, S, S)
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 24, 32, 32), (2, 3, 16, 20, 20), (2, 4, 16, 32, 32)])
+def test_discriminator_checks_the_input_shape(shape):
+    D = Discriminator(CFG)
+    with pytest.raises(ValueError, match="T, H, W positive multiples of 16"):
+        D(torch.randn(*shape))

@@ -258,32 +258,59 @@ def parse_overrides(args: list[str]) -> dict[str, str]:
     return out
 
 
-def validate(cfg: Config) -> None:
-    """Reject values no run can use, naming the field."""
-    m, d, t = cfg.model, cfg.data, cfg.train
+def validate_model(m: ModelConfig, net: Literal["G", "D"] | None = None) -> None:
+    """Reject model settings the networks cannot be built with or run at, naming the field.
+
+    ``net``: ``"G"`` checks what :class:`~vosgan.models.Generator` needs, ``"D"`` what
+    :class:`~vosgan.models.Discriminator` needs, ``None`` both (as :func:`validate` does).
+    """
+    hints = typing.get_type_hints(ModelConfig)
+    for f in fields(m):
+        hint = hints[f.name]
+        value = getattr(m, f.name)
+        if typing.get_origin(hint) is Literal and value not in typing.get_args(hint):
+            raise ConfigError(
+                f"model.{f.name} must be one of {list(typing.get_args(hint))}, got {value!r}"
+            )
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"model.{f.name} must be finite, got {value}")
     if m.size < 8 or m.size & (m.size - 1):
         raise ConfigError(f"model.size must be a power of two >= 8, got {m.size}")
-    stages = m.up_stages
-    if m.frames % 2**stages or m.frames < 2**stages:
-        raise ConfigError(
-            f"model.frames must be a positive multiple of {2**stages} "
-            f"(2**up_stages for model.size={m.size}), got {m.frames}"
-        )
-    if m.frames < 2**4:
-        raise ConfigError(f"model.frames must be >= 16 (D has 4 stride-2 stages), got {m.frames}")
-    if m.size < 2**4:
-        raise ConfigError(f"model.size must be >= 16 (D has 4 stride-2 stages), got {m.size}")
-    for name in ("z_content", "z_motion", "anchors", "gru_hidden", "g_channels", "d_channels"):
-        if getattr(m, name) < 1:
-            raise ConfigError(f"model.{name} must be >= 1, got {getattr(m, name)}")
-    if m.anchors < 2:
-        raise ConfigError(
-            f"model.anchors must be >= 2 (a trajectory needs two points), got {m.anchors}"
-        )
-    if m.g_channels % 2 ** (stages - 1):
-        raise ConfigError(
-            f"model.g_channels must be divisible by {2 ** (stages - 1)}, got {m.g_channels}"
-        )
+    if net != "D":
+        stages = m.up_stages
+        if m.frames % 2**stages or m.frames < 2**stages:
+            raise ConfigError(
+                f"model.frames must be a positive multiple of {2**stages} "
+                f"(2**up_stages for model.size={m.size}), got {m.frames}"
+            )
+        for name in ("z_content", "z_motion", "anchors", "gru_hidden", "g_channels"):
+            if getattr(m, name) < 1:
+                raise ConfigError(f"model.{name} must be >= 1, got {getattr(m, name)}")
+        if m.anchors < 2:
+            raise ConfigError(
+                f"model.anchors must be >= 2 (a trajectory needs two points), got {m.anchors}"
+            )
+        if m.g_channels % 2 ** (stages - 1):
+            raise ConfigError(
+                f"model.g_channels must be divisible by {2 ** (stages - 1)}, got {m.g_channels}"
+            )
+    if net != "G":
+        # D's 4 stride-2 stages halve T, H, W four times and its U-Net decoder doubles them back.
+        if m.frames % 2**4 or m.frames < 2**4:
+            raise ConfigError(
+                f"model.frames must be a positive multiple of 16 (D has 4 stride-2 stages), "
+                f"got {m.frames}"
+            )
+        if m.size < 2**4:
+            raise ConfigError(f"model.size must be >= 16 (D has 4 stride-2 stages), got {m.size}")
+        if m.d_channels < 1:
+            raise ConfigError(f"model.d_channels must be >= 1, got {m.d_channels}")
+
+
+def validate(cfg: Config) -> None:
+    """Reject values no run can use, naming the field."""
+    d, t = cfg.data, cfg.train
+    validate_model(cfg.model)
     for section, names in (
         ("data", ("train_clips", "val_clips", "batch_size")),
         (

@@ -12,7 +12,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from vosgan.config import ModelConfig
+from vosgan.config import ModelConfig, validate_model
 from vosgan.ops.conv3d_block import conv3d_block_reference
 
 
@@ -23,10 +23,15 @@ class DiscOutput(NamedTuple):
 
 
 class Discriminator(nn.Module):
-    """VOS-GAN discriminator. ``D(x (B, 3, T, H, W), dense=True) -> DiscOutput``."""
+    """VOS-GAN discriminator. ``D(x (B, 3, T, H, W), dense=True) -> DiscOutput``.
+
+    T, H and W must be positive multiples of 16 (4 stride-2 stages, undone by the U-Net decoder);
+    the config's ``frames x size x size`` is the clip shape it is trained on.
+    """
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
+        validate_model(cfg, "D")
         self.cfg = cfg
         ch = [cfg.d_channels * 2**i for i in range(4)]  # e.g. 64, 128, 256, 512
         self.encoder = nn.ModuleList(
@@ -62,6 +67,7 @@ class Discriminator(nn.Module):
 
     def encode(self, x: Tensor) -> list[Tensor]:
         """Encoder features, finest first: ``(B, C1, T/2, H/2, W/2)`` ... ``(B, C4, T/16, ...)``."""
+        _check_input(x)
         feats = []
         for stage in self.encoder:
             x = stage(x)
@@ -80,6 +86,15 @@ class Discriminator(nn.Module):
         else:
             seg, flow = dense[:, :1], dense[:, 1:]
         return DiscOutput(logit, seg, flow[:, :, :-1] * self.cfg.flow_scale)
+
+
+def _check_input(x: Tensor) -> None:
+    """``x`` must be ``(B, 3, T, H, W)`` with T, H, W positive multiples of 16 (metadata only)."""
+    if x.dim() != 5 or x.shape[1] != 3 or any(n < 16 or n % 16 for n in x.shape[2:]):
+        raise ValueError(
+            "Discriminator: x must be (B, 3, T, H, W) with T, H, W positive multiples of 16 "
+            f"(4 stride-2 stages; model.frames, model.size), got {tuple(x.shape)}"
+        )
 
 
 def _decoder(ch: list[int]) -> nn.ModuleList:

@@ -10,7 +10,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from vosgan.config import ModelConfig
+from vosgan.config import ModelConfig, validate_model
 from vosgan.nn import MaskComposite
 from vosgan.ops.conv3d_block import conv3d_block_reference
 
@@ -66,6 +66,7 @@ class Generator(nn.Module):
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
+        validate_model(cfg, "G")
         self.cfg = cfg
         n = cfg.up_stages
         ch = [cfg.g_channels // 2**i for i in range(n)]  # e.g. 512, 256, 128, 64
@@ -122,10 +123,25 @@ class Generator(nn.Module):
         return z_c, anchors
 
     def forward(self, z_c: Tensor, anchors: Tensor) -> GenOutput:
-        """``z_c (B, Zc)``, ``anchors (B, K, Dm)`` -> :class:`GenOutput`."""
-        cfg, bsz = self.cfg, z_c.shape[0]
+        """``z_c (B, Zc)``, ``anchors (B, K, Dm)`` with ``K >= 2`` -> :class:`GenOutput`."""
+        cfg = self.cfg
+        if z_c.dim() != 2 or z_c.shape[1] != cfg.z_content:
+            raise ValueError(
+                f"Generator: z_c must be (B, {cfg.z_content}) (model.z_content), "
+                f"got {tuple(z_c.shape)}"
+            )
+        if anchors.dim() != 3 or anchors.shape[1] < 2 or anchors.shape[2] != cfg.z_motion:
+            raise ValueError(
+                f"Generator: anchors must be (B, K >= 2, {cfg.z_motion}) (model.z_motion), "
+                f"got {tuple(anchors.shape)}"
+            )
+        bsz = z_c.shape[0]
+        if anchors.shape[0] != bsz:
+            raise ValueError(
+                f"Generator: z_c has batch {bsz} but anchors has batch {anchors.shape[0]}"
+            )
         c0 = cfg.g_channels
-        b = self.background(z_c.view(bsz, -1, 1, 1))
+        b = self.background(z_c.view(bsz, cfg.z_content, 1, 1))
 
         traj = interpolate_trajectory(anchors, cfg.frames, cfg.interpolation)
         states, _ = self.gru(traj)  # (B, T, Hg)

@@ -16,14 +16,12 @@ rejects).
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
-
-_MARK = "_vosgan_checkpointed"
 
 
 @contextlib.contextmanager
@@ -47,22 +45,31 @@ def _frozen_running_stats(module: nn.Module) -> Iterator[None]:
                 bn.num_batches_tracked.copy_(count)
 
 
-def _checkpointed(module: nn.Module, forward: Callable[..., Any]) -> Callable[..., Any]:
-    def run(*args: Any, **kwargs: Any) -> Any:
+class _CheckpointedForward:
+    """The instance-level ``forward`` that :func:`checkpoint_blocks` installs.
+
+    A plain object holding its module, not a closure: ``copy.deepcopy`` maps ``module`` to the
+    copy (so an EMA copy runs its own weights) and the module pickles.
+    """
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
         calls = 0
+        module = self.module
+        forward = type(module).forward
 
         def body(*a: Any, **kw: Any) -> Any:
             nonlocal calls
             calls += 1
             if calls == 1:  # the real forward
-                return forward(*a, **kw)
+                return forward(module, *a, **kw)
             with _frozen_running_stats(module):  # the recomputation during backward
-                return forward(*a, **kw)
+                return forward(module, *a, **kw)
 
         # No RNG inside these blocks: skip stashing and restoring the RNG state.
         return checkpoint(body, *args, use_reentrant=False, preserve_rng_state=False, **kwargs)
-
-    return run
 
 
 def checkpoint_blocks(blocks: Iterable[nn.Module]) -> int:
@@ -70,24 +77,31 @@ def checkpoint_blocks(blocks: Iterable[nn.Module]) -> int:
 
     Args:
         blocks: modules to checkpoint (e.g. ``[*D.encoder, *D.decoder, *G.foreground]``); each
-            must take and return tensors. Blocks already checkpointed are skipped.
+            must take and return tensors and use its class's ``forward`` (a block whose instance
+            already has its own ``forward`` attribute is refused). Blocks already checkpointed
+            are skipped.
 
     Returns:
         The number of blocks newly checkpointed. Outside autograd (``no_grad``, eval) the
-        checkpoint is a plain forward.
+        checkpoint is a plain forward. Copies (``copy.deepcopy``) stay checkpointed and run their
+        own parameters; checkpointed modules pickle (``torch.save(module)``).
     """
     n = 0
     for block in blocks:
         if not isinstance(block, nn.Module):
             raise TypeError(f"checkpoint_blocks: expected nn.Module, got {type(block).__name__}")
-        if getattr(block, _MARK, False):
+        if is_checkpointed(block):
             continue
-        block.forward = _checkpointed(block, block.forward)
-        setattr(block, _MARK, True)
+        if "forward" in vars(block):
+            raise ValueError(
+                f"checkpoint_blocks: this {type(block).__name__} already has an instance-level "
+                "forward; only a class's own forward can be checkpointed"
+            )
+        block.forward = _CheckpointedForward(block)
         n += 1
     return n
 
 
 def is_checkpointed(block: nn.Module) -> bool:
     """Whether :func:`checkpoint_blocks` was applied to ``block``."""
-    return bool(getattr(block, _MARK, False))
+    return isinstance(vars(block).get("forward"), _CheckpointedForward)

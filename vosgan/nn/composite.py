@@ -5,7 +5,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from vosgan.nn.fuse import register_fuser
-from vosgan.ops.composite import composite
+from vosgan.ops.composite import IMPLS, composite
 
 
 class MaskComposite(nn.Module):
@@ -23,6 +23,8 @@ class MaskComposite(nn.Module):
 
     def __init__(self, impl: str = "auto") -> None:
         super().__init__()
+        if impl not in IMPLS:
+            raise ValueError(f"MaskComposite: impl must be one of {IMPLS}, got {impl!r}")
         self.impl = impl
 
     def forward(self, f: Tensor, m: Tensor, b: Tensor) -> Tensor:

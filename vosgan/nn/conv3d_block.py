@@ -50,12 +50,21 @@ class _FusedBlock(nn.Sequential):
     def _check(self, impl: str) -> None:
         if impl not in IMPLS:
             raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
-        if not isinstance(self[0], self._conv_type):
-            raise TypeError(
-                f"child 0 must be a {self._conv_type.__name__}, got {type(self[0]).__name__}"
+        name = self._conv_type.__name__
+        if len(self) != 3:
+            raise ValueError(
+                f"{type(self).__name__} takes exactly 3 children ({name}, BatchNorm3d, "
+                f"LeakyReLU|ReLU), got {len(self)}: {[type(m).__name__ for m in self]}"
             )
+        if not isinstance(self[0], self._conv_type):
+            raise TypeError(f"child 0 must be a {name}, got {type(self[0]).__name__}")
         if type(self[1]) is not nn.BatchNorm3d or not self[1].affine:
-            raise TypeError("child 1 must be an affine nn.BatchNorm3d")
+            raise TypeError(f"child 1 must be an affine nn.BatchNorm3d, got {self[1]}")
+        if self[1].num_features != self[0].out_channels:
+            raise ValueError(
+                f"child 1 (BatchNorm3d) has num_features={self[1].num_features} but child 0 "
+                f"({name}) has out_channels={self[0].out_channels}"
+            )
         if type(self[2]) not in _ACTS:
             raise TypeError(
                 f"child 2 must be nn.LeakyReLU or nn.ReLU, got {type(self[2]).__name__}"
@@ -65,7 +74,15 @@ class _FusedBlock(nn.Sequential):
 
     @classmethod
     def from_sequential(cls, seq: nn.Sequential, impl: str = "auto") -> _FusedBlock:
-        """Wrap the children of ``seq`` (shared, not copied) into a fused block."""
+        """Wrap the children of ``seq`` (shared, not copied) into a fused block.
+
+        ``seq`` must be ``nn.Sequential(conv, nn.BatchNorm3d(conv.out_channels, affine=True),
+        nn.LeakyReLU|nn.ReLU)`` exactly, the conv of the block's type; anything else raises.
+        """
+        if not isinstance(seq, nn.Sequential):
+            raise TypeError(
+                f"{cls.__name__}.from_sequential: expected nn.Sequential, got {type(seq).__name__}"
+            )
         block = cls.__new__(cls)
         nn.Sequential.__init__(block, *seq)
         block._check(impl)
@@ -128,30 +145,51 @@ class FusedConvTranspose3dBlock(_FusedBlock):
     _conv_type = nn.ConvTranspose3d
 
 
-def _match(module: nn.Module) -> type[_FusedBlock] | None:
-    if type(module) is not nn.Sequential or len(module) != 3:
+def _match(module: nn.Module) -> type[_FusedBlock] | str | None:
+    """The fused block class for ``module``; a reason (``str``) for a conv + BatchNorm
+    ``nn.Sequential`` that cannot be fused; ``None`` for anything else."""
+    if type(module) is not nn.Sequential or len(module) < 2:
         return None
-    conv, bn, act = module
-    if type(bn) is not nn.BatchNorm3d or not bn.affine or type(act) not in _ACTS:
-        return None
-    if isinstance(act, nn.LeakyReLU) and act.negative_slope < 0:
-        return None
+    conv, bn = module[0], module[1]
     if isinstance(conv, nn.ConvTranspose3d):
         cls = FusedConvTranspose3dBlock
     elif isinstance(conv, nn.Conv3d):
         cls = FusedConv3dBlock
     else:
         return None
-    return cls if conv.out_channels == bn.num_features else None
+    if not isinstance(bn, nn.modules.batchnorm._BatchNorm):
+        return None
+    if len(module) != 3:
+        return f"{len(module)} children (a block is conv, BatchNorm3d, LeakyReLU|ReLU)"
+    act = module[2]
+    if type(bn) is not nn.BatchNorm3d:
+        return f"child 1 is {type(bn).__name__}, not nn.BatchNorm3d"
+    if not bn.affine:
+        return "BatchNorm3d has affine=False"
+    if bn.num_features != conv.out_channels:
+        return (
+            f"BatchNorm3d num_features={bn.num_features} != conv out_channels={conv.out_channels}"
+        )
+    if type(act) not in _ACTS:
+        return f"activation {type(act).__name__} (only LeakyReLU or ReLU)"
+    if isinstance(act, nn.LeakyReLU) and act.negative_slope < 0:
+        return f"LeakyReLU negative_slope={act.negative_slope} < 0"
+    return cls
 
 
-@register_fuser("conv3d_block")
+def _why_not_block(module: nn.Module) -> str | None:
+    match = _match(module)
+    return match if isinstance(match, str) else None
+
+
+@register_fuser("conv3d_block", why_not=_why_not_block)
 def _fuse(module: nn.Module) -> nn.Module | None:
     """Exactly ``nn.Sequential(Conv3d|ConvTranspose3d, BatchNorm3d(affine), LeakyReLU|ReLU)``
-    becomes a fused block sharing its children; anything else (already fused included): ``None``.
+    becomes a fused block sharing its children; anything else (already fused included): ``None``
+    (``_why_not_block`` says why for another conv + BatchNorm ``nn.Sequential``).
     """
     cls = _match(module)
-    return cls.from_sequential(module) if cls is not None else None
+    return cls.from_sequential(module) if isinstance(cls, type) else None
 
 
 class _SubpixelMixin:
@@ -169,6 +207,11 @@ class _SubpixelMixin:
             return False
         if self.impl == "auto" and not _subpixel_auto(x.device.type):
             return False
+        if x.dim() in (4, 5) and x.shape[-4] != self.in_channels:
+            raise ValueError(
+                f"{type(self).__name__}: input {tuple(x.shape)} has {x.shape[-4]} channels, "
+                f"expected in_channels={self.in_channels}"
+            )
         why = subpixel_blocker(x, self)
         if why is not None:
             name = type(self).__name__
@@ -203,29 +246,43 @@ class SubpixelConvTranspose3d(_SubpixelMixin, nn.ConvTranspose3d):
         return super().forward(x, output_size)
 
 
-@register_fuser("conv3d_block")
-def _fuse_subpixel(module: nn.Module) -> nn.Module | None:
-    """A plain ``nn.Conv3d`` / ``nn.ConvTranspose3d`` of the sub-pixel geometry (stride 2, kernel
-    4, padding 1, narrow side <= ``SUBPIXEL_MAX_CHANNELS``) becomes its ``Subpixel`` subclass,
-    sharing the parameters (same ``state_dict``); anything else: ``None``."""
+def _subpixel_match(module: nn.Module) -> type[nn.Module] | str | None:
+    """The ``Subpixel`` class for ``module``; a reason (``str``) for a plain stride-2 conv with a
+    narrow side but another geometry; ``None`` for anything else (wide convs included)."""
     if type(module) is nn.Conv3d:
         cls, narrow = SubpixelConv3d, module.in_channels
     elif type(module) is nn.ConvTranspose3d:
         cls, narrow = SubpixelConvTranspose3d, module.out_channels
     else:
         return None
-    geometry = (
-        module.kernel_size,
-        module.stride,
-        module.padding,
-        module.dilation,
-        module.output_padding,
-        module.groups,
-        module.padding_mode,
-    )
-    if geometry != ((4,) * 3, (2,) * 3, (1,) * 3, (1,) * 3, (0,) * 3, 1, "zeros"):
+    if module.stride != (2,) * 3 or narrow > SUBPIXEL_MAX_CHANNELS:
         return None
-    if narrow > SUBPIXEL_MAX_CHANNELS:
+    want = {
+        "kernel_size": (4,) * 3,
+        "padding": (1,) * 3,
+        "dilation": (1,) * 3,
+        "output_padding": (0,) * 3,
+        "groups": 1,
+        "padding_mode": "zeros",
+    }
+    wrong = [f"{k}={getattr(module, k)!r}" for k, v in want.items() if getattr(module, k) != v]
+    if wrong:
+        return f"{', '.join(wrong)} (the sub-pixel path takes kernel 4, padding 1, stride 2 only)"
+    return cls
+
+
+def _why_not_subpixel(module: nn.Module) -> str | None:
+    match = _subpixel_match(module)
+    return match if isinstance(match, str) else None
+
+
+@register_fuser("conv3d_block", why_not=_why_not_subpixel)
+def _fuse_subpixel(module: nn.Module) -> nn.Module | None:
+    """A plain ``nn.Conv3d`` / ``nn.ConvTranspose3d`` of the sub-pixel geometry (stride 2, kernel
+    4, padding 1, narrow side <= ``SUBPIXEL_MAX_CHANNELS``) becomes its ``Subpixel`` subclass,
+    sharing the parameters (same ``state_dict``); anything else: ``None``."""
+    cls = _subpixel_match(module)
+    if not isinstance(cls, type):
         return None
     new = cls.__new__(cls)
     new.__dict__.update(module.__dict__)  # shares the parameter and buffer dicts

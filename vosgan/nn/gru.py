@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence
 
 from vosgan.nn.fuse import register_fuser
-from vosgan.ops.gru import gru
+from vosgan.ops.gru import _IMPLS, gru, gru_reference
 
 
 class FusedGRU(nn.Module):
@@ -23,13 +24,14 @@ class FusedGRU(nn.Module):
         input_size: ``I``. hidden_size: ``H``.
         num_layers, batch_first, bidirectional: only ``1``, ``True``, ``False`` are supported;
             anything else raises ``ValueError``.
-        bias: as ``nn.GRU``. dropout: accepted for signature compatibility; like ``nn.GRU`` with
-            one layer, it has no effect.
+        bias: as ``nn.GRU``. dropout: a number in [0, 1], accepted for signature
+            compatibility; like ``nn.GRU`` with one layer, it has no effect.
         impl: ``"auto"`` (fused where available, else the reference with a one-time warning),
             ``"reference"``, ``"cpp"`` or ``"cuda"``.
 
     Shapes: ``input (B, T, I)`` or unbatched ``(T, I)``; ``hx (1, B, H)`` / ``(1, H)`` or
-    ``None``. Returns ``(output (B, T, H), h_n (1, B, H))`` (unbatched: ``(T, H)``, ``(1, H)``).
+    ``None``. Returns ``(output (B, T, H), h_n (1, B, H))`` (unbatched: ``(T, H)``, ``(1, H)``);
+    ``h_n`` has its own storage, as with ``nn.GRU``. ``B = 0`` gives empty outputs, as ``nn.GRU``.
 
     Under autocast the GRU computes in the parameters' dtype: the kernel accumulates in float32
     anyway and the layer is tiny. Double backward is not supported (see :mod:`vosgan.ops.gru`).
@@ -49,6 +51,9 @@ class FusedGRU(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
+        for name, value in (("input_size", input_size), ("hidden_size", hidden_size)):
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise TypeError(f"FusedGRU: {name} must be an int, got {type(value).__name__}")
         if num_layers != 1:
             raise ValueError(f"FusedGRU: num_layers={num_layers} is not supported (only 1)")
         if not batch_first:
@@ -59,6 +64,12 @@ class FusedGRU(nn.Module):
             raise ValueError(
                 f"FusedGRU: input_size and hidden_size must be > 0, got {input_size}, {hidden_size}"
             )
+        if isinstance(dropout, bool) or not isinstance(dropout, numbers.Real):
+            raise TypeError(f"FusedGRU: dropout must be a number in [0, 1], got {dropout!r}")
+        if not 0 <= dropout <= 1:
+            raise ValueError(f"FusedGRU: dropout must be in [0, 1], got {dropout}")
+        if impl not in _IMPLS:
+            raise ValueError(f"FusedGRU: impl must be one of {_IMPLS}, got {impl!r}")
         self.input_size = input_size
         self.hidden_size = hidden_size
         self.num_layers = 1
@@ -136,9 +147,16 @@ class FusedGRU(nn.Module):
         if torch.is_autocast_enabled(x.device.type) and x.dtype != w.dtype:
             x = x.to(w.dtype)
             h0 = None if h0 is None else h0.to(w.dtype)
-        out, h_last = gru(
-            x, h0, w, self.weight_hh_l0, self.bias_ih_l0, self.bias_hh_l0, impl=self.impl
-        )
+        if B == 0 and x.shape[1] > 0:  # nothing to run: the reference gives empty outputs
+            h0 = x.new_zeros(0, H) if h0 is None else h0
+            out, h_last = gru_reference(
+                x, h0, w, self.weight_hh_l0, self.bias_ih_l0, self.bias_hh_l0
+            )
+        else:
+            out, h_last = gru(
+                x, h0, w, self.weight_hh_l0, self.bias_ih_l0, self.bias_hh_l0, impl=self.impl
+            )
+        h_last = h_last.clone()  # fused impls give a view of out; nn.GRU's h_n has its own storage
         if not batched:
             return out.squeeze(0), h_last
         return out, h_last.unsqueeze(0)
@@ -148,15 +166,26 @@ class FusedGRU(nn.Module):
         return f"{self.input_size}, {self.hidden_size}, batch_first=True{extra}, impl={self.impl!r}"
 
 
-@register_fuser("gru")
+def _why_not(module: nn.Module) -> str | None:
+    """Why an ``nn.GRU`` cannot become a ``FusedGRU``; ``None`` if it can or is no ``nn.GRU``."""
+    if not isinstance(module, nn.GRU):
+        return None
+    if type(module) is not nn.GRU:
+        return f"a subclass of nn.GRU ({type(module).__name__}) may change its forward"
+    if not module.batch_first:
+        return "batch_first=False (FusedGRU is batch-first only)"
+    if module.num_layers != 1:
+        return f"num_layers={module.num_layers} (FusedGRU has one layer)"
+    if module.bidirectional:
+        return "bidirectional=True (FusedGRU runs one direction)"
+    if getattr(module, "proj_size", 0):
+        return f"proj_size={module.proj_size} (not supported)"
+    return None
+
+
+@register_fuser("gru", why_not=_why_not)
 def _fuse(module: nn.Module) -> nn.Module | None:
     """Replace an exact ``nn.GRU(batch_first=True)`` with one layer and one direction."""
-    if (
-        type(module) is nn.GRU
-        and module.batch_first
-        and module.num_layers == 1
-        and not module.bidirectional
-        and not getattr(module, "proj_size", 0)
-    ):
+    if type(module) is nn.GRU and _why_not(module) is None:
         return FusedGRU.from_gru(module)
     return None
