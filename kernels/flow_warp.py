@@ -44,6 +44,14 @@ def _coords(
         gy = tl.math.div_rn(2.0 * (i.to(tl.float32) + uy), hm1) - 1.0
     ix = (gx + 1.0) * half_wm1
     iy = (gy + 1.0) * half_hm1
+    # A non-finite position (nan; or +-inf with zeros padding, which grid_sample turns into nan,
+    # while border padding clamps it) gives nan weights, hence a nan loss and gradient as in the
+    # reference, sampled at (-2, -2): every corner off the frame, so nothing is loaded or
+    # scattered there.
+    if BORDER:
+        ok = (ix == ix) & (iy == iy)
+    else:
+        ok = (ix - ix == 0.0) & (iy - iy == 0.0)
     if BORDER:
         # Borders count as out of bounds for the gradient, as in grid_sample.
         cgx = tl.where((ix > 0.0) & (ix < 2.0 * half_wm1), 1.0, 0.0)
@@ -56,12 +64,15 @@ def _coords(
         cgy = tl.full(iy.shape, 1.0, tl.float32)
         ix = tl.minimum(tl.maximum(ix, -2.0), W + 1.0)
         iy = tl.minimum(tl.maximum(iy, -2.0), H + 1.0)
+    ix = tl.where(ok, ix, -2.0)
+    iy = tl.where(ok, iy, -2.0)
+    poison = tl.where(ok, 0.0, float("nan"))
     x0f = tl.floor(ix)
     y0f = tl.floor(iy)
-    ax = (x0f + 1.0) - ix
-    bx = ix - x0f
-    ay = (y0f + 1.0) - iy
-    by = iy - y0f
+    ax = (x0f + 1.0) - ix + poison
+    bx = ix - x0f + poison
+    ay = (y0f + 1.0) - iy + poison
+    by = iy - y0f + poison
     x0 = x0f.to(tl.int32)
     y0 = y0f.to(tl.int32)
     return x0, y0, ax, bx, ay, by, cgx, cgy

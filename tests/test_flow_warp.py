@@ -83,6 +83,60 @@ def test_matches_reference_fp32(impl: str, padding: str, kind: str) -> None:
             assert_close_rel(got, want, 2e-5, f"{impl} {padding} {kind} {(b, c, t, h, w)} {name}")
 
 
+@pytest.mark.parametrize("impl", ["reference", *IMPLS])
+@pytest.mark.parametrize("padding", ["zeros", "border"])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_nonfinite_flow_propagates(impl: str, padding: str, reduction: str) -> None:
+    """A nan flow, or +-inf with zeros padding, makes that pixel's loss and its gradients (flow,
+    and x_t: nothing is scattered into x_{t+1}) nan, as in the reference; border padding clamps
+    +-inf like grid_sample. numba used to segfault here, Triton to return finite values."""
+    for val in (float("nan"), float("inf"), -float("inf")):
+        x = torch.randn(1, 2, 3, 4, 5, requires_grad=True)
+        flow = make_flow("random", 1, 3, 4, 5)
+        flow[0, 1 if val < 0 else 0, 1, 1, 2] = val
+        flow.requires_grad_()
+        nan_border = padding == "border" and val != val
+        if nan_border and impl == "reference":
+            continue  # grid_sample clamps a nan position to the border; its CPU backward crashes
+        out = flow_warp_loss(x, flow, None, 1e-2, padding, reduction, impl=impl)
+        g = torch.rand_like(out)
+        dx, dflow = grads(out, [x, flow], g)
+        bad_map = torch.zeros(1, 2, 2, 4, 5, dtype=torch.bool)  # the map's, dflow's and x_t's
+        bad_map[0, :, 1, 1, 2] = padding == "zeros" or nan_border
+        bad_x = torch.cat((bad_map, torch.zeros_like(bad_map[:, :, :1])), dim=2)
+        want_loss = bad_map if reduction == "none" else bad_map.any()
+        assert torch.equal(out.isnan(), want_loss), f"{impl} {val} loss"
+        for name, got, bad in (("dx", dx, bad_x), ("dflow", dflow, bad_map)):
+            assert got.isnan().equal(bad) and got.isfinite().equal(~bad), f"{impl} {val} {name}"
+        if nan_border:
+            continue
+        ref = flow_warp_loss_reference(x, flow, None, 1e-2, padding, reduction)
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6, equal_nan=True)
+        wants = grads(ref, [x, flow], g)
+        for name, got, want in zip(("dx", "dflow"), (dx, dflow), wants, strict=True):
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5, equal_nan=True, msg=name)
+
+
+@pytest.mark.parametrize("impl", ["reference", *IMPLS])
+def test_empty_inputs(impl: str) -> None:
+    """An empty batch (B or C = 0) gives the reference's NaN mean or empty map and zero-size
+    gradients (the fused paths divided by zero); empty frames are refused by name."""
+    x = torch.randn(2, 3, 2, 4, 5)
+    flow = torch.randn(2, 2, 1, 4, 5)
+    for xs, fs in ((x[:0], flow[:0]), (x[:, :0], flow)):
+        for reduction in ("mean", "none"):
+            xs, fs = xs.detach().requires_grad_(), fs.detach().requires_grad_()
+            out = flow_warp_loss(xs, fs, reduction=reduction, impl=impl)
+            ref = flow_warp_loss_reference(xs, fs, reduction=reduction)
+            assert out.shape == ref.shape and out.dtype == ref.dtype
+            torch.testing.assert_close(out, ref, equal_nan=True)
+            dx, dflow = grads(out, [xs, fs], torch.ones_like(out))
+            assert dx.shape == xs.shape and dflow.shape == fs.shape
+    for xs, fs in ((x[:, :, :, :0], flow[:, :, :, :0]), (x[..., :0], flow[..., :0])):
+        with pytest.raises(ValueError, match="x frames must be non-empty"):
+            flow_warp_loss(xs, fs, impl=impl)
+
+
 @pytest.mark.parametrize("impl", IMPLS)
 def test_integer_positions_pick_grid_sample_side(impl: str) -> None:
     """At zero flow the sample sits on a pixel centre; grid_sample's fp32 round trip puts some
@@ -292,7 +346,7 @@ def test_validation_messages() -> None:
         flow_warp_loss(x, flow, torch.ones(1, 1, 3, 4, 5), impl="numba")
     with pytest.raises(ValueError, match="weight requires grad"):
         flow_warp_loss(x, flow, torch.ones(1, 1, 2, 4, 5, requires_grad=True), impl="numba")
-    with pytest.raises(ValueError, match="eps must be > 0"):
+    with pytest.raises(ValueError, match="eps must be finite and > 0"):
         flow_warp_loss(x, flow, eps=0.0, impl="numba")
     with pytest.raises(ValueError, match="reduction"):
         flow_warp_loss(x, flow, reduction="sum", impl="numba")
@@ -302,6 +356,14 @@ def test_validation_messages() -> None:
         flow_warp_loss(x, flow, impl="cuda")
     with pytest.raises(TypeError, match="flow must be a floating-point"):
         flow_warp_loss(x, flow.long(), impl="numba")
+    with pytest.raises(ValueError, match="eps must be finite and > 0"):
+        flow_warp_loss(x, flow, eps=float("inf"), impl="numba")
+    with pytest.raises(TypeError, match="x must be a Tensor, got ndarray"):
+        flow_warp_loss(x.numpy(), flow, impl="numba")
+    with pytest.raises(TypeError, match="flow must be a Tensor, got list"):
+        flow_warp_loss(x, flow.tolist(), impl="numba")
+    with pytest.raises(TypeError, match="weight must be a Tensor, got float"):
+        flow_warp_loss(x, flow, 1.0, impl="numba")
 
 
 def test_numba_frame_size_limit(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -331,8 +393,9 @@ def test_auto_dispatch_and_module() -> None:
     assert model[0].impl == "auto" and len(model.state_dict()) == 0
     with pytest.raises(ValueError, match="impl must be"):
         FlowWarpLoss(impl="cuda")
-    with pytest.raises(ValueError, match="eps must be"):
-        FlowWarpLoss(eps=0.0)
+    for eps in (0.0, float("inf")):
+        with pytest.raises(ValueError, match="eps must be finite and > 0"):
+            FlowWarpLoss(eps=eps)
     torch.testing.assert_close(
         model[0](x, flow), flow_warp_loss_reference(x, flow, None, 1e-2, "border")
     )

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 from torch import Tensor, nn
 
 from vosgan.nn.fuse import register_fuser
@@ -37,8 +39,8 @@ class FlowWarpLoss(nn.Module):
             raise ValueError(f"padding_mode must be one of {PADDING_MODES}, got {padding_mode!r}")
         if impl not in IMPLS:
             raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
-        if not eps > 0:
-            raise ValueError(f"eps must be > 0, got {eps}")
+        if not 0 < eps < math.inf:
+            raise ValueError(f"eps must be finite and > 0, got {eps}")
         self.eps, self.padding_mode, self.impl = eps, padding_mode, impl
         self.deterministic = deterministic
 

@@ -13,6 +13,12 @@ Conventions (the fused kernels match them):
   position exactly as ``flow_to_grid`` + ``grid_sample`` do in fp32, so they pick the same side;
   with ``"border"`` the derivative is 0 at and beyond the border; with ``W == 1`` (``H == 1``) the
   horizontal (vertical) flow gets no gradient.
+- Non-finite flow: a nan flow, or a +-inf one with ``"zeros"``, makes that pixel's loss and its
+  gradients (``dflow``, ``dx`` of frame ``t``) nan, as in the reference; ``"border"`` clamps
+  +-inf to the border as ``grid_sample`` does. The fused kernels also propagate a nan flow with
+  ``"border"``, where ``grid_sample`` clamps it in the forward (and its CPU backward crashes).
+- Empty inputs: ``B = 0`` or ``C = 0`` runs the reference (a nan mean, or an empty map, as
+  ``Tensor.mean``); ``H = 0`` or ``W = 0`` is refused, as ``grid_sample`` does.
 
 Fused ops (``torch.library`` custom ops with fake implementations and registered autograd;
 ``"triton"`` on CUDA tensors, ``"numba"`` on CPU tensors):
@@ -42,6 +48,8 @@ Fused ops (``torch.library`` custom ops with fake implementations and registered
   backward runs. R1 differentiates D's real/fake logit w.r.t. its input and never goes through
   this loss, so the R1 step always uses the fused path where the loss appears at all.
 """
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -93,11 +101,16 @@ def warp_reference(x: Tensor, flow: Tensor, padding_mode: str = "zeros") -> Tens
 
 def check_inputs(x: Tensor, flow: Tensor, weight: Tensor | None, padding_mode: str) -> None:
     """Validate shapes, dtypes, devices and options; messages name the offending argument."""
+    for name, ten in (("x", x), ("flow", flow), ("weight", weight)):
+        if ten is not None and not isinstance(ten, Tensor):
+            raise TypeError(f"flow_warp_loss: {name} must be a Tensor, got {type(ten).__name__}")
     if x.dim() != 5:
         raise ValueError(f"x must be (B, C, T, H, W), got shape {tuple(x.shape)}")
     b, _, t, h, w = x.shape
     if t < 2:
         raise ValueError(f"x needs at least 2 frames (T >= 2), got T={t}")
+    if h == 0 or w == 0:  # grid_sample refuses them too; an empty batch (B or C = 0) is fine
+        raise ValueError(f"x frames must be non-empty, got H={h}, W={w}")
     if tuple(flow.shape) != (b, 2, t - 1, h, w):
         raise ValueError(
             f"flow must be {(b, 2, t - 1, h, w)} for x {tuple(x.shape)}, got {tuple(flow.shape)}"
@@ -482,8 +495,10 @@ def flow_warp_loss(
     check_inputs(x, flow, weight, padding_mode)
     if reduction not in ("mean", "none"):
         raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
-    if not eps > 0:
-        raise ValueError(f"eps must be > 0 (the Charbonnier gradient needs it), got {eps}")
+    if not 0 < eps < math.inf:
+        raise ValueError(
+            f"eps must be finite and > 0 (the Charbonnier gradient needs it), got {eps}"
+        )
     if impl == "auto":
         choice = backend.choose("flow_warp_loss", x.device)
         impl = choice.impl
@@ -500,6 +515,8 @@ def flow_warp_loss(
     if impl == "reference":
         return flow_warp_loss_reference(x, flow, weight, eps, padding_mode, reduction)
     _resolve(impl, x.device)
+    if x.numel() == 0:  # B or C = 0: the reference's NaN mean or empty map, and empty grads
+        return flow_warp_loss_reference(x, flow, weight, eps, padding_mode, reduction)
     if weight is not None and weight.requires_grad and torch.is_grad_enabled():
         raise ValueError(
             "flow_warp_loss: weight requires grad, but the fused op treats it as a "

@@ -79,6 +79,7 @@ def _coords(fx, fy, lo, n, h, w, border, oi, wf):
     wf_ = np.float32(w)
     wp = np.float32(w + 2 * _PAD + 1)
     pad = np.float32(_PAD)
+    nan = np.float32(np.nan)
     base = np.float32(lo)
     for k in range(n):
         pf = base + np.float32(np.int32(k))  # int64 -> float32 has no AVX2 instruction
@@ -93,14 +94,23 @@ def _coords(fx, fy, lo, n, h, w, border, oi, wf):
         if border:  # borders count as out of bounds for the gradient, as in grid_sample
             cgx = one_x if (ix > 0 and ix < wmax) else _F0
             cgy = one_y if (iy > 0 and iy < hmax) else _F0
-        ix = min(max(ix, lo_c), hix)
-        iy = min(max(iy, lo_c), hiy)
+        # A non-finite position (nan; or +-inf with zeros padding, which grid_sample turns into
+        # nan, while border padding clamps it) gives nan weights, hence a nan loss and gradient
+        # as in the reference, sampled at (-PAD, -PAD): corners in the zero border, whose
+        # scatter is dropped.
+        if border:
+            ok = (ix == ix) & (iy == iy)
+        else:
+            ok = (ix - ix == _F0) & (iy - iy == _F0)
+        ix = min(max(ix, lo_c), hix) if ok else -pad
+        iy = min(max(iy, lo_c), hiy) if ok else -pad
+        poison = _F0 if ok else nan
         x0f = np.floor(ix)
         y0f = np.floor(iy)
-        ax = (x0f + _F1) - ix
-        bx = ix - x0f
-        ay = (y0f + _F1) - iy
-        by = iy - y0f
+        ax = (x0f + _F1) - ix + poison
+        bx = ix - x0f + poison
+        ay = (y0f + _F1) - iy + poison
+        by = iy - y0f + poison
         wf[0, k] = ax
         wf[1, k] = bx
         wf[2, k] = ay
