@@ -17,6 +17,8 @@ Conventions (the fused kernels match them):
   gradients (``dflow``, ``dx`` of frame ``t``) nan, as in the reference; ``"border"`` clamps
   +-inf to the border as ``grid_sample`` does. The fused kernels also propagate a nan flow with
   ``"border"``, where ``grid_sample`` clamps it in the forward (and its CPU backward crashes).
+  One exception: Triton with ``deterministic=True`` accumulates ``dx`` in int64 fixed point, so
+  there a nan ``dx`` of frame ``t`` is lost (the loss and ``dflow`` are still nan).
 - Empty inputs: ``B = 0`` or ``C = 0`` runs the reference (a nan mean, or an empty map, as
   ``Tensor.mean``); ``H = 0`` or ``W = 0`` is refused, as ``grid_sample`` does.
 
