@@ -62,3 +62,11 @@ class HolderLock:
     def __exit__(self, *exc: object) -> None:
         self.holder = None
         self._lock.release()
+
+
+def usage_error(main, argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
+    """``main(argv)`` stops in argparse with exit status 2 (a usage error); its stderr."""
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+    return capsys.readouterr().err

@@ -6,6 +6,7 @@ import json
 import math
 
 import pytest
+from conftest import usage_error
 
 from vosgan import ceiling
 from vosgan import config as config_mod
@@ -64,10 +65,7 @@ def test_cli_writes_json_and_rejects_bad_arguments(tmp_path, capsys) -> None:
 )
 def test_cli_bad_arguments_name_the_flag(tmp_path, capsys, args, message) -> None:
     args = [a.format(tmp=tmp_path) for a in args]
-    with pytest.raises(SystemExit) as exc:
-        main(["--steps", "2", *args])
-    assert exc.value.code == 2
-    assert message.format(tmp=tmp_path) in capsys.readouterr().err
+    assert message.format(tmp=tmp_path) in usage_error(main, ["--steps", "2", *args], capsys)
 
 
 def test_cli_stops_on_a_non_finite_loss_and_creates_the_json_folder(

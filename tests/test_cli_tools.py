@@ -8,16 +8,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import usage_error
 
 from vosgan import evaluate, generate
-
-
-def usage_error(main, argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
-    """``main(argv)`` stops in argparse with exit status 2; its stderr."""
-    with pytest.raises(SystemExit) as exc:
-        main(argv)
-    assert exc.value.code == 2
-    return capsys.readouterr().err
 
 
 @pytest.mark.parametrize(

@@ -8,6 +8,7 @@ import math
 
 import pytest
 import torch
+from conftest import usage_error
 
 from vosgan import diagnose, train
 from vosgan.metrics import ranking_auc
@@ -125,10 +126,8 @@ def test_cli_reports_and_rejects_bad_input(tmp_path, capsys):
 )
 def test_cli_bad_arguments_name_the_flag(tmp_path, ckpt, capsys, args, message):
     args = [a.format(tmp=tmp_path) for a in args]
-    with pytest.raises(SystemExit) as exc:
-        diagnose.main(["--checkpoint", str(ckpt), *args])
-    assert exc.value.code == 2
-    assert message.format(tmp=tmp_path) in capsys.readouterr().err
+    err = usage_error(diagnose.main, ["--checkpoint", str(ckpt), *args], capsys)
+    assert message.format(tmp=tmp_path) in err
 
 
 def test_cli_creates_the_json_folder(tmp_path, ckpt, capsys):

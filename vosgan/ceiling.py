@@ -17,7 +17,6 @@ error naming the step (exit status 2).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from typing import Any
@@ -122,12 +121,7 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="default: the preset's train.eval_every",
     )
-    p.add_argument(
-        "--json",
-        type=cli.out_file(".json"),
-        default=None,
-        help="write the evaluations to this .json file (its folder is created)",
-    )
+    cli.add_json(p, "the evaluations")
     args, rest = p.parse_known_args(argv)
     try:
         cfg = config_mod.load(args.preset, config_mod.parse_overrides(rest))
@@ -145,9 +139,7 @@ def main(argv: list[str] | None = None) -> int:
         f"supervised ceiling ({args.preset}, {steps} steps, lr {lr:g} / encoder "
         f"{lr_enc:g}, {seconds:.0f} s): held-out IoU {results[-1]['iou']:.3f}"
     )
-    if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(results, indent=2))
+    cli.write_json(args.json, results)
     return 0
 
 

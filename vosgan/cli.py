@@ -9,10 +9,12 @@ and then fails on where to write.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -127,3 +129,21 @@ def out_file(*suffixes: str) -> Callable[[str], Path]:
         return path
 
     return parse
+
+
+def add_json(parser: argparse.ArgumentParser, what: str) -> None:
+    """Add the ``--json FILE`` flag of the tools that print a result: ``what`` names it."""
+    parser.add_argument(
+        "--json",
+        type=out_file(".json"),
+        default=None,
+        help=f"also write {what} to this .json file (its folder is created)",
+    )
+
+
+def write_json(path: Path | None, obj: Any) -> None:
+    """Write ``obj`` as indented JSON to ``path`` (a ``--json`` value), creating its folder;
+    nothing when ``path`` is None."""
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(obj, indent=2))

@@ -27,7 +27,6 @@ masks), whatever data the checkpoint was trained on.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from typing import Any
 
@@ -187,12 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--fakes", type=cli.int_at_least(1), default=64, help="samples of G to score")
     cli.add_device(p)
-    p.add_argument(
-        "--json",
-        type=cli.out_file(".json"),
-        default=None,
-        help="also write the report to this .json file (its folder is created)",
-    )
+    cli.add_json(p, "the report")
     args = p.parse_args(argv)
     device = args.device
     try:
@@ -210,9 +204,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(describe(report))
-    if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=2))
+    cli.write_json(args.json, report)
     return 0
 
 

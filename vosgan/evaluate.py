@@ -454,12 +454,7 @@ def main(argv: list[str] | None = None) -> int:
         help="held-out clips (default: train.eval_clips)",
     )
     cli.add_device(p)
-    p.add_argument(
-        "--json",
-        type=cli.out_file(".json"),
-        default=None,
-        help="also write the result to this .json file (its folder is created)",
-    )
+    cli.add_json(p, "the result")
     davis = p.add_argument_group("DAVIS J&F (--davis)")
     davis.add_argument("--davis", help="DAVIS-style root: score J&F on its sequences")
     davis.add_argument(
@@ -545,9 +540,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     result.update(step=ckpt["step"], checkpoint=ckpt["path"])
     print(json.dumps(result, indent=2))
-    if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2))
+    cli.write_json(args.json, result)
     return 0
 
 
