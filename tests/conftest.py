@@ -2,6 +2,7 @@
 
 import os
 import threading
+from typing import Any
 
 import pytest
 import torch
@@ -70,3 +71,20 @@ def usage_error(main, argv: list[str], capsys: pytest.CaptureFixture[str]) -> st
         main(argv)
     assert exc.value.code == 2
     return capsys.readouterr().err
+
+
+def watch_launches(monkeypatch: pytest.MonkeyPatch, module: Any, kernel: str) -> list:
+    """Swap the numba launch lock for a :class:`HolderLock` and wrap ``module.kernel``; returns
+    the list that gets ``(size of the kernel's first argument, lock held by this thread)`` per
+    launch."""
+    from vosgan.ops._numba import launch
+
+    lock, seen, original = HolderLock(), [], getattr(module, kernel)
+
+    def spy(*args: Any) -> Any:
+        seen.append((args[0].size, lock.holder == threading.get_ident()))
+        return original(*args)
+
+    monkeypatch.setattr(launch, "LAUNCH_LOCK", lock)
+    monkeypatch.setattr(module, kernel, spy)
+    return seen

@@ -12,7 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
-from conftest import HolderLock, requires_cuda
+from conftest import requires_cuda, watch_launches
 from vosgan.kernels.composite import bwd_block, fwd_block
 
 from vosgan.nn import MaskComposite, fuse_modules
@@ -221,15 +221,7 @@ def test_numba_concurrent_calls(monkeypatch):
     from vosgan.ops._numba import composite as nb
     from vosgan.ops._numba import launch
 
-    lock, seen = HolderLock(), []
-    kernel = nb.composite_fwd_kernel
-
-    def spy(*args):
-        seen.append((args[0].size, lock.holder == threading.get_ident()))
-        return kernel(*args)
-
-    monkeypatch.setattr(launch, "LAUNCH_LOCK", lock)
-    monkeypatch.setattr(nb, "composite_fwd_kernel", spy)
+    seen = watch_launches(monkeypatch, nb, "composite_fwd_kernel")
     shapes = [(1, 4, 2, 64, 64), (2, 3, 4, 9, 11)] * 2  # f of 32768 = GRAIN and 2376 elements
     cases = [_inputs(s, device="cpu", grad=False) for s in shapes]
     assert cases[0][0].numel() == launch.GRAIN > cases[1][0].numel()

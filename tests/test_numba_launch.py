@@ -9,10 +9,9 @@ import numba
 import numpy as np
 import pytest
 import torch
-from conftest import HolderLock
+from conftest import watch_launches
 
 from vosgan.ops._numba import flow_warp as nb_flow_warp
-from vosgan.ops._numba import launch as launch_module
 from vosgan.ops._numba.launch import GRAIN, launch
 from vosgan.ops.flow_warp import flow_warp_loss, flow_warp_loss_reference
 
@@ -40,15 +39,7 @@ def test_small_work_runs_on_one_thread_and_restores_the_count() -> None:
 def test_concurrent_flow_warp_launches_agree_with_the_reference(monkeypatch) -> None:
     """Two threads launch parallel kernels (x of GRAIN elements), two the one-thread path; every
     launch runs with the launch lock held by its own thread."""
-    lock, seen = HolderLock(), []
-    kernel = nb_flow_warp.fwd
-
-    def spy(*args):
-        seen.append((args[0].size, lock.holder == threading.get_ident()))
-        return kernel(*args)
-
-    monkeypatch.setattr(launch_module, "LAUNCH_LOCK", lock)
-    monkeypatch.setattr(nb_flow_warp, "fwd", spy)
+    seen = watch_launches(monkeypatch, nb_flow_warp, "fwd")
     torch.manual_seed(0)
     shapes = [((1, 2, 4, 64, 64), (1, 2, 3, 64, 64)), ((2, 3, 4, 9, 11), (2, 2, 3, 9, 11))] * 2
     cases = [(torch.rand(xs), torch.randn(fs) * 2) for xs, fs in shapes]
