@@ -2,7 +2,8 @@
 
 ``compile_kernel`` compiles one ``@triton.jit`` kernel for ``sm_80``/``sm_90`` in a subprocess (so
 it works even when this process runs Triton in interpreter mode), assembles the PTX with Triton's
-bundled ``ptxas`` and reports registers, spills and whether global loads are vectorised.
+bundled ``ptxas`` and reports registers, spills (and, from the SASS, whether any spill sits inside
+a loop) and whether global loads are vectorised.
 """
 
 from __future__ import annotations
@@ -40,12 +41,45 @@ class AotReport:
     spill_loads: int
     vector_loads: int  # 128-bit global loads: ld.global[.<qualifiers, cache hints>].v4
     ptx: str
+    #: local-memory loads/stores (LDL/STL) inside a loop of the SASS, -1 without cuobjdump
+    loop_spill_ops: int = -1
+
+    def spills_ok(self, outside_loops: int = 16) -> bool:
+        """No spill inside a loop, and at most ``outside_loops`` bytes each way outside them
+        (strictly none where the SASS could not be read)."""
+        if self.loop_spill_ops < 0:
+            return self.spill_stores == 0 and self.spill_loads == 0
+        worst = max(self.spill_stores, self.spill_loads)
+        return self.loop_spill_ops == 0 and 0 <= worst <= outside_loops
+
+
+def _bindir() -> str:
+    import triton
+
+    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+
+
+def loop_local_memory_ops(sass: str) -> int:
+    """LDL/STL instructions of ``sass`` (``cuobjdump -sass`` text) that lie inside a loop, a
+    loop being the span from a backward branch's target to the branch."""
+    code = [
+        (int(m.group(1), 16), m.group(2))
+        for m in re.finditer(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);", sass)
+    ]
+    loops = []
+    for addr, ins in code:
+        br = re.search(r"\bBRA\s+(?:`\(\.L_x_\d+\)\s*)?0x([0-9a-f]+)", ins)
+        if br and int(br.group(1), 16) < addr:
+            loops.append((int(br.group(1), 16), addr))
+    return sum(
+        1
+        for addr, ins in code
+        if re.search(r"\b(?:LDL|STL)\b", ins) and any(lo <= addr <= hi for lo, hi in loops)
+    )
 
 
 def _ptxas() -> str:
-    import triton
-
-    bindir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+    bindir = _bindir()
     # Triton >= 3.9 writes PTX ISA 9.x, which only its newer bundled ptxas (CUDA 13) reads; that
     # one also assembles sm_80/sm_90, so prefer it.
     for name in ("ptxas-blackwell", "ptxas"):
@@ -99,8 +133,9 @@ def compile_kernel(
     if run.returncode != 0:
         raise RuntimeError(f"AOT compile of {module}.{kernel} for sm_{arch} failed:\n{run.stderr}")
     gpu = f"sm_{arch}a" if arch >= 90 else f"sm_{arch}"
+    cubin = os.path.join(workdir, f"{kernel}_sm{arch}.cubin")
     res = subprocess.run(
-        [_ptxas(), "-v", "--gpu-name", gpu, ptx_path, "-o", os.devnull],
+        [_ptxas(), "-v", "--gpu-name", gpu, ptx_path, "-o", cubin],
         capture_output=True,
         text=True,
     )
@@ -110,6 +145,12 @@ def compile_kernel(
     regs = re.search(r"Used (\d+) registers", info)
     spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", info)
     ptx = open(ptx_path).read()
+    loop_spills = -1
+    cuobjdump = os.path.join(_bindir(), "cuobjdump")
+    if os.path.exists(cuobjdump):
+        sass = subprocess.run([cuobjdump, "-sass", cubin], capture_output=True, text=True)
+        if sass.returncode == 0:
+            loop_spills = loop_local_memory_ops(sass.stdout)
     return AotReport(
         kernel=kernel,
         arch=arch,
@@ -118,4 +159,5 @@ def compile_kernel(
         spill_loads=int(spills.group(2)) if spills else -1,
         vector_loads=len(re.findall(r"ld\.global(?:\.[\w:]+)*\.v4", ptx)),
         ptx=ptx,
+        loop_spill_ops=loop_spills,
     )

@@ -97,7 +97,18 @@ def bn_act_reference(
     (first or second order) reads: one allocation and one write pass fewer than the
     ``nn.Sequential`` block, same values and gradients. Requires ``negative_slope >= 0``.
     """
+    # CUDA's batch_norm leaves running statistics that are not contiguous (column views of a
+    # wider buffer, say) as they were (seen on an H100, torch 2.11): update contiguous copies.
+    stats = (running_mean, running_var)
+    strided = training and any(t is not None and not t.is_contiguous() for t in stats)
+    if strided:
+        running_mean, running_var = (t if t is None else t.contiguous() for t in stats)
     z = F.batch_norm(y, running_mean, running_var, weight, bias, training, momentum, eps)
+    if strided:
+        with torch.no_grad():
+            for view, updated in zip(stats, (running_mean, running_var), strict=True):
+                if view is not None and view is not updated:
+                    view.copy_(updated)
     if residual is not None:
         z = z.add_(residual)
     return F.relu_(z) if negative_slope == 0 else F.leaky_relu_(z, negative_slope)
