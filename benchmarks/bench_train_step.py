@@ -25,7 +25,9 @@ Run: ``pytest benchmarks/bench_train_step.py --benchmark-only``. Side by side in
 (reference and fused steps alternating, the order flipped every round; medians of wall time and
 of process CPU time, which a loaded machine inflates less; CPU time means little with more than
 one thread, where idle OpenMP/numba workers spin):
-``python benchmarks/bench_train_step.py [--preset cpu-small] [--rounds 30]``.
+``python benchmarks/bench_train_step.py [--preset cpu-small] [--rounds 30]``; ``--profile N``
+then prints, for each path, torch.profiler's table of the ops and kernels that took the most
+device time over ``N`` more steps (CPU time on CPU).
 """
 
 from __future__ import annotations
@@ -246,12 +248,26 @@ def test_train_step(benchmark, case: str, provider: str) -> None:
     benchmark.extra_info.update(info)
 
 
+def profile_steps(step: Callable[[], None], device: str, steps: int, rows: int = 25) -> str:
+    """torch.profiler's table of ``steps`` more calls of ``step``: the ``rows`` ops and kernels
+    with the most self time on ``device`` (CUDA kernel time on a GPU, CPU time on CPU)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    with profile(activities=acts) as prof:
+        for _ in range(steps):
+            step()
+    key = "self_device_time_total" if device == "cuda" else "self_cpu_time_total"
+    return prof.key_averages().table(sort_by=key, row_limit=rows, max_name_column_width=60)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description="reference vs --fused training step, interleaved")
     p.add_argument("--preset", default="cpu-small")
     p.add_argument("--batch", type=int, default=None)
     p.add_argument("--rounds", type=int, default=30)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--profile", type=int, default=0, metavar="N", help="profile N more steps")
     args = p.parse_args()
     made = {f: _make_step(args.preset, args.device, args.batch, f) for f in (False, True)}
     check_fused_step(args.preset, args.device, args.batch, *made[True][1:])
@@ -279,6 +295,9 @@ def main() -> None:
             f"{fus * 1e3:.1f} ms (min {min(t[True]) * 1e3:.1f}): {ref / fus:.3f}x median, "
             f"{min(t[False]) / min(t[True]):.3f}x min"
         )
+    for fused, step in steps.items() if args.profile > 0 else ():
+        print(f"\n{'fused' if fused else 'reference'} step, {args.profile} steps profiled:")
+        print(profile_steps(step, args.device, args.profile))
 
 
 if __name__ == "__main__":

@@ -65,6 +65,10 @@ train_step_bench() {
 step "full training step: reference vs --fused (paper and cpu-small presets, bf16)"
 train_step_bench "cuda and not compile" train_step.json
 
+step "paper step side by side (reference and fused alternating), then where each spends its GPU time"
+timeout 150 "$PY" benchmarks/bench_train_step.py --preset paper --device cuda --rounds 20 --profile 3
+echo "train step profile exit $?"
+
 step "python -m vosgan.train --fused on the GPU (cpu-small, 300 steps)"
 timeout 90 "$PY" -m vosgan.train --fused --train.device=cuda --train.steps=300 \
   --out /tmp/vosgan-gpu-run 2>&1 | tr '\r' '\n' | grep -v "^\s*$" | tail -5
