@@ -110,8 +110,9 @@ def test_nonfinite_flow_propagates(impl: str, padding: str, reduction: str) -> N
             assert got.isnan().equal(bad) and got.isfinite().equal(~bad), f"{impl} {val} {name}"
         if nan_border:
             continue
-        # The reference on CPU tensors: CUDA's grid_sample backward treats a non-finite
-        # position differently (NOTE-CUDA-GRID).
+        # The reference on CPU tensors: CUDA's grid_sample backward scatters a nan position's
+        # gradient into pixels (0, 0) and (0, 1) of x_{t+1}, and gives a +-inf one a zero dflow
+        # (seen on an H100, torch 2.11).
         xc, fc = (v.detach().cpu().requires_grad_() for v in (x, flow))
         ref = flow_warp_loss_reference(xc, fc, None, 1e-2, padding, reduction)
         torch.testing.assert_close(out.cpu(), ref, rtol=1e-5, atol=1e-6, equal_nan=True)
