@@ -111,7 +111,7 @@ def test_nonfinite_flow_propagates(impl: str, padding: str, reduction: str) -> N
         if nan_border:
             continue
         # The reference on CPU tensors: CUDA's grid_sample backward scatters a nan position's
-        # gradient into pixels (0, 0) and (0, 1) of x_{t+1}, and gives a +-inf one a zero dflow
+        # gradient into pixels (0, 0) and (0, 1) of x_{t+1}, and a zero dflow to a +-inf component
         # (seen on an H100, torch 2.11).
         xc, fc = (v.detach().cpu().requires_grad_() for v in (x, flow))
         ref = flow_warp_loss_reference(xc, fc, None, 1e-2, padding, reduction)
