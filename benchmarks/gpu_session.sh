@@ -62,11 +62,12 @@ train_step_bench() {
   echo "train step ($1) exit $?"
 }
 
-step "full training step: reference vs --fused (paper and cpu-small presets, bf16)"
+step "full training step: reference vs --fused vs --fused in channels_last_3d (paper and cpu-small, bf16)"
 train_step_bench "cuda and not compile" train_step.json
 
 step "paper step side by side (reference and fused alternating), then where each spends its GPU time"
-timeout 150 "$PY" benchmarks/bench_train_step.py --preset paper --device cuda --rounds 20 --profile 3
+timeout 150 "$PY" benchmarks/bench_train_step.py --preset paper --device cuda --rounds 20 --profile 3 \
+  --channels-last
 echo "train step profile exit $?"
 
 step "python -m vosgan.train --fused on the GPU (cpu-small, 300 steps)"

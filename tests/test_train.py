@@ -80,6 +80,55 @@ def test_r1_and_hinge_through_fused_modules(tmp_path, capsys):
     assert "d_r1" in row and checkpoint.load_checkpoint(tmp_path / "one_row")["step"] == 3
 
 
+CL3D = torch.channels_last_3d
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["reference", "fused"])
+def test_channels_last_trains_the_same_function(fused):
+    """train.channels_last changes the layout of the 3D conv weights and clips, not what is
+    computed: the losses agree to 1e-5 and the first step's gradients to 1e-4 of their max (the
+    convolutions sum in another order)."""
+    weights5d = []
+    logs, _, grads = _tiny_run(fused=fused)
+    cl_logs, _, cl_grads = _tiny_run(
+        fused=fused,
+        channels_last=True,
+        probe=lambda run: weights5d.extend(p for p in run.D.parameters() if p.dim() == 5),
+    )
+    assert all(p.is_contiguous(memory_format=CL3D) for p in weights5d)
+    assert any(not p.is_contiguous() for p in weights5d)  # the layout did change
+    for a, b in zip(logs, cl_logs, strict=True):
+        for name in a:
+            torch.testing.assert_close(b[name], a[name], rtol=1e-5, atol=1e-6, msg=name)
+    for name, grad in grads.items():
+        scale = grad.abs().max().item()
+        torch.testing.assert_close(cl_grads[name], grad, rtol=1e-4, atol=1e-4 * scale, msg=name)
+
+
+def test_resume_across_channels_last_matches_optimizer_state_layouts():
+    """Adam's states saved by a channels_last run take the strides of the resuming run's
+    parameters (fused/foreach Adam steps them as flat buffers, which must share one layout)."""
+    runs = [
+        train.build_run(_tiny_config(**{"train.channels_last": cl}), torch.device("cpu"), False)
+        for cl in (True, False)
+    ]
+    train.wrap_models(runs[0])
+    real = torch.rand(4, 3, 16, 16, 16) * 2 - 1
+    train.train_step(runs[0], real, contextlib.nullcontext())
+    state = runs[0].state()
+    runs[1].load({**state, "path": "in memory"})
+    checked = 0
+    for opt in (runs[1].opt_g, runs[1].opt_d):
+        for p, st in opt.state.items():
+            for v in st.values():
+                if v.shape == p.shape:
+                    assert v.stride() == p.stride()
+                    checked += p.dim() == 5 and not p.is_contiguous(memory_format=CL3D)
+    assert checked > 0  # states that were channels-last, now contiguous like their parameters
+    saved = state["opt_d"]["state"][0]["exp_avg"]
+    torch.testing.assert_close(runs[1].opt_d.state_dict()["state"][0]["exp_avg"], saved)
+
+
 def test_resume_gives_the_same_weights(tmp_path):
     assert run(tmp_path, "--train.steps=4", name="straight") == 0
     assert run(tmp_path, "--train.steps=2", name="split") == 0
@@ -312,8 +361,8 @@ def test_backend_report_cli():
         assert word in res.stdout
 
 
-def _tiny_run(k=1, checkpointing=False, frozen_bn=False, probe=None, batch=4):
-    cfg = config.load(
+def _tiny_config(**overrides):
+    return config.load(
         "cpu-small",
         {
             "model.size": 16,
@@ -321,14 +370,25 @@ def _tiny_run(k=1, checkpointing=False, frozen_bn=False, probe=None, batch=4):
             "model.g_channels": 16,
             "model.d_channels": 4,
             "model.gru_hidden": 16,
-            "data.batch_size": batch,
-            "train.grad_accum": k,
             "loss.r1": 1.0,
             "loss.r1_every": 2,
-            "train.checkpoint_activations": checkpointing,
+            **overrides,
         },
     )
-    run = train.build_run(cfg, torch.device("cpu"), fused=False)
+
+
+def _tiny_run(
+    k=1, checkpointing=False, frozen_bn=False, probe=None, batch=4, channels_last=False, fused=False
+):
+    cfg = _tiny_config(
+        **{
+            "data.batch_size": batch,
+            "train.grad_accum": k,
+            "train.checkpoint_activations": checkpointing,
+            "train.channels_last": channels_last,
+        }
+    )
+    run = train.build_run(cfg, torch.device("cpu"), fused=fused)
     if frozen_bn:  # BN on its running statistics: every sample's loss is independent of the rest
         for m in [*run.G.modules(), *run.D.modules()]:
             if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):

@@ -90,6 +90,8 @@ def train_step(
     another: the gradient of the batch mean, except that BatchNorm normalises per micro-batch.
     """
     cfg, k = run.cfg, run.cfg.train.grad_accum
+    if cfg.train.channels_last:
+        real = real.contiguous(memory_format=torch.channels_last_3d)
     r1_step = cfg.loss.r1 > 0 and run.step % cfg.loss.r1_every == 0
     parts: dict[str, Tensor] = {}
     # Discriminator: real/fake, plus segmentation of fakes (G's masks) and flow on both.

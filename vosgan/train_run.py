@@ -111,6 +111,7 @@ class Run:
             opt.load_state_dict(ckpt[key])
             for group, flag in zip(opt.param_groups, fused, strict=True):
                 group["fused"] = flag  # this run's choice (--fused or not), not the saved one
+            match_state_layouts(opt)
         self.scaler.load_state_dict(ckpt["scaler"])
         checkpoint.set_rng_state(ckpt["rng"])
         if self.env.enabled and self.device.type == "cuda" and "cuda" in ckpt["rng"]:
@@ -150,6 +151,9 @@ def build_run(
             choice = backend.choose(op, device)
             why = "" if choice.fused else f" ({choice.reason})"
             say(env, f"  {op:<16} {'fused: ' + choice.impl if choice.fused else 'reference'}{why}")
+    if cfg.train.channels_last:
+        n = to_channels_last_3d(G) + to_channels_last_3d(D)
+        say(env, f"channels_last: {n} 3D conv weight(s) in torch.channels_last_3d")
     if cfg.train.checkpoint_activations:
         n = checkpoint_blocks(
             [*getattr(G, "foreground", []), *D.encoder, *D.decoder, *getattr(D, "flow_decoder", [])]
@@ -166,6 +170,32 @@ def build_run(
         device.type, enabled=amp_dtype(cfg.train.amp, device) == torch.float16
     )
     return Run(cfg, device, G, D, loss, opt_g, opt_d, scaler, env)
+
+
+def to_channels_last_3d(model: nn.Module) -> int:
+    """Store every 5-D parameter of ``model`` (the 3D conv weights) in
+    ``torch.channels_last_3d``, in place; returns how many were converted. Convolutions then
+    produce channels-last outputs, which BatchNorm, the fused BN + activation and elementwise ops
+    keep. (``Module.to(memory_format=torch.channels_last_3d)`` fails on the 4-D 2D-conv weights.)
+    """
+    n = 0
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 5 and not p.is_contiguous(memory_format=torch.channels_last_3d):
+                p.data = p.data.contiguous(memory_format=torch.channels_last_3d)
+                n += 1
+    return n
+
+
+def match_state_layouts(opt: torch.optim.Optimizer) -> None:
+    """Give each optimiser state tensor its parameter's strides (a checkpoint saved with another
+    ``train.channels_last`` setting): fused and foreach Adam step parameters and states as flat
+    buffers, which must then share one layout."""
+    for group in opt.param_groups:
+        for p in group["params"]:
+            for k, v in opt.state.get(p, {}).items():
+                if isinstance(v, Tensor) and v.shape == p.shape and v.stride() != p.stride():
+                    opt.state[p][k] = torch.empty_like(p, dtype=v.dtype).copy_(v)
 
 
 def d_param_groups(D: nn.Module, lr_dense: float) -> list[dict[str, Any]]:
