@@ -22,7 +22,8 @@ Before the fused provider is timed, its first step is checked against the refere
 (:func:`check_fused_step`: every loss part and parameter gradient).
 
 Run: ``pytest benchmarks/bench_train_step.py --benchmark-only``. Side by side in one process
-(reference and fused steps alternating, the order flipped every round; medians of wall time and
+(reference and fused steps, and with ``--channels-last`` the fused step in channels_last_3d,
+taking turns, the order rotated every round; medians of wall time and
 of process CPU time, which a loaded machine inflates less; CPU time means little with more than
 one thread, where idle OpenMP/numba workers spin):
 ``python benchmarks/bench_train_step.py [--preset cpu-small] [--rounds 30]``; ``--profile N``
@@ -158,13 +159,13 @@ def _first_step(step: Callable[[], dict], run) -> dict[str, torch.Tensor]:
 
 
 #: Gradient tolerance of the fused step's check, a fraction of each gradient's max (fp32, CPU).
-#: Rounding alone can move a gradient past it: built through the fused modules with every op
-#: forced to its reference (``VOSGAN_IMPL=reference``), D's decoder gradients moved by 6e-3 of
-#: their max at cpu-small (2026-11-26); the default fused paths stay within 1e-5.
 #: A 1e-7 relative perturbation of the reference's own initial weights moves its gradients by up
 #: to 4e-6 of their max at cpu-small, but by 3e-2 at paper with batch 2 (BatchNorm over 2
 #: samples), where no bound separates rounding from a bug: there, and under bf16 autocast, only
 #: the loss parts are compared (the same fused ops are checked at cpu-small, and by the tests).
+#: Even at cpu-small rounding alone can cross it: built through the fused modules with every op
+#: forced to its reference (``VOSGAN_IMPL=reference``), D's decoder gradients moved by 6e-3 of
+#: their max (2026-11-26); the default fused paths stay within 1e-5.
 GRAD_TOL = 1e-4
 
 
