@@ -9,6 +9,8 @@ autocast. Each row records in ``extra_info``:
   ``model_gflop_per_step``, the reference path's count, which ``tflops`` divides by the median
   (so the achieved rate of both providers is comparable); on an H100/H200 also
   ``frac_bf16_peak`` (of 989 dense bf16 TFLOP/s).
+- on a GPU ``gpu_kernel_ms``: the GPU kernel time of one step (torch.profiler, 3 more steps), so
+  that a median well above it shows host-side time (launches, Python) rather than GPU work.
 - peak memory of one step: on a GPU ``peak_mem_mb`` (``torch.cuda.max_memory_allocated`` above
   the memory held before the step); on CPU ``peak_rss_delta_mb``, the peak resident set size
   above the one before the step (freed heap pages returned with glibc's ``malloc_trim`` first,
@@ -260,9 +262,22 @@ def test_train_step(benchmark, case: str, provider: str) -> None:
     peak = next((v for k, v in BF16_PEAK_TFLOPS.items() if k in info["device"]), None)
     if device == "cuda":
         info["cudnn_benchmark"] = torch.backends.cudnn.benchmark
+        info["gpu_kernel_ms"] = gpu_kernel_ms(step, 3)
         if peak is not None:
             info["frac_bf16_peak"] = info["tflops"] / peak
     benchmark.extra_info.update(info)
+
+
+def gpu_kernel_ms(step: Callable[[], None], steps: int) -> float:
+    """GPU kernel time of one call of ``step`` in ms (torch.profiler, the mean of ``steps``
+    calls): next to the wall-time median, how much of a step the GPU is busy; the rest is the
+    host launching work (or idle gaps)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            step()
+    return sum(e.self_device_time_total for e in prof.key_averages()) / steps / 1e3
 
 
 def profile_steps(step: Callable[[], None], device: str, steps: int, rows: int = 25) -> str:

@@ -22,6 +22,9 @@ step() { echo; echo "=== [$(($(date +%s) - T0)) s] $*"; }
 
 step "machine"
 nvidia-smi -L
+# DALI's GPU video reader decodes with NVDEC through the driver's libnvcuvid
+echo "libnvcuvid: $(ldconfig -p | grep -c libnvcuvid) entries in ldconfig; $(find / -xdev \
+  -name 'libnvcuvid.so*' 2>/dev/null | head -3 | tr '\n' ' ')"
 "$PY" -c "import torch, triton; print('torch', torch.__version__, 'CUDA', torch.version.cuda, \
 'triton', triton.__version__, torch.cuda.get_device_name())" || exit 1
 if compgen -G ".whl/*.whl" >/dev/null; then
@@ -38,10 +41,16 @@ step "build vosgan._C for sm_$ARCH (background); meanwhile the Triton/cupy tests
 BUILD=$!
 rm -rf /tmp/vosgan-src && mkdir /tmp/vosgan-src && cp -r vosgan tests pyproject.toml /tmp/vosgan-src/ &&
   cp -r kernels /tmp/vosgan-src/vosgan/kernels
-(cd /tmp/vosgan-src && timeout 200 "$PY" -m pytest -q -p no:cacheprovider -n 8 --timeout 150 -rfEs \
-  tests/test_composite.py tests/test_flow_warp.py tests/test_conv3d_block.py \
-  tests/test_conv3d_subpixel.py tests/test_davis_metrics.py)
-echo "tests (ops) exit $?"
+# VOSGAN_GPU_TESTS: the tests to run here instead of the op suites (e.g. only those changed since
+# the last GPU run); "none" skips them.
+OP_TESTS="${VOSGAN_GPU_TESTS:-tests/test_composite.py tests/test_flow_warp.py \
+  tests/test_conv3d_block.py tests/test_conv3d_subpixel.py tests/test_davis_metrics.py}"
+if [ "$OP_TESTS" != none ]; then
+  # shellcheck disable=SC2086  # a list of test paths
+  (cd /tmp/vosgan-src && timeout 200 "$PY" -m pytest -q -p no:cacheprovider -n 8 --timeout 150 \
+    -rfEs $OP_TESTS)
+  echo "tests (ops) exit $?"
+fi
 wait $BUILD
 tail -15 "$OUTDIR/build.txt"
 # Toolchain facts for csrc/README.md: which compiler built the module, and whether it defines
@@ -52,9 +61,12 @@ SO="$("$PY" -c "import torch, vosgan._C as c; print(c.__file__)")" &&
 
 step "backend report; the tests that need the extension (sequential: a crash names its test)"
 "$PY" -m vosgan.backend
-PYTHONFAULTHANDLER=1 timeout 150 "$PY" -m pytest -v -p no:cacheprovider -p no:xdist --timeout 120 \
-  -rfEs tests/test_gru.py tests/test_backend.py tests/test_compile.py 2>&1 | grep -v PASSED
-echo "tests (extension) exit ${PIPESTATUS[0]}"
+if [ -z "${VOSGAN_GPU_TESTS:-}" ]; then
+  PYTHONFAULTHANDLER=1 timeout 150 "$PY" -m pytest -v -p no:cacheprovider -p no:xdist \
+    --timeout 120 -rfEs tests/test_gru.py tests/test_backend.py tests/test_compile.py 2>&1 |
+    grep -v PASSED
+  echo "tests (extension) exit ${PIPESTATUS[0]}"
+fi
 
 # bench_train_step.py's cases selected by -k $1, their pytest-benchmark JSON to $OUTDIR/$2.
 train_step_bench() {

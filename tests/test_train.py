@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import SHARED_DATA
+from conftest import SHARED_DATA, requires_cuda
 
 from vosgan import checkpoint, config, evaluate, train
 from vosgan.config import ConfigError
@@ -83,16 +83,28 @@ def test_r1_and_hinge_through_fused_modules(tmp_path, capsys):
 CL3D = torch.channels_last_3d
 
 
+@pytest.fixture
+def no_tf32():
+    """fp32 convolutions and matmuls in full precision on CUDA (TF32 off), restored after."""
+    flags = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=requires_cuda)])
 @pytest.mark.parametrize("fused", [False, True], ids=["reference", "fused"])
-def test_channels_last_trains_the_same_function(fused):
+def test_channels_last_trains_the_same_function(fused, device, no_tf32):
     """train.channels_last changes the layout of the 3D conv weights and clips, not what is
     computed: the losses agree to 1e-5 and the first step's gradients to 1e-4 of their max (the
-    convolutions sum in another order)."""
+    convolutions sum in another order). On CUDA this runs cuDNN's channels-last kernels and the
+    Triton BN + activation on channels-last activations."""
     weights5d = []
-    logs, _, grads = _tiny_run(fused=fused)
+    logs, _, grads = _tiny_run(fused=fused, device=device)
     cl_logs, _, cl_grads = _tiny_run(
         fused=fused,
         channels_last=True,
+        device=device,
         probe=lambda run: weights5d.extend(p for p in run.D.parameters() if p.dim() == 5),
     )
     assert all(p.is_contiguous(memory_format=CL3D) for p in weights5d)
@@ -378,7 +390,14 @@ def _tiny_config(**overrides):
 
 
 def _tiny_run(
-    k=1, checkpointing=False, frozen_bn=False, probe=None, batch=4, channels_last=False, fused=False
+    k=1,
+    checkpointing=False,
+    frozen_bn=False,
+    probe=None,
+    batch=4,
+    channels_last=False,
+    fused=False,
+    device="cpu",
 ):
     cfg = _tiny_config(
         **{
@@ -388,7 +407,7 @@ def _tiny_run(
             "train.channels_last": channels_last,
         }
     )
-    run = train.build_run(cfg, torch.device("cpu"), fused=fused)
+    run = train.build_run(cfg, torch.device(device), fused=fused)
     if frozen_bn:  # BN on its running statistics: every sample's loss is independent of the rest
         for m in [*run.G.modules(), *run.D.modules()]:
             if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
@@ -397,6 +416,7 @@ def _tiny_run(
     if probe is not None:
         probe(run)
     real = torch.rand(batch, 3, 16, 16, 16, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    real = real.to(device)
     logs, named = [], [*run.G.named_parameters("G"), *run.D.named_parameters("D")]
     for _ in range(3):  # R1 on steps 0 and 2
         logs.append(train.train_step(run, real, contextlib.nullcontext()))
