@@ -23,20 +23,20 @@ autocast. Each row records in ``extra_info``:
 Before the fused provider is timed, its first step is checked against the reference path's
 (:func:`check_fused_step`: every loss part and parameter gradient).
 
-Run: ``pytest benchmarks/bench_train_step.py --benchmark-only``. Side by side in one process
-(reference and fused steps, and with ``--channels-last`` the fused step in channels_last_3d,
-taking turns, the order rotated every round; medians of wall time and
-of process CPU time, which a loaded machine inflates less; CPU time means little with more than
-one thread, where idle OpenMP/numba workers spin):
-``python benchmarks/bench_train_step.py [--preset cpu-small] [--rounds 30]``; ``--profile N``
-then prints, for each path, torch.profiler's table of the ops and kernels that took the most
-device time over ``N`` more steps (CPU time on CPU).
+Run: ``pytest benchmarks/bench_train_step.py --benchmark-only``. Side by side in one process:
+``python benchmarks/bench_train_step.py [--preset cpu-small] [--rounds 30] [--providers ...]``
+(default reference and fused; on a GPU also ``fused-cl``, ``fused-cl-graph``, ``reference-graph``)
+runs the providers' steps taking turns, the order rotated every round, and prints medians of wall
+time and of process CPU time (which a loaded machine inflates less; it means little with more
+than one thread, where idle OpenMP/numba workers spin, or on a GPU, where the sync spins), and on
+a GPU each step's kernel time. ``--profile N`` then prints, for each provider, torch.profiler's
+table of the ops and kernels that took the most device time over ``N`` more steps (CPU time on
+CPU).
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import ctypes
 import gc
 import os
@@ -51,7 +51,7 @@ from reference_check import Tol, check
 from torch.utils.flop_counter import FlopCounterMode
 
 from vosgan import backend, config, train
-from vosgan.train import amp_dtype, build_run, configure_backends, train_step
+from vosgan.train import amp_dtype, build_run, configure_backends
 
 CUDA = torch.cuda.is_available()
 #: case id -> (preset, device, batch or None for the preset's own, timed rounds)
@@ -61,9 +61,18 @@ if CUDA:
         "cpu-small-cuda": ("cpu-small", "cuda", None, 30),
         "paper-cuda": ("paper", "cuda", None, 20),
     }
-#: reference path, --fused, the reference path under torch.compile (--compile; GPU only), and
-#: --fused with train.channels_last (GPU only: it is for cuDNN's bf16 convolutions)
-PROVIDERS = ["reference", "fused", "compile", "fused-cl"]
+#: provider -> (--fused, config overrides, GPU only). Beside the reference path and --fused:
+#: the reference path under torch.compile; --fused with train.channels_last (for cuDNN's bf16
+#: convolutions); and the step replayed from CUDA graphs (train.cuda_graph), fused in
+#: channels_last_3d and, for comparison, the reference path.
+PROVIDERS = {
+    "reference": (False, {}, False),
+    "fused": (True, {}, False),
+    "compile": (False, {"train.compile": "true"}, True),
+    "fused-cl": (True, {"train.channels_last": "true"}, True),
+    "fused-cl-graph": (True, {"train.channels_last": "true", "train.cuda_graph": "true"}, True),
+    "reference-graph": (False, {"train.cuda_graph": "true"}, True),
+}
 BF16_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0}  # dense bf16, SXM
 _MODEL_FLOPS: dict[tuple[str, str, int], float] = {}
 _LIBC = ctypes.CDLL("libc.so.6") if platform.system() == "Linux" else None
@@ -113,34 +122,29 @@ def _make_step(
     preset: str,
     device: str,
     batch: int | None,
-    fused: bool,
-    compile: bool = False,
+    provider: str = "reference",
     amp: str | None = None,
-    channels_last: bool = False,
 ):
-    """``(cfg, step, run)``: ``step()`` runs one training step and returns its loss parts."""
+    """``(cfg, step, run)`` of ``provider`` (:data:`PROVIDERS`): ``step()`` runs one training
+    step (the trainer's, :func:`vosgan.train.make_step`) and returns its loss parts."""
+    fused, extra, _ = PROVIDERS[provider]
     overrides = {} if batch is None else {"data.batch_size": batch}
-    if compile:
-        overrides["train.compile"] = "true"
+    overrides |= extra
     if amp is not None:
         overrides["train.amp"] = amp
-    if channels_last:
-        overrides["train.channels_last"] = "true"
     cfg = config.load(preset, overrides)
     dev = torch.device(device)
     configure_backends(dev)  # as the trainer runs (cuDNN autotuning, TF32)
     run = build_run(cfg, dev, fused)
-    if hasattr(train, "wrap_models"):  # the phase wrappers (DDP / compile; plain modules here)
-        train.wrap_models(run)
-    dtype = amp_dtype(cfg.train.amp, dev)
-    autocast = torch.autocast(dev.type, dtype=dtype) if dtype else contextlib.nullcontext()
+    train.wrap_models(run)  # the phase wrappers (compile; plain modules otherwise)
+    train_one = train.make_step(run, train.autocast_for(cfg, dev))
     m = cfg.model
     gen = torch.Generator().manual_seed(0)
     real = torch.rand(cfg.data.batch_size, 3, m.frames, m.size, m.size, generator=gen) * 2 - 1
     real = real.to(dev)
 
     def step() -> dict[str, torch.Tensor]:
-        parts = train_step(run, real, autocast)
+        parts = train_one(real)
         if device == "cuda":
             torch.cuda.synchronize()
         return parts
@@ -178,10 +182,10 @@ def check_fused_step(preset: str, device: str, batch: int | None, step, run) -> 
     loss parts within 1e-4, gradients within ``GRAD_TOL`` of their max; bf16 autocast (CUDA):
     at most 2x the error of the reference path against the reference in fp32, plus 1e-2 of the
     max."""
-    want = _first_step(*_make_step(preset, device, batch, False)[1:])
+    want = _first_step(*_make_step(preset, device, batch)[1:])
     exact = None
     if device == "cuda":
-        exact = _first_step(*_make_step(preset, device, batch, False, amp="off")[1:])
+        exact = _first_step(*_make_step(preset, device, batch, amp="off")[1:])
     got = _first_step(step, run)
     what = f"train step {preset} fused {device}"
     grad_checks = (False, True) if preset == "cpu-small" and device == "cpu" else (False,)
@@ -210,34 +214,37 @@ def _flops(step: Callable[[], None]) -> float:
 @pytest.mark.parametrize("case", list(CASES))
 def test_train_step(benchmark, case: str, provider: str) -> None:
     preset, device, batch, rounds = CASES[case]
+    fused, _, gpu_only = PROVIDERS[provider]
     if provider == "compile" and device == "cpu":
         pytest.skip("--compile on CPU: inductor takes minutes on the 2-core box (0.96x measured)")
-    if provider == "fused-cl" and device == "cpu":
-        pytest.skip("train.channels_last is for cuDNN's convolutions (CPU: oneDNN picks layouts)")
-    fused = provider.startswith("fused")
-    cfg, step, run = _make_step(
-        preset,
-        device,
-        batch,
-        fused,
-        compile=provider == "compile",
-        channels_last=provider == "fused-cl",
-    )
+    if gpu_only and device == "cpu":
+        pytest.skip("channels_last_3d and CUDA graphs are for the GPU (CPU: oneDNN picks layouts)")
+    cfg, step, run = _make_step(preset, device, batch, provider)
     b = cfg.data.batch_size
     if fused:  # its first step, before timing (also the first warm-up step)
         check_fused_step(preset, device, batch, step, run)
     # Warm-up: numba/Triton compilation, oneDNN/cuDNN primitive selection; under torch.compile
-    # also the recompilations of the first steps (D runs with and without parameter gradients).
-    for _ in range(3 if provider == "compile" else 1):
+    # also the recompilations of the first steps (D runs with and without parameter gradients);
+    # with CUDA graphs the eager steps before the capture, and the capture.
+    graph = cfg.train.cuda_graph
+    if graph:  # a replay allocates nothing: count the warm-up steps and the capture instead
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        held = torch.cuda.memory_allocated()
+    for _ in range(3 if provider == "compile" or graph else 1):
         step()
-    mem_key, mem_mb = _peak_memory_mb(step, device)
+    if graph:
+        mem_key, mem_mb = "peak_mem_mb", (torch.cuda.max_memory_allocated() - held) / 2**20
+    else:
+        mem_key, mem_mb = _peak_memory_mb(step, device)
     key = (preset, device, b)
     if key not in _MODEL_FLOPS:  # the reference path's count, also when selected alone
         _MODEL_FLOPS[key] = _flops(
-            step if provider == "reference" else _make_step(preset, device, batch, False)[1]
+            step if provider == "reference" else _make_step(preset, device, batch)[1]
         )
-    # A compiled step is not counted itself: the counter's dispatch mode would recompile it.
-    flops = _MODEL_FLOPS[key] if not fused else _flops(step)
+    # Compiled and graphed steps are not counted themselves: the counter's dispatch mode would
+    # recompile one and sees no ops in a graph's replay.
+    flops = _flops(step) if fused and not graph else _MODEL_FLOPS[key]
     benchmark.pedantic(step, rounds=rounds, iterations=1, warmup_rounds=0)
     if benchmark.stats is None:  # --benchmark-disable: the step ran as a plain test
         return
@@ -301,27 +308,33 @@ def main() -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--profile", type=int, default=0, metavar="N", help="profile N more steps")
     p.add_argument(
-        "--channels-last", action="store_true", help="also the fused step in channels_last_3d"
+        "--providers",
+        default="reference,fused",
+        help="comma-separated, the baseline first; compile is pytest's only (default: %(default)s)",
     )
     args = p.parse_args()
-    if args.channels_last and not args.device.startswith("cuda"):
-        p.error("--channels-last needs --device cuda (it is for cuDNN's convolutions)")
-    names = ["reference", "fused"] + (["fused-cl"] if args.channels_last else [])
+    names = args.providers.split(",")
+    choices = [n for n in PROVIDERS if n != "compile"]
+    for name in names:
+        if name not in choices:
+            p.error(f"--providers: {name!r} is not one of {', '.join(choices)}")
+        if PROVIDERS[name][2] and not args.device.startswith("cuda"):
+            p.error(f"--providers: {name} needs --device cuda")
     steps = {}
     for name in names:
-        _, step, run = _make_step(
-            args.preset,
-            args.device,
-            args.batch,
-            name != "reference",
-            channels_last=name == "fused-cl",
-        )
-        if name != "reference":
-            check_fused_step(args.preset, args.device, args.batch, step, run)
+        try:
+            _, step, run = _make_step(args.preset, args.device, args.batch, name)
+            if PROVIDERS[name][0]:
+                check_fused_step(args.preset, args.device, args.batch, step, run)
+            for _ in range(3):  # warm-up (compilation, primitive caches, graph captures)
+                step()
+        except Exception as exc:  # the other providers are still worth timing
+            if name == names[0]:
+                raise
+            print(f"{name}: left out, it failed: {type(exc).__name__}: {exc}")
+            continue
         steps[name] = step
-    for step in steps.values():  # warm-up (compilation, primitive caches)
-        step()
-        step()
+    names = list(steps)
     wall: dict[str, list[float]] = {n: [] for n in names}
     cpu: dict[str, list[float]] = {n: [] for n in names}
     for i in range(args.rounds):
@@ -335,16 +348,20 @@ def main() -> None:
         f"thread(s), preset {args.preset}, {args.rounds} interleaved rounds; os.getloadavg() "
         f"= {os.getloadavg()[0]:.1f}"
     )
+    base = names[0]
     for kind, t in (("wall", wall), ("cpu", cpu)):
-        ref = statistics.median(t["reference"])
-        cells = [f"reference {ref * 1e3:.1f} ms (min {min(t['reference']) * 1e3:.1f})"]
+        ref = statistics.median(t[base])
+        cells = [f"{base} {ref * 1e3:.1f} ms (min {min(t[base]) * 1e3:.1f})"]
         for name in names[1:]:
             med = statistics.median(t[name])
             cells.append(
                 f"{name} {med * 1e3:.1f} ms (min {min(t[name]) * 1e3:.1f}): {ref / med:.3f}x "
-                f"median, {min(t['reference']) / min(t[name]):.3f}x min"
+                f"median, {min(t[base]) / min(t[name]):.3f}x min"
             )
         print(f"  {kind}: " + "; ".join(cells))
+    if args.device.startswith("cuda"):  # the GPU's busy time; the rest of the wall time is host
+        busy = {name: gpu_kernel_ms(step, 3) for name, step in steps.items()}
+        print("  GPU kernel time: " + "; ".join(f"{n} {ms:.1f} ms" for n, ms in busy.items()))
     for name, step in steps.items() if args.profile > 0 else ():
         print(f"\n{name} step, {args.profile} steps profiled:")
         print(profile_steps(step, args.device, args.profile))

@@ -70,23 +70,35 @@ fi
 
 # bench_train_step.py's cases selected by -k $1, their pytest-benchmark JSON to $OUTDIR/$2.
 train_step_bench() {
-  timeout 150 "$PY" -m pytest -q -p no:cacheprovider benchmarks/bench_train_step.py \
+  timeout 220 "$PY" -m pytest -q -p no:cacheprovider benchmarks/bench_train_step.py \
     --benchmark-only -k "$1" --benchmark-json "$OUTDIR/$2" --benchmark-columns=min,median,max,rounds
   echo "train step ($1) exit $?"
 }
 
-step "full training step: reference vs --fused vs --fused in channels_last_3d (paper and cpu-small, bf16)"
+step "full training step, paper and cpu-small, bf16: reference, --fused, channels_last_3d, CUDA graphs"
 train_step_bench "cuda and not compile" train_step.json
 
-step "paper step side by side (reference and fused alternating), then where each spends its GPU time"
-timeout 150 "$PY" benchmarks/bench_train_step.py --preset paper --device cuda --rounds 20 --profile 3 \
-  --channels-last
+step "paper step side by side (providers taking turns), then where each spends its GPU time"
+timeout 150 "$PY" benchmarks/bench_train_step.py --preset paper --device cuda --rounds 20 \
+  --providers "${VOSGAN_GPU_PROVIDERS:-reference,fused,fused-cl,fused-cl-graph,reference-graph}" \
+  --profile "${VOSGAN_GPU_PROFILE:-3}"
 echo "train step profile exit $?"
 
-step "the fused-op benchmarks' correctness checks on CUDA (composite, flow_warp; each case once)"
-timeout 120 "$PY" -m pytest -q -p no:cacheprovider -p no:xdist -rfE --benchmark-disable \
-  benchmarks/bench_composite.py benchmarks/bench_flow_warp.py -k "gpu and fused"
-echo "benchmark checks exit $?"
+step "python -m vosgan.train --fused on the GPU (cpu-small, 200 steps): eager, then train.cuda_graph"
+for graph in false true; do
+  timeout 120 "$PY" -m vosgan.train --fused --train.device=cuda --train.steps=200 \
+    --train.cuda_graph=$graph --out "/tmp/vosgan-gpu-graph-$graph" 2>&1 | tr '\r' '\n' |
+    grep -v "^\s*$" | tail -4
+  echo "train (cuda_graph=$graph) exit ${PIPESTATUS[0]}"
+  tail -2 "/tmp/vosgan-gpu-graph-$graph/log.jsonl"
+done
+
+if [ "${VOSGAN_GPU_CHECKS:-1}" = 1 ]; then
+  step "the fused-op benchmarks' correctness checks on CUDA (composite, flow_warp; each case once)"
+  timeout 120 "$PY" -m pytest -q -p no:cacheprovider -p no:xdist -rfE --benchmark-disable \
+    benchmarks/bench_composite.py benchmarks/bench_flow_warp.py -k "gpu and fused"
+  echo "benchmark checks exit $?"
+fi
 
 if [ "${VOSGAN_GPU_FULL:-0}" != 1 ]; then
   step "done (VOSGAN_GPU_FULL=1 also reruns: the 300-step run, conv blocks, flow warp, compile step)"

@@ -427,7 +427,7 @@ def flow_warp_loss_bwd(
         gmax = grad.detach().abs().amax().float()
         if weight is not None:
             gmax = gmax * weight.detach().abs().amax().float()
-        room = torch.tensor(2.0**62 / (hw + 1), device=x.device)
+        room = 2.0**62 / (hw + 1)  # a Python scalar: no host-to-GPU copy (CUDA graphs)
         qscale = torch.exp2(torch.floor(torch.log2(room / gmax.clamp_min(1e-30)))).clamp(max=2**62)
         dx_acc = torch.zeros(x.shape, device=x.device, dtype=torch.int64)
     else:

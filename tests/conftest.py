@@ -88,3 +88,32 @@ def watch_launches(monkeypatch: pytest.MonkeyPatch, module: Any, kernel: str) ->
     monkeypatch.setattr(launch, "LAUNCH_LOCK", lock)
     monkeypatch.setattr(module, kernel, spy)
     return seen
+
+
+@pytest.fixture
+def no_tf32():
+    """fp32 convolutions and matmuls in full precision on CUDA (TF32 off), restored after."""
+    flags = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
+
+
+def tiny_config(**overrides):
+    """The cpu-small preset shrunk to 16x16x16 clips and a few channels (R1 every 2nd step),
+    for tests that train a few steps."""
+    from vosgan import config  # after TRITON_INTERPRET is set above
+
+    return config.load(
+        "cpu-small",
+        {
+            "model.size": 16,
+            "model.frames": 16,
+            "model.g_channels": 16,
+            "model.d_channels": 4,
+            "model.gru_hidden": 16,
+            "loss.r1": 1.0,
+            "loss.r1_every": 2,
+            **overrides,
+        },
+    )

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import SHARED_DATA, requires_cuda
+from conftest import SHARED_DATA, requires_cuda, tiny_config
 
 from vosgan import checkpoint, config, evaluate, train
 from vosgan.config import ConfigError
@@ -83,15 +83,6 @@ def test_r1_and_hinge_through_fused_modules(tmp_path, capsys):
 CL3D = torch.channels_last_3d
 
 
-@pytest.fixture
-def no_tf32():
-    """fp32 convolutions and matmuls in full precision on CUDA (TF32 off), restored after."""
-    flags = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    yield
-    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
-
-
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=requires_cuda)])
 @pytest.mark.parametrize("fused", [False, True], ids=["reference", "fused"])
 def test_channels_last_trains_the_same_function(fused, device, no_tf32):
@@ -121,7 +112,7 @@ def test_resume_across_channels_last_matches_optimizer_state_layouts():
     """Adam's states saved by a channels_last run take the strides of the resuming run's
     parameters (fused/foreach Adam steps them as flat buffers, which must share one layout)."""
     runs = [
-        train.build_run(_tiny_config(**{"train.channels_last": cl}), torch.device("cpu"), False)
+        train.build_run(tiny_config(**{"train.channels_last": cl}), torch.device("cpu"), False)
         for cl in (True, False)
     ]
     train.wrap_models(runs[0])
@@ -231,6 +222,10 @@ def test_resume_rejects_a_different_model(tmp_path, capsys):
         (["--data", "empty"], "data.source {tmp}/empty: no videos"),
         (["--data", "garbage"], "none of the 1 videos is usable"),
         (["--data.batch_size=32"], "data.batch_size=32 is larger than data.train_clips=16"),
+        (
+            ["--train.cuda_graph=true", "--train.device=cpu"],
+            "train.cuda_graph needs a CUDA device (train.device is cpu)",
+        ),
     ],
 )
 def test_bad_input_gets_a_clear_error(tmp_path, capsys, args, message):
@@ -373,22 +368,6 @@ def test_backend_report_cli():
         assert word in res.stdout
 
 
-def _tiny_config(**overrides):
-    return config.load(
-        "cpu-small",
-        {
-            "model.size": 16,
-            "model.frames": 16,
-            "model.g_channels": 16,
-            "model.d_channels": 4,
-            "model.gru_hidden": 16,
-            "loss.r1": 1.0,
-            "loss.r1_every": 2,
-            **overrides,
-        },
-    )
-
-
 def _tiny_run(
     k=1,
     checkpointing=False,
@@ -399,7 +378,7 @@ def _tiny_run(
     fused=False,
     device="cpu",
 ):
-    cfg = _tiny_config(
+    cfg = tiny_config(
         **{
             "data.batch_size": batch,
             "train.grad_accum": k,

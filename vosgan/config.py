@@ -147,6 +147,10 @@ class TrainConfig:
     # 3D conv weights and real clips in torch.channels_last_3d. On an H100 (bf16, paper preset)
     # cuDNN spent 18% of the fused step's GPU time converting NCDHW tensors to NDHWC and back.
     channels_last: bool = False
+    # Capture the whole training step (D and G updates, both Adam steps) as CUDA graphs and replay
+    # them: no per-kernel launch cost on the host (vosgan.train_graph). CUDA only; not with
+    # train.compile, train.amp=fp16 (GradScaler syncs) or torchrun.
+    cuda_graph: bool = False
 
 
 @dataclass(frozen=True)
@@ -378,6 +382,13 @@ def validate(cfg: Config) -> None:
         raise ConfigError(
             f"data.batch_size / train.grad_accum ({d.batch_size} / {t.grad_accum}) must be >= 2: "
             "BatchNorm needs at least 2 clips per micro-batch"
+        )
+    if t.cuda_graph and t.compile:
+        raise ConfigError("train.cuda_graph and train.compile exclude each other (choose one)")
+    if t.cuda_graph and t.amp == "fp16":
+        raise ConfigError(
+            "train.cuda_graph needs train.amp bf16, auto or off: fp16's GradScaler reads its "
+            "inf check on the host every step, which a CUDA graph cannot do"
         )
     if t.eval_clips > d.val_clips:
         raise ConfigError(

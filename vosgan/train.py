@@ -17,11 +17,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import functools
 import json
 import signal
 import sys
 import textwrap
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +39,7 @@ from vosgan.config import Config, ConfigError
 from vosgan.distributed import DistEnv
 from vosgan.evaluate import write_samples
 from vosgan.train_data import Evaluator, batch_indices, batches, describe, make_dataset
+from vosgan.train_graph import GraphedTrainStep
 from vosgan.train_run import (
     Run,
     amp_dtype,
@@ -50,11 +53,14 @@ from vosgan.train_run import (
 __all__ = [
     "Run",
     "amp_dtype",
+    "autocast_for",
     "batch_indices",
     "build_run",
     "configure_backends",
     "main",
     "make_dataset",
+    "make_step",
+    "r1_due",
     "resolve_device",
     "train",
     "train_step",
@@ -80,6 +86,31 @@ def _add(total: dict[str, Tensor], parts: dict[str, Tensor], k: int) -> None:
         total[name] = total[name] + v if name in total else v
 
 
+def r1_due(run: Run) -> bool:
+    """Whether this step adds the lazy R1 penalty (every ``loss.r1_every`` steps)."""
+    return run.cfg.loss.r1 > 0 and run.step % run.cfg.loss.r1_every == 0
+
+
+def make_step(
+    run: Run, autocast: contextlib.AbstractContextManager
+) -> Callable[[Tensor], dict[str, Tensor]]:
+    """``step(real)``: :func:`train_step` on ``run``, replayed from CUDA graphs with
+    ``train.cuda_graph`` (:class:`vosgan.train_graph.GraphedTrainStep`; ``autocast`` then needs
+    ``cache_enabled=False``, as :func:`autocast_for` makes it)."""
+    if run.cfg.train.cuda_graph:
+        return GraphedTrainStep(run, train_step, r1_due, autocast)
+    return functools.partial(train_step, run, autocast=autocast)
+
+
+def autocast_for(cfg: Config, device: torch.device) -> contextlib.AbstractContextManager:
+    """The training step's autocast context for ``train.amp`` on ``device`` (a null context when
+    off); without autocast's cast cache under ``train.cuda_graph``."""
+    dtype = amp_dtype(cfg.train.amp, device)
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype, cache_enabled=not cfg.train.cuda_graph)
+
+
 def train_step(
     run: Run, real: Tensor, autocast: contextlib.AbstractContextManager
 ) -> dict[str, Tensor]:
@@ -92,7 +123,7 @@ def train_step(
     cfg, k = run.cfg, run.cfg.train.grad_accum
     if cfg.train.channels_last:
         real = real.contiguous(memory_format=torch.channels_last_3d)
-    r1_step = cfg.loss.r1 > 0 and run.step % cfg.loss.r1_every == 0
+    r1_step = r1_due(run)
     parts: dict[str, Tensor] = {}
     # Discriminator: real/fake, plus segmentation of fakes (G's masks) and flow on both.
     run.opt_d.zero_grad(set_to_none=True)
@@ -230,7 +261,6 @@ def _train(
     from torch.utils.tensorboard import SummaryWriter
 
     configure_backends(device)
-    dtype = amp_dtype(cfg.train.amp, device)
     t = cfg.train
     run = build_run(cfg, device, fused, env)
     if resume is not None:  # every rank loads the same file
@@ -247,6 +277,7 @@ def _train(
             )
         say(env, f"resumed from {resume} at step {run.step}")
     wrap_models(run)
+    step = make_step(run, autocast_for(cfg, device))
     main = env.is_main
     # Open the data before writing anything: a bad data.source leaves no run folder behind.
     data = batches(cfg, run.step, device, env)
@@ -260,9 +291,6 @@ def _train(
         (out / "config.json").write_text(cfg.to_json())
         writer = SummaryWriter(str(out / "tb"), purge_step=run.step)
         log = (out / "log.jsonl").open("a")
-    autocast = (
-        torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
-    )
     pending: list[tuple[int, dict[str, Tensor]]] = []
 
     def save() -> None:
@@ -294,7 +322,7 @@ def _train(
     with _Interrupt(env) as interrupt:
         for batch in data:
             real = batch["video"].to(device, non_blocking=True)
-            pending.append((run.step, train_step(run, real, autocast)))
+            pending.append((run.step, step(real)))
             run.step += 1
             bar.update(1)
             stop = distributed.any_rank(interrupt.requested)

@@ -107,10 +107,11 @@ class Run:
         self.G.load_state_dict(ckpt["G"])
         self.D.load_state_dict(ckpt["D"])
         for opt, key in ((self.opt_g, "opt_g"), (self.opt_d, "opt_d")):
-            fused = [group["fused"] for group in opt.param_groups]
+            # this run's choices (--fused, train.cuda_graph), not the saved ones
+            mine = [{k: g[k] for k in ("fused", "capturable")} for g in opt.param_groups]
             opt.load_state_dict(ckpt[key])
-            for group, flag in zip(opt.param_groups, fused, strict=True):
-                group["fused"] = flag  # this run's choice (--fused or not), not the saved one
+            for group, flags in zip(opt.param_groups, mine, strict=True):
+                group.update(flags)
             match_state_layouts(opt)
         self.scaler.load_state_dict(ckpt["scaler"])
         checkpoint.set_rng_state(ckpt["rng"])
@@ -159,13 +160,15 @@ def build_run(
             [*getattr(G, "foreground", []), *D.encoder, *D.decoder, *getattr(D, "flow_decoder", [])]
         )
         say(env, f"checkpoint_activations: {n} block(s) recompute their activations in backward")
+    if cfg.train.cuda_graph and device.type != "cuda":
+        raise ConfigError(f"train.cuda_graph needs a CUDA device (train.device is {device})")
     o = cfg.optim
     # --fused also takes Adam's fused (single-kernel) step: both steps 9.1 -> 2.3 ms per training
-    # step at cpu-small (2.19 M parameters, 1 thread, 2-core dev box).
-    opt_g = torch.optim.Adam(G.parameters(), lr=o.lr_g, betas=(o.beta1, o.beta2), fused=fused)
-    opt_d = torch.optim.Adam(
-        d_param_groups(D, o.lr_dense), lr=o.lr_d, betas=(o.beta1, o.beta2), fused=fused
-    )
+    # step at cpu-small (2.19 M parameters, 1 thread, 2-core dev box). A CUDA graph needs Adam's
+    # step counter on the GPU (capturable).
+    adam = {"betas": (o.beta1, o.beta2), "fused": fused, "capturable": cfg.train.cuda_graph}
+    opt_g = torch.optim.Adam(G.parameters(), lr=o.lr_g, **adam)
+    opt_d = torch.optim.Adam(d_param_groups(D, o.lr_dense), lr=o.lr_d, **adam)
     scaler = torch.amp.GradScaler(
         device.type, enabled=amp_dtype(cfg.train.amp, device) == torch.float16
     )

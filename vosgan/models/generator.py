@@ -207,7 +207,10 @@ class SpriteForeground(nn.Module):
         # Output pixel p samples the sprite at p - offset; grid units are 2 / size per pixel.
         # All T frames sample the one sprite: the grid stacks them along its height, so the
         # sprite is never copied T times.
-        shift = 2 * offset.to(layer.dtype) / layer.new_tensor([w, h])  # (B, T, 2)
+        # (B, T, 2), divided by Python scalars: a host tensor would be a copy to the GPU on
+        # every call, which a CUDA graph cannot capture
+        twice = 2 * offset.to(layer.dtype)
+        shift = torch.stack((twice[..., 0] / w, twice[..., 1] / h), -1)
         xs = (2 * torch.arange(w, device=out.device, dtype=layer.dtype) + 1) / w - 1
         ys = (2 * torch.arange(h, device=out.device, dtype=layer.dtype) + 1) / h - 1
         base = torch.stack(torch.broadcast_tensors(xs.view(1, w), ys.view(h, 1)), -1)  # (H, W, 2)

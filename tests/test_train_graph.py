@@ -1,0 +1,93 @@
+"""train.cuda_graph: the training step captured as CUDA graphs (vosgan.train_graph)."""
+
+import contextlib
+
+import pytest
+import torch
+from conftest import requires_cuda, tiny_config
+
+from vosgan import config, train
+from vosgan.config import ConfigError
+from vosgan.train_graph import GraphedTrainStep, check_graphable
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"train.compile": "true"}, "train.cuda_graph and train.compile exclude each other"),
+        ({"train.amp": "fp16"}, "fp16's GradScaler reads its inf check on the host"),
+    ],
+)
+def test_config_refuses_what_a_graph_cannot_capture(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        config.load("cpu-small", {"train.cuda_graph": "true", **overrides})
+
+
+def test_cpu_run_is_refused_with_the_reason():
+    with pytest.raises(ConfigError, match=r"train.cuda_graph needs a CUDA device \(.*cpu\)"):
+        train.build_run(tiny_config(**{"train.cuda_graph": True}), torch.device("cpu"), False)
+    run = train.build_run(tiny_config(), torch.device("cpu"), False)
+    with pytest.raises(ConfigError) as err:
+        check_graphable(run)
+    assert "a CUDA device" in str(err.value)
+    assert "G's Adam with capturable=True" in str(err.value)
+    assert "D's Adam with capturable=True" in str(err.value)
+
+
+def test_make_step_is_plain_train_step_without_the_option():
+    run = train.build_run(tiny_config(), torch.device("cpu"), False)
+    train.wrap_models(run)
+    step = train.make_step(run, contextlib.nullcontext())
+    assert not isinstance(step, GraphedTrainStep)
+    parts = step(torch.rand(4, 3, 16, 16, 16) * 2 - 1)
+    assert {"d_total", "g_total"} <= set(parts)
+
+
+def _steps(cuda_graph: bool, fused: bool, n: int) -> tuple[list[dict], dict, object]:
+    """``n`` steps of the tiny config on CUDA in fp32 (R1 every second step), each on its own
+    batch: the loss parts of every step, the final weights, and the step callable."""
+    cfg = tiny_config(**{"train.cuda_graph": cuda_graph, "train.amp": "off", "data.batch_size": 4})
+    run = train.build_run(cfg, torch.device("cuda"), fused=fused)
+    train.wrap_models(run)
+    step = train.make_step(run, train.autocast_for(cfg, run.device))
+    gen = torch.Generator().manual_seed(3)
+    logs = []
+    for _ in range(n):
+        real = (torch.rand(4, 3, 16, 16, 16, generator=gen) * 2 - 1).cuda()
+        logs.append({k: v.item() for k, v in step(real).items()})
+        run.step += 1
+    weights = {**run.G.state_dict(), **{f"D.{k}": v for k, v in run.D.state_dict().items()}}
+    return logs, weights, step
+
+
+@requires_cuda
+@pytest.mark.parametrize("fused", [False, True], ids=["reference", "fused"])
+def test_graph_replays_train_like_eager(fused, no_tf32):
+    """Eight steps: each phase (R1 or not) runs eagerly twice, is captured, then replayed. The
+    replays see each step's new batch and fresh latents: losses and weights follow the eager
+    run (atomics in cuDNN's and the Triton backward kernels leave rounding differences)."""
+    eager_logs, eager_w, _ = _steps(False, fused, 8)
+    graph_logs, graph_w, step = _steps(True, fused, 8)
+    assert step.captured == [False, True]
+    for i, (a, b) in enumerate(zip(eager_logs, graph_logs, strict=True)):
+        assert a.keys() == b.keys(), i
+        for name in a:
+            assert b[name] == pytest.approx(a[name], rel=1e-3, abs=1e-5), (i, name)
+    assert len({round(log["d_total"], 6) for log in graph_logs[4:]}) == 4  # not a stale replay
+    for name, w in eager_w.items():
+        if w.is_floating_point():
+            torch.testing.assert_close(graph_w[name], w, rtol=1e-3, atol=1e-4, msg=name)
+
+
+@requires_cuda
+def test_graph_refuses_a_new_clip_shape(no_tf32):
+    cfg = tiny_config(**{"train.cuda_graph": True, "train.amp": "off"})
+    run = train.build_run(cfg, torch.device("cuda"), fused=False)
+    train.wrap_models(run)
+    step = train.make_step(run, contextlib.nullcontext())
+    for _ in range(6):  # each phase: two eager runs, then its capture
+        step(torch.rand(4, 3, 16, 16, 16, device="cuda"))
+        run.step += 1
+    assert step.captured == [False, True]
+    with pytest.raises(ValueError, match="every step's clips must keep one shape and dtype"):
+        step(torch.rand(6, 3, 16, 16, 16, device="cuda"))
