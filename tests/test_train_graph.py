@@ -43,10 +43,17 @@ def test_make_step_is_plain_train_step_without_the_option():
     assert {"d_total", "g_total"} <= set(parts)
 
 
-def _steps(cuda_graph: bool, fused: bool, n: int) -> tuple[list[dict], dict, object]:
+def _steps(cuda_graph: bool, fused: bool, cl: bool, n: int) -> tuple[list[dict], dict, object]:
     """``n`` steps of the tiny config on CUDA in fp32 (R1 every second step), each on its own
     batch: the loss parts of every step, the final weights, and the step callable."""
-    cfg = tiny_config(**{"train.cuda_graph": cuda_graph, "train.amp": "off", "data.batch_size": 4})
+    cfg = tiny_config(
+        **{
+            "train.cuda_graph": cuda_graph,
+            "train.channels_last": cl,
+            "train.amp": "off",
+            "data.batch_size": 4,
+        }
+    )
     run = train.build_run(cfg, torch.device("cuda"), fused=fused)
     train.wrap_models(run)
     step = train.make_step(run, train.autocast_for(cfg, run.device))
@@ -61,22 +68,34 @@ def _steps(cuda_graph: bool, fused: bool, n: int) -> tuple[list[dict], dict, obj
 
 
 @requires_cuda
-@pytest.mark.parametrize("fused", [False, True], ids=["reference", "fused"])
-def test_graph_replays_train_like_eager(fused, no_tf32):
+@pytest.mark.parametrize(
+    ("fused", "cl"), [(False, False), (True, False), (True, True)], ids=["reference", "fused", "cl"]
+)
+def test_graph_replays_train_like_eager(fused, cl, no_tf32):
     """Eight steps: each phase (R1 or not) runs eagerly twice, is captured, then replayed. The
-    replays see each step's new batch and fresh latents: losses and weights follow the eager
-    run (atomics in cuDNN's and the Triton backward kernels leave rounding differences)."""
-    eager_logs, eager_w, _ = _steps(False, fused, 8)
-    graph_logs, graph_w, step = _steps(True, fused, 8)
+    replays see each step's new batch and fresh latents: the losses follow the eager run's to
+    1e-3 (atomics in cuDNN's and the Triton backward kernels leave rounding differences), and
+    so do the weights, within what Adam makes of rounding: a gradient element near zero whose
+    sign flips moves its weight by up to 2 lr per step. On an H100 1.8% of the fused run's
+    weights ended more than 1e-4 from the eager run's (all within 2 lr per step); a replay
+    without the optimizer step would leave most of them 4 steps of about lr behind."""
+    n, lr = 8, 2e-4
+    eager_logs, eager_w, _ = _steps(False, fused, cl, n)
+    graph_logs, graph_w, step = _steps(True, fused, cl, n)
     assert step.captured == [False, True]
     for i, (a, b) in enumerate(zip(eager_logs, graph_logs, strict=True)):
         assert a.keys() == b.keys(), i
         for name in a:
             assert b[name] == pytest.approx(a[name], rel=1e-3, abs=1e-5), (i, name)
     assert len({round(log["d_total"], 6) for log in graph_logs[4:]}) == 4  # not a stale replay
+    far = total = 0
     for name, w in eager_w.items():
         if w.is_floating_point():
-            torch.testing.assert_close(graph_w[name], w, rtol=1e-3, atol=1e-4, msg=name)
+            diff = (graph_w[name].float() - w.float()).abs()
+            assert diff.max().item() <= 2 * lr * n + 1e-5, name
+            far += (diff > 1e-4).sum().item()
+            total += diff.numel()
+    assert far <= 0.05 * total  # the few sign flips, not a different training run
 
 
 @requires_cuda
