@@ -61,17 +61,18 @@ if CUDA:
         "cpu-small-cuda": ("cpu-small", "cuda", None, 30),
         "paper-cuda": ("paper", "cuda", None, 20),
     }
-#: provider -> (--fused, config overrides, GPU only). Beside the reference path and --fused:
-#: the reference path under torch.compile; --fused with train.channels_last (for cuDNN's bf16
-#: convolutions); and the step replayed from CUDA graphs (train.cuda_graph), fused in
-#: channels_last_3d and, for comparison, the reference path.
+#: provider -> (--fused, config overrides, GPU only). Beside the reference path and --fused (both
+#: eager, NCDHW): the reference path under torch.compile; --fused in channels_last_3d; --fused in
+#: channels_last_3d replayed from CUDA graphs, which is what --fused runs on a GPU by default
+#: (train.channels_last / train.cuda_graph auto); the reference path from CUDA graphs.
+_EAGER = {"train.channels_last": "off", "train.cuda_graph": "off"}
 PROVIDERS = {
-    "reference": (False, {}, False),
-    "fused": (True, {}, False),
-    "compile": (False, {"train.compile": "true"}, True),
-    "fused-cl": (True, {"train.channels_last": "true"}, True),
-    "fused-cl-graph": (True, {"train.channels_last": "true", "train.cuda_graph": "true"}, True),
-    "reference-graph": (False, {"train.cuda_graph": "true"}, True),
+    "reference": (False, _EAGER, False),
+    "fused": (True, _EAGER, False),
+    "compile": (False, {**_EAGER, "train.compile": "true"}, True),
+    "fused-cl": (True, {**_EAGER, "train.channels_last": "on"}, True),
+    "fused-cl-graph": (True, {"train.channels_last": "on", "train.cuda_graph": "on"}, True),
+    "reference-graph": (False, {**_EAGER, "train.cuda_graph": "on"}, True),
 }
 BF16_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0}  # dense bf16, SXM
 _MODEL_FLOPS: dict[tuple[str, str, int], float] = {}
@@ -137,7 +138,7 @@ def _make_step(
     configure_backends(dev)  # as the trainer runs (cuDNN autotuning, TF32)
     run = build_run(cfg, dev, fused)
     train.wrap_models(run)  # the phase wrappers (compile; plain modules otherwise)
-    train_one = train.make_step(run, train.autocast_for(cfg, dev))
+    train_one = train.make_step(run, train.autocast_for(run))
     m = cfg.model
     gen = torch.Generator().manual_seed(0)
     real = torch.rand(cfg.data.batch_size, 3, m.frames, m.size, m.size, generator=gen) * 2 - 1
@@ -226,7 +227,7 @@ def test_train_step(benchmark, case: str, provider: str) -> None:
     # Warm-up: numba/Triton compilation, oneDNN/cuDNN primitive selection; under torch.compile
     # also the recompilations of the first steps (D runs with and without parameter gradients);
     # with CUDA graphs the eager steps before the capture, and the capture.
-    graph = cfg.train.cuda_graph
+    graph = run.cuda_graph
     if graph:  # a replay allocates nothing: count the warm-up steps and the capture instead
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()

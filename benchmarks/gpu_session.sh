@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
 # Everything that needs a GPU, as one script for a short lease of a CUDA machine: build the
 # extension for the card, the CUDA tests, the GPU benchmarks, a short training run on the GPU.
-# The whole script (VOSGAN_GPU_FULL=1) ran in 527 s on an H100 on 2026-11-26, before the
-# channels_last cases and the benchmark checks were added; by default it stops after those, the
-# measurements the RESULTS rows still lack. Steps run in order of value, each under its own time
-# cap, so a step that hangs or fails costs its cap and the rest still run. Results land in OUTDIR:
-# log.txt (everything) and pytest-benchmark JSON files (tables: benchmarks/report.py).
+# By default: the op and extension tests, the train-step providers (reference, fused, channels_last,
+# CUDA graphs), the paper step side by side with its profile, 200 training steps eager and from
+# CUDA graphs, the fused-op benchmark checks. With VOSGAN_GPU_TESTS="tests/..." and
+# VOSGAN_GPU_CHECKS=0 (only the tests changed since the last GPU run, no benchmark checks) that
+# took 289 s on an H100 on 2026-11-26; VOSGAN_GPU_FULL=1 adds the re-measurements (about 200 s
+# more). Steps run in order of value, each under its own time cap, so a step that hangs or fails
+# costs its cap and the rest still run. Results land in OUTDIR: log.txt (everything) and
+# pytest-benchmark JSON files (tables: benchmarks/report.py).
 #
 # Usage, from the repository root on the CUDA machine:  benchmarks/gpu_session.sh [OUTDIR]
 # Env: PYTHON (default python3), TORCH_CUDA_ARCH_LIST (default: the card's own, e.g. 9.0).

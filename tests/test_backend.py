@@ -66,7 +66,11 @@ def test_triton_impl_on_cpu_tensors_needs_the_interpreter(monkeypatch):
 
 def test_cli_reports_on_the_device_given(capsys):
     assert backend.main(["cpu"]) == 0
-    assert "device for this report: cpu" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "device for this report: cpu" in out
+    # what --fused's training step does about layouts and CUDA graphs here, and why
+    assert "cuda_graph       off        auto: CUDA graphs need a GPU, this run is on cpu" in out
+    assert "channels_last    off        auto: cpu picks its own layouts" in out
 
 
 @pytest.mark.parametrize(

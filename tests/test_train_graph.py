@@ -8,13 +8,15 @@ from conftest import requires_cuda, tiny_config
 
 from vosgan import config, train
 from vosgan.config import ConfigError
+from vosgan.distributed import SINGLE, DistEnv
 from vosgan.train_graph import GraphedTrainStep, check_graphable
+from vosgan.train_run import step_options
 
 
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        ({"train.compile": "true"}, "train.cuda_graph and train.compile exclude each other"),
+        ({"train.compile": "true"}, "train.cuda_graph=on and train.compile exclude each other"),
         ({"train.amp": "fp16"}, "fp16's GradScaler reads its inf check on the host"),
     ],
 )
@@ -23,10 +25,56 @@ def test_config_refuses_what_a_graph_cannot_capture(overrides, message):
         config.load("cpu-small", {"train.cuda_graph": "true", **overrides})
 
 
+CUDA = torch.device("cuda")  # step_options only reads the device type: no GPU needed
+
+
+@pytest.mark.parametrize(
+    ("overrides", "fused", "device", "env", "want"),
+    [
+        ({}, True, CUDA, SINGLE, (True, True, "auto: cuDNN's", "auto: the step replayed")),
+        ({}, False, CUDA, SINGLE, (False, False, "auto: not --fused", "auto: not --fused")),
+        (
+            {},
+            True,
+            "cpu",
+            SINGLE,
+            (False, False, "cpu picks its own", "need a GPU, this run is on cpu"),
+        ),
+        ({}, True, CUDA, DistEnv(0, 2, 0), (True, False, "auto: cuDNN's", "torchrun")),
+        ({"train.compile": "true"}, True, CUDA, SINGLE, (True, False, "", "auto: train.compile")),
+        ({"train.amp": "fp16"}, True, CUDA, SINGLE, (True, False, "", "train.amp=fp16")),
+        (
+            {"train.checkpoint_activations": "true"},
+            True,
+            CUDA,
+            SINGLE,
+            (True, False, "", "checkpoint"),
+        ),
+        ({"train.cuda_graph": "false"}, True, CUDA, SINGLE, (True, False, "", "cuda_graph=off")),
+        (
+            {"train.channels_last": "on"},
+            False,
+            "cpu",
+            SINGLE,
+            (True, False, "channels_last=on", ""),
+        ),
+    ],
+)
+def test_step_options_resolve_auto(overrides, fused, device, env, want):
+    """auto turns channels_last and CUDA graphs on with --fused on CUDA, and says why not where
+    not; on/off (and their boolean spellings) are taken as given."""
+    opts = step_options(config.load("cpu-small", overrides), torch.device(device), fused, env)
+    cl, graph, cl_why, graph_why = want
+    assert (opts.channels_last, opts.cuda_graph) == (cl, graph)
+    assert cl_why in opts.why["channels_last"]
+    assert graph_why in opts.why["cuda_graph"]
+
+
 def test_cpu_run_is_refused_with_the_reason():
     with pytest.raises(ConfigError, match=r"train.cuda_graph needs a CUDA device \(.*cpu\)"):
         train.build_run(tiny_config(**{"train.cuda_graph": True}), torch.device("cpu"), False)
     run = train.build_run(tiny_config(), torch.device("cpu"), False)
+    assert not run.cuda_graph
     with pytest.raises(ConfigError) as err:
         check_graphable(run)
     assert "a CUDA device" in str(err.value)
@@ -56,7 +104,7 @@ def _steps(cuda_graph: bool, fused: bool, cl: bool, n: int) -> tuple[list[dict],
     )
     run = train.build_run(cfg, torch.device("cuda"), fused=fused)
     train.wrap_models(run)
-    step = train.make_step(run, train.autocast_for(cfg, run.device))
+    step = train.make_step(run, train.autocast_for(run))
     gen = torch.Generator().manual_seed(3)
     logs = []
     for _ in range(n):
@@ -110,3 +158,11 @@ def test_graph_refuses_a_new_clip_shape(no_tf32):
     assert step.captured == [False, True]
     with pytest.raises(ValueError, match="every step's clips must keep one shape and dtype"):
         step(torch.rand(6, 3, 16, 16, 16, device="cuda"))
+
+
+def test_switches_take_booleans():
+    """auto/on/off switches read true/false too (config.json files of earlier versions)."""
+    cfg = config.load("cpu-small", {"train.channels_last": False, "train.cuda_graph": "yes"})
+    assert (cfg.train.channels_last, cfg.train.cuda_graph) == ("off", "on")
+    with pytest.raises(ConfigError, match=r"cuda_graph must be one of \['auto', 'on', 'off'\]"):
+        config.load("cpu-small", {"train.cuda_graph": "sometimes"})

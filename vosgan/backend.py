@@ -144,6 +144,13 @@ def report(device: torch.device | str | None = None) -> str:
     for op in OPS:
         c = choose(op, dev)
         lines.append(f"  {op:<16} {c.impl:<10} {c.reason}")
+    from vosgan import config  # here: vosgan.train_run imports this module
+    from vosgan.train_run import step_options
+
+    opts = step_options(config.load(), dev, fused=True)
+    lines.append("training step with --fused (default config, one process):")
+    for name in ("channels_last", "cuda_graph"):
+        lines.append(f"  {name:<16} {'on' if getattr(opts, name) else 'off':<10} {opts.why[name]}")
     return "\n".join(lines)
 
 

@@ -146,11 +146,13 @@ class TrainConfig:
     compile: bool = False  # torch.compile G and D (--compile)
     # 3D conv weights and real clips in torch.channels_last_3d. On an H100 (bf16, paper preset)
     # cuDNN spent 18% of the fused step's GPU time converting NCDHW tensors to NDHWC and back.
-    channels_last: bool = False
+    # auto: on with --fused on CUDA.
+    channels_last: Literal["auto", "on", "off"] = "auto"
     # Capture the whole training step (D and G updates, both Adam steps) as CUDA graphs and replay
     # them: no per-kernel launch cost on the host (vosgan.train_graph). CUDA only; not with
-    # train.compile, train.amp=fp16 (GradScaler syncs) or torchrun.
-    cuda_graph: bool = False
+    # train.compile, train.amp=fp16 (GradScaler syncs) or torchrun. auto: on with --fused on
+    # CUDA where it can be (vosgan.train_run.step_options says why not, where not).
+    cuda_graph: Literal["auto", "on", "off"] = "auto"
 
 
 @dataclass(frozen=True)
@@ -192,11 +194,17 @@ PRESETS: dict[str, Config] = {
 SECTIONS = ("model", "loss", "optim", "data", "train")
 
 
+#: boolean spellings of an auto/on/off switch
+_SWITCH = {"true": "on", "1": "on", "yes": "on", "false": "off", "0": "off", "no": "off"}
+
+
 def _coerce(name: str, raw: Any, hint: Any) -> Any:
     """Convert ``raw`` (a string from the CLI or a JSON value) to the field type ``hint``."""
     origin = typing.get_origin(hint)
     if origin is Literal:
         choices = typing.get_args(hint)
+        if {"on", "off"} <= set(choices) and str(raw).lower() in _SWITCH:
+            return _SWITCH[str(raw).lower()]  # a boolean (config.json of earlier versions)
         if raw not in choices:
             raise ConfigError(f"{name} must be one of {list(choices)}, got {raw!r}")
         return raw
@@ -383,11 +391,11 @@ def validate(cfg: Config) -> None:
             f"data.batch_size / train.grad_accum ({d.batch_size} / {t.grad_accum}) must be >= 2: "
             "BatchNorm needs at least 2 clips per micro-batch"
         )
-    if t.cuda_graph and t.compile:
-        raise ConfigError("train.cuda_graph and train.compile exclude each other (choose one)")
-    if t.cuda_graph and t.amp == "fp16":
+    if t.cuda_graph == "on" and t.compile:
+        raise ConfigError("train.cuda_graph=on and train.compile exclude each other (choose one)")
+    if t.cuda_graph == "on" and t.amp == "fp16":
         raise ConfigError(
-            "train.cuda_graph needs train.amp bf16, auto or off: fp16's GradScaler reads its "
+            "train.cuda_graph=on needs train.amp bf16, auto or off: fp16's GradScaler reads its "
             "inf check on the host every step, which a CUDA graph cannot do"
         )
     if t.eval_clips > d.val_clips:

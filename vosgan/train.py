@@ -97,18 +97,18 @@ def make_step(
     """``step(real)``: :func:`train_step` on ``run``, replayed from CUDA graphs with
     ``train.cuda_graph`` (:class:`vosgan.train_graph.GraphedTrainStep`; ``autocast`` then needs
     ``cache_enabled=False``, as :func:`autocast_for` makes it)."""
-    if run.cfg.train.cuda_graph:
+    if run.cuda_graph:
         return GraphedTrainStep(run, train_step, r1_due, autocast)
     return functools.partial(train_step, run, autocast=autocast)
 
 
-def autocast_for(cfg: Config, device: torch.device) -> contextlib.AbstractContextManager:
-    """The training step's autocast context for ``train.amp`` on ``device`` (a null context when
-    off); without autocast's cast cache under ``train.cuda_graph``."""
-    dtype = amp_dtype(cfg.train.amp, device)
+def autocast_for(run: Run) -> contextlib.AbstractContextManager:
+    """The training step's autocast context for ``train.amp`` on the run's device (a null
+    context when off); without autocast's cast cache under ``train.cuda_graph``."""
+    dtype = amp_dtype(run.cfg.train.amp, run.device)
     if dtype is None:
         return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=dtype, cache_enabled=not cfg.train.cuda_graph)
+    return torch.autocast(run.device.type, dtype=dtype, cache_enabled=not run.cuda_graph)
 
 
 def train_step(
@@ -121,7 +121,7 @@ def train_step(
     another: the gradient of the batch mean, except that BatchNorm normalises per micro-batch.
     """
     cfg, k = run.cfg, run.cfg.train.grad_accum
-    if cfg.train.channels_last:
+    if run.channels_last:
         real = real.contiguous(memory_format=torch.channels_last_3d)
     r1_step = r1_due(run)
     parts: dict[str, Tensor] = {}
@@ -277,7 +277,7 @@ def _train(
             )
         say(env, f"resumed from {resume} at step {run.step}")
     wrap_models(run)
-    step = make_step(run, autocast_for(cfg, device))
+    step = make_step(run, autocast_for(run))
     main = env.is_main
     # Open the data before writing anything: a bad data.source leaves no run folder behind.
     data = batches(cfg, run.step, device, env)

@@ -81,6 +81,8 @@ class Run:
     d_r1: nn.Module | None = None
     d_frozen: nn.Module | None = None
     idle_dense: bool = False  # under DDP, no loss reads D's dense heads (see wrap_models)
+    channels_last: bool = False  # train.channels_last as resolved (step_options)
+    cuda_graph: bool = False  # train.cuda_graph as resolved (step_options)
 
     def state(self) -> dict[str, Any]:
         return {
@@ -133,10 +135,68 @@ def say(env: DistEnv, msg: str) -> None:
         print(msg)
 
 
+@dataclass(frozen=True)
+class StepOptions:
+    """``train.channels_last`` and ``train.cuda_graph`` (auto/on/off) as they apply to a run:
+    ``why`` says, for each, what decided it."""
+
+    channels_last: bool
+    cuda_graph: bool
+    why: dict[str, str]
+
+
+def step_options(
+    cfg: Config, device: torch.device, fused: bool, env: DistEnv = distributed.SINGLE
+) -> StepOptions:
+    """Resolve ``train.channels_last`` / ``train.cuda_graph``. ``auto`` turns each on with
+    ``fused`` on CUDA (on an H100 the paper step took 43.8 ms fused, 40.4 ms also in
+    channels_last_3d, 36.9 ms also replayed from CUDA graphs, against 56.4 ms for the reference:
+    benchmarks/RESULTS.md); a CUDA graph also needs one process, no ``train.compile``, no fp16
+    and no activation checkpointing (not tried under capture). ``on`` with a CPU device is refused
+    (:class:`ConfigError`)."""
+    t, cuda = cfg.train, device.type == "cuda"
+    if t.cuda_graph == "on" and not cuda:
+        raise ConfigError(f"train.cuda_graph needs a CUDA device (train.device is {device})")
+    why = {}
+    if t.channels_last != "auto":
+        cl = t.channels_last == "on"
+        why["channels_last"] = f"train.channels_last={t.channels_last}"
+    else:
+        cl = fused and cuda
+        why["channels_last"] = (
+            "auto: cuDNN's bf16 3D convolutions without layout conversions"
+            if cl
+            else f"auto: {'not --fused' if not fused else device.type + ' picks its own layouts'}"
+        )
+    if t.cuda_graph != "auto":
+        graph = t.cuda_graph == "on"
+        why["cuda_graph"] = f"train.cuda_graph={t.cuda_graph}"
+    else:
+        blockers = [
+            reason
+            for blocked, reason in (
+                (not fused, "not --fused"),
+                (not cuda, f"CUDA graphs need a GPU, this run is on {device.type}"),
+                (env.enabled, "torchrun: DDP's gradient reductions are not captured"),
+                (t.compile, "train.compile"),
+                (t.amp == "fp16", "train.amp=fp16: its GradScaler reads the inf check on the host"),
+                (t.checkpoint_activations, "train.checkpoint_activations: not tried in a graph"),
+            )
+            if blocked
+        ]
+        graph = not blockers
+        why["cuda_graph"] = "auto: " + (
+            "the step replayed from CUDA graphs, one launch" if graph else blockers[0]
+        )
+    return StepOptions(cl, graph, why)
+
+
 def build_run(
     cfg: Config, device: torch.device, fused: bool, env: DistEnv = distributed.SINGLE
 ) -> Run:
-    """Models, loss and optimisers on ``device``; with ``fused``, every fused op swapped in."""
+    """Models, loss and optimisers on ``device``; with ``fused``, every fused op swapped in;
+    ``train.channels_last`` and ``train.cuda_graph`` resolved by :func:`step_options`."""
+    opts = step_options(cfg, device, fused, env)
     torch.manual_seed(cfg.train.seed)
     G, D = Generator(cfg.model).to(device), Discriminator(cfg.model).to(device)
     loss = VosGanLoss(cfg.loss).to(device)
@@ -152,7 +212,10 @@ def build_run(
             choice = backend.choose(op, device)
             why = "" if choice.fused else f" ({choice.reason})"
             say(env, f"  {op:<16} {'fused: ' + choice.impl if choice.fused else 'reference'}{why}")
-    if cfg.train.channels_last:
+        for name in ("channels_last", "cuda_graph"):
+            on = getattr(opts, name)
+            say(env, f"  {name:<16} {'on' if on else 'off'} ({opts.why[name]})")
+    if opts.channels_last:
         n = to_channels_last_3d(G) + to_channels_last_3d(D)
         say(env, f"channels_last: {n} 3D conv weight(s) in torch.channels_last_3d")
     if cfg.train.checkpoint_activations:
@@ -160,19 +223,29 @@ def build_run(
             [*getattr(G, "foreground", []), *D.encoder, *D.decoder, *getattr(D, "flow_decoder", [])]
         )
         say(env, f"checkpoint_activations: {n} block(s) recompute their activations in backward")
-    if cfg.train.cuda_graph and device.type != "cuda":
-        raise ConfigError(f"train.cuda_graph needs a CUDA device (train.device is {device})")
     o = cfg.optim
     # --fused also takes Adam's fused (single-kernel) step: both steps 9.1 -> 2.3 ms per training
     # step at cpu-small (2.19 M parameters, 1 thread, 2-core dev box). A CUDA graph needs Adam's
     # step counter on the GPU (capturable).
-    adam = {"betas": (o.beta1, o.beta2), "fused": fused, "capturable": cfg.train.cuda_graph}
+    adam = {"betas": (o.beta1, o.beta2), "fused": fused, "capturable": opts.cuda_graph}
     opt_g = torch.optim.Adam(G.parameters(), lr=o.lr_g, **adam)
     opt_d = torch.optim.Adam(d_param_groups(D, o.lr_dense), lr=o.lr_d, **adam)
     scaler = torch.amp.GradScaler(
         device.type, enabled=amp_dtype(cfg.train.amp, device) == torch.float16
     )
-    return Run(cfg, device, G, D, loss, opt_g, opt_d, scaler, env)
+    return Run(
+        cfg,
+        device,
+        G,
+        D,
+        loss,
+        opt_g,
+        opt_d,
+        scaler,
+        env,
+        channels_last=opts.channels_last,
+        cuda_graph=opts.cuda_graph,
+    )
 
 
 def to_channels_last_3d(model: nn.Module) -> int:
@@ -192,7 +265,7 @@ def to_channels_last_3d(model: nn.Module) -> int:
 
 def match_state_layouts(opt: torch.optim.Optimizer) -> None:
     """Give each optimiser state tensor its parameter's strides (a checkpoint saved with another
-    ``train.channels_last`` setting). Fused Adam steps parameters and states as flat buffers:
+    ``train.channels_last``). Fused Adam steps parameters and states as flat buffers:
     with a channels-last parameter and contiguous states it updated the wrong elements (torch
     2.13, CPU: weights off by up to 0.16 after one step at lr 0.1; foreach Adam was right)."""
     for group in opt.param_groups:
