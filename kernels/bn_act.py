@@ -30,6 +30,7 @@ import functools
 import torch
 import triton
 import triton.language as tl
+from vosgan.kernels._host import cdiv, next_power_of_2
 
 _TILE = 4096  # elements per [BLOCK_C, BLOCK_S] tile: 16 fp32 per thread at 8 warps
 
@@ -378,24 +379,24 @@ class _View:
         if self.cl:
             self.shape = (1, ch, bsz * spatial)
             self.strides = (0, 1, ch)
-            block_c = min(triton.next_power_of_2(ch), 256)
-            block_s = min(max(_TILE // block_c, 1), triton.next_power_of_2(bsz * spatial))
+            block_c = min(next_power_of_2(ch), 256)
+            block_s = min(max(_TILE // block_c, 1), next_power_of_2(bsz * spatial))
         else:
             if not y.is_contiguous():
                 raise ValueError("y must be contiguous or channels_last_3d (make it so first)")
             self.shape = (bsz, ch, spatial)
             self.strides = (ch * spatial, spatial, 1)
-            block_s = min(triton.next_power_of_2(spatial), 1024)
-            block_c = min(triton.next_power_of_2(ch), max(_TILE // block_s, 1))
+            block_s = min(next_power_of_2(spatial), 1024)
+            block_c = min(next_power_of_2(ch), max(_TILE // block_s, 1))
         if min_programs:
-            block_c = max(1, min(block_c, triton.next_power_of_2(ch // min_programs + 1) // 2))
+            block_c = max(1, min(block_c, next_power_of_2(ch // min_programs + 1) // 2))
             if self.cl:  # 16-byte row segments at least
-                block_c = min(triton.next_power_of_2(ch), max(block_c, 16 // y.element_size()))
-            block_s = min(max(_TILE // block_c, 1), triton.next_power_of_2(self.shape[2]))
+                block_c = min(next_power_of_2(ch), max(block_c, 16 // y.element_size()))
+            block_s = min(max(_TILE // block_c, 1), next_power_of_2(self.shape[2]))
         self.block_c, self.block_s = block_c, block_s
-        self.n_sblocks = triton.cdiv(self.shape[2], block_s)
+        self.n_sblocks = cdiv(self.shape[2], block_s)
         self.n_units = self.shape[0] * self.n_sblocks
-        self.n_cblocks = triton.cdiv(ch, block_c)
+        self.n_cblocks = cdiv(ch, block_c)
         self.count = bsz * spatial
         self.num_warps = max(1, min(8, block_c * block_s // 256))
 
@@ -405,11 +406,27 @@ class _View:
             target = max(1, (4 * _num_sms(device.index)) // self.n_cblocks)
         else:  # the interpreter costs ~0.4 ms per program: few programs, several units each
             target = 2
-        per_prog = triton.cdiv(self.n_units, min(target, self.n_units))
-        return triton.cdiv(self.n_units, per_prog), per_prog
+        per_prog = cdiv(self.n_units, min(target, self.n_units))
+        return cdiv(self.n_units, per_prog), per_prog
 
     def args(self) -> tuple[int, ...]:
         return (self.shape[1], self.shape[2])
+
+
+_VIEWS: dict[tuple, _View] = {}
+
+
+def view_of(y: torch.Tensor, min_programs: int = 0) -> _View:
+    """``_View(y, min_programs)``, cached by shape, strides and element size: a training step
+    asks for the same few views every step, and building one costs more host time (about 20 us
+    on the 2-core dev box) than looking it up."""
+    key = (y.shape, y.stride(), y.element_size(), min_programs)
+    view = _VIEWS.get(key)
+    if view is None:
+        if len(_VIEWS) >= 1024:  # many shapes (a sweep): start over rather than grow
+            _VIEWS.clear()
+        view = _VIEWS[key] = _View(y, min_programs)
+    return view
 
 
 def _strided_like(t: torch.Tensor | None, y: torch.Tensor) -> torch.Tensor | None:
@@ -438,7 +455,7 @@ def bn_stats(
 
     ``update``: also update these running statistics in place, as ``nn.BatchNorm3d`` does.
     """
-    v = _View(y)
+    v = view_of(y)
     n_prog, per_prog = v.split(y.device)
     part = torch.empty((3, n_prog, v.shape[1]), device=y.device, dtype=torch.float32)
     _bn_stats_partial_kernel[(n_prog, v.n_cblocks)](
@@ -457,7 +474,7 @@ def bn_stats(
     mean = torch.empty(v.shape[1], device=y.device, dtype=torch.float32)
     var = torch.empty_like(mean)
     rm, rv, momentum, unbias = _running_args(update, v.count, mean)
-    _bn_stats_finalize_kernel[(triton.cdiv(v.shape[1], 32),)](
+    _bn_stats_finalize_kernel[(cdiv(v.shape[1], 32),)](
         part,
         mean,
         var,
@@ -485,7 +502,7 @@ def bn_act_forward(
     slope: float,
 ) -> torch.Tensor:
     """``act(xhat * weight + bias [+ residual])``, same shape, dtype and memory format as ``y``."""
-    v = _View(y)
+    v = view_of(y)
     residual = _strided_like(residual, y)
     out = torch.empty_like(y)
     _bn_act_fwd_kernel[(v.n_units, v.n_cblocks)](
@@ -526,7 +543,7 @@ def bn_act_backward(
 
     ``dweight``/``dbias`` are fp32 ``(C,)``; ``dresidual`` is ``None`` without a residual.
     """
-    v = _View(y)
+    v = view_of(y)
     grad_out, residual = _strided_like(grad_out, y), _strided_like(residual, y)
     res = residual if residual is not None else y
     n_prog, per_prog = v.split(y.device)

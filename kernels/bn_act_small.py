@@ -24,7 +24,7 @@ from vosgan.kernels.bn_act import (
     _strided_like,
     _tile_offsets,
     _update_running,
-    _View,
+    view_of,
 )
 
 #: the single-launch path runs up to this many elements (see benchmarks/RESULTS.md)
@@ -192,7 +192,7 @@ def bn_act_train_forward(
 
     ``update``: ``(running_mean, running_var, momentum)`` updated in place in the same launch.
     """
-    v = _View(y, min_programs=_MIN_PROGRAMS if y.is_cuda else 1)
+    v = view_of(y, min_programs=_MIN_PROGRAMS if y.is_cuda else 1)
     residual = _strided_like(residual, y)
     out = torch.empty_like(y)
     mean = torch.empty(v.shape[1], device=y.device, dtype=torch.float32)
@@ -239,7 +239,7 @@ def bn_act_backward(
     training: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Backward in one launch; same contract as :func:`vosgan.kernels.bn_act.bn_act_backward`."""
-    v = _View(y, min_programs=_MIN_PROGRAMS if y.is_cuda else 1)
+    v = view_of(y, min_programs=_MIN_PROGRAMS if y.is_cuda else 1)
     grad_out, residual = _strided_like(grad_out, y), _strided_like(residual, y)
     dy = torch.empty_like(y)
     dres = torch.empty_like(y) if residual is not None else None

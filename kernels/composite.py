@@ -23,6 +23,7 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+from vosgan.kernels._host import cdiv, next_power_of_2
 
 
 @triton.jit
@@ -152,7 +153,7 @@ def _dense_plane(x: Tensor) -> Tensor:
 
 def fwd_block(n: int) -> tuple[int, int]:
     """``(BLOCK, num_warps)`` of the forward kernel for a plane of ``n`` pixels."""
-    block = min(1024, max(128, triton.next_power_of_2(n)))
+    block = min(1024, max(128, next_power_of_2(n)))
     return block, max(1, min(4, block // 256))
 
 
@@ -190,7 +191,7 @@ def composite_fwd(f: Tensor, m: Tensor, b: Tensor, out_dtype: torch.dtype) -> Te
     if v.numel() == 0:
         return v
     block, warps = fwd_block(n)
-    grid = (triton.cdiv(n, block), t, bsz)
+    grid = (cdiv(n, block), t, bsz)
     composite_fwd_kernel[grid](
         f,
         m,
@@ -232,9 +233,9 @@ def composite_bwd(g: Tensor, f: Tensor, m: Tensor, b: Tensor) -> tuple[Tensor, T
     if df.numel() == 0:
         db.zero_()  # an empty sum over T
         return df, dm, db
-    c_pad = triton.next_power_of_2(c)
+    c_pad = next_power_of_2(c)
     block, warps = bwd_block(min(g.element_size(), f.element_size()), c_pad)
-    grid = (triton.cdiv(n, block), bsz)
+    grid = (cdiv(n, block), bsz)
     composite_bwd_kernel[grid](
         g,
         f,

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 import triton
 import triton.language as tl
+from vosgan.kernels._host import cdiv, next_power_of_2
 
 
 @triton.jit
@@ -297,7 +298,7 @@ def _launch(hw: int, device: torch.device) -> dict:
     frame pair in the interpreter (about 0.4 ms per program there, whatever its size)."""
     if device.type == "cuda":
         return {"BLOCK": 512, "num_warps": 4, "RECIP": True, "enable_fp_fusion": False}
-    return {"BLOCK": min(triton.next_power_of_2(hw), 4096), "num_warps": 4, "RECIP": False}
+    return {"BLOCK": min(next_power_of_2(hw), 4096), "num_warps": 4, "RECIP": False}
 
 
 def _geometry(h: int, w: int, eps: float, recip: bool) -> dict[str, float]:
@@ -340,7 +341,7 @@ def flow_warp_loss_fwd(
             _plane_contiguous(ten, name)
     hw = h * w
     cfg = _launch(hw, x.device)
-    grid = (triton.cdiv(hw, cfg["BLOCK"]), b * (t - 1))
+    grid = (cdiv(hw, cfg["BLOCK"]), b * (t - 1))
     if reduce:
         out = torch.empty(grid[0] * grid[1], device=x.device, dtype=torch.float32)
         o_strides = (0, 0, 0)
@@ -409,7 +410,7 @@ def flow_warp_loss_bwd(
             _plane_contiguous(ten, name)
     hw = h * w
     cfg = _launch(hw, x.device)
-    grid = (triton.cdiv(hw, cfg["BLOCK"]), b * (t - 1))
+    grid = (cdiv(hw, cfg["BLOCK"]), b * (t - 1))
     g_scalar = grad.numel() == 1
     g_strides = (0, 0, 0) if g_scalar else (grad.stride(0), grad.stride(1), grad.stride(2))
     dflow = torch.empty(

@@ -371,7 +371,7 @@ def _validate(
     ):
         if t is None:
             continue
-        if t.shape != (c,):
+        if t.dim() != 1 or t.shape[0] != c:  # not Size != tuple: that takes the sym_eq path
             raise ValueError(
                 f"bn_act: {name} must have shape ({c},) for y {tuple(y.shape)}, "
                 f"got {tuple(t.shape)}"
