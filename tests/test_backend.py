@@ -70,7 +70,7 @@ def test_cli_reports_on_the_device_given(capsys):
     assert "device for this report: cpu" in out
     # what --fused's training step does about layouts and CUDA graphs here, and why
     assert "cuda_graph       off        auto: CUDA graphs need a GPU, this run is on cpu" in out
-    assert "channels_last    off        auto: cpu picks its own layouts" in out
+    assert "channels_last    off        auto: cpu (it is for cuDNN's convolutions)" in out
 
 
 @pytest.mark.parametrize(

@@ -38,7 +38,7 @@ CUDA = torch.device("cuda")  # step_options only reads the device type: no GPU n
             True,
             "cpu",
             SINGLE,
-            (False, False, "cpu picks its own", "need a GPU, this run is on cpu"),
+            (False, False, "cpu (it is for cuDNN", "need a GPU, this run is on cpu"),
         ),
         ({}, True, CUDA, DistEnv(0, 2, 0), (True, False, "auto: cuDNN's", "torchrun")),
         ({"train.compile": "true"}, True, CUDA, SINGLE, (True, False, "", "auto: train.compile")),

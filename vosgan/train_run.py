@@ -166,7 +166,8 @@ def step_options(
         why["channels_last"] = (
             "auto: cuDNN's bf16 3D convolutions without layout conversions"
             if cl
-            else f"auto: {'not --fused' if not fused else device.type + ' picks its own layouts'}"
+            else "auto: "
+            + ("not --fused" if not fused else f"{device.type} (it is for cuDNN's convolutions)")
         )
     if t.cuda_graph != "auto":
         graph = t.cuda_graph == "on"
