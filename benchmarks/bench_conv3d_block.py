@@ -6,7 +6,8 @@ Providers: ``eager`` (the ``nn.Sequential`` block: cuDNN/oneDNN conv, native BN,
 
 - GPU (bf16 autocast, ``channels_last_3d``): every block shape of the ``paper`` preset's G and D,
   batch 16 and 64. ``python benchmarks/bench_conv3d_block.py [batch...]`` prints the markdown
-  rows of ``benchmarks/RESULTS.md`` (``triton.testing.do_bench`` medians).
+  rows of ``benchmarks/RESULTS.md`` (``triton.testing.do_bench`` medians; with
+  ``VOSGAN_BENCH_GRAPH=1``, ``do_bench_cudagraph``: GPU time without the host's launches).
 - CPU (fp32): the ``cpu-small`` preset's shapes through pytest-benchmark.
 
 Before a fused block is timed, its output and gradients are checked once against the eager
@@ -190,16 +191,26 @@ def test_gpu_block(benchmark, case, provider, mode, batch):
 def gpu_table(batches: list[int]) -> str:
     """Markdown rows: median ms per provider (do_bench) and fused speed-ups, bf16 CL3d."""
     import triton
-    from triton.testing import do_bench
+    from triton.testing import do_bench, do_bench_cudagraph
 
     name = torch.cuda.get_device_name()
+    # VOSGAN_BENCH_GRAPH=1: each provider's step replayed from a CUDA graph, so the rows give GPU
+    # time alone (eager launches cost the host more than small blocks cost the GPU)
+    graph = os.environ.get("VOSGAN_BENCH_GRAPH") == "1"
+
+    def bench(step: Callable[[], None]) -> float:
+        if graph:
+            return do_bench_cudagraph(step, rep=100, return_mode="median")
+        return do_bench(step, warmup=25, rep=100, return_mode="median")
+
     # VOSGAN_BENCH_CUDNN_BENCHMARK=1: let cuDNN time its conv algorithms (a trainer-wide flag)
     torch.backends.cudnn.benchmark = os.environ.get("VOSGAN_BENCH_CUDNN_BENCHMARK") == "1"
     providers = os.environ.get("VOSGAN_BENCH_PROVIDERS", ",".join(PROVIDERS)).split(",")
     rows = [
         f"| block | B | mode | eager ms | fused ms | compile ms | fused/eager | "
         f"fused/compile |  ({name}, torch {torch.__version__}, triton {triton.__version__}, "
-        f"cudnn.benchmark={torch.backends.cudnn.benchmark})",
+        f"cudnn.benchmark={torch.backends.cudnn.benchmark}, "
+        f"{'CUDA-graph replay' if graph else 'eager launches'})",
         "|---|---|---|---|---|---|---|---|",
     ]
     for batch in batches:
@@ -209,7 +220,7 @@ def gpu_table(batches: list[int]) -> str:
                 for provider in providers:
                     step = make_step(provider, case, batch, "cuda", mode)
                     step()
-                    ms[provider] = do_bench(step, warmup=25, rep=100, return_mode="median")
+                    ms[provider] = bench(step)
                 rows.append(
                     f"| {case[0]} {case[3]}->{case[4]} | {batch} | {mode} | "
                     f"{ms['eager']:.3f} | {ms['fused']:.3f} | {ms['compile']:.3f} | "

@@ -117,6 +117,10 @@ cp /tmp/vosgan-gpu-run/metrics.json "$OUTDIR/train_metrics.json" 2>/dev/null
 step "conv blocks: eager cuDNN block vs fused (paper shapes, B=16 and 64, bf16 channels_last_3d)"
 VOSGAN_BENCH_PROVIDERS=eager,fused timeout 100 "$PY" benchmarks/bench_conv3d_block.py 16 64
 echo "conv blocks exit $?"
+step "conv blocks again, each step replayed from a CUDA graph (GPU time, no host launches)"
+VOSGAN_BENCH_GRAPH=1 VOSGAN_BENCH_PROVIDERS=eager,fused timeout 100 "$PY" \
+  benchmarks/bench_conv3d_block.py 16 64
+echo "conv blocks (graphs) exit $?"
 
 step "flow-warp loss, B=32 T=32 64x64, reference / compile / fused"
 timeout 90 "$PY" benchmarks/bench_flow_warp.py b32-t32
