@@ -47,7 +47,8 @@ rm -rf /tmp/vosgan-src && mkdir /tmp/vosgan-src && cp -r vosgan tests pyproject.
 # VOSGAN_GPU_TESTS: the tests to run here instead of the op suites (e.g. only those changed since
 # the last GPU run); "none" skips them.
 OP_TESTS="${VOSGAN_GPU_TESTS:-tests/test_composite.py tests/test_flow_warp.py \
-  tests/test_conv3d_block.py tests/test_conv3d_subpixel.py tests/test_davis_metrics.py}"
+  tests/test_conv3d_block.py tests/test_conv3d_subpixel.py tests/test_davis_metrics.py \
+  tests/test_train_graph.py tests/test_train.py::test_channels_last_trains_the_same_function}"
 if [ "$OP_TESTS" != none ]; then
   # shellcheck disable=SC2086  # a list of test paths
   (cd /tmp/vosgan-src && timeout 200 "$PY" -m pytest -q -p no:cacheprovider -n 8 --timeout 150 \
