@@ -1,6 +1,8 @@
 """train.cuda_graph: the training step captured as CUDA graphs (vosgan.train_graph)."""
 
 import contextlib
+import importlib.util
+from pathlib import Path
 
 import pytest
 import torch
@@ -166,3 +168,18 @@ def test_switches_take_booleans():
     assert (cfg.train.channels_last, cfg.train.cuda_graph) == ("off", "on")
     with pytest.raises(ConfigError, match=r"cuda_graph must be one of \['auto', 'on', 'off'\]"):
         config.load("cpu-small", {"train.cuda_graph": "sometimes"})
+
+
+def test_bench_providers_are_valid_configs(monkeypatch):
+    """The train-step benchmark's GPU-only providers never run in CI: their overrides at least
+    load, and resolve on CUDA to what their names say."""
+    bench_dir = Path(__file__).resolve().parents[1] / "benchmarks"
+    monkeypatch.syspath_prepend(str(bench_dir))  # bench_train_step imports reference_check
+    spec = importlib.util.spec_from_file_location("bench_ts", bench_dir / "bench_train_step.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    for name, (fused, overrides, _) in bench.PROVIDERS.items():
+        for preset in ("cpu-small", "paper"):
+            opts = step_options(config.load(preset, overrides), CUDA, fused)
+            assert opts.channels_last == ("-cl" in name), name
+            assert opts.cuda_graph == name.endswith("-graph"), name
