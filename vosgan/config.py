@@ -194,8 +194,9 @@ PRESETS: dict[str, Config] = {
 SECTIONS = ("model", "loss", "optim", "data", "train")
 
 
-#: boolean spellings of an auto/on/off switch
-_SWITCH = {"true": "on", "1": "on", "yes": "on", "false": "off", "0": "off", "no": "off"}
+#: how a boolean may be spelt (CLI or JSON), for bool fields and auto/on/off switches alike
+_BOOL_WORDS = {"1": True, "true": True, "yes": True, "on": True}
+_BOOL_WORDS |= {"0": False, "false": False, "no": False, "off": False}
 
 
 def _coerce(name: str, raw: Any, hint: Any) -> Any:
@@ -203,18 +204,17 @@ def _coerce(name: str, raw: Any, hint: Any) -> Any:
     origin = typing.get_origin(hint)
     if origin is Literal:
         choices = typing.get_args(hint)
-        if {"on", "off"} <= set(choices) and str(raw).lower() in _SWITCH:
-            return _SWITCH[str(raw).lower()]  # a boolean (config.json of earlier versions)
+        word = str(raw).lower()
+        if {"on", "off"} <= set(choices) and word in _BOOL_WORDS:  # true/false: earlier configs
+            return "on" if _BOOL_WORDS[word] else "off"
         if raw not in choices:
             raise ConfigError(f"{name} must be one of {list(choices)}, got {raw!r}")
         return raw
     if hint is bool:
         if isinstance(raw, bool):
             return raw
-        if str(raw).lower() in ("1", "true", "yes", "on"):
-            return True
-        if str(raw).lower() in ("0", "false", "no", "off"):
-            return False
+        if str(raw).lower() in _BOOL_WORDS:
+            return _BOOL_WORDS[str(raw).lower()]
         raise ConfigError(f"{name} must be a boolean (true/false), got {raw!r}")
     try:
         if hint is int:
