@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 #: Provider names taken as the baseline of a case, first match wins.
-REFERENCE_PROVIDERS = ("reference", "eager", "nn_gru", "nn.GRU", "native", "scipy")
+REFERENCE_PROVIDERS = ("reference", "eager", "nn_gru", "nn.GRU", "native", "scipy", "torch")
 #: Parameter names that name the provider rather than the case.
 PROVIDER_PARAMS = ("provider", "fused", "backend", "impl")
 #: extra_info keys shown in their own column (or not at all); every other key goes to "extras".

@@ -669,3 +669,37 @@ def test_gpu_bf16_channels_last_and_compile():
     with torch.autocast("cuda", torch.bfloat16):
         out_c = compiled(x)
     torch.testing.assert_close(out_c.float(), out_r.float(), rtol=2e-2, atol=2e-2)
+
+
+@requires_cuda
+@pytest.mark.gpu
+@pytest.mark.parametrize("benchmark", [False, True])
+def test_gpu_transposed_block_forms_match_eager(benchmark, monkeypatch):
+    """On CUDA the fused transposed block takes the sub-pixel form while cudnn.benchmark is off
+    and cuDNN's while it is on (``cuda_form``); either way its output, input gradient and
+    parameter gradients match the eager block's (bf16 autocast, channels_last_3d)."""
+    from vosgan.ops import conv3d_subpixel
+
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", benchmark)
+    monkeypatch.setitem(conv3d_subpixel.CUDA_FORMS, "transposed", "auto")
+    calls = []
+    sub = conv3d_subpixel.conv_transpose3d_subpixel
+    monkeypatch.setattr(
+        conv3d_subpixel, "conv_transpose3d_subpixel", lambda *a: calls.append(1) or sub(*a)
+    )
+    torch.manual_seed(0)
+    block = conv3d_block_reference(96, 48, transpose=True, act="relu").cuda()
+    block = block.to(memory_format=CL)
+    fused = FusedConvTranspose3dBlock.from_sequential(copy.deepcopy(block))
+    x = torch.randn(4, 96, 4, 8, 8, device="cuda").to(memory_format=CL)
+    grads = []
+    for model in (block, fused):
+        xr = x.clone().requires_grad_()
+        with torch.autocast("cuda", torch.bfloat16):
+            out = model(xr)
+        out.float().square().mean().backward()
+        grads.append([out.float(), xr.grad, *(p.grad for p in model.parameters())])
+    assert len(calls) == (0 if benchmark else 1)
+    for got, want in zip(grads[1], grads[0], strict=True):
+        scale = want.abs().max().item()
+        torch.testing.assert_close(got, want, rtol=3e-2, atol=3e-2 * scale)

@@ -104,3 +104,120 @@ def test_subpixel_fuser_rejects_other_geometries():
     conv.impl = "bogus"
     with pytest.raises(ValueError, match="impl"):
         conv(torch.randn(1, 8, 1, 2, 2))
+
+
+# ---- the sub-pixel forms of the fused blocks' convs on CUDA (exercised here on CPU tensors) ----
+
+CL = torch.channels_last_3d
+
+
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, CL])
+def test_differentiable_subpixel_transpose_gradcheck(fmt):
+    """The sub-pixel transposed conv with its own backward (kernel-2 conv + interleave adjoint),
+    to second order, in both layouts; the output keeps the input's layout."""
+    x = torch.randn(1, 2, 2, 3, 2, dtype=torch.float64).to(memory_format=fmt).requires_grad_()
+    w = (torch.randn(2, 3, 4, 4, 4, dtype=torch.float64) * 0.3).requires_grad_()
+    b = torch.randn(3, dtype=torch.float64, requires_grad=True)
+    out = ops.conv_transpose3d_subpixel(x, w, b)
+    assert out.is_contiguous(memory_format=fmt)
+    torch.testing.assert_close(out, F.conv_transpose3d(x, w, b, 2, 1), rtol=1e-12, atol=1e-12)
+    assert torch.autograd.gradcheck(ops.conv_transpose3d_subpixel, (x, w, b))
+    assert torch.autograd.gradgradcheck(ops.conv_transpose3d_subpixel, (x, w, b))
+
+
+def test_phase_weight_is_the_transposed_kernel_per_phase():
+    """Phase s of the kernel-2 conv holds taps 3 - (2a + s) of the transposed kernel."""
+    w = torch.randn(3, 2, 4, 4, 4)
+    wp = ops.phase_weight(w).view(2, 2, 2, 2, 3, 2, 2, 2)  # (s_t, s_h, s_w, c_out, c_in, a..)
+    for st, sh, sw, a_t, a_h, a_w in torch.cartesian_prod(*[torch.arange(2)] * 6).tolist():
+        torch.testing.assert_close(
+            wp[st, sh, sw, :, :, a_t, a_h, a_w],
+            w[:, :, 3 - 2 * a_t - st, 3 - 2 * a_h - sh, 3 - 2 * a_w - sw].T,
+        )
+
+
+def _conv_grads(fn, x, conv, go):
+    x = x.detach().clone().requires_grad_()
+    conv.zero_grad()
+    out = fn(x)
+    out.backward(go)
+    return out.detach(), x.grad, conv.weight.grad.clone(), conv.bias.grad.clone()
+
+
+@pytest.mark.parametrize(
+    ("cls", "form"),
+    [(nn.ConvTranspose3d, f) for f in ("torch", "subpixel", "subpixel-fwd")]
+    + [(nn.Conv3d, f) for f in ("torch", "subpixel-dx")],
+)
+@pytest.mark.parametrize("autocast", [False, True])
+def test_cuda_conv_forms_match_torch(cls, form, autocast, monkeypatch):
+    """Every form ``cuda_conv`` can take: torch's values and gradients (x, weight, bias) in
+    channels_last_3d, also under (CPU) bf16 autocast, where each gradient keeps its input's
+    dtype."""
+    kind = "transposed" if cls is nn.ConvTranspose3d else "conv"
+    monkeypatch.setitem(ops.CUDA_FORMS, kind, form)
+    assert ops.cuda_form(kind) == form
+    torch.manual_seed(0)
+    conv = cls(6, 5, 4, 2, 1)
+    shape = (2, 6, 2, 3, 4) if kind == "transposed" else (2, 6, 4, 6, 4)
+    x = torch.randn(shape).to(memory_format=CL)
+    ctx = torch.autocast("cpu", torch.bfloat16, enabled=autocast)
+    with ctx:
+        go = torch.randn_like(conv(x)).float()
+    with ctx:
+        want = _conv_grads(conv, x, conv, go)
+        got = _conv_grads(lambda t: ops.cuda_conv(t, conv), x, conv, go)
+    tol = {"rtol": 2e-2, "atol": 2e-2} if autocast else {"rtol": 1e-5, "atol": 1e-5}
+    for g, w in zip(got, want, strict=True):
+        assert g.dtype == w.dtype
+        torch.testing.assert_close(g.float(), w.float(), **tol)
+    assert got[0].is_contiguous(memory_format=CL)
+
+
+def test_cuda_form_auto_follows_cudnn_benchmark(monkeypatch):
+    """``auto``: sub-pixel transposed convs while cudnn.benchmark is off (said once, with the
+    remedy), cuDNN's while it is on; stride-2 convs stay torch's."""
+    monkeypatch.setattr(backend, "_warned", set())
+    monkeypatch.setitem(ops.CUDA_FORMS, "transposed", "auto")
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", True)
+    assert ops.cuda_form("transposed") == "torch"
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    with pytest.warns(UserWarning, match="cudnn.benchmark is off.*VOSGAN_CUDA_CONV"):
+        assert ops.cuda_form("transposed") == "subpixel"
+    assert ops.cuda_form("conv") == "torch"
+
+
+def test_cuda_conv_keeps_torch_for_other_geometries(monkeypatch):
+    monkeypatch.setitem(ops.CUDA_FORMS, "transposed", "subpixel")
+    monkeypatch.setitem(ops.CUDA_FORMS, "conv", "subpixel-dx")
+    monkeypatch.setattr(ops, "conv_transpose3d_subpixel", None)  # would fail if called
+    monkeypatch.setattr(ops, "subpixel_conv3d", None)
+    for conv, shape in [
+        (nn.ConvTranspose3d(4, 3, 3, 2, 1), (1, 4, 2, 2, 2)),  # kernel 3
+        (nn.Conv3d(4, 3, 4, 2, 1), (1, 4, 3, 4, 4)),  # odd T: no sub-pixel input gradient
+    ]:
+        x = torch.randn(shape)
+        torch.testing.assert_close(ops.cuda_conv(x, conv), conv(x))
+
+
+def test_cuda_conv_forms_env_spec():
+    assert ops._read_cuda_forms("transposed=torch, conv=subpixel-dx") == {
+        "transposed": "torch",
+        "conv": "subpixel-dx",
+    }
+    assert ops._read_cuda_forms("") == ops.CUDA_FORMS
+    with pytest.raises(ValueError, match=r"VOSGAN_CUDA_CONV: 'conv=subpixel' is not one of"):
+        ops._read_cuda_forms("conv=subpixel")
+
+
+def test_subpixel_transpose_compiles_fullgraph(monkeypatch):
+    """The sub-pixel form traces without a graph break (``--compile``)."""
+    monkeypatch.setitem(ops.CUDA_FORMS, "transposed", "subpixel")
+    torch._dynamo.reset()
+    conv = nn.ConvTranspose3d(4, 3, 4, 2, 1)
+    x = torch.randn(1, 4, 2, 2, 3, requires_grad=True)
+    compiled = torch.compile(lambda t: ops.cuda_conv(t, conv), fullgraph=True, backend="eager")
+    out = compiled(x)
+    torch.testing.assert_close(out, conv(x))
+    out.sum().backward()
+    assert x.grad is not None and x.grad.shape == x.shape

@@ -2,8 +2,10 @@
 
 Both subclass ``nn.Sequential`` and keep the children of the block they replace, ``0`` (conv),
 ``1`` (``BatchNorm3d``), ``2`` (``LeakyReLU``/``ReLU``), so their ``state_dict`` is the one of
-``nn.Sequential(Conv3d|ConvTranspose3d, BatchNorm3d, LeakyReLU|ReLU)``. The conv runs as is
-(cuDNN); BN + activation run as one fused op, :func:`vosgan.ops.conv3d_block.bn_act`.
+``nn.Sequential(Conv3d|ConvTranspose3d, BatchNorm3d, LeakyReLU|ReLU)``. BN + activation run as
+one fused op, :func:`vosgan.ops.conv3d_block.bn_act`. The conv runs as torch's own (cuDNN,
+oneDNN), except on CUDA with cudnn.benchmark off, where a stride-2, kernel-4 transposed conv runs
+in sub-pixel form (:func:`vosgan.ops.conv3d_subpixel.cuda_form` says why).
 
 ``SubpixelConv3d`` / ``SubpixelConvTranspose3d``: ``nn.Conv3d`` / ``nn.ConvTranspose3d`` (same
 parameters, same ``state_dict``) whose stride-2, kernel-4 case with a narrow side (VOS-GAN's
@@ -19,7 +21,12 @@ from torch import Tensor, nn
 from vosgan import backend
 from vosgan.nn.fuse import register_fuser
 from vosgan.ops.conv3d_block import IMPLS, bn_act
-from vosgan.ops.conv3d_subpixel import SUBPIXEL_MAX_CHANNELS, subpixel_blocker, subpixel_conv3d
+from vosgan.ops.conv3d_subpixel import (
+    SUBPIXEL_MAX_CHANNELS,
+    cuda_conv,
+    subpixel_blocker,
+    subpixel_conv3d,
+)
 
 _ACTS = (nn.LeakyReLU, nn.ReLU)
 
@@ -96,7 +103,7 @@ class _FusedBlock(nn.Sequential):
 
     def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
         """``x (B, C_in, T, H, W)`` -> ``act(bn(conv(x)) [+ residual]) (B, C_out, T', H', W')``."""
-        y = self[0](x)
+        y = cuda_conv(x, self[0]) if x.is_cuda else self[0](x)
         bn: nn.BatchNorm3d = self[1]
         # nn.BatchNorm3d.forward's bookkeeping, step for step
         factor = 0.0 if bn.momentum is None else bn.momentum

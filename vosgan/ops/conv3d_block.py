@@ -315,7 +315,10 @@ def fused_impl(device: torch.device) -> tuple[str | None, str]:
     if device.type == "cuda":
         mode, detail = backend.triton_mode()
         if mode == "gpu":
-            return "triton", f"Triton BN+act kernels, cuDNN conv ({detail})"
+            return "triton", (
+                f"Triton BN+act kernels, cuDNN conv; transposed convs in sub-pixel form while "
+                f"cudnn.benchmark is off ({detail})"
+            )
         return None, f"Triton unavailable for CUDA tensors: {detail}"
     if device.type == "cpu":
         return "subpixel", (

@@ -1,17 +1,27 @@
-"""CPU: stride-2, kernel-4 (transposed) 3D convs with a narrow side, in sub-pixel form.
+"""Stride-2, kernel-4 (transposed) 3D convs in sub-pixel form.
 
-oneDNN's transposed conv (and the input gradient of a conv) is slow when one side has few
-channels: D's dense heads (32 -> 3), G's heads (16 -> 4), D's first stage (3 -> 16). Each such
-layer is one ordinary kernel-2 conv with 8x the channels plus an interleave; results equal torch's
-to rounding (gradcheck and gradgradcheck in tests/test_conv3d_block.py). The drop-in modules are
-:class:`vosgan.nn.conv3d_block.SubpixelConv3d` / ``SubpixelConvTranspose3d``.
+A transposed conv of that geometry is one ordinary stride-1, kernel-2 conv with 8x the output
+channels plus an interleave (:func:`conv_transpose3d_subpixel`); the input gradient of a stride-2
+conv is such a transposed conv. Results equal torch's to rounding (gradcheck and gradgradcheck in
+tests/test_conv3d_subpixel.py).
+
+- CPU: oneDNN's transposed conv (and a conv's input gradient) is slow when one side has few
+  channels: D's dense heads (32 -> 3), G's heads (16 -> 4), D's first stage (3 -> 16). The
+  drop-in modules are :class:`vosgan.nn.conv3d_block.SubpixelConv3d` /
+  ``SubpixelConvTranspose3d``.
+- CUDA: the fused conv blocks' transposed convs, while cudnn.benchmark is off
+  (:func:`cuda_form`); cuDNN's heuristic choice for their backward is slow at VOS-GAN's shapes.
 """
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from vosgan import backend
 
 #: Widest narrow side (C_out of a transposed conv, C_in of a conv) that takes the sub-pixel path.
 #: Measured (2-core dev box, 1 thread, B=8, fp32, oneDNN vs sub-pixel transposed forward):
@@ -19,43 +29,118 @@ from torch import Tensor, nn
 SUBPIXEL_MAX_CHANNELS = 4
 
 
-def conv_transpose3d_subpixel(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
-    """``F.conv_transpose3d(x, weight, bias, stride=2, padding=1)`` for a kernel of 4.
+def phase_weight(weight: Tensor) -> Tensor:
+    """The kernel-2 conv weight of the sub-pixel form of a stride-2, padding-1, kernel-4
+    transposed conv.
 
-    Output voxel ``o = 2j + r - 1`` (phase ``r`` in {0, 1} per axis) receives ``x[j-1]``
-    through kernel tap ``2 + r`` and ``x[j]`` through tap ``r``: the 8 phases are one stride-1,
-    kernel-2 ``conv3d`` (padding 1) with ``8 * C_out`` output channels, interleaved
-    afterwards. oneDNN's transposed conv is slow for few output channels; this form is not.
+    Output voxel ``o = 2m + s`` (phase ``s`` in {0, 1} per axis) is
+    ``sum_a x_pad[m + s + a] * weight[3 - (2a + s)]`` (``x_pad``: ``x`` padded by 1): with the
+    kernel flipped, tap ``2a + s`` belongs to phase ``s``, tap ``a`` of a kernel-2 conv.
+
+    Args:
+        weight: ``(C_in, C_out, 4, 4, 4)``, a ``ConvTranspose3d`` weight.
+
+    Returns:
+        ``(8 * C_out, C_in, 2, 2, 2)``: output channel ``(4 s_t + 2 s_h + s_w) * C_out + c``.
+        Differentiable (flip, view, permute).
+    """
+    c_in, c_out = weight.shape[:2]
+    wp = weight.flip(2, 3, 4).reshape(c_in, c_out, 2, 2, 2, 2, 2, 2)  # (.., a_t, s_t, ..)
+    return wp.permute(3, 5, 7, 1, 0, 2, 4, 6).reshape(8 * c_out, c_in, 2, 2, 2)
+
+
+def _phases(z: Tensor, c_out: int) -> Tensor:
+    """``(B, C_out, T, 2, H, 2, W, 2)`` view of the kernel-2 conv's output ``z``
+    ``(B, 8 * C_out, T + 1, H + 1, W + 1)`` (any strides): element ``[b, c, m, s_t, ...]`` is
+    ``z[b, (4 s_t + 2 s_h + s_w) * C_out + c, m + s_t, ...]``, the output voxel ``2m + s_t``."""
+    b, _, t1, h1, w1 = z.shape
+    sb, sc, st, sh, sw = z.stride()
+    return z.as_strided(
+        (b, c_out, t1 - 1, 2, h1 - 1, 2, w1 - 1, 2),
+        (sb, sc, st, 4 * c_out * sc + st, sh, 2 * c_out * sc + sh, sw, c_out * sc + sw),
+    )  # storage offset: z's
+
+
+def _split(out: Tensor) -> Tensor:
+    """``(B, C, 2T, 2H, 2W)`` -> its ``(B, C, T, 2, H, 2, W, 2)`` view (any strides)."""
+    b, c, t2, h2, w2 = out.shape
+    return out.unflatten(4, (w2 // 2, 2)).unflatten(3, (h2 // 2, 2)).unflatten(2, (t2 // 2, 2))
+
+
+def _interleave(z: Tensor, c_out: int, fmt: torch.memory_format) -> Tensor:
+    """The transposed conv's output ``(B, C_out, 2T, 2H, 2W)`` in memory format ``fmt`` from
+    the phases in ``z``: one strided copy."""
+    b, _, t1, h1, w1 = z.shape
+    size = (b, c_out, 2 * t1 - 2, 2 * h1 - 2, 2 * w1 - 2)
+    out = torch.empty(size, dtype=z.dtype, device=z.device, memory_format=fmt)
+    _split(out).copy_(_phases(z, c_out))
+    return out
+
+
+def _deinterleave(out: Tensor, shape: tuple[int, ...], stride: tuple[int, ...]) -> Tensor:
+    """The adjoint of :func:`_interleave`: ``out``'s voxels back to their phases, in a new
+    tensor of the given shape and strides (``z``'s); the positions no output voxel reads stay 0."""
+    z = out.new_empty_strided(shape, stride).zero_()
+    _phases(z, out.shape[1]).copy_(_split(out))
+    return z
+
+
+def _is_channels_last(t: Tensor) -> bool:
+    return not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last_3d)
+
+
+class _Interleave(torch.autograd.Function):
+    """:func:`_interleave` with :func:`_deinterleave` as its backward, and the other way round:
+    both are linear, so derivatives of any order work."""
+
+    @staticmethod
+    def forward(ctx, z: Tensor, c_out: int, fmt: torch.memory_format) -> Tensor:
+        ctx.layout = (tuple(z.shape), z.stride())
+        return _interleave(z, c_out, fmt)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return _Deinterleave.apply(grad, *ctx.layout), None, None
+
+
+class _Deinterleave(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, out: Tensor, shape: tuple[int, ...], stride: tuple[int, ...]) -> Tensor:
+        ctx.c_out = out.shape[1]
+        ctx.fmt = torch.channels_last_3d if _is_channels_last(out) else torch.contiguous_format
+        return _deinterleave(out, shape, stride)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return _Interleave.apply(grad, ctx.c_out, ctx.fmt), None, None
+
+
+def conv_transpose3d_subpixel(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """``F.conv_transpose3d(x, weight, bias, stride=2, padding=1)`` for a kernel of 4, as one
+    stride-1, kernel-2 ``conv3d`` (padding 1) with ``8 * C_out`` output channels (the 8 phases
+    of :func:`phase_weight`) and one interleaving copy.
+
+    Differentiable to any order: the backward is the kernel-2 conv's (its input gradient and
+    weight gradient, both stride 1) behind the interleave's adjoint. oneDNN's transposed conv
+    is slow for few output channels; cuDNN's transposed conv (a strided dgrad) and its weight
+    gradient are slow at VOS-GAN's shapes (``benchmarks/bench_conv_subpixel.py``).
 
     Args:
         x: ``(B, C_in, T, H, W)``; weight: ``(C_in, C_out, 4, 4, 4)``; bias: ``(C_out,)``.
 
     Returns:
-        ``(B, C_out, 2T, 2H, 2W)``, contiguous.
+        ``(B, C_out, 2T, 2H, 2W)``, channels_last_3d if ``x`` is, else contiguous.
     """
-    b, _, t, h, w = x.shape
-    c_in, c_out = weight.shape[:2]
-    # tap k = 2q + r; the kernel-2 conv's tap a = 1 - q reads x[j - q]
-    wp = weight.view(c_in, c_out, 2, 2, 2, 2, 2, 2).flip(2, 4, 6)
-    wp = wp.permute(3, 5, 7, 1, 0, 2, 4, 6).reshape(8 * c_out, c_in, 2, 2, 2)
-    z = F.conv3d(x, wp, None if bias is None else bias.repeat(8), padding=1)  # (T+1, ...)
-    z = z.view(b, 2, 2, 2, c_out, t + 1, h + 1, w + 1)
-    out = x.new_empty(b, c_out, 2 * t, 2 * h, 2 * w)
-    ov = out.view(b, c_out, t, 2, h, 2, w, 2)  # o = 2m + s: phase r = 1 - s, j = m + s
-    for r in range(8):
-        rt, rh, rw = r >> 2, (r >> 1) & 1, r & 1
-        ov[:, :, :, 1 - rt, :, 1 - rh, :, 1 - rw].copy_(
-            z[:, rt, rh, rw, :, 1 - rt : t + 1 - rt, 1 - rh : h + 1 - rh, 1 - rw : w + 1 - rw]
-        )
-    return out
+    c_out = weight.shape[1]
+    z = F.conv3d(x, phase_weight(weight), None if bias is None else bias.repeat(8), padding=1)
+    fmt = torch.channels_last_3d if _is_channels_last(x) else torch.contiguous_format
+    return _Interleave.apply(z, c_out, fmt)
 
 
-def subpixel_blocker(x: Tensor, conv: nn.Conv3d | nn.ConvTranspose3d) -> str | None:
-    """Why :func:`subpixel_conv3d` cannot run ``conv(x)``, or ``None`` when it can."""
-    transposed = isinstance(conv, nn.ConvTranspose3d)
-    narrow = conv.out_channels if transposed else conv.in_channels
-    if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64) or x.dim() != 5:
-        return f"input is {x.dtype} {tuple(x.shape)} on {x.device.type} (needs 5-D fp32/fp64 CPU)"
+def _geometry_blocker(x: Tensor, conv: nn.Conv3d | nn.ConvTranspose3d) -> str | None:
+    """Why the sub-pixel form does not apply to ``conv``'s geometry and ``x``'s shape."""
+    if x.dim() != 5:
+        return f"input is {tuple(x.shape)} (needs 5-D)"
     if (
         conv.kernel_size,
         conv.stride,
@@ -66,11 +151,93 @@ def subpixel_blocker(x: Tensor, conv: nn.Conv3d | nn.ConvTranspose3d) -> str | N
         conv.padding_mode,
     ) != ((4,) * 3, (2,) * 3, (1,) * 3, (1,) * 3, 1, (0,) * 3, "zeros"):
         return "geometry is not kernel 4, stride 2, padding 1 (no dilation, groups, output_padding)"
-    if narrow > SUBPIXEL_MAX_CHANNELS:
-        return f"{narrow} channels on the narrow side (> {SUBPIXEL_MAX_CHANNELS})"
-    if not transposed and any(s % 2 for s in x.shape[2:]):
+    if not isinstance(conv, nn.ConvTranspose3d) and any(s % 2 for s in x.shape[2:]):
         return f"odd T/H/W {tuple(x.shape[2:])}: the input gradient has no sub-pixel form"
     return None
+
+
+def subpixel_blocker(x: Tensor, conv: nn.Conv3d | nn.ConvTranspose3d) -> str | None:
+    """Why :func:`subpixel_conv3d` cannot run ``conv(x)`` on CPU, or ``None`` when it can."""
+    narrow = conv.out_channels if isinstance(conv, nn.ConvTranspose3d) else conv.in_channels
+    if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64) or x.dim() != 5:
+        return f"input is {x.dtype} {tuple(x.shape)} on {x.device.type} (needs 5-D fp32/fp64 CPU)"
+    geometry = _geometry_blocker(x, conv)
+    if geometry is not None:
+        return geometry
+    if narrow > SUBPIXEL_MAX_CHANNELS:
+        return f"{narrow} channels on the narrow side (> {SUBPIXEL_MAX_CHANNELS})"
+    return None
+
+
+#: The form each stride-2, kernel-4 conv of a fused block takes on CUDA:
+#:
+#: - transposed convs: ``"auto"`` (the default: ``"subpixel"`` while
+#:   ``torch.backends.cudnn.benchmark`` is off, ``"torch"`` while it is on), ``"torch"`` (cuDNN),
+#:   ``"subpixel"`` (sub-pixel forward and backward), ``"subpixel-fwd"`` (sub-pixel forward,
+#:   cuDNN backward);
+#: - stride-2 convs: ``"torch"`` (the default), ``"subpixel-dx"`` (cuDNN forward and weight
+#:   gradient, sub-pixel input gradient).
+#:
+#: Why ``auto`` (H100, bf16, channels_last_3d, ``benchmarks/RESULTS.md``, "conv forms"): with
+#: cudnn.benchmark off, cuDNN's heuristics pick transposed-conv backward kernels 5-13x slower
+#: than the ones its benchmark mode finds, and the sub-pixel form's forward + backward is
+#: 2.2-11.7x faster than cuDNN's at every transposed conv of the paper preset; with benchmark
+#: on, cuDNN is the faster (the paper training step: 37.0 ms with cuDNN's, 40.4 ms sub-pixel).
+#: ``subpixel-dx`` measured 0.97-1.07x cuDNN and is not a default.
+#: ``VOSGAN_CUDA_CONV="transposed=FORM,conv=FORM"`` sets the forms for a process.
+CUDA_FORMS = {"transposed": "auto", "conv": "torch"}
+_FORMS = {
+    "transposed": ("auto", "torch", "subpixel", "subpixel-fwd"),
+    "conv": ("torch", "subpixel-dx"),
+}
+
+
+def _read_cuda_forms(spec: str) -> dict[str, str]:
+    forms = dict(CUDA_FORMS)
+    for item in filter(None, (part.strip() for part in spec.split(","))):
+        kind, _, form = item.partition("=")
+        if kind not in _FORMS or form not in _FORMS[kind]:
+            raise ValueError(
+                f"VOSGAN_CUDA_CONV: {item!r} is not one of "
+                + ", ".join(f"{k}={'|'.join(v)}" for k, v in _FORMS.items())
+            )
+        forms[kind] = form
+    return forms
+
+
+CUDA_FORMS = _read_cuda_forms(os.environ.get("VOSGAN_CUDA_CONV", ""))
+
+
+@torch.compiler.assume_constant_result  # a trace-time constant: no graph break
+def cuda_form(kind: str) -> str:
+    """The form :data:`CUDA_FORMS` gives ``kind`` (``"transposed"`` or ``"conv"``) now, with
+    ``"auto"`` resolved against ``torch.backends.cudnn.benchmark``."""
+    form = CUDA_FORMS[kind]
+    if form != "auto":
+        return form
+    if torch.backends.cudnn.benchmark:
+        return "torch"
+    backend.warn_once(
+        "cuda-subpixel",
+        "fused conv blocks on CUDA: transposed convs run in sub-pixel form because "
+        "torch.backends.cudnn.benchmark is off (cuDNN's heuristic kernels for their backward "
+        "measured 5-13x slower than its benchmarked ones); turn benchmark on for cuDNN's own, "
+        "or set VOSGAN_CUDA_CONV=transposed=torch",
+    )
+    return "subpixel"
+
+
+def cuda_conv(x: Tensor, conv: nn.Conv3d | nn.ConvTranspose3d) -> Tensor:
+    """``conv(x)`` for a CUDA ``x`` (``(B, C_in, T, H, W)``), in the form :func:`cuda_form`
+    gives ``conv``'s kind where its geometry allows (else torch's own). Same values and
+    gradients as ``conv(x)`` up to rounding; differentiable to any order."""
+    transposed = isinstance(conv, nn.ConvTranspose3d)
+    form = cuda_form("transposed" if transposed else "conv")
+    if form == "torch" or _geometry_blocker(x, conv) is not None:
+        return conv(x)
+    if form == "subpixel":
+        return conv_transpose3d_subpixel(x, conv.weight, conv.bias)
+    return subpixel_conv3d(x, conv.weight, conv.bias, transposed)
 
 
 def subpixel_applies(x: Tensor, conv: nn.Conv3d | nn.ConvTranspose3d) -> bool:
@@ -82,15 +249,22 @@ class _SubpixelConvFunction(torch.autograd.Function):
     """Transposed: sub-pixel forward, oneDNN backward. Conv: oneDNN forward and weight gradient,
     sub-pixel input gradient (the adjoint of a stride-2 conv is the transposed conv). With
     grad mode on in backward (double backward) everything runs ``convolution_backward``, which
-    is differentiable."""
+    is differentiable. Under autocast the inputs are cast once, here, and the backward runs in
+    the cast dtype (autograd casts each gradient back to its input's dtype)."""
 
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, transposed: bool) -> Tensor:
+        device = x.device.type
+        if torch.is_autocast_enabled(device):
+            dtype = torch.get_autocast_dtype(device)
+            x, weight = x.to(dtype), weight.to(dtype)
+            bias = None if bias is None else bias.to(dtype)
         ctx.save_for_backward(x, weight)
         ctx.transposed, ctx.has_bias = transposed, bias is not None
-        if transposed:
-            return conv_transpose3d_subpixel(x, weight, bias)
-        return F.conv3d(x, weight, bias, 2, 1)
+        with torch.autocast(device, enabled=False):
+            if transposed:
+                return conv_transpose3d_subpixel(x, weight, bias)
+            return F.conv3d(x, weight, bias, 2, 1)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
@@ -115,7 +289,7 @@ class _SubpixelConvFunction(torch.autograd.Function):
                 mask,
             )
         if subpixel_dx:
-            dx = conv_transpose3d_subpixel(grad.contiguous(), weight)
+            dx = conv_transpose3d_subpixel(grad, weight)
         return dx, dw, db, None
 
 
