@@ -179,10 +179,11 @@ def subpixel_blocker(x: Tensor, conv: nn.Conv3d | nn.ConvTranspose3d) -> str | N
 #:   gradient, sub-pixel input gradient).
 #:
 #: Why ``auto`` (H100, bf16, channels_last_3d, ``benchmarks/RESULTS.md``, "conv forms"): with
-#: cudnn.benchmark off, cuDNN's heuristics pick transposed-conv backward kernels 5-13x slower
-#: than the ones its benchmark mode finds, and the sub-pixel form's forward + backward is
-#: 2.2-11.7x faster than cuDNN's at every transposed conv of the paper preset; with benchmark
-#: on, cuDNN is the faster (the paper training step: 37.0 ms with cuDNN's, 40.4 ms sub-pixel).
+#: cudnn.benchmark off, the sub-pixel form's forward + backward is 3.7-11.7x faster than cuDNN's
+#: at every transposed conv of the paper preset (batch 32 and 64): cuDNN's heuristics pick slow
+#: backward kernels there (3.9x and 13.1x slower than its benchmark mode's, at the two shapes
+#: timed both ways). With benchmark on, cuDNN is the faster: the paper training step took
+#: 37.0 ms with cuDNN's transposed convs and 40.4 ms with sub-pixel ones.
 #: ``subpixel-dx`` measured 0.97-1.07x cuDNN and is not a default.
 #: ``VOSGAN_CUDA_CONV="transposed=FORM,conv=FORM"`` sets the forms for a process.
 CUDA_FORMS = {"transposed": "auto", "conv": "torch"}
@@ -220,9 +221,9 @@ def cuda_form(kind: str) -> str:
     backend.warn_once(
         "cuda-subpixel",
         "fused conv blocks on CUDA: transposed convs run in sub-pixel form because "
-        "torch.backends.cudnn.benchmark is off (cuDNN's heuristic kernels for their backward "
-        "measured 5-13x slower than its benchmarked ones); turn benchmark on for cuDNN's own, "
-        "or set VOSGAN_CUDA_CONV=transposed=torch",
+        "torch.backends.cudnn.benchmark is off (then 3.7-11.7x faster than cuDNN's at "
+        "VOS-GAN's shapes on an H100); with benchmark on cuDNN's own runs, or set "
+        "VOSGAN_CUDA_CONV=transposed=torch",
     )
     return "subpixel"
 
