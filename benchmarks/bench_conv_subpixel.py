@@ -6,7 +6,8 @@ a stride-2 conv's input gradient is such a transposed conv. Forms timed, for eve
 ``paper`` preset's G and D (``benchmarks/bench_conv3d_block.py``'s ``PAPER`` list):
 
 - transposed convs: ``torch`` (``F.conv_transpose3d``), ``subpixel`` (sub-pixel forward and
-  backward), ``subpixel-fwd`` (sub-pixel forward, torch's backward);
+  backward), ``subpixel-fwd`` (sub-pixel forward, torch's backward), ``subpixel-bwd`` (torch's
+  forward and input gradient, sub-pixel weight gradient);
 - stride-2 convs: ``torch`` (``F.conv3d``), ``subpixel-dx`` (torch's forward and weight gradient,
   sub-pixel input gradient).
 
@@ -29,18 +30,19 @@ import torch
 import torch.nn.functional as F
 from bench_conv3d_block import CPU_BATCH, CPU_SMALL, PAPER
 
-from vosgan.ops.conv3d_subpixel import conv_transpose3d_subpixel, subpixel_conv3d
+from vosgan.ops.conv3d_subpixel import subpixel_form_conv
 
-FORMS = {True: ("torch", "subpixel", "subpixel-fwd"), False: ("torch", "subpixel-dx")}
+FORMS = {
+    True: ("torch", "subpixel", "subpixel-fwd", "subpixel-bwd"),
+    False: ("torch", "subpixel-dx"),
+}
 
 
 def conv(form: str, transposed: bool) -> Callable:
     """``f(x, weight)``: the stride-2, padding-1, kernel-4 conv of ``form``."""
     if form == "torch":
         return F.conv_transpose3d if transposed else F.conv3d
-    if form == "subpixel":
-        return lambda x, w, *args: conv_transpose3d_subpixel(x, w)
-    return lambda x, w, *args: subpixel_conv3d(x, w, None, transposed)  # -fwd / -dx
+    return lambda x, w, *args: subpixel_form_conv(x, w, None, form)
 
 
 def _inputs(case: tuple, batch: int, device: str, fmt: torch.memory_format):
@@ -135,6 +137,7 @@ def gpu_table(batches: list[int]) -> str:
             for mode in ("fwd", "fwd+bwd"):
                 if mode == "fwd" and not case[1]:
                     continue  # subpixel-dx: torch's forward
+                # the forward of subpixel-fwd is subpixel's, that of subpixel-bwd torch's
                 forms = ("torch", "subpixel") if mode == "fwd" else FORMS[case[1]]
                 ms = {}
                 for form in forms:

@@ -136,6 +136,31 @@ def test_phase_weight_is_the_transposed_kernel_per_phase():
         )
 
 
+def test_phase_weight_grad_inverts_phase_weight():
+    w = torch.randn(3, 5, 4, 4, 4)
+    assert torch.equal(ops.phase_weight_grad(ops.phase_weight(w)), w)
+
+
+@pytest.mark.parametrize("form", ["subpixel-fwd", "subpixel-bwd", "subpixel-dx"])
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, CL])
+def test_subpixel_forms_gradcheck(form, fmt):
+    """Each form with a custom backward, to second order (R1), in both layouts."""
+    shape = (1, 2, 2, 2, 4) if form == "subpixel-dx" else (1, 2, 2, 3, 2)
+    x = torch.randn(shape, dtype=torch.float64).to(memory_format=fmt).requires_grad_()
+    w = (torch.randn(2, 3, 4, 4, 4, dtype=torch.float64) * 0.3).requires_grad_()
+    b = torch.randn(3 if form != "subpixel-dx" else 2, dtype=torch.float64, requires_grad=True)
+    if form == "subpixel-dx":
+        w = (torch.randn(2, 2, 4, 4, 4, dtype=torch.float64) * 0.3).requires_grad_()
+
+    def fn(x, w, b):
+        return ops.subpixel_form_conv(x, w, b, form)
+
+    assert torch.autograd.gradcheck(fn, (x, w, b))
+    assert torch.autograd.gradgradcheck(fn, (x, w, b))
+    with pytest.raises(ValueError, match="form must be a sub-pixel form"):
+        ops.subpixel_form_conv(x, w, b, "torch")
+
+
 def _conv_grads(fn, x, conv, go):
     x = x.detach().clone().requires_grad_()
     conv.zero_grad()
@@ -146,7 +171,7 @@ def _conv_grads(fn, x, conv, go):
 
 @pytest.mark.parametrize(
     ("cls", "form"),
-    [(nn.ConvTranspose3d, f) for f in ("torch", "subpixel", "subpixel-fwd")]
+    [(nn.ConvTranspose3d, f) for f in ("torch", "subpixel", "subpixel-fwd", "subpixel-bwd")]
     + [(nn.Conv3d, f) for f in ("torch", "subpixel-dx")],
 )
 @pytest.mark.parametrize("autocast", [False, True])

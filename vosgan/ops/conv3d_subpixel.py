@@ -174,7 +174,8 @@ def subpixel_blocker(x: Tensor, conv: nn.Conv3d | nn.ConvTranspose3d) -> str | N
 #: - transposed convs: ``"auto"`` (the default: ``"subpixel"`` while
 #:   ``torch.backends.cudnn.benchmark`` is off, ``"torch"`` while it is on), ``"torch"`` (cuDNN),
 #:   ``"subpixel"`` (sub-pixel forward and backward), ``"subpixel-fwd"`` (sub-pixel forward,
-#:   cuDNN backward);
+#:   cuDNN backward), ``"subpixel-bwd"`` (cuDNN forward and input gradient, sub-pixel weight
+#:   gradient; not yet timed on a GPU);
 #: - stride-2 convs: ``"torch"`` (the default), ``"subpixel-dx"`` (cuDNN forward and weight
 #:   gradient, sub-pixel input gradient).
 #:
@@ -188,7 +189,7 @@ def subpixel_blocker(x: Tensor, conv: nn.Conv3d | nn.ConvTranspose3d) -> str | N
 #: ``VOSGAN_CUDA_CONV="transposed=FORM,conv=FORM"`` sets the forms for a process.
 CUDA_FORMS = {"transposed": "auto", "conv": "torch"}
 _FORMS = {
-    "transposed": ("auto", "torch", "subpixel", "subpixel-fwd"),
+    "transposed": ("auto", "torch", "subpixel", "subpixel-fwd", "subpixel-bwd"),
     "conv": ("torch", "subpixel-dx"),
 }
 
@@ -236,9 +237,7 @@ def cuda_conv(x: Tensor, conv: nn.Conv3d | nn.ConvTranspose3d) -> Tensor:
     form = cuda_form("transposed" if transposed else "conv")
     if form == "torch" or _geometry_blocker(x, conv) is not None:
         return conv(x)
-    if form == "subpixel":
-        return conv_transpose3d_subpixel(x, conv.weight, conv.bias)
-    return subpixel_conv3d(x, conv.weight, conv.bias, transposed)
+    return subpixel_form_conv(x, conv.weight, conv.bias, form)
 
 
 def subpixel_applies(x: Tensor, conv: nn.Conv3d | nn.ConvTranspose3d) -> bool:
@@ -246,36 +245,73 @@ def subpixel_applies(x: Tensor, conv: nn.Conv3d | nn.ConvTranspose3d) -> bool:
     return subpixel_blocker(x, conv) is None
 
 
+def phase_weight_grad(grad: Tensor) -> Tensor:
+    """The adjoint of :func:`phase_weight` (also its inverse: it only moves entries):
+    ``(8 * C_out, C_in, 2, 2, 2)`` -> ``(C_in, C_out, 4, 4, 4)``."""
+    c_out, c_in = grad.shape[0] // 8, grad.shape[1]
+    g = grad.reshape(2, 2, 2, c_out, c_in, 2, 2, 2).permute(4, 3, 5, 0, 6, 1, 7, 2)
+    return g.reshape(c_in, c_out, 4, 4, 4).flip(2, 3, 4)
+
+
+def _subpixel_weight_grad(grad: Tensor, x: Tensor, weight: Tensor) -> Tensor:
+    """The weight gradient of ``conv_transpose3d(x, weight, stride=2, padding=1)`` for the output
+    gradient ``grad`` ``(B, C_out, 2T, 2H, 2W)``: the kernel-2 conv's weight gradient (stride 1)
+    against ``grad``'s phases, mapped back to the ``(C_in, C_out, 4, 4, 4)`` kernel."""
+    b, c_out, t2, h2, w2 = grad.shape
+    shape = (b, 8 * c_out, t2 // 2 + 1, h2 // 2 + 1, w2 // 2 + 1)
+    fmt = torch.channels_last_3d if _is_channels_last(grad) else torch.contiguous_format
+    stride = torch.empty(shape, device="meta", memory_format=fmt).stride()
+    gz = _deinterleave(grad, shape, stride)
+    wp = phase_weight(weight)
+    dwp = torch.ops.aten.convolution_backward(
+        gz, x, wp, None, [1] * 3, [1] * 3, [1] * 3, False, [0] * 3, 1, [False, True, False]
+    )[1]
+    return phase_weight_grad(dwp)
+
+
 class _SubpixelConvFunction(torch.autograd.Function):
-    """Transposed: sub-pixel forward, oneDNN backward. Conv: oneDNN forward and weight gradient,
-    sub-pixel input gradient (the adjoint of a stride-2 conv is the transposed conv). With
-    grad mode on in backward (double backward) everything runs ``convolution_backward``, which
-    is differentiable. Under autocast the inputs are cast once, here, and the backward runs in
-    the cast dtype (autograd casts each gradient back to its input's dtype)."""
+    """A stride-2, kernel-4 conv with one part in sub-pixel form, by ``form``:
+
+    - ``"subpixel-fwd"`` (transposed): sub-pixel forward, torch's backward;
+    - ``"subpixel-bwd"`` (transposed): torch's forward and input gradient (a stride-2 conv),
+      sub-pixel weight gradient (:func:`_subpixel_weight_grad`);
+    - ``"subpixel-dx"`` (conv): torch's forward and weight gradient, sub-pixel input gradient
+      (the adjoint of a stride-2 conv is the transposed conv).
+
+    With grad mode on in backward (double backward) everything runs ``convolution_backward``,
+    which is differentiable. Under autocast the inputs are cast once, here, and the backward runs
+    in the cast dtype (autograd casts each gradient back to its input's dtype)."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, transposed: bool) -> Tensor:
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, form: str) -> Tensor:
         device = x.device.type
         if torch.is_autocast_enabled(device):
             dtype = torch.get_autocast_dtype(device)
             x, weight = x.to(dtype), weight.to(dtype)
             bias = None if bias is None else bias.to(dtype)
         ctx.save_for_backward(x, weight)
-        ctx.transposed, ctx.has_bias = transposed, bias is not None
+        ctx.form, ctx.has_bias = form, bias is not None
         with torch.autocast(device, enabled=False):
-            if transposed:
+            if form == "subpixel-fwd":
                 return conv_transpose3d_subpixel(x, weight, bias)
+            if form == "subpixel-bwd":
+                return F.conv_transpose3d(x, weight, bias, 2, 1)
             return F.conv3d(x, weight, bias, 2, 1)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
         x, weight = ctx.saved_tensors
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        subpixel_dx = need_x and not ctx.transposed and not torch.is_grad_enabled()
-        mask = [need_x and not subpixel_dx, need_w, need_b and ctx.has_bias]
+        transposed = ctx.form != "subpixel-dx"
+        own = not torch.is_grad_enabled() and ctx.form != "subpixel-fwd"  # the sub-pixel part
+        own_x, own_w = own and need_x and not transposed, own and need_w and transposed
+        mask = [need_x and not own_x, need_w and not own_w, need_b and ctx.has_bias]
         dx = dw = db = None
-        if any(mask):  # e.g. not in G's step through a frozen D, where only dx is needed
-            bias_sizes = [weight.shape[1] if ctx.transposed else weight.shape[0]]
+        if own and transposed:  # torch's dx and db without its weight gradient
+            dx = F.conv3d(grad, weight, None, 2, 1) if need_x else None
+            db = grad.sum((0, 2, 3, 4)) if mask[2] else None
+        elif any(mask):  # e.g. not in G's step through a frozen D, where only dx is needed
+            bias_sizes = [weight.shape[1] if transposed else weight.shape[0]]
             dx, dw, db = torch.ops.aten.convolution_backward(
                 grad,
                 x,
@@ -284,13 +320,15 @@ class _SubpixelConvFunction(torch.autograd.Function):
                 [2] * 3,
                 [1] * 3,
                 [1] * 3,
-                ctx.transposed,
+                transposed,
                 [0] * 3,
                 1,
                 mask,
             )
-        if subpixel_dx:
+        if own_x:
             dx = conv_transpose3d_subpixel(grad, weight)
+        if own_w:
+            dw = _subpixel_weight_grad(grad, x, weight)
         return dx, dw, db, None
 
 
@@ -298,4 +336,17 @@ def subpixel_conv3d(x: Tensor, weight: Tensor, bias: Tensor | None, transposed: 
     """``conv_transpose3d`` / ``conv3d`` (stride 2, padding 1, kernel 4) through the sub-pixel
     CPU path (check :func:`subpixel_applies` first); values and gradients equal the module's
     own forward up to fp32 rounding. ``x (B, C_in, T, H, W)``; weight as in the module."""
-    return _SubpixelConvFunction.apply(x, weight, bias, transposed)
+    return _SubpixelConvFunction.apply(
+        x, weight, bias, "subpixel-fwd" if transposed else "subpixel-dx"
+    )
+
+
+def subpixel_form_conv(x: Tensor, weight: Tensor, bias: Tensor | None, form: str) -> Tensor:
+    """``conv_transpose3d`` / ``conv3d`` (stride 2, padding 1, kernel 4) in one of the forms of
+    :data:`CUDA_FORMS` other than ``"torch"`` and ``"auto"``, on any device; values and
+    gradients equal torch's up to rounding. ``x (B, C_in, T, H, W)``; weight as in the module."""
+    if form == "subpixel":
+        return conv_transpose3d_subpixel(x, weight, bias)
+    if form not in ("subpixel-fwd", "subpixel-bwd", "subpixel-dx"):
+        raise ValueError(f"form must be a sub-pixel form of CUDA_FORMS, got {form!r}")
+    return _SubpixelConvFunction.apply(x, weight, bias, form)
