@@ -5,8 +5,9 @@
 # CUDA graphs), the paper step side by side with its profile, 200 training steps eager and from
 # CUDA graphs, the fused-op benchmark checks. With VOSGAN_GPU_TESTS="tests/..." and
 # VOSGAN_GPU_CHECKS=0 (only the tests changed since the last GPU run, no benchmark checks) that
-# took 289 s on an H100 on 2026-11-26; VOSGAN_GPU_FULL=1 adds the re-measurements (about 200 s
-# more). Steps run in order of value, each under its own time cap, so a step that hangs or fails
+# took 289 s on an H100 on 2026-11-26; VOSGAN_GPU_FULL=1 adds the re-measurements (about 250 s
+# more, not yet timed with both cudnn.benchmark settings of the conv blocks). The conv-forms study
+# is benchmarks/gpu_conv_forms.sh. Steps run in order of value, each under its own time cap, so a step that hangs or fails
 # costs its cap and the rest still run. Results land in OUTDIR: log.txt (everything) and
 # pytest-benchmark JSON files (tables: benchmarks/report.py).
 #
@@ -115,13 +116,14 @@ timeout 90 "$PY" -m vosgan.train --fused --train.device=cuda --train.steps=300 \
 echo "train exit ${PIPESTATUS[0]}"
 cp /tmp/vosgan-gpu-run/metrics.json "$OUTDIR/train_metrics.json" 2>/dev/null
 
-step "conv blocks: eager cuDNN block vs fused (paper shapes, B=16 and 64, bf16 channels_last_3d)"
-VOSGAN_BENCH_PROVIDERS=eager,fused timeout 100 "$PY" benchmarks/bench_conv3d_block.py 16 64
-echo "conv blocks exit $?"
-step "conv blocks again, each step replayed from a CUDA graph (GPU time, no host launches)"
-VOSGAN_BENCH_GRAPH=1 VOSGAN_BENCH_PROVIDERS=eager,fused timeout 100 "$PY" \
-  benchmarks/bench_conv3d_block.py 16 64
-echo "conv blocks (graphs) exit $?"
+# one cudnn.benchmark setting per process: PyTorch's cuDNN plan cache ignores the flag. With it
+# off, the fused transposed blocks run their convs in sub-pixel form (conv3d_subpixel.cuda_form).
+for flag in 0 1; do
+  step "conv blocks: eager vs fused (paper shapes, B=16 and 64, bf16 CL3d), cudnn.benchmark=$flag"
+  VOSGAN_BENCH_CUDNN_BENCHMARK=$flag VOSGAN_BENCH_PROVIDERS=eager,fused timeout 150 "$PY" \
+    benchmarks/bench_conv3d_block.py 16 64
+  echo "conv blocks (cudnn.benchmark=$flag) exit $?"
+done
 
 step "flow-warp loss, B=32 T=32 64x64, reference / compile / fused"
 timeout 90 "$PY" benchmarks/bench_flow_warp.py b32-t32
