@@ -35,7 +35,7 @@ done
 step "torch's transposed conv by layout, cudnn.benchmark on"
 (cd benchmarks && timeout 60 python3 bench_conv_subpixel.py --layouts)
 wait; tail -2 "$OUTDIR/build.txt"
-for spec in ${SPECS:-none transposed=subpixel}; do
+for spec in ${SPECS:-none transposed=subpixel transposed=tune}; do
   step "paper step side by side, VOSGAN_CUDA_CONV=$spec"
   VOSGAN_CUDA_CONV="${spec#none}" timeout 120 python3 benchmarks/bench_train_step.py --preset paper \
     --device cuda --rounds 10 --providers "${PROVIDERS:-reference,fused-cl-graph}" 2>&1 | tail -7

@@ -117,7 +117,7 @@ echo "train exit ${PIPESTATUS[0]}"
 cp /tmp/vosgan-gpu-run/metrics.json "$OUTDIR/train_metrics.json" 2>/dev/null
 
 # one cudnn.benchmark setting per process: PyTorch's cuDNN plan cache ignores the flag. With it
-# off, the fused transposed blocks run their convs in sub-pixel form (conv3d_subpixel.cuda_form).
+# off, the fused transposed blocks run their convs in sub-pixel form (conv3d_forms.cuda_form).
 for flag in 0 1; do
   step "conv blocks: eager vs fused (paper shapes, B=16 and 64, bf16 CL3d), cudnn.benchmark=$flag"
   VOSGAN_BENCH_CUDNN_BENCHMARK=$flag VOSGAN_BENCH_PROVIDERS=eager,fused timeout 150 "$PY" \

@@ -678,10 +678,10 @@ def test_gpu_transposed_block_forms_match_eager(benchmark, monkeypatch):
     """On CUDA the fused transposed block takes the sub-pixel form while cudnn.benchmark is off
     and cuDNN's while it is on (``cuda_form``); either way its output, input gradient and
     parameter gradients match the eager block's (bf16 autocast, channels_last_3d)."""
-    from vosgan.ops import conv3d_subpixel
+    from vosgan.ops import conv3d_forms, conv3d_subpixel
 
     monkeypatch.setattr(torch.backends.cudnn, "benchmark", benchmark)
-    monkeypatch.setitem(conv3d_subpixel.CUDA_FORMS, "transposed", "auto")
+    monkeypatch.setitem(conv3d_forms.CUDA_FORMS, "transposed", "auto")
     calls = []
     sub = conv3d_subpixel.conv_transpose3d_subpixel
     monkeypatch.setattr(

@@ -13,6 +13,7 @@ from vosgan import backend
 from vosgan.nn import conv3d_block as nn_block
 from vosgan.nn import fuse_modules
 from vosgan.nn.conv3d_block import SubpixelConv3d, SubpixelConvTranspose3d
+from vosgan.ops import conv3d_forms as forms
 from vosgan.ops import conv3d_subpixel as ops
 
 
@@ -180,8 +181,8 @@ def test_cuda_conv_forms_match_torch(cls, form, autocast, monkeypatch):
     channels_last_3d, also under (CPU) bf16 autocast, where each gradient keeps its input's
     dtype."""
     kind = "transposed" if cls is nn.ConvTranspose3d else "conv"
-    monkeypatch.setitem(ops.CUDA_FORMS, kind, form)
-    assert ops.cuda_form(kind) == form
+    monkeypatch.setitem(forms.CUDA_FORMS, kind, form)
+    assert forms.cuda_form(kind) == form
     torch.manual_seed(0)
     conv = cls(6, 5, 4, 2, 1)
     shape = (2, 6, 2, 3, 4) if kind == "transposed" else (2, 6, 4, 6, 4)
@@ -191,7 +192,7 @@ def test_cuda_conv_forms_match_torch(cls, form, autocast, monkeypatch):
         go = torch.randn_like(conv(x)).float()
     with ctx:
         want = _conv_grads(conv, x, conv, go)
-        got = _conv_grads(lambda t: ops.cuda_conv(t, conv), x, conv, go)
+        got = _conv_grads(lambda t: forms.cuda_conv(t, conv), x, conv, go)
     tol = {"rtol": 2e-2, "atol": 2e-2} if autocast else {"rtol": 1e-5, "atol": 1e-5}
     for g, w in zip(got, want, strict=True):
         assert g.dtype == w.dtype
@@ -203,46 +204,117 @@ def test_cuda_form_auto_follows_cudnn_benchmark(monkeypatch):
     """``auto``: sub-pixel transposed convs while cudnn.benchmark is off (said once, with the
     remedy), cuDNN's while it is on; stride-2 convs stay torch's."""
     monkeypatch.setattr(backend, "_warned", set())
-    monkeypatch.setitem(ops.CUDA_FORMS, "transposed", "auto")
+    monkeypatch.setitem(forms.CUDA_FORMS, "transposed", "auto")
     monkeypatch.setattr(torch.backends.cudnn, "benchmark", True)
-    assert ops.cuda_form("transposed") == "torch"
+    assert forms.cuda_form("transposed") == "torch"
     monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
     with pytest.warns(UserWarning, match="cudnn.benchmark is off.*VOSGAN_CUDA_CONV"):
-        assert ops.cuda_form("transposed") == "subpixel"
-    assert ops.cuda_form("conv") == "torch"
+        assert forms.cuda_form("transposed") == "subpixel"
+    assert forms.cuda_form("conv") == "torch"
 
 
 def test_cuda_conv_keeps_torch_for_other_geometries(monkeypatch):
-    monkeypatch.setitem(ops.CUDA_FORMS, "transposed", "subpixel")
-    monkeypatch.setitem(ops.CUDA_FORMS, "conv", "subpixel-dx")
-    monkeypatch.setattr(ops, "conv_transpose3d_subpixel", None)  # would fail if called
-    monkeypatch.setattr(ops, "subpixel_conv3d", None)
+    monkeypatch.setitem(forms.CUDA_FORMS, "transposed", "subpixel")
+    monkeypatch.setitem(forms.CUDA_FORMS, "conv", "subpixel-dx")
+    monkeypatch.setattr(forms, "subpixel_form_conv", None)  # would fail if called
     for conv, shape in [
         (nn.ConvTranspose3d(4, 3, 3, 2, 1), (1, 4, 2, 2, 2)),  # kernel 3
         (nn.Conv3d(4, 3, 4, 2, 1), (1, 4, 3, 4, 4)),  # odd T: no sub-pixel input gradient
     ]:
         x = torch.randn(shape)
-        torch.testing.assert_close(ops.cuda_conv(x, conv), conv(x))
+        torch.testing.assert_close(forms.cuda_conv(x, conv), conv(x))
 
 
 def test_cuda_conv_forms_env_spec():
-    assert ops._read_cuda_forms("transposed=torch, conv=subpixel-dx") == {
+    assert forms._read_cuda_forms("transposed=torch, conv=subpixel-dx") == {
         "transposed": "torch",
         "conv": "subpixel-dx",
     }
-    assert ops._read_cuda_forms("") == ops.CUDA_FORMS
+    assert forms._read_cuda_forms("") == forms.CUDA_FORMS
     with pytest.raises(ValueError, match=r"VOSGAN_CUDA_CONV: 'conv=subpixel' is not one of"):
-        ops._read_cuda_forms("conv=subpixel")
+        forms._read_cuda_forms("conv=subpixel")
 
 
 def test_subpixel_transpose_compiles_fullgraph(monkeypatch):
     """The sub-pixel form traces without a graph break (``--compile``)."""
-    monkeypatch.setitem(ops.CUDA_FORMS, "transposed", "subpixel")
+    monkeypatch.setitem(forms.CUDA_FORMS, "transposed", "subpixel")
     torch._dynamo.reset()
     conv = nn.ConvTranspose3d(4, 3, 4, 2, 1)
     x = torch.randn(1, 4, 2, 2, 3, requires_grad=True)
-    compiled = torch.compile(lambda t: ops.cuda_conv(t, conv), fullgraph=True, backend="eager")
+    compiled = torch.compile(lambda t: forms.cuda_conv(t, conv), fullgraph=True, backend="eager")
     out = compiled(x)
     torch.testing.assert_close(out, conv(x))
     out.sum().backward()
     assert x.grad is not None and x.grad.shape == x.shape
+
+
+# ---- "tune": the fastest form per input, timed on its first call ----
+
+
+def _fake_timer(ms_by_form, calls):
+    """A timer that reads each form's time from ``ms_by_form`` (the form is the name the
+    candidate closure was bound to) and records which ran, after running it once for real."""
+
+    def timer(fn, device):
+        fn()
+        form = fn.__defaults__[0]
+        calls.append(form)
+        return ms_by_form[form]
+
+    return timer
+
+
+def test_tuned_form_picks_the_fastest_once_per_input(monkeypatch):
+    monkeypatch.setattr(backend, "_warned", set())
+    monkeypatch.setattr(forms, "TUNED", {})
+    conv = nn.ConvTranspose3d(4, 3, 4, 2, 1)
+    x = torch.randn(2, 4, 2, 3, 2)
+    calls = []
+    timer = _fake_timer({"torch": 2.0, "subpixel": 0.5, "subpixel-bwd": 1.0}, calls)
+    with pytest.warns(UserWarning, match=r"forward\+backward: torch 2.000 ms.*using subpixel"):
+        assert forms.tuned_form(x, conv, timer) == "subpixel"
+    assert sorted(calls) == sorted(forms.TUNE_CANDIDATES)
+    assert forms.tuned_form(x, conv, timer) == "subpixel"  # remembered: not timed again
+    assert len(calls) == len(forms.TUNE_CANDIDATES)
+    assert conv.weight.grad is None and conv.bias.grad is None  # timing left the module alone
+    with torch.no_grad():  # another key: forward only
+        with pytest.warns(UserWarning, match=r"\) forward: .*using subpixel"):
+            forms.tuned_form(x, conv, timer)
+    x_other = torch.randn(1, 4, 2, 3, 2)  # another shape: timed again
+    slow_sub = _fake_timer({"torch": 0.1, "subpixel": 0.5, "subpixel-bwd": 1.0}, calls)
+    with pytest.warns(UserWarning, match="using torch"):
+        assert forms.tuned_form(x_other, conv, slow_sub) == "torch"
+
+
+def test_tune_runs_the_picked_form_with_torchs_results(monkeypatch):
+    """``cuda_conv`` under ``tune`` (real timer, on CPU tensors): torch's values and gradients
+    whichever form won."""
+    monkeypatch.setattr(backend, "_warned", set())
+    monkeypatch.setattr(forms, "TUNED", {})
+    monkeypatch.setitem(forms.CUDA_FORMS, "transposed", "tune")
+    torch.manual_seed(0)
+    conv = nn.ConvTranspose3d(6, 5, 4, 2, 1)
+    x = torch.randn(2, 6, 2, 3, 4).to(memory_format=CL)
+    go = torch.randn(2, 5, 4, 6, 8)
+    with pytest.warns(UserWarning, match="transposed=tune"):
+        got = _conv_grads(lambda t: forms.cuda_conv(t, conv), x, conv, go)
+    want = _conv_grads(conv, x, conv, go)
+    assert list(forms.TUNED.values())[0] in forms.TUNE_CANDIDATES
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+
+
+def test_tune_under_compile_is_auto(monkeypatch):
+    """``torch.compile`` cannot time inside a trace: ``tune`` compiles as ``auto`` (no graph
+    break, nothing timed)."""
+    monkeypatch.setattr(backend, "_warned", set())
+    monkeypatch.setattr(forms, "TUNED", {})
+    monkeypatch.setitem(forms.CUDA_FORMS, "transposed", "tune")
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", True)
+    monkeypatch.setattr(forms, "tuned_form", None)  # would fail if called
+    torch._dynamo.reset()
+    conv = nn.ConvTranspose3d(4, 3, 4, 2, 1)
+    x = torch.randn(1, 4, 2, 2, 3)
+    compiled = torch.compile(lambda t: forms.cuda_conv(t, conv), fullgraph=True, backend="eager")
+    torch.testing.assert_close(compiled(x), conv(x))
+    assert forms.TUNED == {}

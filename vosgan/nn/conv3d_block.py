@@ -5,7 +5,7 @@ Both subclass ``nn.Sequential`` and keep the children of the block they replace,
 ``nn.Sequential(Conv3d|ConvTranspose3d, BatchNorm3d, LeakyReLU|ReLU)``. BN + activation run as
 one fused op, :func:`vosgan.ops.conv3d_block.bn_act`. The conv runs as torch's own (cuDNN,
 oneDNN), except on CUDA with cudnn.benchmark off, where a stride-2, kernel-4 transposed conv runs
-in sub-pixel form (:func:`vosgan.ops.conv3d_subpixel.cuda_form` says why).
+in sub-pixel form (:func:`vosgan.ops.conv3d_forms.cuda_form` says why).
 
 ``SubpixelConv3d`` / ``SubpixelConvTranspose3d``: ``nn.Conv3d`` / ``nn.ConvTranspose3d`` (same
 parameters, same ``state_dict``) whose stride-2, kernel-4 case with a narrow side (VOS-GAN's
@@ -21,12 +21,8 @@ from torch import Tensor, nn
 from vosgan import backend
 from vosgan.nn.fuse import register_fuser
 from vosgan.ops.conv3d_block import IMPLS, bn_act
-from vosgan.ops.conv3d_subpixel import (
-    SUBPIXEL_MAX_CHANNELS,
-    cuda_conv,
-    subpixel_blocker,
-    subpixel_conv3d,
-)
+from vosgan.ops.conv3d_forms import cuda_conv
+from vosgan.ops.conv3d_subpixel import SUBPIXEL_MAX_CHANNELS, subpixel_blocker, subpixel_conv3d
 
 _ACTS = (nn.LeakyReLU, nn.ReLU)
 

@@ -10,18 +10,15 @@ tests/test_conv3d_subpixel.py).
   drop-in modules are :class:`vosgan.nn.conv3d_block.SubpixelConv3d` /
   ``SubpixelConvTranspose3d``.
 - CUDA: the fused conv blocks' transposed convs, while cudnn.benchmark is off
-  (:func:`cuda_form`); cuDNN's heuristic choice for their backward is slow at VOS-GAN's shapes.
+  (:mod:`vosgan.ops.conv3d_forms`); cuDNN's heuristic choice for their backward is slow at
+  VOS-GAN's shapes.
 """
 
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-
-from vosgan import backend
 
 #: Widest narrow side (C_out of a transposed conv, C_in of a conv) that takes the sub-pixel path.
 #: Measured (2-core dev box, 1 thread, B=8, fp32, oneDNN vs sub-pixel transposed forward):
@@ -137,7 +134,7 @@ def conv_transpose3d_subpixel(x: Tensor, weight: Tensor, bias: Tensor | None = N
     return _Interleave.apply(z, c_out, fmt)
 
 
-def _geometry_blocker(x: Tensor, conv: nn.Conv3d | nn.ConvTranspose3d) -> str | None:
+def geometry_blocker(x: Tensor, conv: nn.Conv3d | nn.ConvTranspose3d) -> str | None:
     """Why the sub-pixel form does not apply to ``conv``'s geometry and ``x``'s shape."""
     if x.dim() != 5:
         return f"input is {tuple(x.shape)} (needs 5-D)"
@@ -161,83 +158,12 @@ def subpixel_blocker(x: Tensor, conv: nn.Conv3d | nn.ConvTranspose3d) -> str | N
     narrow = conv.out_channels if isinstance(conv, nn.ConvTranspose3d) else conv.in_channels
     if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64) or x.dim() != 5:
         return f"input is {x.dtype} {tuple(x.shape)} on {x.device.type} (needs 5-D fp32/fp64 CPU)"
-    geometry = _geometry_blocker(x, conv)
+    geometry = geometry_blocker(x, conv)
     if geometry is not None:
         return geometry
     if narrow > SUBPIXEL_MAX_CHANNELS:
         return f"{narrow} channels on the narrow side (> {SUBPIXEL_MAX_CHANNELS})"
     return None
-
-
-#: The form each stride-2, kernel-4 conv of a fused block takes on CUDA:
-#:
-#: - transposed convs: ``"auto"`` (the default: ``"subpixel"`` while
-#:   ``torch.backends.cudnn.benchmark`` is off, ``"torch"`` while it is on), ``"torch"`` (cuDNN),
-#:   ``"subpixel"`` (sub-pixel forward and backward), ``"subpixel-fwd"`` (sub-pixel forward,
-#:   cuDNN backward), ``"subpixel-bwd"`` (cuDNN forward and input gradient, sub-pixel weight
-#:   gradient; not yet timed on a GPU);
-#: - stride-2 convs: ``"torch"`` (the default), ``"subpixel-dx"`` (cuDNN forward and weight
-#:   gradient, sub-pixel input gradient).
-#:
-#: Why ``auto`` (H100, bf16, channels_last_3d, ``benchmarks/RESULTS.md``, "conv forms"): with
-#: cudnn.benchmark off, the sub-pixel form's forward + backward is 3.7-11.7x faster than cuDNN's
-#: at every transposed conv of the paper preset (batch 32 and 64): cuDNN's heuristics pick slow
-#: backward kernels there (3.9x and 13.1x slower than its benchmark mode's, at the two shapes
-#: timed both ways). With benchmark on, cuDNN is the faster: the paper training step took
-#: 37.0 ms with cuDNN's transposed convs and 40.4 ms with sub-pixel ones.
-#: ``subpixel-dx`` measured 0.97-1.07x cuDNN and is not a default.
-#: ``VOSGAN_CUDA_CONV="transposed=FORM,conv=FORM"`` sets the forms for a process.
-CUDA_FORMS = {"transposed": "auto", "conv": "torch"}
-_FORMS = {
-    "transposed": ("auto", "torch", "subpixel", "subpixel-fwd", "subpixel-bwd"),
-    "conv": ("torch", "subpixel-dx"),
-}
-
-
-def _read_cuda_forms(spec: str) -> dict[str, str]:
-    forms = dict(CUDA_FORMS)
-    for item in filter(None, (part.strip() for part in spec.split(","))):
-        kind, _, form = item.partition("=")
-        if kind not in _FORMS or form not in _FORMS[kind]:
-            raise ValueError(
-                f"VOSGAN_CUDA_CONV: {item!r} is not one of "
-                + ", ".join(f"{k}={'|'.join(v)}" for k, v in _FORMS.items())
-            )
-        forms[kind] = form
-    return forms
-
-
-CUDA_FORMS = _read_cuda_forms(os.environ.get("VOSGAN_CUDA_CONV", ""))
-
-
-@torch.compiler.assume_constant_result  # a trace-time constant: no graph break
-def cuda_form(kind: str) -> str:
-    """The form :data:`CUDA_FORMS` gives ``kind`` (``"transposed"`` or ``"conv"``) now, with
-    ``"auto"`` resolved against ``torch.backends.cudnn.benchmark``."""
-    form = CUDA_FORMS[kind]
-    if form != "auto":
-        return form
-    if torch.backends.cudnn.benchmark:
-        return "torch"
-    backend.warn_once(
-        "cuda-subpixel",
-        "fused conv blocks on CUDA: transposed convs run in sub-pixel form because "
-        "torch.backends.cudnn.benchmark is off (then 3.7-11.7x faster than cuDNN's at "
-        "VOS-GAN's shapes on an H100); with benchmark on cuDNN's own runs, or set "
-        "VOSGAN_CUDA_CONV=transposed=torch",
-    )
-    return "subpixel"
-
-
-def cuda_conv(x: Tensor, conv: nn.Conv3d | nn.ConvTranspose3d) -> Tensor:
-    """``conv(x)`` for a CUDA ``x`` (``(B, C_in, T, H, W)``), in the form :func:`cuda_form`
-    gives ``conv``'s kind where its geometry allows (else torch's own). Same values and
-    gradients as ``conv(x)`` up to rounding; differentiable to any order."""
-    transposed = isinstance(conv, nn.ConvTranspose3d)
-    form = cuda_form("transposed" if transposed else "conv")
-    if form == "torch" or _geometry_blocker(x, conv) is not None:
-        return conv(x)
-    return subpixel_form_conv(x, conv.weight, conv.bias, form)
 
 
 def subpixel_applies(x: Tensor, conv: nn.Conv3d | nn.ConvTranspose3d) -> bool:
@@ -343,10 +269,11 @@ def subpixel_conv3d(x: Tensor, weight: Tensor, bias: Tensor | None, transposed: 
 
 def subpixel_form_conv(x: Tensor, weight: Tensor, bias: Tensor | None, form: str) -> Tensor:
     """``conv_transpose3d`` / ``conv3d`` (stride 2, padding 1, kernel 4) in one of the forms of
-    :data:`CUDA_FORMS` other than ``"torch"`` and ``"auto"``, on any device; values and
+    :data:`vosgan.ops.conv3d_forms.CUDA_FORMS` that run here (``"subpixel"``, ``"subpixel-fwd"``,
+    ``"subpixel-bwd"``, ``"subpixel-dx"``), on any device; values and
     gradients equal torch's up to rounding. ``x (B, C_in, T, H, W)``; weight as in the module."""
     if form == "subpixel":
         return conv_transpose3d_subpixel(x, weight, bias)
     if form not in ("subpixel-fwd", "subpixel-bwd", "subpixel-dx"):
-        raise ValueError(f"form must be a sub-pixel form of CUDA_FORMS, got {form!r}")
+        raise ValueError(f"form must be a sub-pixel form, got {form!r}")
     return _SubpixelConvFunction.apply(x, weight, bias, form)

@@ -1,0 +1,196 @@
+"""Which form a fused conv block's stride-2, kernel-4 conv takes on CUDA: torch's (cuDNN) or one
+of the sub-pixel forms of :mod:`vosgan.ops.conv3d_subpixel`.
+
+:data:`CUDA_FORMS` holds the choice per kind of conv; :func:`cuda_conv` runs a conv in it.
+``"tune"`` times the candidate forms on the first call of each input shape and keeps the fastest
+(:func:`tuned_form`), the way cudnn.benchmark picks among cuDNN's own kernels.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+
+import torch
+from torch import Tensor, nn
+
+from vosgan import backend
+from vosgan.ops.conv3d_subpixel import geometry_blocker, subpixel_form_conv
+
+#: The form each stride-2, kernel-4 conv of a fused block takes on CUDA:
+#:
+#: - transposed convs: ``"auto"`` (the default: ``"subpixel"`` while
+#:   ``torch.backends.cudnn.benchmark`` is off, ``"torch"`` while it is on), ``"torch"`` (cuDNN),
+#:   ``"subpixel"`` (sub-pixel forward and backward), ``"subpixel-fwd"`` (sub-pixel forward,
+#:   cuDNN backward), ``"subpixel-bwd"`` (cuDNN forward and input gradient, sub-pixel weight
+#:   gradient; not yet timed on a GPU), ``"tune"`` (the fastest of ``TUNE_CANDIDATES`` for each
+#:   input, timed on its first call: :func:`tuned_form`; not yet run on a GPU);
+#: - stride-2 convs: ``"torch"`` (the default), ``"subpixel-dx"`` (cuDNN forward and weight
+#:   gradient, sub-pixel input gradient).
+#:
+#: Why ``auto`` (H100, bf16, channels_last_3d, ``benchmarks/RESULTS.md``, "conv forms"): with
+#: cudnn.benchmark off, the sub-pixel form's forward + backward is 3.7-11.7x faster than cuDNN's
+#: at every transposed conv of the paper preset (batch 32 and 64): cuDNN's heuristics pick slow
+#: backward kernels there (3.9x and 13.1x slower than its benchmark mode's, at the two shapes
+#: timed both ways). With benchmark on, cuDNN is the faster: the paper training step took
+#: 37.0 ms with cuDNN's transposed convs and 40.4 ms with sub-pixel ones.
+#: ``subpixel-dx`` measured 0.97-1.07x cuDNN and is not a default.
+#: ``VOSGAN_CUDA_CONV="transposed=FORM,conv=FORM"`` sets the forms for a process.
+CUDA_FORMS = {"transposed": "auto", "conv": "torch"}
+_FORMS = {
+    "transposed": ("auto", "tune", "torch", "subpixel", "subpixel-fwd", "subpixel-bwd"),
+    "conv": ("torch", "subpixel-dx"),
+}
+
+
+def _read_cuda_forms(spec: str) -> dict[str, str]:
+    forms = dict(CUDA_FORMS)
+    for item in filter(None, (part.strip() for part in spec.split(","))):
+        kind, _, form = item.partition("=")
+        if kind not in _FORMS or form not in _FORMS[kind]:
+            raise ValueError(
+                f"VOSGAN_CUDA_CONV: {item!r} is not one of "
+                + ", ".join(f"{k}={'|'.join(v)}" for k, v in _FORMS.items())
+            )
+        forms[kind] = form
+    return forms
+
+
+CUDA_FORMS = _read_cuda_forms(os.environ.get("VOSGAN_CUDA_CONV", ""))
+
+
+@torch.compiler.assume_constant_result  # a trace-time constant: no graph break
+def cuda_form(kind: str) -> str:
+    """The form :data:`CUDA_FORMS` gives ``kind`` (``"transposed"`` or ``"conv"``) now, with
+    ``"auto"`` resolved against ``torch.backends.cudnn.benchmark``."""
+    form = CUDA_FORMS[kind]
+    return _auto() if form == "auto" else form
+
+
+def _auto() -> str:
+    """``"auto"``'s transposed-conv form: cuDNN's with cudnn.benchmark on, else sub-pixel."""
+    if torch.backends.cudnn.benchmark:
+        return "torch"
+    backend.warn_once(
+        "cuda-subpixel",
+        "fused conv blocks on CUDA: transposed convs run in sub-pixel form because "
+        "torch.backends.cudnn.benchmark is off (then 3.7-11.7x faster than cuDNN's at "
+        "VOS-GAN's shapes on an H100); with benchmark on cuDNN's own runs, or set "
+        "VOSGAN_CUDA_CONV=transposed=torch",
+    )
+    return "subpixel"
+
+
+def cuda_conv(x: Tensor, conv: nn.Conv3d | nn.ConvTranspose3d) -> Tensor:
+    """``conv(x)`` for a CUDA ``x`` (``(B, C_in, T, H, W)``), in the form :func:`cuda_form`
+    gives ``conv``'s kind where its geometry allows (else torch's own). Same values and
+    gradients as ``conv(x)`` up to rounding; differentiable to any order."""
+    transposed = isinstance(conv, nn.ConvTranspose3d)
+    form = cuda_form("transposed" if transposed else "conv")
+    if form == "torch" or geometry_blocker(x, conv) is not None:
+        return conv(x)
+    if form == "tune":
+        # torch.compile traces one graph for every input: there, "tune" is "auto"
+        form = _auto() if torch.compiler.is_compiling() else tuned_form(x, conv)
+        if form == "torch":
+            return conv(x)
+    return subpixel_form_conv(x, conv.weight, conv.bias, form)
+
+
+#: The transposed-conv forms ``"tune"`` times.
+TUNE_CANDIDATES = ("torch", "subpixel", "subpixel-bwd")
+#: The form ``"tune"`` picked for each input (:func:`_tune_key`), for this process.
+TUNED: dict[tuple, str] = {}
+
+
+def _tune_key(x: Tensor, conv: nn.Module, backward: bool) -> tuple:
+    """What the speed of a form depends on: shapes, layouts, dtypes (autocast's included), the
+    weight's shape, whether a backward follows, and cudnn.benchmark."""
+    device = x.device.type
+    amp = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+    return (
+        tuple(x.shape),
+        x.stride(),
+        x.dtype,
+        amp,
+        tuple(conv.weight.shape),
+        conv.weight.dtype,
+        backward,
+        torch.backends.cudnn.benchmark,
+    )
+
+
+def _run_form(form: str, x: Tensor, conv: nn.Module, go: Tensor | None) -> Tensor:
+    """One forward (and backward against ``go``) of ``conv(x)`` in ``form``, on detached copies
+    of the input and parameters: the module's gradients are not touched."""
+    w = conv.weight.detach().requires_grad_(conv.weight.requires_grad)
+    b = None if conv.bias is None else conv.bias.detach().requires_grad_(conv.bias.requires_grad)
+    xd = x.detach().requires_grad_(x.requires_grad)
+    with torch.enable_grad() if go is not None else torch.no_grad():
+        if form == "torch":
+            out = nn.functional.conv_transpose3d(xd, w, b, 2, 1)
+        else:
+            out = subpixel_form_conv(xd, w, b, form)
+        if go is not None:
+            wrt = [t for t in (xd, w, b) if t is not None and t.requires_grad]
+            torch.autograd.grad(out, wrt, go)
+    return out
+
+
+def _time_ms(fn: Callable[[], object], device: torch.device, reps: int = 3) -> float:
+    """Median milliseconds of ``fn`` over ``reps`` calls after one warm-up call (CUDA events on
+    a GPU, the wall clock elsewhere)."""
+    fn()
+    times = []
+    for _ in range(reps):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return sorted(times)[len(times) // 2]
+
+
+def tuned_form(x: Tensor, conv: nn.ConvTranspose3d, timer: Callable[..., float] = _time_ms) -> str:
+    """The fastest of :data:`TUNE_CANDIDATES` for ``conv(x)`` (forward, and backward where grad
+    mode and a ``requires_grad`` input or parameter ask for one), timed on the first call with
+    this input's :func:`_tune_key` and remembered in :data:`TUNED`; each pick is said once.
+
+    While a CUDA graph is being captured nothing can be timed: an input seen before keeps its
+    pick, a new one gets ``"auto"``'s choice (said once). (``torch.compile`` does not come here:
+    :func:`cuda_conv` gives it ``"auto"``'s choice.)
+    """
+    needs_grad = x.requires_grad or any(p.requires_grad for p in conv.parameters())
+    backward = torch.is_grad_enabled() and needs_grad
+    key = _tune_key(x, conv, backward)
+    form = TUNED.get(key)
+    if form is not None:
+        return form
+    if x.is_cuda and torch.cuda.is_current_stream_capturing():
+        fallback = _auto()
+        backend.warn_once(
+            f"tune-untimed-{key}",
+            f"VOSGAN_CUDA_CONV=transposed=tune: input {tuple(x.shape)} first seen inside a "
+            f"CUDA-graph capture, where nothing can be timed; using {fallback}",
+        )
+        return fallback
+    with torch.no_grad():
+        y = _run_form("torch", x, conv, None)
+    go = torch.ones_like(y) if backward else None  # no random numbers: the run's RNG stays put
+    ms = {f: timer(lambda f=f: _run_form(f, x, conv, go), x.device) for f in TUNE_CANDIDATES}
+    form = min(ms, key=ms.get)
+    TUNED[key] = form
+    times = ", ".join(f"{f} {v:.3f} ms" for f, v in ms.items())
+    backend.warn_once(
+        f"tune-{key}",
+        f"VOSGAN_CUDA_CONV=transposed=tune: {tuple(x.shape)} -> {tuple(y.shape)} "
+        f"{'forward+backward' if backward else 'forward'}: {times}; using {form}",
+    )
+    return form
