@@ -1,8 +1,10 @@
 """Conv3d/ConvTranspose3d + BatchNorm3d + (Leaky)ReLU blocks: eager vs fused vs torch.compile.
 
 Providers: ``eager`` (the ``nn.Sequential`` block: cuDNN/oneDNN conv, native BN, activation),
-``fused`` (:class:`vosgan.nn.FusedConv3dBlock`: same conv, fused BN + activation), ``compile``
-(``torch.compile`` of the eager block). Modes: training ``fwd`` and ``fwd+bwd``.
+``fused`` (:class:`vosgan.nn.FusedConv3dBlock`: fused BN + activation; the same conv, except
+that on CUDA with cudnn.benchmark off a transposed conv runs in sub-pixel form, see
+:mod:`vosgan.ops.conv3d_forms`), ``compile`` (``torch.compile`` of the eager block). Modes:
+training ``fwd`` and ``fwd+bwd``.
 
 - GPU (bf16 autocast, ``channels_last_3d``): every block shape of the ``paper`` preset's G and D,
   batch 16 and 64. ``python benchmarks/bench_conv3d_block.py [batch...]`` prints the markdown
@@ -12,7 +14,10 @@ Providers: ``eager`` (the ``nn.Sequential`` block: cuDNN/oneDNN conv, native BN,
 
 Before a fused block is timed, its output and gradients are checked once against the eager
 block's on the same input (:func:`check_provider`); each fused row records in ``extra_info``
-what ran for BN + activation (``bn_act_impl``: ``triton`` on CUDA, ``reference`` on CPU).
+what ran for BN + activation (``bn_act_impl``: ``triton`` on CUDA, ``reference`` on CPU) and,
+on CUDA, the form of a transposed conv (``transposed_conv``). The GPU table's header says both
+cudnn.benchmark and that form; one setting per process (``VOSGAN_BENCH_CUDNN_BENCHMARK``):
+PyTorch caches each conv's cuDNN plan under a key without the flag.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from reference_check import Tol, check, outputs
 from vosgan.nn import FusedConv3dBlock, FusedConvTranspose3dBlock
 from vosgan.ops import conv3d_block as conv3d_block_ops
 from vosgan.ops.conv3d_block import conv3d_block_reference
+from vosgan.ops.conv3d_forms import cuda_form
 
 # (name, transpose, act, C_in, C_out, (T, H, W) of the input); k=4, s=2, p=1 everywhere
 PAPER = [
@@ -156,6 +162,8 @@ def _extra(benchmark, provider: str, case: tuple, batch: int, mode: str, device:
     )
     if provider == "fused":  # what ran for BN + activation (the conv is torch's either way)
         benchmark.extra_info["bn_act_impl"] = fused_impl(device)[1]
+        if device == "cuda" and case[1]:
+            benchmark.extra_info["transposed_conv"] = cuda_form("transposed")
 
 
 @pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])
@@ -209,7 +217,8 @@ def gpu_table(batches: list[int]) -> str:
     rows = [
         f"| block | B | mode | eager ms | fused ms | compile ms | fused/eager | "
         f"fused/compile |  ({name}, torch {torch.__version__}, triton {triton.__version__}, "
-        f"cudnn.benchmark={torch.backends.cudnn.benchmark}, "
+        f"cudnn.benchmark={torch.backends.cudnn.benchmark}, fused transposed convs: "
+        f"{cuda_form('transposed')}, "
         f"{'CUDA-graph replay' if graph else 'eager launches'})",
         "|---|---|---|---|---|---|---|---|",
     ]
