@@ -232,7 +232,7 @@ def test_cuda_conv_forms_env_spec():
         "transposed": "torch",
         "conv": "subpixel-dx",
     }
-    assert forms._read_cuda_forms("") == forms.CUDA_FORMS
+    assert forms._read_cuda_forms("") == forms.DEFAULT_CUDA_FORMS
     with pytest.raises(ValueError, match=r"VOSGAN_CUDA_CONV: 'conv=subpixel' is not one of"):
         forms._read_cuda_forms("conv=subpixel")
 

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from vosgan import backend
 from vosgan.ops.conv3d_subpixel import geometry_blocker, subpixel_form_conv
 
-#: The form each stride-2, kernel-4 conv of a fused block takes on CUDA:
+#: The form each stride-2, kernel-4 conv of a fused block takes on CUDA by default:
 #:
 #: - transposed convs: ``"auto"`` (the default: ``"subpixel"`` while
 #:   ``torch.backends.cudnn.benchmark`` is off, ``"torch"`` while it is on), ``"torch"`` (cuDNN),
@@ -37,7 +37,7 @@ from vosgan.ops.conv3d_subpixel import geometry_blocker, subpixel_form_conv
 #: 37.0 ms with cuDNN's transposed convs and 40.4 ms with sub-pixel ones.
 #: ``subpixel-dx`` measured 0.97-1.07x cuDNN and is not a default.
 #: ``VOSGAN_CUDA_CONV="transposed=FORM,conv=FORM"`` sets the forms for a process.
-CUDA_FORMS = {"transposed": "auto", "conv": "torch"}
+DEFAULT_CUDA_FORMS = {"transposed": "auto", "conv": "torch"}
 _FORMS = {
     "transposed": ("auto", "tune", "torch", "subpixel", "subpixel-fwd", "subpixel-bwd"),
     "conv": ("torch", "subpixel-dx"),
@@ -45,7 +45,8 @@ _FORMS = {
 
 
 def _read_cuda_forms(spec: str) -> dict[str, str]:
-    forms = dict(CUDA_FORMS)
+    """The defaults with ``spec``'s (``VOSGAN_CUDA_CONV``'s) choices over them."""
+    forms = dict(DEFAULT_CUDA_FORMS)
     for item in filter(None, (part.strip() for part in spec.split(","))):
         kind, _, form = item.partition("=")
         if kind not in _FORMS or form not in _FORMS[kind]:
@@ -57,6 +58,7 @@ def _read_cuda_forms(spec: str) -> dict[str, str]:
     return forms
 
 
+#: The forms in use in this process (tests and benchmarks may set them).
 CUDA_FORMS = _read_cuda_forms(os.environ.get("VOSGAN_CUDA_CONV", ""))
 
 
