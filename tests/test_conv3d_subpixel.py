@@ -306,13 +306,14 @@ def test_tune_runs_the_picked_form_with_torchs_results(monkeypatch):
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
 
 
-def test_tune_under_compile_is_auto(monkeypatch):
+@pytest.mark.parametrize("cudnn_benchmark", [True, False])
+def test_tune_under_compile_is_auto(monkeypatch, cudnn_benchmark):
     """``torch.compile`` cannot time inside a trace: ``tune`` compiles as ``auto`` (no graph
-    break, nothing timed)."""
-    monkeypatch.setattr(backend, "_warned", set())
+    break, nothing timed), whichever form that is."""
+    monkeypatch.setattr(backend, "_warned", {"cuda-subpixel"})  # said before: no warning here
     monkeypatch.setattr(forms, "TUNED", {})
     monkeypatch.setitem(forms.CUDA_FORMS, "transposed", "tune")
-    monkeypatch.setattr(torch.backends.cudnn, "benchmark", True)
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", cudnn_benchmark)
     monkeypatch.setattr(forms, "tuned_form", None)  # would fail if called
     torch._dynamo.reset()
     conv = nn.ConvTranspose3d(4, 3, 4, 2, 1)

@@ -70,6 +70,7 @@ def cuda_form(kind: str) -> str:
     return _auto() if form == "auto" else form
 
 
+@torch.compiler.assume_constant_result  # read once per trace, like cuda_form
 def _auto() -> str:
     """``"auto"``'s transposed-conv form: cuDNN's with cudnn.benchmark on, else sub-pixel."""
     if torch.backends.cudnn.benchmark:
