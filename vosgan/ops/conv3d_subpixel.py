@@ -82,8 +82,11 @@ def _deinterleave(out: Tensor, shape: tuple[int, ...], stride: tuple[int, ...]) 
     return z
 
 
-def _is_channels_last(t: Tensor) -> bool:
-    return not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last_3d)
+def _memory_format(t: Tensor) -> torch.memory_format:
+    """channels_last_3d for a tensor laid out so (and not also contiguous), else contiguous."""
+    if not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last_3d):
+        return torch.channels_last_3d
+    return torch.contiguous_format
 
 
 class _Interleave(torch.autograd.Function):
@@ -104,7 +107,7 @@ class _Deinterleave(torch.autograd.Function):
     @staticmethod
     def forward(ctx, out: Tensor, shape: tuple[int, ...], stride: tuple[int, ...]) -> Tensor:
         ctx.c_out = out.shape[1]
-        ctx.fmt = torch.channels_last_3d if _is_channels_last(out) else torch.contiguous_format
+        ctx.fmt = _memory_format(out)
         return _deinterleave(out, shape, stride)
 
     @staticmethod
@@ -130,8 +133,7 @@ def conv_transpose3d_subpixel(x: Tensor, weight: Tensor, bias: Tensor | None = N
     """
     c_out = weight.shape[1]
     z = F.conv3d(x, phase_weight(weight), None if bias is None else bias.repeat(8), padding=1)
-    fmt = torch.channels_last_3d if _is_channels_last(x) else torch.contiguous_format
-    return _Interleave.apply(z, c_out, fmt)
+    return _Interleave.apply(z, c_out, _memory_format(x))
 
 
 def geometry_blocker(x: Tensor, conv: nn.Conv3d | nn.ConvTranspose3d) -> str | None:
@@ -185,8 +187,7 @@ def _subpixel_weight_grad(grad: Tensor, x: Tensor, weight: Tensor) -> Tensor:
     against ``grad``'s phases, mapped back to the ``(C_in, C_out, 4, 4, 4)`` kernel."""
     b, c_out, t2, h2, w2 = grad.shape
     shape = (b, 8 * c_out, t2 // 2 + 1, h2 // 2 + 1, w2 // 2 + 1)
-    fmt = torch.channels_last_3d if _is_channels_last(grad) else torch.contiguous_format
-    stride = torch.empty(shape, device="meta", memory_format=fmt).stride()
+    stride = torch.empty(shape, device="meta", memory_format=_memory_format(grad)).stride()
     gz = _deinterleave(grad, shape, stride)
     wp = phase_weight(weight)
     dwp = torch.ops.aten.convolution_backward(
