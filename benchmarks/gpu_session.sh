@@ -7,8 +7,8 @@
 # VOSGAN_GPU_CHECKS=0 (only the tests changed since the last GPU run, no benchmark checks) that
 # took 289 s on an H100 on 2026-11-26; VOSGAN_GPU_FULL=1 adds the re-measurements (about 250 s
 # more, not yet timed with both cudnn.benchmark settings of the conv blocks). The conv-forms study
-# is benchmarks/gpu_conv_forms.sh. Steps run in order of value, each under its own time cap, so a step that hangs or fails
-# costs its cap and the rest still run. Results land in OUTDIR: log.txt (everything) and
+# is benchmarks/gpu_conv_forms.sh. Steps run in order of value, each under its own time cap, so a
+# step that hangs or fails costs its cap and the rest still run. Results land in OUTDIR: log.txt (everything) and
 # pytest-benchmark JSON files (tables: benchmarks/report.py).
 #
 # Usage, from the repository root on the CUDA machine:  benchmarks/gpu_session.sh [OUTDIR]
