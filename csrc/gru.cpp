@@ -142,4 +142,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 #else
   m.attr("cuda_compiled") = false;
 #endif
+  m.def("gru_cpu_isa", &vosgan::gru_cpu_isa,
+        "Instruction set of the CPU GRU gate loops: avx2 or base (VOSGAN_GRU_ISA=base "
+        "selects the portable one).");
 }

@@ -85,4 +85,8 @@ gru_backward_driver(const at::Tensor& grad_out, const at::Tensor& x, const at::T
                     const at::Tensor& w_ih, const at::Tensor& w_hh, const at::Tensor& ws,
                     BackwardRecurrence recurrence);
 
+// The instruction set of the CPU gate loops in use: "avx2" or "base" (gru_cpu.cpp).
+// Throws when VOSGAN_GRU_ISA names one this CPU cannot run.
+std::string gru_cpu_isa();
+
 }  // namespace vosgan

@@ -27,14 +27,17 @@
 #include <bit>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <string>
 #include <vector>
 
 #include "gru.h"
 #include "gru_cpu_buffers.h"
 
-// The float gate loops are compiled twice, for AVX2+FMA and for the baseline ISA, and picked once
-// at load time (__builtin_cpu_supports). They vectorise thanks to the branch-free exp below and
-// -fno-trapping-math (CMakeLists.txt); std::exp would keep them scalar.
+// The float gate loops are compiled twice, for AVX2+FMA and for the baseline ISA, and picked at
+// the first call (__builtin_cpu_supports, or VOSGAN_GRU_ISA). They vectorise thanks to the
+// branch-free exp below and -fno-trapping-math (CMakeLists.txt); std::exp would keep them scalar.
 #if defined(__x86_64__) && defined(__GNUC__)
 #define VOSGAN_X86_DISPATCH 1
 #endif
@@ -157,6 +160,8 @@ void backward_row_base(const float* go, float* carry, const float* ws, float* g,
 }
 
 #ifdef VOSGAN_X86_DISPATCH
+// No AVX-512 clone: on the Intel Xeon dev box (AVX-512) one with 512-bit vectors ran the gate
+// loops no faster (they wait on memory; benchmarks/RESULTS.md, thirteenth session).
 __attribute__((target("avx2,fma"))) void forward_row_avx2(const float* gi, const float* gh,
                                                           const float* bias, const float* bhn,
                                                           float* ws, float* out, float* next,
@@ -171,30 +176,44 @@ __attribute__((target("avx2,fma"))) void backward_row_avx2(const float* go, floa
 }
 #endif
 
-bool has_avx2_fma() {
-#ifdef VOSGAN_X86_DISPATCH
-  __builtin_cpu_init();
-  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-#else
-  return false;
-#endif
-}
+struct RowKernels {
+  const char* isa;
+  ForwardRowF32 forward;
+  BackwardRowF32 backward;
+};
 
-const bool kAvx2 = has_avx2_fma();
-const ForwardRowF32 forward_row_f32 =
+// The widest clone this CPU runs, or the one VOSGAN_GRU_ISA names (avx2 or base: the tests run
+// the portable clone on an AVX2 CPU this way). Picked once, at the first call.
+const RowKernels& row_kernels() {
+  static const RowKernels picked = [] {
+    std::vector<RowKernels> usable;  // widest first
 #ifdef VOSGAN_X86_DISPATCH
-    kAvx2 ? &forward_row_avx2 :
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
+      usable.push_back({"avx2", &forward_row_avx2, &backward_row_avx2});
+    }
 #endif
-          &forward_row_base;
-const BackwardRowF32 backward_row_f32 =
-#ifdef VOSGAN_X86_DISPATCH
-    kAvx2 ? &backward_row_avx2 :
-#endif
-          &backward_row_base;
+    usable.push_back({"base", &forward_row_base, &backward_row_base});
+    const char* wanted = std::getenv("VOSGAN_GRU_ISA");
+    if (wanted == nullptr || *wanted == '\0') {
+      return usable.front();
+    }
+    std::string names;
+    for (const auto& k : usable) {
+      if (std::strcmp(k.isa, wanted) == 0) {
+        return k;
+      }
+      names += names.empty() ? k.isa : std::string(", ") + k.isa;
+    }
+    TORCH_CHECK(false, msg("VOSGAN_GRU_ISA=", std::string(wanted),
+                           " is not a gate-loop clone this CPU runs; choose one of: ", names));
+  }();
+  return picked;
+}
 
 inline void forward_row(const float* gi, const float* gh, const float* bias, const float* bhn,
                         float* ws, float* out, float* next, int64_t H) {
-  forward_row_f32(gi, gh, bias, bhn, ws, out, next, H);
+  row_kernels().forward(gi, gh, bias, bhn, ws, out, next, H);
 }
 
 void forward_row(const double* gi, const double* gh, const double* bias, const double* bhn,
@@ -204,7 +223,7 @@ void forward_row(const double* gi, const double* gh, const double* bias, const d
 
 inline void backward_row(const float* go, float* carry, const float* ws, float* g, float* db,
                          int64_t H, int64_t j0, int64_t j1) {
-  backward_row_f32(go, carry, ws, g, db, H, j0, j1);
+  row_kernels().backward(go, carry, ws, g, db, H, j0, j1);
 }
 
 void backward_row(const double* go, double* carry, const double* ws, double* g, double* db,
@@ -256,8 +275,8 @@ void forward_recurrence(const at::Tensor& x_tm, const at::Tensor& w_ih, const at
       for (int64_t b = b0; b < b1; ++b) {
         const int64_t tb = t * B + b;
         T* next = last ? nullptr : ws_p + (tb + B) * 5 * H + 4 * H;
-        forward_row(gi_p + ((t % chunk) * B + b) * 3 * H, gh_p + b * 3 * H, bias, bhn, ws_p + tb * 5 * H,
-                    out_p + (b * T_ + t) * H, next, H);
+        forward_row(gi_p + ((t % chunk) * B + b) * 3 * H, gh_p + b * 3 * H, bias, bhn,
+                    ws_p + tb * 5 * H, out_p + (b * T_ + t) * H, next, H);
       }
     });
   }
@@ -384,6 +403,9 @@ gru_backward_cpu(const at::Tensor& grad_out, const at::Tensor& x, const at::Tens
 }
 
 }  // namespace
+
+std::string gru_cpu_isa() { return row_kernels().isa; }
+
 }  // namespace vosgan
 
 TORCH_LIBRARY_IMPL(vosgan, CPU, m) {

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import textwrap
 import warnings
 
 import pytest
@@ -74,6 +78,53 @@ def test_forward_and_all_grads_match_nn_gru(shape: tuple[int, ...], with_h0: boo
     assert len(got) == len(expected) == 4 + 3 + with_h0
     for e, g in zip(expected, got, strict=True):
         torch.testing.assert_close(g, e, atol=2e-5, rtol=1e-4)
+
+
+# Run in a child process: the gate-loop clone is picked once per process.
+_ISA_CHILD = textwrap.dedent(
+    """
+    import sys, torch
+    from torch import nn
+    from vosgan import _C
+    from vosgan.nn import FusedGRU
+    print(_C.gru_cpu_isa())
+    torch.manual_seed(0)
+    # H=40: full vectors and a tail in every gate loop; the odd shapes of this file too.
+    for B, T, n_in, H in [(4, 6, 3, 40), (1, 1, 3, 5), (2, 7, 5, 13), (5, 3, 8, 24)]:
+        ref = nn.GRU(n_in, H, batch_first=True)
+        fused = FusedGRU(n_in, H)
+        fused.load_state_dict(ref.state_dict())
+        x = torch.randn(B, T, n_in)
+        got, want = [], []
+        for module, grads in ((ref, want), (fused, got)):
+            xi = x.clone().requires_grad_()
+            out, h_n = module(xi)
+            (out.square().sum() + h_n.sum()).backward()
+            grads += [out, h_n, xi.grad, *[p.grad for p in module.parameters()]]
+        for g, w in zip(got, want, strict=True):
+            torch.testing.assert_close(g, w, atol=2e-5, rtol=1e-4)
+    """
+)
+
+
+@requires_ext
+def test_every_gate_loop_clone_matches_nn_gru() -> None:
+    # The CPU gate loops are compiled for AVX2+FMA and for the baseline ISA (what CPUs without
+    # AVX2 run); VOSGAN_GRU_ISA picks one, so both are checked on this machine.
+    for isa in ["avx2", "base"]:
+        if isa == "avx2" and gru_ops._C.gru_cpu_isa() != "avx2":
+            continue  # this CPU has no AVX2
+        env = {**os.environ, "VOSGAN_GRU_ISA": isa, "OMP_NUM_THREADS": "1"}
+        run = subprocess.run(
+            [sys.executable, "-c", _ISA_CHILD], env=env, capture_output=True, text=True
+        )
+        assert run.returncode == 0, run.stderr[-2000:]
+        assert run.stdout.split()[0] == isa
+    env = {**os.environ, "VOSGAN_GRU_ISA": "avx1024"}
+    code = "import torch, vosgan.ops.gru as g; print(g.fused_impl(torch.device('cpu'))[1])"
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "VOSGAN_GRU_ISA=avx1024 is not a gate-loop clone this CPU runs" in run.stdout
 
 
 @requires_ext

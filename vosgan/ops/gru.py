@@ -75,7 +75,14 @@ def fused_impl(device: torch.device) -> tuple[str | None, str]:
     if _C is None:
         return None, _EXT_ERROR
     if device.type == "cpu":
-        return "cpp", "vosgan._C CPU kernel (one call per sequence, at::parallel_for over batch)"
+        try:
+            isa = _C.gru_cpu_isa()
+        except RuntimeError as exc:  # VOSGAN_GRU_ISA names a clone this CPU cannot run
+            return None, str(exc)
+        return "cpp", (
+            "vosgan._C CPU kernel (one call per sequence, at::parallel_for over batch, "
+            f"{isa} gate loops)"
+        )
     if device.type == "cuda":
         if _C.cuda_compiled:
             return "cuda", "vosgan._C persistent CUDA kernel (one launch per sequence)"
