@@ -45,9 +45,14 @@
 namespace vosgan {
 namespace {
 
+// Inlined by force: gcc's inliner may leave a plain inline function out of the AVX2 clone below
+// (its target differs), and then the clone calls a scalar, FMA-less exp in its loop. It did so
+// when this file last changed: 3 calls in forward_row_avx2, and rounding that changed training.
+#define VOSGAN_ALWAYS_INLINE __attribute__((always_inline)) inline
+
 // exp(x) for x clamped to [-87, 88]: Cody-Waite range reduction + Cephes degree-6 polynomial,
 // about 2 ulp, branch-free so that the callers' loops vectorise.
-inline float exp_clamped(float x) {
+VOSGAN_ALWAYS_INLINE float exp_clamped(float x) {
   x = x < -87.0f ? -87.0f : x;
   x = x > 88.0f ? 88.0f : x;
   const float k = std::floor(x * 1.44269504088896341f + 0.5f);
@@ -64,8 +69,8 @@ inline float exp_clamped(float x) {
   return p * std::bit_cast<float>(bits);
 }
 
-inline float sigmoid_f(float x) { return 1.0f / (1.0f + exp_clamped(-x)); }
-inline float tanh_f(float x) { return 1.0f - 2.0f / (1.0f + exp_clamped(2.0f * x)); }
+VOSGAN_ALWAYS_INLINE float sigmoid_f(float x) { return 1.0f / (1.0f + exp_clamped(-x)); }
+VOSGAN_ALWAYS_INLINE float tanh_f(float x) { return 1.0f - 2.0f / (1.0f + exp_clamped(2.0f * x)); }
 inline double sigmoid_f(double x) { return 1.0 / (1.0 + std::exp(-x)); }
 inline double tanh_f(double x) { return std::tanh(x); }
 
