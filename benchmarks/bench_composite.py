@@ -27,6 +27,9 @@ CUDA = torch.cuda.is_available()
 CPU_SHAPES = [(16, 3, 16, 32, 32), (8, 3, 32, 64, 64)]  # cpu-small and paper presets
 GPU_SHAPES = [(8, 3, 16, 64, 64), (16, 3, 32, 64, 64), (64, 3, 32, 64, 64)]
 PROVIDERS = ["reference", "fused", "compile"]
+#: GPU only: the fused op with its backward's frames split over programs for small batches
+#: (``VOSGAN_COMPOSITE_T_SPLIT=auto``; not yet the default).
+GPU_PROVIDERS = [*PROVIDERS, "fused-tsplit"]
 _compiled: dict = {}
 
 
@@ -40,7 +43,7 @@ def _versions() -> dict:
 def _fn(provider: str, device: str):
     if provider == "reference":
         return composite_reference
-    if provider == "fused":
+    if provider in ("fused", "fused-tsplit"):
         impl = "triton" if device == "cuda" else "numba"
         return lambda f, m, b: composite(f, m, b, impl=impl)
     if device not in _compiled:  # one compiled function per device: shapes recompile as needed
@@ -92,7 +95,7 @@ def check_provider(provider, device, f, m, b, g, mode) -> None:
     """``provider``'s v (and df, dm, db for fwd+bwd) against the reference's on the same inputs,
     with the tolerances of tests/test_composite.py: fp32 element-wise 1e-5; bf16/fp16 at most
     2x the error of the reference run in that dtype, both against the reference in fp32."""
-    if provider != "fused":  # compile: inductor's numerics, not this repo's kernels
+    if provider not in ("fused", "fused-tsplit"):  # compile: inductor's numerics
         return
     args = (f, m, b)
     want = _outputs(composite_reference, args, g, mode)
@@ -105,6 +108,17 @@ def check_provider(provider, device, f, m, b, g, mode) -> None:
 
 
 def _bench(benchmark, provider, shape, dtype, device, mode, rounds):
+    from vosgan.kernels import composite as kernels
+
+    policy = kernels.T_SPLIT
+    kernels.T_SPLIT = "auto" if provider == "fused-tsplit" else policy
+    try:
+        _bench_case(benchmark, provider, shape, dtype, device, mode, rounds)
+    finally:
+        kernels.T_SPLIT = policy
+
+
+def _bench_case(benchmark, provider, shape, dtype, device, mode, rounds):
     f, m, b, g = _inputs(shape, dtype, device)
     check_provider(provider, device, f, m, b, g, mode)  # once, before timing
     run = _step(_fn(provider, device), f, m, b, g, mode)
@@ -164,7 +178,7 @@ def test_composite_cpu(benchmark, shape, provider, mode):
 
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
 @pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])
-@pytest.mark.parametrize("provider", PROVIDERS)
+@pytest.mark.parametrize("provider", GPU_PROVIDERS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
 @pytest.mark.parametrize("shape", GPU_SHAPES, ids=lambda s: "x".join(map(str, s)))
 def test_composite_gpu(benchmark, shape, dtype, provider, mode):

@@ -110,6 +110,11 @@ if [ "${VOSGAN_GPU_FULL:-0}" != 1 ]; then
   exit 0
 fi
 
+step "composite fwd+bwd at B=8, T=16: fused vs fused-tsplit (the backward's frames split) vs compile"
+timeout 120 "$PY" -m pytest -q -p no:cacheprovider -p no:xdist benchmarks/bench_composite.py \
+  --benchmark-only -k "gpu and 8x3x16x64x64 and fwd+bwd" --benchmark-json "$OUTDIR/composite_b8.json"
+echo "composite B=8 exit $?"
+
 step "python -m vosgan.train --fused on the GPU (cpu-small, 300 steps)"
 timeout 90 "$PY" -m vosgan.train --fused --train.device=cuda --train.steps=300 \
   --out /tmp/vosgan-gpu-run 2>&1 | tr '\r' '\n' | grep -v "^\s*$" | tail -5

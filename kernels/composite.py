@@ -11,13 +11,18 @@ are allocated contiguous here.
 - backward: one program per ``(plane block, batch)`` walks all ``T`` frames with a
   ``(C_PAD, BLOCK)`` tile: ``df = g * m`` and ``dm = sum_c g * (f - b)`` are written per frame,
   ``db = sum_t g * (1 - m)`` is accumulated in fp32 registers and written once at the end. One
-  pass over ``g, f, m``, no atomics, no workspace.
+  pass over ``g, f, m``, no atomics, no workspace. Optionally (:data:`T_SPLIT`) each program
+  walks a chunk of the frames instead and writes its part of ``db`` to an fp32 workspace that
+  one reduction sums: more programs for small batches, still no atomics.
 
 Arithmetic is fp32 whatever the storage dtypes (fp16/bf16/fp32, mixed allowed; fp64 when any
 tensor is fp64); results are rounded once, to the output pointer's dtype.
 """
 
 from __future__ import annotations
+
+import functools
+import os
 
 import torch
 import triton
@@ -91,6 +96,7 @@ def composite_bwd_kernel(
     db_ptr,
     N,
     T,
+    T_CHUNK,
     sg_b,
     sg_c,
     sg_t,
@@ -108,6 +114,7 @@ def composite_bwd_kernel(
 ):
     pid_n = tl.program_id(0)
     bi = tl.program_id(1).to(tl.int64)
+    chunk = tl.program_id(2)  # frames [chunk * T_CHUNK, ...) of T; one chunk unless split
     offs = pid_n * BLOCK + tl.arange(0, BLOCK)
     cs = tl.arange(0, C_PAD)
     mask_n = offs < N
@@ -121,7 +128,8 @@ def composite_bwd_kernel(
     f_base = f_ptr + bi * sf_b + cs[:, None] * sf_c + offs[None, :]
     df_base = df_ptr + bi * C * T * N + cs[:, None] * T * N + offs[None, :]
     # Stage 2: walk the frames; padded channels load 0 and so add nothing to dm or db.
-    for t in range(T):
+    t0 = chunk * T_CHUNK
+    for t in range(t0, tl.minimum(t0 + T_CHUNK, T)):
         m = _up(tl.load(m_ptr + bi * sm_b + t * sm_t + offs, mask=mask_n), FP64)
         g = _up(
             tl.load(g_base + t * sg_t, mask=mask, other=0.0, eviction_policy="evict_first"), FP64
@@ -133,9 +141,9 @@ def composite_bwd_kernel(
         dm = tl.sum(g * (f - b), axis=0)
         tl.store(dm_ptr + (bi * T + t) * N + offs, dm.to(dm_ptr.dtype.element_ty), mask=mask_n)
         db += g * (1.0 - m[None, :])
-    # Stage 3: db, once.
+    # Stage 3: db, once: this chunk's sum over its frames (the whole of db unless T is split).
     tl.store(
-        db_ptr + bi * C * N + cs[:, None] * N + offs[None, :],
+        db_ptr + (bi * tl.num_programs(2) + chunk) * C * N + cs[:, None] * N + offs[None, :],
         db.to(db_ptr.dtype.element_ty),
         mask=mask,
     )
@@ -214,11 +222,46 @@ def composite_fwd(f: Tensor, m: Tensor, b: Tensor, out_dtype: torch.dtype) -> Te
     return v
 
 
-def composite_bwd(g: Tensor, f: Tensor, m: Tensor, b: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+#: How the backward kernel covers T. ``"off"``: one program per (plane block, batch item) walks
+#: every frame (the measured default). ``"auto"``: T is split into chunks until there are about
+#: 4 programs per SM, for small batches: at B=8, T=16, 64x64 the unsplit kernel has 128 one-warp
+#: programs for an H100's 132 SMs, and ran at 0.61-0.77x ``torch.compile`` (benchmarks/RESULTS.md).
+#: Each chunk then writes its part of ``db`` to an fp32 workspace, summed by one torch reduction.
+#: Not yet timed on a GPU, so not the default. A number: that many chunks.
+#: ``VOSGAN_COMPOSITE_T_SPLIT`` sets it for a process.
+T_SPLIT = os.environ.get("VOSGAN_COMPOSITE_T_SPLIT", "off")
+if T_SPLIT not in ("off", "auto") and not (T_SPLIT.isdigit() and int(T_SPLIT) > 0):
+    raise ValueError(
+        f"VOSGAN_COMPOSITE_T_SPLIT must be off, auto or a positive number, got {T_SPLIT!r}"
+    )
+
+
+@functools.cache
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def bwd_t_chunk(t: int, programs: int, policy: str | int, sms: int | None) -> int:
+    """Frames per backward program for ``t`` frames, ``programs`` (plane block, batch item)
+    pairs, a :data:`T_SPLIT` policy (or a number of chunks) and ``sms`` SMs (None: unknown)."""
+    if policy == "off" or t <= 1:
+        return max(t, 1)
+    if policy == "auto":
+        want = cdiv(4 * sms, programs) if sms else 1
+    else:
+        want = int(policy)
+    return cdiv(t, max(1, min(t, want)))
+
+
+def composite_bwd(
+    g: Tensor, f: Tensor, m: Tensor, b: Tensor, t_split: str | int | None = None
+) -> tuple[Tensor, Tensor, Tensor]:
     """Launch the backward kernel.
 
     Args:
         g: ``dL/dv (B, C, T, H, W)``; f, m, b as in :func:`composite_fwd`.
+        t_split: how programs cover T (:data:`T_SPLIT`, its default): ``"off"``, ``"auto"`` or
+            a number of chunks.
 
     Returns:
         ``(df (B, C, T, H, W), dm (B, 1, T, H, W), db (B, C, H, W))``, contiguous, in the dtypes
@@ -229,13 +272,22 @@ def composite_bwd(g: Tensor, f: Tensor, m: Tensor, b: Tensor) -> tuple[Tensor, T
     n = h * w
     df = torch.empty((bsz, c, t, h, w), device=f.device, dtype=f.dtype)
     dm = torch.empty((bsz, 1, t, h, w), device=f.device, dtype=m.dtype)
-    db = torch.empty((bsz, c, h, w), device=f.device, dtype=b.dtype)
     if df.numel() == 0:
-        db.zero_()  # an empty sum over T
-        return df, dm, db
+        # an empty sum over T
+        return df, dm, torch.zeros((bsz, c, h, w), device=f.device, dtype=b.dtype)
     c_pad = next_power_of_2(c)
     block, warps = bwd_block(min(g.element_size(), f.element_size()), c_pad)
-    grid = (cdiv(n, block), bsz)
+    fp64 = torch.float64 in (g.dtype, f.dtype, m.dtype, b.dtype)
+    sms = _sm_count(f.device.index or 0) if f.is_cuda else None
+    t_chunk = bwd_t_chunk(t, cdiv(n, block) * bsz, T_SPLIT if t_split is None else t_split, sms)
+    chunks = cdiv(t, t_chunk)
+    if chunks == 1:
+        db = torch.empty((bsz, c, h, w), device=f.device, dtype=b.dtype)
+    else:  # per-chunk partial sums, reduced below
+        db = torch.empty(
+            (bsz, chunks, c, h, w), device=f.device, dtype=torch.float64 if fp64 else torch.float32
+        )
+    grid = (cdiv(n, block), bsz, chunks)
     composite_bwd_kernel[grid](
         g,
         f,
@@ -246,6 +298,7 @@ def composite_bwd(g: Tensor, f: Tensor, m: Tensor, b: Tensor) -> tuple[Tensor, T
         db,
         n,
         t,
+        t_chunk,
         g.stride(0),
         g.stride(1),
         g.stride(2),
@@ -259,7 +312,9 @@ def composite_bwd(g: Tensor, f: Tensor, m: Tensor, b: Tensor) -> tuple[Tensor, T
         C=c,
         C_PAD=c_pad,
         BLOCK=block,
-        FP64=torch.float64 in (g.dtype, f.dtype, m.dtype, b.dtype),
+        FP64=fp64,
         num_warps=warps,
     )
+    if chunks > 1:
+        db = db.sum(1).to(b.dtype)
     return df, dm, db

@@ -6,14 +6,17 @@ handful of programs; one plane (33 x 35 = 1155 pixels) spans several forward and
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
+import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
 from conftest import requires_cuda, watch_launches
-from vosgan.kernels.composite import bwd_block, fwd_block
+from vosgan.kernels.composite import bwd_block, bwd_t_chunk, composite_bwd, fwd_block
 
 from vosgan.nn import MaskComposite, fuse_modules
 from vosgan.ops.composite import (
@@ -240,6 +243,42 @@ def test_numba_concurrent_calls(monkeypatch):
     assert all(held for _, held in seen)
 
 
+@pytest.mark.parametrize(
+    "dtypes", [(torch.float32,) * 3, (torch.float16, torch.float32, torch.float16)]
+)
+@pytest.mark.parametrize("t_split", [1, 2, 3, 9, "auto", "off"])
+def test_backward_with_t_split_matches_reference(dtypes, t_split):
+    # T=5 in 1, 3 (2 + 2 + 1 frames), 2 (3 + 2) or 5 chunks (9 asks for more than T); on CPU
+    # "auto" knows no SM count and keeps one chunk. The chunks' db parts are summed in fp32.
+    f, m, b = _inputs((2, 3, 5, 5, 7), dtypes, grad=False)
+    g = torch.randn(f.shape).to(f.dtype)
+    got = composite_bwd(g, f, m, b, t_split=t_split)
+    want = composite_backward_reference(g.double(), f.double(), m.double(), b.double())
+    tol = 1e-5 if dtypes[0] == torch.float32 else 2e-3
+    for name, x, y, like in zip(("df", "dm", "db"), got, want, (f, m, b), strict=True):
+        assert x.dtype == like.dtype and x.shape == y.shape, name
+        torch.testing.assert_close(x.double(), y, rtol=tol, atol=tol, msg=name)
+
+
+def test_t_split_policy():
+    # 128 programs (B=8, 16 one-warp blocks of a 64x64 plane) on 132 SMs: 5 chunks wanted,
+    # 4 frames each; enough programs already: one chunk; a number: that many chunks at most.
+    assert bwd_t_chunk(16, 128, "auto", 132) == 4
+    assert bwd_t_chunk(16, 1024, "auto", 132) == 16
+    assert bwd_t_chunk(16, 128, "auto", None) == 16
+    assert bwd_t_chunk(16, 128, "off", 132) == 16
+    assert bwd_t_chunk(5, 1, 3, None) == 2
+    assert bwd_t_chunk(5, 1, "9", None) == 1
+    assert bwd_t_chunk(0, 1, "auto", 132) == 1
+    env = {**os.environ, "VOSGAN_COMPOSITE_T_SPLIT": "fast"}
+    code = "import vosgan.kernels.composite"
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert run.returncode != 0
+    assert (
+        "VOSGAN_COMPOSITE_T_SPLIT must be off, auto or a positive number, got 'fast'" in run.stderr
+    )
+
+
 # --- Ahead-of-time compilation for real GPUs (no GPU needed) ---------------------------------
 
 _SCALARS = ("N", "T")
@@ -266,6 +305,7 @@ _BWD = (
     "dm_ptr",
     "db_ptr",
     *_SCALARS,
+    "T_CHUNK",
     "sg_b",
     "sg_c",
     "sg_t",
@@ -299,7 +339,7 @@ def _aot(kernel, ptrs, block, warps, arch):
         consts["C_PAD"] = 4
     sig.update(dict.fromkeys(consts, "constexpr"))
     # Pointers, N and the strides are 16-divisible at VOS-GAN shapes (N = 64 * 64); T is not.
-    aligned = tuple(i for i, n in enumerate(names) if n != "T")
+    aligned = tuple(i for i, n in enumerate(names) if n not in ("T", "T_CHUNK"))
     return aot.compile_kernel(
         "vosgan.kernels.composite", kernel, sig, consts, arch=arch, aligned=aligned, num_warps=warps
     )
