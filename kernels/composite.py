@@ -278,7 +278,7 @@ def composite_bwd(
     c_pad = next_power_of_2(c)
     block, warps = bwd_block(min(g.element_size(), f.element_size()), c_pad)
     fp64 = torch.float64 in (g.dtype, f.dtype, m.dtype, b.dtype)
-    sms = _sm_count(f.device.index or 0) if f.is_cuda else None
+    sms = _sm_count(f.device.index) if f.is_cuda else None
     t_chunk = bwd_t_chunk(t, cdiv(n, block) * bsz, T_SPLIT if t_split is None else t_split, sms)
     chunks = cdiv(t, t_chunk)
     if chunks == 1:
