@@ -49,6 +49,8 @@ def test_overrides_are_typed():
         ({"optim.beta2": "nan"}, "optim.beta2 must be in"),
         ({"loss.flow": "nan"}, "loss.flow must be finite and >= 0, got nan"),
         ({"loss.r1": "inf"}, "loss.r1 must be finite and >= 0, got inf"),
+        ({"loss.motion_seg": "-1"}, "loss.motion_seg must be finite and >= 0, got -1"),
+        ({"loss.motion_seg_start": "-5"}, "loss.motion_seg_start must be >= 0, got -5"),
         ({"model.flow_scale": "-inf"}, "model.flow_scale must be finite, got -inf"),
         ({"train.device": "bogus"}, "train.device must be auto, cpu, cuda or cuda:N"),
         ({"train.device": "cuda:x"}, "train.device must be auto, cpu, cuda or cuda:N"),

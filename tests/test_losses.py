@@ -1,5 +1,6 @@
 import math
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -113,6 +114,7 @@ def test_total_losses_weight_their_parts_as_configured():
         consistency=0.6,
         r1=2.0,
         r1_every=4,
+        motion_seg=1.3,
     )
     loss = L.VosGanLoss(cfg)
     g = torch.Generator().manual_seed(0)
@@ -136,6 +138,13 @@ def test_total_losses_weight_their_parts_as_configured():
     torch.testing.assert_close(parts["d_smooth"], smooth_r + 0.25 * smooth_f)
     expect = parts["d_adv"] + 0.7 * parts["d_seg"] + 3.0 * parts["d_flow"]
     torch.testing.assert_close(total, expect + 0.4 * parts["d_smooth"])
+    assert "d_motion_seg" not in parts  # only on the steps train_step says (motion_seg_due)
+    total_m, parts_m = loss.discriminator(real, d_real, fake, d_fake, motion_seg=True)
+    moving = L.motion_mask(d_real.flow)
+    torch.testing.assert_close(
+        parts_m["d_motion_seg"], L.segmentation_loss(d_real.seg_logit, moving)
+    )
+    torch.testing.assert_close(total_m, total + 1.3 * parts_m["d_motion_seg"])
 
     total, parts = loss.generator(fake, d_fake)
     consistency = F.binary_cross_entropy(mask, torch.sigmoid(d_fake.seg_logit))
@@ -148,3 +157,30 @@ def test_total_losses_weight_their_parts_as_configured():
     x = torch.rand(2, 3, 16, 16, 16, generator=g)
     penalty = L.r1_penalty(D(x.requires_grad_(True), dense=False).logit, x)
     torch.testing.assert_close(loss.r1(D, x), 0.5 * 2.0 * 4 * penalty)  # lazy: times r1_every
+
+
+def test_otsu_threshold_splits_two_populations():
+    g = torch.Generator().manual_seed(0)
+    slow = torch.rand(3, 900, generator=g) * 0.2  # 0-0.2 px: the static background's noise
+    fast = 1.0 + torch.rand(3, 100, generator=g)  # 1-2 px: the moving tenth
+    th = L.otsu_threshold(torch.cat([slow, fast], 1)[:, torch.randperm(1000, generator=g)])
+    assert th.shape == (3,) and ((th > 0.2) & (th <= 1.0)).all(), th
+    assert (L.otsu_threshold(torch.zeros(2, 50)) == 0).all()  # no motion: nothing above it
+    with pytest.raises(ValueError, match="must be"):
+        L.otsu_threshold(torch.zeros(2, 3, 4))
+
+
+def test_motion_mask_marks_where_the_flow_leaves_each_frame():
+    """A 3x2 patch moving right by 1.5 px per frame on a still background (plus noise): the
+    mask is the patch where each frame's flow starts, and the last frame takes the flow into it."""
+    b, t, h, w = 2, 4, 8, 10
+    flow = 0.05 * torch.randn(b, 2, t - 1, h, w, generator=torch.Generator().manual_seed(1))
+    expect = torch.zeros(b, 1, t, h, w)
+    for i in range(t - 1):
+        flow[0, 0, i, 2:5, 1 + i : 3 + i] = 1.5
+        expect[0, 0, i, 2:5, 1 + i : 3 + i] = 1
+    expect[0, 0, t - 1] = expect[0, 0, t - 2]
+    flow[1] = 0.0  # clip 1 is still: empty mask, not the noise's upper half
+    mask = L.motion_mask(flow)
+    assert mask.shape == (b, 1, t, h, w) and mask.dtype == flow.dtype
+    torch.testing.assert_close(mask, expect)

@@ -59,21 +59,24 @@ def test_run_folder_contents(tmp_path):
 
 def test_r1_and_hinge_through_fused_modules(tmp_path, capsys):
     # R1 runs on steps 0 and 2 only, and needs double backward through D's fused blocks; the
-    # G-side consistency term reads D's segmentation. First one step per log row, then three
-    # steps in one row: the log average must cope with losses missing on some steps.
+    # G-side consistency term reads D's segmentation; the motion pseudo-labels start at step 1.
+    # First one step per log row, then three steps in one row: the log average must cope with
+    # losses missing on some steps.
     args = [
         "--loss.r1=1.0",
         "--loss.r1_every=2",
         "--loss.adversarial=hinge",
         "--loss.consistency=0.5",
+        "--loss.motion_seg=0.5",
+        "--loss.motion_seg_start=1",
         "--fused",
     ]
     assert run(tmp_path, "--train.steps=3", *args) == 0
     fused = re.search(r"--fused: (\d+) module\(s\) switched", capsys.readouterr().out)
     assert fused and int(fused[1]) > 0
     rows = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").open()]
-    present = [("d_r1" in r, "g_consistency" in r) for r in rows]
-    assert present == [(True, True), (False, True), (True, True)]
+    present = [("d_r1" in r, "g_consistency" in r, "d_motion_seg" in r) for r in rows]
+    assert present == [(True, True, False), (False, True, True), (True, True, True)]
     assert all(r["d_r1"] >= 0 for r in rows if "d_r1" in r)
     assert run(tmp_path, "--train.steps=3", "--train.log_every=3", *args, name="one_row") == 0
     (row,) = [json.loads(line) for line in (tmp_path / "one_row" / "log.jsonl").open()]

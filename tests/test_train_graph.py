@@ -132,7 +132,7 @@ def test_graph_replays_train_like_eager(fused, cl, no_tf32):
     n, lr = 8, 2e-4
     eager_logs, eager_w, _ = _steps(False, fused, cl, n)
     graph_logs, graph_w, step = _steps(True, fused, cl, n)
-    assert step.captured == [False, True]
+    assert step.captured == [(False, False), (True, False)]  # (R1, motion_seg)
     for i, (a, b) in enumerate(zip(eager_logs, graph_logs, strict=True)):
         assert a.keys() == b.keys(), i
         for name in a:
@@ -157,7 +157,7 @@ def test_graph_refuses_a_new_clip_shape(no_tf32):
     for _ in range(6):  # each phase: two eager runs, then its capture
         step(torch.rand(4, 3, 16, 16, 16, device="cuda"))
         run.step += 1
-    assert step.captured == [False, True]
+    assert step.captured == [(False, False), (True, False)]  # (R1, motion_seg)
     with pytest.raises(ValueError, match="every step's clips must keep one shape and dtype"):
         step(torch.rand(6, 3, 16, 16, 16, device="cuda"))
 

@@ -84,6 +84,13 @@ class LossConfig:
     # mean G mask (clamped to [0.02, 0.5]), as in HED's class-balanced loss. Without it a
     # compact-sprite G's D stays unsure of real foregrounds (mean probability 0.36-0.38 there).
     seg_balance: bool = False
+    # [ours] Motion pseudo-labels: from step motion_seg_start (D's flow has learned something by
+    # then), D's segmentation of each *real* clip is also trained (BCE, this weight) toward what
+    # D's own flow on it says moves: |u| above the clip's Otsu threshold (losses.motion_mask),
+    # detached. Still no label. Without it D segments what G's foregrounds look like, not what
+    # moves: on real clips frozen in time its IoU hardly drops (benchmarks/SEGMENTATION.md).
+    motion_seg: float = 0.0
+    motion_seg_start: int = 1000
 
 
 @dataclass(frozen=True)
@@ -372,6 +379,8 @@ def validate(cfg: Config) -> None:
         value = getattr(cfg.loss, f.name)
         if isinstance(value, float) and not (math.isfinite(value) and value >= 0):
             raise ConfigError(f"loss.{f.name} must be finite and >= 0, got {value}")
+    if cfg.loss.motion_seg_start < 0:
+        raise ConfigError(f"loss.motion_seg_start must be >= 0, got {cfg.loss.motion_seg_start}")
     if cfg.loss.charbonnier_eps <= 0:
         raise ConfigError(f"loss.charbonnier_eps must be > 0, got {cfg.loss.charbonnier_eps}")
     for section in SECTIONS:  # every other float field

@@ -92,6 +92,42 @@ def segmentation_loss(seg_logit: Tensor, mask: Tensor, balance: bool = False) ->
     return F.binary_cross_entropy_with_logits(seg_logit.float(), target, pos_weight=pos_weight)
 
 
+def otsu_threshold(values: Tensor, bins: int = 64) -> Tensor:
+    """Otsu's threshold of each row of ``values (B, N)`` (non-negative) -> ``(B,)``.
+
+    The histogram of a row has ``bins`` equal bins on ``[0, max]``; the threshold is the upper
+    edge of the bin that maximises the between-class variance ``w0 w1 (mu0 - mu1)^2`` of the split
+    below/above it, the class means taken at bin centres (so the result is deterministic even
+    where ``scatter_add`` is not). A row of zeros gets threshold 0. No host sync.
+    """
+    if values.dim() != 2 or bins < 2:
+        raise ValueError(f"values must be (B, N) and bins >= 2, got {tuple(values.shape)}, {bins}")
+    hi = values.amax(1, keepdim=True)
+    width = hi.clamp_min(torch.finfo(values.dtype).tiny) / bins
+    idx = (values / width).long().clamp_(0, bins - 1)
+    counts = values.new_zeros(values.shape[0], bins).scatter_add_(1, idx, torch.ones_like(values))
+    centres = torch.arange(bins, device=values.device, dtype=values.dtype) + 0.5
+    w0 = counts.cumsum(1)  # pixels at or below each bin, (B, bins)
+    s0 = (counts * centres).cumsum(1)
+    n, total = w0[:, -1:], s0[:, -1:]
+    w1 = n - w0
+    between = w0 * w1 * (s0 / w0.clamp_min(1) - (total - s0) / w1.clamp_min(1)) ** 2
+    return ((between.argmax(1) + 1) * width.squeeze(1)).where(hi.squeeze(1) > 0, 0.0)
+
+
+def motion_mask(flow: Tensor) -> Tensor:
+    """What moves, by a flow field alone: ``|u|`` above each clip's :func:`otsu_threshold`.
+
+    ``flow (B, 2, T-1, H, W)`` (pixels) -> binary ``(B, 1, T, H, W)`` in ``flow``'s dtype; frame
+    ``t < T-1`` reads the flow leaving it (where the object is at ``t``), the last frame the
+    flow into it. A clip with no motion at all gets an empty mask.
+    """
+    speed = flow.norm(dim=1)
+    speed = torch.cat([speed, speed[:, -1:]], 1).unsqueeze(1)  # (B, 1, T, H, W)
+    threshold = otsu_threshold(speed.flatten(1))
+    return (speed > threshold.view(-1, 1, 1, 1, 1)).to(flow.dtype)
+
+
 def r1_penalty(logit: Tensor, inputs: Tensor) -> Tensor:
     """``mean_b ||d logit_b / d x_b||^2`` (needs double backward through D)."""
     (grad,) = torch.autograd.grad(logit.sum(), inputs, create_graph=True)
@@ -116,15 +152,26 @@ class VosGanLoss(nn.Module):
         )
 
     def discriminator(
-        self, real: Tensor, d_real: DiscOutput, fake: GenOutput, d_fake: DiscOutput
+        self,
+        real: Tensor,
+        d_real: DiscOutput,
+        fake: GenOutput,
+        d_fake: DiscOutput,
+        motion_seg: bool = False,
     ) -> tuple[Tensor, dict[str, Tensor]]:
-        """D's total loss and its parts (real/fake adversarial, segmentation, flow, smoothness)."""
+        """D's total loss and its parts (real/fake adversarial, segmentation, flow, smoothness;
+        with ``motion_seg`` and ``loss.motion_seg > 0`` also the segmentation of ``real`` against
+        :func:`motion_mask` of D's own detached flow on it)."""
         c = self.cfg
         parts = {"d_adv": d_adversarial(d_real.logit.float(), d_fake.logit.float(), c.adversarial)}
         total = parts["d_adv"]
         if c.segmentation > 0:
             parts["d_seg"] = segmentation_loss(d_fake.seg_logit, fake.mask, c.seg_balance)
             total = total + c.segmentation * parts["d_seg"]
+        if motion_seg and c.motion_seg > 0:
+            moving = motion_mask(d_real.flow.detach().float())
+            parts["d_motion_seg"] = segmentation_loss(d_real.seg_logit, moving, c.seg_balance)
+            total = total + c.motion_seg * parts["d_motion_seg"]
         if c.flow > 0 or c.flow_smoothness > 0:
             warp, smooth = self.motion(real, d_real.flow)
             if c.flow_fake > 0:

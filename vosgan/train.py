@@ -25,7 +25,7 @@ import textwrap
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -60,8 +60,11 @@ __all__ = [
     "main",
     "make_dataset",
     "make_step",
+    "motion_seg_due",
     "r1_due",
     "resolve_device",
+    "StepPhase",
+    "step_phase",
     "train",
     "train_step",
     "wrap_models",
@@ -91,6 +94,25 @@ def r1_due(run: Run) -> bool:
     return run.cfg.loss.r1 > 0 and run.step % run.cfg.loss.r1_every == 0
 
 
+def motion_seg_due(run: Run) -> bool:
+    """Whether this step trains D's segmentation of real clips on its own flow (``loss.motion_seg``
+    from step ``loss.motion_seg_start``)."""
+    return run.cfg.loss.motion_seg > 0 and run.step >= run.cfg.loss.motion_seg_start
+
+
+class StepPhase(NamedTuple):
+    """What makes one training step's work differ from another's (:func:`step_phase`);
+    :class:`GraphedTrainStep` keeps one CUDA graph per phase."""
+
+    r1: bool
+    motion_seg: bool
+
+
+def step_phase(run: Run) -> StepPhase:
+    """This step's :class:`StepPhase`: :func:`r1_due` and :func:`motion_seg_due`."""
+    return StepPhase(r1_due(run), motion_seg_due(run))
+
+
 def make_step(
     run: Run, autocast: contextlib.AbstractContextManager
 ) -> Callable[[Tensor], dict[str, Tensor]]:
@@ -98,7 +120,7 @@ def make_step(
     ``train.cuda_graph`` (:class:`vosgan.train_graph.GraphedTrainStep`; ``autocast`` then needs
     ``cache_enabled=False``, as :func:`autocast_for` makes it)."""
     if run.cuda_graph:
-        return GraphedTrainStep(run, train_step, r1_due, autocast)
+        return GraphedTrainStep(run, train_step, step_phase, autocast)
     return functools.partial(train_step, run, autocast=autocast)
 
 
@@ -123,9 +145,10 @@ def train_step(
     cfg, k = run.cfg, run.cfg.train.grad_accum
     if run.channels_last:
         real = real.contiguous(memory_format=torch.channels_last_3d)
-    r1_step = r1_due(run)
+    r1_step, motion_seg = step_phase(run)
     parts: dict[str, Tensor] = {}
-    # Discriminator: real/fake, plus segmentation of fakes (G's masks) and flow on both.
+    # Discriminator: real/fake, segmentation of fakes (G's masks) and, with loss.motion_seg, of
+    # real clips (what D's own flow says moves), flow on both.
     run.opt_d.zero_grad(set_to_none=True)
     micro = zip(real.chunk(k), *(x.chunk(k) for x in run.latents()), strict=True)
     for i, (real_i, *latents) in enumerate(micro):
@@ -134,7 +157,9 @@ def train_step(
                 fake = run.g_train(*latents)
             with autocast:
                 d_real = run.d_train(real_i)
-                loss_d, p = run.loss.discriminator(real_i, d_real, fake, run.d_train(fake.video))
+                loss_d, p = run.loss.discriminator(
+                    real_i, d_real, fake, run.d_train(fake.video), motion_seg
+                )
             p["d_total"] = loss_d
             if run.idle_dense:  # DDP reduces every D parameter: keep the dense heads in the graph
                 loss_d = loss_d + 0.0 * (d_real.seg_logit.float().sum() + d_real.flow.float().sum())

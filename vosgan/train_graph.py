@@ -7,7 +7,9 @@ ms of wall time, with every launch (cuDNN, ATen, Triton) paid for in Python and 
 replays them with one launch: the same H100 ran the fused step in 36.9 ms replayed, 40.4 ms
 eager (both channels_last_3d), against 56.4 ms for the eager reference.
 
-- One graph per phase of the step: with and without the lazy R1 pass (``loss.r1_every``).
+- One graph per phase of the step (:func:`vosgan.train.step_phase`): with and without the lazy R1
+  pass (``loss.r1_every``), before and after the motion pseudo-labels start
+  (``loss.motion_seg_start``).
 - A phase is captured after it has run eagerly ``warmup`` times on the capture stream, so that
   cuDNN's autotuning, Triton's compilation, Adam's state allocation and the cuBLAS/cuDNN
   workspaces happen outside the capture. Those eager steps are ordinary training steps.
@@ -25,7 +27,7 @@ also leaves it off with activation checkpointing (:func:`vosgan.train_run.step_o
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 
 import torch
 from torch import Tensor
@@ -61,7 +63,8 @@ class GraphedTrainStep:
     Args:
         run: the run (models, optimisers); checked by :func:`check_graphable`.
         step_fn: ``step_fn(run, real, autocast)`` -> loss parts, scalars.
-        phase: ``phase(run)`` -> which graph this step replays (R1 due or not).
+        phase: ``phase(run)`` -> which graph this step replays (a hashable key, e.g.
+            :func:`vosgan.train.step_phase`).
         autocast: the autocast context (``cache_enabled=False``) or a null context.
         warmup: eager runs of each phase before it is captured (>= 1).
 
@@ -73,7 +76,7 @@ class GraphedTrainStep:
         self,
         run: Run,
         step_fn: StepFn,
-        phase: Callable[[Run], bool],
+        phase: Callable[[Run], Hashable],
         autocast: contextlib.AbstractContextManager,
         warmup: int = 2,
     ) -> None:
@@ -84,11 +87,11 @@ class GraphedTrainStep:
         self.autocast, self.warmup = autocast, warmup
         self.stream = torch.cuda.Stream(run.device)
         self.static_real: Tensor | None = None
-        self.graphs: dict[bool, tuple[torch.cuda.CUDAGraph, Tensor, list[str]]] = {}
-        self.eager_runs = {False: 0, True: 0}
+        self.graphs: dict[Hashable, tuple[torch.cuda.CUDAGraph, Tensor, list[str]]] = {}
+        self.eager_runs: dict[Hashable, int] = {}
 
     @property
-    def captured(self) -> list[bool]:
+    def captured(self) -> list[Hashable]:
         return sorted(self.graphs)
 
     def __call__(self, real: Tensor) -> dict[str, Tensor]:
@@ -106,8 +109,8 @@ class GraphedTrainStep:
             self.static_real.copy_(real)
             graph.replay()
             return dict(zip(keys, packed.clone().unbind(), strict=True))
-        if self.eager_runs[phase] < self.warmup:
-            self.eager_runs[phase] += 1
+        if self.eager_runs.get(phase, 0) < self.warmup:
+            self.eager_runs[phase] = self.eager_runs.get(phase, 0) + 1
             self.stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(self.stream):
                 parts = self.step_fn(self.run, real, self.autocast)
@@ -115,7 +118,7 @@ class GraphedTrainStep:
             return parts
         return self._capture(phase, real)
 
-    def _capture(self, phase: bool, real: Tensor) -> dict[str, Tensor]:
+    def _capture(self, phase: Hashable, real: Tensor) -> dict[str, Tensor]:
         if self.static_real is None:
             self.static_real = torch.empty_like(real)  # keeps real's memory format
         self.static_real.copy_(real)
@@ -128,7 +131,7 @@ class GraphedTrainStep:
                 packed = torch.stack([parts[k].float() for k in keys])
         except RuntimeError as exc:
             raise RuntimeError(
-                f"train.cuda_graph: capturing the training step (R1 {'on' if phase else 'off'}) "
+                f"train.cuda_graph: capturing the training step (phase {phase}) "
                 f"failed at step {self.run.step}: {exc}. Train with --train.cuda_graph=off."
             ) from exc
         self.graphs[phase] = (graph, packed, keys)
