@@ -86,3 +86,12 @@ def test_json_round_trip():
     cfg = C.load("paper", {"model.gru_hidden": "128", "loss.r1": "0.5"})
     again = C.from_dict(json.loads(cfg.to_json()))
     assert again == cfg
+
+
+def test_configs_saved_before_a_field_keep_their_behaviour():
+    """A checkpoint written before loss.motion_seg existed trained without it: resuming it must
+    not switch the motion pseudo-labels on; a new config keeps the default."""
+    saved = json.loads(C.load("cpu-small").to_json())
+    assert C.from_dict(saved).loss.motion_seg == C.LossConfig().motion_seg > 0
+    del saved["loss"]["motion_seg"]
+    assert C.from_dict(saved).loss.motion_seg == 0.0

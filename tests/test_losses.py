@@ -166,6 +166,9 @@ def test_otsu_threshold_splits_two_populations():
     th = L.otsu_threshold(torch.cat([slow, fast], 1)[:, torch.randperm(1000, generator=g)])
     assert th.shape == (3,) and ((th > 0.2) & (th <= 1.0)).all(), th
     assert (L.otsu_threshold(torch.zeros(2, 50)) == 0).all()  # no motion: nothing above it
+    # bf16 flow: counted in float32 (bf16 counts stop at 256), so the same split as in float32
+    bf16 = torch.cat([slow, fast], 1).repeat(1, 4).bfloat16()
+    torch.testing.assert_close(L.otsu_threshold(bf16), L.otsu_threshold(bf16.float()))
     with pytest.raises(ValueError, match="must be"):
         L.otsu_threshold(torch.zeros(2, 3, 4))
 

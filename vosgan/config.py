@@ -88,8 +88,9 @@ class LossConfig:
     # then), D's segmentation of each *real* clip is also trained (BCE, this weight) toward what
     # D's own flow on it says moves: |u| above the clip's Otsu threshold (losses.motion_mask),
     # detached. Still no label. Without it D segments what G's foregrounds look like, not what
-    # moves: on real clips frozen in time its IoU hardly drops (benchmarks/SEGMENTATION.md).
-    motion_seg: float = 0.0
+    # moves: on real clips frozen in time its IoU hardly drops. Default run, Intel box, seeds
+    # 0/1/2: final IoU 0.165/0.231/0.188 at 0, 0.329/0.364/0.343 at 1 (SEGMENTATION.md).
+    motion_seg: float = 1.0
     motion_seg_start: int = 1000
 
 
@@ -413,12 +414,18 @@ def validate(cfg: Config) -> None:
         )
 
 
+#: Fields whose default changed what training does, with the value that reproduces configs
+#: saved before they existed: resuming such a checkpoint must not switch them on mid-run.
+BEFORE_FIELD: dict[str, Any] = {"loss.motion_seg": 0.0}
+
+
 def from_dict(data: dict[str, Any]) -> Config:
-    """Rebuild a :class:`Config` from :meth:`Config.to_dict` output (e.g. a checkpoint)."""
+    """Rebuild a :class:`Config` from :meth:`Config.to_dict` output (e.g. a checkpoint); a
+    field it lacks takes its :data:`BEFORE_FIELD` value, else the preset's default."""
     preset = data.get("preset", "cpu-small")
     base = PRESETS.get(preset, PRESETS["cpu-small"])
     flat = {f"{s}.{k}": v for s in SECTIONS for k, v in data.get(s, {}).items()}
-    return replace(apply_overrides(base, flat), preset=preset)
+    return replace(apply_overrides(base, {**BEFORE_FIELD, **flat}), preset=preset)
 
 
 def load(preset: str = "cpu-small", overrides: dict[str, Any] | None = None) -> Config:

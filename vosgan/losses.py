@@ -98,10 +98,12 @@ def otsu_threshold(values: Tensor, bins: int = 64) -> Tensor:
     The histogram of a row has ``bins`` equal bins on ``[0, max]``; the threshold is the upper
     edge of the bin that maximises the between-class variance ``w0 w1 (mu0 - mu1)^2`` of the split
     below/above it, the class means taken at bin centres (so the result is deterministic even
-    where ``scatter_add`` is not). A row of zeros gets threshold 0. No host sync.
+    where ``scatter_add`` is not). A row of zeros gets threshold 0. Computed in float32 (exact
+    counts up to 2^24 values per row); no host sync.
     """
     if values.dim() != 2 or bins < 2:
         raise ValueError(f"values must be (B, N) and bins >= 2, got {tuple(values.shape)}, {bins}")
+    values = values.float()
     hi = values.amax(1, keepdim=True)
     width = hi.clamp_min(torch.finfo(values.dtype).tiny) / bins
     idx = (values / width).long().clamp_(0, bins - 1)
@@ -122,7 +124,7 @@ def motion_mask(flow: Tensor) -> Tensor:
     ``t < T-1`` reads the flow leaving it (where the object is at ``t``), the last frame the
     flow into it. A clip with no motion at all gets an empty mask.
     """
-    speed = flow.norm(dim=1)
+    speed = torch.hypot(flow[:, 0], flow[:, 1])  # norm(dim=1) took 50 ms to its 0.7 (CPU, B=8)
     speed = torch.cat([speed, speed[:, -1:]], 1).unsqueeze(1)  # (B, 1, T, H, W)
     threshold = otsu_threshold(speed.flatten(1))
     return (speed > threshold.view(-1, 1, 1, 1, 1)).to(flow.dtype)
