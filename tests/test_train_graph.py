@@ -93,15 +93,19 @@ def test_make_step_is_plain_train_step_without_the_option():
     assert {"d_total", "g_total"} <= set(parts)
 
 
-def _steps(cuda_graph: bool, fused: bool, cl: bool, n: int) -> tuple[list[dict], dict, object]:
-    """``n`` steps of the tiny config on CUDA in fp32 (R1 every second step), each on its own
-    batch: the loss parts of every step, the final weights, and the step callable."""
+def _steps(
+    cuda_graph: bool, fused: bool, cl: bool, n: int, **overrides
+) -> tuple[list[dict], dict, object]:
+    """``n`` steps of the tiny config (plus ``overrides``) on CUDA in fp32 (R1 every second
+    step), each on its own batch: the loss parts of every step, the final weights, and the step
+    callable."""
     cfg = tiny_config(
         **{
             "train.cuda_graph": cuda_graph,
             "train.channels_last": cl,
             "train.amp": "off",
             "data.batch_size": 4,
+            **overrides,
         }
     )
     run = train.build_run(cfg, torch.device("cuda"), fused=fused)
@@ -146,6 +150,21 @@ def test_graph_replays_train_like_eager(fused, cl, no_tf32):
             far += (diff > 1e-4).sum().item()
             total += diff.numel()
     assert far <= 0.05 * total  # the few sign flips, not a different training run
+
+
+@requires_cuda
+def test_motion_pseudo_labels_start_a_graph_of_their_own(no_tf32):
+    """Without R1, steps 0-2 are one phase and steps 3-7 (loss.motion_seg_start=3) another:
+    each runs eagerly twice and is captured, and the replays, motion pseudo-labels included
+    (a histogram, argmax and gather inside the graph), follow the eager run's losses."""
+    extra = {"loss.r1": 0.0, "loss.motion_seg": 1.0, "loss.motion_seg_start": 3}
+    eager_logs, _, _ = _steps(False, True, False, 8, **extra)
+    graph_logs, _, step = _steps(True, True, False, 8, **extra)
+    assert step.captured == [(False, False), (False, True)]
+    assert ["d_motion_seg" in log for log in graph_logs] == [False] * 3 + [True] * 5
+    for i, (a, b) in enumerate(zip(eager_logs, graph_logs, strict=True)):
+        for name in a:
+            assert b[name] == pytest.approx(a[name], rel=1e-3, abs=1e-5), (i, name)
 
 
 @requires_cuda
