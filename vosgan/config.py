@@ -89,7 +89,7 @@ class LossConfig:
     # D's own flow on it says moves: |u| above the clip's Otsu threshold (losses.motion_mask),
     # detached. Still no label. Without it D segments what G's foregrounds look like, not what
     # moves: on real clips frozen in time its IoU hardly drops. Default run, Intel box, seeds
-    # 0/1/2: final IoU 0.165/0.231/0.188 at 0, 0.329/0.364/0.343 at 1 (SEGMENTATION.md).
+    # 0-3: final IoU 0.165/0.231/0.188/0.173 at 0, 0.336/0.364/0.343/0.387 at 1 (SEGMENTATION.md).
     motion_seg: float = 1.0
     motion_seg_start: int = 1000
 
