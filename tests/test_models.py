@@ -108,6 +108,11 @@ def test_flow_decoder_modes(flow_decoder):
         again = D(x)
         torch.testing.assert_close(again.seg_logit, out.seg_logit)
         assert again.flow.abs().max() > 0
+        out = again
+    no_flow = D(x, flow=False)  # the same segmentation and logit, and no flow
+    assert no_flow.flow is None
+    torch.testing.assert_close(no_flow.seg_logit, out.seg_logit)
+    torch.testing.assert_close(no_flow.logit, out.logit)
 
 
 @pytest.mark.parametrize(

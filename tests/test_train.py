@@ -380,6 +380,7 @@ def _tiny_run(
     channels_last=False,
     fused=False,
     device="cpu",
+    **overrides,
 ):
     cfg = tiny_config(
         **{
@@ -387,6 +388,7 @@ def _tiny_run(
             "train.grad_accum": k,
             "train.checkpoint_activations": checkpointing,
             "train.channels_last": channels_last,
+            **overrides,
         }
     )
     run = train.build_run(cfg, torch.device(device), fused=fused)
@@ -448,6 +450,20 @@ def _count_conv_calls(counts):
                     m.register_forward_hook(lambda *_: counts.append(1))
 
     return probe
+
+
+@pytest.mark.parametrize("flow_fake", [0.0, 0.5])
+def test_d_computes_the_fakes_flow_only_when_a_loss_reads_it(flow_fake):
+    # The separate flow decoder is half of D's dense work; with loss.flow_fake = 0 (the default)
+    # nothing reads its output on the fakes, so each D step runs it on the real clips alone.
+    calls = []
+
+    def probe(run):
+        run.D.flow_head.register_forward_hook(lambda *_: calls.append(1))
+
+    logs, _, _ = _tiny_run(probe=probe, **{"loss.flow_fake": flow_fake})
+    assert len(calls) == len(logs) * (2 if flow_fake > 0 else 1)
+    assert all(torch.isfinite(x["d_flow"]) for x in logs)
 
 
 def test_activation_checkpointing_changes_nothing():

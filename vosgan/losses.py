@@ -144,6 +144,13 @@ class VosGanLoss(nn.Module):
         self.cfg = cfg
         self.warp = FlowWarpLoss(eps=cfg.charbonnier_eps, impl="reference")
 
+    @property
+    def reads_fake_flow(self) -> bool:
+        """Whether :meth:`discriminator` reads D's flow of the fakes (``loss.flow_fake > 0`` with
+        a flow or smoothness term): when not, D's flow of the fakes need not be computed."""
+        c = self.cfg
+        return c.flow_fake > 0 and (c.flow > 0 or c.flow_smoothness > 0)
+
     def motion(self, video: Tensor, flow: Tensor) -> tuple[Tensor, Tensor]:
         """(photometric warping loss, smoothness) of D's ``flow`` on ``video``."""
         flow = flow.float()
@@ -163,7 +170,8 @@ class VosGanLoss(nn.Module):
     ) -> tuple[Tensor, dict[str, Tensor]]:
         """D's total loss and its parts (real/fake adversarial, segmentation, flow, smoothness;
         with ``motion_seg`` and ``loss.motion_seg > 0`` also the segmentation of ``real`` against
-        :func:`motion_mask` of D's own detached flow on it)."""
+        :func:`motion_mask` of D's own detached flow on it). ``d_fake.flow`` may be None unless
+        :attr:`reads_fake_flow`."""
         c = self.cfg
         parts = {"d_adv": d_adversarial(d_real.logit.float(), d_fake.logit.float(), c.adversarial)}
         total = parts["d_adv"]
@@ -176,7 +184,7 @@ class VosGanLoss(nn.Module):
             total = total + c.motion_seg * parts["d_motion_seg"]
         if c.flow > 0 or c.flow_smoothness > 0:
             warp, smooth = self.motion(real, d_real.flow)
-            if c.flow_fake > 0:
+            if self.reads_fake_flow:
                 warp_f, smooth_f = self.motion(fake.video.detach(), d_fake.flow)
                 warp, smooth = warp + c.flow_fake * warp_f, smooth + c.flow_fake * smooth_f
             parts["d_flow"], parts["d_smooth"] = warp, smooth

@@ -88,7 +88,8 @@ def flow_epe(pred: Tensor, target: Tensor, mask: Tensor | None = None) -> Tensor
         ``(B,)`` float32.
     """
     _check_pair("flow_epe", pred, target, 2)
-    err = torch.linalg.vector_norm(pred.detach().float() - target.detach().float(), dim=1)
+    diff = pred.detach().float() - target.detach().float()
+    err = torch.hypot(diff[:, 0], diff[:, 1])  # vector_norm(dim=1): 50x slower on CPU
     if mask is None:
         return err.mean(dim=(1, 2, 3))
     b, _, t, h, w = pred.shape

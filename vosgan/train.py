@@ -157,9 +157,8 @@ def train_step(
                 fake = run.g_train(*latents)
             with autocast:
                 d_real = run.d_train(real_i)
-                loss_d, p = run.loss.discriminator(
-                    real_i, d_real, fake, run.d_train(fake.video), motion_seg
-                )
+                d_fake = run.d_train(fake.video, flow=run.loss.reads_fake_flow)
+                loss_d, p = run.loss.discriminator(real_i, d_real, fake, d_fake, motion_seg)
             p["d_total"] = loss_d
             if run.idle_dense:  # DDP reduces every D parameter: keep the dense heads in the graph
                 loss_d = loss_d + 0.0 * (d_real.seg_logit.float().sum() + d_real.flow.float().sum())

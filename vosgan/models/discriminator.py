@@ -74,18 +74,22 @@ class Discriminator(nn.Module):
             feats.append(x)
         return feats
 
-    def forward(self, x: Tensor, dense: bool = True) -> DiscOutput:
-        """``x (B, 3, T, H, W)`` in [-1, 1]; ``dense=False`` skips the decoder (logit only)."""
+    def forward(self, x: Tensor, dense: bool = True, flow: bool = True) -> DiscOutput:
+        """``x (B, 3, T, H, W)`` in [-1, 1]; ``dense=False`` skips the decoders (logit only),
+        ``flow=False`` the flow (``DiscOutput.flow`` is None; with the separate flow decoder
+        that skips its forward, about half of the dense work)."""
         feats = self.encode(x)
         logit = self.real_fake(feats[-1]).mean(dim=(1, 2, 3, 4))
         if not dense:
             return DiscOutput(logit, None, None)
-        dense = self.dense_head(_decode(self.decoder, feats))
+        seg = self.dense_head(_decode(self.decoder, feats))
+        if not flow:
+            return DiscOutput(logit, seg[:, :1], None)
         if self.separate_flow:
-            seg, flow = dense, self.flow_head(_decode(self.flow_decoder, feats))
+            uv = self.flow_head(_decode(self.flow_decoder, feats))
         else:
-            seg, flow = dense[:, :1], dense[:, 1:]
-        return DiscOutput(logit, seg, flow[:, :, :-1] * self.cfg.flow_scale)
+            seg, uv = seg[:, :1], seg[:, 1:]
+        return DiscOutput(logit, seg, uv[:, :, :-1] * self.cfg.flow_scale)
 
 
 def _check_input(x: Tensor) -> None:
