@@ -52,6 +52,10 @@ def test_overrides_are_typed():
         ({"loss.motion_seg": "-1"}, "loss.motion_seg must be finite and >= 0, got -1"),
         ({"loss.motion_seg_start": "-5"}, "loss.motion_seg_start must be >= 0, got -5"),
         ({"model.flow_scale": "-inf"}, "model.flow_scale must be finite, got -inf"),
+        (
+            {"model.flow_decoder": "shared"},
+            "model.flow_encoder=separate needs model.flow_decoder=separate",
+        ),
         ({"train.device": "bogus"}, "train.device must be auto, cpu, cuda or cuda:N"),
         ({"train.device": "cuda:x"}, "train.device must be auto, cpu, cuda or cuda:N"),
         ({"data.batch_size": "1"}, r"data.batch_size / train.grad_accum \(1 / 1\) must be >= 2"),
@@ -89,9 +93,14 @@ def test_json_round_trip():
 
 
 def test_configs_saved_before_a_field_keep_their_behaviour():
-    """A checkpoint written before loss.motion_seg existed trained without it: resuming it must
-    not switch the motion pseudo-labels on; a new config keeps the default."""
+    """A checkpoint written before loss.motion_seg (model.flow_encoder) existed trained without
+    it: resuming it must not switch the motion pseudo-labels (D's flow encoder) on; a new config
+    keeps the default."""
     saved = json.loads(C.load("cpu-small").to_json())
     assert C.from_dict(saved).loss.motion_seg == C.LossConfig().motion_seg > 0
     del saved["loss"]["motion_seg"]
     assert C.from_dict(saved).loss.motion_seg == 0.0
+    # and D's flow read the shared encoder before model.flow_encoder existed
+    assert C.from_dict(saved).model.flow_encoder == C.ModelConfig().flow_encoder == "separate"
+    del saved["model"]["flow_encoder"]
+    assert C.from_dict(saved).model.flow_encoder == "shared"

@@ -93,7 +93,7 @@ def test_trajectory_passes_through_anchors(mode):
 
 @pytest.mark.parametrize("flow_decoder", ["shared", "separate"])
 def test_flow_decoder_modes(flow_decoder):
-    D = Discriminator(replace(CFG, flow_decoder=flow_decoder))
+    D = Discriminator(replace(CFG, flow_decoder=flow_decoder, flow_encoder="shared"))
     x = torch.rand(2, 3, CFG.frames, CFG.size, CFG.size) * 2 - 1
     out = D(x)
     assert out.flow.abs().max() == 0  # the flow starts at the identity warp in both modes
@@ -155,3 +155,23 @@ def test_discriminator_checks_the_input_shape(shape):
     D = Discriminator(CFG)
     with pytest.raises(ValueError, match="T, H, W positive multiples of 16"):
         D(torch.randn(*shape))
+
+
+def test_flow_encoder_of_its_own_takes_only_the_flow_losses():
+    D = Discriminator(replace(CFG, flow_decoder="separate", flow_encoder="separate"))
+    assert any(k.startswith("flow_encoder.") for k in D.state_dict())
+    x = torch.rand(2, 3, CFG.frames, CFG.size, CFG.size) * 2 - 1
+    out = D(x)
+    with torch.no_grad():  # the flow encoder's features reach the flow head...
+        D.flow_head.weight.normal_(0, 0.1)
+    flow = D(x).flow
+    (flow.square().sum()).backward()
+    assert all(p.grad is None or p.grad.abs().max() == 0 for p in D.encoder.parameters())
+    assert all(p.grad is not None and p.grad.abs().max() > 0 for p in D.flow_encoder.parameters())
+    with torch.no_grad():  # ... and nothing else: the logit and segmentation ignore them
+        for p in D.flow_encoder.parameters():
+            p.add_(0.5)
+    again = D(x)
+    torch.testing.assert_close(again.seg_logit, out.seg_logit)
+    torch.testing.assert_close(again.logit, out.logit)
+    assert (again.flow - flow).abs().max() > 0

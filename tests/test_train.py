@@ -557,4 +557,5 @@ def test_lr_dense_gives_d_decoders_their_own_rate():
     names = {id(p): n for n, p in D.named_parameters()}
     assert all(names[id(p)].startswith(("encoder.", "real_fake.")) for p in trunk["params"])
     assert any(names[id(p)].startswith("dense_head.") for p in dense["params"])
+    assert any(names[id(p)].startswith("flow_encoder.") for p in dense["params"])
     assert len(trunk["params"]) + len(dense["params"]) == len(list(D.parameters()))

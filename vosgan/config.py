@@ -35,6 +35,8 @@ class ModelConfig:
     mask_bias: float = -2.0  # initial bias of G's mask logit: masks start at sigmoid(-2) = 0.12
     # D's flow head gets its own U-Net decoder instead of sharing the segmentation decoder.
     flow_decoder: Literal["shared", "separate"] = "separate"
+    # [ours] ... and, with "separate", its own encoder too, trained by the flow losses alone.
+    flow_encoder: Literal["shared", "separate"] = "separate"
     # G's foreground: "conv3d", the paper's 3D transposed-conv stream, or "sprite", one 2D
     # sprite translated along a path read from the GRU states (models.generator.SpriteForeground).
     fg_stream: Literal["conv3d", "sprite"] = "conv3d"
@@ -328,6 +330,11 @@ def validate_model(m: ModelConfig, net: Literal["G", "D"] | None = None) -> None
             raise ConfigError(f"model.size must be >= 16 (D has 4 stride-2 stages), got {m.size}")
         if m.d_channels < 1:
             raise ConfigError(f"model.d_channels must be >= 1, got {m.d_channels}")
+        if m.flow_encoder == "separate" and m.flow_decoder != "separate":
+            raise ConfigError(
+                "model.flow_encoder=separate needs model.flow_decoder=separate (the flow's own "
+                "encoder feeds its own decoder); with flow_decoder=shared set flow_encoder=shared"
+            )
 
 
 def validate(cfg: Config) -> None:
@@ -416,7 +423,7 @@ def validate(cfg: Config) -> None:
 
 #: Fields whose default changed what training does, with the value that reproduces configs
 #: saved before they existed: resuming such a checkpoint must not switch them on mid-run.
-BEFORE_FIELD: dict[str, Any] = {"loss.motion_seg": 0.0}
+BEFORE_FIELD: dict[str, Any] = {"loss.motion_seg": 0.0, "model.flow_encoder": "shared"}
 
 
 def from_dict(data: dict[str, Any]) -> Config:

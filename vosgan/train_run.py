@@ -220,9 +220,10 @@ def build_run(
         n = to_channels_last_3d(G) + to_channels_last_3d(D)
         say(env, f"channels_last: {n} 3D conv weight(s) in torch.channels_last_3d")
     if cfg.train.checkpoint_activations:
-        n = checkpoint_blocks(
-            [*getattr(G, "foreground", []), *D.encoder, *D.decoder, *getattr(D, "flow_decoder", [])]
-        )
+        flow = [
+            b for name in ("flow_encoder", "flow_decoder") for b in getattr(D, name, None) or []
+        ]
+        n = checkpoint_blocks([*getattr(G, "foreground", []), *D.encoder, *D.decoder, *flow])
         say(env, f"checkpoint_activations: {n} block(s) recompute their activations in backward")
     o = cfg.optim
     # --fused also takes Adam's fused (single-kernel) step: both steps 9.1 -> 2.3 ms per training

@@ -34,14 +34,7 @@ class Discriminator(nn.Module):
         validate_model(cfg, "D")
         self.cfg = cfg
         ch = [cfg.d_channels * 2**i for i in range(4)]  # e.g. 64, 128, 256, 512
-        self.encoder = nn.ModuleList(
-            [
-                conv3d_block_reference(3, ch[0], norm=False, act="lrelu"),
-                conv3d_block_reference(ch[0], ch[1], act="lrelu"),
-                conv3d_block_reference(ch[1], ch[2], act="lrelu"),
-                conv3d_block_reference(ch[2], ch[3], act="lrelu"),
-            ]
-        )
+        self.encoder = _encoder(ch)
         self.real_fake = nn.Conv3d(ch[3], 1, 3, 1, 1)
         # Decoder: each stage doubles T, H, W and is joined with the matching encoder output.
         self.decoder = _decoder(ch)
@@ -61,6 +54,13 @@ class Discriminator(nn.Module):
         if self.separate_flow:
             self.flow_decoder = _decoder(ch)
             self.flow_head = flow_head = nn.ConvTranspose3d(2 * ch[0], 2, 4, 2, 1)
+        # With ``flow_encoder="separate"`` the flow branch reads an encoder of its own
+        # (``flow_encoder``), which only the flow losses train. Why: D's flow shared the encoder
+        # that the adversarial and segmentation losses pull on, and learned half the sprites'
+        # speed (cpu-small, 2500 GAN steps: foreground EPE 0.73 px, zero flow 1.11); the same
+        # architecture trained on the warping loss alone reached 0.54 px in 1500 steps
+        # (benchmarks/SEGMENTATION.md, fifteenth session).
+        self.flow_encoder = _encoder(ch) if cfg.flow_encoder == "separate" else None
         with torch.no_grad():  # flow starts at exactly zero (identity warp), as flow decoders do
             flow_head.weight[:, -2:].zero_()
             flow_head.bias[-2:].zero_()
@@ -68,11 +68,7 @@ class Discriminator(nn.Module):
     def encode(self, x: Tensor) -> list[Tensor]:
         """Encoder features, finest first: ``(B, C1, T/2, H/2, W/2)`` ... ``(B, C4, T/16, ...)``."""
         _check_input(x)
-        feats = []
-        for stage in self.encoder:
-            x = stage(x)
-            feats.append(x)
-        return feats
+        return _encode(self.encoder, x)
 
     def forward(self, x: Tensor, dense: bool = True, flow: bool = True) -> DiscOutput:
         """``x (B, 3, T, H, W)`` in [-1, 1]; ``dense=False`` skips the decoders (logit only),
@@ -85,7 +81,9 @@ class Discriminator(nn.Module):
         seg = self.dense_head(_decode(self.decoder, feats))
         if not flow:
             return DiscOutput(logit, seg[:, :1], None)
-        if self.separate_flow:
+        if self.flow_encoder is not None:
+            uv = self.flow_head(_decode(self.flow_decoder, _encode(self.flow_encoder, x)))
+        elif self.separate_flow:
             uv = self.flow_head(_decode(self.flow_decoder, feats))
         else:
             seg, uv = seg[:, :1], seg[:, 1:]
@@ -99,6 +97,27 @@ def _check_input(x: Tensor) -> None:
             "Discriminator: x must be (B, 3, T, H, W) with T, H, W positive multiples of 16 "
             f"(4 stride-2 stages; model.frames, model.size), got {tuple(x.shape)}"
         )
+
+
+def _encoder(ch: list[int]) -> nn.ModuleList:
+    """The 4 stride-2 encoder stages for widths ``ch`` (finest first)."""
+    return nn.ModuleList(
+        [
+            conv3d_block_reference(3, ch[0], norm=False, act="lrelu"),
+            conv3d_block_reference(ch[0], ch[1], act="lrelu"),
+            conv3d_block_reference(ch[1], ch[2], act="lrelu"),
+            conv3d_block_reference(ch[2], ch[3], act="lrelu"),
+        ]
+    )
+
+
+def _encode(encoder: nn.ModuleList, x: Tensor) -> list[Tensor]:
+    """Every stage's output of ``encoder`` on ``x``, finest first."""
+    feats = []
+    for stage in encoder:
+        x = stage(x)
+        feats.append(x)
+    return feats
 
 
 def _decoder(ch: list[int]) -> nn.ModuleList:
