@@ -91,8 +91,12 @@ class LossConfig:
     # D's own flow on it says moves: |u| above the clip's Otsu threshold (losses.motion_mask),
     # detached. Still no label. Without it D segments what G's foregrounds look like, not what
     # moves: on real clips frozen in time its IoU hardly drops. Default run, Intel box, seeds
-    # 0-3: final IoU 0.165/0.231/0.188/0.173 at 0, 0.336/0.364/0.343/0.387 at 1 (SEGMENTATION.md).
-    motion_seg: float = 1.0
+    # 0-3, D's flow on the shared encoder: final IoU 0.165/0.231/0.188/0.173 at 0,
+    # 0.336/0.364/0.343/0.387 at 1. With the flow's own encoder (model.flow_encoder), whose
+    # pseudo-labels are better (pooled IoU 0.46-0.47), weight 1 left D's segmentation below
+    # them (0.350/0.382 on seeds 0/1); 3 gives 0.457/0.357/0.463/0.455 on seeds 0-3
+    # (SEGMENTATION.md).
+    motion_seg: float = 3.0
     motion_seg_start: int = 1000
 
 
