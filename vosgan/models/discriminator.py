@@ -1,8 +1,10 @@
 """Discriminator: real/fake, plus self-supervised segmentation and optical flow heads.
 
-A shared 3D encoder (4 stride-2 Conv3d+BN+LeakyReLU stages), a real/fake head on its output, and a
-U-Net style 3D decoder back to ``T x H x W`` feeding a segmentation head and a forward-flow head
-(the flow of frame ``t`` is read from the decoder's frame ``t``; the last frame's is dropped).
+A 3D encoder (4 stride-2 Conv3d+BN+LeakyReLU stages), a real/fake head on its output, and a
+U-Net style 3D decoder back to ``T x H x W`` feeding a segmentation head. The forward flow comes
+from a U-Net decoder of its own (``model.flow_decoder``), by default on an encoder of its own too
+(``model.flow_encoder``), or from the segmentation decoder; the flow of frame ``t`` is read from
+the decoder's frame ``t`` (the last frame's is dropped).
 """
 
 from __future__ import annotations
