@@ -28,8 +28,8 @@ DAVIS = Path(SHARED_DATA) / "davis2016"
 
 
 class WindowStub(nn.Module):
-    """A stand-in D: logit = (position in the window) / 4 + 4 * red channel; records its inputs
-    and its mode at each call."""
+    """A stand-in D: logit = (position in the window) / 4 + 4 * red channel; records its inputs,
+    its mode and whether the flow was asked for at each call."""
 
     def __init__(self, size: int, frames: int) -> None:
         super().__init__()
@@ -37,14 +37,16 @@ class WindowStub(nn.Module):
         self.scale = nn.Parameter(torch.ones(()))
         self.seen: list[torch.Tensor] = []
         self.modes: list[bool] = []
+        self.flows: list[bool] = []
 
-    def forward(self, x: torch.Tensor) -> DiscOutput:
+    def forward(self, x: torch.Tensor, flow: bool = True) -> DiscOutput:
         self.seen.append(x.clone())
         self.modes.append(self.training)
+        self.flows.append(flow)
         b, _, t, h, w = x.shape
         pos = torch.arange(t, dtype=x.dtype).view(1, 1, t, 1, 1) / 4
         logit = self.scale * (pos + 4 * (x[:, :1] + 1))
-        return DiscOutput(x.new_zeros(b), logit, x.new_zeros(b, 2, t - 1, h, w))
+        return DiscOutput(x.new_zeros(b), logit, x.new_zeros(b, 2, t - 1, h, w) if flow else None)
 
 
 def test_window_starts_and_working_size() -> None:
@@ -66,6 +68,7 @@ def test_segment_frames_averages_overlapping_windows(n: int) -> None:
     prob = segment.segment_frames(stub, frames, t, size, batch_size=3)
     assert prob.shape == (n, 24, 40) and prob.dtype == np.float32 and stub.training
     assert stub.modes and not any(stub.modes)  # D ran in eval mode; its mode is restored after
+    assert not any(stub.flows)  # and skipped its flow branch, which segmentation does not read
     starts = segment.window_starts(n, t, t // 2)
     for i in range(n):
         expect = np.mean(

@@ -91,8 +91,8 @@ def _segment_moving_and_frozen(
     """D's foreground probability ``(N, 1, T, H, W)`` on ``videos`` and on ``freeze(videos)``."""
     moving, frozen = [], []
     for v in videos.split(batch_size):
-        moving.append(predict(D, v.to(device))["seg"].cpu())
-        frozen.append(predict(D, freeze(v).to(device))["seg"].cpu())
+        moving.append(predict(D, v.to(device), flow=False)["seg"].cpu())
+        frozen.append(predict(D, freeze(v).to(device), flow=False)["seg"].cpu())
     return torch.cat(moving), torch.cat(frozen)
 
 

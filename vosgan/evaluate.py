@@ -50,10 +50,12 @@ SAMPLE_SEED = 1234  # samples draw from their own generator: the training RNG st
 
 
 @torch.no_grad()
-def predict(D: Discriminator, video: Tensor) -> dict[str, Tensor]:
-    """D's dense predictions: ``{"seg": (B,1,T,H,W) probability, "flow": (B,2,T-1,H,W) pixels}``."""
-    out = D(video)
-    return {"seg": torch.sigmoid(out.seg_logit.float()), "flow": out.flow.float()}
+def predict(D: Discriminator, video: Tensor, flow: bool = True) -> dict[str, Tensor]:
+    """D's dense predictions: ``{"seg": (B,1,T,H,W) probability, "flow": (B,2,T-1,H,W) pixels}``;
+    with ``flow=False`` the segmentation alone (D skips its flow branch)."""
+    out = D(video, flow=flow)
+    seg = {"seg": torch.sigmoid(out.seg_logit.float())}
+    return seg | {"flow": out.flow.float()} if flow else seg
 
 
 @torch.no_grad()

@@ -168,7 +168,7 @@ def segment_frames(
                     for ix, (_, y, x) in zip(idx, batch, strict=True)
                 ]
             )
-            seg = predict(D, clips.to(device))["seg"][:, 0]  # (B, T, S, S)
+            seg = predict(D, clips.to(device), flow=False)["seg"][:, 0]  # (B, T, S, S)
             for k, (s, y, x) in enumerate(batch):
                 keep = min(t, n - s)  # drop the predictions of padded frames
                 acc[s : s + keep, y : y + size, x : x + size] += seg[k, :keep]

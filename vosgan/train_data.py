@@ -127,7 +127,7 @@ class Evaluator:
                 clips += batch["video"].shape[0]
                 if "mask" not in batch:
                     continue
-                seg = predict(D, batch["video"].to(self.device))["seg"].cpu()
+                seg = predict(D, batch["video"].to(self.device), flow=False)["seg"].cpu()
                 iou += float(segmentation_iou(seg, batch["mask"]).sum())
                 base += float(
                     segmentation_iou(frame_difference_saliency(batch["video"]), batch["mask"]).sum()
