@@ -455,13 +455,14 @@ def _count_conv_calls(counts):
 @pytest.mark.parametrize("flow_fake", [0.0, 0.5])
 def test_d_computes_the_fakes_flow_only_when_a_loss_reads_it(flow_fake):
     # The separate flow decoder is half of D's dense work; with loss.flow_fake = 0 (the default)
-    # nothing reads its output on the fakes, so each D step runs it on the real clips alone.
+    # nothing reads its output on the fakes, so each D step runs it on the real clips alone, and
+    # the G step's pass through D (dense here, for the consistency term) never runs it.
     calls = []
 
     def probe(run):
         run.D.flow_head.register_forward_hook(lambda *_: calls.append(1))
 
-    logs, _, _ = _tiny_run(probe=probe, **{"loss.flow_fake": flow_fake})
+    logs, _, _ = _tiny_run(probe=probe, **{"loss.flow_fake": flow_fake, "loss.consistency": 0.5})
     assert len(calls) == len(logs) * (2 if flow_fake > 0 else 1)
     assert all(torch.isfinite(x["d_flow"]) for x in logs)
 

@@ -178,7 +178,7 @@ def train_step(
             with _sync(run.g_train, i == k - 1):
                 with autocast:
                     fake = run.g_train(*latents)
-                    d_out = run.d_frozen(fake.video, dense=cfg.loss.consistency > 0)
+                    d_out = run.d_frozen(fake.video, dense=cfg.loss.consistency > 0, flow=False)
                     loss_g, p = run.loss.generator(fake, d_out)
                 run.scaler.scale(loss_g / k).backward()
             p["g_total"] = loss_g
