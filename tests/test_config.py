@@ -51,6 +51,7 @@ def test_overrides_are_typed():
         ({"loss.r1": "inf"}, "loss.r1 must be finite and >= 0, got inf"),
         ({"loss.motion_seg": "-1"}, "loss.motion_seg must be finite and >= 0, got -1"),
         ({"loss.motion_seg_start": "-5"}, "loss.motion_seg_start must be >= 0, got -5"),
+        ({"loss.motion_span": "-1"}, "loss.motion_span must be >= 0, got -1"),
         ({"model.flow_scale": "-inf"}, "model.flow_scale must be finite, got -inf"),
         (
             {"model.flow_decoder": "shared"},
@@ -104,3 +105,7 @@ def test_configs_saved_before_a_field_keep_their_behaviour():
     assert C.from_dict(saved).model.flow_encoder == C.ModelConfig().flow_encoder == "separate"
     del saved["model"]["flow_encoder"]
     assert C.from_dict(saved).model.flow_encoder == "shared"
+    # and the pseudo-labels read frame t's outgoing flow alone before loss.motion_span existed
+    assert C.from_dict(saved).loss.motion_span == C.LossConfig().motion_span == 2
+    del saved["loss"]["motion_span"]
+    assert C.from_dict(saved).loss.motion_span == 0

@@ -115,6 +115,7 @@ def test_total_losses_weight_their_parts_as_configured():
         r1=2.0,
         r1_every=4,
         motion_seg=1.3,
+        motion_span=1,
     )
     loss = L.VosGanLoss(cfg)
     g = torch.Generator().manual_seed(0)
@@ -140,7 +141,8 @@ def test_total_losses_weight_their_parts_as_configured():
     torch.testing.assert_close(total, expect + 0.4 * parts["d_smooth"])
     assert "d_motion_seg" not in parts  # only on the steps train_step says (motion_seg_due)
     total_m, parts_m = loss.discriminator(real, d_real, fake, d_fake, motion_seg=True)
-    moving = L.motion_mask(d_real.flow)
+    moving = L.motion_mask(d_real.flow, span=1)
+    assert not torch.equal(moving, L.motion_mask(d_real.flow))  # the span is passed on
     torch.testing.assert_close(
         parts_m["d_motion_seg"], L.segmentation_loss(d_real.seg_logit, moving)
     )
@@ -187,3 +189,23 @@ def test_motion_mask_marks_where_the_flow_leaves_each_frame():
     mask = L.motion_mask(flow)
     assert mask.shape == (b, 1, t, h, w) and mask.dtype == flow.dtype
     torch.testing.assert_close(mask, expect)
+
+
+def test_motion_mask_span_keeps_only_motion_that_persists():
+    """``span=1``: frame t reads the smaller of the speeds into and out of it. A patch moving
+    right whose flow bleeds one column ahead of it: the bleed (present only in the frame pair
+    before a pixel is covered) is dropped, the patch's core (moving in both pairs) kept."""
+    b, t, h, w = 1, 5, 6, 12
+    flow = torch.zeros(b, 2, t - 1, h, w)
+    for i in range(t - 1):
+        flow[0, 0, i, 1:4, 2 + i : 5 + i] = 1.0  # the patch, 3 columns, moving 1 px per frame
+        flow[0, 0, i, 1:4, 5 + i] = 1.0  # the bleed ahead of it
+    expect = torch.zeros(b, 1, t, h, w)
+    for i in range(t):  # pairs i-1 and i (clamped to the clip): the columns both mark
+        expect[0, 0, i, 1:4, 2 + min(i, t - 2) : 6 + max(i - 1, 0)] = 1
+    assert expect[0, 0, 2, 2].tolist() == [0] * 4 + [1] * 3 + [0] * 5  # frame 2: the patch alone
+    span1 = L.motion_mask(flow, span=1)
+    torch.testing.assert_close(span1, expect)
+    assert L.motion_mask(flow).sum() > span1.sum()  # span 0 keeps the bleed
+    with pytest.raises(ValueError, match="span"):
+        L.motion_mask(flow, span=-1)

@@ -69,6 +69,7 @@ def test_r1_and_hinge_through_fused_modules(tmp_path, capsys):
         "--loss.consistency=0.5",
         "--loss.motion_seg=0.5",
         "--loss.motion_seg_start=1",
+        "--loss.motion_span=1",
         "--fused",
     ]
     assert run(tmp_path, "--train.steps=3", *args) == 0
