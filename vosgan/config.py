@@ -147,7 +147,7 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    # The default run: 9.3-11.6 minutes of training in CI dry runs on 2 CPU cores. Measured
+    # The default run: 9.1-13.2 minutes of training in CI dry runs on 2 CPU cores. Measured
     # (cpu-small, a 3000-step run): held-out segmentation IoU 0.189 / 0.165 / 0.253 / 0.297 /
     # 0.331 / 0.333 at steps 500..3000, against 0.272 for the frame-difference baseline;
     # foreground flow EPE 0.729 px at step 2500 (zero flow 1.114). Steps 2500-3000 added 0.002
