@@ -109,3 +109,7 @@ def test_configs_saved_before_a_field_keep_their_behaviour():
     assert C.from_dict(saved).loss.motion_span == C.LossConfig().motion_span == 2
     del saved["loss"]["motion_span"]
     assert C.from_dict(saved).loss.motion_span == 0
+    # and D's segmentation was evaluated unrefined before model.seg_refine existed
+    assert C.from_dict(saved).model.seg_refine == C.ModelConfig().seg_refine > 0
+    del saved["model"]["seg_refine"]
+    assert C.from_dict(saved).model.seg_refine == 0.0

@@ -116,6 +116,8 @@ def test_total_losses_weight_their_parts_as_configured():
         r1_every=4,
         motion_seg=1.3,
         motion_span=1,
+        motion_guide=0.3,
+        motion_guide_radius=2,
     )
     loss = L.VosGanLoss(cfg)
     g = torch.Generator().manual_seed(0)
@@ -141,8 +143,9 @@ def test_total_losses_weight_their_parts_as_configured():
     torch.testing.assert_close(total, expect + 0.4 * parts["d_smooth"])
     assert "d_motion_seg" not in parts  # only on the steps train_step says (motion_seg_due)
     total_m, parts_m = loss.discriminator(real, d_real, fake, d_fake, motion_seg=True)
-    moving = L.motion_mask(d_real.flow, span=1)
-    assert not torch.equal(moving, L.motion_mask(d_real.flow))  # the span is passed on
+    moving = L.motion_mask(d_real.flow, span=1, guide=real, radius=2, sigma=0.3)
+    assert not torch.equal(moving, L.motion_mask(d_real.flow, 0, real, 2, 0.3))  # span passed on
+    assert not torch.equal(moving, L.motion_mask(d_real.flow, span=1))  # and the guide
     torch.testing.assert_close(
         parts_m["d_motion_seg"], L.segmentation_loss(d_real.seg_logit, moving)
     )
@@ -209,3 +212,24 @@ def test_motion_mask_span_keeps_only_motion_that_persists():
     assert L.motion_mask(flow).sum() > span1.sum()  # span 0 keeps the bleed
     with pytest.raises(ValueError, match="span"):
         L.motion_mask(flow, span=-1)
+
+
+def test_motion_mask_guide_drops_bleed_beside_a_moving_patch():
+    """A patch moving right whose flow also bleeds into the rows above and below it, in every
+    frame pair: the span's minimum keeps that bleed (it persists), the colour guide (the patch
+    one colour, the background another) hands it the background's speed."""
+    b, t, h, w = 1, 5, 12, 16
+    g = torch.Generator().manual_seed(2)
+    flow = 0.05 * torch.rand(b, 2, t - 1, h, w, generator=g)  # the background: slow noise
+    video = -torch.ones(b, 3, t, h, w)
+    truth = torch.zeros(b, 1, t, h, w, dtype=torch.bool)
+    for i in range(t):
+        video[0, :, i, 4:8, 2 + i : 7 + i] = 0.8
+        truth[0, 0, i, 4:8, 2 + i : 7 + i] = True
+    for i in range(t - 1):
+        flow[0, 0, i, 3:9, 2 + i : 7 + i] = 1.0  # the patch and one row of bleed above and below
+    plain = L.motion_mask(flow, span=1).bool()
+    guided = L.motion_mask(flow, span=1, guide=video, radius=4, sigma=0.1).bool()
+    assert plain[0, 0, 2, 3].any() and plain[0, 0, 2, 8].any()  # the bleed rows
+    assert not guided[0, 0, :, 3].any() and not guided[0, 0, :, 8].any()
+    assert (guided & ~truth).sum() == 0 and (guided & truth).sum() >= (plain & truth).sum()

@@ -141,7 +141,34 @@ def test_evaluate_predictions_pools_frames_and_pixels() -> None:
         "baseline_epe",
         "baseline_epe_fg",
         "num_clips",
+        "iou_head",
+        "baseline_iou_head",
     }
+    assert res.iou_head == res.iou and res.baseline_iou_head == res.baseline_iou  # no refinement
+
+
+def test_evaluate_predictions_refines_the_baseline_as_the_predictions() -> None:
+    """``refine`` reaches the baseline's segmentation (scored as ``baseline_iou``; the raw one as
+    ``baseline_iou_head``), and ``seg_head`` is scored as ``iou_head``."""
+    ds = SyntheticVideos(4, 5, 16, seed=1, split="val")
+    b = ds.batch(range(4))
+
+    def refine(seg: torch.Tensor, video: torch.Tensor) -> torch.Tensor:
+        assert torch.equal(video, b["video"])
+        return (seg > 0.2).float()  # any change the scores can see
+
+    pred = {"seg": b["mask"], "seg_head": torch.zeros_like(b["mask"]), "flow": b["flow"]}
+    res = evaluate_predictions([(b, pred)], refine)
+    raw = frame_difference_baseline(b["video"])["seg"]
+    assert res.iou == 1.0
+    assert res.iou_head == pytest.approx(
+        float(segmentation_iou(pred["seg_head"], b["mask"]).mean())
+    )
+    assert res.baseline_iou_head == pytest.approx(float(segmentation_iou(raw, b["mask"]).mean()))
+    assert res.baseline_iou == pytest.approx(
+        float(segmentation_iou(refine(raw, b["video"]), b["mask"]).mean())
+    )
+    assert res.baseline_iou != res.baseline_iou_head
 
 
 def test_evaluate_predictions_validates() -> None:

@@ -20,8 +20,10 @@ from vosgan import checkpoint, config, evaluate, segment
 from vosgan import davis_metrics as dm
 from vosgan.data.decode import read_video
 from vosgan.data.frames import find_sequences, load_frames
+from vosgan.metrics import frame_difference_saliency
 from vosgan.models import Discriminator, Generator
 from vosgan.models.discriminator import DiscOutput
+from vosgan.refine import refine_segmentation
 from vosgan.viz import write_video
 
 DAVIS = Path(SHARED_DATA) / "davis2016"
@@ -33,7 +35,7 @@ class WindowStub(nn.Module):
 
     def __init__(self, size: int, frames: int) -> None:
         super().__init__()
-        self.cfg = SimpleNamespace(size=size, frames=frames)
+        self.cfg = SimpleNamespace(size=size, frames=frames, seg_refine=0.0)  # unrefined
         self.scale = nn.Parameter(torch.ones(()))
         self.seen: list[torch.Tensor] = []
         self.modes: list[bool] = []
@@ -236,11 +238,13 @@ def test_davis_evaluation_cli(
         np.testing.assert_allclose(
             dm.jaccard(pred, gt), res["methods"]["model"]["per_frame"][name]["J"]
         )
-        # the baselines' J: their probability maps (tested below) > 0.5 on the scored frames
+        # the baselines' J: their probability maps (tested below) > 0.5 on the scored frames,
+        # the frame difference refined as the checkpoint's D segmentation is (model.seg_refine)
         (seq,) = find_sequences(davis_root / name)
         frames = load_frames(seq)
+        model_cfg = config.load("cpu-small").model
         for method in ("frame-difference", "centre-prior"):
-            prob = evaluate.baseline_probabilities(method, frames, 32)[1:19]
+            prob = evaluate.baseline_probabilities(method, frames, 32, refine=model_cfg)[1:19]
             np.testing.assert_allclose(
                 dm.jaccard(prob > 0.5, gt), res["methods"][method]["per_frame"][name]["J"]
             )
@@ -311,6 +315,15 @@ def test_baselines_follow_their_definitions() -> None:
     expect = np.concatenate((d[:1], d)) | np.concatenate((d, d[-1:]))
     prob = evaluate.baseline_probabilities("frame-difference", frames, 32)  # working size 32x48
     np.testing.assert_array_equal(prob > 0.5, expect)
+    # refined as a model's segmentation (model.seg_refine), at the working size
+    cfg = config.ModelConfig(seg_refine=0.2, seg_refine_radius=2)
+    refined = evaluate.baseline_probabilities("frame-difference", frames, 32, refine=cfg)
+    video = segment.resize_frames(frames, (32, 48))[None]
+    saliency = frame_difference_saliency(video)
+    np.testing.assert_allclose(
+        refined, refine_segmentation(saliency, video, cfg)[0, 0].numpy(), atol=1e-6
+    )
+    assert not np.allclose(refined, prob)
 
 
 def _copy_seq(src: Path, dst: Path, n: int = 6) -> None:

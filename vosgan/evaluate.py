@@ -39,11 +39,12 @@ from torch import Tensor
 
 from vosgan import checkpoint, cli
 from vosgan import davis_metrics as dm
-from vosgan.config import Config
+from vosgan.config import Config, ModelConfig
 from vosgan.data import SyntheticVideos
 from vosgan.data.frames import IMAGE_SUFFIXES, Sequence, find_sequences, load_frames, load_masks
 from vosgan.metrics import EvalResult, evaluate_predictions, frame_difference_saliency
 from vosgan.models import Discriminator, Generator
+from vosgan.refine import refine_segmentation
 from vosgan.viz import sample_grid, write_video
 
 SAMPLE_SEED = 1234  # samples draw from their own generator: the training RNG stays untouched
@@ -51,10 +52,13 @@ SAMPLE_SEED = 1234  # samples draw from their own generator: the training RNG st
 
 @torch.no_grad()
 def predict(D: Discriminator, video: Tensor, flow: bool = True) -> dict[str, Tensor]:
-    """D's dense predictions: ``{"seg": (B,1,T,H,W) probability, "flow": (B,2,T-1,H,W) pixels}``;
-    with ``flow=False`` the segmentation alone (D skips its flow branch)."""
+    """D's dense predictions on ``video (B, 3, T, H, W)``: ``{"seg": (B,1,T,H,W) probability,
+    "seg_head": (B,1,T,H,W), "flow": (B,2,T-1,H,W) pixels}``. ``seg`` is D's segmentation as
+    evaluated (:func:`vosgan.refine.refine_segmentation` of the head's, per ``model.seg_refine``),
+    ``seg_head`` the head's own; with ``flow=False`` no ``flow`` (D skips its flow branch)."""
     out = D(video, flow=flow)
-    seg = {"seg": torch.sigmoid(out.seg_logit.float())}
+    head = torch.sigmoid(out.seg_logit.float())
+    seg = {"seg": refine_segmentation(head, video, D.cfg), "seg_head": head}
     return seg | {"flow": out.flow.float()} if flow else seg
 
 
@@ -81,7 +85,7 @@ def evaluate_model(
                 batch = data.batch(range(start, min(start + bs, num_clips)))
                 yield batch, {k: v.cpu() for k, v in predict(D, batch["video"].to(device)).items()}
 
-        return evaluate_predictions(pairs())
+        return evaluate_predictions(pairs(), lambda seg, v: refine_segmentation(seg, v, D.cfg))
     finally:
         D.train(was_training)
 
@@ -166,9 +170,15 @@ def centre_prior(height: int, width: int) -> np.ndarray:
 
 
 def baseline_probabilities(
-    method: str, frames: np.ndarray, size: int, fit: str = "tiles"
+    method: str,
+    frames: np.ndarray,
+    size: int,
+    fit: str = "tiles",
+    refine: ModelConfig | None = None,
 ) -> np.ndarray:
-    """A baseline's foreground probability ``(N, H, W)`` float32 for uint8 ``(N, H, W, 3)``."""
+    """A baseline's foreground probability ``(N, H, W)`` float32 for uint8 ``(N, H, W, 3)``;
+    with ``refine`` (the model's config) the frame difference is refined as D's segmentation is
+    (:func:`vosgan.refine.refine_segmentation`, at the working size)."""
     from vosgan.segment import resize_frames, upsample, working_size
 
     n, h, w = frames.shape[:3]
@@ -180,7 +190,10 @@ def baseline_probabilities(
         if n < 2:
             raise ValueError("the frame-difference baseline needs >= 2 frames")
         video = resize_frames(frames, working_size(h, w, size, fit))[None]
-        return upsample(frame_difference_saliency(video)[0, 0], (h, w))
+        saliency = frame_difference_saliency(video)
+        if refine is not None:
+            saliency = refine_segmentation(saliency, video, refine)
+        return upsample(saliency[0, 0], (h, w))
     raise ValueError(f"unknown baseline {method!r}; choose from {BASELINES}")
 
 
@@ -261,7 +274,7 @@ def evaluate_davis(
             if m == "model" and D is not None and frames_per_window is not None:
                 prob = segment_frames(D, frames, frames_per_window, size, stride, fit)
             else:
-                prob = baseline_probabilities(m, frames, size, fit)
+                prob = baseline_probabilities(m, frames, size, fit, D.cfg if D else None)
             scores[m].append(
                 dm.evaluate_sequence(prob > threshold, gt, seq.name, c, backend=backend)
             )

@@ -13,6 +13,7 @@ from torch import Tensor, nn
 from vosgan.config import LossConfig
 from vosgan.models import DiscOutput, Discriminator, GenOutput
 from vosgan.nn import FlowWarpLoss
+from vosgan.refine import colour_bilateral
 
 
 def d_adversarial(real_logit: Tensor, fake_logit: Tensor, kind: str = "nonsaturating") -> Tensor:
@@ -117,7 +118,13 @@ def otsu_threshold(values: Tensor, bins: int = 64) -> Tensor:
     return ((between.argmax(1) + 1) * width.squeeze(1)).where(hi.squeeze(1) > 0, 0.0)
 
 
-def motion_mask(flow: Tensor, span: int = 0) -> Tensor:
+def motion_mask(
+    flow: Tensor,
+    span: int = 0,
+    guide: Tensor | None = None,
+    radius: int = 4,
+    sigma: float = 0.1,
+) -> Tensor:
     """What moves, by a flow field alone: ``|u|`` above each clip's :func:`otsu_threshold`.
 
     ``flow (B, 2, T-1, H, W)`` (pixels) -> binary ``(B, 1, T, H, W)`` in ``flow``'s dtype. With
@@ -128,6 +135,11 @@ def motion_mask(flow: Tensor, span: int = 0) -> Tensor:
     A learned flow bleeds past a moving object's edges; the bleed ahead of the object and behind
     it is transient, so the minimum drops it, at the cost of thinning the mask along the motion. A
     clip with no motion at all gets an empty mask.
+
+    With ``guide`` (the video, ``(B, C, T, H, W)``) the speed is first averaged over similar
+    colours of each frame (:func:`colour_bilateral` with ``radius`` and ``sigma``): the bleed
+    sideways of an object, which the minimum keeps, takes the still background's speed, and
+    the object's inside its own.
     """
     if span < 0:
         raise ValueError(f"span must be >= 0, got {span}")
@@ -137,6 +149,8 @@ def motion_mask(flow: Tensor, span: int = 0) -> Tensor:
     frames = torch.arange(pairs + 1, device=flow.device).unsqueeze(1)
     offsets = torch.arange(-span, max(span, 1), device=flow.device)
     speed = speed[:, (frames + offsets).clamp(0, pairs - 1)].amin(2).unsqueeze(1)  # (B,1,T,H,W)
+    if guide is not None:
+        speed = colour_bilateral(speed, guide, radius, sigma)
     threshold = otsu_threshold(speed.flatten(1))
     return (speed > threshold.view(-1, 1, 1, 1, 1)).to(flow.dtype)
 
@@ -190,7 +204,9 @@ class VosGanLoss(nn.Module):
             parts["d_seg"] = segmentation_loss(d_fake.seg_logit, fake.mask, c.seg_balance)
             total = total + c.segmentation * parts["d_seg"]
         if motion_seg and c.motion_seg > 0:
-            moving = motion_mask(d_real.flow.detach().float(), c.motion_span)
+            guide = real if c.motion_guide > 0 else None
+            flow = d_real.flow.detach().float()
+            moving = motion_mask(flow, c.motion_span, guide, c.motion_guide_radius, c.motion_guide)
             parts["d_motion_seg"] = segmentation_loss(d_real.seg_logit, moving, c.seg_balance)
             total = total + c.motion_seg * parts["d_motion_seg"]
         if c.flow > 0 or c.flow_smoothness > 0:

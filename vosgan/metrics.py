@@ -9,7 +9,7 @@ pixels (channel 0 = x, 1 = y), forward from frame ``t`` to ``t + 1`` (see
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 
 import torch
@@ -151,7 +151,9 @@ def frame_difference_baseline(video: Tensor) -> dict[str, Tensor]:
 class EvalResult:
     """Scores over a set of clips. IoU: mean over all frames; EPE: mean over all pixels (``epe``)
     and over ground-truth foreground pixels (``epe_fg``), pooled over clips; ``baseline_*``: the
-    same numbers for :func:`frame_difference_baseline` on the same videos."""
+    same numbers for :func:`frame_difference_baseline` on the same videos. ``iou`` scores the
+    segmentation as refined (``model.seg_refine``), ``iou_head`` the head's own, and likewise
+    ``baseline_iou`` and ``baseline_iou_head`` (equal when nothing is refined)."""
 
     iou: float
     epe: float
@@ -160,6 +162,8 @@ class EvalResult:
     baseline_epe: float
     baseline_epe_fg: float
     num_clips: int
+    iou_head: float
+    baseline_iou_head: float
 
     def as_dict(self) -> dict[str, float | int]:
         return asdict(self)
@@ -193,6 +197,7 @@ class _Totals:
 
 def evaluate_predictions(
     batches: Iterable[tuple[dict[str, Tensor], dict[str, Tensor]]],
+    refine: Callable[[Tensor, Tensor], Tensor] | None = None,
 ) -> EvalResult:
     """Score predictions against ground truth, and the frame-difference baseline alongside.
 
@@ -200,12 +205,17 @@ def evaluate_predictions(
         batches: pairs ``(batch, pred)``: ``batch`` as returned by
             :meth:`vosgan.data.SyntheticVideos.batch` (``video (B, 3, T, H, W)``, ``mask
             (B, 1, T, H, W)``, ``flow (B, 2, T-1, H, W)``) and ``pred`` with ``seg (B, 1, T, H, W)``
-            probabilities and ``flow (B, 2, T-1, H, W)`` pixels (any device; moved to the CPU).
+            probabilities and ``flow (B, 2, T-1, H, W)`` pixels (any device; moved to the CPU),
+            and optionally ``seg_head``, the unrefined segmentation (scored as ``iou_head``).
+        refine: ``refine(seg, video) -> seg`` applied to the baseline's segmentation as it was
+            to the predictions' (:func:`vosgan.refine.refine_segmentation`), so that both are
+            scored alike; None: the baseline unrefined.
 
     Returns:
         :class:`EvalResult` (IoU pooled over frames, EPE pooled over pixels).
     """
     model, base = _Totals(), _Totals()
+    head_iou = base_head_iou = 0.0
     clips = 0
     for batch, pred in batches:
         for key in ("video", "mask", "flow"):
@@ -219,12 +229,24 @@ def evaluate_predictions(
         _check_pair("evaluate_predictions (pred seg vs batch mask)", seg, mask, 1)
         _check_pair("evaluate_predictions (pred flow vs batch flow)", flow, gt, 2)
         model.add(seg, flow, mask, gt)
+        head = pred.get("seg_head", pred["seg"]).detach().cpu()
+        _check_pair("evaluate_predictions (pred seg_head vs batch mask)", head, mask, 1)
+        head_iou += float(segmentation_iou(head, mask).sum())
         baseline = frame_difference_baseline(video)
+        base_head_iou += float(segmentation_iou(baseline["seg"], mask).sum())
+        if refine is not None:
+            baseline["seg"] = refine(baseline["seg"], video)
         base.add(baseline["seg"], baseline["flow"], mask, gt)
         clips += video.shape[0]
     if clips == 0:
         raise ValueError("evaluate_predictions: no batches")
-    return EvalResult(*model.means(), *base.means(), num_clips=clips)
+    return EvalResult(
+        *model.means(),
+        *base.means(),
+        num_clips=clips,
+        iou_head=head_iou / model.frames,
+        baseline_iou_head=base_head_iou / base.frames,
+    )
 
 
 __all__ = [

@@ -24,6 +24,7 @@ from vosgan.distributed import DistEnv
 from vosgan.evaluate import evaluate_model, predict
 from vosgan.metrics import frame_difference_saliency, segmentation_iou
 from vosgan.models import Discriminator
+from vosgan.refine import refine_segmentation
 
 NO_FLOW = "flow EPE skipped: real video has no ground-truth flow"
 NO_MASKS = "segmentation IoU skipped: the data has no masks"
@@ -94,7 +95,8 @@ class Evaluator:
     """Scores D on the first ``num_clips`` validation clips of ``cfg.data.source``.
 
     Synthetic data: :class:`vosgan.metrics.EvalResult` as a dict. Real video: ``iou`` and
-    ``baseline_iou`` over the clips that have masks (pooled over frames), ``num_clips``, and
+    ``baseline_iou`` over the clips that have masks (pooled over frames; both refined as
+    ``model.seg_refine`` says, ``iou_head`` and ``baseline_iou_head`` unrefined), ``num_clips``, and
     ``skipped``, the reasons for what could not be measured. The real validation set is opened
     once, on first use (or by :meth:`open`).
     """
@@ -117,7 +119,7 @@ class Evaluator:
     @torch.no_grad()
     def _real(self, D: Discriminator) -> dict[str, Any]:
         n, bs = min(self.num_clips, len(self._data)), self.cfg.data.batch_size
-        iou = base = 0.0
+        sums = dict.fromkeys(("iou", "iou_head", "base", "base_head"), 0.0)
         frames = clips = 0
         was_training = D.training
         D.eval()
@@ -127,19 +129,26 @@ class Evaluator:
                 clips += batch["video"].shape[0]
                 if "mask" not in batch:
                     continue
-                seg = predict(D, batch["video"].to(self.device), flow=False)["seg"].cpu()
-                iou += float(segmentation_iou(seg, batch["mask"]).sum())
-                base += float(
-                    segmentation_iou(frame_difference_saliency(batch["video"]), batch["mask"]).sum()
-                )
-                frames += seg.shape[0] * seg.shape[2]
+                video, mask = batch["video"], batch["mask"]
+                pred = predict(D, video.to(self.device), flow=False)
+                fd = frame_difference_saliency(video)
+                for total, seg in (
+                    ("iou", pred["seg"].cpu()),
+                    ("iou_head", pred["seg_head"].cpu()),
+                    ("base", refine_segmentation(fd, video, D.cfg)),
+                    ("base_head", fd),
+                ):
+                    sums[total] += float(segmentation_iou(seg, mask).sum())
+                frames += video.shape[0] * video.shape[2]
         finally:
             D.train(was_training)
         if not frames:
             return {"num_clips": clips, "skipped": [NO_MASKS, NO_FLOW]}
         return {
-            "iou": iou / frames,
-            "baseline_iou": base / frames,
+            "iou": sums["iou"] / frames,
+            "baseline_iou": sums["base"] / frames,
+            "iou_head": sums["iou_head"] / frames,
+            "baseline_iou_head": sums["base_head"] / frames,
             "num_clips": clips,
             "skipped": [NO_FLOW],
         }
@@ -153,6 +162,8 @@ def describe(result: dict[str, Any]) -> str:
             f"segmentation IoU {result['iou']:.3f} vs frame-difference baseline "
             f"{result['baseline_iou']:.3f}"
         )
+        if "iou_head" in result and result["iou_head"] != result["iou"]:
+            parts.append(f"unrefined {result['iou_head']:.3f} vs {result['baseline_iou_head']:.3f}")
     if "epe" in result:
         parts.append(
             f"flow EPE {result['epe']:.3f} px (foreground {result['epe_fg']:.3f}) vs "
