@@ -96,7 +96,14 @@ def test_generate_writes_exactly_the_out_path(name, tmp_path, ckpt, capsys) -> N
 def test_evaluate_creates_the_json_folder(tmp_path, ckpt, capsys) -> None:
     out = tmp_path / "new" / "e.json"
     assert evaluate.main(["--checkpoint", str(ckpt), "--clips", "1", "--json", str(out)]) == 0
-    assert json.loads(out.read_text())["num_clips"] == 1
+    result = json.loads(out.read_text())
+    assert result["num_clips"] == 1
+    assert result["baseline_iou"] != result["baseline_iou_head"]  # refined by default
+    argv = ["--checkpoint", str(ckpt), "--clips", "1", "--unrefined", "--json", str(out)]
+    assert evaluate.main(argv) == 0
+    plain = json.loads(out.read_text())
+    assert plain["iou"] == plain["iou_head"] == result["iou_head"]
+    assert plain["baseline_iou"] == plain["baseline_iou_head"] == result["baseline_iou_head"]
 
 
 @pytest.mark.parametrize("key", ["config", "G", "D"])

@@ -203,6 +203,7 @@ def test_davis_evaluation_cli(
     assert hashlib.sha256(ckpt.read_bytes()).hexdigest() in card["checkpoint"]
     assert "T=16 frames, stride 8" in card["window"] and "short side 32" in card["resolution"]
     assert "(213x120: 2)" in card["measures"]  # ceil(0.008 * 244.5) px at the test size
+    assert "model.seg_refine=0.1, radius 6 px" in card["refinement"]
     assert (out / "davis_protocol.md").read_text().startswith("# DAVIS J&F")
     allfg = res["methods"]["all-foreground"]
     assert allfg["mean"]["F_mean"] == 0.0  # a full mask has no boundary

@@ -14,7 +14,9 @@ and three baselines scored by the same code (:mod:`vosgan.davis_metrics`): J and
 ``--checkpoint`` only the baselines are scored. Baselines (nothing learned, nothing tuned):
 
 - ``frame-difference``: :func:`vosgan.metrics.frame_difference_saliency` on the whole sequence
-  at the working resolution (the model's input size), upsampled, ``> threshold``;
+  at the working resolution (the model's input size), refined by colour as the checkpoint's D
+  segmentation is (``model.seg_refine``; ``--unrefined`` turns it off for both), upsampled,
+  ``> threshold``;
 - ``all-foreground``: every pixel foreground;
 - ``centre-prior``: a Gaussian centred in the frame whose 0.5 level set (the mask at the default
   threshold) is the ellipse with semi-axes W/4 and H/4 (the middle half of each axis, 19.6% of
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import datetime
 import json
 import math
@@ -130,9 +133,10 @@ def write_samples(
 
 
 def load_models(
-    ckpt_path: str | Path, device: torch.device
+    ckpt_path: str | Path, device: torch.device, refine: bool = True
 ) -> tuple[Config, Generator, Discriminator, dict]:
-    """Rebuild G and D from a checkpoint (its own config decides the architecture).
+    """Rebuild G and D from a checkpoint (its own config decides the architecture);
+    ``refine=False`` turns ``model.seg_refine`` off (D's segmentation as its head gives it).
 
     Raises:
         FileNotFoundError: no such checkpoint.
@@ -144,6 +148,8 @@ def load_models(
         if key not in ckpt:
             raise ValueError(f"checkpoint {ckpt['path']} has no {key!r} entry (damaged file?)")
     cfg = checkpoint.checkpoint_config(ckpt)
+    if not refine:
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, seg_refine=0.0))
     G, D = Generator(cfg.model).to(device), Discriminator(cfg.model).to(device)
     try:
         G.load_state_dict(ckpt["G"])
@@ -368,18 +374,26 @@ def davis_protocol(
     backend: str,
     max_frames: int | None,
     ckpt: dict[str, Any] | None,
+    cfg: ModelConfig | None = None,
 ) -> dict[str, Any]:
     """The protocol card: everything a reader needs to reproduce or compare the numbers."""
     radii = ", ".join(
         sorted({f"{w}x{h}: {dm.boundary_radius(h, w)}" for h, w in result["frame_sizes"].values()})
     )
     model = "none (baselines only)"
+    refine = "none"
     if ckpt is not None:
         digest = checkpoint.sha256_file(ckpt["path"])
         model = (
             f"{ckpt['path']} (sha256 {digest}, step {ckpt['step']}, "
             f"model.size={size}, model.frames={frames_per_window})"
         )
+        if cfg is not None and cfg.seg_refine > 0:
+            refine = (
+                f"D's segmentation and the frame difference averaged over similar colours "
+                f"(model.seg_refine={cfg.seg_refine}, radius {cfg.seg_refine_radius} px at the "
+                "working size)"
+            )
     window = (
         "n/a"
         if frames_per_window is None
@@ -400,6 +414,7 @@ def davis_protocol(
         "resolution": f"working size: short side {size} px ({fit}), predictions upsampled "
         "(bilinear) to the frame size, scored against full-size masks",
         "window": window,
+        "refinement": refine,
         "threshold": f"foreground if probability > {threshold}",
         "checkpoint": model,
         "baselines": ", ".join(m for m in result["methods"] if m != "model")
@@ -414,7 +429,7 @@ def _davis_main(args: argparse.Namespace) -> int:
     D, ckpt, frames = None, None, None
     size = args.size or DEFAULT_SIZE
     if args.checkpoint:
-        cfg, _, D, ckpt = load_models(args.checkpoint, args.device)
+        cfg, _, D, ckpt = load_models(args.checkpoint, args.device, not args.unrefined)
         if args.size is not None and args.size != cfg.model.size:
             raise ValueError(
                 f"--size {args.size} differs from the checkpoint's resolution "
@@ -447,6 +462,7 @@ def _davis_main(args: argparse.Namespace) -> int:
         backend=args.f_backend,
         max_frames=args.max_frames,
         ckpt=ckpt,
+        cfg=D.cfg if D is not None else None,
     )
     print(protocol_card(protocol))
     print(format_table(result))
@@ -467,6 +483,12 @@ def main(argv: list[str] | None = None) -> int:
         type=cli.int_at_least(1),
         default=None,
         help="held-out clips (default: train.eval_clips)",
+    )
+    p.add_argument(
+        "--unrefined",
+        action="store_true",
+        help="score D's segmentation as its head gives it, without model.seg_refine (the "
+        "frame-difference baseline alike)",
     )
     cli.add_device(p)
     cli.add_json(p, "the result")
@@ -541,7 +563,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 2
     try:
-        cfg, _, D, ckpt = load_models(args.checkpoint, args.device)
+        cfg, _, D, ckpt = load_models(args.checkpoint, args.device, not args.unrefined)
     except (FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
