@@ -268,6 +268,7 @@ def evaluate_davis(
     if not seqs:
         raise ValueError(f"no sequence with masks under {root}")
     names = (("model",) if D is not None else ()) + tuple(methods)
+    refine = D.cfg if D is not None else None  # the frame difference is refined as D's seg is
     scores: dict[str, list[dm.SequenceScore]] = {m: [] for m in names}
     sizes: dict[str, list[int]] = {}
     for seq in seqs:
@@ -280,7 +281,7 @@ def evaluate_davis(
             if m == "model" and D is not None and frames_per_window is not None:
                 prob = segment_frames(D, frames, frames_per_window, size, stride, fit)
             else:
-                prob = baseline_probabilities(m, frames, size, fit, D.cfg if D else None)
+                prob = baseline_probabilities(m, frames, size, fit, refine)
             scores[m].append(
                 dm.evaluate_sequence(prob > threshold, gt, seq.name, c, backend=backend)
             )
