@@ -52,6 +52,7 @@ def test_overrides_are_typed():
         ({"loss.motion_seg": "-1"}, "loss.motion_seg must be finite and >= 0, got -1"),
         ({"loss.motion_seg_start": "-5"}, "loss.motion_seg_start must be >= 0, got -5"),
         ({"loss.motion_span": "-1"}, "loss.motion_span must be >= 0, got -1"),
+        ({"loss.motion_camera": "median"}, "loss.motion_camera must be one of"),
         ({"model.flow_scale": "-inf"}, "model.flow_scale must be finite, got -inf"),
         (
             {"model.flow_decoder": "shared"},
@@ -113,3 +114,7 @@ def test_configs_saved_before_a_field_keep_their_behaviour():
     assert C.from_dict(saved).model.seg_refine == C.ModelConfig().seg_refine > 0
     del saved["model"]["seg_refine"]
     assert C.from_dict(saved).model.seg_refine == 0.0
+    # and the pseudo-labels read D's flow uncompensated before loss.motion_camera existed
+    assert C.from_dict(saved).loss.motion_camera == C.LossConfig().motion_camera == "auto"
+    del saved["loss"]["motion_camera"]
+    assert C.from_dict(saved).loss.motion_camera == "none"

@@ -30,6 +30,8 @@ TINY = [
     "--train.eval_clips=2",
     "--train.steps=2",
     "--data.crop=random",
+    # the second step trains on the motion pseudo-labels, camera-compensated on real video
+    "--loss.motion_seg_start=1",
 ]
 
 

@@ -233,3 +233,73 @@ def test_motion_mask_guide_drops_bleed_beside_a_moving_patch():
     assert plain[0, 0, 2, 3].any() and plain[0, 0, 2, 8].any()  # the bleed rows
     assert not guided[0, 0, :, 3].any() and not guided[0, 0, :, 8].any()
     assert (guided & ~truth).sum() == 0 and (guided & truth).sum() >= (plain & truth).sum()
+
+
+def _affine_field(h: int, w: int, a: tuple[float, ...]) -> torch.Tensor:
+    """``(2, h, w)``: ``u = a0 + a1 x + a2 y``, ``v = a3 + a4 x + a5 y`` on [-1, 1] coordinates."""
+    ys, xs = torch.meshgrid(torch.linspace(-1, 1, h), torch.linspace(-1, 1, w), indexing="ij")
+    return torch.stack([a[0] + a[1] * xs + a[2] * ys, a[3] + a[4] * xs + a[5] * ys])
+
+
+def test_camera_motion_recovers_an_affine_field_around_a_moving_object():
+    """Pan, zoom and shear in every frame pair (a different one per clip and pair) plus an
+    object covering a fifth of the frame moving its own way: the fit is the camera's field, the
+    object's pixels excluded; a still camera fits to zero."""
+    b, p, h, w = 2, 3, 12, 15
+    g = torch.Generator().manual_seed(3)
+    flow = torch.empty(b, 2, p, h, w)
+    camera = torch.empty_like(flow)
+    for i in range(b):
+        for j in range(p):
+            camera[i, :, j] = _affine_field(h, w, (4 * torch.rand(6, generator=g) - 2).tolist())
+    flow.copy_(camera)
+    flow[:, :, :, 3:8, 4:11] += torch.tensor([2.5, -3.0]).view(1, 2, 1, 1, 1)  # 35 of 180 px
+    torch.testing.assert_close(L.camera_motion(flow), camera, atol=1e-4, rtol=0)
+    assert L.camera_motion(torch.zeros(1, 2, 2, 6, 7)).abs().max() == 0
+    with pytest.raises(ValueError, match="keep"):
+        L.camera_motion(flow, keep=0.0)
+
+
+def test_motion_mask_camera_finds_the_object_a_panning_camera_follows():
+    """A tracking shot: the camera pans with the object, so the background sweeps past at 3 px
+    per frame and the object stands still in the frame. Speed alone marks the background;
+    minus the camera's motion, the object."""
+    b, t, h, w = 1, 4, 16, 16
+    noise = 0.05 * torch.randn(b, 2, t - 1, h, w, generator=torch.Generator().manual_seed(4))
+    flow = torch.zeros(b, 2, t - 1, h, w)
+    flow[:, 0] = -3.0  # the background moves left as the camera pans right
+    obj = torch.zeros(b, 1, t, h, w, dtype=torch.bool)
+    obj[..., 5:11, 6:10] = True
+    flow[:, 0][obj[:, 0, 1:]] = 0.0
+    flow = flow + noise
+    plain = L.motion_mask(flow, span=1).bool()
+    compensated = L.motion_mask(flow, span=1, camera=True).bool()
+    assert torch.equal(plain, ~obj)
+    assert torch.equal(compensated, obj)
+
+
+@pytest.mark.parametrize(
+    ("setting", "real_video", "on"),
+    [("auto", True, True), ("auto", False, False), ("affine", False, True), ("none", True, False)],
+)
+def test_camera_compensation_follows_the_config_and_the_data(setting, real_video, on):
+    """``loss.motion_camera=auto`` compensates on real video only (the synthetic camera never
+    moves), and the pseudo-labels the D loss trains on are the compensated ones."""
+    cfg = LossConfig(
+        segmentation=0, flow=0, flow_smoothness=0, motion_seg=1.0, motion_camera=setting
+    )
+    loss = L.VosGanLoss(cfg, real_video=real_video)
+    assert loss.camera is on
+    b, t, s = 2, 4, 16
+    flow = torch.zeros(b, 2, t - 1, s, s)
+    flow[:, 0] = -3.0
+    flow[:, 0, :, 5:11, 6:10] = 0.0  # the tracked object stands still
+    logit = torch.full((b, 1, t, s, s), -8.0)
+    logit[..., 5:11, 6:10] = 8.0  # D segments the object
+    d_real = DiscOutput(logit=torch.zeros(b), seg_logit=logit, flow=flow)
+    d_fake = DiscOutput(logit=torch.zeros(b), seg_logit=logit, flow=None)
+    zeros = torch.zeros(b, 3, t, s, s)
+    fake = GenOutput(video=zeros, fg=zeros, mask=zeros[:, :1], bg=zeros[:, :, 0])
+    _, parts = loss.discriminator(zeros, d_real, fake, d_fake, motion_seg=True)
+    # D's segmentation of the object agrees with the compensated pseudo-labels only
+    assert (parts["d_motion_seg"].item() < 0.01) is on

@@ -118,12 +118,56 @@ def otsu_threshold(values: Tensor, bins: int = 64) -> Tensor:
     return ((between.argmax(1) + 1) * width.squeeze(1)).where(hi.squeeze(1) > 0, 0.0)
 
 
+def _solve3(a: Tensor, b: Tensor) -> Tensor:
+    """``a^-1 b`` for symmetric positive definite ``a (N, 3, 3)``, ``b (N, 3, K)``, by the
+    adjugate: elementwise arithmetic only, so no host sync (CUDA graphs) and no LAPACK call."""
+    r0, r1, r2 = a.unbind(1)
+    adj = torch.stack(
+        [torch.linalg.cross(r1, r2), torch.linalg.cross(r2, r0), torch.linalg.cross(r0, r1)], 1
+    )  # rows of a^-1 * det for symmetric a
+    det = (r0 * adj[:, 0]).sum(-1)
+    return adj @ b / det.clamp_min(1e-12)[:, None, None]
+
+
+def camera_motion(flow: Tensor, keep: float = 0.7, refits: int = 2) -> Tensor:
+    """The camera's share of a flow field: per clip and frame pair, the affine field
+    ``a + b x + c y`` (for each flow component) that fits ``flow`` best by least squares, fitted
+    again ``refits`` times on the ``keep`` fraction of pixels the last fit explained best. An
+    object moving against the camera is explained worst and drops out of the fit.
+
+    ``flow (B, 2, P, H, W)`` (pixels) -> the fitted field, float32, same shape. A still camera
+    fits to about zero; pans, tilts, zooms and in-plane rotations are affine.
+    """
+    if not 0 < keep <= 1:
+        raise ValueError(f"keep must be in (0, 1], got {keep}")
+    b, _, p, h, w = flow.shape
+    f = flow.float().permute(0, 2, 3, 4, 1).reshape(b * p, h * w, 2)
+    ys, xs = torch.meshgrid(
+        torch.linspace(-1, 1, h, device=flow.device),
+        torch.linspace(-1, 1, w, device=flow.device),
+        indexing="ij",
+    )
+    basis = torch.stack([torch.ones_like(xs), xs, ys], -1).view(h * w, 3)
+    weight = f.new_ones(b * p, h * w, 1)
+    kept = int(keep * (h * w - 1)) + 1  # the pixels up to the keep-quantile of the residuals
+    for fit_round in range(refits + 1):
+        weighted = (basis * weight).transpose(1, 2)  # (BP, 3, HW)
+        coef = _solve3(weighted @ basis, weighted @ f)  # (BP, 3, 2)
+        fit = basis @ coef  # (BP, HW, 2)
+        if fit_round < refits:
+            residual = (f - fit).norm(dim=-1)
+            cut = residual.kthvalue(kept, dim=1, keepdim=True).values
+            weight = (residual <= cut).unsqueeze(-1).float()
+    return fit.view(b, p, h, w, 2).permute(0, 4, 1, 2, 3)
+
+
 def motion_mask(
     flow: Tensor,
     span: int = 0,
     guide: Tensor | None = None,
     radius: int = 4,
     sigma: float = 0.1,
+    camera: bool = False,
 ) -> Tensor:
     """What moves, by a flow field alone: ``|u|`` above each clip's :func:`otsu_threshold`.
 
@@ -140,9 +184,15 @@ def motion_mask(
     colours of each frame (:func:`colour_bilateral` with ``radius`` and ``sigma``): the bleed
     sideways of an object, which the minimum keeps, takes the still background's speed, and
     the object's inside its own.
+
+    With ``camera`` the speed is that of ``flow`` minus :func:`camera_motion` (what moves
+    against a moving camera): in real video the background sweeps past whenever the camera
+    pans.
     """
     if span < 0:
         raise ValueError(f"span must be >= 0, got {span}")
+    if camera:
+        flow = flow - camera_motion(flow)
     speed = torch.hypot(flow[:, 0], flow[:, 1])  # norm(dim=1) took 50 ms to its 0.7 (CPU, B=8)
     pairs = speed.shape[1]
     # pair index read by frame t at each offset: (T, 2k), or (T, 1) = min(t, T-2) when k = 0
@@ -164,9 +214,12 @@ def r1_penalty(logit: Tensor, inputs: Tensor) -> Tensor:
 class VosGanLoss(nn.Module):
     """All VOS-GAN objectives; weights from :class:`vosgan.config.LossConfig`."""
 
-    def __init__(self, cfg: LossConfig) -> None:
+    def __init__(self, cfg: LossConfig, real_video: bool = False) -> None:
+        """``real_video``: training reads real clips (``data.source`` a path), which switches
+        camera-motion compensation of the pseudo-labels on under ``loss.motion_camera=auto``."""
         super().__init__()
         self.cfg = cfg
+        self.camera = cfg.motion_camera == "affine" or (cfg.motion_camera == "auto" and real_video)
         self.warp = FlowWarpLoss(eps=cfg.charbonnier_eps, impl="reference")
 
     @property
@@ -206,7 +259,9 @@ class VosGanLoss(nn.Module):
         if motion_seg and c.motion_seg > 0:
             guide = real if c.motion_guide > 0 else None
             flow = d_real.flow.detach().float()
-            moving = motion_mask(flow, c.motion_span, guide, c.motion_guide_radius, c.motion_guide)
+            moving = motion_mask(
+                flow, c.motion_span, guide, c.motion_guide_radius, c.motion_guide, self.camera
+            )
             parts["d_motion_seg"] = segmentation_loss(d_real.seg_logit, moving, c.seg_balance)
             total = total + c.motion_seg * parts["d_motion_seg"]
         if c.flow > 0 or c.flow_smoothness > 0:

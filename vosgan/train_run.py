@@ -200,7 +200,7 @@ def build_run(
     opts = step_options(cfg, device, fused, env)
     torch.manual_seed(cfg.train.seed)
     G, D = Generator(cfg.model).to(device), Discriminator(cfg.model).to(device)
-    loss = VosGanLoss(cfg.loss).to(device)
+    loss = VosGanLoss(cfg.loss, real_video=cfg.data.source != "synthetic").to(device)
     if cfg.train.sync_bn and env.enabled:
         # Before fusing: a block whose BN is synchronized is not fused (the fused BN kernel
         # computes per-rank statistics): those blocks keep the reference BatchNorm.
