@@ -153,11 +153,18 @@ def test_graph_replays_train_like_eager(fused, cl, no_tf32):
 
 
 @requires_cuda
-def test_motion_pseudo_labels_start_a_graph_of_their_own(no_tf32):
+@pytest.mark.parametrize("camera", ["none", "affine"])
+def test_motion_pseudo_labels_start_a_graph_of_their_own(no_tf32, camera):
     """Without R1, steps 0-2 are one phase and steps 3-7 (loss.motion_seg_start=3) another:
     each runs eagerly twice and is captured, and the replays, motion pseudo-labels included
-    (a histogram, argmax and gather inside the graph), follow the eager run's losses."""
-    extra = {"loss.r1": 0.0, "loss.motion_seg": 1.0, "loss.motion_seg_start": 3}
+    (a histogram, argmax and gather inside the graph; with ``affine`` also the camera's
+    least-squares fit and its k-th value cut), follow the eager run's losses."""
+    extra = {
+        "loss.r1": 0.0,
+        "loss.motion_seg": 1.0,
+        "loss.motion_seg_start": 3,
+        "loss.motion_camera": camera,
+    }
     eager_logs, _, _ = _steps(False, True, False, 8, **extra)
     graph_logs, _, step = _steps(True, True, False, 8, **extra)
     assert step.captured == [(False, False), (False, True)]
