@@ -141,24 +141,29 @@ def camera_motion(flow: Tensor, keep: float = 0.7, refits: int = 2) -> Tensor:
     if not 0 < keep <= 1:
         raise ValueError(f"keep must be in (0, 1], got {keep}")
     b, _, p, h, w = flow.shape
-    f = flow.float().permute(0, 2, 3, 4, 1).reshape(b * p, h * w, 2)
+    f = flow.float().transpose(1, 2).reshape(b * p, 2, h * w).contiguous()
     ys, xs = torch.meshgrid(
         torch.linspace(-1, 1, h, device=flow.device),
         torch.linspace(-1, 1, w, device=flow.device),
         indexing="ij",
     )
-    basis = torch.stack([torch.ones_like(xs), xs, ys], -1).view(h * w, 3)
-    weight = f.new_ones(b * p, h * w, 1)
+    xs, ys = xs.reshape(-1), ys.reshape(-1)
+    basis = torch.stack([torch.ones_like(xs), xs, ys], 1)  # (HW, 3)
+    # the normal equations' matrix from six weighted moments: 1, x, y, xx, xy, yy
+    moments = torch.stack([torch.ones_like(xs), xs, ys, xs * xs, xs * ys, ys * ys], 1)
+    gram_index = torch.tensor([[0, 1, 2], [1, 3, 4], [2, 4, 5]], device=flow.device)
+    weight = f.new_ones(b * p, 1, h * w)
     kept = int(keep * (h * w - 1)) + 1  # the pixels up to the keep-quantile of the residuals
     for fit_round in range(refits + 1):
-        weighted = (basis * weight).transpose(1, 2)  # (BP, 3, HW)
-        coef = _solve3(weighted @ basis, weighted @ f)  # (BP, 3, 2)
-        fit = basis @ coef  # (BP, HW, 2)
+        gram = (weight[:, 0] @ moments)[:, gram_index]  # (BP, 3, 3)
+        rhs = ((f * weight).view(b * p * 2, h * w) @ basis).view(b * p, 2, 3)
+        c = _solve3(gram, rhs.transpose(1, 2)).transpose(1, 2).unsqueeze(-1)  # (BP, 2, 3, 1)
+        fit = c[:, :, 0] + c[:, :, 1] * xs + c[:, :, 2] * ys  # (BP, 2, HW)
         if fit_round < refits:
-            residual = (f - fit).norm(dim=-1)
+            residual = (f - fit).square().sum(1)  # squared: the same order, no square root
             cut = residual.kthvalue(kept, dim=1, keepdim=True).values
-            weight = (residual <= cut).unsqueeze(-1).float()
-    return fit.view(b, p, h, w, 2).permute(0, 4, 1, 2, 3)
+            weight = (residual <= cut).unsqueeze(1).float()
+    return fit.view(b, p, 2, h, w).transpose(1, 2)
 
 
 def motion_mask(
