@@ -151,11 +151,12 @@ def camera_motion(flow: Tensor, keep: float = 0.7, refits: int = 2) -> Tensor:
     basis = torch.stack([torch.ones_like(xs), xs, ys], 1)  # (HW, 3)
     # the normal equations' matrix from six weighted moments: 1, x, y, xx, xy, yy
     moments = torch.stack([torch.ones_like(xs), xs, ys, xs * xs, xs * ys, ys * ys], 1)
-    gram_index = torch.tensor([[0, 1, 2], [1, 3, 4], [2, 4, 5]], device=flow.device)
     weight = f.new_ones(b * p, 1, h * w)
     kept = int(keep * (h * w - 1)) + 1  # the pixels up to the keep-quantile of the residuals
     for fit_round in range(refits + 1):
-        gram = (weight[:, 0] @ moments)[:, gram_index]  # (BP, 3, 3)
+        m = weight[:, 0] @ moments  # (BP, 6)
+        # column picks, not an index tensor: no host-to-device copy (CUDA graph capture)
+        gram = torch.stack([m[:, i] for i in (0, 1, 2, 1, 3, 4, 2, 4, 5)], 1).view(-1, 3, 3)
         rhs = ((f * weight).view(b * p * 2, h * w) @ basis).view(b * p, 2, 3)
         c = _solve3(gram, rhs.transpose(1, 2)).transpose(1, 2).unsqueeze(-1)  # (BP, 2, 3, 1)
         fit = c[:, :, 0] + c[:, :, 1] * xs + c[:, :, 2] * ys  # (BP, 2, HW)
