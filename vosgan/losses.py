@@ -148,9 +148,9 @@ def camera_motion(flow: Tensor, keep: float = 0.7, refits: int = 2) -> Tensor:
         indexing="ij",
     )
     xs, ys = xs.reshape(-1), ys.reshape(-1)
-    basis = torch.stack([torch.ones_like(xs), xs, ys], 1)  # (HW, 3)
     # the normal equations' matrix from six weighted moments: 1, x, y, xx, xy, yy
     moments = torch.stack([torch.ones_like(xs), xs, ys, xs * xs, xs * ys, ys * ys], 1)
+    basis = moments[:, :3]  # (HW, 3): 1, x, y
     weight = f.new_ones(b * p, 1, h * w)
     kept = int(keep * (h * w - 1)) + 1  # the pixels up to the keep-quantile of the residuals
     for fit_round in range(refits + 1):
