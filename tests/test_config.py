@@ -54,6 +54,9 @@ def test_overrides_are_typed():
         ({"loss.motion_span": "-1"}, "loss.motion_span must be >= 0, got -1"),
         ({"loss.motion_camera": "median"}, "loss.motion_camera must be one of"),
         ({"model.flow_scale": "-inf"}, "model.flow_scale must be finite, got -inf"),
+        ({"train.d_ema": "1"}, r"train.d_ema must be in \[0, 1\) \(0 = off\), got 1.0"),
+        ({"train.d_ema": "-0.1"}, "train.d_ema must be in"),
+        ({"train.d_ema": "nan"}, "train.d_ema must be in .* got nan"),
         (
             {"model.flow_decoder": "shared"},
             "model.flow_encoder=separate needs model.flow_decoder=separate",
@@ -79,6 +82,7 @@ def test_edge_values_are_accepted():
         {"optim.lr_dense": "0", "train.device": "cuda:7", "loss.flow": "0", "data.batch_size": "2"},
     )
     assert cfg.optim.lr_dense == 0 and cfg.train.device == "cuda:7"
+    assert C.load("cpu-small", {"train.d_ema": "0"}).train.d_ema == 0  # off
 
 
 def test_unknown_preset_and_bad_cli_argument():
@@ -118,3 +122,7 @@ def test_configs_saved_before_a_field_keep_their_behaviour():
     assert C.from_dict(saved).loss.motion_camera == C.LossConfig().motion_camera == "auto"
     del saved["loss"]["motion_camera"]
     assert C.from_dict(saved).loss.motion_camera == "none"
+    # and no moving average of D's weights was kept before train.d_ema existed
+    assert C.from_dict(saved).train.d_ema == C.TrainConfig().d_ema > 0
+    del saved["train"]["d_ema"]
+    assert C.from_dict(saved).train.d_ema == 0.0

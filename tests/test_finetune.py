@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from vosgan import checkpoint, finetune
+from vosgan import checkpoint, evaluate, finetune
 
 CPU = torch.device("cpu")
 #: class -> (square colour, horizontal speed in pixels/frame): colour and motion both differ.
@@ -69,7 +69,9 @@ def ucf(tmp_path_factory):
 
 
 def d_state(path):
-    return {k: v.clone() for k, v in checkpoint.load_checkpoint(path)["D"].items()}
+    """D's weights as the tools load them: the moving average (D_ema) where the run kept one."""
+    ckpt = checkpoint.load_checkpoint(path)
+    return {k: v.clone() for k, v in ckpt[evaluate.d_weights(ckpt)].items()}
 
 
 def finetune_run(tmp_path, ucf, ckpt, *extra):
@@ -151,6 +153,7 @@ def test_frozen_head_learns_and_tests_on_the_test_list_only(tmp_path, ucf, ckpt)
     p = result["protocol"]
     assert (p["train_videos"], p["test_videos"], p["classes"], p["split"]) == (12, 6, 3, 1)
     assert p["frames"] == 16 and p["resolution"] == [32, 32] and p["feature_dim"] == 128
+    assert p["d_weights"] == "D_ema"  # the moving average of D's weights, as evaluated
     with open(tmp_path / "out" / "predictions.csv") as fh:
         rows = list(csv.DictReader(fh))
     tested = sorted(r["video"] for r in rows)  # paths relative to --data

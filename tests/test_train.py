@@ -38,6 +38,7 @@ def weights(path):
     return ckpt, {
         **{f"G.{k}": v for k, v in ckpt["G"].items()},
         **{f"D.{k}": v for k, v in ckpt["D"].items()},
+        **{f"D_ema.{k}": v for k, v in ckpt["D_ema"].items()},
     }
 
 
@@ -53,7 +54,7 @@ def test_run_folder_contents(tmp_path):
     assert any((out / "tb").iterdir())
     ckpt = checkpoint.load_checkpoint(out)
     assert ckpt["step"] == 2 and ckpt["data_position"] == 2
-    assert {"G", "D", "opt_g", "opt_d", "scaler", "rng", "config", "history"} <= set(ckpt)
+    assert {"G", "D", "D_ema", "opt_g", "opt_d", "scaler", "rng", "config", "history"} <= set(ckpt)
     assert not list((out / "checkpoints").glob(".*tmp*"))  # no temporary files left behind
 
 
@@ -363,6 +364,33 @@ def test_evaluate_and_generate_clis(tmp_path):
     assert res.returncode == 2 and "does not exist" in res.stderr
     res = cli("vosgan.generate", "--checkpoint", str(ckpt), "--out", str(tmp_path / "x.avi"))
     assert res.returncode == 2 and "argument --out: must end in" in res.stderr
+
+
+def test_d_weight_average_is_saved_evaluated_and_optional(tmp_path):
+    """train.d_ema: the checkpoint holds the average beside D's weights; the run's own final
+    evaluation and `evaluate` score the average, `--trained-weights` D's weights; 0 keeps none."""
+    assert run(tmp_path, "--train.steps=3") == 0
+    ckpt = checkpoint.load_checkpoint(tmp_path / "run")
+    assert ckpt["D_ema"].keys() == ckpt["D"].keys()
+    assert not torch.equal(ckpt["D_ema"]["real_fake.weight"], ckpt["D"]["real_fake.weight"])
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    scores = {}
+    for name, flags in (("avg", []), ("trained", ["--trained-weights"])):
+        out = tmp_path / f"{name}.json"
+        argv = ["--checkpoint", str(tmp_path / "run"), "--json", str(out), *flags]
+        assert evaluate.main(argv) == 0
+        scores[name] = json.loads(out.read_text())
+    assert scores["avg"]["d_weights"] == "D_ema" and scores["trained"]["d_weights"] == "D"
+    assert scores["avg"]["epe"] == pytest.approx(metrics["epe"], rel=1e-6)
+    assert scores["trained"]["epe"] != pytest.approx(metrics["epe"], rel=1e-6)
+    _, _, D, _ = evaluate.load_models(tmp_path / "run", torch.device("cpu"), average=False)
+    torch.testing.assert_close(D.state_dict(), dict(ckpt["D"]), rtol=0, atol=0)
+
+    assert run(tmp_path, "--train.steps=1", "--train.d_ema=0", name="off") == 0
+    off = checkpoint.load_checkpoint(tmp_path / "off")
+    assert "D_ema" not in off
+    _, _, D, _ = evaluate.load_models(tmp_path / "off", torch.device("cpu"))
+    torch.testing.assert_close(D.state_dict(), dict(off["D"]), rtol=0, atol=0)
 
 
 def test_backend_report_cli():

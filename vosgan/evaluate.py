@@ -5,6 +5,10 @@ clips, IoU of D's segmentation against the ground-truth masks and the end-point 
 flow against the ground-truth flow, next to a frame-difference baseline (segmentation) and zero
 flow, computed by the same metric code.
 
+Both modes score the moving average of D's weights that training keeps (``train.d_ema``,
+``D_ema`` in the checkpoint) when the checkpoint holds one; ``--trained-weights`` scores D's
+weights as trained.
+
 ``python -m vosgan.evaluate --davis ROOT [--checkpoint CKPT] --out DIR``: unsupervised video
 object segmentation on every sequence with masks under ``ROOT`` (layouts:
 :func:`vosgan.data.frames.find_sequences`): D's segmentation (:func:`vosgan.segment.segment_frames`)
@@ -132,11 +136,19 @@ def write_samples(
     return paths
 
 
+def d_weights(ckpt: dict[str, Any], average: bool = True) -> str:
+    """Which of the checkpoint's D weights :func:`load_models` loads: ``"D_ema"`` (the moving
+    average, ``train.d_ema``) when it holds one and ``average``, else ``"D"``."""
+    return "D_ema" if average and "D_ema" in ckpt else "D"
+
+
 def load_models(
-    ckpt_path: str | Path, device: torch.device, refine: bool = True
+    ckpt_path: str | Path, device: torch.device, refine: bool = True, average: bool = True
 ) -> tuple[Config, Generator, Discriminator, dict]:
     """Rebuild G and D from a checkpoint (its own config decides the architecture);
-    ``refine=False`` turns ``model.seg_refine`` off (D's segmentation as its head gives it).
+    ``refine=False`` turns ``model.seg_refine`` off (D's segmentation as its head gives it);
+    D gets the moving average of its weights when the checkpoint has one, unless ``average`` is
+    False (:func:`d_weights`).
 
     Raises:
         FileNotFoundError: no such checkpoint.
@@ -153,7 +165,7 @@ def load_models(
     G, D = Generator(cfg.model).to(device), Discriminator(cfg.model).to(device)
     try:
         G.load_state_dict(ckpt["G"])
-        D.load_state_dict(ckpt["D"])
+        D.load_state_dict(ckpt[d_weights(ckpt, average)])
     except RuntimeError as exc:
         raise ValueError(
             f"checkpoint {ckpt['path']}: the weights do not fit its config ({exc})"
@@ -376,6 +388,7 @@ def davis_protocol(
     max_frames: int | None,
     ckpt: dict[str, Any] | None,
     cfg: ModelConfig | None = None,
+    average: bool = True,
 ) -> dict[str, Any]:
     """The protocol card: everything a reader needs to reproduce or compare the numbers."""
     radii = ", ".join(
@@ -387,7 +400,12 @@ def davis_protocol(
         digest = checkpoint.sha256_file(ckpt["path"])
         model = (
             f"{ckpt['path']} (sha256 {digest}, step {ckpt['step']}, "
-            f"model.size={size}, model.frames={frames_per_window})"
+            f"model.size={size}, model.frames={frames_per_window}; D's weights: "
+            + (
+                "their moving average, D_ema)"
+                if d_weights(ckpt, average) == "D_ema"
+                else "as trained, D)"
+            )
         )
         if cfg is not None and cfg.seg_refine > 0:
             refine = (
@@ -430,7 +448,9 @@ def _davis_main(args: argparse.Namespace) -> int:
     D, ckpt, frames = None, None, None
     size = args.size or DEFAULT_SIZE
     if args.checkpoint:
-        cfg, _, D, ckpt = load_models(args.checkpoint, args.device, not args.unrefined)
+        cfg, _, D, ckpt = load_models(
+            args.checkpoint, args.device, not args.unrefined, not args.trained_weights
+        )
         if args.size is not None and args.size != cfg.model.size:
             raise ValueError(
                 f"--size {args.size} differs from the checkpoint's resolution "
@@ -464,6 +484,7 @@ def _davis_main(args: argparse.Namespace) -> int:
         max_frames=args.max_frames,
         ckpt=ckpt,
         cfg=D.cfg if D is not None else None,
+        average=not args.trained_weights,
     )
     print(protocol_card(protocol))
     print(format_table(result))
@@ -490,6 +511,12 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="score D's segmentation as its head gives it, without model.seg_refine (the "
         "frame-difference baseline alike)",
+    )
+    p.add_argument(
+        "--trained-weights",
+        action="store_true",
+        help="score D's weights as trained, not their moving average (train.d_ema) that the "
+        "checkpoint also holds",
     )
     cli.add_device(p)
     cli.add_json(p, "the result")
@@ -564,7 +591,9 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 2
     try:
-        cfg, _, D, ckpt = load_models(args.checkpoint, args.device, not args.unrefined)
+        cfg, _, D, ckpt = load_models(
+            args.checkpoint, args.device, not args.unrefined, not args.trained_weights
+        )
     except (FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -576,7 +605,11 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    result.update(step=ckpt["step"], checkpoint=ckpt["path"])
+    result.update(
+        step=ckpt["step"],
+        checkpoint=ckpt["path"],
+        d_weights=d_weights(ckpt, not args.trained_weights),
+    )
     print(json.dumps(result, indent=2))
     cli.write_json(args.json, result)
     return 0

@@ -41,7 +41,7 @@ from tqdm import tqdm
 from vosgan import checkpoint, cli
 from vosgan import config as config_mod
 from vosgan.config import Config, ConfigError
-from vosgan.evaluate import load_models
+from vosgan.evaluate import d_weights, load_models
 from vosgan.models import Discriminator
 from vosgan.train import amp_dtype
 
@@ -423,6 +423,7 @@ def run(args: argparse.Namespace) -> tuple[dict[str, Any], ActionClassifier]:
             "data_overrides": args.overrides,
             "checkpoint": ckpt["path"],
             "checkpoint_step": ckpt["step"],
+            "d_weights": d_weights(ckpt),  # D's encoder from its moving average where kept
             "seed": args.seed,
             "device": str(device),
             "seconds": round(time.perf_counter() - t0, 2),

@@ -324,7 +324,7 @@ def _train(
             checkpoint.save_atomic(run.state(), ckpt_path)
 
     def evaluate() -> dict[str, Any]:
-        result = evaluator(run.D)
+        result = evaluator(run.d_eval)
         for k, v in result.items():
             if isinstance(v, int | float):
                 writer.add_scalar(f"eval/{k}", v, run.step)
@@ -332,7 +332,7 @@ def _train(
         return result
 
     def sample() -> None:
-        write_samples(run.G, run.D, out / "samples" / f"step_{run.step:06d}", num=4)
+        write_samples(run.G, run.d_eval, out / "samples" / f"step_{run.step:06d}", num=4)
 
     bar = tqdm(
         total=t.steps,
@@ -348,6 +348,8 @@ def _train(
             real = batch["video"].to(device, non_blocking=True)
             pending.append((run.step, step(real)))
             run.step += 1
+            if run.d_ema is not None:
+                run.d_ema.update(run.D, run.step)
             bar.update(1)
             stop = distributed.any_rank(interrupt.requested)
             if run.step % t.log_every == 0 or run.step == t.steps:

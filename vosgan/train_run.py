@@ -19,6 +19,7 @@ from torch.nn.parallel import DistributedDataParallel
 from vosgan import backend, checkpoint, cli, distributed
 from vosgan.config import Config, ConfigError
 from vosgan.distributed import DistEnv
+from vosgan.ema import WeightAverage
 from vosgan.losses import VosGanLoss
 from vosgan.models import Discriminator, Generator
 from vosgan.nn import fuse_modules
@@ -63,6 +64,8 @@ class Run:
     then ``torch.compile`` with ``train.compile``), ``d_r1`` (DDP, never compiled: R1 needs double
     backward) and ``d_frozen`` (the plain D, maybe compiled: the G step's pass through D, whose
     parameters take no gradient then and must not trigger DDP's reduction).
+    ``d_ema`` is the moving average of D's weights (``train.d_ema``; None when off), which
+    :attr:`d_eval` gives evaluation and samples.
     """
 
     cfg: Config
@@ -83,8 +86,15 @@ class Run:
     idle_dense: bool = False  # under DDP, no loss reads D's dense heads (see wrap_models)
     channels_last: bool = False  # train.channels_last as resolved (step_options)
     cuda_graph: bool = False  # train.cuda_graph as resolved (step_options)
+    d_ema: WeightAverage | None = None
+
+    @property
+    def d_eval(self) -> Discriminator:
+        """The D that evaluation, samples and exports read: the average when kept, else D."""
+        return self.D if self.d_ema is None else self.d_ema.module
 
     def state(self) -> dict[str, Any]:
+        ema = {} if self.d_ema is None else {"D_ema": self.d_ema.state_dict()}
         return {
             "format": checkpoint.FORMAT,
             "config": self.cfg.to_dict(),
@@ -97,6 +107,7 @@ class Run:
             "rng": checkpoint.rng_state(),
             "data_position": self.step,
             "history": self.history,
+            **ema,
         }
 
     def load(self, ckpt: dict[str, Any]) -> None:
@@ -108,6 +119,10 @@ class Run:
             )
         self.G.load_state_dict(ckpt["G"])
         self.D.load_state_dict(ckpt["D"])
+        if self.d_ema is not None:
+            if "D_ema" not in ckpt:
+                say(self.env, f"train.d_ema: {ckpt['path']} has no average; it starts here")
+            self.d_ema.load_state_dict(ckpt.get("D_ema", ckpt["D"]))
         for opt, key in ((self.opt_g, "opt_g"), (self.opt_d, "opt_d")):
             # this run's choices (--fused, train.cuda_graph), not the saved ones
             mine = [{k: g[k] for k in ("fused", "capturable")} for g in opt.param_groups]
@@ -247,6 +262,7 @@ def build_run(
         env,
         channels_last=opts.channels_last,
         cuda_graph=opts.cuda_graph,
+        d_ema=WeightAverage(D, cfg.train.d_ema) if cfg.train.d_ema > 0 else None,
     )
 
 
