@@ -165,38 +165,67 @@ def _first_step(step: Callable[[], dict], run) -> dict[str, torch.Tensor]:
     return res
 
 
-#: Gradient tolerance of the fused step's check, a fraction of each gradient's max (fp32, CPU).
-#: A 1e-7 relative perturbation of the reference's own initial weights moves its gradients by up
-#: to 4e-6 of their max at cpu-small, but by 3e-2 at paper with batch 2 (BatchNorm over 2
-#: samples), where no bound separates rounding from a bug: there, and under bf16 autocast, only
-#: the loss parts are compared (the same fused ops are checked at cpu-small, and by the tests).
-#: Even at cpu-small rounding alone can cross it: built through the fused modules with every op
-#: forced to its reference (``VOSGAN_IMPL=reference``), D's decoder gradients moved by 6e-3 of
-#: their max (2026-11-26); the default fused paths stay within 1e-5.
+#: Gradient tolerance of the fused step's check, a fraction of each gradient's max (fp32, CPU),
+#: widened per gradient to twice its rounding scale (:func:`_rounding_scale`). Some first-step
+#: gradients are ill-conditioned: on the AMD EPYC box (2026-11-27) a 1e-7 relative perturbation
+#: of G's initial weights moved the reference's own D decoder gradients by up to 6.1e-3 of their
+#: max, and the fused step's differed from the reference's by up to 2.3e-3 there (the fused GRU
+#: alone, in the reference step, took it past 1e-4); every other gradient moved by at most
+#: about 4e-6 of its max, so 1e-4 still binds there. At ``paper`` with batch 2 (BatchNorm over 2
+#: samples) the perturbation moves gradients by 3e-2, and under bf16 autocast rounding dominates:
+#: there only the loss parts are compared (the same fused ops are checked at cpu-small, and by
+#: the tests).
 GRAD_TOL = 1e-4
+#: The relative perturbation of G's initial weights that measures the rounding scale.
+JITTER = 1e-7
+
+
+def _rounding_scale(preset: str, device: str, batch: int | None) -> dict[str, float]:
+    """How far each first-step gradient of the reference moves when G's initial weights are
+    multiplied by ``1 + u``, ``u`` uniform in +-``JITTER`` (seeded): the max absolute change per
+    gradient, the scale at which rounding differences upstream show up in it."""
+    _, step, run = _make_step(preset, device, batch)
+    want = _first_step(step, run)
+    _, step, run = _make_step(preset, device, batch)
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in run.G.parameters():
+            u = torch.rand(p.shape, generator=gen).to(p.device) * 2 - 1
+            p.mul_(1 + JITTER * u)
+    moved = _first_step(step, run)
+    return {k: (moved[k] - v).abs().max().item() for k, v in want.items() if k.endswith(".grad")}
 
 
 def check_fused_step(preset: str, device: str, batch: int | None, step, run) -> None:
     """The fused run's first step (``step``/``run``, fresh from ``build_run``) against the
     reference path's from the same initial weights and latents: every loss part and every
     parameter gradient (gradients at ``cpu-small`` on CPU only, see ``GRAD_TOL``). fp32 (CPU):
-    loss parts within 1e-4, gradients within ``GRAD_TOL`` of their max; bf16 autocast (CUDA):
-    at most 2x the error of the reference path against the reference in fp32, plus 1e-2 of the
-    max."""
+    loss parts within 1e-4, each gradient within ``GRAD_TOL`` of its max or twice its rounding
+    scale, whichever is larger; bf16 autocast (CUDA): at most 2x the error of the reference path
+    against the reference in fp32, plus 1e-2 of the max."""
     want = _first_step(*_make_step(preset, device, batch)[1:])
     exact = None
     if device == "cuda":
         exact = _first_step(*_make_step(preset, device, batch, amp="off")[1:])
     got = _first_step(step, run)
     what = f"train step {preset} fused {device}"
-    grad_checks = (False, True) if preset == "cpu-small" and device == "cpu" else (False,)
-    for grads in grad_checks:  # the loss parts, then the gradients where they are stable
-        g, w, e = (
-            {k: v for k, v in d.items() if k.endswith(".grad") == grads}
-            for d in (got, want, exact or {})
-        )
-        tol = Tol(0, GRAD_TOL, scaled=True) if grads else Tol(1e-4, 1e-6)
-        check(what, g, w, tol, exact=e if exact is not None else None, floor=1e-2)
+    losses = [k for k in want if not k.endswith(".grad")]
+    e = {k: exact[k] for k in losses} if exact is not None else None
+    check(
+        what,
+        {k: got[k] for k in losses},
+        {k: want[k] for k in losses},
+        Tol(1e-4, 1e-6),
+        exact=e,
+        floor=1e-2,
+    )
+    if preset != "cpu-small" or device != "cpu":
+        return
+    scale = _rounding_scale(preset, device, batch)
+    assert {k for k in got if k.endswith(".grad")} == scale.keys(), what
+    for k, s in scale.items():
+        atol = max(GRAD_TOL * want[k].abs().max().item(), 2 * s)
+        check(what, {k: got[k]}, {k: want[k]}, Tol(0, atol))
 
 
 def _ops(device: str) -> str:
