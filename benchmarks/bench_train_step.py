@@ -180,12 +180,13 @@ GRAD_TOL = 1e-4
 JITTER = 1e-7
 
 
-def _rounding_scale(preset: str, device: str, batch: int | None) -> dict[str, float]:
-    """How far each first-step gradient of the reference moves when G's initial weights are
-    multiplied by ``1 + u``, ``u`` uniform in +-``JITTER`` (seeded): the max absolute change per
-    gradient, the scale at which rounding differences upstream show up in it."""
-    _, step, run = _make_step(preset, device, batch)
-    want = _first_step(step, run)
+def _rounding_scale(
+    preset: str, device: str, batch: int | None, want: dict[str, torch.Tensor]
+) -> dict[str, float]:
+    """How far each first-step gradient of the reference (``want``, from :func:`_first_step`)
+    moves when G's initial weights are multiplied by ``1 + u``, ``u`` uniform in +-``JITTER``
+    (seeded): the max absolute change per gradient, the scale at which rounding differences
+    upstream show up in it."""
     _, step, run = _make_step(preset, device, batch)
     gen = torch.Generator().manual_seed(1)
     with torch.no_grad():
@@ -221,7 +222,7 @@ def check_fused_step(preset: str, device: str, batch: int | None, step, run) -> 
     )
     if preset != "cpu-small" or device != "cpu":
         return
-    scale = _rounding_scale(preset, device, batch)
+    scale = _rounding_scale(preset, device, batch, want)
     assert {k for k in got if k.endswith(".grad")} == scale.keys(), what
     for k, s in scale.items():
         atol = max(GRAD_TOL * want[k].abs().max().item(), 2 * s)
