@@ -46,7 +46,9 @@ class WeightAverage:
         """Move the average toward ``model``'s weights after training step ``step`` (1-based).
 
         ``model`` must have the average's structure (the module it was made from)."""
-        mine, theirs = _tensors(self.module), _tensors(model)
+        # state_dict() tensors are detached views of the parameters and buffers: in-place updates
+        # of ``mine`` change the copy's weights.
+        mine, theirs = self.module.state_dict(), model.state_dict()
         if mine.keys() != theirs.keys():
             raise ValueError("WeightAverage.update: the model's state_dict keys differ")
         floats = [k for k, v in mine.items() if v.is_floating_point()]
@@ -63,7 +65,3 @@ class WeightAverage:
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
         """Restore averaged weights (or start the average from a model's ``state_dict``)."""
         self.module.load_state_dict(state)
-
-
-def _tensors(module: nn.Module) -> dict[str, Tensor]:
-    return module.state_dict()  # detached tensors sharing the parameters' and buffers' storage
