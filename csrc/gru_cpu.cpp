@@ -3,7 +3,8 @@
 // Per step: one GEMM for the hidden projection (forward) or the hidden-state gradient (backward),
 // then the fused gate math, parallel over the batch (forward) or the hidden units (backward) with
 // at::parallel_for. Everything else is one GEMM over all B*T steps, and every buffer is allocated
-// once per call.
+// once per call, except the output of a step's GEMM when oneDNN runs it. The GEMMs run on BLAS or
+// on oneDNN by size (gru_cpu_gemm.h).
 //
 // Layout: every per-step buffer is time-major, (T, B, .), so that one step's rows are contiguous.
 // Batch-major (B, T, .) buffers put a step's B rows T*row bytes apart; at T=32 that stride is a
@@ -12,7 +13,7 @@
 // So the CPU workspace ws, shape (B, T, 5H) as the schema says, holds its data in (T, B, 5H)
 // order, and its last slot is h_{t-1} (the state entering the step), which makes
 // ws[t][:, 4H:5H] the operand of step t's GEMM and the whole column block the h_{t-1} operand of
-// the dW_hh GEMM, with no copies.
+// the dW_hh GEMM on BLAS, with no copies.
 //
 // Large buffers are not fresh allocations on every call (gru_cpu_buffers.h): the temporaries are
 // per-thread and reused, and ws's memory goes back to a small pool when autograd frees it.
@@ -34,6 +35,7 @@
 
 #include "gru.h"
 #include "gru_cpu_buffers.h"
+#include "gru_cpu_gemm.h"
 
 // The float gate loops are compiled twice, for AVX2+FMA and for the baseline ISA, and picked at
 // the first call (__builtin_cpu_supports, or VOSGAN_GRU_ISA). They vectorise thanks to the
@@ -113,15 +115,16 @@ inline void forward_row_any(const T* gi, const T* gh, const T* bias, const T* bh
 
 // Units [j0, j1) of one batch row of one reverse step. On entry carry holds dL/dh_t from step
 // t+1; on exit it holds dh_t * z, the direct part of dL/dh_{t-1} (the caller adds dgh @ w_hh).
-//   ws: [r | z | n | ghn | h_{t-1}] (5H); g: [dr | dz | dn * r | dn] (4H), i.e. dgh = g[0:3H]
-//   and dgi = (g[0:2H], g[3H:4H]); s_r, s_z, s_nr, s_n (H each) accumulate dr, dz, dn * r, dn
-//   over the batch rows of this step. All pointers are offset to unit j0 by the caller; the four
+//   ws: [r | z | n | ghn | h_{t-1}] (5H); dgh: [dr | dz | dn * r] (3H); dgn: dn (H), so that
+//   dgi = (dgh[0:2H], dgn); s_r, s_z, s_nr, s_n (H each) accumulate dr, dz, dn * r, dn over the
+//   batch rows of this step. All pointers are offset to unit j0 by the caller; the four
 //   sums are separate restrict arguments because gcc does not vectorise s[H + j] += ... .
 template <typename T>
 inline void backward_row_impl(const T* __restrict__ go, T* __restrict__ carry,
-                              const T* __restrict__ ws, T* __restrict__ g, T* __restrict__ s_r,
-                              T* __restrict__ s_z, T* __restrict__ s_nr, T* __restrict__ s_n,
-                              int64_t H, int64_t units) {
+                              const T* __restrict__ ws, T* __restrict__ dgh,
+                              T* __restrict__ dgn, T* __restrict__ s_r, T* __restrict__ s_z,
+                              T* __restrict__ s_nr, T* __restrict__ s_n, int64_t H,
+                              int64_t units) {
   for (int64_t j = 0; j < units; ++j) {
     const T r = ws[j], z = ws[H + j], n = ws[2 * H + j], ghn = ws[3 * H + j];
     const T hp = ws[4 * H + j];
@@ -130,10 +133,10 @@ inline void backward_row_impl(const T* __restrict__ go, T* __restrict__ carry,
     const T dz = dh * (hp - n) * z * (T(1) - z);
     const T dr = dn * ghn * r * (T(1) - r);
     const T dnr = dn * r;
-    g[j] = dr;
-    g[H + j] = dz;
-    g[2 * H + j] = dnr;
-    g[3 * H + j] = dn;
+    dgh[j] = dr;
+    dgh[H + j] = dz;
+    dgh[2 * H + j] = dnr;
+    dgn[j] = dn;
     carry[j] = dh * z;
     s_r[j] += dr;
     s_z[j] += dz;
@@ -143,25 +146,25 @@ inline void backward_row_impl(const T* __restrict__ go, T* __restrict__ carry,
 }
 
 template <typename T>
-inline void backward_row_any(const T* go, T* carry, const T* ws, T* g, T* db, int64_t H,
+inline void backward_row_any(const T* go, T* carry, const T* ws, T* dgh, T* dgn, T* db, int64_t H,
                              int64_t j0, int64_t j1) {
-  backward_row_impl(go + j0, carry + j0, ws + j0, g + j0, db + j0, db + H + j0, db + 2 * H + j0,
-                    db + 3 * H + j0, H, j1 - j0);
+  backward_row_impl(go + j0, carry + j0, ws + j0, dgh + j0, dgn + j0, db + j0, db + H + j0,
+                    db + 2 * H + j0, db + 3 * H + j0, H, j1 - j0);
 }
 
 using ForwardRowF32 = void (*)(const float*, const float*, const float*, const float*, float*,
                                float*, float*, int64_t);
-using BackwardRowF32 = void (*)(const float*, float*, const float*, float*, float*, int64_t,
-                                int64_t, int64_t);
+using BackwardRowF32 = void (*)(const float*, float*, const float*, float*, float*, float*,
+                                int64_t, int64_t, int64_t);
 
 void forward_row_base(const float* gi, const float* gh, const float* bias, const float* bhn,
                       float* ws, float* out, float* next, int64_t H) {
   forward_row_any(gi, gh, bias, bhn, ws, out, next, H);
 }
 
-void backward_row_base(const float* go, float* carry, const float* ws, float* g, float* db,
-                       int64_t H, int64_t j0, int64_t j1) {
-  backward_row_any(go, carry, ws, g, db, H, j0, j1);
+void backward_row_base(const float* go, float* carry, const float* ws, float* dgh, float* dgn,
+                       float* db, int64_t H, int64_t j0, int64_t j1) {
+  backward_row_any(go, carry, ws, dgh, dgn, db, H, j0, j1);
 }
 
 #ifdef VOSGAN_X86_DISPATCH
@@ -175,9 +178,10 @@ __attribute__((target("avx2,fma"))) void forward_row_avx2(const float* gi, const
 }
 
 __attribute__((target("avx2,fma"))) void backward_row_avx2(const float* go, float* carry,
-                                                           const float* ws, float* g, float* db,
-                                                           int64_t H, int64_t j0, int64_t j1) {
-  backward_row_any(go, carry, ws, g, db, H, j0, j1);
+                                                           const float* ws, float* dgh,
+                                                           float* dgn, float* db, int64_t H,
+                                                           int64_t j0, int64_t j1) {
+  backward_row_any(go, carry, ws, dgh, dgn, db, H, j0, j1);
 }
 #endif
 
@@ -226,14 +230,14 @@ void forward_row(const double* gi, const double* gh, const double* bias, const d
   forward_row_any(gi, gh, bias, bhn, ws, out, next, H);
 }
 
-inline void backward_row(const float* go, float* carry, const float* ws, float* g, float* db,
-                         int64_t H, int64_t j0, int64_t j1) {
-  row_kernels().backward(go, carry, ws, g, db, H, j0, j1);
+inline void backward_row(const float* go, float* carry, const float* ws, float* dgh, float* dgn,
+                         float* db, int64_t H, int64_t j0, int64_t j1) {
+  row_kernels().backward(go, carry, ws, dgh, dgn, db, H, j0, j1);
 }
 
-void backward_row(const double* go, double* carry, const double* ws, double* g, double* db,
-                  int64_t H, int64_t j0, int64_t j1) {
-  backward_row_any(go, carry, ws, g, db, H, j0, j1);
+void backward_row(const double* go, double* carry, const double* ws, double* dgh, double* dgn,
+                  double* db, int64_t H, int64_t j0, int64_t j1) {
+  backward_row_any(go, carry, ws, dgh, dgn, db, H, j0, j1);
 }
 
 // Batch rows per parallel task of a forward step: ~4k elements amortise a task.
@@ -248,42 +252,55 @@ int64_t input_chunk(int64_t T, int64_t B, int64_t H) {
   return std::max<int64_t>(1, std::min<int64_t>(T, (int64_t(1) << 17) / (B * 3 * H)));
 }
 
-// dst (C, R) = src (R, C)^T, both row-major, copied in square tiles over columns [k0, k1) * kTile.
+// dst (C, R) = src (R, C)^T; src rows ld elements apart, dst row-major; copied in square tiles
+// over columns [k0, k1) * kTile.
 constexpr int64_t kTile = 32;
 
 template <typename T>
-void transpose_tiles(const T* src, T* dst, int64_t R, int64_t C, int64_t k0, int64_t k1) {
+void transpose_tiles(const T* src, int64_t ld, T* dst, int64_t R, int64_t C, int64_t k0,
+                     int64_t k1) {
   for (int64_t c0 = k0 * kTile; c0 < std::min(C, k1 * kTile); c0 += kTile) {
     const int64_t c1 = std::min(C, c0 + kTile);
     for (int64_t r0 = 0; r0 < R; r0 += kTile) {
       const int64_t r1 = std::min(R, r0 + kTile);
       for (int64_t c = c0; c < c1; ++c) {
         for (int64_t r = r0; r < r1; ++r) {
-          dst[c * R + r] = src[r * C + c];
+          dst[c * R + r] = src[r * ld + c];
         }
       }
     }
   }
 }
 
-// m^T as a new row-major matrix, m (R, C) float or double -> (C, R). Tensor::contiguous() on
-// m.t() walks the source with a stride of C elements, and ran 5x slower than a plain copy of the
-// same (768, 256) matrix on the Intel dev box (0.30 against 0.06 ms); tiles keep both sides in L1.
-at::Tensor transposed(const at::Tensor& m) {
-  const auto src = m.contiguous();
-  const int64_t R = src.size(0), C = src.size(1);
-  auto dst = at::empty({C, R}, src.options());
+}  // namespace
+
+// Declared in gru_cpu_gemm.h. Tensor::contiguous() on m.t() walks the source with a stride of C
+// elements, and ran 5x slower than a plain copy of the same (768, 256) matrix on the Intel dev
+// box (0.30 against 0.06 ms); tiles keep both sides in L1.
+void cpu::transpose_into(const at::Tensor& m, at::Tensor& dst) {
+  const auto src = m.stride(1) == 1 ? m : m.contiguous();
+  const int64_t R = src.size(0), C = src.size(1), ld = src.stride(0);
+  TORCH_INTERNAL_ASSERT(dst.is_contiguous() && dst.size(0) == C && dst.size(1) == R);
   const int64_t tiles = (C + kTile - 1) / kTile;
   const int64_t grain = std::max<int64_t>(1, 16384 / (kTile * std::max<int64_t>(R, 1)));
   at::parallel_for(0, tiles, grain, [&](int64_t k0, int64_t k1) {
     if (src.scalar_type() == at::kDouble) {
-      transpose_tiles(src.data_ptr<double>(), dst.data_ptr<double>(), R, C, k0, k1);
+      transpose_tiles(src.data_ptr<double>(), ld, dst.data_ptr<double>(), R, C, k0, k1);
     } else {
-      transpose_tiles(src.data_ptr<float>(), dst.data_ptr<float>(), R, C, k0, k1);
+      transpose_tiles(src.data_ptr<float>(), ld, dst.data_ptr<float>(), R, C, k0, k1);
     }
   });
+}
+
+at::Tensor cpu::transposed(const at::Tensor& m) {
+  auto dst = at::empty({m.size(1), m.size(0)}, m.options());
+  transpose_into(m, dst);
   return dst;
 }
+
+namespace {
+
+using cpu::transposed;
 
 // Forward recurrence, all steps. x_tm (T*B, I): the inputs, time-major; w_ih (3H, I); h0 (B, H);
 // w_hh (3H, H); bias, bhn as in forward_row_impl; ws: (T, B, 5H) memory; out (B, T, H).
@@ -298,23 +315,25 @@ void forward_recurrence(const at::Tensor& x_tm, const at::Tensor& w_ih, const at
   const int64_t chunk = input_chunk(T_, B, H);
   auto gi = cpu::scratch(0, {chunk * B, 3 * H}, ws.options());
   auto gh = at::empty({B, 3 * H}, ws.options());
-  // The weights transposed once per call into (K, 3H) row-major copies: MKL runs the per-step
-  // h_{t-1} @ w_hh^T faster from these (NN) than from w_hh.t() views (NT); the GEMM alone, one
-  // core of the Intel dev box: 1.2x at B=64, H=256, 1.9x at B=16, H=256 (benchmarks/RESULTS.md).
-  const auto w_ih_t = transposed(w_ih);
-  const auto w_hh_t = transposed(w_hh);
-  const T* gi_p = gi.data_ptr<T>();
-  const T* gh_p = gh.data_ptr<T>();
+  // On the BLAS engine, the weights become (K, 3H) row-major copies once per call: MKL runs the
+  // per-step h_{t-1} @ w_hh^T faster from these (NN) than from w_hh.t() views (NT); the GEMM
+  // alone, one core of the Intel dev box: 1.2x at B=64, H=256, 1.9x at B=16, H=256
+  // (benchmarks/RESULTS.md). The oneDNN engine reads w_hh as it is.
+  const cpu::RepeatedGemm input_gemm(w_ih.t(), chunk * B);
+  const cpu::RepeatedGemm step_gemm(w_hh.t(), B);
+  at::Tensor gi_chunk;  // gi's rows, or the oneDNN engine's own output, held while read
   T* ws_p = ws.data_ptr<T>();
   T* out_p = out.data_ptr<T>();
   for (int64_t t = 0; t < T_; ++t) {
     if (t % chunk == 0) {
       const int64_t rows = std::min(chunk, T_ - t) * B;
       auto gi_rows = gi.narrow(0, 0, rows);
-      at::mm_out(gi_rows, x_tm.narrow(0, t * B, rows), w_ih_t);
+      gi_chunk = input_gemm.mm(x_tm.narrow(0, t * B, rows), gi_rows);
     }
-    // gh = h_{t-1} (B, H; row stride 5H, inside ws) @ w_hh^T.
-    at::mm_out(gh, ws_tm.select(0, t).narrow(1, 4 * H, H), w_hh_t);
+    const T* gi_p = gi_chunk.data_ptr<T>();
+    // h_{t-1} (B, H; row stride 5H, inside ws) @ w_hh^T.
+    const auto gh_t = step_gemm.mm(ws_tm.select(0, t).narrow(1, 4 * H, H), gh);
+    const T* gh_p = gh_t.data_ptr<T>();
     const bool last = t + 1 == T_;
     at::parallel_for(0, B, row_grain(H), [&](int64_t b0, int64_t b1) {
       for (int64_t b = b0; b < b1; ++b) {
@@ -329,12 +348,17 @@ void forward_recurrence(const at::Tensor& x_tm, const at::Tensor& w_ih, const at
 
 // Reverse recurrence, all steps, parallel over the hidden units (every task owns its slice of
 // carry and of the bias-gradient sums, so the sums do not depend on the thread count).
-//   go (B, T, H); ws: (T, B, 5H) memory. Writes g (T, B, 4H) = [dr | dz | dn*r | dn] per step,
-//   dh0 (B, H), and db (4H): the sums of g over all rows (per step in T, then in double).
+//   go (B, T, H); ws: (T, B, 5H) memory. Writes dgh (T*B, 3H) = [dr | dz | dn*r] and
+//   dgn (T*B, H) = dn, row t * B + b for step t of sequence b; dh0 (B, H); and db (4H): the sums
+//   of [dgh | dgn] over all rows (per step in T, then in double). dgh and dgn are separate so
+//   that a step's dgh rows are contiguous: oneDNN ran the step's GEMM 1.3-1.6x slower from rows
+//   4H apart (B=64, H=128 and 256, the dev box).
 template <typename T>
 void backward_recurrence(const at::Tensor& go, const at::Tensor& w_hh, const at::Tensor& ws,
-                         at::Tensor& g, at::Tensor& dh0, std::vector<double>& db) {
+                         at::Tensor& dgh, at::Tensor& dgn, at::Tensor& dh0,
+                         std::vector<double>& db) {
   const int64_t B = go.size(0), T_ = go.size(1), H = go.size(2);
+  const cpu::RepeatedGemm step_gemm(w_hh, B);
   at::Tensor& carry = dh0;  // dL/dh of the current step; ends as dL/dh0
   carry.zero_();
   db.assign(4 * H, 0.0);
@@ -342,7 +366,8 @@ void backward_recurrence(const at::Tensor& go, const at::Tensor& w_hh, const at:
   const T* go_p = go.data_ptr<T>();
   const T* ws_p = ws.data_ptr<T>();
   T* carry_p = carry.data_ptr<T>();
-  T* g_p = g.data_ptr<T>();
+  T* dgh_p = dgh.data_ptr<T>();
+  T* dgn_p = dgn.data_ptr<T>();
   T* dbs_p = db_step.data();
   double* db_p = db.data();
   const int64_t blocks = (H + kUnitBlock - 1) / kUnitBlock;
@@ -356,7 +381,7 @@ void backward_recurrence(const at::Tensor& go, const at::Tensor& w_hh, const at:
       for (int64_t b = 0; b < B; ++b) {
         const int64_t tb = t * B + b;
         backward_row(go_p + (b * T_ + t) * H, carry_p + b * H, ws_p + tb * 5 * H,
-                     g_p + tb * 4 * H, dbs_p, H, j0, j1);
+                     dgh_p + tb * 3 * H, dgn_p + tb * H, dbs_p, H, j0, j1);
       }
       for (int64_t q = 0; q < 4; ++q) {
         for (int64_t j = q * H + j0; j < q * H + j1; ++j) {
@@ -364,8 +389,8 @@ void backward_recurrence(const at::Tensor& go, const at::Tensor& w_hh, const at:
         }
       }
     });
-    // carry += dgh_t (B, 3H; row stride 4H, inside g) @ w_hh (3H, H).
-    carry.addmm_(g.select(0, t).narrow(1, 0, 3 * H), w_hh);
+    // carry += dgh_t (B, 3H) @ w_hh (3H, H).
+    step_gemm.addmm_(carry, dgh.narrow(0, t * B, B));
   }
 }
 
@@ -395,6 +420,22 @@ std::tuple<at::Tensor, at::Tensor> gru_forward_cpu(const at::Tensor& x, const at
   return {out.to(x.scalar_type()), ws};
 }
 
+// dW_hh = dgh^T @ h_{t-1}, (3H, H), from dgh (T*B, 3H) and hprev (T*B, H; rows 5H apart).
+at::Tensor hidden_weight_grad(const at::Tensor& dgh, const at::Tensor& hprev) {
+  const int64_t TB = dgh.size(0), H3 = dgh.size(1), H = hprev.size(1);
+  if (cpu::pick_engine(H3, TB, H, dgh.scalar_type()) == cpu::GemmEngine::kOneDnn) {
+    // oneDNN takes both operands with the summed dimension, T*B, contiguous.
+    auto dgh_t = cpu::scratch(2, {H3, TB}, dgh.options());
+    auto hprev_t = cpu::scratch(3, {H, TB}, dgh.options());
+    cpu::transpose_into(dgh, dgh_t);
+    cpu::transpose_into(hprev, hprev_t);
+    return cpu::onednn_linear(dgh_t, hprev_t);
+  }
+  // As (H, 3H), turned back by transposed(): MKL runs this shape faster than (3H, K) @ (K, H)
+  // with a transposed left operand.
+  return transposed(at::mm(hprev.t(), dgh));
+}
+
 // The CPU backward: the reverse recurrence, then every weight and input gradient as one or two
 // GEMMs over all B*T steps, reading dgh, dgi and h_{t-1} in place (strided views of g and ws).
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
@@ -403,36 +444,33 @@ gru_backward_cpu(const at::Tensor& grad_out, const at::Tensor& x, const at::Tens
   const auto [B, T, I, H] = check_backward_args(grad_out, x, h0, w_ih, w_hh, ws);
   const auto acc = ws.scalar_type();
   const auto dt = x.scalar_type();
-  auto g = cpu::scratch(1, {T, B, 4 * H}, ws.options());
+  // Row tb = t * B + b of every (T*B, .) matrix below is step t of sequence b.
+  const auto g = cpu::scratch(1, {T * B * 4 * H}, ws.options());
+  auto dgh = g.narrow(0, 0, T * B * 3 * H).view({T * B, 3 * H});
+  auto dgi_n = g.narrow(0, T * B * 3 * H, T * B * H).view({T * B, H});
   auto dh0 = at::empty({B, H}, ws.options());
   std::vector<double> db;
   const auto go = grad_out.to(acc);
   const auto w_hha = w_hh.to(acc);
   if (acc == at::kDouble) {
-    backward_recurrence<double>(go, w_hha, ws, g, dh0, db);
+    backward_recurrence<double>(go, w_hha, ws, dgh, dgi_n, dh0, db);
   } else {
-    backward_recurrence<float>(go, w_hha, ws, g, dh0, db);
+    backward_recurrence<float>(go, w_hha, ws, dgh, dgi_n, dh0, db);
   }
-  // Row tb = t * B + b of every (T*B, .) matrix below is step t of sequence b.
-  const auto g2 = g.view({T * B, 4 * H});
-  const auto dgh = g2.narrow(1, 0, 3 * H);     // row stride 4H
-  const auto dgi_rz = g2.narrow(1, 0, 2 * H);  // dgi's r and z columns are dgh's
-  const auto dgi_n = g2.narrow(1, 3 * H, H);
+  const auto dgi_rz = dgh.narrow(1, 0, 2 * H);  // dgi's r and z columns are dgh's
   const auto hprev = ws.view({T * B, 5 * H}).narrow(1, 4 * H, H);  // h_{t-1}, row stride 5H
   const auto x_tm = x.to(acc).transpose(0, 1).contiguous().view({T * B, I});
   const auto w_iha = w_ih.to(acc);
 
   auto dx_tm = at::mm(dgi_rz, w_iha.narrow(0, 0, 2 * H));
   dx_tm.addmm_(dgi_n, w_iha.narrow(0, 2 * H, H));
-  // The weight gradients are computed transposed, (I, 3H) and (H, 3H), and turned back by
-  // transposed(): MKL runs these shapes faster than the (3H, K) @ (K, I | H) ones with a
-  // transposed left operand.
+  // dW_ih is computed transposed, (I, 3H), and turned back by transposed(): MKL runs this shape
+  // faster than (3H, K) @ (K, I) with a transposed left operand.
   auto dw_ih_t = at::empty({I, 3 * H}, ws.options());
   auto dw_ih_rz = dw_ih_t.narrow(1, 0, 2 * H);
   auto dw_ih_n = dw_ih_t.narrow(1, 2 * H, H);
   at::mm_out(dw_ih_rz, x_tm.t(), dgi_rz);
   at::mm_out(dw_ih_n, x_tm.t(), dgi_n);
-  const auto dw_hh_t = at::mm(hprev.t(), dgh);
 
   // Bias gradients: db = [sum dr | sum dz | sum dn*r | sum dn] -> b_hh: [0:3H], b_ih: r, z, n.
   auto db_all = at::empty({4 * H}, ws.options().dtype(at::kDouble));
@@ -443,7 +481,7 @@ gru_backward_cpu(const at::Tensor& grad_out, const at::Tensor& x, const at::Tens
   return {dx_tm.view({T, B, I}).transpose(0, 1).contiguous().to(dt),
           dh0.to(dt),
           transposed(dw_ih_t).to(dt),
-          transposed(dw_hh_t).to(dt),
+          hidden_weight_grad(dgh, hprev).to(dt),
           db_ih.to(dt),
           db_all.narrow(0, 0, 3 * H).to(dt)};
 }
@@ -451,6 +489,8 @@ gru_backward_cpu(const at::Tensor& grad_out, const at::Tensor& x, const at::Tens
 }  // namespace
 
 std::string gru_cpu_isa() { return row_kernels().isa; }
+
+std::string gru_cpu_gemm() { return cpu::gemm_engine_summary(); }
 
 }  // namespace vosgan
 

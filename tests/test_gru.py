@@ -127,6 +127,56 @@ def test_every_gate_loop_clone_matches_nn_gru() -> None:
     assert "VOSGAN_GRU_ISA=avx1024 is not a gate-loop clone this CPU runs" in run.stdout
 
 
+HAS_ONEDNN = gru_ops._C is not None and gru_ops._C.gru_cpu_gemm().startswith("oneDNN")
+requires_onednn = pytest.mark.skipif(not HAS_ONEDNN, reason="torch has no usable oneDNN here")
+
+
+def _forward_and_grads(shape: tuple[int, ...], engine: str, monkeypatch) -> tuple[list, list]:
+    """nn.GRU's and FusedGRU's outputs and gradients at ``shape``, the fused GRU's per-step
+    GEMMs run by ``engine`` (VOSGAN_GRU_GEMM)."""
+    B, T, n_in, H = shape
+    torch.manual_seed(3)
+    ref, fused = _pair(n_in, H)
+    x, h0 = torch.randn(B, T, n_in), torch.randn(1, B, H)
+    monkeypatch.setenv("VOSGAN_GRU_GEMM", engine)
+    return _grads(ref, x, h0, 4), _grads(fused, x, h0, 4)
+
+
+@requires_ext
+@pytest.mark.parametrize("engine", ["blas", pytest.param("onednn", marks=requires_onednn)])
+@pytest.mark.parametrize("shape", [*ODD_SHAPES, (33, 20, 7, 70)])
+def test_both_gemm_engines_match_nn_gru(shape: tuple[int, ...], engine: str, monkeypatch) -> None:
+    # (33, 20, 7, 70): the input projection runs in chunks of 18 steps, the last one short.
+    expected, got = _forward_and_grads(shape, engine, monkeypatch)
+    for e, g in zip(expected, got, strict=True):
+        torch.testing.assert_close(g, e, atol=2e-5, rtol=1e-4)
+
+
+@requires_ext
+@requires_onednn
+def test_auto_engine_picks_onednn_from_the_size_up(monkeypatch) -> None:
+    # Step GEMMs (2, 256) @ (256, 768) are below the threshold, (16, 256) @ (256, 768) above it;
+    # the two engines round differently at both sizes.
+    for shape, picked in [((2, 5, 32, 256), "blas"), ((16, 5, 32, 256), "onednn")]:
+        runs = {e: _forward_and_grads(shape, e, monkeypatch)[1] for e in ("blas", "onednn")}
+        auto = _forward_and_grads(shape, "auto", monkeypatch)[1]
+        other = "blas" if picked == "onednn" else "onednn"
+        assert all(torch.equal(a, b) for a, b in zip(auto, runs[picked], strict=True)), shape
+        assert not all(torch.equal(a, b) for a, b in zip(auto, runs[other], strict=True)), shape
+    # torch's own switch for oneDNN turns the engine off too.
+    with torch.backends.mkldnn.flags(enabled=False):
+        auto = _forward_and_grads((16, 5, 32, 256), "auto", monkeypatch)[1]
+        assert all(torch.equal(a, b) for a, b in zip(auto, runs["blas"], strict=True))
+        with pytest.raises(RuntimeError, match="torch.backends.mkldnn.enabled is False"):
+            _forward_and_grads((16, 5, 32, 256), "onednn", monkeypatch)
+
+
+@requires_ext
+def test_bad_gemm_engine_is_named(monkeypatch) -> None:
+    with pytest.raises(RuntimeError, match="VOSGAN_GRU_GEMM=mkl is not an engine"):
+        _forward_and_grads((2, 3, 4, 5), "mkl", monkeypatch)
+
+
 @requires_ext
 def test_no_bias_and_unbatched_input() -> None:
     ref, fused = _pair(4, 6, bias=False)

@@ -81,7 +81,7 @@ def fused_impl(device: torch.device) -> tuple[str | None, str]:
             return None, str(exc)
         return "cpp", (
             "vosgan._C CPU kernel (one call per sequence, at::parallel_for over batch, "
-            f"{isa} gate loops)"
+            f"{isa} gate loops, {_C.gru_cpu_gemm()})"
         )
     if device.type == "cuda":
         if _C.cuda_compiled:
