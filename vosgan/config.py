@@ -173,7 +173,7 @@ class DataConfig:
 @dataclass(frozen=True)
 class TrainConfig:
     # The default run: 9.1-13.2 minutes of training in CI dry runs on 2 Intel Xeon cores,
-    # 3.4-3.8 on 2 AMD EPYC (Zen 4) cores. Measured (cpu-small, a 3000-step run of an early
+    # 3.4-3.8 on 2 AMD EPYC (Zen 5) cores. Measured (cpu-small, a 3000-step run of an early
     # default): held-out segmentation IoU 0.189 / 0.165 / 0.253 / 0.297 / 0.331 / 0.333 at steps
     # 500..3000, against 0.272 for the frame-difference baseline; foreground flow EPE 0.729 px at
     # step 2500 (zero flow 1.114). Steps 2500-3000 added 0.002 IoU and 2 minutes.
