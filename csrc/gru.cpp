@@ -146,6 +146,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "Instruction set of the CPU GRU gate loops: avx2 or base (VOSGAN_GRU_ISA=base "
         "selects the portable one).");
   m.def("gru_cpu_gemm", &vosgan::gru_cpu_gemm,
-        "Which engine runs the CPU GRU's per-step GEMMs: oneDNN from a size up, or BLAS "
+        "Which engine runs the CPU GRU's GEMMs: oneDNN from a size up, or BLAS "
         "(VOSGAN_GRU_GEMM=auto|blas|onednn chooses).");
 }

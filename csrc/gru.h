@@ -89,7 +89,7 @@ gru_backward_driver(const at::Tensor& grad_out, const at::Tensor& x, const at::T
 // Throws when VOSGAN_GRU_ISA names one this CPU cannot run.
 std::string gru_cpu_isa();
 
-// How the CPU GRU runs its per-step GEMMs: oneDNN from a size up, or BLAS (gru_cpu_gemm.h).
+// How the CPU GRU runs its GEMMs: oneDNN from a size up, or BLAS (gru_cpu_gemm.h).
 std::string gru_cpu_gemm();
 
 }  // namespace vosgan

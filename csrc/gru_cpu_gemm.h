@@ -29,7 +29,6 @@
 
 #include <cstdint>
 #include <cstdlib>
-#include <cstring>
 #include <optional>
 #include <string>
 
@@ -56,13 +55,13 @@ constexpr int64_t kOneDnnMinMacs = int64_t(1) << 21;
 
 enum class GemmEngine { kBlas, kOneDnn };
 
-// The two oneDNN ops, looked up once, or why they cannot be used.
+// oneDNN's linear op, looked up once, or why it cannot be used.
 struct OneDnnOps {
   using Linear = at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
                             c10::string_view, c10::List<std::optional<at::Scalar>>,
                             std::optional<c10::string_view>);
   std::optional<c10::TypedOperatorHandle<Linear>> linear;
-  std::string missing;  // empty when both are usable
+  std::string missing;  // empty when it is usable
 
   static const OneDnnOps& get() {
     static const OneDnnOps ops = [] {
@@ -76,7 +75,6 @@ struct OneDnnOps {
       try {
         found.linear = linear->typed<Linear>();
       } catch (const c10::Error& e) {  // the schema changed in this torch version
-        found.linear.reset();
         found.missing = msg("mkldnn::_linear_pointwise has an unexpected schema: ",
                             e.what_without_backtrace());
       }
@@ -121,12 +119,12 @@ inline GemmEngine pick_engine(int64_t M, int64_t K, int64_t N, at::ScalarType dt
 inline std::string gemm_engine_summary() {
   const auto& ops = OneDnnOps::get();
   if (!ops.missing.empty()) {
-    return "BLAS step GEMMs (oneDNN unavailable: " + ops.missing + ")";
+    return "BLAS GEMMs (oneDNN unavailable: " + ops.missing + ")";
   }
-  return msg("oneDNN step GEMMs from ", kOneDnnMinMacs, " multiply-adds in float32, BLAS below");
+  return msg("oneDNN for float32 GEMMs of >= ", kOneDnnMinMacs, " multiply-adds, BLAS below");
 }
 
-// x (M, K) @ w (N, K)^T on oneDNN; the rows of x and of w may be strided.
+// x (M, K) @ w (N, K)^T on oneDNN; x's rows may be strided, and w may be in either stride order.
 inline at::Tensor onednn_linear(const at::Tensor& x, const at::Tensor& w) {
   return (*OneDnnOps::get().linear)
       .call(x, w, std::nullopt, "none", c10::List<std::optional<at::Scalar>>(), std::nullopt);
