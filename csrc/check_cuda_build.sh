@@ -90,13 +90,18 @@ if [ $status -eq 0 ] && [ $CMAKE_BUILD -eq 1 ]; then
     grep "vosgan:" "$OUT/cmake.log"
     # Load it (undefined symbols show here) and run the CPU kernels once; no GPU needed.
     (cd "$OUT/cmake" && "$PY" -W ignore -c "
-import torch, _C
+import os, torch, _C
 x, h0 = torch.randn(2, 3, 4, requires_grad=True), torch.zeros(2, 5)
-out, ws = torch.ops.vosgan.gru_forward(x, h0, torch.randn(15, 4), torch.randn(15, 5),
-                                       torch.zeros(15), torch.zeros(15))
+w = [torch.randn(15, 4), torch.randn(15, 5), torch.zeros(15), torch.zeros(15)]
+out, ws = torch.ops.vosgan.gru_forward(x, h0, *w)
 out.sum().backward()  # the C++ autograd kernel
 print('   loads: cuda_compiled =', _C.cuda_compiled, '; CPU forward', tuple(out.shape),
       '+ backward', tuple(x.grad.shape))
+print('   CPU GEMMs:', _C.gru_cpu_gemm())
+if _C.gru_cpu_gemm().startswith('oneDNN'):  # this torch's mkldnn op, as the CPU GRU calls it
+    os.environ['VOSGAN_GRU_GEMM'] = 'onednn'
+    torch.testing.assert_close(torch.ops.vosgan.gru_forward(x, h0, *w)[0], out)
+    print('   the oneDNN engine gives the BLAS engine forward')
 ") || status=1
   else
     tail -30 "$OUT/cmake.log"
