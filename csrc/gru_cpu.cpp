@@ -437,7 +437,8 @@ at::Tensor hidden_weight_grad(const at::Tensor& dgh, const at::Tensor& hprev) {
 }
 
 // The CPU backward: the reverse recurrence, then every weight and input gradient as one or two
-// GEMMs over all B*T steps, reading dgh, dgi and h_{t-1} in place (strided views of g and ws).
+// GEMMs over all B*T steps, reading dgh, dgi and h_{t-1} in place (views of the scratch buffer
+// and of ws), except dW_hh on oneDNN, which reads transposed copies.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
 gru_backward_cpu(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& h0,
                  const at::Tensor& w_ih, const at::Tensor& w_hh, const at::Tensor& ws) {
