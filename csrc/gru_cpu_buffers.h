@@ -18,14 +18,13 @@
 namespace vosgan::cpu {
 
 // Per-thread buffers for the temporaries (slot 0: the forward's gi chunk, at most ~512 KiB;
-// slot 1: the backward's dgh and dgn, T*B*4H; slots 2 and 3: the backward's transposed dgh and
-// h_{t-1}, T*B*3H and T*B*H, on the oneDNN engine), reused across calls and grown to the largest
-// size seen. Allocated fresh every call, buffers of several MiB come from mmap (glibc's
-// threshold) whenever other allocations ran in between, and their first-touch page faults cost up
-// to a fifth of the op (B64-T32-H256 fwd+bwd interleaved with nn.GRU: ~2000 faults and about
-// +9 ms a call). No buffer outlives the call that takes it, and nothing inside a call takes the
-// same slot twice.
-constexpr int kScratchSlots = 4;
+// slot 1: the backward's dgh and dgn, T*B*4H; slot 2: the backward's transposed h_{t-1}, T*B*H,
+// on the oneDNN engine), reused across calls and grown to the largest size seen. Allocated fresh
+// every call, buffers of several MiB come from mmap (glibc's threshold) whenever other
+// allocations ran in between, and their first-touch page faults cost up to a fifth of the op
+// (B64-T32-H256 fwd+bwd interleaved with nn.GRU: ~2000 faults and about +9 ms a call). No buffer
+// outlives the call that takes it, and nothing inside a call takes the same slot twice.
+constexpr int kScratchSlots = 3;
 
 inline at::Tensor scratch(int slot, at::IntArrayRef sizes, const at::TensorOptions& options) {
   thread_local at::Tensor buffers[kScratchSlots];
