@@ -132,8 +132,8 @@ requires_onednn = pytest.mark.skipif(not HAS_ONEDNN, reason="torch has no usable
 
 
 def _forward_and_grads(shape: tuple[int, ...], engine: str, monkeypatch) -> tuple[list, list]:
-    """nn.GRU's and FusedGRU's outputs and gradients at ``shape``, the fused GRU's per-step
-    GEMMs run by ``engine`` (VOSGAN_GRU_GEMM)."""
+    """nn.GRU's and FusedGRU's outputs and gradients at ``shape``, the fused GRU's GEMMs run by
+    ``engine`` (VOSGAN_GRU_GEMM)."""
     B, T, n_in, H = shape
     torch.manual_seed(3)
     ref, fused = _pair(n_in, H)
