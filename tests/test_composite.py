@@ -251,7 +251,7 @@ def test_backward_with_t_split_matches_reference(dtypes, t_split):
     # T=5 in 1, 3 (2 + 2 + 1 frames), 2 (3 + 2) or 5 chunks (9 asks for more than T); on CPU
     # "auto" knows no SM count and keeps one chunk. The chunks' db parts are summed in fp32.
     f, m, b = _inputs((2, 3, 5, 5, 7), dtypes, grad=False)
-    g = torch.randn(f.shape).to(f.dtype)
+    g = torch.randn(f.shape, device=f.device).to(f.dtype)
     got = composite_bwd(g, f, m, b, t_split=t_split)
     want = composite_backward_reference(g.double(), f.double(), m.double(), b.double())
     tol = 1e-5 if dtypes[0] == torch.float32 else 2e-3
