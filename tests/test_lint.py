@@ -22,3 +22,18 @@ def test_ruff_format():
         cwd=ROOT,
     )
     assert res.returncode == 0, res.stdout + res.stderr
+
+
+def test_no_test_argument_is_named_benchmark():
+    """pytest-benchmark treats a test argument called ``benchmark`` as its fixture and stops the
+    whole session when it is anything else (it did, on a GPU, for a GPU-only test that CI skips).
+    Benchmarks under benchmarks/ take the real fixture; tests/ has no use for the name."""
+    import ast
+
+    offenders = []
+    for path in sorted((ROOT / "tests").glob("test_*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.FunctionDef) and node.name.startswith("test"):
+                if "benchmark" in [a.arg for a in node.args.args]:
+                    offenders.append(f"{path.name}::{node.name}")
+    assert not offenders, offenders
