@@ -8,8 +8,9 @@
 # took 289 s on an H100 on 2026-11-26; VOSGAN_GPU_FULL=1 adds the re-measurements (about 250 s
 # more, not yet timed with both cudnn.benchmark settings of the conv blocks). The conv-forms study
 # is benchmarks/gpu_conv_forms.sh. Steps run in order of value, each under its own time cap, so a
-# step that hangs or fails costs its cap and the rest still run. Results land in OUTDIR: log.txt (everything) and
-# pytest-benchmark JSON files (tables: benchmarks/report.py).
+# step that hangs or fails costs its cap and the rest still run. Results land in OUTDIR: log.txt
+# (everything), tests_ops.txt (each op test's outcome) and pytest-benchmark JSON files (tables:
+# benchmarks/report.py).
 #
 # Usage, from the repository root on the CUDA machine:  benchmarks/gpu_session.sh [OUTDIR]
 # Env: PYTHON (default python3), TORCH_CUDA_ARCH_LIST (default: the card's own, e.g. 9.0).
@@ -51,10 +52,15 @@ OP_TESTS="${VOSGAN_GPU_TESTS:-tests/test_composite.py tests/test_flow_warp.py \
   tests/test_conv3d_block.py tests/test_conv3d_subpixel.py tests/test_davis_metrics.py \
   tests/test_train_graph.py tests/test_train.py::test_channels_last_trains_the_same_function}"
 if [ "$OP_TESTS" != none ]; then
+  # Every test's outcome as it finishes (-v), whole in tests_ops.txt: an error inside pytest
+  # itself can end the session before its summary (the twenty-second session lost the names of
+  # 15 failures that way), so the failures are read from the per-test lines.
   # shellcheck disable=SC2086  # a list of test paths
-  (cd /tmp/vosgan-src && timeout 200 "$PY" -m pytest -q -p no:cacheprovider -n 8 --timeout 150 \
-    -rfEs $OP_TESTS)
+  (cd /tmp/vosgan-src && timeout 200 "$PY" -m pytest -v -p no:cacheprovider -n 8 --timeout 150 \
+    -rfEs $OP_TESTS >"$OUTDIR/tests_ops.txt" 2>&1)
   echo "tests (ops) exit $?"
+  grep -aE "FAILED|ERROR|crashitem|[0-9]+ (passed|failed)" "$OUTDIR/tests_ops.txt" |
+    cut -c1-200 | sort -u | head -60
 fi
 wait $BUILD
 tail -15 "$OUTDIR/build.txt"
