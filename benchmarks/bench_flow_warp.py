@@ -9,9 +9,10 @@ Inputs as in training: ``x (B, 3, T, H, W)``, D's flow of a few pixels, the in-b
 - CPU (fp32): the ``cpu-small`` shape (16, 3, 16, 32, 32) and the ``paper`` shape at B=8
   (8, 3, 32, 64, 64) through pytest-benchmark.
 - GPU (bf16 and fp32): B = 8, 32, 64, T = 16/32, 64x64. ``python benchmarks/bench_flow_warp.py``
-  prints the markdown rows of ``benchmarks/RESULTS.md`` (``triton.testing.do_bench`` medians on
-  GPU, perf_counter medians on CPU), with the device and an effective GB/s (minimum bytes moved
-  / time).
+  prints the markdown rows of ``benchmarks/RESULTS.md`` (perf_counter medians on CPU; on a GPU
+  ``triton.testing.do_bench`` medians per call, and a second row "(GPU)" of the same calls
+  replayed from CUDA graphs: GPU time without the host's dispatch), with the device and an
+  effective GB/s (minimum bytes moved / time).
 
 The fused providers are checked once against the reference on the same inputs before they are
 timed (:func:`check_provider`; ``compile`` is not: inductor's own dflow differs by up to 4e-4 of
@@ -117,15 +118,16 @@ def check_provider(provider: str, shape: tuple, device: str, dtype: torch.dtype,
 
 
 def make_step(
-    provider: str, shape: tuple, device: str, dtype: torch.dtype, mode: str
+    provider: str, shape: tuple, device: str, dtype: torch.dtype, mode: str, sync: bool = True
 ) -> Callable[[], None]:
     """One call of the loss (and its backward) for ``provider``, checked against the reference
-    once before it is returned."""
+    once before it is returned. ``sync``: end each call with ``torch.cuda.synchronize()`` (for
+    wall-clock timers; ``do_bench`` times with CUDA events and needs none)."""
     check_provider(provider, shape, device, dtype, mode)
     x, flow, weight, wrt = make_inputs(shape, device, dtype, mode)
     fn = loss_fn(provider, device, mode)
     inputs = list(wrt.values())
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    wait = torch.cuda.synchronize if device == "cuda" and sync else (lambda: None)
 
     def step() -> None:
         if mode == "fwd":
@@ -133,7 +135,7 @@ def make_step(
                 fn(x, flow, weight)
         else:
             torch.autograd.grad(fn(x, flow, weight), inputs)
-        sync()
+        wait()
 
     step()  # numba / inductor compile, Triton autotune and launch caches
     return step
@@ -200,22 +202,33 @@ def test_flow_warp_gpu(benchmark, name: str, provider: str, mode: str, dtype: to
     benchmark.pedantic(step, rounds=20, iterations=5, warmup_rounds=2)
 
 
-def _median_ms(step: Callable[[], None], device: str) -> float:
+def _median_ms(step: Callable[[], None], device: str) -> tuple[float, float | None]:
+    """``(per call, GPU)`` medians in ms. Per call: ``do_bench`` on a GPU (CUDA events around
+    calls queued back to back: the larger of host and GPU time), wall clock on CPU. GPU: the
+    call replayed from a CUDA graph (``do_bench_cudagraph``: no host dispatch or autograd), None
+    on CPU or where the call cannot be captured (the reason is printed)."""
     if device == "cuda":
         import triton.testing
 
-        return triton.testing.do_bench(step, warmup=25, rep=200, return_mode="median")
+        ms = triton.testing.do_bench(step, warmup=25, rep=200, return_mode="median")
+        try:
+            graph = triton.testing.do_bench_cudagraph(step, rep=200, return_mode="median")
+        except RuntimeError as exc:
+            print(f"  (no CUDA graph: {type(exc).__name__}: {str(exc)[:160]})")
+            graph = None
+        return ms, graph
     times = []
     for _ in range(7):
         t0 = time.perf_counter()
         step()
         times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+    return statistics.median(times), None
 
 
 def main(device: str, shapes: list[str], dtypes: list[torch.dtype]) -> None:
-    """Print one markdown row per shape, dtype and mode: median ms per provider and the ratios
-    (``alt ms``: the fused op under the other ``ONE_PASS`` policy)."""
+    """Print one markdown row per shape, dtype and mode: median ms per call for each provider and
+    the ratios (``alt ms``: the fused op under the other ``ONE_PASS`` policy); on a GPU a second
+    row gives the same from CUDA-graph replays (GPU time alone)."""
     import triton
 
     print(f"device: {_device_name(device)}; torch {torch.__version__}, triton {triton.__version__}")
@@ -230,25 +243,32 @@ def main(device: str, shapes: list[str], dtypes: list[torch.dtype]) -> None:
         for dtype in dtypes:
             for mode in MODES:
                 provs = (*PROVIDERS, "fused-alt") if mode != "fwd" else PROVIDERS
-                ms = {
-                    p: _median_ms(make_step(p, shape, device, dtype, mode), device) for p in provs
+                both = {
+                    p: _median_ms(make_step(p, shape, device, dtype, mode, sync=False), device)
+                    for p in provs
                 }
-                gbs = min_bytes(shape, dtype, mode) / ms["fused"] / 1e6
-                alt = f"{ms['fused-alt']:.3f}" if "fused-alt" in ms else "-"
-                print(
-                    f"| {shape} | {str(dtype)[6:]} | {mode} | {ms['reference']:.3f} | "
-                    f"{ms['compile']:.3f} | {ms['fused']:.3f} | {alt} | "
-                    f"{ms['reference'] / ms['fused']:.2f}x | {ms['compile'] / ms['fused']:.2f}x "
-                    f"| {gbs:.1f} |",
-                    flush=True,
-                )
+                for timing, col in (("", 0), (" (GPU)", 1)):
+                    ms = {p: t[col] for p, t in both.items()}
+                    if None in ms.values():
+                        continue
+                    gbs = min_bytes(shape, dtype, mode) / ms["fused"] / 1e6
+                    alt = f"{ms['fused-alt']:.3f}" if "fused-alt" in ms else "-"
+                    print(
+                        f"| {shape} | {str(dtype)[6:]} | {mode}{timing} | {ms['reference']:.3f} "
+                        f"| {ms['compile']:.3f} | {ms['fused']:.3f} | {alt} | "
+                        f"{ms['reference'] / ms['fused']:.2f}x | "
+                        f"{ms['compile'] / ms['fused']:.2f}x | {gbs:.1f} |",
+                        flush=True,
+                    )
 
 
 if __name__ == "__main__":
-    # python benchmarks/bench_flow_warp.py [shape names...] [--fp32-only]
+    # python benchmarks/bench_flow_warp.py [shape names...] [--fp32-only | --bf16-only]
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     names = [a for a in sys.argv[1:] if not a.startswith("--")] or list(
         GPU_SHAPES if dev == "cuda" else CPU_SHAPES
     )
-    lp = dev == "cuda" and "--fp32-only" not in sys.argv
-    main(dev, names, [torch.bfloat16, torch.float32] if lp else [torch.float32])
+    dtypes = [torch.bfloat16, torch.float32] if dev == "cuda" else [torch.float32]
+    if "--fp32-only" in sys.argv or "--bf16-only" in sys.argv:
+        dtypes = [torch.float32 if "--fp32-only" in sys.argv else torch.bfloat16]
+    main(dev, names, dtypes)
