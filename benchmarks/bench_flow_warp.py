@@ -42,6 +42,9 @@ GPU_SHAPES = {
     "b64-t32": (64, 3, 32, 64, 64),
 }
 PROVIDERS = ("reference", "fused", "compile")
+#: GPU only, with the video's gradient: the fused op under the other ways of scattering it
+#: (``vosgan.kernels.flow_warp.DX_MODE``), not yet timed on a GPU.
+DX_PROVIDERS = {"fused-dx-1px": "loop-1px", "fused-dx-rgbvec": "rgb-vec"}
 MODES = ("fwd", "fwd+bwd", "fwd+bwd_x")
 _COMPILED: dict[str, Callable] = {}
 
@@ -77,6 +80,18 @@ def loss_fn(provider: str, device: str, mode: str) -> Callable[..., torch.Tensor
         return flow_warp_loss_reference
     if provider == "fused":
         return partial(flow_warp_loss, impl=impl)
+    if provider in DX_PROVIDERS:
+        from vosgan.kernels import flow_warp as kernels
+
+        def with_dx_mode(*args: torch.Tensor) -> torch.Tensor:
+            default = kernels.DX_MODE
+            kernels.DX_MODE = DX_PROVIDERS[provider]
+            try:
+                return flow_warp_loss(*args, impl=impl)
+            finally:
+                kernels.DX_MODE = default
+
+        return with_dx_mode
     if provider == "fused-alt":  # the other ONE_PASS policy, to check the default's choice
 
         def fn(*args: torch.Tensor) -> torch.Tensor:
@@ -193,9 +208,11 @@ def test_flow_warp_cpu(benchmark, name: str, provider: str, mode: str) -> None:
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("provider", PROVIDERS)
+@pytest.mark.parametrize("provider", [*PROVIDERS, *DX_PROVIDERS])
 @pytest.mark.parametrize("name", sorted(GPU_SHAPES))
 def test_flow_warp_gpu(benchmark, name: str, provider: str, mode: str, dtype: torch.dtype) -> None:
+    if provider in DX_PROVIDERS and mode != "fwd+bwd_x":
+        pytest.skip("the dx scatter runs only with the video's gradient")
     shape = GPU_SHAPES[name]
     step = make_step(provider, shape, "cuda", dtype, mode)
     _extra(benchmark, provider, name, shape, mode, "cuda", dtype)
@@ -243,6 +260,8 @@ def main(device: str, shapes: list[str], dtypes: list[torch.dtype]) -> None:
         for dtype in dtypes:
             for mode in MODES:
                 provs = (*PROVIDERS, "fused-alt") if mode != "fwd" else PROVIDERS
+                if mode == "fwd+bwd_x" and device == "cuda":
+                    provs = (*provs, *DX_PROVIDERS)
                 both = {
                     p: _median_ms(make_step(p, shape, device, dtype, mode, sync=False), device)
                     for p in provs
@@ -251,13 +270,15 @@ def main(device: str, shapes: list[str], dtypes: list[torch.dtype]) -> None:
                     ms = {p: t[col] for p, t in both.items()}
                     if None in ms.values():
                         continue
+                    dx = ", ".join(f"{p} {ms[p]:.3f}" for p in DX_PROVIDERS if p in ms)
                     gbs = min_bytes(shape, dtype, mode) / ms["fused"] / 1e6
                     alt = f"{ms['fused-alt']:.3f}" if "fused-alt" in ms else "-"
                     print(
                         f"| {shape} | {str(dtype)[6:]} | {mode}{timing} | {ms['reference']:.3f} "
                         f"| {ms['compile']:.3f} | {ms['fused']:.3f} | {alt} | "
                         f"{ms['reference'] / ms['fused']:.2f}x | "
-                        f"{ms['compile'] / ms['fused']:.2f}x | {gbs:.1f} |",
+                        f"{ms['compile'] / ms['fused']:.2f}x | {gbs:.1f} |"
+                        + (f" ms: {dx}" if dx else ""),
                         flush=True,
                     )
 

@@ -13,18 +13,41 @@ the one-sided gradient there, is the reference's (checked on CPU and on an H100)
 - ``_bwd_kernel``: ``d loss / d flow`` (a gather: no atomics) and, optionally, ``d loss / d x``
   (a bilinear scatter into frame ``t + 1``: fp32 atomics, or int64 fixed-point atomics that make it
   bitwise reproducible) and the loss partial sums (``WITH_LOSS``: a mean and its gradient in one
-  pass).
+  pass). How the scatter is laid out on a GPU is :data:`DX_MODE`'s choice.
 
 No autograd here: :mod:`vosgan.ops.flow_warp` wraps these launchers into a PyTorch op.
 """
 
 from __future__ import annotations
 
+import functools
+import os
+
 import numpy as np
 import torch
 import triton
 import triton.language as tl
 from vosgan.kernels._host import cdiv, next_power_of_2
+
+#: How the backward scatters ``d loss / d x`` on a GPU (``VOSGAN_FLOW_WARP_DX`` sets it for a
+#: process):
+#: - ``"loop"``: the kernel loops over channels with one scalar fp32 atomic per corner, 512 pixels
+#:   per 4-warp program (4 per thread). Compiled for sm_90, the atomics' layouts differ from the
+#:   loads' and Triton moves values between them through shared memory: 25 shared stores and 19
+#:   barriers in the PTX. The measured default.
+#: - ``"loop-1px"``: the same code, 256 pixels per 8-warp program (one per thread): no shared
+#:   memory but the loss reduction's.
+#: - ``"rgb-vec"``: for C == 3 (fp32 atomics), one 4-wide atomic per corner and pixel (the three
+#:   channels and a zero; ``red.global.add.v4.f32`` on sm_90) into a channels-last
+#:   ``(B, T, H*W, 4)`` buffer, then one strided copy back to ``(B, C, T, H, W)``; one pixel per
+#:   thread as ``"loop-1px"``. Other C, the deterministic mode and GPUs before sm_90 run
+#:   ``"loop-1px"``.
+#: The last two are not timed on a GPU yet: ``bench_flow_warp.py`` times them as the
+#: ``fused-dx-1px`` and ``fused-dx-rgbvec`` providers.
+DX_MODES = ("loop", "loop-1px", "rgb-vec")
+DX_MODE = os.environ.get("VOSGAN_FLOW_WARP_DX", "loop")
+if DX_MODE not in DX_MODES:
+    raise ValueError(f"VOSGAN_FLOW_WARP_DX must be one of {DX_MODES}, got {DX_MODE!r}")
 
 
 @triton.jit
@@ -164,6 +187,60 @@ def _fwd_kernel(
 
 
 @triton.jit
+def _bwd_channel(
+    c,
+    xt_base,
+    x_sc,
+    x_st,
+    p,
+    pm,
+    o_nw,
+    m_nw,
+    m_ne,
+    m_sw,
+    m_se,
+    W,
+    ax,
+    bx,
+    ay,
+    by,
+    wt,
+    g_ptr,
+    g_s,
+    g_off,
+    g_sc,
+    eps2,
+    HAS_W: tl.constexpr,
+    G_SCALAR: tl.constexpr,
+):
+    """Channel ``c`` of ``BLOCK`` pixels: ``(g, d/dix, d/diy, w * rho)`` with ``g = dL/d(x_t -
+    warped)`` (0 off the plane), the sample-position derivatives not yet summed over channels."""
+    xt = tl.load(xt_base + c * x_sc + p, mask=pm, other=0.0).to(tl.float32)
+    n_base = xt_base + x_st + c * x_sc + o_nw
+    v_nw = tl.load(n_base, mask=m_nw, other=0.0).to(tl.float32)
+    v_ne = tl.load(n_base + 1, mask=m_ne, other=0.0).to(tl.float32)
+    v_sw = tl.load(n_base + W, mask=m_sw, other=0.0).to(tl.float32)
+    v_se = tl.load(n_base + W + 1, mask=m_se, other=0.0).to(tl.float32)
+    warped = v_nw * (ax * ay) + v_ne * (bx * ay) + v_sw * (ax * by) + v_se * (bx * by)
+    d = xt - warped
+    # g = dL/dd = grad * w * rho'(d); dL/dwarped = -g.
+    if G_SCALAR:
+        go = g_s
+    else:
+        go = tl.load(g_ptr + g_off + c * g_sc + p, mask=pm, other=0.0).to(tl.float32)
+    rho = tl.sqrt_rn(d * d + eps2)
+    g = go * d / rho
+    if HAS_W:
+        g = g * wt
+        rho = rho * wt
+    g = tl.where(pm, g, 0.0)
+    # Bilinear derivative w.r.t. the sample position (grid_sample's one-sided convention).
+    dix = g * ((v_ne - v_nw) * ay + (v_se - v_sw) * by)
+    diy = g * ((v_sw - v_nw) * ax + (v_se - v_ne) * bx)
+    return g, dix, diy, tl.where(pm, rho, 0.0)
+
+
+@triton.jit
 def _bwd_kernel(
     x_ptr,
     flow_ptr,
@@ -209,8 +286,12 @@ def _bwd_kernel(
     FIXED_POINT: tl.constexpr,
     WITH_LOSS: tl.constexpr,
     RECIP: tl.constexpr,
+    RGB_VEC: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
+    """``RGB_VEC`` (C == 3, fp32 atomics): ``dx_ptr`` is a channels-last ``(B, T, H*W, 4)`` fp32
+    buffer (``dx_sc`` unused) and each corner of a pixel takes one 4-wide atomic for its three
+    channels and a zero (``red.global.add.v4.f32`` on sm_90) instead of three."""
     pid_p = tl.program_id(0)
     pid_bt = tl.program_id(1)
     b = (pid_bt // Tm1).to(tl.int64)
@@ -224,73 +305,91 @@ def _bwd_kernel(
         p, ux, uy, W, H, half_wm1, half_hm1, wm1, hm1, BORDER, RECIP
     )
     o_nw, m_nw, m_ne, m_sw, m_se = _corners(x0, y0, W, H, pm)
+    wt = 1.0
     if HAS_W:
         wt = tl.load(w_ptr + b * w_sb + t * w_st + p, mask=pm, other=0.0).to(tl.float32)
+    g_s = 0.0
     if G_SCALAR:
         g_s = tl.load(g_ptr).to(tl.float32)
-    if FIXED_POINT:
-        qscale = tl.load(qscale_ptr)
-    gix = tl.zeros((BLOCK,), tl.float32)
-    giy = tl.zeros((BLOCK,), tl.float32)
-    acc = tl.zeros((BLOCK,), tl.float32)
     xt_base = x_ptr + b * x_sb + t * x_st
+    g_off = b * g_sb + t * g_st
     dx_base = dx_ptr + b * dx_sb + t * dx_st
-    for c in range(C):
-        xt = tl.load(xt_base + c * x_sc + p, mask=pm, other=0.0).to(tl.float32)
-        n_base = xt_base + x_st + c * x_sc + o_nw
-        v_nw = tl.load(n_base, mask=m_nw, other=0.0).to(tl.float32)
-        v_ne = tl.load(n_base + 1, mask=m_ne, other=0.0).to(tl.float32)
-        v_sw = tl.load(n_base + W, mask=m_sw, other=0.0).to(tl.float32)
-        v_se = tl.load(n_base + W + 1, mask=m_se, other=0.0).to(tl.float32)
-        warped = v_nw * (ax * ay) + v_ne * (bx * ay) + v_sw * (ax * by) + v_se * (bx * by)
-        d = xt - warped
-        # g = dL/dd = grad * w * rho'(d); dL/dwarped = -g.
-        if G_SCALAR:
-            go = g_s
-        else:
-            go = tl.load(g_ptr + b * g_sb + c * g_sc + t * g_st + p, mask=pm, other=0.0)
-            go = go.to(tl.float32)
-        rho = tl.sqrt_rn(d * d + eps2)
-        g = go * d / rho
-        if HAS_W:
-            g = g * wt
-            rho = rho * wt
-        g = tl.where(pm, g, 0.0)
-        if WITH_LOSS:  # the loss itself is free here: one pass for a mean and its gradient
-            acc += tl.where(pm, rho, 0.0)
-        # Bilinear derivative w.r.t. the sample position (grid_sample's one-sided convention).
-        gix -= g * ((v_ne - v_nw) * ay + (v_se - v_sw) * by)
-        giy -= g * ((v_sw - v_nw) * ax + (v_se - v_ne) * bx)
+    corner = (xt_base, x_sc, x_st, p, pm, o_nw, m_nw, m_ne, m_sw, m_se, W, ax, bx, ay, by, wt)
+    if RGB_VEC:
+        g0, ix0, iy0, r0 = _bwd_channel(0, *corner, g_ptr, g_s, g_off, g_sc, eps2, HAS_W, G_SCALAR)
+        g1, ix1, iy1, r1 = _bwd_channel(1, *corner, g_ptr, g_s, g_off, g_sc, eps2, HAS_W, G_SCALAR)
+        g2, ix2, iy2, r2 = _bwd_channel(2, *corner, g_ptr, g_s, g_off, g_sc, eps2, HAS_W, G_SCALAR)
+        gix = -(ix0 + ix1 + ix2)
+        giy = -(iy0 + iy1 + iy2)
+        acc = r0 + r1 + r2
         if GRAD_X:
-            # x_t gets g; x_{t+1} gets -g spread over the four corners.
-            d_cur = dx_base + c * dx_sc + p
-            d_nw = dx_base + dx_st + c * dx_sc + o_nw
-            if FIXED_POINT:
-                tl.atomic_add(d_cur, (g * qscale).to(tl.int64), mask=pm, sem="relaxed")
-                tl.atomic_add(
-                    d_nw, (-g * (ax * ay) * qscale).to(tl.int64), mask=m_nw, sem="relaxed"
-                )
-                tl.atomic_add(
-                    d_nw + 1, (-g * (bx * ay) * qscale).to(tl.int64), mask=m_ne, sem="relaxed"
-                )
-                tl.atomic_add(
-                    d_nw + W, (-g * (ax * by) * qscale).to(tl.int64), mask=m_sw, sem="relaxed"
-                )
-                tl.atomic_add(
-                    d_nw + W + 1, (-g * (bx * by) * qscale).to(tl.int64), mask=m_se, sem="relaxed"
-                )
-            else:
-                tl.atomic_add(d_cur, g, mask=pm, sem="relaxed")
-                tl.atomic_add(d_nw, -g * (ax * ay), mask=m_nw, sem="relaxed")
-                tl.atomic_add(d_nw + 1, -g * (bx * ay), mask=m_ne, sem="relaxed")
-                tl.atomic_add(d_nw + W, -g * (ax * by), mask=m_sw, sem="relaxed")
-                tl.atomic_add(d_nw + W + 1, -g * (bx * by), mask=m_se, sem="relaxed")
+            # (BLOCK, 4): channels 0, 1, 2 and a zero, all in the thread that owns the pixel
+            # (join adds a dimension inside each thread), so the scatter needs no shuffle
+            g4 = tl.reshape(tl.join(tl.join(g0, g2), tl.join(g1, tl.zeros_like(g1))), (BLOCK, 4))
+            c4 = tl.arange(0, 4)[None, :]
+            d_cur = dx_base + p[:, None] * 4 + c4
+            d_nw = dx_base + dx_st + o_nw[:, None] * 4 + c4
+            tl.atomic_add(d_cur, g4, mask=pm[:, None], sem="relaxed")
+            tl.atomic_add(d_nw, -g4 * (ax * ay)[:, None], mask=m_nw[:, None], sem="relaxed")
+            tl.atomic_add(d_nw + 4, -g4 * (bx * ay)[:, None], mask=m_ne[:, None], sem="relaxed")
+            tl.atomic_add(d_nw + W * 4, -g4 * (ax * by)[:, None], mask=m_sw[:, None], sem="relaxed")
+            tl.atomic_add(
+                d_nw + (W + 1) * 4, -g4 * (bx * by)[:, None], mask=m_se[:, None], sem="relaxed"
+            )
+    else:
+        if FIXED_POINT:
+            qscale = tl.load(qscale_ptr)
+        gix = tl.zeros((BLOCK,), tl.float32)
+        giy = tl.zeros((BLOCK,), tl.float32)
+        acc = tl.zeros((BLOCK,), tl.float32)
+        for c in range(C):
+            g, dix, diy, rho = _bwd_channel(
+                c, *corner, g_ptr, g_s, g_off, g_sc, eps2, HAS_W, G_SCALAR
+            )
+            gix -= dix
+            giy -= diy
+            acc += rho
+            if GRAD_X:
+                # x_t gets g; x_{t+1} gets -g spread over the four corners.
+                d_cur = dx_base + c * dx_sc + p
+                d_nw = dx_base + dx_st + c * dx_sc + o_nw
+                if FIXED_POINT:
+                    tl.atomic_add(d_cur, (g * qscale).to(tl.int64), mask=pm, sem="relaxed")
+                    tl.atomic_add(
+                        d_nw, (-g * (ax * ay) * qscale).to(tl.int64), mask=m_nw, sem="relaxed"
+                    )
+                    tl.atomic_add(
+                        d_nw + 1, (-g * (bx * ay) * qscale).to(tl.int64), mask=m_ne, sem="relaxed"
+                    )
+                    tl.atomic_add(
+                        d_nw + W, (-g * (ax * by) * qscale).to(tl.int64), mask=m_sw, sem="relaxed"
+                    )
+                    tl.atomic_add(
+                        d_nw + W + 1,
+                        (-g * (bx * by) * qscale).to(tl.int64),
+                        mask=m_se,
+                        sem="relaxed",
+                    )
+                else:
+                    tl.atomic_add(d_cur, g, mask=pm, sem="relaxed")
+                    tl.atomic_add(d_nw, -g * (ax * ay), mask=m_nw, sem="relaxed")
+                    tl.atomic_add(d_nw + 1, -g * (bx * ay), mask=m_ne, sem="relaxed")
+                    tl.atomic_add(d_nw + W, -g * (ax * by), mask=m_sw, sem="relaxed")
+                    tl.atomic_add(d_nw + W + 1, -g * (bx * by), mask=m_se, sem="relaxed")
     # Chain rule through flow_to_grid and the clip (1 inside, 0 at/outside a border).
     df = dflow_ptr + b * df_sb + t * df_st + p
     tl.store(df, (gix * cgx * gx_scale).to(dflow_ptr.dtype.element_ty), mask=pm)
     tl.store(df + df_sc, (giy * cgy * gy_scale).to(dflow_ptr.dtype.element_ty), mask=pm)
-    if WITH_LOSS:
+    if WITH_LOSS:  # the loss itself is free here: one pass for a mean and its gradient
         tl.store(loss_ptr + pid_bt * tl.num_programs(0) + pid_p, tl.sum(acc, axis=0))
+
+
+@functools.cache
+def _f32_vector_atomics(device: torch.device) -> bool:
+    """Whether ``device`` has 4-wide fp32 atomics (sm_90 and later; the interpreter: yes). On
+    sm_80 Triton splits the ``rgb-vec`` scatter into scalar atomics in another layout than the
+    loads', which costs shared-memory round trips, so ``"loop-1px"`` runs there instead."""
+    return device.type != "cuda" or torch.cuda.get_device_capability(device)[0] >= 9
 
 
 def _launch(hw: int, device: torch.device) -> dict:
@@ -410,6 +509,10 @@ def flow_warp_loss_bwd(
             _plane_contiguous(ten, name)
     hw = h * w
     cfg = _launch(hw, x.device)
+    rgb_vec = grad_x and c == 3 and not deterministic and DX_MODE == "rgb-vec"
+    rgb_vec = rgb_vec and _f32_vector_atomics(x.device)
+    if grad_x and x.device.type == "cuda" and DX_MODE != "loop":  # one pixel per thread
+        cfg.update(BLOCK=256, num_warps=8)
     grid = (cdiv(hw, cfg["BLOCK"]), b * (t - 1))
     g_scalar = grad.numel() == 1
     g_strides = (0, 0, 0) if g_scalar else (grad.stride(0), grad.stride(1), grad.stride(2))
@@ -422,6 +525,8 @@ def flow_warp_loss_bwd(
     qscale = None
     if not grad_x:
         dx_acc = flow  # never written (GRAD_X=False)
+    elif rgb_vec:  # channels last, padded to 4: (B, T, H*W, 4)
+        dx_acc = torch.zeros((b, t, hw, 4), device=x.device, dtype=torch.float32)
     elif deterministic:
         # Fixed-point scale: a power of two leaving room for HW + 1 contributions of max |g|
         # (|rho'| <= 1) in int64, i.e. about 2^-50 of max |g| per unit at 64x64.
@@ -433,6 +538,9 @@ def flow_warp_loss_bwd(
         dx_acc = torch.zeros(x.shape, device=x.device, dtype=torch.int64)
     else:
         dx_acc = torch.zeros(x.shape, device=x.device, dtype=torch.float32)
+    # (batch, channel, frame) element strides; the RGB_VEC buffer's channel stride is 1 (unused)
+    st = dx_acc.stride()
+    dx_strides = (st[0], 0, st[1]) if rgb_vec else st[:3]
     wt = weight if weight is not None else flow
     gx_scale = 1.0 if w > 1 else 0.0  # W == 1: grid_sample samples column 0 whatever the flow
     gy_scale = 1.0 if h > 1 else 0.0
@@ -462,9 +570,7 @@ def flow_warp_loss_bwd(
         dflow.stride(0),
         dflow.stride(1),
         dflow.stride(2),
-        dx_acc.stride(0),
-        dx_acc.stride(1),
-        dx_acc.stride(2),
+        *dx_strides,
         **_geometry(h, w, eps, cfg["RECIP"]),
         gx_scale=gx_scale,
         gy_scale=gy_scale,
@@ -474,11 +580,15 @@ def flow_warp_loss_bwd(
         GRAD_X=grad_x,
         FIXED_POINT=grad_x and deterministic,
         WITH_LOSS=with_loss,
+        RGB_VEC=rgb_vec,
         **cfg,
     )
     dx_dtype = torch.float32 if fp32_grads else x.dtype
     if not grad_x:
         dx = None
+    elif rgb_vec:  # back to (B, C, T, H, W) in one strided copy
+        dx = torch.empty(x.shape, device=x.device, dtype=dx_dtype)
+        dx.copy_(dx_acc.view(b, t, h, w, 4)[..., :3].permute(0, 4, 1, 2, 3))
     elif deterministic:
         dx = (dx_acc.double() / qscale.double()).to(dx_dtype)
     else:

@@ -332,6 +332,67 @@ def test_one_pass_and_two_pass_paths(
             assert_close_rel(got, want, 2e-5, f"{impl} one_pass={one_pass}")
 
 
+class _LaunchSpy:
+    """Stands in for a Triton kernel and records each launch's ``RGB_VEC``."""
+
+    def __init__(self, kernel: object) -> None:
+        self.kernel, self.rgb_vec = kernel, []
+
+    def __getitem__(self, grid: tuple[int, ...]) -> object:
+        launch = self.kernel[grid]
+
+        def run(*args: object, **kwargs: object) -> object:
+            self.rgb_vec.append(kwargs["RGB_VEC"])
+            return launch(*args, **kwargs)
+
+        return run
+
+
+@pytest.mark.parametrize("impl", ["triton"])
+@pytest.mark.parametrize("dx_mode", ["loop", "loop-1px", "rgb-vec"])
+@pytest.mark.parametrize("padding", ["zeros", "border"])
+def test_dx_modes_match_reference(
+    impl: str, dx_mode: str, padding: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every way of scattering d loss / d x (``DX_MODE``) gives the reference's gradients, for
+    RGB (where ``rgb-vec`` takes its own path) and other channel counts, through the one-pass
+    op (a mean) and the recomputing backward (a map), with flows in and out of the frame."""
+    from vosgan.kernels import flow_warp as kernels
+
+    monkeypatch.setattr(kernels, "DX_MODE", dx_mode)
+    spy = _LaunchSpy(kernels._bwd_kernel)
+    monkeypatch.setattr(kernels, "_bwd_kernel", spy)
+    for c, kind, reduction in ((3, "random", "mean"), (3, "out", "none"), (2, "random", "mean")):
+        b, t, h, w = 2, 3, 6, 9
+        x = torch.randn(b, c, t, h, w, requires_grad=True)
+        flow = make_flow(kind, b, t, h, w).requires_grad_()
+        weight = torch.rand(b, 1, t - 1, h, w)
+        out = flow_warp_loss(x, flow, weight, padding_mode=padding, reduction=reduction, impl=impl)
+        ref = flow_warp_loss_reference(x, flow, weight, padding_mode=padding, reduction=reduction)
+        g = torch.randn_like(ref)
+        for name, got, want in zip(
+            ("dx", "dflow"), grads(out, [x, flow], g), grads(ref, [x, flow], g), strict=True
+        ):
+            assert_close_rel(got, want, 2e-5, f"{dx_mode} C={c} {kind} {reduction} {name}")
+    on_gpu = spy.rgb_vec and torch.device(torch.get_default_device()).type == "cuda"
+    vector_atomics = not on_gpu or torch.cuda.get_device_capability()[0] >= 9
+    assert spy.rgb_vec == [dx_mode == "rgb-vec" and vector_atomics] * 2 + [False]
+
+
+def test_dx_mode_from_the_environment_is_checked() -> None:
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "VOSGAN_FLOW_WARP_DX": "vector"}
+    code = "import vosgan.kernels.flow_warp"
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert run.returncode != 0
+    assert "VOSGAN_FLOW_WARP_DX must be one of ('loop', 'loop-1px', 'rgb-vec'), got 'vector'" in (
+        run.stderr
+    )
+
+
 @pytest.mark.parametrize("padding", ["zeros", "border"])
 def test_gradcheck_reference_float64(padding: str) -> None:
     b, c, t, h, w = 1, 2, 3, 4, 5
@@ -446,6 +507,7 @@ _BWD_SIG = {
             "FIXED_POINT",
             "WITH_LOSS",
             "RECIP",
+            "RGB_VEC",
             "BLOCK",
         )
     },
@@ -463,6 +525,7 @@ AOT_CASES = {
             "GRAD_X": True,
             "FIXED_POINT": False,
             "WITH_LOSS": True,
+            "RGB_VEC": False,
         },
     ),
     "bwd-fixed": (
@@ -475,9 +538,15 @@ AOT_CASES = {
             "GRAD_X": True,
             "FIXED_POINT": True,
             "WITH_LOSS": False,
+            "RGB_VEC": False,
         },
     ),
 }
+_BWD_ATOMIC = AOT_CASES["bwd-atomic"][2]
+# The one-pixel-per-thread launches of DX_MODE "loop-1px" and "rgb-vec" (256 pixels, 8 warps)
+AOT_CASES["bwd-atomic-1px"] = ("_bwd_kernel", _BWD_SIG, _BWD_ATOMIC)
+AOT_CASES["bwd-rgb-vec"] = ("_bwd_kernel", _BWD_SIG, {**_BWD_ATOMIC, "RGB_VEC": True})
+_ONE_PIXEL_PER_THREAD = {"bwd-atomic-1px", "bwd-rgb-vec"}
 
 
 @pytest.mark.parametrize("arch", [80, 90])
@@ -495,24 +564,46 @@ def test_aot_compile_no_spills(case: str, arch: int) -> None:
         for i, n in enumerate(names)
         if sig[n].startswith("*") or (sig[n] == _I32 and n not in generic)
     )
-    consts = {**constexprs, "BLOCK": 512, "RECIP": True}
+    one_px = case in _ONE_PIXEL_PER_THREAD
+    block, warps = (256, 8) if one_px else (512, 4)
+    consts = {**constexprs, "BLOCK": block, "RECIP": True}
     rep = aot.compile_kernel(
-        "vosgan.kernels.flow_warp", kernel, sig, consts, arch=arch, aligned=aligned, num_warps=4
+        "vosgan.kernels.flow_warp", kernel, sig, consts, arch=arch, aligned=aligned, num_warps=warps
     )
     assert rep.registers > 0, "ptxas reported no register count"
     assert rep.spill_stores == 0 and rep.spill_loads == 0, (
         f"{case} sm_{arch}: {rep.spill_stores} B spill stores, {rep.spill_loads} B spill loads"
     )
-    # The per-pixel streams (x_t, flow, weight) are contiguous and vectorised (4 bf16 per thread
-    # at BLOCK=512: 64-bit loads); the four bilinear corner loads are gathers.
-    assert re.search(r"ld\.global(?:\.\w+)*\.v[24]", rep.ptx), f"{case} sm_{arch}: no vector loads"
+    if not one_px:
+        # The per-pixel streams (x_t, flow, weight) are contiguous and vectorised (4 bf16 per
+        # thread at BLOCK=512: 64-bit loads); the four bilinear corner loads are gathers.
+        assert re.search(r"ld\.global(?:\.\w+)*\.v[24]", rep.ptx), (
+            f"{case} sm_{arch}: no vector loads"
+        )
+        return
+    if case == "bwd-rgb-vec" and arch < 90:  # sm_80 has no f32 vector atomics: not launched
+        return
+    # One pixel per thread: the atomics take the loads' layout, so no value goes through shared
+    # memory except the loss partial sum's reduction over warps: one store with Triton 3.9, two
+    # with 3.6. At 4 pixels per thread ("loop"), layout conversions around the atomics make 25.
+    shared = len(re.findall(r"st\.shared", rep.ptx))
+    assert shared <= 2, f"{case} sm_{arch}: {shared} shared-memory stores (layout conversions)"
+    atomics = re.findall(r"(?:red|atom)\.global[\w.]*\.f32", rep.ptx)
+    if case == "bwd-rgb-vec" and arch == 90:  # Hopper's f32 vector reductions: RGB + 0 at once
+        assert len(atomics) == 5 and all(".v4." in a for a in atomics), atomics
 
 
 @requires_cuda
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("deterministic", [False, True])
-def test_gpu_matches_reference(dtype: torch.dtype, deterministic: bool) -> None:
+@pytest.mark.parametrize("dx_mode", ["loop", "loop-1px", "rgb-vec"])
+def test_gpu_matches_reference(
+    dtype: torch.dtype, deterministic: bool, dx_mode: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from vosgan.kernels import flow_warp as kernels
+
+    monkeypatch.setattr(kernels, "DX_MODE", dx_mode)
     b, c, t, h, w = 4, 3, 9, 64, 61
     x = torch.randn(b, c, t, h, w, device="cuda").to(dtype).requires_grad_()
     flow = (torch.randn(b, 2, t - 1, h, w, device="cuda") * 3).to(dtype).requires_grad_()

@@ -35,7 +35,8 @@ Fused ops (``torch.library`` custom ops with fake implementations and registered
 - Gradients: ``flow`` always, ``x`` only when ``x.requires_grad``; ``weight`` is a constant (a
   fused call raises when it requires grad: pass ``weight.detach()``).
 - Determinism: ``d/dflow`` is a gather (no atomics). ``d/dx`` is a bilinear scatter: fp32 atomics
-  on GPU, or with ``deterministic=True`` int64 fixed-point atomics (associative: bitwise
+  on GPU (laid out as ``vosgan.kernels.flow_warp.DX_MODE`` says), or with ``deterministic=True``
+  int64 fixed-point atomics (associative: bitwise
   reproducible, 2^-50 of the largest gradient per unit at 64x64). The numba path is race-free
   (private per-frame-pair scatter buffers) and always deterministic.
 - dtype/AMP policy: inputs run in their own dtypes (fp32/fp16/bf16; ``x``, ``flow``, ``weight``
