@@ -374,8 +374,7 @@ def test_dx_modes_match_reference(
             ("dx", "dflow"), grads(out, [x, flow], g), grads(ref, [x, flow], g), strict=True
         ):
             assert_close_rel(got, want, 2e-5, f"{dx_mode} C={c} {kind} {reduction} {name}")
-    on_gpu = spy.rgb_vec and torch.device(torch.get_default_device()).type == "cuda"
-    vector_atomics = not on_gpu or torch.cuda.get_device_capability()[0] >= 9
+    vector_atomics = not x.is_cuda or torch.cuda.get_device_capability()[0] >= 9
     assert spy.rgb_vec == [dx_mode == "rgb-vec" and vector_atomics] * 2 + [False]
 
 
