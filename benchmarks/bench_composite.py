@@ -25,7 +25,7 @@ from vosgan.ops.composite import composite, composite_reference
 
 CUDA = torch.cuda.is_available()
 CPU_SHAPES = [(16, 3, 16, 32, 32), (8, 3, 32, 64, 64)]  # cpu-small and paper presets
-GPU_SHAPES = [(8, 3, 16, 64, 64), (16, 3, 32, 64, 64), (64, 3, 32, 64, 64)]
+GPU_SHAPES = [(8, 3, 16, 64, 64), (16, 3, 32, 64, 64), (32, 3, 32, 64, 64), (64, 3, 32, 64, 64)]
 PROVIDERS = ["reference", "fused", "compile"]
 #: GPU only: the fused op with its backward's frames split over programs for small batches
 #: (``VOSGAN_COMPOSITE_T_SPLIT=auto``; not yet the default).
