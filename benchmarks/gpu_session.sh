@@ -12,7 +12,7 @@
 # own time cap, so a step that hangs or fails costs its cap and the rest still run. Results land
 # in OUTDIR: log.txt (everything), tests_ops.txt (each op test's outcome) and pytest-benchmark
 # JSON files (tables: benchmarks/report.py). PyAV is not on the device image: put its wheel in
-# .whl/ (see below) or the tests that import vosgan.data fail to collect.
+# .whl/ (see below) or the video tests fail.
 #
 # Usage, from the repository root on the CUDA machine:  benchmarks/gpu_session.sh [OUTDIR]
 # Env: PYTHON (default python3), TORCH_CUDA_ARCH_LIST (default: the card's own, e.g. 9.0).

@@ -151,6 +151,28 @@ def test_bad_files_raise_video_error(tmp_path: Path, vids: dict[str, Path]) -> N
         read_video(vids["h264"], 0, 2, stride=0)
 
 
+def test_without_pyav_training_imports_and_decoding_names_it(vids: dict[str, Path]) -> None:
+    """PyAV is imported on first decode: without it the trainer, the evaluator and the synthetic
+    data still load, and decoding a file says what is missing."""
+    import subprocess
+    import sys
+
+    code = f"""
+import sys
+sys.modules["av"] = None  # as if PyAV were not installed
+import vosgan.train, vosgan.evaluate
+from vosgan.data import SyntheticVideos, probe
+SyntheticVideos(2, size=16, frames=4)[0]
+try:
+    probe({str(vids["h264"])!r})
+except ImportError as exc:
+    print(exc)
+"""
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    assert "decoding video files needs PyAV: pip install av" in run.stdout
+
+
 def _folder(tmp_path: Path, vids: dict[str, Path], *names: str) -> Path:
     d = tmp_path / "folder"
     d.mkdir()

@@ -8,7 +8,8 @@ tested in ``tests/test_video_data.py``.
 
 - ``pyav``: FFmpeg through PyAV with frame/slice threads (``thread_type="AUTO"``). Decodes from the
   first frame up to the last wanted one (exact indices, no seek drift); frames not wanted are never
-  converted to RGB. Every codec FFmpeg knows.
+  converted to RGB. Every codec FFmpeg knows. PyAV is imported on first use, so training on
+  synthetic data, frame folders or the clip cache works without it.
 - ``dali-cpu`` (:mod:`vosgan.data.dali`): ``fn.decoders.video(device="cpu")`` in a CPU-only
   pipeline (``device_id=None``). The CPU variant only decodes VP9, VP8 and MJPEG (DALI 2.4:
   "Codec 27 (h264) is not supported").
@@ -38,12 +39,15 @@ import sys
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
 
-import av
 import numpy as np
 
 from vosgan.config import ConfigError
+
+if TYPE_CHECKING:
+    import av
 
 #: codecs DALI's CPU decoder handles (FFmpeg codec names).
 DALI_CPU_CODECS = frozenset({"vp8", "vp9", "mjpeg"})
@@ -84,7 +88,18 @@ class VideoInfo:
         return self.frames / self.fps if self.fps > 0 else 0.0
 
 
+def _pyav() -> ModuleType:
+    """PyAV, imported on first use: synthetic data, frame folders and the clip cache train
+    without it (the GPU machines of this project's leases had none)."""
+    try:
+        import av
+    except ImportError as exc:
+        raise ImportError(f"decoding video files needs PyAV: pip install av ({exc})") from None
+    return av
+
+
 def _open(path: str | Path) -> av.container.InputContainer:
+    av = _pyav()
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"video file {p} does not exist")
@@ -115,7 +130,7 @@ def probe(path: str | Path) -> VideoInfo:
         if frames <= 0:
             try:
                 frames = sum(1 for pkt in c.demux(s) if pkt.size > 0)
-            except av.error.FFmpegError as exc:
+            except _pyav().error.FFmpegError as exc:
                 raise VideoError(path, f"demuxing failed ({exc})") from None
         if cc.width <= 0 or cc.height <= 0:
             raise VideoError(path, f"invalid frame size {cc.width}x{cc.height}")
@@ -223,15 +238,17 @@ class PyAVDecoder(Decoder):
                 )
                 kw["interpolation"] = "AREA"
 
+            ffmpeg_error = _pyav().error.FFmpegError
+
             def frames() -> Iterator[av.VideoFrame]:
                 nonlocal error
                 try:
                     for packet in c.demux(s):
                         yield from s.decode(packet)
                     return
-                except av.error.FFmpegError as exc:
+                except ffmpeg_error as exc:
                     error = exc
-                with contextlib.suppress(av.error.FFmpegError):
+                with contextlib.suppress(ffmpeg_error):
                     yield from s.decode(None)  # flush: frames decoded before the bad packet
 
             for frame in frames():
