@@ -71,6 +71,10 @@ def test_cli_reports_on_the_device_given(capsys):
     # what --fused's training step does about layouts and CUDA graphs here, and why
     assert "cuda_graph       off        auto: CUDA graphs need a GPU, this run is on cpu" in out
     assert "channels_last    off        auto: cpu (it is for cuDNN's convolutions)" in out
+    # the kernel choices environment variables make, as the modules read them
+    assert "VOSGAN_FLOW_WARP_DX       loop" in out
+    assert "VOSGAN_COMPOSITE_T_SPLIT  off" in out
+    assert "VOSGAN_CUDA_CONV          transposed=auto, conv=torch" in out
 
 
 @pytest.mark.parametrize(

@@ -151,7 +151,30 @@ def report(device: torch.device | str | None = None) -> str:
     lines.append("training step with --fused (default config, one process):")
     for name in ("channels_last", "cuda_graph"):
         lines.append(f"  {name:<16} {'on' if getattr(opts, name) else 'off':<10} {opts.why[name]}")
+    lines.append(
+        "GPU kernel choices in effect (environment variables; README, 'Running on a GPU'):"
+    )
+    lines += [f"  {name:<25} {value}" for name, value in _gpu_knobs()]
     return "\n".join(lines)
+
+
+def _gpu_knobs() -> list[tuple[str, str]]:
+    """The process's kernel layout and form choices that environment variables set, as the
+    modules read them (so a benchmark row can say what ran)."""
+    knobs = []
+    for var, module, attr in (
+        ("VOSGAN_FLOW_WARP_DX", "vosgan.kernels.flow_warp", "DX_MODE"),
+        ("VOSGAN_COMPOSITE_T_SPLIT", "vosgan.kernels.composite", "T_SPLIT"),
+        ("VOSGAN_CUDA_CONV", "vosgan.ops.conv3d_forms", "CUDA_FORMS"),
+    ):
+        try:
+            value = getattr(importlib.import_module(module), attr)
+        except ImportError as exc:  # no Triton: the kernels do not load
+            value = f"not available ({exc})"
+        if isinstance(value, dict):
+            value = ", ".join(f"{k}={v}" for k, v in value.items())
+        knobs.append((var, str(value)))
+    return knobs
 
 
 def main(argv: list[str] | None = None) -> int:
