@@ -114,6 +114,19 @@ def _corners(x0, y0, W, H, pm):
 
 
 @triton.jit
+def _load_channel(xt_base, c, x_sc, x_st, p, pm, o_nw, m_nw, m_ne, m_sw, m_se, W):
+    """Channel ``c``, in fp32: ``x_t`` at the pixels and ``x_{t+1}`` at their four bilinear
+    corners (0 where a corner is off the frame)."""
+    xt = tl.load(xt_base + c * x_sc + p, mask=pm, other=0.0).to(tl.float32)
+    n_base = xt_base + x_st + c * x_sc + o_nw
+    v_nw = tl.load(n_base, mask=m_nw, other=0.0).to(tl.float32)
+    v_ne = tl.load(n_base + 1, mask=m_ne, other=0.0).to(tl.float32)
+    v_sw = tl.load(n_base + W, mask=m_sw, other=0.0).to(tl.float32)
+    v_se = tl.load(n_base + W + 1, mask=m_se, other=0.0).to(tl.float32)
+    return xt, v_nw, v_ne, v_sw, v_se
+
+
+@triton.jit
 def _fwd_kernel(
     x_ptr,
     flow_ptr,
@@ -166,12 +179,9 @@ def _fwd_kernel(
     xt_base = x_ptr + b * x_sb + t * x_st
     for c in range(C):
         # Charbonnier of x_t minus the bilinear sample of x_{t+1}, in fp32.
-        xt = tl.load(xt_base + c * x_sc + p, mask=pm, other=0.0).to(tl.float32)
-        n_base = xt_base + x_st + c * x_sc + o_nw
-        v_nw = tl.load(n_base, mask=m_nw, other=0.0).to(tl.float32)
-        v_ne = tl.load(n_base + 1, mask=m_ne, other=0.0).to(tl.float32)
-        v_sw = tl.load(n_base + W, mask=m_sw, other=0.0).to(tl.float32)
-        v_se = tl.load(n_base + W + 1, mask=m_se, other=0.0).to(tl.float32)
+        xt, v_nw, v_ne, v_sw, v_se = _load_channel(
+            xt_base, c, x_sc, x_st, p, pm, o_nw, m_nw, m_ne, m_sw, m_se, W
+        )
         warped = v_nw * (ax * ay) + v_ne * (bx * ay) + v_sw * (ax * by) + v_se * (bx * by)
         d = xt - warped
         r = tl.sqrt_rn(d * d + eps2)
@@ -215,12 +225,9 @@ def _bwd_channel(
 ):
     """Channel ``c`` of ``BLOCK`` pixels: ``(g, d/dix, d/diy, w * rho)`` with ``g = dL/d(x_t -
     warped)`` (0 off the plane), the sample-position derivatives not yet summed over channels."""
-    xt = tl.load(xt_base + c * x_sc + p, mask=pm, other=0.0).to(tl.float32)
-    n_base = xt_base + x_st + c * x_sc + o_nw
-    v_nw = tl.load(n_base, mask=m_nw, other=0.0).to(tl.float32)
-    v_ne = tl.load(n_base + 1, mask=m_ne, other=0.0).to(tl.float32)
-    v_sw = tl.load(n_base + W, mask=m_sw, other=0.0).to(tl.float32)
-    v_se = tl.load(n_base + W + 1, mask=m_se, other=0.0).to(tl.float32)
+    xt, v_nw, v_ne, v_sw, v_se = _load_channel(
+        xt_base, c, x_sc, x_st, p, pm, o_nw, m_nw, m_ne, m_sw, m_se, W
+    )
     warped = v_nw * (ax * ay) + v_ne * (bx * ay) + v_sw * (ax * by) + v_se * (bx * by)
     d = xt - warped
     # g = dL/dd = grad * w * rho'(d); dL/dwarped = -g.
