@@ -10,9 +10,10 @@
 # conv blocks under both cudnn.benchmark settings, fp32 flow warp, the compiled step). The
 # conv-forms study is benchmarks/gpu_conv_forms.sh. Steps run in order of value, each under its
 # own time cap, so a step that hangs or fails costs its cap and the rest still run. Results land
-# in OUTDIR: log.txt (everything), tests_ops.txt (each op test's outcome) and pytest-benchmark
-# JSON files (tables: benchmarks/report.py). PyAV is not on the device image: put its wheel in
-# .whl/ (see below) or the video tests fail.
+# in OUTDIR: log.txt (everything), tests_ops.txt and tests_ext.txt (each test's outcome) and
+# pytest-benchmark JSON files (tables: benchmarks/report.py); the device tool returns at most 8
+# files. PyAV is not on the device image: put its wheel in .whl/ (see below) or the video tests
+# fail.
 #
 # Usage, from the repository root on the CUDA machine:  benchmarks/gpu_session.sh [OUTDIR]
 # Env: PYTHON (default python3), TORCH_CUDA_ARCH_LIST (default: the card's own, e.g. 9.0).
@@ -72,13 +73,15 @@ c++ --version | head -1
 SO="$("$PY" -c "import torch, vosgan._C as c; print(c.__file__)")" &&
   nm -D -C "$SO" | grep -E "_M_insert<long>|num_put" | head -5
 
-step "backend report; the tests that need the extension (sequential: a crash names its test)"
+step "backend report; the tests that need the extension (each outcome in tests_ext.txt)"
 "$PY" -m vosgan.backend
 if [ -z "${VOSGAN_GPU_TESTS:-}" ]; then
-  PYTHONFAULTHANDLER=1 timeout 150 "$PY" -m pytest -v -p no:cacheprovider -p no:xdist \
-    --timeout 120 -rfEs tests/test_gru.py tests/test_backend.py tests/test_compile.py 2>&1 |
-    grep -v PASSED
-  echo "tests (extension) exit ${PIPESTATUS[0]}"
+  # 4 workers: 84 s on an H200 (test_gru and test_compile); a crash is named by xdist's crashitem
+  PYTHONFAULTHANDLER=1 timeout 150 "$PY" -m pytest -v -p no:cacheprovider -n 4 --timeout 120 \
+    -rfEs tests/test_gru.py tests/test_backend.py tests/test_compile.py >"$OUTDIR/tests_ext.txt" 2>&1
+  echo "tests (extension) exit $?"
+  grep -aE "FAILED|ERROR|crashitem|[0-9]+ (passed|failed)" "$OUTDIR/tests_ext.txt" |
+    cut -c1-200 | sort -u | head -40
 fi
 
 # bench_train_step.py's cases selected by -k $1, their pytest-benchmark JSON to $OUTDIR/$2.
