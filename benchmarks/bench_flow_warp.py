@@ -27,6 +27,7 @@ import sys
 import time
 from collections.abc import Callable
 from functools import partial
+from unittest import mock
 
 import pytest
 import torch
@@ -80,30 +81,20 @@ def loss_fn(provider: str, device: str, mode: str) -> Callable[..., torch.Tensor
         return flow_warp_loss_reference
     if provider == "fused":
         return partial(flow_warp_loss, impl=impl)
-    if provider in DX_PROVIDERS:
+    if provider in DX_PROVIDERS:  # another way to scatter the video's gradient
         from vosgan.kernels import flow_warp as kernels
 
-        def with_dx_mode(*args: torch.Tensor) -> torch.Tensor:
-            default = kernels.DX_MODE
-            kernels.DX_MODE = DX_PROVIDERS[provider]
-            try:
-                return flow_warp_loss(*args, impl=impl)
-            finally:
-                kernels.DX_MODE = default
+        setting = mock.patch.object(kernels, "DX_MODE", DX_PROVIDERS[provider])
+    elif provider == "fused-alt":  # the other ONE_PASS policy, to check the default's choice
+        setting = mock.patch.dict(fw.ONE_PASS, {impl: not fw.ONE_PASS[impl]})
+    else:
+        return _COMPILED.setdefault(f"{device}-{mode}", torch.compile(flow_warp_loss_reference))
 
-        return with_dx_mode
-    if provider == "fused-alt":  # the other ONE_PASS policy, to check the default's choice
+    def fused_with_setting(*args: torch.Tensor) -> torch.Tensor:
+        with setting:
+            return flow_warp_loss(*args, impl=impl)
 
-        def fn(*args: torch.Tensor) -> torch.Tensor:
-            default = fw.ONE_PASS[impl]
-            fw.ONE_PASS[impl] = not default
-            try:
-                return flow_warp_loss(*args, impl=impl)
-            finally:
-                fw.ONE_PASS[impl] = default
-
-        return fn
-    return _COMPILED.setdefault(f"{device}-{mode}", torch.compile(flow_warp_loss_reference))
+    return fused_with_setting
 
 
 def _outputs(fn: Callable[..., torch.Tensor], args: list, wrt: dict) -> dict[str, torch.Tensor]:
