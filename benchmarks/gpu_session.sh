@@ -3,14 +3,15 @@
 # extension for the card, the CUDA tests, the GPU benchmarks, a short training run on the GPU.
 # By default: the op and extension tests; then the open questions (the flow-warp loss at B=32 with
 # the video gradient's scatter modes, the compositing backward's frame split at B=8-32, the paper
-# step side by side); the fused-op benchmark checks; 200 training steps eager and from CUDA
-# graphs; the train-step table and profile. The twenty-second session's three calls covered most
-# of it in about 11 minutes of an H200 (starts included); VOSGAN_GPU_TESTS="tests/..." narrows the
-# tests, VOSGAN_GPU_CHECKS=0 skips the checks, VOSGAN_GPU_FULL=1 adds the re-measurements (the
-# conv blocks under both cudnn.benchmark settings, fp32 flow warp, the compiled step). The
-# conv-forms study is benchmarks/gpu_conv_forms.sh. Steps run in order of value, each under its
-# own time cap, so a step that hangs or fails costs its cap and the rest still run. Results land
-# in OUTDIR: log.txt (everything), tests_ops.txt and tests_ext.txt (each test's outcome) and
+# step side by side, the paper step's layer map); the fused-op benchmark checks; 200 training
+# steps eager and from CUDA graphs; the train-step table and profile. The twenty-second
+# session's three calls covered most of it in about 11 minutes of an H200 (starts included).
+# VOSGAN_GPU_TESTS="tests/..." narrows the tests, VOSGAN_GPU_CHECKS=0 skips the checks,
+# VOSGAN_GPU_FULL=1 adds the re-measurements (the conv blocks under both cudnn.benchmark
+# settings, fp32 flow warp, the compiled step). The conv-forms study is
+# benchmarks/gpu_conv_forms.sh. Steps run in order of value, each under its own time cap, so a
+# step that hangs or fails costs its cap and the rest still run. Results land in OUTDIR: log.txt
+# (everything), tests_ops.txt and tests_ext.txt (each test's outcome), layer_map.md and
 # pytest-benchmark JSON files (tables: benchmarks/report.py); the device tool returns at most 8
 # files. PyAV is not on the device image: put its wheel in .whl/ (see below) or the video tests
 # fail.
@@ -106,6 +107,12 @@ step "paper step side by side (providers taking turns)"
 timeout 120 "$PY" benchmarks/bench_train_step.py --preset paper --device cuda --rounds 10 \
   --providers "${VOSGAN_GPU_PROVIDERS:-reference,fused-cl-graph,fused}"
 echo "train step side by side exit $?"
+
+step "where the paper step's layer time goes: each layer alone x its calls; narrow convs padded to 8"
+timeout 150 "$PY" benchmarks/bench_layer_map.py --preset paper --device cuda --narrow \
+  >"$OUTDIR/layer_map.md"
+echo "layer map exit $?"
+head -40 "$OUTDIR/layer_map.md"; tail -3 "$OUTDIR/layer_map.md"
 
 if [ "${VOSGAN_GPU_CHECKS:-1}" = 1 ]; then
   step "the fused-op benchmarks' correctness checks on CUDA (composite, flow_warp; each case once)"

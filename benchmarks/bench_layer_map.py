@@ -1,0 +1,343 @@
+"""Where a training step's layer time goes: every layer of G and D, timed alone at the shapes and
+with the gradients one training step gives it, times the number of calls per step.
+
+The map answers what a profile of the whole step answers only with work: which layers hold the
+time, and how near each runs to the hardware. It records one step of a provider of
+``bench_train_step.py`` (eager; the step's own modules, weights and inputs): a pre-forward hook
+on every *layer* (a fused conv block, or a module without children outside one: conv, linear,
+norm, activation, GRU) keeps the first inputs of each distinct call, whether grad mode was on,
+and which parameters wanted gradients. Each distinct call is then replayed alone: forward, and
+forward + backward where the step runs its backward (grad mode on, and an input or a parameter
+that wants a gradient). A layer's share of the step is its calls times its time. The layers'
+sum, next to the step's own GPU kernel time, leaves the rest: losses, optimiser, the models'
+joins (``cat``, ``tanh``) and whatever else runs between layers.
+
+``--narrow`` also times every conv whose input or output channels are not a multiple of 8 (the
+stem on RGB input, the heads) with those channels zero-padded to 8 (:func:`padded_conv`): the
+same function, with channel counts that tensor-core kernels take. Whether that is faster is
+what the table asks; the model does not pad.
+
+GPU: ``python benchmarks/bench_layer_map.py --device cuda [--preset paper] [--narrow]`` (bf16
+autocast as the trainer runs; ``triton.testing.do_bench`` medians). CPU: ``--device cpu
+--preset cpu-small`` (``perf_counter`` medians).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from bench_train_step import _make_step, gpu_kernel_ms
+from torch import Tensor, nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from vosgan.nn.conv3d_block import _FusedBlock
+
+_CONVS = (nn.Conv2d, nn.Conv3d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+
+
+@dataclass
+class Call:
+    """One distinct call of a layer: its inputs (kept from the first such call) and flags."""
+
+    name: str
+    module: nn.Module
+    args: tuple
+    kwargs: dict
+    grad_mode: bool
+    param_grads: tuple[bool, ...]
+    calls: int = 0
+    fwd_ms: float = float("nan")
+    step_ms: float = float("nan")  # forward, or forward + backward where the step runs it
+    gflop: float = 0.0  # of what step_ms times
+    extra: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def grads(self) -> str:
+        """The gradients the step's backward takes through this call: ``"dx+dw"``, ``"dx"``
+        (an input's only), ``"dw"`` (the parameters' only) or ``""`` (no backward)."""
+        if not self.grad_mode:
+            return ""
+        dx = any(a.requires_grad for a in _tensors(self.args))
+        return "+".join(g for g, on in (("dx", dx), ("dw", any(self.param_grads))) if on)
+
+    @property
+    def backward(self) -> bool:
+        """Does the step run this call's backward?"""
+        return bool(self.grads)
+
+    def shapes(self) -> str:
+        """The tensor inputs' shapes, ``CL`` after a channels-last one."""
+        return " ".join(
+            "x".join(map(str, a.shape))
+            + (" CL" if _memory_format(a) != torch.contiguous_format else "")
+            for a in _tensors(self.args)
+        )
+
+
+def _tensors(args: tuple) -> Iterator[Tensor]:
+    return (a for a in args if isinstance(a, Tensor))
+
+
+def layers(model: nn.Module, prefix: str) -> Iterator[tuple[str, nn.Module]]:
+    """``model``'s layers: fused conv blocks, and modules without children outside them."""
+    inside: list[str] = []
+    for name, module in model.named_modules():
+        if any(name.startswith(p + ".") for p in inside):
+            continue
+        if isinstance(module, _FusedBlock):
+            inside.append(name)
+            yield f"{prefix}.{name}", module
+        elif not any(True for _ in module.children()):
+            yield f"{prefix}.{name}" if name else prefix, module
+
+
+def _key(name: str, args: tuple, kwargs: dict, grad_mode: bool, flags: tuple) -> tuple:
+    sig = tuple(
+        (tuple(a.shape), a.dtype, a.stride(), a.requires_grad) if isinstance(a, Tensor) else a
+        for a in (*args, *sorted(kwargs.items()))
+    )
+    return name, sig, grad_mode, flags
+
+
+@contextmanager
+def recording(models: dict[str, nn.Module]) -> Iterator[dict[tuple, Call]]:
+    """Record every layer call of ``models`` (prefix -> model) while the block runs."""
+    calls: dict[tuple, Call] = {}
+    handles = []
+    for prefix, model in models.items():
+        for name, module in layers(model, prefix):
+
+            def hook(module, args, kwargs, name=name):
+                flags = tuple(p.requires_grad for p in module.parameters())
+                key = _key(name, args, kwargs, torch.is_grad_enabled(), flags)
+                if key not in calls:
+                    kept = tuple(
+                        a.detach().clone().requires_grad_(a.requires_grad)
+                        if isinstance(a, Tensor)
+                        else a
+                        for a in args
+                    )
+                    calls[key] = Call(name, module, kept, dict(kwargs), key[2], flags)
+                calls[key].calls += 1
+
+            handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
+    try:
+        yield calls
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@contextmanager
+def _as_recorded(call: Call) -> Iterator[None]:
+    params = list(call.module.parameters())
+    before = [p.requires_grad for p in params]
+    for p, flag in zip(params, call.param_grads, strict=True):
+        p.requires_grad_(flag)
+    try:
+        with torch.set_grad_enabled(call.grad_mode):
+            yield
+    finally:
+        for p, flag in zip(params, before, strict=True):
+            p.requires_grad_(flag)
+
+
+def replay(call: Call, forward: Callable[..., object], backward: bool) -> Callable[[], None]:
+    """A closure running ``forward(*args, **kwargs)`` on ``call``'s kept inputs, and with
+    ``backward`` the backward of its outputs into random gradients."""
+    inplace = getattr(call.module, "inplace", False)
+    args = call.args
+    state: dict[str, list[Tensor]] = {}
+
+    def run() -> None:
+        fresh = tuple(a.clone() if inplace and isinstance(a, Tensor) else a for a in args)
+        out = forward(*fresh, **call.kwargs)
+        if not backward:
+            return
+        outs = [o for o in (out if isinstance(out, tuple) else (out,)) if o.requires_grad]
+        if "grads" not in state:
+            state["grads"] = [torch.randn_like(o) for o in outs]
+        torch.autograd.backward(outs, state["grads"])
+
+    return run
+
+
+def _time(fn: Callable[[], None], device: str, leaves: list[Tensor], rounds: int) -> float:
+    """Median ms of ``fn``; the ``leaves``' gradients are reset to None before each call."""
+    if device == "cuda":
+        from triton.testing import do_bench
+
+        return do_bench(fn, grad_to_none=leaves, warmup=10, rep=50, return_mode="median")
+    times = []
+    for _ in range(rounds + 1):
+        for t in leaves:
+            t.grad = None
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times[1:]) * 1e3
+
+
+def _gflop(fn: Callable[[], None]) -> float:
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops() / 1e9
+
+
+def measure(call: Call, autocast, device: str, rounds: int, forward=None, key="") -> None:
+    """Time ``call`` (forward; forward + backward where the step runs it) into its fields, or
+    with ``forward`` given, into ``call.extra[key]``."""
+    fwd_fn = forward or call.module
+    leaves = [a for a in _tensors(call.args) if a.requires_grad]
+    leaves += [p for p in call.module.parameters()]
+    with _as_recorded(call):
+
+        def under_autocast(backward: bool) -> Callable[[], None]:
+            inner = replay(call, fwd_fn, backward)
+
+            def run() -> None:
+                with autocast:
+                    inner()
+
+            return run
+
+        fwd = under_autocast(False)
+        full = under_autocast(call.backward)
+        full()  # warm-up: cuDNN's autotuning, Triton's compilation
+        if forward is not None:
+            call.extra[key] = _time(full, device, leaves, rounds)
+            return
+        call.fwd_ms = _time(fwd, device, leaves, rounds)
+        call.step_ms = _time(full, device, leaves, rounds) if call.backward else call.fwd_ms
+        call.gflop = _gflop(full)
+
+
+def _pad_to(n: int, multiple: int = 8) -> int:
+    return -(-n // multiple) * multiple
+
+
+def is_narrow(module: nn.Module) -> bool:
+    """A conv whose input or output channels are not a multiple of 8."""
+    return isinstance(module, _CONVS) and (
+        module.in_channels % 8 != 0 or module.out_channels % 8 != 0
+    )
+
+
+def _memory_format(x: Tensor) -> torch.memory_format:
+    cl = {4: torch.channels_last, 5: torch.channels_last_3d}.get(x.dim())
+    if cl is not None and not x.is_contiguous() and x.is_contiguous(memory_format=cl):
+        return cl
+    return torch.contiguous_format
+
+
+def padded_conv(module: nn.Module, x: Tensor) -> Tensor:
+    """``module(x)`` for a conv of :data:`_CONVS` (groups 1) with its input and output channels
+    zero-padded to multiples of 8; the result is sliced back, so it equals ``module(x)`` and its
+    gradients are the unpadded conv's (the padding's weights are zero and take no gradient)."""
+    if module.groups != 1:
+        raise ValueError(f"padded_conv: groups must be 1, got {module.groups}")
+    cin, cout = module.in_channels, module.out_channels
+    pin, pout = _pad_to(cin) - cin, _pad_to(cout) - cout
+    nd = x.dim() - 2
+    transposed = isinstance(module, (nn.ConvTranspose2d, nn.ConvTranspose3d))
+    # weight: (Cout, Cin, k...) for a conv, (Cin, Cout, k...) transposed; F.pad goes last dim first
+    dim1, dim0 = (pout, pin) if transposed else (pin, pout)
+    w = F.pad(module.weight, [0, 0] * nd + [0, dim1, 0, dim0])
+    if pin:  # zero channels after x's, in x's memory format
+        fmt = _memory_format(x)
+        wide = torch.zeros(x.shape[0], cin + pin, *x.shape[2:], dtype=x.dtype, device=x.device)
+        wide = wide.contiguous(memory_format=fmt)
+        wide[:, :cin] = x
+        x = wide
+    bias = F.pad(module.bias, [0, pout]) if module.bias is not None and pout else module.bias
+    if transposed:
+        conv = F.conv_transpose3d if nd == 3 else F.conv_transpose2d
+        y = conv(
+            x, w, bias, module.stride, module.padding, module.output_padding, 1, module.dilation
+        )
+    else:
+        y = module._conv_forward(x, w, bias)
+    return y[:, :cout] if pout else y
+
+
+def layer_map(
+    preset: str, device: str, provider: str, batch: int | None, rounds: int, narrow: bool
+) -> tuple[list[Call], float]:
+    """The recorded layer calls of one ``provider`` step, each measured, and the step's own
+    time in ms: its GPU kernel time on a GPU, its wall time on CPU."""
+    from vosgan.train import autocast_for
+
+    _, step, run = _make_step(preset, device, batch, provider)
+    step()  # warm-up outside the recording
+    with recording({"G": run.G, "D": run.D}) as calls:
+        step()
+    if device == "cuda":
+        busy = gpu_kernel_ms(step, 3)
+    else:  # the step's wall time
+        busy = _time(step, device, [], rounds)
+    autocast = autocast_for(run)
+    out = list(calls.values())
+    for call in out:
+        measure(call, autocast, device, rounds)
+        if narrow and is_narrow(call.module):
+            measure(
+                call, autocast, device, rounds, lambda x, m=call.module: padded_conv(m, x), "pad8"
+            )
+    return out, busy
+
+
+def table(calls: list[Call], step_ms: float, device: str) -> str:
+    """Markdown: one row per distinct call, the largest share of the step first."""
+    rows = sorted(calls, key=lambda c: -c.calls * c.step_ms)
+    total = sum(c.calls * c.step_ms for c in rows)
+    lines = [
+        "| layer | input | calls | gradients | fwd ms | ms per call | ms per step | share "
+        "| TFLOP/s | padded to 8: ms per call |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for c in rows:
+        per_step = c.calls * c.step_ms
+        rate = c.gflop / c.step_ms if c.step_ms > 0 else float("nan")
+        pad = (
+            f"{c.extra['pad8']:.3f} ({c.step_ms / c.extra['pad8']:.2f}x)"
+            if "pad8" in c.extra
+            else ""
+        )
+        lines.append(
+            f"| {c.name} | {c.shapes()} | {c.calls} | {c.grads or '-'} "
+            f"| {c.fwd_ms:.3f} | {c.step_ms:.3f} | {per_step:.2f} | {per_step / total:.1%} "
+            f"| {rate:.1f} | {pad} |"
+        )
+    lines.append(f"\nLayers' sum: {total:.2f} ms per step.")
+    what = "GPU kernel time" if device == "cuda" else "wall time"
+    lines.append(f"The step's {what}: {step_ms:.2f} ms; the rest {step_ms - total:.2f} ms.")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--preset", default="paper")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--provider", default="fused-cl", help="a bench_train_step.py provider, eager")
+    p.add_argument("--batch", type=int, default=None)
+    p.add_argument("--rounds", type=int, default=10, help="timed rounds per call on CPU")
+    p.add_argument("--narrow", action="store_true", help="also time narrow convs padded to 8")
+    args = p.parse_args()
+    if args.provider.endswith("-graph"):
+        p.error("--provider: the map replays layers eagerly; name the provider without -graph")
+    calls, busy = layer_map(
+        args.preset, args.device, args.provider, args.batch, args.rounds, args.narrow
+    )
+    print(f"preset {args.preset}, provider {args.provider}, device {args.device}")
+    print(table(calls, busy, args.device))
+
+
+if __name__ == "__main__":
+    main()
