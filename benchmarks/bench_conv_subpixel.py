@@ -167,7 +167,7 @@ def layout_table(batch: int = 32) -> str:
         "| conv | B | x | weight | fwd | fwd+bwd | fwd+dx | fwd+dw |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    for case in [c for c in PAPER if c[0] in ("G.fg2", "D.dec4")]:
+    for case in [c for c in PAPER if c[0] in ("G.foreground.1", "D.decoder.2")]:
         for x_fmt, w_fmt in [(cl, cl), (cl, cf), (cf, cf)]:
             x, w = _inputs(case, batch, "cuda", x_fmt)
             w = w.detach().to(memory_format=w_fmt).requires_grad_()
