@@ -13,9 +13,12 @@ sum, next to the step's own GPU kernel time, leaves the rest: losses, optimiser,
 joins (``cat``, ``tanh``) and whatever else runs between layers.
 
 ``--narrow`` also times every conv whose input or output channels are not a multiple of 8 (the
-stem on RGB input, the heads) with those channels zero-padded to 8 (:func:`padded_conv`): the
-same function, with channel counts that tensor-core kernels take. Whether that is faster is
-what the table asks; the model does not pad.
+stem on RGB input, the heads) in other forms of the same function (:func:`alternatives`): with
+those channels zero-padded to 8 (:func:`padded_conv`), channel counts that tensor-core kernels
+take; and a stride-2, kernel-4 transposed conv also in sub-pixel form
+(:func:`vosgan.ops.conv3d_subpixel.conv_transpose3d_subpixel`: a stride-1 conv with 8x the
+output channels). Whether either is faster is what the table asks; the model uses neither for
+these layers.
 
 GPU: ``python benchmarks/bench_layer_map.py --device cuda [--preset paper] [--narrow]`` (bf16
 autocast as the trainer runs; ``triton.testing.do_bench`` medians). CPU: ``--device cpu
@@ -38,6 +41,7 @@ from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from vosgan.nn.conv3d_block import _FusedBlock
+from vosgan.ops.conv3d_subpixel import conv_transpose3d_subpixel, geometry_blocker
 
 _CONVS = (nn.Conv2d, nn.Conv3d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 
@@ -267,6 +271,14 @@ def padded_conv(module: nn.Module, x: Tensor) -> Tensor:
     return y[:, :cout] if pout else y
 
 
+def alternatives(module: nn.Module, x: Tensor) -> dict[str, Callable[[Tensor], Tensor]]:
+    """The other forms ``--narrow`` times for ``module`` (a narrow conv) on input ``x``."""
+    forms = {"pad8": lambda t: padded_conv(module, t)}
+    if isinstance(module, nn.ConvTranspose3d) and geometry_blocker(x, module) is None:
+        forms["subpixel"] = lambda t: conv_transpose3d_subpixel(t, module.weight, module.bias)
+    return forms
+
+
 def layer_map(
     preset: str, device: str, provider: str, batch: int | None, rounds: int, narrow: bool
 ) -> tuple[list[Call], float]:
@@ -287,9 +299,8 @@ def layer_map(
     for call in out:
         measure(call, autocast, device, rounds)
         if narrow and is_narrow(call.module):
-            measure(
-                call, autocast, device, rounds, lambda x, m=call.module: padded_conv(m, x), "pad8"
-            )
+            for form, fn in alternatives(call.module, call.args[0]).items():
+                measure(call, autocast, device, rounds, fn, form)
     return out, busy
 
 
@@ -299,17 +310,13 @@ def table(calls: list[Call], step_ms: float, device: str) -> str:
     total = sum(c.calls * c.step_ms for c in rows)
     lines = [
         "| layer | input | calls | gradients | fwd ms | ms per call | ms per step | share "
-        "| TFLOP/s | padded to 8: ms per call |",
+        "| TFLOP/s | other forms: ms per call (speed-up) |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for c in rows:
         per_step = c.calls * c.step_ms
         rate = c.gflop / c.step_ms if c.step_ms > 0 else float("nan")
-        pad = (
-            f"{c.extra['pad8']:.3f} ({c.step_ms / c.extra['pad8']:.2f}x)"
-            if "pad8" in c.extra
-            else ""
-        )
+        pad = ", ".join(f"{k} {v:.3f} ({c.step_ms / v:.2f}x)" for k, v in c.extra.items())
         lines.append(
             f"| {c.name} | {c.shapes()} | {c.calls} | {c.grads or '-'} "
             f"| {c.fwd_ms:.3f} | {c.step_ms:.3f} | {per_step:.2f} | {per_step / total:.1%} "
@@ -328,7 +335,7 @@ def main() -> None:
     p.add_argument("--provider", default="fused-cl", help="a bench_train_step.py provider, eager")
     p.add_argument("--batch", type=int, default=None)
     p.add_argument("--rounds", type=int, default=10, help="timed rounds per call on CPU")
-    p.add_argument("--narrow", action="store_true", help="also time narrow convs padded to 8")
+    p.add_argument("--narrow", action="store_true", help="also time narrow convs in other forms")
     args = p.parse_args()
     if args.provider.endswith("-graph"):
         p.error("--provider: the map replays layers eagerly; name the provider without -graph")
