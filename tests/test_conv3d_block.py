@@ -242,6 +242,22 @@ def test_validation_messages():
         bn_act(y[:1, :, :, :1, :1], w, b, impl="reference")
 
 
+def test_module_errors_are_the_eager_blocks():
+    """On CPU the fused block runs BN + activation as the eager block does, its errors included
+    (one value per channel); a residual of the wrong shape is still refused by name, where
+    ``add_`` would broadcast it."""
+    torch.manual_seed(0)
+    eager = conv3d_block_reference(3, 4, act="lrelu")
+    fused = FusedConv3dBlock.from_sequential(copy.deepcopy(eager))
+    one_per_channel = torch.randn(1, 3, 2, 2, 2)  # conv output (1, 4, 1, 1, 1)
+    for block in (eager, fused):
+        with pytest.raises(ValueError, match="Expected more than 1 value per channel"):
+            block(one_per_channel)
+    x = torch.randn(2, 3, 4, 4, 4)
+    with pytest.raises(ValueError, match="residual must have y's shape"):
+        fused(x, residual=torch.zeros(2, 4, 1, 1, 1))
+
+
 def _bn_lrelu(y, w, b, rm=None, rv=None, training=True, momentum=0.1, eps=1e-5):
     """The oracle: F.batch_norm + LeakyReLU(0.2)."""
     return F.leaky_relu(F.batch_norm(y, rm, rv, w, b, training, momentum, eps), 0.2)

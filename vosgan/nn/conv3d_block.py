@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from vosgan import backend
 from vosgan.nn.fuse import register_fuser
-from vosgan.ops.conv3d_block import IMPLS, bn_act
+from vosgan.ops.conv3d_block import IMPLS, _auto_impl, bn_act, bn_act_reference
 from vosgan.ops.conv3d_forms import cuda_conv
 from vosgan.ops.conv3d_subpixel import SUBPIXEL_MAX_CHANNELS, subpixel_blocker, subpixel_conv3d
 
@@ -94,13 +94,14 @@ class _FusedBlock(nn.Sequential):
 
     @property
     def negative_slope(self) -> float:
-        act = self[2]
+        act = self._modules["2"]
         return float(act.negative_slope) if isinstance(act, nn.LeakyReLU) else 0.0
 
     def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
         """``x (B, C_in, T, H, W)`` -> ``act(bn(conv(x)) [+ residual]) (B, C_out, T', H', W')``."""
-        y = cuda_conv(x, self[0]) if x.is_cuda else self[0](x)
-        bn: nn.BatchNorm3d = self[1]
+        children = self._modules  # not self[i]: nn.Sequential's indexing costs ~0.4 us a child
+        conv, bn = children["0"], children["1"]
+        y = cuda_conv(x, conv) if x.is_cuda else conv(x)
         # nn.BatchNorm3d.forward's bookkeeping, step for step
         factor = 0.0 if bn.momentum is None else bn.momentum
         if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
@@ -109,7 +110,14 @@ class _FusedBlock(nn.Sequential):
                 factor = 1.0 / float(bn.num_batches_tracked)
         batch_stats = bn.training or (bn.running_mean is None and bn.running_var is None)
         use_buffers = not bn.training or bn.track_running_stats
-        return bn_act(
+        impl = _auto_impl(y.device.type) if self.impl == "auto" else self.impl
+        # Where BN + activation run PyTorch's own ops (on CPU, always), they run straight, as
+        # nn.BatchNorm3d and the activation module would, their errors included: bn_act's
+        # argument checks, for its own callers, cost 5-10 us a block (a few % of a cpu-small
+        # block's forward + backward). A residual keeps them: add_ would broadcast a wrong shape.
+        run = bn_act_reference if impl == "reference" and residual is None else bn_act
+        extra = {} if run is bn_act_reference else {"residual": residual, "impl": impl}
+        return run(
             y,
             bn.weight,
             bn.bias,
@@ -119,8 +127,7 @@ class _FusedBlock(nn.Sequential):
             momentum=factor,
             eps=bn.eps,
             negative_slope=self.negative_slope,
-            residual=residual,
-            impl=self.impl,
+            **extra,
         )
 
     def extra_repr(self) -> str:
