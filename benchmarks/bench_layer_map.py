@@ -68,7 +68,7 @@ class Call:
         (an input's only), ``"dw"`` (the parameters' only) or ``""`` (no backward)."""
         if not self.grad_mode:
             return ""
-        dx = any(a.requires_grad for a in _tensors(self.args))
+        dx = any(a.requires_grad for a in self.tensors())
         return "+".join(g for g, on in (("dx", dx), ("dw", any(self.param_grads))) if on)
 
     @property
@@ -76,17 +76,17 @@ class Call:
         """Does the step run this call's backward?"""
         return bool(self.grads)
 
+    def tensors(self) -> list[Tensor]:
+        """The call's tensor inputs, positional then keyword."""
+        return [a for a in (*self.args, *self.kwargs.values()) if isinstance(a, Tensor)]
+
     def shapes(self) -> str:
         """The tensor inputs' shapes, ``CL`` after a channels-last one."""
         return " ".join(
             "x".join(map(str, a.shape))
             + (" CL" if _memory_format(a) != torch.contiguous_format else "")
-            for a in _tensors(self.args)
+            for a in self.tensors()
         )
-
-
-def _tensors(args: tuple) -> Iterator[Tensor]:
-    return (a for a in args if isinstance(a, Tensor))
 
 
 def layers(model: nn.Module, prefix: str) -> Iterator[tuple[str, nn.Module]]:
@@ -103,11 +103,18 @@ def layers(model: nn.Module, prefix: str) -> Iterator[tuple[str, nn.Module]]:
 
 
 def _key(name: str, args: tuple, kwargs: dict, grad_mode: bool, flags: tuple) -> tuple:
-    sig = tuple(
-        (tuple(a.shape), a.dtype, a.stride(), a.requires_grad) if isinstance(a, Tensor) else a
-        for a in (*args, *sorted(kwargs.items()))
-    )
-    return name, sig, grad_mode, flags
+    def sig(a: object) -> object:
+        return (
+            (tuple(a.shape), a.dtype, a.stride(), a.requires_grad) if isinstance(a, Tensor) else a
+        )
+
+    named = tuple((k, sig(v)) for k, v in sorted(kwargs.items()))
+    return name, tuple(map(sig, args)), named, grad_mode, flags
+
+
+def _keep(a: object) -> object:
+    """A tensor argument copied (values, layout, requires_grad); anything else as it is."""
+    return a.detach().clone().requires_grad_(a.requires_grad) if isinstance(a, Tensor) else a
 
 
 @contextmanager
@@ -122,13 +129,9 @@ def recording(models: dict[str, nn.Module]) -> Iterator[dict[tuple, Call]]:
                 flags = tuple(p.requires_grad for p in module.parameters())
                 key = _key(name, args, kwargs, torch.is_grad_enabled(), flags)
                 if key not in calls:
-                    kept = tuple(
-                        a.detach().clone().requires_grad_(a.requires_grad)
-                        if isinstance(a, Tensor)
-                        else a
-                        for a in args
-                    )
-                    calls[key] = Call(name, module, kept, dict(kwargs), key[2], flags)
+                    kept = tuple(map(_keep, args))
+                    kwargs = {k: _keep(v) for k, v in kwargs.items()}
+                    calls[key] = Call(name, module, kept, kwargs, torch.is_grad_enabled(), flags)
                 calls[key].calls += 1
 
             handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
@@ -199,7 +202,7 @@ def measure(call: Call, autocast, device: str, rounds: int, forward=None, key=""
     """Time ``call`` (forward; forward + backward where the step runs it) into its fields, or
     with ``forward`` given, into ``call.extra[key]``."""
     fwd_fn = forward or call.module
-    leaves = [a for a in _tensors(call.args) if a.requires_grad]
+    leaves = [a for a in call.tensors() if a.requires_grad]
     leaves += [p for p in call.module.parameters()]
     with _as_recorded(call):
 

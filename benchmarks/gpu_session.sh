@@ -3,9 +3,10 @@
 # extension for the card, the CUDA tests, the GPU benchmarks, a short training run on the GPU.
 # By default: the op and extension tests; then the open questions (the flow-warp loss at B=32 with
 # the video gradient's scatter modes, the compositing backward's frame split at B=8-32, the paper
-# step side by side, the paper step's layer map); the fused-op benchmark checks; 200 training
-# steps eager and from CUDA graphs; the train-step table and profile. The twenty-second
-# session's three calls covered most of it in about 11 minutes of an H200 (starts included).
+# step side by side, the paper step's layer map, the conv blocks at B=32); the fused-op
+# benchmark checks; 200 training steps eager and from CUDA graphs; the train-step table and
+# profile. The twenty-second session's three calls covered most of it in about 11 minutes of
+# an H200 (starts included).
 # VOSGAN_GPU_TESTS="tests/..." narrows the tests, VOSGAN_GPU_CHECKS=0 skips the checks,
 # VOSGAN_GPU_FULL=1 adds the re-measurements (the conv blocks under both cudnn.benchmark
 # settings, fp32 flow warp, the compiled step). The conv-forms study is
@@ -113,6 +114,15 @@ timeout 150 "$PY" benchmarks/bench_layer_map.py --preset paper --device cuda --n
   >"$OUTDIR/layer_map.md"
 echo "layer map exit $?"
 head -40 "$OUTDIR/layer_map.md"; tail -3 "$OUTDIR/layer_map.md"
+
+# G's three blocks have never been timed at their real shapes (the list was wrong until the
+# twenty-third session); one cudnn.benchmark setting per process (PyTorch's plan cache).
+for flag in 1 0; do
+  step "conv blocks at the model's shapes, B=32: eager vs fused (bf16 CL3d), cudnn.benchmark=$flag"
+  VOSGAN_BENCH_CUDNN_BENCHMARK=$flag VOSGAN_BENCH_PROVIDERS=eager,fused timeout 100 "$PY" \
+    benchmarks/bench_conv3d_block.py 32
+  echo "conv blocks B=32 (cudnn.benchmark=$flag) exit $?"
+done
 
 if [ "${VOSGAN_GPU_CHECKS:-1}" = 1 ]; then
   step "the fused-op benchmarks' correctness checks on CUDA (composite, flow_warp; each case once)"
