@@ -91,3 +91,27 @@ def test_layer_map_of_a_cpu_step(lmap):
     text = lmap.table(calls, step_ms, "cpu")
     assert "| D.encoder.0.0 | 2x3x16x32x32 |" in text
     assert f"The step's wall time: {step_ms:.2f} ms" in text
+
+
+def test_recording_keeps_keyword_tensors(lmap):
+    """A layer called with a tensor by keyword (a fused block's residual): the call is keyed,
+    kept and replayed with it; its gradient counts as an input's."""
+    from vosgan.nn import FusedConv3dBlock
+
+    torch.manual_seed(0)
+    block = FusedConv3dBlock(3, 8, act="relu")
+    model = nn.ModuleDict({"block": block})
+    x = torch.randn(2, 3, 4, 4, 4)
+    res = torch.randn(2, 8, 2, 2, 2, requires_grad=True)
+    with lmap.recording({"M": model}) as calls:
+        for _ in range(2):
+            block(x, residual=res)
+        block(x, residual=res.detach())
+    by_grads = {c.grads: c for c in calls.values()}
+    assert sorted(by_grads) == ["dw", "dx+dw"]
+    call = by_grads["dx+dw"]
+    assert call.calls == 2 and call.name == "M.block"
+    kept = call.kwargs["residual"]
+    assert kept is not res and torch.equal(kept, res) and kept.requires_grad
+    lmap.measure(call, torch.autocast("cpu", enabled=False), "cpu", rounds=1)
+    assert call.gflop > 0 and 0 < call.step_ms < math.inf
