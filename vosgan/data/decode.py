@@ -6,10 +6,14 @@ uint8 ``(len(indices), H, W, 3)`` RGB at the stored resolution. The backends dif
 YUV->RGB conversion details (chroma upsampling, rounding): a few levels per channel on average,
 tested in ``tests/test_video_data.py``.
 
-- ``pyav``: FFmpeg through PyAV with frame/slice threads (``thread_type="AUTO"``). Decodes from the
-  first frame up to the last wanted one (exact indices, no seek drift); frames not wanted are never
-  converted to RGB. Every codec FFmpeg knows. PyAV is imported on first use, so training on
-  synthetic data, frame folders or the clip cache works without it.
+- ``pyav``: FFmpeg through PyAV with frame/slice threads (``thread_type="AUTO"``). Frame ``i`` is
+  the ``i``-th frame in presentation order. A clip that starts past a keyframe is decoded from
+  the last keyframe at or before its first frame (:func:`frame_index`: the file's frame
+  timestamps, read once per file from its packets, name each decoded frame's index exactly);
+  AVI files, files with untimed or repeated timestamps, and clips before the second keyframe
+  are decoded from the first frame. Frames not wanted are never converted to RGB. Every codec
+  FFmpeg knows. PyAV is imported on first use, so training on synthetic data, frame folders or
+  the clip cache works without it.
 - ``dali-cpu`` (:mod:`vosgan.data.dali`): ``fn.decoders.video(device="cpu")`` in a CPU-only
   pipeline (``device_id=None``). The CPU variant only decodes VP9, VP8 and MJPEG (DALI 2.4:
   "Codec 27 (h264) is not supported").
@@ -33,14 +37,16 @@ number it could decode.
 
 from __future__ import annotations
 
+import bisect
 import contextlib
+import functools
 import os
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
@@ -173,6 +179,47 @@ class Decoder:
         return [self.read(p, i) for p, i in requests]
 
 
+class FrameIndex(NamedTuple):
+    """A video stream's frame timestamps: ``pts[i]`` is frame ``i``'s (presentation order),
+    ``keyframes`` the keyframes' (ascending)."""
+
+    pts: tuple[int, ...]
+    keyframes: tuple[int, ...]
+
+
+def frame_index(path: str | Path) -> FrameIndex | None:
+    """The :class:`FrameIndex` of ``path``'s first video stream, read from its packets (no
+    decoding; about 1 ms for a 300-frame clip), cached per file, size and modification time.
+    ``None`` where timestamps cannot name frames: an AVI file (its timestamps are the decode
+    order's), a packet without one, two frames with the same one, or a demuxing error."""
+    st = Path(path).stat()
+    return _frame_index(str(path), st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=4096)
+def _frame_index(path: str, size: int, mtime_ns: int) -> FrameIndex | None:
+    pts: list[int] = []
+    keys: list[int] = []
+    with _open(path) as c:
+        if "avi" in c.format.name.split(","):
+            return None
+        try:
+            for packet in c.demux(c.streams.video[0]):
+                if packet.size == 0:  # the demuxer's end-of-stream packet
+                    continue
+                if packet.pts is None:
+                    return None
+                pts.append(packet.pts)
+                if packet.is_keyframe:
+                    keys.append(packet.pts)
+        except _pyav().error.FFmpegError:
+            return None
+    pts.sort()
+    if len(set(pts)) != len(pts):
+        return None
+    return FrameIndex(tuple(pts), tuple(sorted(keys)))
+
+
 class PyAVDecoder(Decoder):
     """FFmpeg via PyAV, frame and slice threads on (``thread_type="AUTO"``)."""
 
@@ -180,10 +227,58 @@ class PyAVDecoder(Decoder):
 
     def read(self, path: str | Path, indices: Sequence[int]) -> np.ndarray:
         idx = _check_indices(indices)
-        got, n = self.decode(path, set(idx).__contains__, max(idx))
-        if n <= max(idx):
-            raise ShortVideoError(path, n, max(idx))
+        got = self.read_from_keyframe(path, idx)
+        if got is None:
+            got, n = self.decode(path, set(idx).__contains__, max(idx))
+            if n <= max(idx):
+                raise ShortVideoError(path, n, max(idx))
         return np.stack([got[i] for i in idx])
+
+    @staticmethod
+    def read_from_keyframe(
+        path: str | Path, indices: Sequence[int]
+    ) -> dict[int, np.ndarray] | None:
+        """The frames ``indices`` by index, decoded from the last keyframe at or before the first
+        of them; ``None`` where that is not possible or gains nothing (see :func:`frame_index`;
+        the keyframe is the first frame) and where the decoded frames do not follow the index
+        one by one (a frame dropped after the seek: said once per file). The caller then
+        decodes from the first frame, which also reports short and corrupt files."""
+        first, last = min(indices), max(indices)
+        index = frame_index(path) if first > 0 else None
+        if index is None or last >= len(index.pts):
+            return None
+        pts, keys = index
+        k = bisect.bisect_right(keys, pts[first]) - 1
+        if k < 0 or keys[k] == pts[0]:
+            return None
+        start = expect = bisect.bisect_left(pts, keys[k])
+        wanted = set(indices)
+        got: dict[int, np.ndarray] = {}
+        with _open(path) as c:
+            s = c.streams.video[0]
+            s.thread_type = "AUTO"
+            try:
+                c.seek(keys[k], stream=s, backward=True, any_frame=False)
+                for frame in c.decode(s):
+                    n = bisect.bisect_left(pts, frame.pts) if frame.pts is not None else -1
+                    if 0 <= n < start:  # a leading frame of an open GOP: before the keyframe
+                        continue
+                    if n != expect or pts[n] != frame.pts:
+                        _say_once(
+                            f"seek:{path}",
+                            f"{path}: frames decoded from the keyframe at frame {start} did not "
+                            f"follow its timestamps one by one (frame {expect} expected); "
+                            "decoding from the first frame",
+                        )
+                        return None
+                    expect += 1
+                    if n in wanted:
+                        got[n] = frame.to_ndarray(format="rgb24")
+                    if n == last:
+                        return got
+            except _pyav().error.FFmpegError:
+                pass  # a corrupt or truncated file: the decode from the first frame reports it
+        return None
 
     def read_many(self, requests: Sequence[tuple[str | Path, Sequence[int]]]) -> list[np.ndarray]:
         """Clips of the same file share one decode pass (up to the last frame any of them needs).
