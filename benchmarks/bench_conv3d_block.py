@@ -40,6 +40,18 @@ from vosgan.ops.conv3d_block import conv3d_block_reference
 from vosgan.ops.conv3d_forms import cuda_form
 
 
+def block_shape(block: torch.nn.Sequential, x: torch.Tensor) -> tuple:
+    """``(transpose, act, C_in, C_out, (T, H, W) of x)`` of a conv + BN + activation block."""
+    conv, act = block[0], block[2]
+    return (
+        isinstance(conv, torch.nn.ConvTranspose3d),
+        "lrelu" if isinstance(act, torch.nn.LeakyReLU) else "relu",
+        conv.in_channels,
+        conv.out_channels,
+        tuple(x.shape[2:]),
+    )
+
+
 def model_blocks(preset: str) -> list[tuple]:
     """Every distinct conv block of ``preset``'s G and D, as the models build them: ``(name,
     transpose, act, C_in, C_out, (T, H, W) of the input)``, k=4, s=2, p=1. Read from one forward
@@ -62,15 +74,7 @@ def model_blocks(preset: str) -> list[tuple]:
                     continue
 
                 def hook(module, args, name=f"{prefix}.{name}") -> None:
-                    conv, act = module[0], module[2]
-                    shape = (
-                        isinstance(conv, torch.nn.ConvTranspose3d),
-                        "lrelu" if isinstance(act, torch.nn.LeakyReLU) else "relu",
-                        conv.in_channels,
-                        conv.out_channels,
-                        tuple(args[0].shape[2:]),
-                    )
-                    cases.setdefault(shape, name)
+                    cases.setdefault(block_shape(module, args[0]), name)
 
                 hooks.append(module.register_forward_pre_hook(hook))
         with torch.no_grad():

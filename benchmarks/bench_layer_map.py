@@ -41,7 +41,11 @@ from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from vosgan.nn.conv3d_block import _FusedBlock
-from vosgan.ops.conv3d_subpixel import conv_transpose3d_subpixel, geometry_blocker
+from vosgan.ops.conv3d_subpixel import (
+    conv_transpose3d_subpixel,
+    geometry_blocker,
+    memory_format_of,
+)
 
 _CONVS = (nn.Conv2d, nn.Conv3d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 
@@ -84,7 +88,7 @@ class Call:
         """The tensor inputs' shapes, ``CL`` after a channels-last one."""
         return " ".join(
             "x".join(map(str, a.shape))
-            + (" CL" if _memory_format(a) != torch.contiguous_format else "")
+            + (" CL" if memory_format_of(a) != torch.contiguous_format else "")
             for a in self.tensors()
         )
 
@@ -237,13 +241,6 @@ def is_narrow(module: nn.Module) -> bool:
     )
 
 
-def _memory_format(x: Tensor) -> torch.memory_format:
-    cl = {4: torch.channels_last, 5: torch.channels_last_3d}.get(x.dim())
-    if cl is not None and not x.is_contiguous() and x.is_contiguous(memory_format=cl):
-        return cl
-    return torch.contiguous_format
-
-
 def padded_conv(module: nn.Module, x: Tensor) -> Tensor:
     """``module(x)`` for a conv of :data:`_CONVS` (groups 1) with its input and output channels
     zero-padded to multiples of 8; the result is sliced back, so it equals ``module(x)`` and its
@@ -258,7 +255,7 @@ def padded_conv(module: nn.Module, x: Tensor) -> Tensor:
     dim1, dim0 = (pout, pin) if transposed else (pin, pout)
     w = F.pad(module.weight, [0, 0] * nd + [0, dim1, 0, dim0])
     if pin:  # zero channels after x's, in x's memory format
-        fmt = _memory_format(x)
+        fmt = memory_format_of(x)
         wide = torch.zeros(x.shape[0], cin + pin, *x.shape[2:], dtype=x.dtype, device=x.device)
         wide = wide.contiguous(memory_format=fmt)
         wide[:, :cin] = x

@@ -30,8 +30,8 @@ def blocks():
     mp.undo()
 
 
-def _shapes_of_a_real_forward(preset: str) -> set[tuple]:
-    """Every fusable block's (transpose, act, C_in, C_out, input THW) in one CPU forward."""
+def _shapes_of_a_real_forward(preset: str, block_shape) -> set[tuple]:
+    """Every fusable block's :func:`block_shape` in one CPU forward of the preset's models."""
     cfg = PRESETS[preset].model
     torch.manual_seed(0)
     g, d = Generator(cfg), Discriminator(cfg)
@@ -39,24 +39,15 @@ def _shapes_of_a_real_forward(preset: str) -> set[tuple]:
     for model in (g, d):
         for module in model.modules():
             if isinstance(_match(module), type):
-                module.register_forward_pre_hook(
-                    lambda m, args: seen.add(
-                        (
-                            isinstance(m[0], torch.nn.ConvTranspose3d),
-                            "lrelu" if isinstance(m[2], torch.nn.LeakyReLU) else "relu",
-                            m[0].in_channels,
-                            m[0].out_channels,
-                            tuple(args[0].shape[2:]),
-                        )
-                    )
-                )
+                module.register_forward_pre_hook(lambda m, args: seen.add(block_shape(m, args[0])))
     with torch.no_grad():
         d(g(*g.sample_latents(1)).video)
     return seen
 
 
 def test_cpu_small_blocks_are_the_models(blocks):
-    assert {c[1:] for c in blocks.CPU_SMALL} == _shapes_of_a_real_forward("cpu-small")
+    real = _shapes_of_a_real_forward("cpu-small", blocks.block_shape)
+    assert {c[1:] for c in blocks.CPU_SMALL} == real
     assert len({c[0] for c in blocks.CPU_SMALL}) == len(blocks.CPU_SMALL)  # one name each
 
 

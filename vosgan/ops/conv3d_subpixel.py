@@ -82,10 +82,12 @@ def _deinterleave(out: Tensor, shape: tuple[int, ...], stride: tuple[int, ...]) 
     return z
 
 
-def _memory_format(t: Tensor) -> torch.memory_format:
-    """channels_last_3d for a tensor laid out so (and not also contiguous), else contiguous."""
-    if not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last_3d):
-        return torch.channels_last_3d
+def memory_format_of(t: Tensor) -> torch.memory_format:
+    """``channels_last_3d`` (5-D) or ``channels_last`` (4-D) for a tensor laid out so and not
+    also contiguous, else ``contiguous_format``."""
+    cl = {4: torch.channels_last, 5: torch.channels_last_3d}.get(t.dim())
+    if cl is not None and not t.is_contiguous() and t.is_contiguous(memory_format=cl):
+        return cl
     return torch.contiguous_format
 
 
@@ -107,7 +109,7 @@ class _Deinterleave(torch.autograd.Function):
     @staticmethod
     def forward(ctx, out: Tensor, shape: tuple[int, ...], stride: tuple[int, ...]) -> Tensor:
         ctx.c_out = out.shape[1]
-        ctx.fmt = _memory_format(out)
+        ctx.fmt = memory_format_of(out)
         return _deinterleave(out, shape, stride)
 
     @staticmethod
@@ -133,7 +135,7 @@ def conv_transpose3d_subpixel(x: Tensor, weight: Tensor, bias: Tensor | None = N
     """
     c_out = weight.shape[1]
     z = F.conv3d(x, phase_weight(weight), None if bias is None else bias.repeat(8), padding=1)
-    return _Interleave.apply(z, c_out, _memory_format(x))
+    return _Interleave.apply(z, c_out, memory_format_of(x))
 
 
 def geometry_blocker(x: Tensor, conv: nn.Conv3d | nn.ConvTranspose3d) -> str | None:
@@ -187,7 +189,7 @@ def _subpixel_weight_grad(grad: Tensor, x: Tensor, weight: Tensor) -> Tensor:
     against ``grad``'s phases, mapped back to the ``(C_in, C_out, 4, 4, 4)`` kernel."""
     b, c_out, t2, h2, w2 = grad.shape
     shape = (b, 8 * c_out, t2 // 2 + 1, h2 // 2 + 1, w2 // 2 + 1)
-    stride = torch.empty(shape, device="meta", memory_format=_memory_format(grad)).stride()
+    stride = torch.empty(shape, device="meta", memory_format=memory_format_of(grad)).stride()
     gz = _deinterleave(grad, shape, stride)
     wp = phase_weight(weight)
     dwp = torch.ops.aten.convolution_backward(
