@@ -49,7 +49,7 @@ step "build vosgan._C for sm_$ARCH (background); meanwhile the Triton/cupy tests
   "$PY" -m pip install -q --no-build-isolation --no-deps -e . >"$OUTDIR/build.txt" 2>&1
   echo "build exit $?" >>"$OUTDIR/build.txt") &
 BUILD=$!
-rm -rf /tmp/vosgan-src && mkdir /tmp/vosgan-src && cp -r vosgan tests pyproject.toml /tmp/vosgan-src/ &&
+rm -rf /tmp/vosgan-src && mkdir /tmp/vosgan-src && cp -r vosgan tests benchmarks pyproject.toml /tmp/vosgan-src/ &&
   cp -r kernels /tmp/vosgan-src/vosgan/kernels
 # VOSGAN_GPU_TESTS: the tests to run here instead of the op suites (e.g. only those changed since
 # the last GPU run); "none" skips them.
