@@ -91,6 +91,12 @@ def test_layer_map_of_a_cpu_step(lmap):
     text = lmap.table(calls, step_ms, "cpu")
     assert "| D.encoder.0.0 | 2x3x16x32x32 |" in text
     assert f"The step's wall time: {step_ms:.2f} ms" in text
+    savings = lmap.form_savings(calls)
+    narrow = [c for c in calls if lmap.is_narrow(c.module)]
+    assert savings["pad8"][1] == len(narrow)
+    want = sum(c.calls * max(0.0, c.step_ms - c.extra["pad8"]) for c in narrow)
+    assert savings["pad8"][0] == pytest.approx(want)
+    assert f"pad8, used at those of its {len(narrow)} calls" in text
 
 
 def test_recording_keeps_keyword_tensors(lmap):
