@@ -14,11 +14,12 @@ joins (``cat``, ``tanh``) and whatever else runs between layers.
 
 ``--narrow`` also times every conv whose input or output channels are not a multiple of 8 (the
 stem on RGB input, the heads) in other forms of the same function (:func:`alternatives`): with
-those channels zero-padded to 8 (:func:`padded_conv`), channel counts that tensor-core kernels
-take; and a stride-2, kernel-4 transposed conv also in sub-pixel form
+those channels zero-padded to 8 (:func:`vosgan.ops.conv3d_forms.padded_conv`), channel counts
+that tensor-core kernels take; and a stride-2, kernel-4 transposed conv also in sub-pixel form
 (:func:`vosgan.ops.conv3d_subpixel.conv_transpose3d_subpixel`: a stride-1 conv with 8x the
-output channels). Whether either is faster is what the table asks; the model uses neither for
-these layers.
+output channels). The table says whether either is faster, layer by layer, and what each would
+save per step; ``VOSGAN_CUDA_CONV=narrow=pad8|subpixel`` runs the model's narrow convs so on
+CUDA (:func:`vosgan.ops.conv3d_forms.narrow_cuda_conv`; torch's own by default).
 
 GPU: ``python benchmarks/bench_layer_map.py --device cuda [--preset paper] [--narrow]`` (bf16
 autocast as the trainer runs; ``triton.testing.do_bench`` medians). CPU: ``--device cpu
@@ -35,12 +36,12 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from bench_train_step import _make_step, gpu_kernel_ms
 from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from vosgan.nn.conv3d_block import _FusedBlock
+from vosgan.ops.conv3d_forms import padded_conv
 from vosgan.ops.conv3d_subpixel import (
     conv_transpose3d_subpixel,
     geometry_blocker,
@@ -230,45 +231,11 @@ def measure(call: Call, autocast, device: str, rounds: int, forward=None, key=""
         call.gflop = _gflop(full)
 
 
-def _pad_to(n: int, multiple: int = 8) -> int:
-    return -(-n // multiple) * multiple
-
-
 def is_narrow(module: nn.Module) -> bool:
     """A conv whose input or output channels are not a multiple of 8."""
     return isinstance(module, _CONVS) and (
         module.in_channels % 8 != 0 or module.out_channels % 8 != 0
     )
-
-
-def padded_conv(module: nn.Module, x: Tensor) -> Tensor:
-    """``module(x)`` for a conv of :data:`_CONVS` (groups 1) with its input and output channels
-    zero-padded to multiples of 8; the result is sliced back, so it equals ``module(x)`` and its
-    gradients are the unpadded conv's (the padding's weights are zero and take no gradient)."""
-    if module.groups != 1:
-        raise ValueError(f"padded_conv: groups must be 1, got {module.groups}")
-    cin, cout = module.in_channels, module.out_channels
-    pin, pout = _pad_to(cin) - cin, _pad_to(cout) - cout
-    nd = x.dim() - 2
-    transposed = isinstance(module, (nn.ConvTranspose2d, nn.ConvTranspose3d))
-    # weight: (Cout, Cin, k...) for a conv, (Cin, Cout, k...) transposed; F.pad goes last dim first
-    dim1, dim0 = (pout, pin) if transposed else (pin, pout)
-    w = F.pad(module.weight, [0, 0] * nd + [0, dim1, 0, dim0])
-    if pin:  # zero channels after x's, in x's memory format
-        fmt = memory_format_of(x)
-        wide = torch.zeros(x.shape[0], cin + pin, *x.shape[2:], dtype=x.dtype, device=x.device)
-        wide = wide.contiguous(memory_format=fmt)
-        wide[:, :cin] = x
-        x = wide
-    bias = F.pad(module.bias, [0, pout]) if module.bias is not None and pout else module.bias
-    if transposed:
-        conv = F.conv_transpose3d if nd == 3 else F.conv_transpose2d
-        y = conv(
-            x, w, bias, module.stride, module.padding, module.output_padding, 1, module.dilation
-        )
-    else:
-        y = module._conv_forward(x, w, bias)
-    return y[:, :cout] if pout else y
 
 
 def alternatives(module: nn.Module, x: Tensor) -> dict[str, Callable[[Tensor], Tensor]]:

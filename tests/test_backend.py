@@ -74,7 +74,7 @@ def test_cli_reports_on_the_device_given(capsys):
     # the kernel choices environment variables make, as the modules read them
     assert "VOSGAN_FLOW_WARP_DX       loop" in out
     assert "VOSGAN_COMPOSITE_T_SPLIT  off" in out
-    assert "VOSGAN_CUDA_CONV          transposed=auto, conv=torch" in out
+    assert "VOSGAN_CUDA_CONV          transposed=auto, conv=torch, narrow=torch" in out
 
 
 @pytest.mark.parametrize(

@@ -25,47 +25,6 @@ def lmap():
     mp.undo()
 
 
-CONVS = {
-    "stem 3->16": lambda: nn.Conv3d(3, 16, 4, 2, 1),
-    "head 16->1": lambda: nn.ConvTranspose3d(16, 1, 4, 2, 1),
-    "head 12->4 no bias": lambda: nn.ConvTranspose3d(12, 4, 4, 2, 1, bias=False),
-    "2d 5->3": lambda: nn.ConvTranspose2d(5, 3, 4, 2, 1),
-    "2d 3->10 k3": lambda: nn.Conv2d(3, 10, 3, 1, 1),
-}
-
-
-@pytest.mark.parametrize("channels_last", [False, True])
-@pytest.mark.parametrize("name", list(CONVS))
-def test_padded_conv_is_the_same_conv(lmap, name, channels_last):
-    torch.manual_seed(0)
-    conv = CONVS[name]().double()
-    spatial = (4, 6, 6) if isinstance(conv, (nn.Conv3d, nn.ConvTranspose3d)) else (6, 6)
-    x = torch.randn(2, conv.in_channels, *spatial, dtype=torch.float64)
-    if channels_last:
-        x = x.contiguous(
-            memory_format=torch.channels_last_3d if x.dim() == 5 else torch.channels_last
-        )
-    assert lmap.is_narrow(conv)
-    outs, grads = [], []
-    for fn in (conv, lambda t: lmap.padded_conv(conv, t)):
-        xi = x.clone().requires_grad_()
-        y = fn(xi)
-        y.backward(torch.linspace(-1, 1, y.numel(), dtype=y.dtype).view_as(y))
-        outs.append(y.detach())
-        grads.append([xi.grad] + [p.grad.clone() for p in conv.parameters()])
-        conv.zero_grad(set_to_none=True)
-    torch.testing.assert_close(outs[1], outs[0], rtol=1e-12, atol=1e-12)
-    assert outs[1].shape == outs[0].shape
-    for got, want in zip(grads[1], grads[0], strict=True):
-        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
-
-
-def test_padded_conv_refuses_groups(lmap):
-    conv = nn.Conv3d(4, 6, 3, groups=2)
-    with pytest.raises(ValueError, match="groups must be 1"):
-        lmap.padded_conv(conv, torch.randn(1, 4, 3, 3, 3))
-
-
 def test_layer_map_of_a_cpu_step(lmap):
     calls, step_ms = lmap.layer_map("cpu-small", "cpu", "fused", 2, rounds=1, narrow=True)
     by_name: dict[str, list] = {}

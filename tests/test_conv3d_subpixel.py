@@ -7,6 +7,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import requires_cuda
 from torch import nn
 
 from vosgan import backend
@@ -228,13 +229,80 @@ def test_cuda_conv_keeps_torch_for_other_geometries(monkeypatch):
 
 
 def test_cuda_conv_forms_env_spec():
-    assert forms._read_cuda_forms("transposed=torch, conv=subpixel-dx") == {
+    assert forms._read_cuda_forms("transposed=torch, conv=subpixel-dx, narrow=pad8") == {
         "transposed": "torch",
         "conv": "subpixel-dx",
+        "narrow": "pad8",
     }
     assert forms._read_cuda_forms("") == forms.DEFAULT_CUDA_FORMS
     with pytest.raises(ValueError, match=r"VOSGAN_CUDA_CONV: 'conv=subpixel' is not one of"):
         forms._read_cuda_forms("conv=subpixel")
+
+
+NARROW = {
+    "stem 3->16": lambda: nn.Conv3d(3, 16, 4, 2, 1),
+    "head 16->1": lambda: nn.ConvTranspose3d(16, 1, 4, 2, 1),
+    "head 12->4 no bias": lambda: nn.ConvTranspose3d(12, 4, 4, 2, 1, bias=False),
+    "2d 5->3": lambda: nn.ConvTranspose2d(5, 3, 4, 2, 1),
+    "2d 3->10 k3": lambda: nn.Conv2d(3, 10, 3, 1, 1),
+}
+
+
+def _same_function(conv: nn.Module, form, x: torch.Tensor) -> None:
+    """``form(x)`` against ``conv(x)``: values, shape, and the gradients of x and every
+    parameter, in float64."""
+    outs, grads = [], []
+    for fn in (conv, form):
+        xi = x.clone().requires_grad_()
+        y = fn(xi)
+        y.backward(torch.linspace(-1, 1, y.numel(), dtype=y.dtype).view_as(y))
+        outs.append(y.detach())
+        grads.append([xi.grad] + [p.grad.clone() for p in conv.parameters()])
+        conv.zero_grad(set_to_none=True)
+    assert outs[1].shape == outs[0].shape
+    torch.testing.assert_close(outs[1], outs[0], rtol=1e-12, atol=1e-12)
+    for got, want in zip(grads[1], grads[0], strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("name", list(NARROW))
+def test_padded_conv_is_the_same_conv(name, channels_last):
+    torch.manual_seed(0)
+    conv = NARROW[name]().double()
+    spatial = (4, 6, 6) if isinstance(conv, (nn.Conv3d, nn.ConvTranspose3d)) else (6, 6)
+    x = torch.randn(2, conv.in_channels, *spatial, dtype=torch.float64)
+    if channels_last:
+        x = x.contiguous(
+            memory_format=torch.channels_last_3d if x.dim() == 5 else torch.channels_last
+        )
+    _same_function(conv, lambda t: forms.padded_conv(conv, t), x)
+
+
+def test_padded_conv_refuses_groups():
+    with pytest.raises(ValueError, match="groups must be 1"):
+        forms.padded_conv(nn.Conv3d(4, 6, 3, groups=2), torch.randn(1, 4, 3, 3, 3))
+
+
+@pytest.mark.parametrize("form", ["torch", "pad8", "subpixel"])
+@pytest.mark.parametrize("name", ["stem 3->16", "head 16->1", "head 12->4 no bias"])
+def test_narrow_forms_are_the_same_conv(monkeypatch, name, form):
+    """Every ``VOSGAN_CUDA_CONV`` narrow form computes the conv (run here on CPU tensors: the
+    forms are torch ops, the device only picks them); a stride-2 conv's ``subpixel`` is its
+    sub-pixel input gradient."""
+    monkeypatch.setitem(forms.CUDA_FORMS, "narrow", form)
+    torch.manual_seed(0)
+    conv = NARROW[name]().double()
+    x = torch.randn(2, conv.in_channels, 4, 6, 6, dtype=torch.float64)
+    _same_function(conv, lambda t: forms.narrow_cuda_conv(t, conv), x)
+
+
+def test_narrow_subpixel_says_when_the_geometry_does_not_fit(monkeypatch):
+    monkeypatch.setitem(forms.CUDA_FORMS, "narrow", "subpixel")
+    conv = nn.Conv3d(3, 8, 4, 2, 1).double()
+    x = torch.randn(1, 3, 5, 6, 6, dtype=torch.float64)  # odd T: no sub-pixel input gradient
+    with pytest.warns(UserWarning, match="narrow=subpixel: odd T/H/W"):
+        torch.testing.assert_close(forms.narrow_cuda_conv(x, conv), conv(x))
 
 
 def test_subpixel_transpose_compiles_fullgraph(monkeypatch):
@@ -321,3 +389,39 @@ def test_tune_under_compile_is_auto(monkeypatch, cudnn_benchmark):
     compiled = torch.compile(lambda t: forms.cuda_conv(t, conv), fullgraph=True, backend="eager")
     torch.testing.assert_close(compiled(x), conv(x))
     assert forms.TUNED == {}
+
+
+@requires_cuda
+@pytest.mark.parametrize("form", ["torch", "pad8", "subpixel"])
+def test_gpu_narrow_modules_run_their_form(monkeypatch, form, no_tf32):
+    """On CUDA the swapped-in narrow convs run ``CUDA_FORMS["narrow"]`` (a spy says which),
+    with torch's values and gradients: a transposed head and D's RGB stem, channels_last_3d."""
+    monkeypatch.setitem(forms.CUDA_FORMS, "narrow", form)
+    calls = []
+    real = forms.narrow_cuda_conv
+    monkeypatch.setattr(nn_block, "narrow_cuda_conv", lambda x, c: calls.append(1) or real(x, c))
+    torch.manual_seed(0)
+    for conv in (nn.ConvTranspose3d(16, 1, 4, 2, 1), nn.Conv3d(3, 16, 4, 2, 1)):
+        plain = conv.cuda()
+        model = fuse_modules(nn.Sequential(copy.deepcopy(plain)))
+        swapped = model[0]
+        assert isinstance(swapped, (SubpixelConv3d, SubpixelConvTranspose3d))
+        x = torch.randn(2, conv.in_channels, 4, 8, 8, device="cuda")
+        x = x.contiguous(memory_format=torch.channels_last_3d)
+        calls.clear()
+        _close_on_gpu(plain, swapped, x)
+        assert calls == [1]
+
+
+def _close_on_gpu(want: nn.Module, got: nn.Module, x: torch.Tensor) -> None:
+    outs, grads = [], []
+    for conv in (want, got):
+        xi = x.clone().requires_grad_()
+        y = conv(xi)
+        y.backward(torch.ones_like(y))
+        outs.append(y.detach())
+        grads.append([xi.grad] + [p.grad.clone() for p in conv.parameters()])
+        conv.zero_grad(set_to_none=True)
+    torch.testing.assert_close(outs[1], outs[0], rtol=1e-4, atol=1e-5)
+    for a, b in zip(grads[1], grads[0], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from vosgan import backend
 from vosgan.nn.fuse import register_fuser
 from vosgan.ops.conv3d_block import IMPLS, _auto_impl, bn_act, bn_act_reference
-from vosgan.ops.conv3d_forms import cuda_conv
+from vosgan.ops.conv3d_forms import cuda_conv, narrow_cuda_conv
 from vosgan.ops.conv3d_subpixel import SUBPIXEL_MAX_CHANNELS, subpixel_blocker, subpixel_conv3d
 
 _ACTS = (nn.LeakyReLU, nn.ReLU)
@@ -204,11 +204,15 @@ def _fuse(module: nn.Module) -> nn.Module | None:
 
 class _SubpixelMixin:
     """``impl``: ``"auto"`` (the sub-pixel path where ``conv3d_block`` picks it on the input's
-    device), ``"subpixel"`` (on any CPU input) or ``"reference"`` (torch's own forward). A CPU
-    input the sub-pixel path cannot take (:func:`subpixel_blocker`) runs torch's forward and
-    warns once with the reason."""
+    device; on CUDA the narrow form of :func:`vosgan.ops.conv3d_forms.narrow_cuda_conv`, torch's
+    own by default), ``"subpixel"`` (on any CPU input) or ``"reference"`` (torch's own forward).
+    A CPU input the sub-pixel path cannot take (:func:`subpixel_blocker`) runs torch's forward
+    and warns once with the reason."""
 
     impl: str = "auto"
+
+    def _narrow_on_cuda(self, x: Tensor) -> bool:
+        return x.is_cuda and self.impl == "auto" and _fused_on_cuda()
 
     def _use_subpixel(self, x: Tensor) -> bool:
         if self.impl not in ("auto", "subpixel", "reference"):
@@ -234,12 +238,19 @@ def _subpixel_auto(device_type: str) -> bool:
     return backend.choose("conv3d_block", device_type).impl == "subpixel"
 
 
+@torch.compiler.assume_constant_result
+def _fused_on_cuda() -> bool:
+    return backend.choose("conv3d_block", "cuda").fused
+
+
 class SubpixelConv3d(_SubpixelMixin, nn.Conv3d):
     """``nn.Conv3d``; with stride 2, kernel 4, padding 1 and ``in_channels <= 4`` on CPU the
     input gradient runs as a sub-pixel transposed conv (forward and weight gradient: oneDNN).
     ``x (B, C_in, T, H, W)`` with even T, H, W -> ``(B, C_out, T/2, H/2, W/2)``."""
 
     def forward(self, x: Tensor) -> Tensor:
+        if self._narrow_on_cuda(x):
+            return narrow_cuda_conv(x, self)
         if self._use_subpixel(x):
             return subpixel_conv3d(x, self.weight, self.bias, transposed=False)
         return super().forward(x)
@@ -251,6 +262,8 @@ class SubpixelConvTranspose3d(_SubpixelMixin, nn.ConvTranspose3d):
     ``x (B, C_in, T, H, W)`` -> ``(B, C_out, 2T, 2H, 2W)``."""
 
     def forward(self, x: Tensor, output_size: list[int] | None = None) -> Tensor:
+        if output_size is None and self._narrow_on_cuda(x):
+            return narrow_cuda_conv(x, self)
         if output_size is None and self._use_subpixel(x):
             return subpixel_conv3d(x, self.weight, self.bias, transposed=True)
         return super().forward(x, output_size)

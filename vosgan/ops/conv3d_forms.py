@@ -1,5 +1,6 @@
 """Which form a fused conv block's stride-2, kernel-4 conv takes on CUDA: torch's (cuDNN) or one
-of the sub-pixel forms of :mod:`vosgan.ops.conv3d_subpixel`.
+of the sub-pixel forms of :mod:`vosgan.ops.conv3d_subpixel`; and which form the narrow convs
+(:func:`narrow_cuda_conv`: D's RGB stem, the dense heads) take there.
 
 :data:`CUDA_FORMS` holds the choice per kind of conv; :func:`cuda_conv` runs a conv in it.
 ``"tune"`` times the candidate forms on the first call of each input shape and keeps the fastest
@@ -13,10 +14,11 @@ import time
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vosgan import backend
-from vosgan.ops.conv3d_subpixel import geometry_blocker, subpixel_form_conv
+from vosgan.ops.conv3d_subpixel import geometry_blocker, memory_format_of, subpixel_form_conv
 
 #: The form each stride-2, kernel-4 conv of a fused block takes on CUDA by default:
 #:
@@ -27,7 +29,14 @@ from vosgan.ops.conv3d_subpixel import geometry_blocker, subpixel_form_conv
 #:   gradient; not yet timed on a GPU), ``"tune"`` (the fastest of ``TUNE_CANDIDATES`` for each
 #:   input, timed on its first call: :func:`tuned_form`; not yet run on a GPU);
 #: - stride-2 convs: ``"torch"`` (the default), ``"subpixel-dx"`` (cuDNN forward and weight
-#:   gradient, sub-pixel input gradient).
+#:   gradient, sub-pixel input gradient);
+#: - narrow convs (the ``Subpixel*`` modules ``fuse_modules`` swaps in: at most 4 channels on
+#:   the narrow side, which tensor-core kernels want in multiples of 8): ``"torch"`` (the
+#:   default), ``"pad8"`` (:func:`padded_conv`: both channel counts zero-padded to multiples of
+#:   8, the result sliced back), ``"subpixel"`` (a transposed conv in sub-pixel form, forward and
+#:   backward; a stride-2 conv's input gradient in it, as ``"subpixel-dx"``). Neither other form
+#:   is timed on a GPU yet: ``benchmarks/bench_layer_map.py --narrow`` times both at every such
+#:   layer of the training step.
 #:
 #: Why ``auto`` (H100, bf16, channels_last_3d, ``benchmarks/RESULTS.md``, "conv forms"): with
 #: cudnn.benchmark off, the sub-pixel form's forward + backward is 3.7-11.7x faster than cuDNN's
@@ -37,10 +46,11 @@ from vosgan.ops.conv3d_subpixel import geometry_blocker, subpixel_form_conv
 #: 37.0 ms with cuDNN's transposed convs and 40.4 ms with sub-pixel ones.
 #: ``subpixel-dx`` measured 0.97-1.07x cuDNN and is not a default.
 #: ``VOSGAN_CUDA_CONV="transposed=FORM,conv=FORM"`` sets the forms for a process.
-DEFAULT_CUDA_FORMS = {"transposed": "auto", "conv": "torch"}
+DEFAULT_CUDA_FORMS = {"transposed": "auto", "conv": "torch", "narrow": "torch"}
 _FORMS = {
     "transposed": ("auto", "tune", "torch", "subpixel", "subpixel-fwd", "subpixel-bwd"),
     "conv": ("torch", "subpixel-dx"),
+    "narrow": ("torch", "pad8", "subpixel"),
 }
 
 
@@ -99,6 +109,62 @@ def cuda_conv(x: Tensor, conv: nn.Conv3d | nn.ConvTranspose3d) -> Tensor:
         if form == "torch":
             return conv(x)
     return subpixel_form_conv(x, conv.weight, conv.bias, form)
+
+
+def _pad_to_8(n: int) -> int:
+    return -(-n // 8) * 8
+
+
+def padded_conv(conv: nn.Module, x: Tensor) -> Tensor:
+    """``conv(x)`` for an ``nn.Conv2d/3d`` or ``nn.ConvTranspose2d/3d`` (groups 1), with its input
+    and output channels zero-padded to multiples of 8 and the output sliced back: the same
+    values, and the unpadded conv's gradients (the padding's weights are zero, built from the
+    parameters by ``F.pad``, and take no gradient). ``x (B, C_in, *spatial)`` in any layout; the
+    padded input keeps it."""
+    if conv.groups != 1:
+        raise ValueError(f"padded_conv: groups must be 1, got {conv.groups}")
+    cin, cout = conv.in_channels, conv.out_channels
+    pin, pout = _pad_to_8(cin) - cin, _pad_to_8(cout) - cout
+    nd = x.dim() - 2
+    transposed = isinstance(conv, (nn.ConvTranspose2d, nn.ConvTranspose3d))
+    # weight: (C_out, C_in, k...) for a conv, (C_in, C_out, k...) transposed; F.pad: last dim first
+    dim1, dim0 = (pout, pin) if transposed else (pin, pout)
+    w = F.pad(conv.weight, [0, 0] * nd + [0, dim1, 0, dim0])
+    if pin:
+        wide = torch.zeros(x.shape[0], cin + pin, *x.shape[2:], dtype=x.dtype, device=x.device)
+        wide = wide.contiguous(memory_format=memory_format_of(x))
+        wide[:, :cin] = x
+        x = wide
+    bias = F.pad(conv.bias, [0, pout]) if conv.bias is not None and pout else conv.bias
+    if transposed:
+        run = F.conv_transpose3d if nd == 3 else F.conv_transpose2d
+        y = run(x, w, bias, conv.stride, conv.padding, conv.output_padding, 1, conv.dilation)
+    else:
+        y = conv._conv_forward(x, w, bias)
+    return y[:, :cout] if pout else y
+
+
+def narrow_cuda_conv(x: Tensor, conv: nn.Conv3d | nn.ConvTranspose3d) -> Tensor:
+    """``conv(x)`` for a narrow conv on CUDA in the form ``CUDA_FORMS["narrow"]`` names (see
+    :data:`DEFAULT_CUDA_FORMS`); torch's own forward where that form does not apply to
+    ``conv``'s geometry (said once). Same values and gradients up to rounding.
+    ``x (B, C_in, T, H, W)``."""
+    transposed = isinstance(conv, nn.ConvTranspose3d)
+    form = cuda_form("narrow")
+    if form == "pad8":
+        return padded_conv(conv, x)
+    if form == "subpixel":
+        why = geometry_blocker(x, conv)
+        if why is None:
+            return subpixel_form_conv(
+                x, conv.weight, conv.bias, "subpixel" if transposed else "subpixel-dx"
+            )
+        backend.warn_once(
+            f"narrow-subpixel-{why}",
+            f"VOSGAN_CUDA_CONV narrow=subpixel: {why}; that conv runs torch's own forward",
+        )
+    parent = nn.ConvTranspose3d if transposed else nn.Conv3d
+    return parent.forward(conv, x)
 
 
 #: The transposed-conv forms ``"tune"`` times.
