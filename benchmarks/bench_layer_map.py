@@ -293,9 +293,10 @@ def table(calls: list[Call], step_ms: float, device: str) -> str:
     what = "GPU kernel time" if device == "cuda" else "wall time"
     lines.append(f"The step's {what}: {step_ms:.2f} ms; the rest {step_ms - total:.2f} ms.")
     for form, (saved, n) in form_savings(calls).items():
+        names = sorted({c.name for c in calls if form in c.extra})
         lines.append(
             f"{form}, used at those of its {n} calls where it timed faster: {saved:.2f} ms less "
-            "per step (calls timed alone)."
+            f"per step (calls timed alone; layers: {', '.join(names)})."
         )
     return "\n".join(lines)
 
