@@ -239,10 +239,11 @@ class PyAVDecoder(Decoder):
         path: str | Path, indices: Sequence[int]
     ) -> dict[int, np.ndarray] | None:
         """The frames ``indices`` by index, decoded from the last keyframe at or before the first
-        of them; ``None`` where that is not possible or gains nothing (see :func:`frame_index`;
-        the keyframe is the first frame) and where the decoded frames do not follow the index
-        one by one (a frame dropped after the seek: said once per file). The caller then
-        decodes from the first frame, which also reports short and corrupt files."""
+        of them. ``None`` where that is not possible (no :func:`frame_index`, or an index past
+        the last frame), where it gains nothing (that keyframe is the first frame), on a
+        decoding error, and where the decoded frames do not follow the index one by one (said
+        once per file). The caller then decodes from the first frame, which also reports short
+        and corrupt files."""
         first, last = min(indices), max(indices)
         index = frame_index(path) if first > 0 else None
         if index is None or last >= len(index.pts):

@@ -45,7 +45,7 @@ from vosgan.ops.conv3d_subpixel import geometry_blocker, memory_format_of, subpi
 #: timed both ways). With benchmark on, cuDNN is the faster: the paper training step took
 #: 37.0 ms with cuDNN's transposed convs and 40.4 ms with sub-pixel ones.
 #: ``subpixel-dx`` measured 0.97-1.07x cuDNN and is not a default.
-#: ``VOSGAN_CUDA_CONV="transposed=FORM,conv=FORM"`` sets the forms for a process.
+#: ``VOSGAN_CUDA_CONV="transposed=FORM,conv=FORM,narrow=FORM"`` sets the forms for a process.
 DEFAULT_CUDA_FORMS = {"transposed": "auto", "conv": "torch", "narrow": "torch"}
 _FORMS = {
     "transposed": ("auto", "tune", "torch", "subpixel", "subpixel-fwd", "subpixel-bwd"),
