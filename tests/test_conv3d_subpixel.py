@@ -403,7 +403,8 @@ def test_gpu_narrow_modules_run_their_form(monkeypatch, form, no_tf32):
     torch.manual_seed(0)
     for conv in (nn.ConvTranspose3d(16, 1, 4, 2, 1), nn.Conv3d(3, 16, 4, 2, 1)):
         plain = conv.cuda()
-        model = fuse_modules(nn.Sequential(copy.deepcopy(plain)))
+        model = nn.Sequential(copy.deepcopy(plain))
+        assert len(fuse_modules(model)) == 1
         swapped = model[0]
         assert isinstance(swapped, (SubpixelConv3d, SubpixelConvTranspose3d))
         x = torch.randn(2, conv.in_channels, 4, 8, 8, device="cuda")
