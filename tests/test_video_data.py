@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 import warnings
+from array import array
 from pathlib import Path
 
 import numpy as np
@@ -128,7 +129,8 @@ def test_pyav_seek_falls_back_when_frames_do_not_follow_the_index(
     come from the first frame, right, and the fallback is said once."""
     path = write_video(tmp_path / "gop8b", "h264", 40)
     index = frame_index(path)
-    broken = FrameIndex(index.pts[:20] + index.pts[21:] + (index.pts[-1] + 1,), index.keyframes)
+    pts = [*index.pts[:20], *index.pts[21:], index.pts[-1] + 1]  # frame 20's timestamp lost
+    broken = FrameIndex(array("q", pts), index.keyframes)
     monkeypatch.setattr(decode_module, "frame_index", lambda p: broken)
     idx = list(range(17, 33))
     for _ in range(2):

@@ -42,6 +42,7 @@ import contextlib
 import functools
 import os
 import sys
+from array import array
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -181,10 +182,10 @@ class Decoder:
 
 class FrameIndex(NamedTuple):
     """A video stream's frame timestamps: ``pts[i]`` is frame ``i``'s (presentation order),
-    ``keyframes`` the keyframes' (ascending)."""
+    ``keyframes`` the keyframes' (ascending); 64-bit integer arrays."""
 
-    pts: tuple[int, ...]
-    keyframes: tuple[int, ...]
+    pts: array
+    keyframes: array
 
 
 def frame_index(path: str | Path) -> FrameIndex | None:
@@ -196,7 +197,7 @@ def frame_index(path: str | Path) -> FrameIndex | None:
     return _frame_index(str(path), st.st_size, st.st_mtime_ns)
 
 
-@functools.lru_cache(maxsize=4096)
+@functools.lru_cache(maxsize=16384)  # 8 bytes a frame: about 40 MB for 16k 300-frame files
 def _frame_index(path: str, size: int, mtime_ns: int) -> FrameIndex | None:
     pts: list[int] = []
     keys: list[int] = []
@@ -207,8 +208,10 @@ def _frame_index(path: str, size: int, mtime_ns: int) -> FrameIndex | None:
             for packet in c.demux(c.streams.video[0]):
                 if packet.size == 0:  # the demuxer's end-of-stream packet
                     continue
-                if packet.pts is None:
-                    return None
+                if packet.pts is None or (not pts and not packet.is_keyframe):
+                    return None  # untimed; or frames before the first keyframe, never output
+                if packet.is_discard:  # cut by an edit list: decoded, never output
+                    continue
                 pts.append(packet.pts)
                 if packet.is_keyframe:
                     keys.append(packet.pts)
@@ -217,7 +220,7 @@ def _frame_index(path: str, size: int, mtime_ns: int) -> FrameIndex | None:
     pts.sort()
     if len(set(pts)) != len(pts):
         return None
-    return FrameIndex(tuple(pts), tuple(sorted(keys)))
+    return FrameIndex(array("q", pts), array("q", sorted(keys)))
 
 
 class PyAVDecoder(Decoder):
