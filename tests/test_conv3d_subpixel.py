@@ -279,6 +279,27 @@ def test_padded_conv_is_the_same_conv(name, channels_last):
     _same_function(conv, lambda t: forms.padded_conv(conv, t), x)
 
 
+@pytest.mark.parametrize("name", ["stem 3->16", "2d 3->10 k3"])
+def test_padded_conv_keeps_the_input_layout(name):
+    """The padded input the conv sees is channels-last where x is (cuDNN's fast layout)."""
+    from torch.overrides import TorchFunctionMode
+
+    seen = []
+
+    class Spy(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if func in (F.conv2d, F.conv3d):
+                seen.append(ops.memory_format_of(args[0]))
+            return func(*args, **(kwargs or {}))
+
+    conv = NARROW[name]()
+    x = torch.randn(2, 3, *((4, 6, 6) if isinstance(conv, nn.Conv3d) else (6, 6)))
+    fmt = torch.channels_last_3d if x.dim() == 5 else torch.channels_last
+    with Spy():
+        forms.padded_conv(conv, x.contiguous(memory_format=fmt))
+    assert seen == [fmt]
+
+
 def test_padded_conv_refuses_groups():
     with pytest.raises(ValueError, match="groups must be 1"):
         forms.padded_conv(nn.Conv3d(4, 6, 3, groups=2), torch.randn(1, 4, 3, 3, 3))

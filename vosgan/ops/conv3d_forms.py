@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vosgan import backend
-from vosgan.ops.conv3d_subpixel import geometry_blocker, memory_format_of, subpixel_form_conv
+from vosgan.ops.conv3d_subpixel import geometry_blocker, subpixel_form_conv
 
 #: The form each stride-2, kernel-4 conv of a fused block takes on CUDA by default:
 #:
@@ -120,7 +120,7 @@ def padded_conv(conv: nn.Module, x: Tensor) -> Tensor:
     and output channels zero-padded to multiples of 8 and the output sliced back: the same
     values, and the unpadded conv's gradients (the padding's weights are zero, built from the
     parameters by ``F.pad``, and take no gradient). ``x (B, C_in, *spatial)`` in any layout; the
-    padded input keeps it."""
+    padded input keeps it (a test checks)."""
     if conv.groups != 1:
         raise ValueError(f"padded_conv: groups must be 1, got {conv.groups}")
     cin, cout = conv.in_channels, conv.out_channels
@@ -131,10 +131,7 @@ def padded_conv(conv: nn.Module, x: Tensor) -> Tensor:
     dim1, dim0 = (pout, pin) if transposed else (pin, pout)
     w = F.pad(conv.weight, [0, 0] * nd + [0, dim1, 0, dim0])
     if pin:
-        wide = torch.zeros(x.shape[0], cin + pin, *x.shape[2:], dtype=x.dtype, device=x.device)
-        wide = wide.contiguous(memory_format=memory_format_of(x))
-        wide[:, :cin] = x
-        x = wide
+        x = F.pad(x, [0, 0] * nd + [0, pin])  # keeps x's layout (channels-last stays so)
     bias = F.pad(conv.bias, [0, pout]) if conv.bias is not None and pout else conv.bias
     if transposed:
         run = F.conv_transpose3d if nd == 3 else F.conv_transpose2d
