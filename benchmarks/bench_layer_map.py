@@ -3,57 +3,74 @@ with the gradients one training step gives it, times the number of calls per ste
 
 The map answers what a profile of the whole step answers only with work: which layers hold the
 time, and how near each runs to the hardware. It records one step of a provider of
-``bench_train_step.py`` (eager; the step's own modules, weights and inputs): a pre-forward hook
-on every *layer* (a fused conv block, or a module without children outside one: conv, linear,
-norm, activation, GRU) keeps the first inputs of each distinct call, whether grad mode was on,
-and which parameters wanted gradients. Each distinct call is then replayed alone: forward, and
-forward + backward where the step runs its backward (grad mode on, and an input or a parameter
-that wants a gradient). A layer's share of the step is its calls times its time. The layers'
-sum, next to the step's own GPU kernel time, leaves the rest: losses, optimiser, the models'
-joins (``cat``, ``tanh``) and whatever else runs between layers.
+``bench_train_step.py`` (eager; the step's own modules, weights and inputs). On every *layer*
+(a fused conv block, or a module without children outside one: conv, linear, norm,
+activation, GRU) a pre-forward hook keeps the first inputs of each distinct call, whether grad
+mode was on and which parameters wanted gradients, and counts the call; a grad hook on its
+outputs counts the backward passes the step runs through it (D's dense heads on a real clip
+run forward only, say, until the motion pseudo-labels start). Each distinct call is then
+replayed alone, forward and forward + backward. A call's share of the step is its forwards
+times the forward's time plus its backwards times the backward's. The layers' sum, next to the
+step's own time, leaves the rest: losses, optimiser, the models' joins (``cat``, ``tanh``).
 
-``--narrow`` also times every conv whose input or output channels are not a multiple of 8 (the
-stem on RGB input, the heads) in other forms of the same function (:func:`alternatives`): with
-those channels zero-padded to 8 (:func:`vosgan.ops.conv3d_forms.padded_conv`), channel counts
-that tensor-core kernels take; and a stride-2, kernel-4 transposed conv also in sub-pixel form
-(:func:`vosgan.ops.conv3d_subpixel.conv_transpose3d_subpixel`: a stride-1 conv with 8x the
-output channels). The table says whether either is faster, layer by layer, and what each would
-save per step; ``VOSGAN_CUDA_CONV=narrow=pad8|subpixel`` runs the model's narrow convs so on
-CUDA (:func:`vosgan.ops.conv3d_forms.narrow_cuda_conv`; torch's own by default).
+``--narrow`` also times the narrow convs that ``fuse_modules`` swaps in (D's RGB stem and the
+dense heads: at most 4 channels on one side, where tensor-core kernels want multiples of 8) in
+the other forms ``VOSGAN_CUDA_CONV=narrow=pad8|subpixel`` gives them
+(:func:`vosgan.ops.conv3d_forms.narrow_cuda_conv`): channels zero-padded to 8, or sub-pixel.
+The table says whether either is faster, layer by layer, and what each would save per step.
 
 GPU: ``python benchmarks/bench_layer_map.py --device cuda [--preset paper] [--narrow]`` (bf16
-autocast as the trainer runs; ``triton.testing.do_bench`` medians). CPU: ``--device cpu
---preset cpu-small`` (``perf_counter`` medians).
+autocast as the trainer runs; each call's GPU kernel time from torch.profiler, as the step's
+own is taken). CPU: ``--device cpu --preset cpu-small`` (``perf_counter`` medians).
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from unittest import mock
 
 import torch
 from bench_train_step import _make_step, gpu_kernel_ms
 from torch import Tensor, nn
+from torch.autograd.graph import register_multi_grad_hook
 from torch.utils.flop_counter import FlopCounterMode
 
-from vosgan.nn.conv3d_block import _FusedBlock
-from vosgan.ops.conv3d_forms import padded_conv
+from vosgan.nn.conv3d_block import _FusedBlock, _SubpixelMixin
+from vosgan.ops.conv3d_forms import CUDA_FORMS, narrow_cuda_conv
 from vosgan.ops.conv3d_subpixel import (
-    conv_transpose3d_subpixel,
-    geometry_blocker,
     memory_format_of,
 )
 
-_CONVS = (nn.Conv2d, nn.Conv3d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+
+@dataclass
+class Timing:
+    """One way of running a call: ms of its forward and of forward + backward (the same where
+    no backward is timed), and the GFLOP of each."""
+
+    fwd_ms: float
+    full_ms: float
+    fwd_gflop: float = 0.0
+    full_gflop: float = 0.0
+
+    def per_step(self, call: Call) -> float:
+        """ms per step: every forward of ``call``, and its backward as often as the step runs it."""
+        return call.calls * self.fwd_ms + call.backwards * (self.full_ms - self.fwd_ms)
+
+    def gflop_per_step(self, call: Call) -> float:
+        return call.calls * self.fwd_gflop + call.backwards * (self.full_gflop - self.fwd_gflop)
 
 
 @dataclass
 class Call:
-    """One distinct call of a layer: its inputs (kept from the first such call) and flags."""
+    """One distinct call of a layer: its inputs (kept from the first such call), its flags, how
+    often the step runs it forward and backward, and its timings (``""``: as the step runs it;
+    else another form of the same function)."""
 
     name: str
     module: nn.Module
@@ -62,24 +79,21 @@ class Call:
     grad_mode: bool
     param_grads: tuple[bool, ...]
     calls: int = 0
-    fwd_ms: float = float("nan")
-    step_ms: float = float("nan")  # forward, or forward + backward where the step runs it
-    gflop: float = 0.0  # of what step_ms times
-    extra: dict[str, float] = field(default_factory=dict)
+    backwards: int = 0  # backward passes the step ran through this call's outputs
+    timings: dict[str, Timing] = field(default_factory=dict)
 
     @property
     def grads(self) -> str:
-        """The gradients the step's backward takes through this call: ``"dx+dw"``, ``"dx"``
-        (an input's only), ``"dw"`` (the parameters' only) or ``""`` (no backward)."""
+        """The gradients a backward through this call takes: ``"dx+dw"``, ``"dx"`` (an
+        input's only), ``"dw"`` (the parameters' only) or ``""`` (none possible)."""
         if not self.grad_mode:
             return ""
         dx = any(a.requires_grad for a in self.tensors())
         return "+".join(g for g, on in (("dx", dx), ("dw", any(self.param_grads))) if on)
 
     @property
-    def backward(self) -> bool:
-        """Does the step run this call's backward?"""
-        return bool(self.grads)
+    def per_step_ms(self) -> float:
+        return self.timings[""].per_step(self)
 
     def tensors(self) -> list[Tensor]:
         """The call's tensor inputs, positional then keyword."""
@@ -109,9 +123,9 @@ def layers(model: nn.Module, prefix: str) -> Iterator[tuple[str, nn.Module]]:
 
 def _key(name: str, args: tuple, kwargs: dict, grad_mode: bool, flags: tuple) -> tuple:
     def sig(a: object) -> object:
-        return (
-            (tuple(a.shape), a.dtype, a.stride(), a.requires_grad) if isinstance(a, Tensor) else a
-        )
+        if isinstance(a, Tensor):
+            return tuple(a.shape), a.dtype, a.stride(), a.requires_grad
+        return tuple(a) if isinstance(a, list) else a  # output_size=[...] and the like
 
     named = tuple((k, sig(v)) for k, v in sorted(kwargs.items()))
     return name, tuple(map(sig, args)), named, grad_mode, flags
@@ -122,24 +136,46 @@ def _keep(a: object) -> object:
     return a.detach().clone().requires_grad_(a.requires_grad) if isinstance(a, Tensor) else a
 
 
+def _outputs(out: object) -> list[Tensor]:
+    """The tensors of a layer's output (a tensor or a tuple/list of them) that carry a graph."""
+    outs = out if isinstance(out, (tuple, list)) else (out,)
+    return [o for o in outs if isinstance(o, Tensor) and o.requires_grad]
+
+
 @contextmanager
 def recording(models: dict[str, nn.Module]) -> Iterator[dict[tuple, Call]]:
-    """Record every layer call of ``models`` (prefix -> model) while the block runs."""
+    """Record every layer call of ``models`` (prefix -> model) while the block runs: its inputs
+    (the first time), its forward calls, and the backward passes through its outputs (a grad
+    hook on them fires once per backward that reaches them)."""
     calls: dict[tuple, Call] = {}
+    current: dict[int, tuple] = {}  # module id -> the key of the call in progress
     handles = []
+
+    def before(module, args, kwargs, name):
+        flags = tuple(p.requires_grad for p in module.parameters())
+        key = _key(name, args, kwargs, torch.is_grad_enabled(), flags)
+        if key not in calls:
+            kept = tuple(map(_keep, args))
+            kept_kw = {k: _keep(v) for k, v in kwargs.items()}
+            calls[key] = Call(name, module, kept, kept_kw, torch.is_grad_enabled(), flags)
+        calls[key].calls += 1
+        current[id(module)] = key
+
+    def after(module, args, kwargs, out):
+        call = calls[current.pop(id(module))]
+        outs = _outputs(out)
+        if outs:
+
+            def count(_grads, call=call) -> None:
+                call.backwards += 1
+
+            register_multi_grad_hook(outs, count, mode="any")
+
     for prefix, model in models.items():
         for name, module in layers(model, prefix):
-
-            def hook(module, args, kwargs, name=name):
-                flags = tuple(p.requires_grad for p in module.parameters())
-                key = _key(name, args, kwargs, torch.is_grad_enabled(), flags)
-                if key not in calls:
-                    kept = tuple(map(_keep, args))
-                    kwargs = {k: _keep(v) for k, v in kwargs.items()}
-                    calls[key] = Call(name, module, kept, kwargs, torch.is_grad_enabled(), flags)
-                calls[key].calls += 1
-
-            handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
+            pre = functools.partial(before, name=name)
+            handles.append(module.register_forward_pre_hook(pre, with_kwargs=True))
+            handles.append(module.register_forward_hook(after, with_kwargs=True))
     try:
         yield calls
     finally:
@@ -171,9 +207,9 @@ def replay(call: Call, forward: Callable[..., object], backward: bool) -> Callab
     def run() -> None:
         fresh = tuple(a.clone() if inplace and isinstance(a, Tensor) else a for a in args)
         out = forward(*fresh, **call.kwargs)
-        if not backward:
+        outs = _outputs(out) if backward else []
+        if not outs:
             return
-        outs = [o for o in (out if isinstance(out, tuple) else (out,)) if o.requires_grad]
         if "grads" not in state:
             state["grads"] = [torch.randn_like(o) for o in outs]
         torch.autograd.backward(outs, state["grads"])
@@ -182,17 +218,21 @@ def replay(call: Call, forward: Callable[..., object], backward: bool) -> Callab
 
 
 def _time(fn: Callable[[], None], device: str, leaves: list[Tensor], rounds: int) -> float:
-    """Median ms of ``fn``; the ``leaves``' gradients are reset to None before each call."""
-    if device == "cuda":
-        from triton.testing import do_bench
+    """ms of one call of ``fn``, the ``leaves``' gradients reset to None before each: on a GPU
+    the kernel time of ``rounds`` calls (torch.profiler, as the step's own GPU time is taken),
+    their mean; on CPU the median wall time of ``rounds`` calls."""
 
-        return do_bench(fn, grad_to_none=leaves, warmup=10, rep=50, return_mode="median")
-    times = []
-    for _ in range(rounds + 1):
+    def once() -> None:
         for t in leaves:
             t.grad = None
-        t0 = time.perf_counter()
         fn()
+
+    if device == "cuda":
+        return gpu_kernel_ms(once, rounds)
+    times = []
+    for _ in range(rounds + 1):
+        t0 = time.perf_counter()
+        once()
         times.append(time.perf_counter() - t0)
     return statistics.median(times[1:]) * 1e3
 
@@ -203,9 +243,10 @@ def _gflop(fn: Callable[[], None]) -> float:
     return counter.get_total_flops() / 1e9
 
 
-def measure(call: Call, autocast, device: str, rounds: int, forward=None, key="") -> None:
-    """Time ``call`` (forward; forward + backward where the step runs it) into its fields, or
-    with ``forward`` given, into ``call.extra[key]``."""
+def measure(call: Call, autocast, device: str, rounds: int, form: str = "", forward=None) -> None:
+    """Time ``call`` into ``call.timings[form]``: as the step runs it (``forward`` None: the
+    module), or with ``forward(*args)`` in its place. The backward is timed where the step ran
+    one through this call."""
     fwd_fn = forward or call.module
     leaves = [a for a in call.tensors() if a.requires_grad]
     leaves += [p for p in call.module.parameters()]
@@ -220,29 +261,28 @@ def measure(call: Call, autocast, device: str, rounds: int, forward=None, key=""
 
             return run
 
-        fwd = under_autocast(False)
-        full = under_autocast(call.backward)
+        fwd, full = under_autocast(False), under_autocast(call.backwards > 0)
         full()  # warm-up: cuDNN's autotuning, Triton's compilation
-        if forward is not None:
-            call.extra[key] = _time(full, device, leaves, rounds)
-            return
-        call.fwd_ms = _time(fwd, device, leaves, rounds)
-        call.step_ms = _time(full, device, leaves, rounds) if call.backward else call.fwd_ms
-        call.gflop = _gflop(full)
+        fwd_ms = _time(fwd, device, leaves, rounds)
+        full_ms = _time(full, device, leaves, rounds) if call.backwards else fwd_ms
+        timing = Timing(fwd_ms, max(full_ms, fwd_ms), _gflop(fwd), _gflop(full))
+    call.timings[form] = timing
 
 
-def is_narrow(module: nn.Module) -> bool:
-    """A conv whose input or output channels are not a multiple of 8."""
-    return isinstance(module, _CONVS) and (
-        module.in_channels % 8 != 0 or module.out_channels % 8 != 0
-    )
+def narrow_forms(module: nn.Module) -> dict[str, Callable[[Tensor], Tensor]]:
+    """The other forms ``VOSGAN_CUDA_CONV=narrow=...`` can give ``module``: for the narrow convs
+    ``fuse_modules`` swaps in (the ``Subpixel*`` modules), each form of
+    :func:`vosgan.ops.conv3d_forms.narrow_cuda_conv` but torch's own; nothing for others."""
+    if not isinstance(module, _SubpixelMixin):
+        return {}
+    forms = {}
+    for form in ("pad8", "subpixel"):
 
+        def run(x: Tensor, form: str = form) -> Tensor:
+            with mock.patch.dict(CUDA_FORMS, {"narrow": form}):
+                return narrow_cuda_conv(x, module)
 
-def alternatives(module: nn.Module, x: Tensor) -> dict[str, Callable[[Tensor], Tensor]]:
-    """The other forms ``--narrow`` times for ``module`` (a narrow conv) on input ``x``."""
-    forms = {"pad8": lambda t: padded_conv(module, t)}
-    if isinstance(module, nn.ConvTranspose3d) and geometry_blocker(x, module) is None:
-        forms["subpixel"] = lambda t: conv_transpose3d_subpixel(t, module.weight, module.bias)
+        forms[form] = run
     return forms
 
 
@@ -257,58 +297,63 @@ def layer_map(
     step()  # warm-up outside the recording
     with recording({"G": run.G, "D": run.D}) as calls:
         step()
-    if device == "cuda":
-        busy = gpu_kernel_ms(step, 3)
-    else:  # the step's wall time
-        busy = _time(step, device, [], rounds)
+    busy = _time(step, device, [], rounds)
     autocast = autocast_for(run)
     out = list(calls.values())
     for call in out:
         measure(call, autocast, device, rounds)
-        if narrow and is_narrow(call.module):
-            for form, fn in alternatives(call.module, call.args[0]).items():
-                measure(call, autocast, device, rounds, fn, form)
+        for form, fn in narrow_forms(call.module).items() if narrow else ():
+            measure(call, autocast, device, rounds, form, fn)
     return out, busy
 
 
 def table(calls: list[Call], step_ms: float, device: str) -> str:
     """Markdown: one row per distinct call, the largest share of the step first."""
-    rows = sorted(calls, key=lambda c: -c.calls * c.step_ms)
-    total = sum(c.calls * c.step_ms for c in rows)
+    rows = sorted(calls, key=lambda c: -c.per_step_ms)
+    total = sum(c.per_step_ms for c in rows)
     lines = [
-        "| layer | input | calls | gradients | fwd ms | ms per call | ms per step | share "
-        "| TFLOP/s | other forms: ms per call (speed-up) |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| layer | input | calls | backwards | gradients | fwd ms | bwd ms | ms per step | share "
+        "| TFLOP/s | narrow forms: ms per step (speed-up) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for c in rows:
-        per_step = c.calls * c.step_ms
-        rate = c.gflop / c.step_ms if c.step_ms > 0 else float("nan")
-        pad = ", ".join(f"{k} {v:.3f} ({c.step_ms / v:.2f}x)" for k, v in c.extra.items())
+        t = c.timings[""]
+        per_step = c.per_step_ms
+        rate = t.gflop_per_step(c) / per_step if per_step > 0 else float("nan")
+        others = ", ".join(
+            f"{form} {o.per_step(c):.3f} ({per_step / o.per_step(c):.2f}x)"
+            for form, o in c.timings.items()
+            if form
+        )
+        bwd = f"{t.full_ms - t.fwd_ms:.3f}" if c.backwards else "-"
         lines.append(
-            f"| {c.name} | {c.shapes()} | {c.calls} | {c.grads or '-'} "
-            f"| {c.fwd_ms:.3f} | {c.step_ms:.3f} | {per_step:.2f} | {per_step / total:.1%} "
-            f"| {rate:.1f} | {pad} |"
+            f"| {c.name} | {c.shapes()} | {c.calls} | {c.backwards} | {c.grads or '-'} "
+            f"| {t.fwd_ms:.3f} | {bwd} | {per_step:.2f} | {per_step / total:.1%} "
+            f"| {rate:.1f} | {others} |"
         )
     lines.append(f"\nLayers' sum: {total:.2f} ms per step.")
     what = "GPU kernel time" if device == "cuda" else "wall time"
     lines.append(f"The step's {what}: {step_ms:.2f} ms; the rest {step_ms - total:.2f} ms.")
-    for form, (saved, n) in form_savings(calls).items():
-        names = sorted({c.name for c in calls if form in c.extra})
+    for form, (net, best, names) in form_savings(calls).items():
         lines.append(
-            f"{form}, used at those of its {n} calls where it timed faster: {saved:.2f} ms less "
-            f"per step (calls timed alone; layers: {', '.join(names)})."
+            f"{form} saves {net:.2f} ms per step at every call VOSGAN_CUDA_CONV=narrow={form} "
+            f"gives it ({', '.join(names)}), {best:.2f} ms where it timed faster only "
+            "(calls timed alone)."
         )
     return "\n".join(lines)
 
 
-def form_savings(calls: list[Call]) -> dict[str, tuple[float, int]]:
-    """Per other form: the ms per step it would save, run at every call that has it and is
-    faster in it, and the number of distinct calls that have it."""
-    out: dict[str, tuple[float, int]] = {}
+def form_savings(calls: list[Call]) -> dict[str, tuple[float, float, list[str]]]:
+    """Per narrow form: the ms per step it saves (negative: costs) run at every call that has
+    it, as ``VOSGAN_CUDA_CONV=narrow=FORM`` runs it; the ms it saves at the calls where it timed
+    faster only; and the layers it applies to."""
+    out: dict[str, tuple[float, float, list[str]]] = {}
     for c in calls:
-        for form, ms in c.extra.items():
-            saved, n = out.get(form, (0.0, 0))
-            out[form] = (saved + c.calls * max(0.0, c.step_ms - ms), n + 1)
+        for form, timing in c.timings.items():
+            if form:
+                net, best, names = out.get(form, (0.0, 0.0, []))
+                gain = c.per_step_ms - timing.per_step(c)
+                out[form] = (net + gain, best + max(0.0, gain), sorted({*names, c.name}))
     return out
 
 
@@ -318,11 +363,11 @@ def main() -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--provider", default="fused-cl", help="a bench_train_step.py provider, eager")
     p.add_argument("--batch", type=int, default=None)
-    p.add_argument("--rounds", type=int, default=10, help="timed rounds per call on CPU")
+    p.add_argument("--rounds", type=int, default=10, help="timed calls per measurement")
     p.add_argument("--narrow", action="store_true", help="also time narrow convs in other forms")
     args = p.parse_args()
-    if args.provider.endswith("-graph"):
-        p.error("--provider: the map replays layers eagerly; name the provider without -graph")
+    if args.provider.endswith("-graph") or args.provider == "compile":
+        p.error("--provider: the map hooks and replays eager layers: not -graph or compile")
     calls, busy = layer_map(
         args.preset, args.device, args.provider, args.batch, args.rounds, args.narrow
     )

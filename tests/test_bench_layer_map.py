@@ -11,6 +11,8 @@ import pytest
 import torch
 from torch import nn
 
+from vosgan.nn.conv3d_block import _SubpixelMixin
+
 
 @pytest.fixture(scope="module")
 def lmap():
@@ -30,32 +32,51 @@ def test_layer_map_of_a_cpu_step(lmap):
     by_name: dict[str, list] = {}
     for c in calls:
         by_name.setdefault(c.name, []).append(c)
-    # D's stem sees three clips per step: real (D step), fake (D step), fake (G step, D frozen)
+    # D's stem sees three clips per step: real and fake in the D step (weight gradients), fake
+    # in the G step (D frozen: the input's); the step runs a backward through each
     stem = by_name["D.encoder.0.0"]
-    per_grads: dict[str, int] = {}
+    counts: dict[str, list[int]] = {}
     for c in stem:
-        per_grads[c.grads] = per_grads.get(c.grads, 0) + c.calls
-    assert per_grads == {"dw": 2, "dx": 1}
-    # G runs twice: without grad in the D step, with it in the G step
-    assert sorted(c.grads for c in by_name["G.heads"]) == ["", "dx+dw"]
+        got = counts.setdefault(c.grads, [0, 0])
+        got[0] += c.calls
+        got[1] += c.backwards
+    assert counts == {"dw": [2, 2], "dx": [1, 1]}
+    # G runs twice: without grad in the D step, with it (and a backward) in the G step
+    heads = sorted(by_name["G.heads"], key=lambda c: c.grads)
+    assert [(c.grads, c.calls, c.backwards) for c in heads] == [("", 1, 0), ("dx+dw", 1, 1)]
+    # D's dense head runs on the real clip too, but before loss.motion_seg_start nothing
+    # backpropagates through that call: two forwards, one backward
+    assert sum(c.calls for c in by_name["D.dense_head"]) == 2
+    assert sum(c.backwards for c in by_name["D.dense_head"]) == 1
     # layers inside a fused block are not listed apart from it
     assert "D.encoder.1" in by_name and not any(n.startswith("D.encoder.1.") for n in by_name)
     for c in calls:
-        assert 0 < c.fwd_ms < math.inf and 0 < c.step_ms < math.inf, c.name
-        assert ("pad8" in c.extra) == lmap.is_narrow(c.module), c.name
-    assert all(c.gflop > 0 for c in by_name["D.encoder.1"])
-    # the transposed heads also in sub-pixel form; the stride-2 stem has none
-    assert all(set(c.extra) == {"pad8", "subpixel"} for c in by_name["G.heads"])
-    assert all(set(c.extra) == {"pad8"} for c in stem)
+        t = c.timings[""]
+        assert 0 < t.fwd_ms <= t.full_ms < math.inf, c.name
+        assert c.per_step_ms == pytest.approx(
+            c.calls * t.fwd_ms + c.backwards * (t.full_ms - t.fwd_ms)
+        )
+        # the other forms, at the narrow convs fuse_modules swaps in only
+        narrow = isinstance(c.module, _SubpixelMixin)
+        assert set(c.timings) == ({"", "pad8", "subpixel"} if narrow else {""}), c.name
+    assert all(c.timings[""].full_gflop > c.timings[""].fwd_gflop > 0 for c in heads[1:])
     text = lmap.table(calls, step_ms, "cpu")
     assert "| D.encoder.0.0 | 2x3x16x32x32 |" in text
     assert f"The step's wall time: {step_ms:.2f} ms" in text
-    savings = lmap.form_savings(calls)
-    narrow = [c for c in calls if lmap.is_narrow(c.module)]
-    assert savings["pad8"][1] == len(narrow)
-    want = sum(c.calls * max(0.0, c.step_ms - c.extra["pad8"]) for c in narrow)
-    assert savings["pad8"][0] == pytest.approx(want)
-    assert f"pad8, used at those of its {len(narrow)} calls" in text
+    narrow = [c for c in calls if isinstance(c.module, _SubpixelMixin)]
+    assert {c.name for c in narrow} == {
+        "G.heads",
+        "D.dense_head",
+        "D.flow_head",
+        "D.encoder.0.0",
+        "D.flow_encoder.0.0",
+    }
+    gains = [c.per_step_ms - c.timings["pad8"].per_step(c) for c in narrow]
+    net, best, names = lmap.form_savings(calls)["pad8"]
+    assert net == pytest.approx(sum(gains))
+    assert best == pytest.approx(sum(max(0, g) for g in gains))
+    assert names == sorted({c.name for c in narrow})
+    assert f"pad8 saves {net:.2f} ms per step at every call" in text
 
 
 def test_recording_keeps_keyword_tensors(lmap):
@@ -69,14 +90,14 @@ def test_recording_keeps_keyword_tensors(lmap):
     x = torch.randn(2, 3, 4, 4, 4)
     res = torch.randn(2, 8, 2, 2, 2, requires_grad=True)
     with lmap.recording({"M": model}) as calls:
-        for _ in range(2):
-            block(x, residual=res)
+        block(x, residual=res).sum().backward()
+        block(x, residual=res)  # forward only
         block(x, residual=res.detach())
     by_grads = {c.grads: c for c in calls.values()}
     assert sorted(by_grads) == ["dw", "dx+dw"]
     call = by_grads["dx+dw"]
-    assert call.calls == 2 and call.name == "M.block"
+    assert (call.calls, call.backwards, call.name) == (2, 1, "M.block")
     kept = call.kwargs["residual"]
     assert kept is not res and torch.equal(kept, res) and kept.requires_grad
     lmap.measure(call, torch.autocast("cpu", enabled=False), "cpu", rounds=1)
-    assert call.gflop > 0 and 0 < call.step_ms < math.inf
+    assert call.timings[""].fwd_gflop > 0 and 0 < call.per_step_ms < math.inf
