@@ -111,6 +111,16 @@ def test_pyav_seeks_to_the_keyframe_before_a_clip(tmp_path: Path) -> None:
         PyAVDecoder().read(path, [36, 40])
 
 
+def test_pyav_seek_leaves_bad_files_to_the_first_frame_decode(tmp_path: Path) -> None:
+    """A missing or empty file has no index; the read fails with the decoder's own message."""
+    assert frame_index(tmp_path / "missing.mp4") is None
+    with pytest.raises(FileNotFoundError, match="video file .*missing.mp4 does not exist"):
+        PyAVDecoder().read(tmp_path / "missing.mp4", [3, 4])
+    (tmp_path / "empty.mp4").write_bytes(b"")
+    with pytest.raises(VideoError, match="empty"):
+        PyAVDecoder().read(tmp_path / "empty.mp4", [3, 4])
+
+
 def test_pyav_decodes_from_the_first_frame_without_a_timestamp_index(
     vids: dict[str, Path],
 ) -> None:

@@ -192,9 +192,13 @@ def frame_index(path: str | Path) -> FrameIndex | None:
     """The :class:`FrameIndex` of ``path``'s first video stream, read from its packets (no
     decoding; about 1 ms for a 300-frame clip), cached per file, size and modification time.
     ``None`` where timestamps cannot name frames: an AVI file (its timestamps are the decode
-    order's), a packet without one, two frames with the same one, or a demuxing error."""
-    st = Path(path).stat()
-    return _frame_index(str(path), st.st_size, st.st_mtime_ns)
+    order's), a packet without one, two frames with the same one, a demuxing error, or a file
+    that cannot be read (the decode from the first frame then says why)."""
+    try:
+        st = Path(path).stat()
+        return _frame_index(str(path), st.st_size, st.st_mtime_ns)
+    except (OSError, VideoError):
+        return None
 
 
 @functools.lru_cache(maxsize=16384)  # 8 bytes a frame: about 40 MB for 16k 300-frame files
