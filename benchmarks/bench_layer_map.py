@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import functools
 import statistics
+import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -300,10 +301,13 @@ def layer_map(
     busy = _time(step, device, [], rounds)
     autocast = autocast_for(run)
     out = list(calls.values())
-    for call in out:
+    t0 = time.perf_counter()
+    for i, call in enumerate(out, 1):
         measure(call, autocast, device, rounds)
         for form, fn in narrow_forms(call.module).items() if narrow else ():
             measure(call, autocast, device, rounds, form, fn)
+        if i % 10 == 0 or i == len(out):  # progress on stderr: the table comes at the end
+            print(f"{i}/{len(out)} calls timed, {time.perf_counter() - t0:.0f} s", file=sys.stderr)
     return out, busy
 
 

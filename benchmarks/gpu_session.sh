@@ -113,7 +113,7 @@ echo "train step side by side exit $?"
 step "where the paper step's layer time goes: each layer alone x its calls; narrow convs padded to 8"
 # (into log.txt, not a file of its own: the device tool returns at most 8 files)
 rm -f /tmp/layer_map.md
-timeout 150 "$PY" benchmarks/bench_layer_map.py --preset paper --device cuda --narrow \
+timeout 240 "$PY" benchmarks/bench_layer_map.py --preset paper --device cuda --narrow \
   >/tmp/layer_map.md
 echo "layer map exit $?"
 cat /tmp/layer_map.md
