@@ -34,7 +34,6 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from unittest import mock
 
 import torch
 from bench_train_step import _make_step, gpu_kernel_ms
@@ -43,7 +42,7 @@ from torch.autograd.graph import register_multi_grad_hook
 from torch.utils.flop_counter import FlopCounterMode
 
 from vosgan.nn.conv3d_block import _FusedBlock, _SubpixelMixin
-from vosgan.ops.conv3d_forms import CUDA_FORMS, narrow_cuda_conv
+from vosgan.ops.conv3d_forms import narrow_cuda_conv
 from vosgan.ops.conv3d_subpixel import (
     memory_format_of,
 )
@@ -276,15 +275,10 @@ def narrow_forms(module: nn.Module) -> dict[str, Callable[[Tensor], Tensor]]:
     :func:`vosgan.ops.conv3d_forms.narrow_cuda_conv` but torch's own; nothing for others."""
     if not isinstance(module, _SubpixelMixin):
         return {}
-    forms = {}
-    for form in ("pad8", "subpixel"):
-
-        def run(x: Tensor, form: str = form) -> Tensor:
-            with mock.patch.dict(CUDA_FORMS, {"narrow": form}):
-                return narrow_cuda_conv(x, module)
-
-        forms[form] = run
-    return forms
+    return {
+        form: functools.partial(narrow_cuda_conv, conv=module, form=form)
+        for form in ("pad8", "subpixel")
+    }
 
 
 def layer_map(

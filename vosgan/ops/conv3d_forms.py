@@ -141,13 +141,15 @@ def padded_conv(conv: nn.Module, x: Tensor) -> Tensor:
     return y[:, :cout] if pout else y
 
 
-def narrow_cuda_conv(x: Tensor, conv: nn.Conv3d | nn.ConvTranspose3d) -> Tensor:
-    """``conv(x)`` for a narrow conv on CUDA in the form ``CUDA_FORMS["narrow"]`` names (see
-    :data:`DEFAULT_CUDA_FORMS`); torch's own forward where that form does not apply to
-    ``conv``'s geometry (said once). Same values and gradients up to rounding.
-    ``x (B, C_in, T, H, W)``."""
+def narrow_cuda_conv(
+    x: Tensor, conv: nn.Conv3d | nn.ConvTranspose3d, form: str | None = None
+) -> Tensor:
+    """``conv(x)`` for a narrow conv on CUDA in ``form`` (by default the one
+    ``CUDA_FORMS["narrow"]`` names, see :data:`DEFAULT_CUDA_FORMS`); torch's own forward where
+    that form does not apply to ``conv``'s geometry (said once). Same values and gradients up
+    to rounding. ``x (B, C_in, T, H, W)``."""
     transposed = isinstance(conv, nn.ConvTranspose3d)
-    form = cuda_form("narrow")
+    form = cuda_form("narrow") if form is None else form
     if form == "pad8":
         return padded_conv(conv, x)
     if form == "subpixel":
