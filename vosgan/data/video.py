@@ -17,7 +17,9 @@ Frames of a clip: ``start + round(k * step)`` for ``k < T``, with ``step = strid
 than that span follows ``short``: ``"loop"`` wraps around to frame 0, ``"pad"`` repeats the last
 frame, ``"skip"`` leaves the video out. Each frame is cropped to the centred (or, with
 ``crop="random"``, a seeded random) square of side ``min(H, W)`` and resized to ``size`` (bilinear;
-masks nearest), optionally flipped horizontally.
+masks nearest), optionally flipped horizontally. Sources may deliver frames already scaled to
+short side ``size`` (PyAV does, with swscale's area filter, as the clip cache stores them; JPEG
+frame folders decode at a reduced DCT scale); the crop is then a slice.
 
 Bad files never stop an epoch: a file that cannot be probed is left out when the dataset is built
 (one warning each, then a count); one that fails later (truncated or corrupt mid-file) is warned
@@ -66,8 +68,9 @@ class Source:
     root: str = ""
 
     def read(self, requests: Sequence[tuple[int, list[int]]], size: int) -> list[Frames]:
-        """Frames (and masks) ``indices`` of item ``k`` for each ``(k, indices)``; frames may be
-        returned at any resolution whose short side is >= ``size`` (a hint for cheap decoding)."""
+        """Frames (and masks) ``indices`` of item ``k`` for each ``(k, indices)``, at any
+        resolution: ``size`` is a hint for cheap decoding (at short side ``size`` the crop is a
+        slice)."""
         raise NotImplementedError
 
 
@@ -119,7 +122,7 @@ class VideoFileSource(Source):
         self.items = [Item(str(p), i.frames, i.fps, label) for p, label, i in good]  # type: ignore
 
     def read(self, requests: Sequence[tuple[int, list[int]]], size: int) -> list[Frames]:
-        clips = self.decoder.read_many([(self.paths[k], idx) for k, idx in requests])
+        clips = self.decoder.read_many([(self.paths[k], idx) for k, idx in requests], size)
         return [(c, None) for c in clips]
 
 
