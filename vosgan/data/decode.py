@@ -10,10 +10,10 @@ on average, tested in ``tests/test_video_data.py``.
 - ``pyav``: FFmpeg through PyAV with frame/slice threads (``thread_type="AUTO"``). Frame ``i`` is
   the ``i``-th frame in presentation order. A clip is decoded from the last keyframe at or before
   its first frame (:func:`frame_index`: the file's frame timestamps, read once per file from its
-  packets, name each decoded frame's index exactly), and the frames before the clip that no
-  other frame references (non-reference B-frames) are not decoded at all. AVI files and files
-  with untimed or repeated timestamps are decoded from the first frame. Frames not wanted are
-  never converted to RGB; with ``size`` the conversion scales them too (the clip cache's
+  packets, name each decoded frame's index exactly); in H.264 files the frames before the clip
+  that no other frame references (non-reference B-frames) are not decoded at all. AVI files
+  and files with untimed or repeated timestamps are decoded from the first frame. Frames not
+  wanted are never converted to RGB; with ``size`` the conversion scales them too (the clip cache's
   conversion, so a clip read on the fly equals the same clip read from a cache prepared at the
   model's size). Every codec FFmpeg knows. PyAV is imported on first use, so training on
   synthetic data, frame folders or the clip cache works without it.
@@ -58,6 +58,12 @@ from vosgan.config import ConfigError
 
 if TYPE_CHECKING:
     import av
+
+#: codecs whose frames before a clip PyAV skips when no other frame references them (FFmpeg's
+#: ``skip_frame="NONREF"``). H.264 marks them per picture (``nal_ref_idc`` 0) and never predicts
+#: from them. Not HEVC, whose sub-layer non-reference pictures may be referenced from higher
+#: temporal layers, nor VP9, where the skip's exactness is untested: those decode every frame.
+SKIP_NONREF_CODECS = frozenset({"h264"})
 
 #: codecs DALI's CPU decoder handles (FFmpeg codec names).
 DALI_CPU_CODECS = frozenset({"vp8", "vp9", "mjpeg"})
@@ -274,9 +280,10 @@ class PyAVDecoder(Decoder):
         self, path: str | Path, indices: Sequence[int], size: int | None = None
     ) -> dict[int, np.ndarray] | None:
         """The frames ``indices`` by index (RGB at short side ``size``, or stored), decoded from
-        the last keyframe at or before the first of them. Frames before the first that no other
-        frame references are skipped (FFmpeg's ``skip_frame="NONREF"``, set per packet by its
-        timestamp; a skipped frame changes no other, so the frames asked for are bit-exact).
+        the last keyframe at or before the first of them. In :data:`SKIP_NONREF_CODECS`, frames
+        before the first that no other frame references are skipped (FFmpeg's
+        ``skip_frame="NONREF"``, set per packet by its timestamp; a skipped frame changes no
+        other, so the frames asked for are bit-exact).
 
         ``None`` where that is not possible (no :func:`frame_index`, or an index past the last
         frame), on a decoding error, and where the decoded frames do not follow the index (said
@@ -299,12 +306,12 @@ class PyAVDecoder(Decoder):
             s.thread_type = "AUTO"
             ctx = s.codec_context
             rgb = _rgb_size(ctx, size)
-            skipping = None
+            skip_lead, skipping = ctx.name in SKIP_NONREF_CODECS, False
             try:
                 if start > 0:
                     c.seek(keys[k], stream=s, backward=True, any_frame=False)
                 for packet in c.demux(s):
-                    lead = packet.pts is not None and packet.pts < pts[first]
+                    lead = skip_lead and packet.pts is not None and packet.pts < pts[first]
                     if lead != skipping:
                         ctx.skip_frame = "NONREF" if lead else "DEFAULT"
                         skipping = lead
