@@ -163,6 +163,7 @@ def test_loader(benchmark, caches: dict[str, Path], name: str) -> None:
             shape=f"T={m.frames}, {m.size}x{m.size}",
             clips_per_s=bsz / benchmark.stats.stats.median,
             loader="main process, 1 batch per call",
+            read_threads=torch.get_num_threads(),  # thread_map's threads for the reads
         )
     )
 

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import shutil
+import threading
+import time
 import warnings
 from array import array
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +33,7 @@ from vosgan.data.decode import (
     pick_backend,
     probe,
     read_video,
+    thread_map,
 )
 from vosgan.data.video import (
     ClipDataset,
@@ -541,3 +545,47 @@ def test_pyav_batches_share_one_decode_per_file(
     assert sorted(map(str, calls)) == sorted([str(vids["h264"]), str(vids["vp9"])])
     for a, b in zip(single, many, strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+@pytest.fixture
+def two_threads() -> Iterator[None]:
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_thread_map_order_errors_and_one_thread(two_threads: None) -> None:
+    def where(x: int) -> tuple[int, str]:
+        if x in (3, 5):
+            raise ValueError(f"item {x}")
+        time.sleep(0.01)
+        return x, threading.current_thread().name
+
+    got = thread_map(where, [0, 1, 2, 4, 6, 7])
+    assert [x for x, _ in got] == [0, 1, 2, 4, 6, 7]
+    assert {n.split("_")[0] for _, n in got} == {"vosgan-read"}
+    with pytest.raises(ValueError, match="item 3"):
+        thread_map(where, list(range(8)))
+    torch.set_num_threads(1)  # what torch gives each DataLoader worker: no pool
+    assert {n for _, n in thread_map(where, [0, 1, 2])} == {threading.current_thread().name}
+
+
+def test_threaded_reads_equal_one_thread(
+    tmp_path: Path, vids: dict[str, Path], two_threads: None
+) -> None:
+    """Frame folders and video files read on two threads give the one-thread batches."""
+    write_sequence(tmp_path / "seqs" / "one", 6, w=40, h=30)
+    write_sequence(tmp_path / "seqs" / "two", 7, w=40, h=30)
+    folders = make_dataset(_cfg(tmp_path / "seqs", crop="random"), "train", 8)
+    files = VideoFileSource([(vids[c], -1) for c in ("h264", "vp9", "mpeg4")], PyAVDecoder())
+    videos = ClipDataset(files, 8, 6, 16, crop="random", uint8=True)
+    threaded = [folders.arrays(range(8)), videos.arrays(range(8))]
+    torch.set_num_threads(1)
+    for got, want in zip(
+        threaded, [folders.arrays(range(8)), videos.arrays(range(8))], strict=True
+    ):
+        assert got.keys() == want.keys()
+        for key in got:
+            np.testing.assert_array_equal(got[key], want[key])
+    assert files.decoder.decoded > 0

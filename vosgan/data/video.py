@@ -40,7 +40,7 @@ from PIL import Image
 
 from vosgan.backend import warn_once
 from vosgan.data import frames as fr
-from vosgan.data.decode import Decoder, ShortVideoError, VideoError, probe
+from vosgan.data.decode import Decoder, ShortVideoError, VideoError, probe, thread_map
 from vosgan.data.synthetic import SPLITS
 
 SHORT_POLICIES = ("loop", "pad", "skip")
@@ -144,16 +144,19 @@ class FrameFolderSource(Source):
             )
 
     def read(self, requests: Sequence[tuple[int, list[int]]], size: int) -> list[Frames]:
-        out: list[Frames] = []
-        for k, idx in requests:
-            seq = self.seqs[k]
+        """The clips on :func:`~vosgan.data.decode.thread_map`'s threads (PIL decodes without
+        the GIL)."""
+
+        def read_clip(request: tuple[int, list[int]]) -> Frames:
+            seq = self.seqs[request[0]]
             try:
-                video = fr.load_frames(seq, size, idx)
-                masks = fr.load_masks(seq, size, idx) if self.has_masks else None
+                video = fr.load_frames(seq, size, request[1])
+                masks = fr.load_masks(seq, size, request[1]) if self.has_masks else None
             except (ValueError, OSError) as exc:
                 raise VideoError(seq.frames[0].parent, str(exc)) from None
-            out.append((video, masks))
-        return out
+            return video, masks
+
+        return thread_map(read_clip, requests)
 
 
 def clip_indices(length: int, frames: int, step: float, start: int, short: str) -> list[int]:
