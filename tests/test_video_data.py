@@ -477,7 +477,9 @@ class _Numbered(Source):
         self.items = [Item(f"v{k}", length) for k in range(n)]
         self.root = "numbered"
 
-    def read(self, requests: list[tuple[int, list[int]]], size: int) -> list[tuple]:
+    def read(
+        self, requests: list[tuple[int, list[int]]], size: int, masks: bool = True
+    ) -> list[tuple]:
         return [
             (
                 np.full((len(idx), size, size + 3, 3), [[[[k * 40 + f]]] for f in idx], np.uint8),
@@ -494,7 +496,9 @@ class _Columns(Source):
         self.items = [Item("columns", 12)]
         self.root = "columns"
 
-    def read(self, requests: list[tuple[int, list[int]]], size: int) -> list[tuple]:
+    def read(
+        self, requests: list[tuple[int, list[int]]], size: int, masks: bool = True
+    ) -> list[tuple]:
         out = []
         for _, idx in requests:
             v = np.zeros((len(idx), size, size + 10, 3), np.uint8)
@@ -589,3 +593,35 @@ def test_threaded_reads_equal_one_thread(
         for key in got:
             np.testing.assert_array_equal(got[key], want[key])
     assert files.decoder.decoded > 0
+
+
+@pytest.mark.parametrize("root", ["seqs", "cache"])
+def test_training_data_never_reads_masks(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, root: str
+) -> None:
+    """``masks=False`` (the training batches' dataset) never decodes or maps a mask, from frame
+    folders or from a prepared cache; the frames are the same as with masks."""
+    from vosgan.data import frames as frames_module
+    from vosgan.data.cache import CacheSource
+    from vosgan.data.prepare import prepare
+    from vosgan.train_data import batches
+
+    write_sequence(tmp_path / "seqs" / "one", 6, w=40, h=30)
+    write_sequence(tmp_path / "seqs" / "two", 7, w=40, h=30)
+    prepare(tmp_path / "seqs", tmp_path / "cache", size=16, progress=False)
+    cfg = _cfg(tmp_path / root)
+    with_masks = make_dataset(cfg, "train", 4).batch(range(4))
+    assert with_masks["mask"].shape == (4, 1, 16, 16, 16)
+    calls = []
+    load_masks, map_shard = frames_module.load_masks, CacheSource._map
+    monkeypatch.setattr(frames_module, "load_masks", lambda *a: calls.append(a) or load_masks(*a))
+    monkeypatch.setattr(
+        CacheSource, "_map", lambda self, kind, k: calls.append(kind) or map_shard(self, kind, k)
+    )
+    without = make_dataset(cfg, "train", 4, masks=False)
+    assert not without.has_masks and without.source.has_masks
+    got = without.batch(range(4))
+    assert "mask" not in got and torch.equal(got["video"], with_masks["video"])
+    train_cfg = config.load("cpu-small", {"data.source": str(tmp_path / root)})
+    assert "mask" not in next(batches(train_cfg, 0, torch.device("cpu")))
+    assert "mask" not in calls and not any(isinstance(c, tuple) for c in calls)

@@ -70,7 +70,7 @@ def real_dataset(cfg: Config, data: str, split: str, num: int) -> Any:
         raise ConfigError(f"--split must be one of {sorted(SPLITS)}, got {split!r}")
     # no augmentation of the reference clips; the synthetic cache is never worth it here
     d = dataclasses.replace(cfg.data, source=data, flip=False, cache=False)
-    return make_dataset(dataclasses.replace(cfg, data=d), split, num)
+    return make_dataset(dataclasses.replace(cfg, data=d), split, num, masks=False)  # videos only
 
 
 def _real_batches(dataset: Any, num: int, batch: int) -> Iterator[Tensor]:

@@ -44,10 +44,10 @@ def batch_indices(step: int, batch: int, num_clips: int, seed: int) -> list[int]
     return torch.randperm(num_clips, generator=gen)[k * batch : (k + 1) * batch].tolist()
 
 
-def make_dataset(cfg: Config, split: str, num_clips: int) -> Any:
+def make_dataset(cfg: Config, split: str, num_clips: int, masks: bool = True) -> Any:
     """The dataset named by ``data.source`` (:func:`vosgan.data.build.make_dataset`): anything
     with ``len`` and ``batch(indices) -> {"video": (B, 3, T, H, W) in [-1, 1], ["mask"], ...}``."""
-    return build.make_dataset(cfg, split, num_clips)
+    return build.make_dataset(cfg, split, num_clips, masks)
 
 
 class _StepBatches(torch.utils.data.Dataset):
@@ -72,7 +72,7 @@ def batches(
     Opens the dataset now, not on the first batch, so that a bad ``data.source`` or a batch
     larger than the dataset fails before the caller writes anything.
     """
-    data = make_dataset(cfg, "train", cfg.data.train_clips)
+    data = make_dataset(cfg, "train", cfg.data.train_clips, masks=False)  # G's masks train D
     batch_indices(0, cfg.data.batch_size, len(data), cfg.data.seed)  # batch_size <= len(data)
     part = distributed.local_slice(cfg.data.batch_size, env)
     loader = torch.utils.data.DataLoader(

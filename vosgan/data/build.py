@@ -181,12 +181,13 @@ def make_source(cfg: Config, split: str) -> Source:
     return VideoFileSource(files, make_decoder(d.decoder, max_batch=d.batch_size), d.source)
 
 
-def make_dataset(cfg: Config, split: str, num_clips: int) -> Any:
+def make_dataset(cfg: Config, split: str, num_clips: int, masks: bool = True) -> Any:
     """The dataset ``cfg.data.source`` names, with ``num_clips`` clips of ``split``.
 
     Returns :class:`SyntheticVideos` or :class:`ClipDataset`: both have ``len``, ``[i]`` and
     ``batch(indices)`` -> ``video`` float32 ``(B, 3, T, H, W)`` in [-1, 1], plus ``mask``
-    ``(B, 1, T, H, W)`` when the data has masks and ``label`` int64 ``(B,)`` for class folders.
+    ``(B, 1, T, H, W)`` when the data has masks (and ``masks``: ``False`` never reads them)
+    and ``label`` int64 ``(B,)`` for class folders.
     """
     d, m = cfg.data, cfg.model
     if d.source == "synthetic":
@@ -204,4 +205,5 @@ def make_dataset(cfg: Config, split: str, num_clips: int) -> Any:
         crop=d.crop,
         flip=d.flip,
         sampling=d.sampling,
+        masks=masks,
     )

@@ -333,16 +333,18 @@ class CacheSource(Source):
             self._maps[key] = np.memmap(_shard(Path(self.root), kind, shard), np.uint8, "r")
         return self._maps[key]
 
-    def read(self, requests: Sequence[tuple[int, list[int]]], size: int) -> list[Frames]:
+    def read(
+        self, requests: Sequence[tuple[int, list[int]]], size: int, masks: bool = True
+    ) -> list[Frames]:
         out: list[Frames] = []
         for k, idx in requests:
             v = self.videos[k]
             n, h, w = v["length"], v["height"], v["width"]
             frames = self._map("shard", v["shard"])[v["offset"] : v["offset"] + n * h * w * 3]
             video = frames.reshape(n, h, w, 3)[idx]  # fancy indexing: copies only these frames
-            masks = None
-            if self.has_masks:
+            m = None
+            if masks and self.has_masks:
                 m = self._map("mask", v["shard"])[v["mask_offset"] : v["mask_offset"] + n * h * w]
-                masks = m.reshape(n, h, w)[idx].astype(bool)
-            out.append((video, masks))
+                m = m.reshape(n, h, w)[idx].astype(bool)
+            out.append((video, m))
         return out

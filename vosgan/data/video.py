@@ -67,10 +67,12 @@ class Source:
     has_masks: bool = False
     root: str = ""
 
-    def read(self, requests: Sequence[tuple[int, list[int]]], size: int) -> list[Frames]:
-        """Frames (and masks) ``indices`` of item ``k`` for each ``(k, indices)``, at any
-        resolution: ``size`` is a hint for cheap decoding (at short side ``size`` the crop is a
-        slice)."""
+    def read(
+        self, requests: Sequence[tuple[int, list[int]]], size: int, masks: bool = True
+    ) -> list[Frames]:
+        """Frames (and, with ``masks`` and :attr:`has_masks`, masks) ``indices`` of item ``k``
+        for each ``(k, indices)``, at any resolution: ``size`` is a hint for cheap decoding (at
+        short side ``size`` the crop is a slice)."""
         raise NotImplementedError
 
 
@@ -121,7 +123,9 @@ class VideoFileSource(Source):
                 decoder.backend_for(p, i.codec)  # type: ignore[attr-defined]
         self.items = [Item(str(p), i.frames, i.fps, label) for p, label, i in good]  # type: ignore
 
-    def read(self, requests: Sequence[tuple[int, list[int]]], size: int) -> list[Frames]:
+    def read(
+        self, requests: Sequence[tuple[int, list[int]]], size: int, masks: bool = True
+    ) -> list[Frames]:
         clips = self.decoder.read_many([(self.paths[k], idx) for k, idx in requests], size)
         return [(c, None) for c in clips]
 
@@ -143,7 +147,9 @@ class FrameFolderSource(Source):
                 "sequences have masks; masks are not returned",
             )
 
-    def read(self, requests: Sequence[tuple[int, list[int]]], size: int) -> list[Frames]:
+    def read(
+        self, requests: Sequence[tuple[int, list[int]]], size: int, masks: bool = True
+    ) -> list[Frames]:
         """The clips on :func:`~vosgan.data.decode.thread_map`'s threads (PIL decodes without
         the GIL)."""
 
@@ -151,10 +157,10 @@ class FrameFolderSource(Source):
             seq = self.seqs[request[0]]
             try:
                 video = fr.load_frames(seq, size, request[1])
-                masks = fr.load_masks(seq, size, request[1]) if self.has_masks else None
+                m = fr.load_masks(seq, size, request[1]) if masks and self.has_masks else None
             except (ValueError, OSError) as exc:
                 raise VideoError(seq.frames[0].parent, str(exc)) from None
-            return video, masks
+            return video, m
 
         return thread_map(read_clip, requests)
 
@@ -217,6 +223,8 @@ class ClipDataset(torch.utils.data.Dataset):
         seed, split: seeding (``split`` in ``vosgan.data.synthetic.SPLITS``).
         stride, fps, short, crop, flip, sampling: as ``DataConfig`` (vosgan.config).
         uint8: return ``video`` as uint8 ``(B, 3, T, H, W)`` instead of float32 in [-1, 1].
+        masks: return the source's masks when it has them; ``False`` never reads them (training
+            uses none: on DAVIS, decoding the PNG masks took about half the loader's time).
 
     Items: ``video`` float32 ``(3, T, H, W)`` in [-1, 1]; ``mask`` float32 ``(1, T, H, W)`` in
     {0, 1} when the source has masks; ``label`` int64 scalar when it has class labels.
@@ -237,6 +245,7 @@ class ClipDataset(torch.utils.data.Dataset):
         flip: bool = False,
         sampling: str = "seeded",
         uint8: bool = False,
+        masks: bool = True,
     ) -> None:
         for name, value, ok in (
             ("num_clips", num_clips, num_clips >= 1),
@@ -284,6 +293,7 @@ class ClipDataset(torch.utils.data.Dataset):
         order = np.random.default_rng(np.random.SeedSequence([seed, SPLITS[split]]))
         self._base = [self.usable[j] for j in order.permutation(len(self.usable))]
         self.has_labels = all(it.label >= 0 for it in self.items)
+        self.has_masks = masks and source.has_masks
 
     def __len__(self) -> int:
         return self.num_clips
@@ -344,7 +354,9 @@ class ClipDataset(torch.utils.data.Dataset):
         """Read every plan -> (video read, frames); a failing video is dropped and its clip
         re-planned from the start of the video that stands in for it."""
         try:
-            frames = self.source.read([(k, idx) for k, idx, _, _ in plans], self.size)
+            frames = self.source.read(
+                [(k, idx) for k, idx, _, _ in plans], self.size, self.has_masks
+            )
             return [(p[0], f) for p, f in zip(plans, frames, strict=True)]
         except VideoError:
             return [self._read_one(p) for p in plans]  # isolate the bad file(s)
@@ -357,7 +369,7 @@ class ClipDataset(torch.utils.data.Dataset):
             idx = clip_indices(item.length, self.frames, self.step(item), 0, self.short)
         while True:
             try:
-                return k, self.source.read([(k, idx)], self.size)[0]
+                return k, self.source.read([(k, idx)], self.size, self.has_masks)[0]
             except VideoError as exc:
                 self._drop(k, exc)
             item = self.items[k]
@@ -379,7 +391,7 @@ class ClipDataset(torch.utils.data.Dataset):
             video.append(v)
             masks.append(m)
         out = {"video": np.stack(video)}
-        if self.source.has_masks:
+        if self.has_masks:
             out["mask"] = np.stack(masks)
         if self.has_labels:  # of the video actually read (a stand-in's for a dropped file)
             out["label"] = np.asarray([self.items[k].label for k, _ in read], np.int64)
