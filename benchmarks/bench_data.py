@@ -6,7 +6,8 @@ training step.
   VP9 videos (64 frames). ``dali-gpu`` rows need CUDA and are skipped here.
 - ``loader``: ``ClipDataset.batch`` at the cpu-small shape (batch 8, T=16, 32x32) from the real
   clips decoded on the fly, from DAVIS frame folders, and from prepared caches (stored short side
-  64 and 32); the paper shape (batch 32, T=32, 64x64) from the cache.
+  64 and 32); the paper shape (batch 32, T=32, 64x64) from the cache. Frames only, as training
+  reads them (``masks=False``: DAVIS masks are not decoded).
 - ``train_step``: one cpu-small training step (D + G update, batch 8), what the loader must feed.
 
 Each row records clips/s in ``extra_info``; compare loader clips/s with the step's.
@@ -139,7 +140,7 @@ def test_loader(benchmark, caches: dict[str, Path], name: str) -> None:
     if not path.exists():
         pytest.skip(f"{path} absent")
     cfg = config.load(preset, {"data.source": str(path), "data.crop": "random", **over})
-    ds = make_dataset(cfg, "train", 4096)
+    ds = make_dataset(cfg, "train", 4096, masks=False)  # what training reads: no masks
     bsz = cfg.data.batch_size
     starts = iter(range(0, 4096, bsz))  # a new batch of clips on every call
 
