@@ -4,9 +4,10 @@
 DAVIS or frame folders). Each video is decoded once (PyAV; frame folders with PIL), its short side
 resized to ``--size`` (default 64, the paper's resolution: clips then need only a crop when
 training at ``model.size=64``), and appended to memory-mapped shards (layout:
-:mod:`vosgan.data.cache`). Interrupted? Run the same command again: it resumes after the last
-finished video. A different source list or ``--size`` under the same ``--out`` is refused
-(checksum) unless ``--force``. Train with ``--data CACHE`` (``data.decoder=cache`` optional).
+:mod:`vosgan.data.cache`). Videos are decoded on ``torch.get_num_threads()`` threads and written
+in order. Interrupted? Run the same command again: it resumes after the last finished video. A
+different source list or ``--size`` under the same ``--out`` is refused (checksum) unless
+``--force``. Train with ``--data CACHE`` (``data.decoder=cache`` optional).
 """
 
 from __future__ import annotations
@@ -19,13 +20,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from tqdm import tqdm
 
 from vosgan import cli
 from vosgan.data import frames as fr
 from vosgan.data.build import LIST_DIRS, labelled_videos, layout
 from vosgan.data.cache import INDEX, VERSION, CacheWriter, source_checksum
-from vosgan.data.decode import PyAVDecoder, VideoError
+from vosgan.data.decode import PyAVDecoder, VideoError, thread_map
 
 
 def _sources(src: Path) -> tuple[str, list[dict[str, Any]]]:
@@ -118,15 +120,25 @@ def prepare(
         disable=not progress,
         dynamic_ncols=True,
     )
-    for entry in entries[writer.done :]:
+
+    def decode(entry: dict[str, Any]) -> tuple[np.ndarray, np.ndarray | None, float] | Exception:
         try:
-            video, masks, fps = decode_source(entry, size)
+            return decode_source(entry, size)
         except (VideoError, ValueError, OSError) as exc:
-            warnings.warn(f"skipping {entry['name']}: {exc}", UserWarning, stacklevel=2)
-            writer.skip(entry["name"], str(exc))
-        else:
-            writer.add(entry["name"], video, masks, fps, entry["label"])
-        bar.update(1)
+            return exc
+
+    # Videos are decoded a few at a time on thread_map's threads and written in order, so an
+    # interruption loses at most the decoded videos not yet written (resumed by the next run).
+    todo, chunk = entries[writer.done :], max(1, torch.get_num_threads())
+    for k in range(0, len(todo), chunk):
+        batch = todo[k : k + chunk]
+        for entry, got in zip(batch, thread_map(decode, batch), strict=True):
+            if isinstance(got, Exception):
+                warnings.warn(f"skipping {entry['name']}: {got}", UserWarning, stacklevel=2)
+                writer.skip(entry["name"], str(got))
+            else:
+                writer.add(entry["name"], *got, entry["label"])
+            bar.update(1)
     bar.close()
     index = writer.finish()
     n = len(index["videos"])
