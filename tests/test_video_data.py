@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import pickle
 import shutil
 import threading
 import time
@@ -27,6 +29,7 @@ from vosgan.data.decode import (
     PyAVDecoder,
     ShortVideoError,
     VideoError,
+    codec_threads,
     dali_status,
     frame_index,
     make_decoder,
@@ -177,17 +180,27 @@ def test_pyav_seek_falls_back_when_frames_do_not_follow_the_index(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """An index that does not match what the decoder gives (one timestamp missing): the frames
-    come from the first frame, right, and the fallback is said once."""
+    come from the first frame, right, and the fallback is said once. The file is not tried
+    from a keyframe again (its decode would stray again) until it changes."""
     path = write_video(tmp_path / "gop8b", "h264", 40)
     index = frame_index(path)
     pts = [*index.pts[:20], *index.pts[21:], index.pts[-1] + 1]  # frame 20's timestamp lost
     broken = FrameIndex(array("q", pts), index.keyframes)
     monkeypatch.setattr(decode_module, "frame_index", lambda p: broken)
     idx = list(range(17, 33))
+    tries = []
+    window = PyAVDecoder._decode_window
+    monkeypatch.setattr(
+        PyAVDecoder, "_decode_window", staticmethod(lambda *a: tries.append(1) or window(*a))
+    )
     for _ in range(2):
         np.testing.assert_array_equal(PyAVDecoder().read(path, idx), _from_first_frame(path, idx))
     err = capsys.readouterr().err
-    assert err.count("did not follow its timestamps") == 1 and "decoding from the first" in err
+    assert err.count("did not follow its timestamps") == 1 and "from its first frame" in err
+    assert len(tries) == 1
+    path.write_bytes(path.read_bytes())  # a new modification time: tried again
+    os.utime(path, ns=(1, 1))
+    assert PyAVDecoder().read_from_keyframe(path, idx) is None and len(tries) == 2
 
 
 @pytest.mark.skipif(not CLIPS.is_dir(), reason=f"shared clips absent ({CLIPS})")
@@ -571,8 +584,26 @@ def test_thread_map_order_errors_and_one_thread(two_threads: None) -> None:
     assert {n.split("_")[0] for _, n in got} == {"vosgan-read"}
     with pytest.raises(ValueError, match="item 3"):
         thread_map(where, list(range(8)))
+    # each read's FFmpeg threads: the cores shared among the reads at once; 0 (FFmpeg's choice)
+    # outside the pool; a thread_map called from a pool thread runs inline
+    cores = len(os.sched_getaffinity(0))
+    assert thread_map(lambda x: codec_threads(), [0, 1, 2]) == [max(1, cores // 2)] * 3
+    assert codec_threads() == 0
+    inner = thread_map(
+        lambda x: thread_map(lambda y: threading.current_thread().name, [0, 1]), [0, 1]
+    )
+    assert all(len(set(names)) == 1 for names in inner)
     torch.set_num_threads(1)  # what torch gives each DataLoader worker: no pool
     assert {n for _, n in thread_map(where, [0, 1, 2])} == {threading.current_thread().name}
+
+
+def test_pyav_decoder_pickles(vids: dict[str, Path]) -> None:
+    """DataLoader workers started by spawn or forkserver receive the dataset pickled."""
+    dec = PyAVDecoder()
+    dec.read(vids["h264"], [3, 4])
+    copy = pickle.loads(pickle.dumps(dec))
+    assert copy.decoded == dec.decoded
+    np.testing.assert_array_equal(copy.read(vids["h264"], [5]), dec.read(vids["h264"], [5]))
 
 
 def test_threaded_reads_equal_one_thread(

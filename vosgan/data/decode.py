@@ -181,25 +181,44 @@ def _check_indices(indices: Sequence[int]) -> list[int]:
 
 
 _POOL: tuple[int, int, ThreadPoolExecutor] | None = None  # (pid, threads, pool)
+_LOCAL = threading.local()  # on a pool thread: codec_threads, the FFmpeg threads of one decode
+
+
+def codec_threads() -> int:
+    """FFmpeg threads for one decode on the calling thread: 0 (FFmpeg's own choice, one per
+    core) outside :func:`thread_map`; on its threads, the cores shared among the reads running
+    at once, so that they do not oversubscribe a many-core machine."""
+    return getattr(_LOCAL, "codec_threads", 0)
 
 
 def thread_map(fn: Callable[[_T], _R], items: Sequence[_T]) -> list[_R]:
     """``[fn(x) for x in items]`` on up to ``torch.get_num_threads()`` threads: PyAV and PIL
     decode without the GIL. A DataLoader worker runs one thread (torch gives each worker one),
-    so workers do not oversubscribe the cores; one item runs inline. The first exception in
-    ``items`` order propagates, as from the loop. ``fn`` must not call ``thread_map`` itself
-    (the pool is shared)."""
+    so workers do not oversubscribe the cores; one item, or a call from one of the pool's own
+    threads, runs inline. Each decode gets its share of the cores (:func:`codec_threads`).
+
+    Results come in ``items`` order. The first exception in that order propagates; unlike the
+    loop, items already running when it is raised finish in the background (items not yet
+    started are cancelled)."""
     global _POOL
     import torch
 
-    threads = torch.get_num_threads()
-    if min(threads, len(items)) <= 1:
+    pool_size = torch.get_num_threads()
+    threads = min(pool_size, len(items))
+    if threads <= 1 or codec_threads():  # one read, or a call from a pool thread: inline
         return [fn(x) for x in items]
-    if _POOL is None or _POOL[:2] != (os.getpid(), threads):  # a forked worker starts afresh
+    if _POOL is None or _POOL[:2] != (os.getpid(), pool_size):  # a forked worker starts afresh
         if _POOL is not None and _POOL[0] == os.getpid():
             _POOL[2].shutdown(wait=False)
-        _POOL = (os.getpid(), threads, ThreadPoolExecutor(threads, "vosgan-read"))
-    return list(_POOL[2].map(fn, items))
+        _POOL = (os.getpid(), pool_size, ThreadPoolExecutor(pool_size, "vosgan-read"))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    share = max(1, (cores or 1) // threads)
+
+    def run(x: _T) -> _R:
+        _LOCAL.codec_threads = share
+        return fn(x)
+
+    return list(_POOL[2].map(run, items))
 
 
 class Decoder:
@@ -232,6 +251,16 @@ class FrameIndex(NamedTuple):
     keyframes: array
 
 
+#: files whose decoded frames strayed from their index (intra refresh, say): decoded from the first
+#: frame from then on, keyed like :func:`frame_index`'s cache (path, size, modification time)
+_NO_SEEK: set[tuple[str, int, int]] = set()
+
+
+def _file_key(path: str | Path) -> tuple[str, int, int]:
+    st = Path(path).stat()
+    return str(path), st.st_size, st.st_mtime_ns
+
+
 def frame_index(path: str | Path) -> FrameIndex | None:
     """The :class:`FrameIndex` of ``path``'s first video stream, read from its packets (no
     decoding; about 1 ms for a 300-frame clip), cached per file, size and modification time.
@@ -239,8 +268,7 @@ def frame_index(path: str | Path) -> FrameIndex | None:
     order's), a packet without one, two frames with the same one, a demuxing error, or a file
     that cannot be read (the decode from the first frame then says why)."""
     try:
-        st = Path(path).stat()
-        return _frame_index(str(path), st.st_size, st.st_mtime_ns)
+        return _frame_index(*_file_key(path))
     except (OSError, VideoError):
         return None
 
@@ -271,6 +299,13 @@ def _frame_index(path: str, size: int, mtime_ns: int) -> FrameIndex | None:
     return FrameIndex(array("q", pts), array("q", sorted(keys)))
 
 
+def _seek_failed(path: str | Path) -> bool:
+    try:
+        return _file_key(path) in _NO_SEEK
+    except OSError:
+        return False
+
+
 def _rgb_size(ctx: Any, size: int | None) -> dict[str, Any]:
     """``VideoFrame.to_ndarray`` arguments converting at short side ``size`` (aspect kept,
     swscale's area filter); none for ``size=None``."""
@@ -286,14 +321,25 @@ class PyAVDecoder(Decoder):
     """FFmpeg via PyAV, frame and slice threads on (``thread_type="AUTO"``); the files of a
     :meth:`read_many` are decoded on :func:`thread_map`'s threads.
 
-    ``decoded`` counts the frames the decoder has output over this object's reads (frames it
-    skipped are not counted): against the frames asked for, it is the cost of a read."""
+    ``decoded`` counts the frames the decoder has output over this object's reads: against the
+    frames asked for, the cost of a read. It leaves out the frames skipped and the frames that
+    frame threads decoded ahead of the last one needed and never output.
+
+    Each decode runs :func:`codec_threads` FFmpeg threads: FFmpeg's choice (one per core) on
+    the calling thread, the cores' share on :func:`thread_map`'s threads."""
 
     name = "pyav"
 
     def __init__(self) -> None:
         self.decoded = 0
         self._lock = threading.Lock()
+
+    def __getstate__(self) -> dict[str, Any]:  # DataLoader workers started by spawn/forkserver
+        return {"decoded": self.decoded}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__()  # type: ignore[misc]
+        self.decoded = state["decoded"]
 
     def _count(self, frames: int) -> None:
         with self._lock:
@@ -320,10 +366,10 @@ class PyAVDecoder(Decoder):
 
         ``None`` where that is not possible (no :func:`frame_index`, or an index past the last
         frame), on a decoding error, and where the decoded frames do not follow the index (said
-        once per file). The caller then decodes from the first frame, which also reports short
-        and corrupt files."""
+        once per file, which is then always decoded from its first frame). The caller then
+        decodes from the first frame, which also reports short and corrupt files."""
         index = frame_index(path)
-        if index is None or max(indices) >= len(index.pts):
+        if index is None or max(indices) >= len(index.pts) or _seek_failed(path):
             return None
         k = bisect.bisect_right(index.keyframes, index.pts[min(indices)]) - 1
         if k < 0:
@@ -350,7 +396,7 @@ class PyAVDecoder(Decoder):
         got: dict[int, np.ndarray] = {}
         prev, decoded = start - 1, 0  # the last frame output, by index; frames output
         s = c.streams.video[0]
-        s.thread_type = "AUTO"
+        s.thread_type, s.thread_count = "AUTO", codec_threads()
         ctx = s.codec_context
         rgb = _rgb_size(ctx, size)
         skip_lead, skipping = ctx.name in SKIP_NONREF_CODECS, False
@@ -376,8 +422,10 @@ class PyAVDecoder(Decoder):
                             f"seek:{path}",
                             f"{path}: frames decoded from the keyframe at frame {start} did "
                             f"not follow its timestamps (frame {max(prev + 1, first)} "
-                            "expected); decoding from the first frame",
+                            "expected); decoding this file from its first frame from now on",
                         )
+                        with contextlib.suppress(OSError):
+                            _NO_SEEK.add(_file_key(path))
                         return None, decoded
                     prev = n
                     if n in wanted:
@@ -437,6 +485,7 @@ class PyAVDecoder(Decoder):
         with _open(path) as c:
             s = c.streams.video[0]
             s.thread_type = "AUTO" if threads else "NONE"
+            s.thread_count = codec_threads() if threads else 1
             kw = _rgb_size(s.codec_context, size)
 
             ffmpeg_error = _pyav().error.FFmpegError
