@@ -29,15 +29,14 @@ from vosgan.data.decode import (
     PyAVDecoder,
     ShortVideoError,
     VideoError,
-    codec_threads,
     dali_status,
     frame_index,
     make_decoder,
     pick_backend,
     probe,
     read_video,
-    thread_map,
 )
+from vosgan.data.threads import codec_threads, thread_map
 from vosgan.data.video import (
     ClipDataset,
     FrameFolderSource,

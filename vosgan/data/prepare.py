@@ -27,7 +27,8 @@ from vosgan import cli
 from vosgan.data import frames as fr
 from vosgan.data.build import LIST_DIRS, labelled_videos, layout
 from vosgan.data.cache import INDEX, VERSION, CacheWriter, source_checksum
-from vosgan.data.decode import PyAVDecoder, VideoError, thread_map
+from vosgan.data.decode import PyAVDecoder, VideoError
+from vosgan.data.threads import thread_map
 
 
 def _sources(src: Path) -> tuple[str, list[dict[str, Any]]]:

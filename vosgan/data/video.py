@@ -40,8 +40,9 @@ from PIL import Image
 
 from vosgan.backend import warn_once
 from vosgan.data import frames as fr
-from vosgan.data.decode import Decoder, ShortVideoError, VideoError, probe, thread_map
+from vosgan.data.decode import Decoder, ShortVideoError, VideoError, probe
 from vosgan.data.synthetic import SPLITS
+from vosgan.data.threads import thread_map
 
 SHORT_POLICIES = ("loop", "pad", "skip")
 
@@ -150,7 +151,7 @@ class FrameFolderSource(Source):
     def read(
         self, requests: Sequence[tuple[int, list[int]]], size: int, masks: bool = True
     ) -> list[Frames]:
-        """The clips on :func:`~vosgan.data.decode.thread_map`'s threads (PIL decodes without
+        """The clips on :func:`~vosgan.data.threads.thread_map`'s threads (PIL decodes without
         the GIL)."""
 
         def read_clip(request: tuple[int, list[int]]) -> Frames:
