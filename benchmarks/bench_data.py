@@ -6,8 +6,9 @@ training step.
   VP9 videos (64 frames). ``dali-gpu`` rows need CUDA and are skipped here.
 - ``loader``: ``ClipDataset.batch`` at the cpu-small shape (batch 8, T=16, 32x32) from the real
   clips decoded on the fly, from DAVIS frame folders, and from prepared caches (stored short side
-  64 and 32); the paper shape (batch 32, T=32, 64x64) from the cache. Frames only, as training
-  reads them (``masks=False``: DAVIS masks are not decoded).
+  64 and 32); the paper shape (batch 32, T=32, 64x64) from the cache and from the real clips on
+  the fly. Frames only, as training reads them (``masks=False``: DAVIS masks are not decoded).
+  Reads run on ``torch.get_num_threads()`` threads (``vosgan.data.threads``).
 - ``train_step``: one cpu-small training step (D + G update, batch 8), what the loader must feed.
 
 Each row records clips/s in ``extra_info``; compare loader clips/s with the step's.
@@ -34,7 +35,7 @@ from vosgan.data.decode import PyAVDecoder, dali_status, make_decoder, probe
 from vosgan.data.prepare import prepare
 
 ROOT = Path(__file__).resolve().parent.parent
-DATA = ROOT.parent / "shared" / "data"
+DATA = Path(os.environ.get("VOSGAN_SHARED_DATA") or ROOT.parent / "shared" / "data")
 CLIPS, DAVIS = DATA / "clips", DATA / "davis2016"
 sys.path.insert(0, str(ROOT / "tests"))
 from video_fixtures import write_video  # noqa: E402
@@ -48,7 +49,8 @@ def _info(**kw: object) -> dict:
     dev = (
         torch.cuda.get_device_name() if HAS_CUDA else f"CPU {platform.machine()} x{os.cpu_count()}"
     )
-    return {"device": dev, "torch": torch.__version__, "pyav": av.__version__, **kw}
+    cpu = f"{platform.machine()} x{os.cpu_count()}"  # the loaders run here, GPU or not
+    return {"device": dev, "cpu": cpu, "torch": torch.__version__, "pyav": av.__version__, **kw}
 
 
 def _backend_ok(backend: str) -> tuple[bool, str]:
@@ -130,6 +132,7 @@ LOADERS = {  # name: (source, preset, overrides)
     "cpu-small/cache-64": ("c64", "cpu-small", {}),
     "cpu-small/cache-32": ("c32", "cpu-small", {}),
     "paper/cache-64": ("c64", "paper", {}),
+    "paper/videos-pyav": ("clips", "paper", {"data.decoder": "pyav"}),
 }
 
 

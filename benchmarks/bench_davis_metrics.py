@@ -27,7 +27,12 @@ import torch
 from vosgan import davis_metrics as dm
 
 ROOT = Path(__file__).resolve().parents[1]
-DOG = ROOT.parent / "shared" / "data" / "davis2016" / "dog" / "masks"
+DOG = (
+    Path(os.environ.get("VOSGAN_SHARED_DATA") or ROOT.parent / "shared" / "data")
+    / "davis2016"
+    / "dog"
+    / "masks"
+)
 FRAMES = {"numba": 16, "scipy": 2, "cupy": 64}
 
 

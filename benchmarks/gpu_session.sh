@@ -16,7 +16,9 @@
 # (everything, the layer map included), tests_ops.txt and tests_ext.txt (each test's outcome) and
 # pytest-benchmark JSON files (tables: benchmarks/report.py); the device tool returns at most 8
 # files. PyAV is not on the device image: put its wheel in .whl/ (see below) or the video tests
-# fail.
+# fail. The shared real clips (3.8 MB) can travel too: copy ../shared/data/clips to .shared-data/
+# (ignored through .git/info/exclude, never committed) and carry it; tests and benchmarks then
+# read them through VOSGAN_SHARED_DATA.
 #
 # Usage, from the repository root on the CUDA machine:  benchmarks/gpu_session.sh [OUTDIR]
 # Env: PYTHON (default python3), TORCH_CUDA_ARCH_LIST (default: the card's own, e.g. 9.0).
@@ -42,6 +44,8 @@ if compgen -G ".whl/*.whl" >/dev/null; then
   "$PY" -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl &&
     export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
+[ -d .shared-data ] && export VOSGAN_SHARED_DATA="$PWD/.shared-data"
+echo "shared data: ${VOSGAN_SHARED_DATA:-none (the real-clip tests and loader rows skip)}"
 ARCH="${TORCH_CUDA_ARCH_LIST:-$("$PY" -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())")}"
 [ -x /usr/local/cuda/bin/nvcc ] && export CUDACXX="${CUDACXX:-/usr/local/cuda/bin/nvcc}"
 
@@ -159,6 +163,13 @@ done
 
 step "full training step, paper and cpu-small, bf16: reference, --fused, channels_last_3d, CUDA graphs"
 train_step_bench "cuda and not compile" train_step.json
+
+# Issue #6 on a many-core machine: the loader (reads on torch.get_num_threads() threads) against
+# what the paper step consumes (the side-by-side step above: B=32 clips per step)
+step "loaders vs the training step on $(nproc) cores: shared clips on the fly, caches (bench_data)"
+timeout 120 "$PY" -m pytest -q -p no:cacheprovider -p no:xdist benchmarks/bench_data.py \
+  --benchmark-only -k "loader" --benchmark-json "$OUTDIR/data.json" --benchmark-columns=median,rounds
+echo "loaders exit $?"
 
 step "where each paper step spends its GPU time (torch.profiler)"
 timeout 150 "$PY" benchmarks/bench_train_step.py --preset paper --device cuda --rounds 3 \

@@ -15,7 +15,11 @@ os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 HAS_CUDA = torch.cuda.is_available()
 requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
 
-SHARED_DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data")
+# ../shared/data beside the checkout; VOSGAN_SHARED_DATA names another copy (a GPU lease carries
+# one: benchmarks/gpu_session.sh)
+SHARED_DATA = os.environ.get("VOSGAN_SHARED_DATA") or os.path.join(
+    os.path.dirname(__file__), "..", "..", "shared", "data"
+)
 
 
 @pytest.fixture(autouse=True)
