@@ -583,17 +583,18 @@ def test_thread_map_order_errors_and_one_thread(two_threads: None) -> None:
     assert {n.split("_")[0] for _, n in got} == {"vosgan-read"}
     with pytest.raises(ValueError, match="item 3"):
         thread_map(where, list(range(8)))
-    # each read's FFmpeg threads: the cores shared among the reads at once; 0 (FFmpeg's choice)
-    # outside the pool; a thread_map called from a pool thread runs inline
+    # each read's FFmpeg threads: the cores shared among the reads at once; torch's thread count
+    # outside the pool (one in a DataLoader worker); a thread_map from a pool thread runs inline
     cores = len(os.sched_getaffinity(0))
     assert thread_map(lambda x: codec_threads(), [0, 1, 2]) == [max(1, cores // 2)] * 3
-    assert codec_threads() == 0
+    assert codec_threads() == 2
     inner = thread_map(
         lambda x: thread_map(lambda y: threading.current_thread().name, [0, 1]), [0, 1]
     )
     assert all(len(set(names)) == 1 for names in inner)
-    torch.set_num_threads(1)  # what torch gives each DataLoader worker: no pool
+    torch.set_num_threads(1)  # what torch gives each DataLoader worker: no pool, one FFmpeg thread
     assert {n for _, n in thread_map(where, [0, 1, 2])} == {threading.current_thread().name}
+    assert codec_threads() == 1
 
 
 def test_pyav_decoder_pickles(vids: dict[str, Path]) -> None:

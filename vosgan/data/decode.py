@@ -281,8 +281,8 @@ class PyAVDecoder(Decoder):
     frames asked for, the cost of a read. It leaves out the frames skipped and the frames that
     frame threads decoded ahead of the last one needed and never output.
 
-    Each decode runs :func:`codec_threads` FFmpeg threads: FFmpeg's choice (one per core) on
-    the calling thread, the cores' share on :func:`thread_map`'s threads."""
+    Each decode runs :func:`codec_threads` FFmpeg threads: torch's thread count on the calling
+    thread (one in a DataLoader worker), the cores' share on :func:`thread_map`'s threads."""
 
     name = "pyav"
 

@@ -17,10 +17,13 @@ _LOCAL = threading.local()  # on a pool thread: codec_threads, the FFmpeg thread
 
 
 def codec_threads() -> int:
-    """FFmpeg threads for one decode on the calling thread: 0 (FFmpeg's own choice, one per
-    core) outside :func:`thread_map`; on its threads, the cores shared among the reads running
-    at once, so that they do not oversubscribe a many-core machine."""
-    return getattr(_LOCAL, "codec_threads", 0)
+    """FFmpeg threads for one decode on the calling thread. On :func:`thread_map`'s threads, the
+    cores shared among the reads running at once; elsewhere ``torch.get_num_threads()``: one in
+    a DataLoader worker (torch gives each one), so neither many workers nor a pool of reads
+    oversubscribe a many-core machine."""
+    import torch
+
+    return getattr(_LOCAL, "codec_threads", 0) or torch.get_num_threads()
 
 
 def thread_map(fn: Callable[[_T], _R], items: Sequence[_T]) -> list[_R]:
@@ -37,7 +40,7 @@ def thread_map(fn: Callable[[_T], _R], items: Sequence[_T]) -> list[_R]:
 
     pool_size = torch.get_num_threads()
     threads = min(pool_size, len(items))
-    if threads <= 1 or codec_threads():  # one read, or a call from a pool thread: inline
+    if threads <= 1 or getattr(_LOCAL, "codec_threads", 0):  # one read, or from a pool thread
         return [fn(x) for x in items]
     if _POOL is None or _POOL[:2] != (os.getpid(), pool_size):  # a forked worker starts afresh
         if _POOL is not None and _POOL[0] == os.getpid():
