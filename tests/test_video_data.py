@@ -669,3 +669,34 @@ def test_dataset_batches_agree_across_backends(vids: dict[str, Path]) -> None:
     assert [frame_ids(v) for v in got["pyav"]] == [frame_ids(v) for v in got["dali-cpu"]]
     diff = np.abs(got["pyav"].astype(int) - got["dali-cpu"])
     assert diff.mean() < 2 and np.percentile(diff, 99) <= 4, (diff.mean(), diff.max())
+
+
+def _two_threads_in_worker(_: int) -> None:
+    torch.set_num_threads(2)  # so that the forked worker reads on a pool of its own
+
+
+def test_reads_on_threads_in_forked_loader_workers(
+    vids: dict[str, Path], two_threads: None
+) -> None:
+    """The parent's read pool does not survive a fork; a worker that reads on threads makes its
+    own, and its batches are the main process's."""
+    files = VideoFileSource([(vids[c], -1) for c in ("h264", "vp9")], PyAVDecoder())
+    ds = ClipDataset(files, 12, 4, 16, crop="random", uint8=True)
+    want = [ds.batch(range(4 * s, 4 * s + 4)) for s in range(3)]  # the parent's pool exists now
+
+    class Steps(torch.utils.data.Dataset):
+        def __len__(self) -> int:
+            return 3
+
+        def __getitem__(self, step: int) -> dict:
+            return ds.batch(range(4 * step, 4 * step + 4))
+
+    loader = torch.utils.data.DataLoader(
+        Steps(),
+        batch_size=None,
+        num_workers=2,
+        multiprocessing_context="fork",
+        worker_init_fn=_two_threads_in_worker,
+    )
+    for got, ref in zip(loader, want, strict=True):
+        assert torch.equal(got["video"], ref["video"])
