@@ -325,7 +325,7 @@ class PyAVDecoder(Decoder):
         once per file, which is then always decoded from its first frame). The caller then
         decodes from the first frame, which also reports short and corrupt files."""
         index = frame_index(path)
-        if index is None or max(indices) >= len(index.pts) or _seek_failed(path):
+        if index is None or max(indices) >= len(index.pts) or (_NO_SEEK and _seek_failed(path)):
             return None
         k = bisect.bisect_right(index.keyframes, index.pts[min(indices)]) - 1
         if k < 0:

@@ -225,7 +225,7 @@ class ClipDataset(torch.utils.data.Dataset):
         stride, fps, short, crop, flip, sampling: as ``DataConfig`` (vosgan.config).
         uint8: return ``video`` as uint8 ``(B, 3, T, H, W)`` instead of float32 in [-1, 1].
         masks: return the source's masks when it has them; ``False`` never reads them (training
-            uses none: on DAVIS, decoding the PNG masks took about half the loader's time).
+            uses none: on DAVIS, decoding the PNG masks took two thirds of the loader's time).
 
     Items: ``video`` float32 ``(3, T, H, W)`` in [-1, 1]; ``mask`` float32 ``(1, T, H, W)`` in
     {0, 1} when the source has masks; ``label`` int64 scalar when it has class labels.
