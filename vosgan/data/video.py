@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -113,8 +112,7 @@ class VideoFileSource(Source):
             except (VideoError, OSError) as exc:
                 return entry[0], entry[1], exc
 
-        with ThreadPoolExecutor(4) as pool:
-            probed = list(pool.map(info, files))
+        probed = thread_map(info, files)  # the read threads (PyAV opens files without the GIL)
         bad = [(str(p), str(i)) for p, _, i in probed if isinstance(i, Exception)]
         good = [(p, label, i) for p, label, i in probed if not isinstance(i, Exception)]
         skip_bad(self.root, bad, len(files))
