@@ -105,7 +105,7 @@ def fused_impl(device: str) -> tuple[str, str]:
     timing the reference under the fused label; CPU keeps ``"auto"``, which runs the reference
     BN + activation there (no CPU kernel)."""
     impl = "triton" if device == "cuda" else "auto"
-    return impl, conv3d_block_ops._auto_impl(device) if impl == "auto" else impl
+    return impl, conv3d_block_ops.auto_impl(device) if impl == "auto" else impl
 
 
 def _build(provider: str, case: tuple, batch: int, device: str) -> tuple:

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from vosgan import backend
 from vosgan.nn.fuse import register_fuser
-from vosgan.ops.conv3d_block import IMPLS, _auto_impl, bn_act, bn_act_reference
+from vosgan.ops.conv3d_block import IMPLS, auto_impl, bn_act, bn_act_reference
 from vosgan.ops.conv3d_forms import cuda_conv, narrow_cuda_conv
 from vosgan.ops.conv3d_subpixel import SUBPIXEL_MAX_CHANNELS, subpixel_blocker, subpixel_conv3d
 
@@ -110,7 +110,7 @@ class _FusedBlock(nn.Sequential):
                 factor = 1.0 / float(bn.num_batches_tracked)
         batch_stats = bn.training or (bn.running_mean is None and bn.running_var is None)
         use_buffers = not bn.training or bn.track_running_stats
-        impl = _auto_impl(y.device.type) if self.impl == "auto" else self.impl
+        impl = auto_impl(y.device.type) if self.impl == "auto" else self.impl
         # Where BN + activation run PyTorch's own ops (on CPU, always), they run straight, as
         # nn.BatchNorm3d and the activation module would, their errors included: bn_act's
         # argument checks, for its own callers, cost 5-10 us a block (a few % of a cpu-small

@@ -273,7 +273,7 @@ class _CompositeFunction(torch.autograd.Function):
 
 
 @torch.compiler.assume_constant_result  # traced as a constant: "auto" works under fullgraph
-def _auto_impl(device_type: str) -> str:
+def auto_impl(device_type: str) -> str:
     """The implementation ``impl="auto"`` runs on ``device_type``; warns once on fallback."""
     choice = backend.choose("composite", device_type)
     if not choice.fused:
@@ -298,7 +298,7 @@ def composite(f: Tensor, m: Tensor, b: Tensor, impl: str = "auto") -> Tensor:
         raise ValueError(f"composite: unknown impl {impl!r}; use one of {IMPLS}")
     _check(f, m, b)
     if impl == "auto":
-        impl = _auto_impl(f.device.type)
+        impl = auto_impl(f.device.type)
     if impl == "reference":
         return composite_reference(f, m, b)
     impl = _resolve(impl, f.device)

@@ -330,7 +330,11 @@ def fused_impl(device: torch.device) -> tuple[str | None, str]:
 
 
 @torch.compiler.assume_constant_result  # a trace-time constant: no graph break in the cache
-def _auto_impl(device_type: str) -> str:
+def auto_impl(device_type: str) -> str:
+    """The BN + activation implementation ``impl="auto"`` runs on ``device_type``.
+
+    ``"triton"`` on CUDA when Triton works, else ``"reference"``; warns once on fallback.
+    """
     choice = backend.choose("conv3d_block", device_type)
     if choice.impl != "triton":  # BN + activation have no fused kernel off CUDA
         why = choice.reason if choice.fused else f"reference ({choice.reason})"
@@ -456,7 +460,7 @@ def bn_act(
         y, weight, bias, running_mean, running_var, residual, momentum, eps, negative_slope, impl
     )
     if impl == "auto":
-        impl = _auto_impl(y.device.type)
+        impl = auto_impl(y.device.type)
     batch_stats = training or running_mean is None
     if batch_stats and y.numel() // y.shape[1] <= 1:
         raise ValueError(

@@ -122,7 +122,8 @@ def _check_args(
 
 
 @torch.compiler.assume_constant_result  # decided once: a trace-time constant, no graph break
-def _auto_impl(device_type: str) -> str:
+def auto_impl(device_type: str) -> str:
+    """The implementation ``impl="auto"`` runs on ``device_type``; warns once on fallback."""
     choice = backend.choose("gru", device_type)
     if not choice.fused:
         backend.warn_once(f"gru-{device_type}", f"gru: reference ({choice.reason})")
@@ -162,7 +163,7 @@ def gru(
     if b_hh is None:
         b_hh = x.new_zeros(3 * H)
     if impl == "auto":
-        impl = _auto_impl(x.device.type)
+        impl = auto_impl(x.device.type)
     if impl == "reference":
         return gru_reference(x, h0, w_ih, w_hh, b_ih, b_hh)
     if _C is None:
