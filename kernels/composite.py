@@ -274,8 +274,8 @@ def composite_bwd(
     df = torch.empty((bsz, c, t, h, w), device=f.device, dtype=f.dtype)
     dm = torch.empty((bsz, 1, t, h, w), device=f.device, dtype=m.dtype)
     if df.numel() == 0:
-        # an empty sum over T
-        return df, dm, torch.zeros((bsz, c, h, w), device=f.device, dtype=b.dtype)
+        # empty sums: over T for db, over C for dm (C = 0)
+        return df, dm.zero_(), torch.zeros((bsz, c, h, w), device=f.device, dtype=b.dtype)
     c_pad = next_power_of_2(c)
     block, warps = bwd_block(min(g.element_size(), f.element_size()), c_pad)
     fp64 = torch.float64 in (g.dtype, f.dtype, m.dtype, b.dtype)

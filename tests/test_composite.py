@@ -66,14 +66,16 @@ LOW = [torch.float16] + ([torch.bfloat16] if DEV == "cuda" else [])
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("shape", [(2, 3, 0, 4, 4), (0, 3, 2, 4, 4)], ids=["T0", "B0"])
+@pytest.mark.parametrize(
+    "shape", [(2, 3, 0, 4, 4), (0, 3, 2, 4, 4), (2, 0, 3, 4, 5)], ids=["T0", "B0", "C0"]
+)
 def test_empty_shapes(impl, shape):
-    """Empty inputs give empty outputs; with T == 0, db is an empty sum: zeros."""
+    """Empty inputs give empty outputs; db (T = 0) and dm (C = 0) are empty sums: zeros."""
     f, m, b = _inputs(shape)
     v = composite(f, m, b, impl=impl)
     df, dm, db = torch.autograd.grad(v, (f, m, b), torch.ones_like(v))
     assert v.shape == f.shape and df.shape == f.shape and dm.shape == m.shape
-    assert db.shape == b.shape and not db.any()
+    assert db.shape == b.shape and not db.any() and not dm.any()
 
 
 @pytest.mark.parametrize("impl", IMPLS)

@@ -206,6 +206,55 @@ def test_fuse_modules_foreign_model():
         torch.testing.assert_close(pf.grad, pr.grad, rtol=1e-4, atol=1e-4, msg=n)
 
 
+def test_fuse_keeps_names_hooks_mode_and_sharing():
+    """A named block keeps its state_dict keys; hooks and eval mode carry over; a block used in
+    two places becomes one fused block in both."""
+    from collections import OrderedDict
+
+    def named():
+        conv = nn.Conv3d(4, 6, 3, 1, 1, bias=False)
+        return nn.Sequential(OrderedDict(conv=conv, bn=nn.BatchNorm3d(6), act=nn.ReLU()))
+
+    shared = named()
+    model = nn.Sequential(named(), shared, nn.Identity(), shared).to(DEV).eval()
+    model[0][1].running_mean.uniform_(-0.5, 0.5)
+    calls = []
+    model[0].register_forward_hook(lambda *_: calls.append("block"))
+    hooked = nn.Sequential(named(), named())
+    hooked[1].bn.register_forward_hook(lambda *_: calls.append("bn"))
+    x4 = torch.randn(2, 4, 2, 5, 3, device=DEV)
+    want, want_shared, keys = model[0](x4), model[1](x4), model.state_dict().keys()
+    replaced = fuse_modules(model)
+    assert [r.split(":")[0] for r in replaced] == ["0", "1"], replaced
+    assert model.state_dict().keys() == keys
+    assert type(model[3]) is FusedConv3dBlock and model[3] is model[1]
+    assert not model[0].training and model[0].bn is model[0][1]
+    calls.clear()
+    torch.testing.assert_close(model[0](x4), want)
+    assert calls == ["block"]
+    torch.testing.assert_close(model[3](x4), want_shared)
+    # a hook on the BatchNorm would never run inside the fused op: that block stays unfused
+    skipped = []
+    assert [r.split(":")[0] for r in fuse_modules(hooked, skipped=skipped)] == ["0"]
+    assert skipped == ["1: Sequential not fused (conv3d_block): BatchNorm3d has hooks"]
+
+
+def test_child_swapped_after_fusing_runs_unfused(monkeypatch):
+    """convert_sync_batchnorm after fuse_modules (or any swapped child): the block runs the
+    children's own forwards, says so once, and refuses a residual."""
+    from vosgan import backend
+
+    monkeypatch.setattr(backend, "_warned", set())
+    block = FusedConv3dBlock(4, 6, 3, 1, 1).to(DEV)
+    x = torch.randn(2, 4, 2, 5, 3, device=DEV)
+    block[2] = nn.GELU()
+    want = nn.Sequential(*block)(x)
+    with pytest.warns(UserWarning, match="were set after fusing"):
+        torch.testing.assert_close(block(x), want)
+    with pytest.raises(TypeError, match="residual needs child 1"):
+        block(x, residual=want)
+
+
 def test_fuser_rejects_non_matches():
     fuser = ops_fuser()
     seq = _block(False)
@@ -357,8 +406,17 @@ def test_validation_dtype_device_and_scalars(impl):
         bn_act(y.bfloat16(), w.bfloat16(), b.bfloat16(), rm, rv, impl=impl)
     out = bn_act(y.bfloat16(), w, b, rm, rv, impl=impl)  # the autocast case
     assert out.dtype == torch.bfloat16
+    f64 = (y.double(), w.double(), b.double(), rm.double(), rv.double())
     if impl == "reference":  # fp64 end to end (the reference's gradcheck dtype)
-        bn_act(y.double(), w.double(), b.double(), rm.double(), rv.double(), impl=impl)
+        bn_act(*f64, impl=impl)
+    else:  # the kernels compute in fp32: an explicit impl refuses fp64
+        with pytest.raises(ValueError, match="y must be float32, float16 or bfloat16"):
+            bn_act(*f64, impl=impl)
+    # an empty batch is fine in training, as in nn.BatchNorm3d (one value per channel is not)
+    empty = y[:0].requires_grad_()
+    out = bn_act(empty, w, b, rm, rv, training=True, impl=impl)
+    out.sum().backward()
+    assert out.shape == empty.shape and empty.grad.shape == empty.shape
 
 
 def test_triton_on_cpu_tensors_needs_the_interpreter(monkeypatch):

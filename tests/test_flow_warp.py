@@ -430,6 +430,8 @@ def test_validation_messages() -> None:
         flow_warp_loss(x, flow.tolist(), impl="numba")
     with pytest.raises(TypeError, match="weight must be a Tensor, got float"):
         flow_warp_loss(x, flow, 1.0, impl="numba")
+    with pytest.raises(ValueError, match="impl='numba' computes in float32, but x is torch.f"):
+        flow_warp_loss(x.double(), flow.double(), impl="numba")
 
 
 def test_numba_frame_size_limit(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -277,6 +277,8 @@ def test_state_dict_round_trip_and_fuser() -> None:
     )
     before = {k: v.clone() for k, v in model.state_dict().items()}
     params = [model[0].weight_ih_l0, model[0].bias_hh_l0]
+    calls = []
+    model[0].register_forward_hook(lambda *_: calls.append("hook"))
     replaced = fuse_modules(model, ops={"gru"})
     assert replaced == ["0: GRU -> FusedGRU (gru)"]
     assert isinstance(model[0], FusedGRU) and type(model[1]) is nn.GRU
@@ -289,6 +291,7 @@ def test_state_dict_round_trip_and_fuser() -> None:
     back.load_state_dict(model[0].state_dict())
     x = torch.randn(2, 3, 4)
     torch.testing.assert_close(model[0](x)[0], back(x)[0], atol=2e-5, rtol=1e-4)
+    assert calls == ["hook"]  # the nn.GRU's hooks carry over
 
 
 def test_rejects_unsupported_settings() -> None:
@@ -303,6 +306,11 @@ def test_rejects_unsupported_settings() -> None:
         FusedGRU(4, 6)(packed)
     with pytest.raises(ValueError, match="hx must have shape"):
         FusedGRU(4, 6)(torch.randn(2, 3, 4), torch.randn(2, 6))
+    # the module's argument names, not the op's (h0, w_ih)
+    with pytest.raises(TypeError, match="FusedGRU: hx is torch.float64 on cpu but the weights"):
+        FusedGRU(4, 6)(torch.randn(2, 3, 4), torch.randn(1, 2, 6, dtype=torch.float64))
+    with pytest.raises(TypeError, match="FusedGRU: input is torch.float64 on cpu but the weights"):
+        FusedGRU(4, 6)(torch.randn(2, 3, 4, dtype=torch.float64))
 
 
 def test_input_validation_names_the_argument() -> None:

@@ -1,7 +1,8 @@
 """Fused spatio-temporal conv blocks: ``FusedConv3dBlock`` and ``FusedConvTranspose3dBlock``.
 
-Both subclass ``nn.Sequential`` and keep the children of the block they replace, ``0`` (conv),
-``1`` (``BatchNorm3d``), ``2`` (``LeakyReLU``/``ReLU``), so their ``state_dict`` is the one of
+Both subclass ``nn.Sequential`` and keep the children of the block they replace, names included
+(``0`` conv, ``1`` ``BatchNorm3d``, ``2`` ``LeakyReLU``/``ReLU`` for a plain ``nn.Sequential``;
+whatever names an ``OrderedDict`` gave them), so their ``state_dict`` is the one of
 ``nn.Sequential(Conv3d|ConvTranspose3d, BatchNorm3d, LeakyReLU|ReLU)``. BN + activation run as
 one fused op, :func:`vosgan.ops.conv3d_block.bn_act`. The conv runs as torch's own (cuDNN,
 oneDNN), except on CUDA with cudnn.benchmark off, where a stride-2, kernel-4 transposed conv runs
@@ -87,20 +88,24 @@ class _FusedBlock(nn.Sequential):
                 f"{cls.__name__}.from_sequential: expected nn.Sequential, got {type(seq).__name__}"
             )
         block = cls.__new__(cls)
-        nn.Sequential.__init__(block, *seq)
+        # the children under their own names (state_dict keys), and seq's mode and hooks
+        block.__dict__.update(seq.__dict__)
+        block._modules = dict(seq._modules)
         block._check(impl)
         block.impl = impl
         return block
 
     @property
     def negative_slope(self) -> float:
-        act = self._modules["2"]
+        act = list(self._modules.values())[2]
         return float(act.negative_slope) if isinstance(act, nn.LeakyReLU) else 0.0
 
     def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
         """``x (B, C_in, T, H, W)`` -> ``act(bn(conv(x)) [+ residual]) (B, C_out, T', H', W')``."""
-        children = self._modules  # not self[i]: nn.Sequential's indexing costs ~0.4 us a child
-        conv, bn = children["0"], children["1"]
+        # not self[i]: nn.Sequential's indexing costs ~0.4 us a child
+        conv, bn, act = self._modules.values()
+        if type(bn) is not nn.BatchNorm3d or type(act) not in _ACTS:
+            return self._unfused_forward(x, residual, bn, act)
         y = cuda_conv(x, conv) if x.is_cuda else conv(x)
         # nn.BatchNorm3d.forward's bookkeeping, step for step
         factor = 0.0 if bn.momentum is None else bn.momentum
@@ -129,6 +134,24 @@ class _FusedBlock(nn.Sequential):
             negative_slope=self.negative_slope,
             **extra,
         )
+
+    def _unfused_forward(
+        self, x: Tensor, residual: Tensor | None, bn: nn.Module, act: nn.Module
+    ) -> Tensor:
+        """A child swapped after fusing (e.g. ``convert_sync_batchnorm`` made child 1 a
+        ``SyncBatchNorm``) runs as the plain ``nn.Sequential`` would, its own forward included."""
+        name = type(self).__name__
+        if residual is not None:
+            raise TypeError(
+                f"{name}: residual needs child 1 nn.BatchNorm3d and child 2 LeakyReLU|ReLU, "
+                f"got {type(bn).__name__} and {type(act).__name__}"
+            )
+        backend.warn_once(
+            f"{name}-unfused-{type(bn).__name__}-{type(act).__name__}",
+            f"{name}: children {type(bn).__name__}, {type(act).__name__} were set after fusing; "
+            "running them as nn.Sequential does (BN + activation unfused)",
+        )
+        return nn.Sequential.forward(self, x)
 
     def extra_repr(self) -> str:
         return f"impl={self.impl!r}"
@@ -184,7 +207,15 @@ def _match(module: nn.Module) -> type[_FusedBlock] | str | None:
         return f"activation {type(act).__name__} (only LeakyReLU or ReLU)"
     if isinstance(act, nn.LeakyReLU) and act.negative_slope < 0:
         return f"LeakyReLU negative_slope={act.negative_slope} < 0"
+    hooked = [name for name, child in (("BatchNorm3d", bn), ("activation", act)) if _hooks(child)]
+    if hooked:  # the fused op never calls these children: their hooks would not run
+        return f"{' and '.join(hooked)} {'has' if len(hooked) == 1 else 'have'} hooks"
     return cls
+
+
+def _hooks(module: nn.Module) -> bool:
+    kinds = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+    return any(getattr(module, key) for key in kinds)
 
 
 def _why_not_block(module: nn.Module) -> str | None:

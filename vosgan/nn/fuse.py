@@ -89,14 +89,26 @@ def fuse_modules(
                     skipped.append(f"{name}: {type(module).__name__} not fused ({op}): {reason}")
         return module
 
+    # a module used in several places is fused once, and every place gets the same new module
+    # (named_children() would list it once and leave the other places unfused)
+    # (named_children() would list it once and leave the other places unfused); the map keeps
+    # the old module alive so that its id is not reused while the walk runs
+    fused: dict[int, tuple[nn.Module, nn.Module]] = {}
+
     def visit(parent: nn.Module, prefix: str) -> None:
-        for name, child in list(parent.named_children()):
+        for name, child in list(parent._modules.items()):
+            if child is None:
+                continue
             qual = f"{prefix}.{name}" if prefix else name
-            new = fuse(child, qual)
+            seen = id(child) in fused
+            new = fused[id(child)][1] if seen else fuse(child, qual)
+            fused[id(child)] = fused[id(new)] = (child, new)
             if new is not child:
                 setattr(parent, name, new)
-            visit(new, qual)
+            if not seen:
+                visit(new, qual)
 
     fuse(model, "")
+    fused[id(model)] = (model, model)
     visit(model, "")
     return replaced

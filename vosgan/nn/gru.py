@@ -121,6 +121,9 @@ class FusedGRU(nn.Module):
             new.bias_ih_l0 = module.bias_ih_l0
             new.bias_hh_l0 = module.bias_hh_l0
         new.train(module.training)
+        for key, hooks in vars(module).items():  # forward/backward/state_dict hooks carry over
+            if "hook" in key:
+                new.__dict__[key] = hooks
         return new
 
     def forward(self, input: Tensor, hx: Tensor | None = None) -> tuple[Tensor, Tensor]:
@@ -147,6 +150,12 @@ class FusedGRU(nn.Module):
         if torch.is_autocast_enabled(x.device.type) and x.dtype != w.dtype:
             x = x.to(w.dtype)
             h0 = None if h0 is None else h0.to(w.dtype)
+        for name, t in (("input", x), ("hx", h0)):  # the module's names, not the op's
+            if t is not None and (t.dtype != w.dtype or t.device != w.device):
+                raise TypeError(
+                    f"FusedGRU: {name} is {t.dtype} on {t.device} but the weights are "
+                    f"{w.dtype} on {w.device}"
+                )
         if B == 0 and x.shape[1] > 0:  # nothing to run: the reference gives empty outputs
             h0 = x.new_zeros(0, H) if h0 is None else h0
             out, h_last = gru_reference(

@@ -155,7 +155,7 @@ def _numba_bwd(g: Tensor, f: Tensor, m: Tensor, b: Tensor) -> tuple[Tensor, Tens
     bsz, c, t, h, w = f.shape
     n = h * w
     df = torch.empty((bsz, c, t, h, w), dtype=cd)
-    dm = torch.empty((bsz, 1, t, h, w), dtype=cd)
+    dm = (torch.empty if c else torch.zeros)((bsz, 1, t, h, w), dtype=cd)  # C = 0: empty sum
     db = (torch.empty if t else torch.zeros)((bsz, c, h, w), dtype=cd)  # the kernel zeroes it
     if df.numel():
         launch(

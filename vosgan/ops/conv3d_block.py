@@ -419,6 +419,11 @@ def _validate(
         raise ValueError(f"bn_act: impl must be one of {IMPLS}, got {impl!r}")
     if impl == "triton":
         backend.check_triton_device("bn_act", y.device)
+        if y.dtype == torch.float64:
+            raise ValueError(
+                "bn_act: y must be float32, float16 or bfloat16 for impl='triton' (the kernels "
+                "compute in fp32), got float64; use impl='reference' or 'auto'"
+            )
 
 
 def bn_act(
@@ -461,12 +466,15 @@ def bn_act(
     )
     if impl == "auto":
         impl = auto_impl(y.device.type)
+        if impl == "triton" and y.dtype == torch.float64:
+            backend.warn_once("bn_act-f64", "bn_act: float64 runs the reference (fp32 kernels)")
+            impl = "reference"
     batch_stats = training or running_mean is None
-    if batch_stats and y.numel() // y.shape[1] <= 1:
+    if batch_stats and y.numel() // y.shape[1] == 1:  # ATen's rule: an empty batch is fine
         raise ValueError(
             f"Expected more than 1 value per channel when training, got input size {list(y.shape)}"
         )
-    if impl == "reference":
+    if impl == "reference" or y.numel() == 0:  # empty: the reference's empty output
         return bn_act_reference(
             y,
             weight,

@@ -43,7 +43,8 @@ Fused ops (``torch.library`` custom ops with fake implementations and registered
   may differ); positions, Charbonnier and sums are computed in fp32. The loss has ``x.dtype``,
   ``dflow`` ``flow.dtype``, ``dx`` ``x.dtype``. Autocast does not cast the op's inputs (it is
   not on an autocast list). The numba path computes in fp32 (fp16/bf16 are upcast); float64
-  inputs run the reference (``impl="auto"`` warns once).
+  inputs run the reference under ``impl="auto"`` (which warns once) and are refused by an
+  explicit fused ``impl``.
 - Double backward: with ``create_graph=True`` the registered backward computes the gradients
   with differentiable torch ops (:func:`warp_differentiable`: ``gather``-based bilinear warp with
   the reference's rounding and conventions), so second derivatives are exact, also where
@@ -509,14 +510,19 @@ def flow_warp_loss(
             backend.warn_once(
                 f"flow_warp-{x.device.type}", f"flow_warp_loss: reference ({choice.reason})"
             )
-        elif impl == "numba" and torch.float64 in (x.dtype, flow.dtype):
+        elif torch.float64 in (x.dtype, flow.dtype):
             backend.warn_once(
                 "flow_warp-f64",
-                "flow_warp_loss: float64 inputs run the reference (the numba kernels are fp32)",
+                f"flow_warp_loss: float64 inputs run the reference (the {impl} kernels are fp32)",
             )
             impl = "reference"
     if impl == "reference":
         return flow_warp_loss_reference(x, flow, weight, eps, padding_mode, reduction)
+    if torch.float64 in (x.dtype, flow.dtype):
+        raise ValueError(
+            f"flow_warp_loss: impl={impl!r} computes in float32, but x is {x.dtype} and flow is "
+            f"{flow.dtype}; use impl='reference' (or 'auto') for float64"
+        )
     _resolve(impl, x.device)
     if x.numel() == 0:  # B or C = 0: the reference's NaN mean or empty map, and empty grads
         return flow_warp_loss_reference(x, flow, weight, eps, padding_mode, reduction)
