@@ -303,3 +303,19 @@ def test_camera_compensation_follows_the_config_and_the_data(setting, real_video
     _, parts = loss.discriminator(zeros, d_real, fake, d_fake, motion_seg=True)
     # D's segmentation of the object agrees with the compensated pseudo-labels only
     assert (parts["d_motion_seg"].item() < 0.01) is on
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_generator_consistency_under_cuda_autocast():
+    """F.binary_cross_entropy refuses to run under CUDA autocast: the consistency term opts out."""
+    loss = L.VosGanLoss(LossConfig(consistency=0.5))
+    g = torch.Generator(device="cuda").manual_seed(0)
+    mask = torch.rand(2, 1, 4, 8, 8, device="cuda", generator=g)
+    video = mask.expand(2, 3, 4, 8, 8) * 2 - 1
+    fake = GenOutput(video=video, fg=video, mask=mask, bg=video[:, :, 0])
+    logit = torch.randn(2, device="cuda")
+    d_fake = DiscOutput(logit=logit, seg_logit=torch.randn_like(mask), flow=None)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        _, parts = loss.generator(fake, d_fake)
+    want = F.binary_cross_entropy(mask, torch.sigmoid(d_fake.seg_logit))
+    torch.testing.assert_close(parts["g_consistency"], want)

@@ -212,6 +212,67 @@ def test_resume_rejects_a_different_model(tmp_path, capsys):
     assert code == 2 and "model.gru_hidden: 64 != 32" in capsys.readouterr().err
 
 
+def test_resume_continues_with_the_checkpoints_config(tmp_path, capsys):
+    """Overrides of the first run carry over without being repeated; fields that define the run
+    (losses, optimiser, seeds, sampling) cannot change; steps, intervals and data reading can."""
+    out = tmp_path / "run"
+    assert run(tmp_path, "--train.steps=1", "--loss.adversarial=hinge", "--optim.lr_d=1e-3") == 0
+    for extra, refused in [
+        (["--optim.lr_d=5e-5"], "optim.lr_d: 0.001 != 5e-05"),
+        (["--loss.adversarial=nonsaturating"], "loss.adversarial: 'hinge' != 'nonsaturating'"),
+        (["--data.seed=3"], "data.seed: 0 != 3"),
+        (["--preset", "paper"], "--preset paper: "),
+    ]:
+        code = train.main(["--out", str(out), "--resume", "auto", "--train.steps=2", *extra])
+        assert code == 2 and refused in capsys.readouterr().err, extra
+    resumed = ["--out", str(out), "--resume", "auto", "--train.steps=2", "--train.log_every=2"]
+    assert train.main(resumed) == 0
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["loss"]["adversarial"] == "hinge" and saved["optim"]["lr_d"] == 1e-3
+    assert saved["data"]["batch_size"] == 2 and saved["train"]["log_every"] == 2
+    ckpt = checkpoint.load_checkpoint(out)
+    assert ckpt["step"] == 2 and [g["lr"] for g in ckpt["opt_d"]["param_groups"]] == [1e-3] * len(
+        ckpt["opt_d"]["param_groups"]
+    )
+
+
+def test_resume_of_a_loose_checkpoint_needs_out(tmp_path, capsys):
+    assert run(tmp_path, "--train.steps=1") == 0
+    loose = tmp_path / "downloads" / "step1.pt"
+    loose.parent.mkdir()
+    loose.write_bytes((tmp_path / "run" / "checkpoints" / "last.pt").read_bytes())
+    with pytest.raises(ConfigError, match="not inside a run's checkpoints/ folder; pass --out"):
+        train.parse_args(["--resume", str(loose), "--train.steps=2"])
+    assert sorted(p.name for p in loose.parent.iterdir()) == ["step1.pt"]
+    cfg, out, _, resume = train.parse_args(
+        ["--resume", str(loose), "--train.steps=2", "--out", str(tmp_path / "new")]
+    )
+    assert (out, resume, cfg.data.batch_size) == (tmp_path / "new", loose, 2)
+
+
+def test_resume_cuts_the_log_back_to_the_checkpoint(tmp_path):
+    """Rows a killed run logged after its last checkpoint are logged again, not twice."""
+    assert run(tmp_path, "--train.steps=2") == 0
+    log = tmp_path / "run" / "log.jsonl"
+    with log.open("a") as fh:  # what a run killed at step 4, checkpointed at 2, leaves
+        fh.write('{"step": 3, "d_total": 1.0}\n{"step": 4, "d_total": 1.0}\n{"step": 5, "d_')
+    assert run(tmp_path, "--train.steps=4", "--resume", "auto") == 0
+    rows = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4] and rows[2]["d_total"] != 1.0
+
+
+def test_data_workers_leave_ctrl_c_to_the_trainer(tmp_path):
+    """SIGINT reaches the DataLoader workers too (the terminal signals the process group); they
+    ignore it, so the batch the trainer waits for still arrives and the trainer checkpoints."""
+    cfg = config.load("cpu-small", {"data.batch_size": 2, "data.train_clips": 8, "train.steps": 6})
+    cfg = config.apply_overrides(cfg, {"data.num_workers": 1})
+    it = train.batches(cfg, 0, torch.device("cpu"))
+    next(it)
+    for worker in it._workers:
+        os.kill(worker.pid, signal.SIGINT)
+    assert [next(it)["video"].shape[0] for _ in range(5)] == [2] * 5
+
+
 @pytest.mark.parametrize(
     "args, message",
     [
@@ -222,6 +283,7 @@ def test_resume_rejects_a_different_model(tmp_path, capsys):
         (["--train.grad_accum=3"], "data.batch_size (2) must be divisible by train.grad_accum (3)"),
         (["--data.batch_size=1"], "data.batch_size / train.grad_accum (1 / 1) must be >= 2"),
         (["--optim.lr_g=inf"], "optim.lr_g must be finite and > 0, got inf"),
+        (["--data.seed=-1"], "data.seed must be in [0, 2**32), got -1"),
         (["--train.device=bogus"], "train.device must be auto, cpu, cuda or cuda:N"),
         (["--train.device=cuda:99"], "train.device: 'cuda:99': this machine has"),
         (["--data", "empty"], "data.source {tmp}/empty: no videos"),

@@ -60,9 +60,12 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def load_checkpoint(
-    path: str | os.PathLike, map_location: str | torch.device = "cpu"
+    path: str | os.PathLike, map_location: str | torch.device = "cpu", mmap: bool = False
 ) -> dict[str, Any]:
-    """Load a vosgan checkpoint file (or a run folder's latest), with errors that name the file."""
+    """Load a vosgan checkpoint file (or a run folder's latest), with errors that name the file.
+
+    ``mmap=True`` maps the tensors instead of reading them (for a look at the config).
+    """
     path = Path(path)
     if path.is_dir():
         found = latest_in(path)
@@ -74,7 +77,7 @@ def load_checkpoint(
     if not path.exists():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=False)
+        ckpt = torch.load(path, map_location=map_location, weights_only=False, mmap=mmap)
     except Exception as exc:  # noqa: BLE001 - any unpickling failure means "not readable"
         raise ValueError(
             f"checkpoint {path} is not readable ({type(exc).__name__}: {exc})"
@@ -91,6 +94,50 @@ def checkpoint_config(ckpt: dict[str, Any]) -> Config:
         return config_mod.from_dict(ckpt["config"])
     except ConfigError as exc:
         raise ValueError(f"checkpoint {ckpt.get('path')} holds an invalid config: {exc}") from exc
+
+
+#: Fields a resumed run may set differently from its checkpoint: how long, how often it logs,
+#: where the data lives and how it is read, and how the step runs (device, precision, memory and
+#: speed switches). Anything else (the model, losses, optimiser, the data's sampling, seeds)
+#: defines the run: changing it mid-run would leave a config.json that does not say what trained.
+RESUMABLE = frozenset(
+    {
+        *(f"train.{k}" for k in ("steps", "log_every", "eval_every", "sample_every")),
+        *(f"train.{k}" for k in ("checkpoint_every", "eval_clips", "device", "amp", "compile")),
+        *(f"train.{k}" for k in ("channels_last", "cuda_graph", "checkpoint_activations")),
+        *(f"train.{k}" for k in ("grad_accum", "sync_bn")),
+        *(f"data.{k}" for k in ("source", "num_workers", "cache", "decoder")),
+    }
+)
+
+
+def resume_config(path: str | os.PathLike, overrides: dict[str, Any]) -> Config:
+    """The config a run resumed from checkpoint ``path`` continues with: the checkpoint's own,
+    with ``overrides`` applied to :data:`RESUMABLE` fields; any other changed field is refused,
+    naming it (``"loss.r1: 1.0 != 0.5"``)."""
+    saved = checkpoint_config(load_checkpoint(path, mmap=True))
+    cfg = config_mod.apply_overrides(saved, overrides)
+    old, new = _flat(saved), _flat(cfg)
+    fixed = [
+        f"{k}: {old[k]!r} != {new[k]!r}" for k in old if old[k] != new[k] and k not in RESUMABLE
+    ]
+    if fixed:
+        raise ConfigError(
+            f"resuming {path} continues its run with the config it was trained with; these "
+            "fields define the run and cannot change mid-run: " + "; ".join(fixed) + " (a resume "
+            "may change train.steps, the intervals, where and how the data is read, and the "
+            "device, precision and speed switches: RESUMABLE in vosgan/checkpoint.py)"
+        )
+    return cfg
+
+
+def _flat(cfg: Config) -> dict[str, Any]:
+    return {
+        f"{s}.{k}": v
+        for s, sub in cfg.to_dict().items()
+        if s in config_mod.SECTIONS
+        for k, v in sub.items()
+    }
 
 
 def latest_in(run_dir: str | os.PathLike) -> Path | None:

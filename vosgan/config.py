@@ -414,6 +414,10 @@ def validate(cfg: Config) -> None:
                 raise ConfigError(
                     f"{section}.{name} must be >= 1, got {getattr(getattr(cfg, section), name)}"
                 )
+    for name, seed in (("data.seed", d.seed), ("train.seed", t.seed)):
+        # numpy's SeedSequence takes no negative seed; batch_indices seeds with seed * 1_000_003
+        if not 0 <= seed < 2**32:
+            raise ConfigError(f"{name} must be in [0, 2**32), got {seed}")
     if d.num_workers < 0:
         raise ConfigError(f"data.num_workers must be >= 0, got {d.num_workers}")
     if d.stride < 1:

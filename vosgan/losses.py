@@ -288,9 +288,11 @@ class VosGanLoss(nn.Module):
         }
         total = parts["g_adv"] + c.mask_sparsity * parts["g_mask"]
         if c.consistency > 0:
-            parts["g_consistency"] = F.binary_cross_entropy(
-                fake.mask.float(), torch.sigmoid(d_fake.seg_logit.float()).detach()
-            )
+            # binary_cross_entropy refuses to run under CUDA autocast, whatever its inputs' dtype
+            with torch.autocast(fake.mask.device.type, enabled=False):
+                parts["g_consistency"] = F.binary_cross_entropy(
+                    fake.mask.float(), torch.sigmoid(d_fake.seg_logit.float()).detach()
+                )
             total = total + c.consistency * parts["g_consistency"]
         return total, parts
 

@@ -19,13 +19,14 @@ import contextlib
 import dataclasses
 import functools
 import json
+import os
 import signal
 import sys
 import textwrap
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TextIO
 
 import torch
 from torch import Tensor, nn
@@ -314,7 +315,7 @@ def _train(
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(cfg.to_json())
         writer = SummaryWriter(str(out / "tb"), purge_step=run.step)
-        log = (out / "log.jsonl").open("a")
+        log = _open_log(out / "log.jsonl", run.step)
     pending: list[tuple[int, dict[str, Tensor]]] = []
 
     def save() -> None:
@@ -403,6 +404,23 @@ def _train(
     return result
 
 
+def _open_log(path: Path, step: int) -> TextIO:
+    """``log.jsonl`` for appending, cut back to the rows of steps <= ``step`` (a resumed run
+    logs again what its checkpoint did not keep, as TensorBoard's ``purge_step`` does)."""
+    if path.exists():
+        kept = []
+        for line in path.read_text().splitlines():
+            try:
+                if json.loads(line)["step"] <= step:
+                    kept.append(line + "\n")
+            except (ValueError, KeyError, TypeError):  # a row torn by a kill: dropped
+                continue
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text("".join(kept))
+        os.replace(tmp, path)
+    return path.open("a")
+
+
 def parse_args(argv: list[str] | None = None) -> tuple[Config, Path, bool, Path | None]:
     """CLI -> (config, run folder, fused, checkpoint to resume from)."""
     p = argparse.ArgumentParser(
@@ -415,9 +433,10 @@ def parse_args(argv: list[str] | None = None) -> tuple[Config, Path, bool, Path 
     p.add_argument("--compile", action="store_true", help="torch.compile G and D (train.compile)")
     p.add_argument(
         "--preset",
-        default="cpu-small",
+        default=None,
         choices=sorted(config_mod.PRESETS),
-        help="the config to start from (PRESETS in vosgan/config.py; default: cpu-small)",
+        help="the config to start from (PRESETS in vosgan/config.py; default: cpu-small; a "
+        "resumed run keeps its checkpoint's)",
     )
     p.add_argument(
         "--data",
@@ -430,27 +449,48 @@ def parse_args(argv: list[str] | None = None) -> tuple[Config, Path, bool, Path 
         default=None,
         help="run folder, new or empty unless resumed (default: runs/<preset>-<time>)",
     )
-    p.add_argument("--resume", default=None, help="checkpoint file, run folder, or 'auto'")
+    p.add_argument(
+        "--resume",
+        default=None,
+        help="checkpoint file, run folder, or 'auto'; the run continues with its checkpoint's "
+        "config (overrides may change only train.steps, intervals, data reading, device and "
+        "speed switches)",
+    )
     args, rest = p.parse_known_args(argv)
     overrides: dict[str, Any] = config_mod.parse_overrides(rest)
     if args.data is not None:
         overrides["data.source"] = args.data
     if args.compile:
         overrides["train.compile"] = "true"
-    cfg = config_mod.load(args.preset, overrides)
+    preset = args.preset or "cpu-small"
     resume = None
     if args.resume is not None:
-        resume = checkpoint.find_resume(args.resume, args.out, args.preset)
+        resume = checkpoint.find_resume(args.resume, args.out, preset)
+    if resume is None:
+        cfg = config_mod.load(preset, overrides)
+    else:
+        cfg = checkpoint.resume_config(resume, overrides)
+        if args.preset not in (None, cfg.preset):
+            raise ConfigError(
+                f"--preset {args.preset}: {resume} was trained from preset {cfg.preset!r}"
+            )
+    # <run>/checkpoints/last.pt belongs to <run>; a checkpoint elsewhere has no run folder
+    in_run = resume is not None and resume.parent.name == "checkpoints"
     if args.out is not None:
         out = args.out
-    elif resume is not None:
+    elif in_run:
         out = resume.parent.parent
+    elif resume is not None:
+        raise ConfigError(
+            f"--resume {args.resume}: {resume} is not inside a run's checkpoints/ folder; "
+            "pass --out for the resumed run's folder"
+        )
     else:
-        out = Path("runs") / f"{args.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
+        out = Path("runs") / f"{preset}-{time.strftime('%Y%m%d-%H%M%S')}"
     # Never write into another run's folder: only --resume auto (which starts fresh in an --out
     # without a checkpoint) or a checkpoint inside --out may continue there.
     resuming_out = args.resume == "auto" or (
-        resume is not None and resume.parent.parent.resolve() == out.resolve()
+        in_run and resume.parent.parent.resolve() == out.resolve()
     )
     if not resuming_out and checkpoint.latest_in(out) is not None:
         raise ConfigError(

@@ -10,6 +10,7 @@ baseline. Real video has no ground-truth flow, so flow EPE is skipped there (and
 
 from __future__ import annotations
 
+import signal
 import sys
 from collections.abc import Iterator
 from typing import Any
@@ -87,8 +88,17 @@ def batches(
         # iterator start, which would shift the latents after a resume. Workers of different
         # ranks get different seeds (rank 0 keeps the single-process seed).
         generator=torch.Generator().manual_seed(cfg.data.seed + 1_000_003 * env.rank),
+        worker_init_fn=_leave_interrupts_to_the_trainer,
     )
     return iter(loader)
+
+
+def _leave_interrupts_to_the_trainer(worker_id: int) -> None:
+    """A DataLoader worker ignores Ctrl-C and SIGTERM (the terminal and schedulers signal the whole
+    process group): the training process finishes its step and checkpoints, then stops the
+    workers. A worker that died on the signal would fail the batch the trainer is waiting for."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 class Evaluator:
