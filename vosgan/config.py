@@ -229,7 +229,8 @@ class Config:
 PRESETS: dict[str, Config] = {
     # Sized so the default run finishes in minutes on 2 CPU cores.
     "cpu-small": Config(),
-    # The paper's resolution and VGAN-sized channels (about 26 GFLOP per sample, G+D fwd+bwd).
+    # The paper's resolution and VGAN-sized channels (a training step: about 116 GFLOP per clip,
+    # G and D forward and backward, by torch's FLOP counter; benchmarks/RESULTS.md).
     "paper": Config(
         preset="paper",
         model=ModelConfig(size=64, frames=32, gru_hidden=256, g_channels=512, d_channels=64),

@@ -126,7 +126,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--checkpoint", required=True, help="checkpoint file or run folder")
-    p.add_argument("--extractor", default=None, help="TorchScript feature extractor (.pt)")
+    p.add_argument(
+        "--extractor", default=None, help="TorchScript feature extractor (.pt); required"
+    )
     p.add_argument("--data", default="synthetic", help="'synthetic' or a dataset path")
     p.add_argument("--split", default="train", help="split of --data the real clips come from")
     p.add_argument("--num", type=int, default=2048, help="generated videos")
@@ -135,7 +137,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=16, help="clips per forward (16)")
     p.add_argument("--seed", type=int, default=0, help="latent seed of the generated videos")
     cli.add_device(p)
-    p.add_argument("--extractor-size", type=int, default=224, help="input side S; 0 = as is")
+    p.add_argument("--extractor-size", type=int, default=224, help="input side S; 0 = as is (224)")
     p.add_argument(
         "--extractor-range",
         default="[-1,1]",
