@@ -453,8 +453,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[Config, Path, bool, Path 
         "--resume",
         default=None,
         help="checkpoint file, run folder, or 'auto'; the run continues with its checkpoint's "
-        "config (overrides may change only train.steps, intervals, data reading, device and "
-        "speed switches)",
+        "config (overrides may change only the fields in RESUMABLE, vosgan/checkpoint.py: "
+        "train.steps, intervals, data reading, device, precision and speed switches)",
     )
     args, rest = p.parse_known_args(argv)
     overrides: dict[str, Any] = config_mod.parse_overrides(rest)
