@@ -33,11 +33,9 @@ void check_tensor(const at::Tensor& t, const char* name, const at::Tensor& x,
   TORCH_CHECK(t.is_contiguous(), msg("vosgan gru: ", name, " must be contiguous"));
 }
 
-}  // namespace
-
-std::tuple<int64_t, int64_t, int64_t, int64_t> check_forward_args(
-    const at::Tensor& x, const at::Tensor& h0, const at::Tensor& w_ih, const at::Tensor& w_hh,
-    const at::Tensor& b_ih, const at::Tensor& b_hh) {
+// x (B, T, I) contiguous, of a supported dtype; w_hh (3H, H); B, T, I, H > 0. Both ops.
+std::tuple<int64_t, int64_t, int64_t, int64_t> check_x_and_w_hh(const at::Tensor& x,
+                                                               const at::Tensor& w_hh) {
   TORCH_CHECK(x.dim() == 3, msg("vosgan gru: x must be (B, T, I), got shape ", x.sizes()));
   const auto dt = x.scalar_type();
   TORCH_CHECK(dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16 || dt == at::kDouble,
@@ -49,6 +47,15 @@ std::tuple<int64_t, int64_t, int64_t, int64_t> check_forward_args(
   const int64_t B = x.size(0), T = x.size(1), I = x.size(2), H = w_hh.size(1);
   TORCH_CHECK(B > 0 && T > 0 && I > 0,
               msg("vosgan gru: x must have B, T, I > 0, got ", x.sizes()));
+  return {B, T, I, H};
+}
+
+}  // namespace
+
+std::tuple<int64_t, int64_t, int64_t, int64_t> check_forward_args(
+    const at::Tensor& x, const at::Tensor& h0, const at::Tensor& w_ih, const at::Tensor& w_hh,
+    const at::Tensor& b_ih, const at::Tensor& b_hh) {
+  const auto [B, T, I, H] = check_x_and_w_hh(x, w_hh);
   check_tensor(h0, "h0", x, {B, H});
   check_tensor(w_ih, "w_ih", x, {3 * H, I});
   check_tensor(w_hh, "w_hh", x, {3 * H, H});
@@ -74,9 +81,7 @@ std::tuple<at::Tensor, at::Tensor> gru_forward_driver(
 std::tuple<int64_t, int64_t, int64_t, int64_t> check_backward_args(
     const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& h0,
     const at::Tensor& w_ih, const at::Tensor& w_hh, const at::Tensor& ws) {
-  TORCH_CHECK(x.dim() == 3 && w_hh.dim() == 2,
-              "vosgan gru_backward: x must be (B, T, I) and w_hh (3H, H)");
-  const int64_t B = x.size(0), T = x.size(1), I = x.size(2), H = w_hh.size(1);
+  const auto [B, T, I, H] = check_x_and_w_hh(x, w_hh);
   check_tensor(grad_out, "grad_out", x, {B, T, H});
   check_tensor(h0, "h0", x, {B, H});
   check_tensor(w_ih, "w_ih", x, {3 * H, I});

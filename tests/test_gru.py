@@ -80,6 +80,73 @@ def test_forward_and_all_grads_match_nn_gru(shape: tuple[int, ...], with_h0: boo
         torch.testing.assert_close(g, e, atol=2e-5, rtol=1e-4)
 
 
+@requires_ext
+@pytest.mark.parametrize("shape", [(64, 4, 8, 130), (200, 3, 5, 33)])
+def test_parallel_tasks_split_batch_and_units(shape: tuple[int, ...]) -> None:
+    """Shapes big enough for several at::parallel_for tasks at two threads (the per-task batch
+    and unit slices, and the sliced bias sums); ODD_SHAPES run as one task."""
+    B, T, n_in, H = shape
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        ref, fused = _pair(n_in, H)
+        x, h0 = torch.randn(B, T, n_in), torch.randn(1, B, H)
+        expected, got = _grads(ref, x, h0, 2), _grads(fused, x, h0, 2)
+    finally:
+        torch.set_num_threads(threads)
+    for e, g in zip(expected, got, strict=True):
+        torch.testing.assert_close(g, e, atol=5e-5, rtol=1e-4)
+
+
+@requires_ext
+def test_ops_called_directly_check_devices_and_dtypes() -> None:
+    """A meta tensor among CPU ones dispatches to the fake kernel, which must refuse it rather
+    than return uninitialised memory; gru_backward refuses integer tensors."""
+    x, h0, *w = _raw_args(2, 3, 4, 5)
+    with pytest.raises(RuntimeError, match="every argument must be torch.float32 on cpu"):
+        torch.ops.vosgan.gru_forward(x, h0, w[0], w[1].to("meta"), w[2], w[3])
+    out, ws = torch.ops.vosgan.gru_forward(x, h0, *w)
+    with pytest.raises(RuntimeError, match="every argument must be torch.float32 on cpu"):
+        torch.ops.vosgan.gru_backward(out, x, h0.to("meta"), w[0], w[1], ws)
+    ints = [t.long() for t in (out, x, h0, w[0], w[1])]
+    with pytest.raises(RuntimeError, match="x has dtype Long; supported"):
+        torch.ops.vosgan.gru_backward(*ints, ws)
+
+
+def test_cuda_blocker_follows_the_kernels_shared_memory() -> None:
+    """12 U H bytes of shared memory per block, U the smallest power of two (<= 16) giving at
+    most one block per SM: the largest H is 869 on an A100, 1210 on an H100."""
+    from types import SimpleNamespace
+
+    devices = {
+        0: SimpleNamespace(multi_processor_count=108, shared_memory_per_block_optin=166912),
+        1: SimpleNamespace(multi_processor_count=132, shared_memory_per_block_optin=232448),
+    }
+    blocker = gru_ops.cuda_blocker.__wrapped__
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(torch.cuda, "get_device_properties", lambda i: devices[i])
+        for index, fits, too_big in ((0, 869, 870), (1, 1210, 1211)):
+            devices[index].name = f"device {index}"
+            assert blocker(torch.float32, fits, index) is None
+            assert blocker(torch.bfloat16, 64, index) is None
+            why = blocker(torch.float32, too_big, index)
+            assert f"hidden size {too_big} needs {12 * 16 * too_big} bytes" in why
+        assert "float64 runs the reference" in blocker(torch.float64, 64, 0)
+
+
+@pytest.mark.parametrize("w_dtype", [torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("x_dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_autocast_output_has_the_inputs_dtype(w_dtype: torch.dtype, x_dtype: torch.dtype) -> None:
+    """As nn.GRU on CPU: under autocast the outputs have the input's dtype, whatever the
+    parameters' (the op's autocast kernel computes in float32)."""
+    ref, fused = (m.to(w_dtype) for m in _pair(3, 6))
+    x = torch.randn(2, 4, 3, dtype=x_dtype)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        want, got = ref(x), fused(x)
+    assert [t.dtype for t in got] == [t.dtype for t in want] == [x_dtype] * 2
+    torch.testing.assert_close(got[0], want[0], atol=3e-2, rtol=3e-2)
+
+
 # Run in a child process: the gate-loop clone is picked once per process.
 _ISA_CHILD = textwrap.dedent(
     """

@@ -33,8 +33,9 @@ class FusedGRU(nn.Module):
     ``None``. Returns ``(output (B, T, H), h_n (1, B, H))`` (unbatched: ``(T, H)``, ``(1, H)``);
     ``h_n`` has its own storage, as with ``nn.GRU``. ``B = 0`` gives empty outputs, as ``nn.GRU``.
 
-    Under autocast the GRU computes in the parameters' dtype: the kernel accumulates in float32
-    anyway and the layer is tiny. Double backward is not supported (see :mod:`vosgan.ops.gru`).
+    Under autocast the GRU computes in float32 (the layer is tiny) and returns the input's
+    dtype, as ``nn.GRU`` does on CPU (on CUDA, ``nn.GRU`` returns the autocast dtype). Double
+    backward is not supported (see :mod:`vosgan.ops.gru`).
     """
 
     def __init__(
@@ -147,7 +148,8 @@ class FusedGRU(nn.Module):
                 raise ValueError(f"FusedGRU: hx must have shape {want}, got {tuple(hx.shape)}")
             h0 = hx.reshape(B, H)
         w = self.weight_ih_l0
-        if torch.is_autocast_enabled(x.device.type) and x.dtype != w.dtype:
+        autocast = torch.is_autocast_enabled(x.device.type)
+        if autocast and x.dtype != w.dtype:
             x = x.to(w.dtype)
             h0 = None if h0 is None else h0.to(w.dtype)
         for name, t in (("input", x), ("hx", h0)):  # the module's names, not the op's
@@ -165,6 +167,8 @@ class FusedGRU(nn.Module):
             out, h_last = gru(
                 x, h0, w, self.weight_hh_l0, self.bias_ih_l0, self.bias_hh_l0, impl=self.impl
             )
+        if autocast and out.dtype != input.dtype:  # the op's autocast kernel runs in float32
+            out, h_last = out.to(input.dtype), h_last.to(input.dtype)
         h_last = h_last.clone()  # fused impls give a view of out; nn.GRU's h_n has its own storage
         if not batched:
             return out.squeeze(0), h_last

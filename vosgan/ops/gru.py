@@ -25,6 +25,8 @@ returning wrong gradients; use ``impl="reference"`` if you need it.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor
 
@@ -164,6 +166,10 @@ def gru(
         b_hh = x.new_zeros(3 * H)
     if impl == "auto":
         impl = auto_impl(x.device.type)
+        why = cuda_blocker(x.dtype, H, x.device.index) if impl == "cuda" else None
+        if why is not None:
+            backend.warn_once(f"gru-cuda-{why}", f"gru: reference ({why})")
+            impl = "reference"
     if impl == "reference":
         return gru_reference(x, h0, w_ih, w_hh, b_ih, b_hh)
     if _C is None:
@@ -181,6 +187,45 @@ def gru(
     return out, out[:, -1]
 
 
+@torch.compiler.assume_constant_result  # a trace-time constant: no graph break
+@functools.cache
+def cuda_blocker(dtype: torch.dtype, hidden: int, device_index: int | None) -> str | None:
+    """Why the CUDA kernel cannot run a ``dtype`` GRU of ``hidden`` units on CUDA device
+    ``device_index`` (``None``: the current one), or ``None``.
+
+    The kernel is float32/16/bf16 only, and each of its ``ceil(H / U)`` cooperative blocks holds
+    ``U`` units' rows of ``w_hh`` (``3 U H`` floats) in shared memory, ``U`` the smallest power
+    of two up to 16 that gives at most one block per SM (``units_per_block`` in
+    ``csrc/gru_cuda.cu``).
+    """
+    if dtype == torch.float64:
+        return "float64 runs the reference: the CUDA kernel is float32/float16/bfloat16"
+    props = torch.cuda.get_device_properties(
+        torch.cuda.current_device() if device_index is None else device_index
+    )
+    sms = props.multi_processor_count
+    units = next((u for u in (1, 2, 4, 8) if -(-hidden // u) <= sms), 16)
+    smem = 12 * units * hidden
+    if smem > props.shared_memory_per_block_optin:
+        return (
+            f"hidden size {hidden} needs {smem} bytes of shared memory per block in the CUDA "
+            f"kernel, {props.name} allows {props.shared_memory_per_block_optin}"
+        )
+    return None
+
+
+def _fake_check(x: Tensor, *others: Tensor) -> None:
+    """The fake kernels' share of the C++ checks: one device and dtype (a tensor on ``meta``
+    among real ones would otherwise dispatch here and return uninitialised memory)."""
+    for t in others:
+        torch._check(
+            t.device == x.device and t.dtype == x.dtype,
+            lambda t=t: (
+                f"gru: every argument must be {x.dtype} on {x.device}, got {t.dtype} on {t.device}"
+            ),
+        )
+
+
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
@@ -191,6 +236,7 @@ if _C is not None:
     def _gru_forward_fake(
         x: Tensor, h0: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Tensor, b_hh: Tensor
     ) -> tuple[Tensor, Tensor]:
+        _fake_check(x, h0, w_ih, w_hh, b_ih, b_hh)
         B, T, _ = x.shape
         H = w_hh.shape[1]
         return x.new_empty(B, T, H), x.new_empty(B, T, 5 * H, dtype=_acc_dtype(x.dtype))
@@ -199,6 +245,11 @@ if _C is not None:
     def _gru_backward_fake(
         grad_out: Tensor, x: Tensor, h0: Tensor, w_ih: Tensor, w_hh: Tensor, ws: Tensor
     ) -> tuple[Tensor, ...]:
+        _fake_check(x, grad_out, h0, w_ih, w_hh)
+        torch._check(
+            ws.device == x.device and ws.dtype == _acc_dtype(x.dtype),
+            lambda: f"gru_backward: ws must be {_acc_dtype(x.dtype)} on {x.device}",
+        )
         H3 = w_hh.shape[0]
         return (
             x.new_empty(x.shape),
