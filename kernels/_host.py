@@ -7,6 +7,9 @@ launchers call them a dozen or more times per op. These are the same functions i
 
 from __future__ import annotations
 
+#: The largest grid along CUDA's y and z axes (x allows 2**31 - 1).
+MAX_GRID_YZ = 65535
+
 
 def cdiv(a: int, b: int) -> int:
     """``ceil(a / b)`` for ints, ``b > 0`` (as ``triton.cdiv``)."""

@@ -51,13 +51,29 @@ def _tile_offsets(
 ):
     # unit u -> (b', s-block); the unit stride is a literal 1 so loads vectorise
     b = u // n_sblocks
-    s = (u % n_sblocks) * BLOCK_S + tl.arange(0, BLOCK_S)
+    s_block = u % n_sblocks
+    if CL:  # S = B * T * H * W can pass 2**31: widen before the multiply, not after
+        s_block = s_block.to(tl.int64)
+    s = s_block * BLOCK_S + tl.arange(0, BLOCK_S)
     c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     if CL:
         offs = b.to(tl.int64) * stride_b + c[:, None] + s[None, :].to(tl.int64) * stride_s
     else:
         offs = b.to(tl.int64) * stride_b + c[:, None].to(tl.int64) * stride_c + s[None, :]
     return offs, c, s, c < C, s < S
+
+
+@triton.jit
+def _pivot(y_ptr, pid_c, C, stride_c, CL: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Each channel's first value, fp32. The statistics are gathered on ``y - pivot`` (shifted
+    data): a mean large against the spread then costs no precision in the tile means and the
+    merges, and the pivot is added back to the mean at the end."""
+    c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    if CL:
+        off = c.to(tl.int64)  # (b, s) = (0, 0): channels have unit stride
+    else:
+        off = c.to(tl.int64) * stride_c
+    return tl.load(y_ptr + off, mask=c < C, other=0.0).to(tl.float32)
 
 
 @triton.jit
@@ -76,10 +92,12 @@ def _bn_stats_partial_kernel(
     BLOCK_C: tl.constexpr,
     BLOCK_S: tl.constexpr,
 ):
-    """part[0|1|2, pid, c] = (count, mean, M2) of channel ``c`` over this program's units."""
+    """part[0|1|2, pid, c] = (count, mean, M2) of channel ``c`` over this program's units, the
+    mean of ``y - pivot`` (:func:`_pivot`)."""
     pid = tl.program_id(0)
     pid_c = tl.program_id(1)
     n_prog = tl.num_programs(0)
+    pivot = _pivot(y_ptr, pid_c, C, stride_c, CL, BLOCK_C)
     cnt = tl.zeros([BLOCK_C], dtype=tl.float32)
     mean = tl.zeros([BLOCK_C], dtype=tl.float32)
     m2 = tl.zeros([BLOCK_C], dtype=tl.float32)
@@ -91,6 +109,7 @@ def _bn_stats_partial_kernel(
         sm = s < tl.where(u < n_units, S, 0)  # a unit past the end masks everything
         mask = cm[:, None] & sm[None, :]
         x = tl.load(y_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        x = tl.where(mask, x - pivot[:, None], 0.0)
         # exact two-pass statistics of the tile (it sits in registers) ...
         n_t = tl.sum(sm.to(tl.float32), axis=0)
         mean_t = tl.sum(x, axis=1) / tl.maximum(n_t, 1.0)
@@ -115,19 +134,23 @@ def _bn_stats_partial_kernel(
 @triton.jit
 def _bn_stats_finalize_kernel(
     part_ptr,
+    y_ptr,
     mean_ptr,
     var_ptr,
     rm_ptr,
     rv_ptr,
     C,
     n_part,
+    stride_c,
     momentum,
     unbias,
+    CL: tl.constexpr,
     UPDATE: tl.constexpr,
     BLOCK_P: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
-    """Merge ``n_part`` partials per channel: ``mean[c]`` and biased ``var[c]``.
+    """Merge ``n_part`` partials per channel: ``mean[c]`` (the pivot added back) and biased
+    ``var[c]``.
 
     Two passes over [BLOCK_P, BLOCK_C] tiles of partials (parallel, not a serial chain of
     dependent loads): ``mean = sum n_p mean_p / n``, ``M2 = sum M2_p + n_p (mean_p - mean)^2``,
@@ -155,6 +178,7 @@ def _bn_stats_finalize_kernel(
         d = tl.load(base + stride_part, mask=m, other=0.0) - mean[None, :]
         m2 += tl.sum(tl.load(base + 2 * stride_part, mask=m, other=0.0) + n_p * d * d, axis=0)
     var = m2 / tl.maximum(cnt, 1.0)
+    mean += _pivot(y_ptr, tl.program_id(0), C, stride_c, CL, BLOCK_C)
     tl.store(mean_ptr + c, mean, mask=cm)
     tl.store(var_ptr + c, var, mask=cm)
     if UPDATE:
@@ -476,14 +500,17 @@ def bn_stats(
     rm, rv, momentum, unbias = _running_args(update, v.count, mean)
     _bn_stats_finalize_kernel[(cdiv(v.shape[1], 32),)](
         part,
+        y,
         mean,
         var,
         rm,
         rv,
         v.shape[1],
         n_prog,
+        v.strides[1],
         momentum,
         unbias,
+        CL=v.cl,
         UPDATE=update is not None,
         BLOCK_P=64,
         BLOCK_C=32,

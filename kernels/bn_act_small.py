@@ -20,6 +20,7 @@ from vosgan.kernels.bn_act import (
     RunningUpdate,
     _channel_affine,
     _grad_pre_act,
+    _pivot,
     _running_args,
     _strided_like,
     _tile_offsets,
@@ -66,12 +67,14 @@ def _bn_act_fwd_small_kernel(
     cnt = tl.zeros([BLOCK_C], dtype=tl.float32)
     mean = tl.zeros([BLOCK_C], dtype=tl.float32)
     m2 = tl.zeros([BLOCK_C], dtype=tl.float32)
+    pivot = _pivot(y_ptr, pid_c, C, stride_c, CL, BLOCK_C)  # statistics of y - pivot
     for u in range(0, n_units):  # pass 1: exact tile statistics, Chan-merged
         offs, c, s, cm, sm = _tile_offsets(
             u, n_sblocks, C, S, stride_b, stride_c, stride_s, pid_c, CL, BLOCK_C, BLOCK_S
         )
         mask = cm[:, None] & sm[None, :]
         x = tl.load(y_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        x = tl.where(mask, x - pivot[:, None], 0.0)
         n_t = tl.sum(sm.to(tl.float32), axis=0)
         mean_t = tl.sum(x, axis=1) / n_t
         d = tl.where(mask, x - mean_t[:, None], 0.0)
@@ -81,6 +84,7 @@ def _bn_act_fwd_small_kernel(
         m2 += tl.sum(d * d, axis=1) + delta * delta * cnt * (n_t / n_new)
         cnt = n_new
     var = m2 / cnt
+    mean += pivot
     c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     cm = c < C
     tl.store(mean_ptr + c, mean, mask=cm)

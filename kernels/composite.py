@@ -60,15 +60,18 @@ def composite_fwd_kernel(
     FP64: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
-    t = tl.program_id(1)
-    bi = tl.program_id(2).to(tl.int64)  # 64-bit batch offsets: no overflow past 2**31 elements
+    # 64-bit frame, channel and batch offsets: in a time- or channel-major view, or an item of
+    # 2**31 elements, t or c times its stride passes 2**31
+    t = tl.program_id(1).to(tl.int64)
+    bi = tl.program_id(2).to(tl.int64)
     offs = pid_n * BLOCK + tl.arange(0, BLOCK)
     mask = offs < N
     # Stage 1: the mask, once for every channel.
     m = _up(tl.load(m_ptr + bi * sm_b + t * sm_t + offs, mask=mask), FP64)
     v_base = v_ptr + bi * C * T * N + t * N
     # Stage 2: per channel, read f (streamed) and b (reused over T: keep in L2), write v.
-    for c in tl.static_range(C):
+    for c_ in tl.static_range(C):
+        c = tl.cast(c_, tl.int64)
         f = _up(
             tl.load(
                 f_ptr + bi * sf_b + c * sf_c + t * sf_t + offs,
@@ -114,9 +117,9 @@ def composite_bwd_kernel(
 ):
     pid_n = tl.program_id(0)
     bi = tl.program_id(1).to(tl.int64)
-    chunk = tl.program_id(2)  # frames [chunk * T_CHUNK, ...) of T; one chunk unless split
+    chunk = tl.program_id(2).to(tl.int64)  # frames [chunk * T_CHUNK, ...); one chunk unless split
     offs = pid_n * BLOCK + tl.arange(0, BLOCK)
-    cs = tl.arange(0, C_PAD)
+    cs = tl.arange(0, C_PAD).to(tl.int64)  # 64-bit offsets, as in the forward
     mask_n = offs < N
     mask = (cs[:, None] < C) & mask_n[None, :]
     # Stage 1: the background tile, read once, and the fp32 accumulator of db.
@@ -129,7 +132,8 @@ def composite_bwd_kernel(
     df_base = df_ptr + bi * C * T * N + cs[:, None] * T * N + offs[None, :]
     # Stage 2: walk the frames; padded channels load 0 and so add nothing to dm or db.
     t0 = chunk * T_CHUNK
-    for t in range(t0, tl.minimum(t0 + T_CHUNK, T)):
+    for t_ in range(t0, tl.minimum(t0 + T_CHUNK, T)):
+        t = tl.cast(t_, tl.int64)
         m = _up(tl.load(m_ptr + bi * sm_b + t * sm_t + offs, mask=mask_n), FP64)
         g = _up(
             tl.load(g_base + t * sg_t, mask=mask, other=0.0, eviction_policy="evict_first"), FP64

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 import triton
 import triton.language as tl
-from vosgan.kernels._host import cdiv, next_power_of_2
+from vosgan.kernels._host import MAX_GRID_YZ, cdiv, next_power_of_2
 
 #: How the backward scatters ``d loss / d x`` on a GPU (``VOSGAN_FLOW_WARP_DX`` sets it for a
 #: process):
@@ -117,8 +117,9 @@ def _corners(x0, y0, W, H, pm):
 def _load_channel(xt_base, c, x_sc, x_st, p, pm, o_nw, m_nw, m_ne, m_sw, m_se, W):
     """Channel ``c``, in fp32: ``x_t`` at the pixels and ``x_{t+1}`` at their four bilinear
     corners (0 where a corner is off the frame)."""
-    xt = tl.load(xt_base + c * x_sc + p, mask=pm, other=0.0).to(tl.float32)
-    n_base = xt_base + x_st + c * x_sc + o_nw
+    ch = tl.cast(c, tl.int64) * x_sc  # 64-bit: a channel-major view's c * stride > 2**31
+    xt = tl.load(xt_base + ch + p, mask=pm, other=0.0).to(tl.float32)
+    n_base = xt_base + x_st + ch + o_nw
     v_nw = tl.load(n_base, mask=m_nw, other=0.0).to(tl.float32)
     v_ne = tl.load(n_base + 1, mask=m_ne, other=0.0).to(tl.float32)
     v_sw = tl.load(n_base + W, mask=m_sw, other=0.0).to(tl.float32)
@@ -190,7 +191,7 @@ def _fwd_kernel(
         if REDUCE:
             acc += tl.where(pm, r, 0.0)
         else:
-            o = out_ptr + b * o_sb + c * o_sc + t * o_st + p
+            o = out_ptr + b * o_sb + tl.cast(c, tl.int64) * o_sc + t * o_st + p
             tl.store(o, r.to(out_ptr.dtype.element_ty), mask=pm)
     if REDUCE:
         tl.store(out_ptr + pid_bt * tl.num_programs(0) + pid_p, tl.sum(acc, axis=0))
@@ -234,7 +235,8 @@ def _bwd_channel(
     if G_SCALAR:
         go = g_s
     else:
-        go = tl.load(g_ptr + g_off + c * g_sc + p, mask=pm, other=0.0).to(tl.float32)
+        g_c = g_ptr + g_off + tl.cast(c, tl.int64) * g_sc
+        go = tl.load(g_c + p, mask=pm, other=0.0).to(tl.float32)
     rho = tl.sqrt_rn(d * d + eps2)
     g = go * d / rho
     if HAS_W:
@@ -360,8 +362,9 @@ def _bwd_kernel(
             acc += rho
             if GRAD_X:
                 # x_t gets g; x_{t+1} gets -g spread over the four corners.
-                d_cur = dx_base + c * dx_sc + p
-                d_nw = dx_base + dx_st + c * dx_sc + o_nw
+                ch = tl.cast(c, tl.int64) * dx_sc
+                d_cur = dx_base + ch + p
+                d_nw = dx_base + dx_st + ch + o_nw
                 if FIXED_POINT:
                     tl.atomic_add(d_cur, (g * qscale).to(tl.int64), mask=pm, sem="relaxed")
                     tl.atomic_add(
@@ -422,6 +425,15 @@ def _geometry(h: int, w: int, eps: float, recip: bool) -> dict[str, float]:
     }
 
 
+def check_frame_pairs(b: int, t: int) -> None:
+    """Refuse more frame pairs (B * (T-1), the grid's y axis) than one launch holds."""
+    if b * (t - 1) > MAX_GRID_YZ:
+        raise ValueError(
+            f"flow_warp_loss: B * (T-1) = {b} * {t - 1} frame pairs exceed the {MAX_GRID_YZ} "
+            "a CUDA grid's y axis holds; split the batch or use impl='reference'"
+        )
+
+
 def _plane_contiguous(t: torch.Tensor, name: str) -> None:
     if t.stride(-1) != 1 or t.stride(-2) != t.shape[-1]:
         raise ValueError(f"{name}: each (H, W) plane must be contiguous, got strides {t.stride()}")
@@ -449,6 +461,7 @@ def flow_warp_loss_fwd(
             _plane_contiguous(ten, name)
     hw = h * w
     cfg = _launch(hw, x.device)
+    check_frame_pairs(b, t)
     grid = (cdiv(hw, cfg["BLOCK"]), b * (t - 1))
     if reduce:
         out = torch.empty(grid[0] * grid[1], device=x.device, dtype=torch.float32)
@@ -522,6 +535,7 @@ def flow_warp_loss_bwd(
     rgb_vec = rgb_vec and _f32_vector_atomics(x.device)
     if grad_x and x.device.type == "cuda" and DX_MODE != "loop":  # one pixel per thread
         cfg.update(BLOCK=256, num_warps=8)
+    check_frame_pairs(b, t)
     grid = (cdiv(hw, cfg["BLOCK"]), b * (t - 1))
     g_scalar = grad.numel() == 1
     g_strides = (0, 0, 0) if g_scalar else (grad.stride(0), grad.stride(1), grad.stride(2))

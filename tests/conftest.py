@@ -121,3 +121,17 @@ def tiny_config(**overrides):
             **overrides,
         },
     )
+
+
+def far_view(shape: tuple[int, ...], strides: tuple[int, ...], device: str) -> torch.Tensor:
+    """A float16 view of ``shape`` whose ``strides`` reach past 2**31 elements, filled with
+    randn: only its own elements are written, so the rest of the (4+ GiB) storage stays
+    untouched virtual memory. Tests of the kernels' 64-bit offsets use it."""
+    extent = 1 + sum((n - 1) * s for n, s in zip(shape, strides, strict=True))
+    try:
+        storage = torch.empty(extent, dtype=torch.float16, device=device)
+    except (RuntimeError, MemoryError) as exc:
+        pytest.skip(f"cannot reserve {2 * extent / 2**30:.1f} GiB: {exc}")
+    view = storage.as_strided(shape, strides)
+    view.copy_(torch.randn(shape, device=device))
+    return view

@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
-from conftest import requires_cuda, watch_launches
+from conftest import far_view, requires_cuda, watch_launches
 from vosgan.kernels.composite import bwd_block, bwd_t_chunk, composite_bwd, fwd_block
 
 from vosgan.nn import MaskComposite, fuse_modules
@@ -396,3 +396,17 @@ def test_gpu_inductor_and_autocast():
     torch.testing.assert_close(loss, composite_reference(f.bfloat16(), m, b.bfloat16()).sum())
     loss.backward()
     assert f.grad is not None and f.grad.dtype == torch.float32
+
+
+def test_offsets_past_2_31_elements():
+    """A time-major view whose frame stride times t passes 2**31 elements: the kernels' 64-bit
+    offsets read and write the right frames (32-bit ones wrapped to memory before the tensor)."""
+    stride_t = 2**30 + 64
+    f = far_view((1, 2, 3, 8, 8), (128, 64, stride_t, 8, 1), DEV).requires_grad_()
+    m = torch.rand(1, 1, 3, 8, 8, device=DEV, dtype=torch.float16, requires_grad=True)
+    b = torch.randn(1, 2, 8, 8, device=DEV, dtype=torch.float16, requires_grad=True)
+    g = torch.randn(1, 2, 3, 8, 8, device=DEV, dtype=torch.float16)
+    got = _run(lambda *a: composite(*a, impl="triton"), f, m, b, g)
+    want = _run(composite_reference, f, m, b, g)
+    for name, x, y in zip(("v", "df", "dm", "db"), got, want, strict=True):
+        torch.testing.assert_close(x, y, rtol=2e-3, atol=2e-3, msg=name)

@@ -113,6 +113,27 @@ def test_module_train_eval_running_stats(transpose, path, monkeypatch):
         torch.testing.assert_close(p_f.grad, p_r.grad, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("layout", ["ncdhw", "cl"])
+@pytest.mark.parametrize("path", ["split", "single"])
+def test_statistics_of_a_large_mean_with_a_small_spread(layout, path, monkeypatch):
+    """Shifted data: y = 1e4 + 1e-3 noise (one fp32 ulp of the mean is about the spread). The
+    kernels' batch mean and variance match float64 statistics of the same fp32 values; unshifted
+    tile means are off by a whole spread there."""
+    monkeypatch.setattr(bn_act_small, "SMALL_NUMEL", 0 if path == "split" else 1 << 30)
+    g = torch.Generator(device=DEV).manual_seed(3)
+    shape = (3, 5, 2, 9, 7)
+    y = 1e4 + 1e-3 * torch.randn(shape, device=DEV, generator=g)
+    y[:, :, 1] += 2e-3  # a drift between frames: the tiles' means differ
+    if layout == "cl":
+        y = y.to(memory_format=CL)
+    w, b = torch.ones(5, device=DEV), torch.zeros(5, device=DEV)
+    rm, rv = torch.zeros(5, device=DEV), torch.ones(5, device=DEV)
+    bn_act(y, w, b, rm, rv, training=True, momentum=1.0, impl="triton")  # running := batch
+    y64 = y.double().transpose(0, 1).reshape(5, -1)
+    torch.testing.assert_close(rm.double(), y64.mean(1), rtol=0, atol=1e-3)  # an fp32 ulp
+    torch.testing.assert_close(rv.double(), y64.var(1), rtol=1e-3, atol=0)
+
+
 def test_module_without_running_stats():
     """``track_running_stats=False``: batch statistics in train and eval, nothing updated."""
     ref = _block(False)
@@ -521,14 +542,17 @@ _AOT = {
     ],
     "_bn_stats_finalize_kernel": [
         "part_ptr:*fp32",
+        "y_ptr:*bf16",
         "mean_ptr:*fp32",
         "var_ptr:*fp32",
         "rm_ptr:*fp32",
         "rv_ptr:*fp32",
         "C",
         "n_part:i32",
+        "stride_c",
         "momentum:fp32",
         "unbias:fp32",
+        "CL",
         "UPDATE:constexpr",
         "BLOCK_P:constexpr",
         "BLOCK_C",

@@ -4,7 +4,7 @@ import re
 
 import pytest
 import torch
-from conftest import HAS_CUDA, requires_cuda
+from conftest import HAS_CUDA, far_view, requires_cuda
 
 from vosgan import backend
 from vosgan.nn import FlowWarpLoss, fuse_modules
@@ -638,3 +638,55 @@ def test_gpu_torch_compile_fullgraph() -> None:
     got, want = torch.autograd.grad(out, [x, flow]), torch.autograd.grad(ref, [x, flow])
     for a, r in zip(got, want, strict=True):
         assert_close_rel(a, r, 1e-4, "compiled grads")
+
+
+@pytest.mark.parametrize("impl", ["triton"])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_offsets_past_2_31_elements(impl: str, reduction: str) -> None:
+    """A channel-major view whose channel stride times c passes 2**31 elements: the kernels'
+    64-bit channel offsets read and write the right planes (32-bit ones wrapped)."""
+    b, c, t, h, w = 1, 3, 2, 8, 8
+    stride_c = 2**30 + 64
+    x = far_view((b, c, t, h, w), (64 * t, stride_c, h * w, w, 1), "cuda" if HAS_CUDA else "cpu")
+    x.requires_grad_()
+    flow = make_flow("random", b, t, h, w).to(x.device, torch.float16).requires_grad_()
+    ref = flow_warp_loss_reference(x, flow, reduction=reduction)
+    g = torch.randn_like(ref)
+    out = flow_warp_loss(x, flow, reduction=reduction, impl=impl)
+    got, want = [out, *grads(out, [x, flow], g)], [ref, *grads(ref, [x, flow], g)]
+    for name, a, r in zip(("loss", "dx", "dflow"), got, want, strict=True):
+        torch.testing.assert_close(a.float(), r.float(), rtol=2e-2, atol=2e-2, msg=name)
+
+
+@pytest.mark.parametrize("impl", ["triton"])
+def test_torch_deterministic_mode_selects_the_deterministic_scatter(impl: str, monkeypatch):
+    """Under torch.use_deterministic_algorithms(True) the fused dx takes the fixed-point
+    scatter, as if deterministic=True were passed (float atomics are not reproducible)."""
+    real, seen = fw._fused_grads, []
+
+    def spy(*args, **kw):
+        seen.append(args[7])
+        return real(*args, **kw)
+
+    monkeypatch.setattr(fw, "_fused_grads", spy)
+    b, c, t, h, w = 1, 2, 3, 4, 5
+    x = torch.randn(b, c, t, h, w, requires_grad=True)
+    flow = make_flow("random", b, t, h, w).requires_grad_()
+    torch.autograd.grad(flow_warp_loss(x, flow, impl=impl), [x, flow])
+    monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda: True)
+    torch.autograd.grad(flow_warp_loss(x, flow, impl=impl), [x, flow])
+    assert seen == [False, True]
+
+
+def test_frame_pairs_beyond_one_grid_are_refused(monkeypatch):
+    """B * (T-1) frame pairs sit on the grid's y axis (at most 65535 on CUDA): more is refused
+    by name before any launch."""
+    from vosgan.kernels import flow_warp as kernels
+
+    kernels.check_frame_pairs(65535, 2)
+    with pytest.raises(ValueError, match=r"B \* \(T-1\) = 2 \* 32768 frame pairs exceed the 65535"):
+        kernels.check_frame_pairs(2, 32769)
+    monkeypatch.setattr(kernels, "MAX_GRID_YZ", 3)
+    x, flow = torch.randn(2, 1, 3, 4, 4), torch.zeros(2, 2, 2, 4, 4)
+    with pytest.raises(ValueError, match="2 \\* 2 frame pairs exceed the 3"):
+        flow_warp_loss(x, flow, impl="triton")

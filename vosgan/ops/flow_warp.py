@@ -60,6 +60,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from vosgan import backend
+from vosgan.kernels._host import MAX_GRID_YZ
 
 PADDING_MODES = ("zeros", "border")
 IMPLS = ("auto", "reference", "triton", "numba")
@@ -491,7 +492,8 @@ def flow_warp_loss(
             reference), ``"reference"``, ``"triton"`` (CUDA tensors, or CPU tensors under
             ``TRITON_INTERPRET=1``) or ``"numba"`` (CPU tensors).
         deterministic: make ``d loss / d x`` bitwise reproducible on GPU (fixed-point atomics);
-            the other outputs are deterministic anyway.
+            the other outputs are deterministic anyway. On whenever
+            ``torch.use_deterministic_algorithms(True)`` is.
 
     Returns:
         ``reduction="mean"``: a 0-dim tensor in ``x.dtype``; ``"none"``: ``(B, C, T-1, H, W)``.
@@ -516,6 +518,14 @@ def flow_warp_loss(
                 f"flow_warp_loss: float64 inputs run the reference (the {impl} kernels are fp32)",
             )
             impl = "reference"
+        elif impl == "triton" and x.shape[0] * (x.shape[2] - 1) > MAX_GRID_YZ:
+            backend.warn_once(
+                "flow_warp-pairs",
+                f"flow_warp_loss: more than {MAX_GRID_YZ} frame pairs (B * (T-1)) run the "
+                "reference (the kernels' grid holds one frame pair per row)",
+            )
+            impl = "reference"
+    deterministic = deterministic or torch.are_deterministic_algorithms_enabled()
     if impl == "reference":
         return flow_warp_loss_reference(x, flow, weight, eps, padding_mode, reduction)
     if torch.float64 in (x.dtype, flow.dtype):
