@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -92,11 +94,67 @@ def test_label_and_soft_masks(tmp_path: Path) -> None:
     assert m[0, 5:15, 2:12].all() and m.sum() == 3 * 100  # {0, 1}: a label image
     seq = write_sequence(tmp_path / "soft", 2)
     soft = np.zeros((30, 40), np.uint8)
-    soft[0, :4] = (100, 128, 200, 255)
+    soft[5:15, 5:25] = 255
+    soft[4, 5:25] = np.linspace(10, 250, 20)  # an anti-aliased edge: 20 grey levels
     Image.fromarray(soft).save(seq / "masks" / "00001.png")
-    with pytest.warns(UserWarning, match="neither 0 nor 255"):
+    with pytest.warns(UserWarning, match=r"00001.png, 20 pixels are neither 0 nor 255, .* > 127"):
         m = load_masks(find_sequences(seq)[0])
-    assert m[1, 0, :4].tolist() == [False, True, True, True]
+    np.testing.assert_array_equal(m[1], soft > 127)
+    assert m[0].sum() == 100  # the sequence's other (0/255) mask: a label image
+
+
+def _box_masks(tmp_path: Path, name: str, mask: np.ndarray | Image.Image) -> np.ndarray:
+    """``load_masks`` of a 2-frame sequence whose masks are both ``mask``."""
+    seq = write_sequence(tmp_path / name, 2)
+    for i in range(2):
+        img = mask if isinstance(mask, Image.Image) else Image.fromarray(mask)
+        img.save(seq / "masks" / f"{i:05d}.png")
+    return load_masks(find_sequences(seq)[0])
+
+
+def test_every_mask_format_keeps_its_foreground(tmp_path: Path) -> None:
+    """Colour, alpha, grey ids of any value, 16-bit and 1-bit masks: foreground is what is not 0
+    (before, colour masks and grey values <= 127 came out empty)."""
+    box = np.zeros((30, 40), bool)
+    box[5:15, 5:20] = True
+    ones = box.astype(np.uint8)
+    black = np.zeros((30, 40, 3), np.uint8)
+    ids = ones * 38  # two objects, a DAVIS 2017 palette converted to grey: 38 and 75
+    ids[5:15, 12:20] = 75
+    variants = {
+        "grey_id_100": ones * 100,
+        "grey_ids_38_75": ids,
+        "davis17_red_rgb": np.dstack([ones * 128, ones * 0, ones * 0]),
+        "green_rgba": np.dstack([ones * 0, ones * 128, ones * 0, np.full((30, 40), 255, np.uint8)]),
+        "alpha_only_rgba": np.dstack([black, ones * 255]),
+        "white_alpha_rgba": np.dstack([black + 255, ones * 200]),
+        "grey_alpha_la": Image.fromarray(np.dstack([ones * 90, ones * 0 + 255]), "LA"),
+        "uint16_65535": box.astype(np.uint16) * 65535,
+        "uint16_300": box.astype(np.uint16) * 300,
+        "one_bit": Image.fromarray(box).convert("1"),
+    }
+    for name, mask in variants.items():
+        if name == "grey_ids_38_75":
+            with pytest.warns(UserWarning, match="70 pixels are neither 0 nor 75: read as more"):
+                m = _box_masks(tmp_path, name, mask)
+        else:
+            m = _box_masks(tmp_path, name, mask)
+        assert m.shape == (2, 30, 40), name
+        np.testing.assert_array_equal(m[0], box, err_msg=name)
+
+
+def test_a_mask_without_background_warns(tmp_path: Path) -> None:
+    grey = np.full((30, 40), 30, np.uint8)  # background 30, not 0: everything is foreground
+    grey[5:15, 5:20] = 255
+    with pytest.warns(UserWarning) as rec:
+        assert _box_masks(tmp_path, "bg30", grey).all()
+    assert any(
+        re.search(r"every pixel foreground .* \(30 to 255\); background", str(w.message))
+        for w in rec
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # one value everywhere: a full mask, said by no warning
+        assert _box_masks(tmp_path, "full", np.full((30, 40), 255, np.uint8)).all()
 
 
 def test_errors_name_the_path(tmp_path: Path) -> None:
@@ -108,7 +166,12 @@ def test_errors_name_the_path(tmp_path: Path) -> None:
     seq = write_sequence(tmp_path / "count", 4)
     os.remove(seq / "masks" / "00002.png")
     with pytest.raises(ValueError, match=r"4 frames .* 3 masks .*00002\.jpg"):
-        find_sequences(seq)
+        find_sequences(seq)  # evaluation: every frame needs its mask
+    with pytest.warns(UserWarning, match=r"00002\.jpg': the sequence is used without masks"):
+        (counted,) = find_sequences(seq, incomplete_masks="warn")  # datasets, prepare
+    assert counted.masks is None and len(counted) == 4
+    with pytest.raises(ValueError, match="incomplete_masks must be 'error' or 'warn'"):
+        find_sequences(seq, incomplete_masks="skip")
     seq = write_sequence(tmp_path / "msize", 2)
     Image.fromarray(np.zeros((10, 10), np.uint8)).save(seq / "masks" / "00001.png")
     with pytest.raises(ValueError, match=r"mask .*00001\.png is 10x10 but frame .* 40x30"):

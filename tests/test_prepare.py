@@ -269,3 +269,75 @@ def test_threads_write_the_same_cache(src: Path, tmp_path: Path) -> None:
     assert one["videos"] == two["videos"] and one["skipped"] == two["skipped"]
     for shard in sorted((tmp_path / "1").glob("*.bin")):
         assert shard.read_bytes() == (tmp_path / "2" / shard.name).read_bytes()
+
+
+def _interrupted(src: Path, out: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A prepare of ``src`` into ``out`` interrupted at its third decode."""
+    calls = {"n": 0}
+    real = prep.decode_source
+
+    def flaky(entry: dict, size: int) -> tuple:
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real(entry, size)
+
+    with monkeypatch.context() as m:
+        m.setattr(prep, "decode_source", flaky)
+        with pytest.raises(KeyboardInterrupt), pytest.warns(UserWarning):
+            prep.prepare(src, out, size=16, progress=False)
+
+
+def test_force_starts_over_an_interrupted_cache_with_a_damaged_shard(
+    src: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The resume refuses a shard shorter than its recorded videos and says --force; --force
+    then discards it and starts afresh (before, it failed the same way)."""
+    with pytest.warns(UserWarning):
+        fresh = prep.prepare(src, tmp_path / "fresh", size=16, progress=False)
+    out = tmp_path / "c"
+    _interrupted(src, out, monkeypatch)
+    with open(out / "shard_00000.bin", "r+b") as f:
+        f.truncate(10)
+    args = [str(src), "--out", str(out), "--size", "16"]
+    assert prep.main(args) == 2
+    assert "shard_00000.bin holds 10 bytes" in capsys.readouterr().err
+    with pytest.warns(UserWarning):
+        assert prep.main([*args, "--force"]) == 0
+    assert read_index(out)["videos"] == fresh["videos"]
+    assert (out / "shard_00000.bin").read_bytes() == (
+        tmp_path / "fresh" / "shard_00000.bin"
+    ).read_bytes()
+
+
+def test_labels_and_split_lists_are_part_of_the_cache(src: Path, tmp_path: Path) -> None:
+    """The checksum covers labels and the split lists: a cache of other labels is refused until
+    --force rebuilds it; the lists are copied on every run, and a list the source lost goes."""
+    root = tmp_path / "src"
+    shutil.copytree(src, root)
+    out = tmp_path / "c"
+    with pytest.warns(UserWarning):
+        prep.prepare(root, out, size=16, progress=False)
+    (out / "trainlist01.txt").unlink()
+    prep.prepare(root, out, size=16, progress=False)  # complete: the lists are copied again
+    assert (out / "trainlist01.txt").read_text() == (root / "trainlist01.txt").read_text()
+    (root / "classInd.txt").write_text("1 Walk\n2 Run\n")  # the labels change
+    with pytest.raises(ValueError, match="another source list or settings .* --force"):
+        prep.prepare(root, out, size=16, progress=False)
+    (root / "testlist01.txt").unlink()
+    with pytest.warns(UserWarning):
+        index = prep.prepare(root, out, size=16, force=True, progress=False)
+    assert {v["name"][:4]: v["label"] for v in index["videos"]} == {"Run/": 1, "Walk": 0}
+    assert (out / "classInd.txt").read_text() == "1 Walk\n2 Run\n"
+    assert not (out / "testlist01.txt").exists()
+    (root / "trainlist01.txt").write_text("Walk/v_Walk_h264.mp4 1\n")  # a split list changes
+    with pytest.raises(ValueError, match="another source list or settings"):
+        prep.prepare(root, out, size=16, progress=False)
+
+
+def test_a_cache_smaller_than_the_model_warns(src: Path, tmp_path: Path) -> None:
+    with pytest.warns(UserWarning):
+        prep.prepare(src, tmp_path / "c", size=16, progress=False)
+    with pytest.warns(UserWarning, match="short side 16, smaller than the clips' size 32"):
+        ds = make_dataset(_cfg(tmp_path / "c", size=32), "train", 2)
+    assert ds.batch([0])["video"].shape == (1, 3, 16, 32, 32)

@@ -16,13 +16,15 @@ import numpy as np
 import pytest
 import torch
 from conftest import SHARED_DATA
+from PIL import Image
 from video_fixtures import frame_ids, pattern, write_sequence, write_video
 
 from vosgan import config
 from vosgan.config import ConfigError
 from vosgan.data import SyntheticVideos
-from vosgan.data import decode as decode_module
+from vosgan.data import pyav as pyav_module
 from vosgan.data.build import labelled_videos, make_dataset, parse_class_index, parse_split_list
+from vosgan.data.cache import CacheSource
 from vosgan.data.decode import (
     AutoDecoder,
     FrameIndex,
@@ -185,7 +187,7 @@ def test_pyav_seek_falls_back_when_frames_do_not_follow_the_index(
     index = frame_index(path)
     pts = [*index.pts[:20], *index.pts[21:], index.pts[-1] + 1]  # frame 20's timestamp lost
     broken = FrameIndex(array("q", pts), index.keyframes)
-    monkeypatch.setattr(decode_module, "frame_index", lambda p: broken)
+    monkeypatch.setattr(pyav_module, "frame_index", lambda p: broken)
     idx = list(range(17, 33))
     tries = []
     window = PyAVDecoder._decode_window
@@ -653,7 +655,7 @@ def test_training_data_never_reads_masks(
     assert not without.has_masks and without.source.has_masks
     got = without.batch(range(4))
     assert "mask" not in got and torch.equal(got["video"], with_masks["video"])
-    train_cfg = config.load("cpu-small", {"data.source": str(tmp_path / root)})
+    train_cfg = config.load("cpu-small", {"data.source": str(tmp_path / root), "model.size": 16})
     assert "mask" not in next(batches(train_cfg, 0, torch.device("cpu")))
     assert "mask" not in calls and not any(isinstance(c, tuple) for c in calls)
 
@@ -700,3 +702,128 @@ def test_reads_on_threads_in_forked_loader_workers(
     )
     for got, ref in zip(loader, want, strict=True):
         assert torch.equal(got["video"], ref["video"])
+
+
+@pytest.mark.skipif(not HAS_DALI, reason="DALI not installed")
+def test_auto_decoder_chooses_again_in_forked_workers(
+    vids: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A parent with CUDA gives H.264 to DALI on the GPU; a forked worker cannot use CUDA and
+    chooses again (PyAV) instead of failing at the first batch. CUDA is faked: no GPU code runs."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    auto = AutoDecoder()
+    ds = ClipDataset(VideoFileSource([(vids["h264"], -1)], auto), 4, 4, 16, uint8=True)
+    assert auto.backend_for(vids["h264"]) == "dali-gpu"  # chosen in the parent
+    want = ClipDataset(VideoFileSource([(vids["h264"], -1)], PyAVDecoder()), 4, 4, 16, uint8=True)
+    loader = torch.utils.data.DataLoader(
+        ds, batch_size=None, num_workers=1, multiprocessing_context="fork", timeout=60
+    )
+    for i, got in enumerate(loader):
+        assert torch.equal(got["video"], want[i]["video"])
+
+
+@pytest.mark.skipif(not HAS_DALI, reason="DALI not installed")
+def test_dali_pipeline_is_rebuilt_in_forked_workers(vids: dict[str, Path]) -> None:
+    """A DALI pipeline built in the parent is not reused by forked workers (it hung them), and
+    a pickled decoder (spawn) leaves it behind."""
+    dali = make_decoder("dali-cpu")
+    ds = ClipDataset(VideoFileSource([(vids["vp9"], -1)], dali), 4, 4, 16, uint8=True)
+    want = [ds[i]["video"] for i in range(4)]  # the parent builds its pipeline
+    loader = torch.utils.data.DataLoader(
+        ds, batch_size=None, num_workers=2, multiprocessing_context="fork", timeout=60
+    )
+    for i, got in enumerate(loader):
+        assert torch.equal(got["video"], want[i])
+    copy = pickle.loads(pickle.dumps(dali))
+    assert copy._pipe is None
+    np.testing.assert_array_equal(copy.read(vids["vp9"], [3, 1]), dali.read(vids["vp9"], [3, 1]))
+
+
+def test_a_stray_image_does_not_make_a_video_folder_frames(
+    tmp_path: Path, vids: dict[str, Path]
+) -> None:
+    root = tmp_path / "ucf"
+    for cls in ("A", "B"):
+        (root / cls).mkdir(parents=True)
+        shutil.copy(vids["mpeg4"], root / cls / f"v_{cls}.avi")
+    Image.fromarray(pattern(0, 40, 30)).save(root / "cover.jpg")
+    with pytest.warns(UserWarning, match=r"2 video\(s\) and 1 image file\(s\) \(first: cover.jpg"):
+        ds = make_dataset(_cfg(root), "train", 4)
+    assert isinstance(ds.source, VideoFileSource) and [it.label for it in ds.items] == [0, 1]
+
+
+@pytest.mark.parametrize("rotation", [90, -90, 180])
+def test_rotated_videos_come_out_upright(tmp_path: Path, rotation: int) -> None:
+    """A phone video (a display matrix turning it): every backend and the clip cache give the
+    upright frames, ``np.rot90(stored, rotation / 90)``: counter-clockwise, as ``ffmpeg`` shows
+    it (it turns a matrix of 90 degrees with ``transpose=cclock``)."""
+    from vosgan.data.prepare import prepare
+
+    k = rotation // 90
+    up = np.stack([np.rot90(pattern(i, 64, 48), k) for i in (2, 7)])
+    h, w = up.shape[1:3]
+    read = {}
+    (tmp_path / "src").mkdir()
+    for codec in ("h264", "vp9"):
+        path = write_video(tmp_path / "src" / codec, codec, 12, rotation=rotation)
+        info = probe(path)
+        assert (info.width, info.height, info.rotation) == (w, h, rotation % 360)
+        frames = PyAVDecoder().read(path, [2, 7])
+        assert frames.shape == (2, h, w, 3) and np.abs(frames.astype(int) - up).mean() < 3
+        read[codec] = PyAVDecoder().read(path, [2, 7], size=16)
+        assert read[codec].shape == ((2, 21, 16, 3) if k % 2 else (2, 16, 21, 3))
+        np.testing.assert_array_equal(read_video(path, 2, 1), frames[:1])
+        if codec == "vp9" and HAS_DALI:  # DALI ignores the matrix: turned by DaliDecoder
+            dali = make_decoder("dali-cpu").read(path, [2, 7])
+            assert dali.shape == frames.shape and np.abs(dali.astype(int) - frames).mean() < 3
+    prepare(tmp_path / "src", tmp_path / "cache", size=16, progress=False)
+    got = CacheSource(tmp_path / "cache").read([(0, [2, 7]), (1, [2, 7])], 16)
+    for (frames, _), codec in zip(got, ("h264", "vp9"), strict=True):
+        np.testing.assert_array_equal(frames, read[codec])  # stored upright
+
+
+def test_a_truncated_file_gives_each_clip_the_same_frames(tmp_path: Path) -> None:
+    """A file that decodes fewer frames than its header says is shortened once found out; the
+    clips read before and after are planned by the same seeded rule (before, the clip that found
+    it out was re-planned from frame 0, and read again gave other frames)."""
+    trunc = write_video(tmp_path / "trunc", "h264", 18, faststart=True)
+    trunc.write_bytes(trunc.read_bytes()[: int(trunc.stat().st_size * 0.8)])
+    ds = ClipDataset(VideoFileSource([(trunc, -1)], PyAVDecoder()), 8, 4, 16, uint8=True)
+    assert ds.items[0].length == 18
+    with pytest.warns(UserWarning, match="truncated"):
+        first = [frame_ids(ds.arrays([i])["video"][0]) for i in range(8)]
+    assert 4 <= ds.items[0].length < 18
+    again = [frame_ids(v) for v in ds.arrays(range(8))["video"]]
+    assert first == again and max(max(ids) for ids in first) < ds.items[0].length
+
+
+@pytest.mark.parametrize("decoder", ["pyav", "auto"])
+def test_a_file_deleted_mid_training_is_skipped(
+    tmp_path: Path, vids: dict[str, Path], decoder: str
+) -> None:
+    """A file gone since the dataset was built is a bad file (one warning, then the next usable
+    video stands in), on PyAV and (for VP9, with DALI installed) on DALI's CPU decoder."""
+    d = _folder(tmp_path, vids, "h264", "vp9")
+    ds = make_dataset(_cfg(d, decoder=decoder), "train", 4)
+    ds.batch([0, 1])
+    (d / vids["vp9"].name).unlink()
+    gone = r"skipping .*b.webm from now on: .*(does not exist|No such file)"
+    with pytest.warns(UserWarning, match=gone):
+        b = ds.arrays(range(4))
+    assert b["video"].shape == (4, 16, 16, 16, 3) and len(ds.usable) == 1
+
+
+def test_a_sequence_with_incomplete_masks_is_used_without(tmp_path: Path) -> None:
+    """DAVIS 2017 test-dev style (a mask for frame 0 only): that sequence is used without masks
+    and named; the source returns no masks (evaluation needs them all) instead of failing."""
+    for s in ("a", "b", "c"):
+        write_sequence(tmp_path / "seqs" / s, 6)
+    for p in sorted((tmp_path / "seqs" / "c" / "masks").glob("*.png"))[1:]:
+        p.unlink()
+    with pytest.warns(UserWarning) as rec:
+        ds = make_dataset(_cfg(tmp_path / "seqs"), "train", 4)
+    msgs = [str(w.message) for w in rec]
+    assert any("sequence 'c': 6 frames" in m and "no mask for 5 frame(s)" in m for m in msgs)
+    assert any("only 2 of 3 sequences have masks (none for c)" in m for m in msgs)
+    assert not ds.has_masks and "mask" not in ds.batch([0, 1, 2])

@@ -37,8 +37,11 @@ def write_video(
     h: int = 48,
     fps: int = 24,
     faststart: bool = False,
+    rotation: int = 0,
 ) -> Path:
-    """Encode ``frames`` pattern frames to ``path`` (the codec's suffix added if it has none)."""
+    """Encode ``frames`` pattern frames to ``path`` (the codec's suffix added if it has none);
+    ``rotation``: a display matrix turning them that many degrees counter-clockwise (a phone
+    video's), as PyAV's ``VideoFrame.rotation`` reads it back."""
     name, suffix = CODECS[codec]
     if path.suffix == "":
         path = path.with_suffix(suffix)
@@ -46,6 +49,8 @@ def write_video(
     with av.open(str(path), "w", options=options) as c:
         s = c.add_stream(name, rate=fps)
         s.width, s.height, s.pix_fmt = w, h, "yuv420p"
+        if rotation:
+            s.set_display_rotation(rotation)
         if codec == "h264":
             s.options = {"crf": "12", "g": "8"}
         else:

@@ -1,7 +1,8 @@
 """Datasets: the built-in procedural video with exact ground truth (:mod:`.synthetic`), and
-real video: frame folders (:mod:`.frames`), decoders (:mod:`.decode`), clip datasets
-(:mod:`.video`), the uint8 clip cache (:mod:`.cache`, :mod:`.prepare`) and
-:func:`make_dataset` (:mod:`.build`), which picks the dataset ``data.source`` names."""
+real video: frame folders (:mod:`.frames`), decoders (:mod:`.decode`, :mod:`.pyav`,
+:mod:`.dali`), clip datasets (:mod:`.video`), the uint8 clip cache (:mod:`.cache`,
+:mod:`.prepare`) and :func:`make_dataset` (:mod:`.build`), which picks the dataset
+``data.source`` names."""
 
 from vosgan.data.build import make_dataset
 from vosgan.data.decode import VideoError, VideoInfo, make_decoder, probe, read_video

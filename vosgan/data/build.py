@@ -11,6 +11,9 @@
 - frame folders: DAVIS (``JPEGImages/480p/<seq>``) or ``<seq>/frames`` (+ ``masks``), see
   :mod:`vosgan.data.frames`.
 
+A folder holding both videos and images (other than the DAVIS layouts) is read as videos, with a
+warning naming the images it ignores.
+
 Without split lists every split draws from all videos, with different clip seeds per split.
 """
 
@@ -20,6 +23,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from vosgan.backend import warn_once
 from vosgan.config import Config, ConfigError
 from vosgan.data.decode import make_decoder
 from vosgan.data.frames import IMAGE_SUFFIXES
@@ -152,13 +156,25 @@ def layout(root: str | Path, what: str = "data.source") -> str:
         return "cache"
     if (root / "JPEGImages").is_dir() or (root / "frames").is_dir():
         return "frames"
-    for _, _, filenames in os.walk(root):
-        for f in filenames:
+    videos = images = 0
+    first_image = ""
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        dirnames.sort()
+        for f in sorted(filenames):
             suffix = Path(f).suffix.lower()
-            if suffix in VIDEO_SUFFIXES:
-                return "videos"
+            videos += suffix in VIDEO_SUFFIXES
             if suffix in IMAGE_SUFFIXES:
-                return "frames"
+                images += 1
+                first_image = first_image or Path(dirpath, f).relative_to(root).as_posix()
+    if videos and images:  # a thumbnail beside UCF-101's videos must not make it a frame folder
+        warn_once(
+            f"mixed-layout:{root}",
+            f"{what} {root} holds {videos} video(s) and {images} image file(s) (first: "
+            f"{first_image}); reading the videos, ignoring the images (for frame folders, move "
+            "the videos out)",
+        )
+    if videos or images:
+        return "videos" if videos else "frames"
     raise ValueError(f"{what} {root}: no videos, frame folders or prepared cache found")
 
 

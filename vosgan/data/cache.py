@@ -8,14 +8,15 @@ Folder layout (written by :class:`CacheWriter`, i.e. ``python -m vosgan.data.pre
     shard_00000.bin      frames, uint8 (length, height, width, 3) per video, back to back
     mask_00000.bin       masks, uint8 0/1 (length, height, width) per video (frame folders only)
     progress.jsonl       while preparing: a header line, then one line per finished video
-    trainlist01.txt ...  split lists and classInd.txt copied from the source, if any
+    trainlist01.txt ...  split lists and classInd.txt copied from the source on every run, if any
 
 Videos are stored whole with the short side resized to ``size`` (aspect kept), so clip sampling
 (start, stride, fps), cropping and flipping stay training-time choices. A shard grows until it
 passes ``shard_bytes``. Resume: each video's bytes are flushed and fsync'ed before its line is
 appended to ``progress.jsonl``; a restart truncates the shards to the last recorded end and goes
 on with the next video. ``index.json`` is written last (atomically): its presence marks a complete
-cache.
+cache. With ``force``, a cache or progress that cannot be kept or resumed (another checksum, an
+unreadable index, damaged shards) is discarded and the run starts afresh.
 """
 
 from __future__ import annotations
@@ -35,11 +36,12 @@ FORMAT, VERSION = "vosgan-clip-cache", 1
 INDEX, PROGRESS = "index.json", "progress.jsonl"
 
 
-def source_checksum(names: Iterable[tuple[str, int]], settings: dict[str, Any]) -> str:
-    """sha256 of the ``(relative name, byte size)`` source list and the prepare settings."""
+def source_checksum(names: Iterable[tuple[Any, ...]], settings: dict[str, Any]) -> str:
+    """sha256 of the source list, ``(relative name, byte size, label)`` per video, and the
+    prepare settings (which name the split lists' contents)."""
     h = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
-    for name, size in names:
-        h.update(f"{name}\t{size}\n".encode())
+    for entry in names:
+        h.update(("\t".join(map(str, entry)) + "\n").encode())
     return h.hexdigest()
 
 
@@ -55,7 +57,7 @@ class CacheWriter:
             a resumed run must have the same ``source_checksum``.
         shard_bytes: start a new shard once the current one holds this many bytes.
         force: discard an existing cache or progress with another checksum, an unreadable index
-            or damaged shards instead of failing.
+            or damaged shards (a complete cache's or an interrupted run's) instead of failing.
     """
 
     def __init__(
@@ -68,37 +70,36 @@ class CacheWriter:
         self.root, self.header, self.shard_bytes = Path(root), dict(header), shard_bytes
         self.root.mkdir(parents=True, exist_ok=True)
         self.entries: list[dict[str, Any]] = []
-        progress = self.root / PROGRESS
+        self.complete = False
         old = self._previous()
         problem = None if old is None else self._problem(old)
-        if problem:
-            if not force:
-                raise ValueError(f"{problem}; pass --force to overwrite it or choose another --out")
-            old = None
-        if old is None:
-            for p in [
-                *self.root.glob("shard_*.bin"),
-                *self.root.glob("mask_*.bin"),
-                self.root / INDEX,
-            ]:
-                p.unlink(missing_ok=True)
-            progress.write_text(json.dumps(header) + "\n")
+        if problem and not force:
+            raise ValueError(f"{problem}; pass --force to overwrite it or choose another --out")
+        if old is None or problem:
+            self._start()
         elif (self.root / INDEX).is_file():
             self.entries = old["videos"]
             self.complete = True
-            return
         else:
-            lines = progress.read_text().splitlines()[1:]
-            for line in lines:
+            for line in (self.root / PROGRESS).read_text().splitlines()[1:]:
                 try:
                     self.entries.append(json.loads(line))
                 except json.JSONDecodeError:
                     break  # a line cut by the interruption: that video is redone
             problem = shard_problem(self.root, [e for e in self.entries if "shard" in e])
-            if problem:
+            if problem and not force:
                 raise ValueError(f"{problem}; pass --force to start over")
-            self._truncate()
-        self.complete = False
+            if problem:
+                self.entries = []
+                self._start()
+            else:
+                self._truncate()
+
+    def _start(self) -> None:
+        """Delete the shards and index in ``root``; begin a progress file with the header."""
+        for p in [*self.root.glob("shard_*.bin"), *self.root.glob("mask_*.bin"), self.root / INDEX]:
+            p.unlink(missing_ok=True)
+        (self.root / PROGRESS).write_text(json.dumps(self.header) + "\n")
 
     def _problem(self, old: dict[str, Any]) -> str | None:
         """Why the cache or progress already in ``root`` cannot be kept or resumed, if it can't."""
@@ -108,8 +109,9 @@ class CacheWriter:
             return f"{name} is unreadable (damaged, or not written by vosgan.data.prepare)"
         if old.get("source_checksum") != self.header["source_checksum"]:
             return (
-                f"{self.root} holds a cache of another source list or settings (checksum "
-                f"{str(old.get('source_checksum'))[:12]} != {self.header['source_checksum'][:12]})"
+                f"{self.root} holds a cache of another source list or settings (labels and split "
+                f"lists count; checksum {str(old.get('source_checksum'))[:12]} != "
+                f"{self.header['source_checksum'][:12]})"
             )
         return shard_problem(self.root, old["videos"]) if index.is_file() else None
 

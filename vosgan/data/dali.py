@@ -9,6 +9,7 @@ reader would iterate over sequences of its own choosing.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -25,15 +26,21 @@ from vosgan.data.decode import (
     _check_indices,
     dali_status,
     probe,
+    upright,
 )
+
+#: pipelines built before a fork, in the forked process: destroying one there hangs (its threads
+#: stayed in the parent; DALI 2.4, tested), so they are kept here, never used or freed
+_INHERITED: list[Any] = []
 
 
 class DaliDecoder(Decoder):
     """DALI ``fn.decoders.video`` on ``device`` ``"cpu"`` or ``"gpu"`` (mixed: NVDEC).
 
     Encoded file bytes and per-sample frame indices are fed through ``fn.external_source``;
-    one pipeline (built lazily, so it is created inside each loader worker) decodes up to
-    ``max_batch`` files per run.
+    one pipeline per process (built lazily, and again in a forked loader worker; a pickled
+    decoder leaves it behind) decodes up to ``max_batch`` files per run. DALI ignores the display
+    matrix (DALI 2.4's CPU decoder, tested): frames are turned upright here, as PyAV's are.
 
     Args:
         device: ``"cpu"`` (VP9/VP8/MJPEG only) or ``"gpu"``.
@@ -53,7 +60,23 @@ class DaliDecoder(Decoder):
         self.device, self.max_batch, self.num_threads = device, max_batch, num_threads
         self.name = f"dali-{device}"
         self._pipe: Any = None
+        self._pipe_pid = 0  # the process _pipe was built in
         self._info: dict[str, VideoInfo] = {}  # probed once per file
+
+    def __getstate__(self) -> dict[str, Any]:  # DataLoader workers started by spawn/forkserver
+        return {**self.__dict__, "_pipe": None, "_pipe_pid": 0}
+
+    def _pipeline(self) -> Any:
+        """This process's pipeline: built on first use, and again after a fork."""
+        if self._pipe is not None and self._pipe_pid != os.getpid():
+            _INHERITED.append(self._pipe)  # the parent's pipeline would hang a forked worker
+            self._pipe = None
+        if self._pipe is None:
+            ok, why = dali_status(self.device)
+            if not ok:
+                raise RuntimeError(f"DALI {self.device} decoding unavailable: {why}")
+            self._pipe, self._pipe_pid = self._build(), os.getpid()
+        return self._pipe
 
     def _build(self) -> Any:
         from nvidia.dali import fn, pipeline_def, types
@@ -110,12 +133,11 @@ class DaliDecoder(Decoder):
             encoded.append(np.fromfile(path, np.uint8))
             frames.append(np.asarray(idx, np.int32))
             infos.append(info)
-        if self._pipe is None:
-            self._pipe = self._build()
-        self._pipe.feed_input("encoded", encoded)
-        self._pipe.feed_input("frames", frames)
+        pipe = self._pipeline()
+        pipe.feed_input("encoded", encoded)
+        pipe.feed_input("frames", frames)
         try:
-            (video,) = self._pipe.run()
+            (video,) = pipe.run()
         except RuntimeError as exc:
             self._pipe = None  # a failed DALI pipeline cannot be reused
             names = ", ".join(str(p) for p, _ in requests)
@@ -125,7 +147,7 @@ class DaliDecoder(Decoder):
         result = []
         for k, (path, _) in enumerate(requests):
             clip = np.asarray(video[k])
-            if clip.shape[1:] != (infos[k].height, infos[k].width, 3):
+            if clip.shape[1:] != (*infos[k].stored_size, 3):
                 raise VideoError(path, f"DALI returned frames of shape {clip.shape[1:]}")
-            result.append(clip)
+            result.append(upright(clip, infos[k].rotation))
         return result

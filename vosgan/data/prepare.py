@@ -6,13 +6,16 @@ resized to ``--size`` (default 64, the paper's resolution: clips then need only 
 training at ``model.size=64``), and appended to memory-mapped shards (layout:
 :mod:`vosgan.data.cache`). Videos are decoded on ``torch.get_num_threads()`` threads and written
 in order. Interrupted? Run the same command again: it resumes after the last finished video. A
-different source list or ``--size`` under the same ``--out`` is refused (checksum) unless
-``--force``. Train with ``--data CACHE`` (``data.decoder=cache`` optional).
+different source list (names, sizes, labels, the split lists ``classInd.txt``, ``trainlistNN.txt``
+and ``testlistNN.txt``) or ``--size`` under the same ``--out`` is refused (checksum) unless
+``--force``, which starts afresh. The split lists are copied into the cache on every run. Train
+with ``--data CACHE`` (``data.decoder=cache`` optional).
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import shutil
 import sys
 import warnings
@@ -38,7 +41,7 @@ def _sources(src: Path) -> tuple[str, list[dict[str, Any]]]:
         raise ValueError(f"SRC {src} is already a prepared cache")
     if kind == "frames":
         out = []
-        for s in fr.find_sequences(src):
+        for s in fr.find_sequences(src, incomplete_masks="warn"):
             files = s.frames + (s.masks or [])
             out.append(
                 {
@@ -59,6 +62,30 @@ def _sources(src: Path) -> tuple[str, list[dict[str, Any]]]:
         }
         for p, label in labelled_videos(src, "all")
     ]
+
+
+def _is_list(name: str) -> bool:
+    return name == "classInd.txt" or name.startswith(("trainlist", "testlist"))
+
+
+def list_files(src: Path) -> dict[str, Path]:
+    """The split lists of ``src`` by name, the first of each name in ``LIST_DIRS`` order (the one
+    :func:`vosgan.data.build.find_list_file` reads)."""
+    found: dict[str, Path] = {}
+    for d in LIST_DIRS if src.is_dir() else ():
+        for p in sorted((src / d).glob("*.txt")) if (src / d).is_dir() else []:
+            if _is_list(p.name) and p.is_file():
+                found.setdefault(p.name, p)
+    return found
+
+
+def _copy_lists(lists: dict[str, Path], out: Path) -> None:
+    """Make the cache's split lists the source's: copy them, delete those the source lost."""
+    for p in out.glob("*.txt"):
+        if _is_list(p.name) and p.name not in lists:
+            p.unlink()
+    for name, p in lists.items():
+        shutil.copyfile(p, out / name)
 
 
 def decode_source(entry: dict[str, Any], size: int) -> tuple[np.ndarray, np.ndarray | None, float]:
@@ -89,8 +116,14 @@ def prepare(
     if shard_mb < 1:
         raise ValueError(f"--shard-mb must be >= 1, got {shard_mb}")
     kind, entries = _sources(src)
-    settings = {"size": size, "kind": kind, "version": VERSION}
-    checksum = source_checksum([(e["name"], e["bytes"]) for e in entries], settings)
+    lists = list_files(src)
+    settings = {
+        "size": size,
+        "kind": kind,
+        "version": VERSION,
+        "lists": {n: hashlib.sha256(p.read_bytes()).hexdigest() for n, p in lists.items()},
+    }
+    checksum = source_checksum([(e["name"], e["bytes"], e["label"]) for e in entries], settings)
     header = {
         "size": size,
         "kind": kind,
@@ -100,16 +133,12 @@ def prepare(
     }
     created = not out.exists()
     writer = CacheWriter(out, header, shard_bytes=shard_mb << 20, force=force)
+    _copy_lists(lists, out)
     if writer.complete:
         print(f"{out}: already complete for this source list ({len(entries)} videos)")
         from vosgan.data.cache import read_index
 
         return read_index(out)
-    if src.is_dir():
-        for d in LIST_DIRS:
-            for p in sorted((src / d).glob("*.txt")) if (src / d).is_dir() else []:
-                if p.name == "classInd.txt" or p.name.startswith(("trainlist", "testlist")):
-                    shutil.copyfile(p, out / p.name)
     if writer.done:
         print(f"resuming: {writer.done} of {len(entries)} videos already done")
     bar = tqdm(

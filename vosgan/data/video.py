@@ -22,8 +22,11 @@ short side ``size`` (PyAV does, with swscale's area filter, as the clip cache st
 frame folders decode at a reduced DCT scale); the crop is then a slice.
 
 Bad files never stop an epoch: a file that cannot be probed is left out when the dataset is built
-(one warning each, then a count); one that fails later (truncated or corrupt mid-file) is warned
-about once and its clips come from the next usable video. No usable video left: ``ValueError``.
+(one warning each, then a count); one that fails later (truncated or corrupt mid-file, deleted or
+unreadable since) is warned about once and its clips come from the next usable video. A file that
+decodes fewer frames than its header says is shortened to those instead. Either way a clip is
+planned again by the same seeded rule, so a clip index gives the same frames before and after.
+No usable video left: ``ValueError``.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -60,12 +64,24 @@ class Item:
 Frames = tuple[np.ndarray, "np.ndarray | None"]
 
 
+class Plan(NamedTuple):
+    """How clip ``clip`` is read: ``frames`` of item ``video``, crop fraction ``crop``, ``flip``."""
+
+    clip: int
+    video: int
+    frames: list[int]
+    crop: float
+    flip: bool
+
+
 class Source:
     """Videos a :class:`ClipDataset` reads from. ``read`` may raise :class:`VideoError`."""
 
     items: list[Item]
     has_masks: bool = False
     root: str = ""
+    #: short side of every stored frame (a prepared cache); 0 when it varies
+    size: int = 0
 
     def read(
         self, requests: Sequence[tuple[int, list[int]]], size: int, masks: bool = True
@@ -125,7 +141,11 @@ class VideoFileSource(Source):
     def read(
         self, requests: Sequence[tuple[int, list[int]]], size: int, masks: bool = True
     ) -> list[Frames]:
-        clips = self.decoder.read_many([(self.paths[k], idx) for k, idx in requests], size)
+        try:
+            clips = self.decoder.read_many([(self.paths[k], idx) for k, idx in requests], size)
+        except (FileNotFoundError, PermissionError) as exc:  # gone or unreadable since probed
+            paths = {str(self.paths[k]) for k, _ in requests}
+            raise VideoError(paths.pop() if len(paths) == 1 else self.root, str(exc)) from None
         return [(c, None) for c in clips]
 
 
@@ -135,15 +155,16 @@ class FrameFolderSource(Source):
 
     def __init__(self, root: str | Path) -> None:
         self.root = str(root)
-        self.seqs = fr.find_sequences(root)
+        self.seqs = fr.find_sequences(root, incomplete_masks="warn")
         self.items = [Item(s.name, len(s)) for s in self.seqs]
-        with_masks = sum(s.masks is not None for s in self.seqs)
-        self.has_masks = with_masks == len(self.seqs)
-        if 0 < with_masks < len(self.seqs):
+        lacking = [s.name for s in self.seqs if s.masks is None]
+        self.has_masks = not lacking
+        if len(lacking) < len(self.seqs) and lacking:
             warn_once(
                 f"partial-masks:{root}",
-                f"{root}: only {with_masks} of {len(self.seqs)} "
-                "sequences have masks; masks are not returned",
+                f"{root}: only {len(self.seqs) - len(lacking)} of {len(self.seqs)} sequences have "
+                f"masks (none for {', '.join(lacking[:5])}{', ...' if len(lacking) > 5 else ''}); "
+                "masks are not returned",
             )
 
     def read(
@@ -268,6 +289,13 @@ class ClipDataset(torch.utils.data.Dataset):
             sampling,
             uint8,
         )
+        if 0 < source.size < size:
+            warn_once(
+                f"upscaled:{source.root}:{size}",
+                f"{source.root}: frames are stored at short side {source.size}, smaller than the "
+                f"clips' size {size} (model.size): every clip is upscaled; prepare the cache "
+                f"again with --size {size}",
+            )
         if fps > 0 and any(it.fps <= 0 for it in source.items):
             warn_once(
                 f"no-fps:{source.root}",
@@ -308,8 +336,9 @@ class ClipDataset(torch.utils.data.Dataset):
     def _usable(self, item: Item) -> bool:
         return item.length >= 1 and (self.short != "skip" or item.length >= self.span(item))
 
-    def _plan(self, i: int) -> tuple[int, list[int], float, bool]:
-        """Video, frame numbers, crop fraction and flip of clip ``i``."""
+    def _plan(self, i: int) -> Plan:
+        """Video, frame numbers, crop fraction and flip of clip ``i``, by the videos as known now
+        (a dropped video's stand-in, a shortened video's decodable length)."""
         if not 0 <= i < self.num_clips:
             raise IndexError(f"clip index {i} out of range for {self.num_clips} clips")
         rng = np.random.default_rng(
@@ -325,7 +354,7 @@ class ClipDataset(torch.utils.data.Dataset):
         u = float(rng.random()) if self.crop == "random" else 0.5
         flip = bool(rng.random() < 0.5) if self.flip else False
         idx = clip_indices(item.length, self.frames, self.step(item), start, self.short)
-        return k, idx, u, flip
+        return Plan(i, k, idx, u, flip)
 
     def _next_usable(self, k: int) -> int:
         """The usable video after ``k`` (cyclically): the stand-in for a dropped video."""
@@ -334,7 +363,7 @@ class ClipDataset(torch.utils.data.Dataset):
     def _drop(self, k: int, exc: VideoError) -> None:
         """Forget (or shorten) item ``k`` after a read failure; warn once."""
         item = self.items[k]
-        if isinstance(exc, ShortVideoError) and exc.available > 0:
+        if isinstance(exc, ShortVideoError) and 0 < exc.available < item.length:
             warn_once(
                 f"short:{item.name}",
                 f"{item.name}: header says {item.length} frames but "
@@ -349,51 +378,45 @@ class ClipDataset(torch.utils.data.Dataset):
         if not self.usable:
             raise ValueError(f"{self.source.root}: no usable video left (last failure: {exc})")
 
-    def _read(self, plans: list[tuple[int, list[int], float, bool]]) -> list[tuple[int, Frames]]:
-        """Read every plan -> (video read, frames); a failing video is dropped and its clip
-        re-planned from the start of the video that stands in for it."""
+    def _read(self, plans: list[Plan]) -> list[tuple[Plan, Frames]]:
+        """Read every plan -> (plan read, frames); a failing video is shortened or dropped and
+        its clips planned again (:meth:`_read_one`)."""
         try:
             frames = self.source.read(
-                [(k, idx) for k, idx, _, _ in plans], self.size, self.has_masks
+                [(p.video, p.frames) for p in plans], self.size, self.has_masks
             )
-            return [(p[0], f) for p, f in zip(plans, frames, strict=True)]
+            return list(zip(plans, frames, strict=True))
         except VideoError:
-            return [self._read_one(p) for p in plans]  # isolate the bad file(s)
+            return [self._read_one(p.clip) for p in plans]  # isolate the bad file(s)
 
-    def _read_one(self, plan: tuple[int, list[int], float, bool]) -> tuple[int, Frames]:
-        k, idx, _, _ = plan
-        if k not in self.usable:  # dropped by an earlier plan of this batch
-            k = self._next_usable(k)
-            item = self.items[k]
-            idx = clip_indices(item.length, self.frames, self.step(item), 0, self.short)
+    def _read_one(self, clip: int) -> tuple[Plan, Frames]:
+        """Clip ``clip`` read alone, planned by the videos as known now: a failure shortens or
+        drops a video (each try strictly), then the same seeded rule plans the clip again."""
         while True:
+            plan = self._plan(clip)
             try:
-                return k, self.source.read([(k, idx)], self.size, self.has_masks)[0]
+                return plan, self.source.read(
+                    [(plan.video, plan.frames)], self.size, self.has_masks
+                )[0]
             except VideoError as exc:
-                self._drop(k, exc)
-            item = self.items[k]
-            if k not in self.usable:
-                k = self._next_usable(k)
-                item = self.items[k]
-            idx = clip_indices(item.length, self.frames, self.step(item), 0, self.short)
+                self._drop(plan.video, exc)
 
     def arrays(self, indices: Sequence[int]) -> dict[str, np.ndarray]:
         """uint8 ``video (B, T, size, size, 3)``, bool ``mask (B, T, size, size)``, ``label``."""
         idx = [int(i) for i in indices]
         if not idx:
             raise ValueError("indices must not be empty")
-        plans = [self._plan(i) for i in idx]
-        read = self._read(plans)
+        read = self._read([self._plan(i) for i in idx])
         video, masks = [], []
-        for (_, _, u, flip), (_, (v, m)) in zip(plans, read, strict=True):
-            v, m = _square(v, m, self.size, u, flip)
+        for plan, (v, m) in read:
+            v, m = _square(v, m, self.size, plan.crop, plan.flip)
             video.append(v)
             masks.append(m)
         out = {"video": np.stack(video)}
         if self.has_masks:
             out["mask"] = np.stack(masks)
         if self.has_labels:  # of the video actually read (a stand-in's for a dropped file)
-            out["label"] = np.asarray([self.items[k].label for k, _ in read], np.int64)
+            out["label"] = np.asarray([self.items[p.video].label for p, _ in read], np.int64)
         return out
 
     def batch(self, indices: Sequence[int]) -> dict[str, torch.Tensor]:
