@@ -16,7 +16,7 @@ from conftest import SHARED_DATA, usage_error
 from PIL import Image
 from torch import nn
 
-from vosgan import checkpoint, config, evaluate, segment
+from vosgan import checkpoint, config, davis_eval, evaluate, segment
 from vosgan import davis_metrics as dm
 from vosgan.data.decode import read_video
 from vosgan.data.frames import find_sequences, load_frames
@@ -245,7 +245,7 @@ def test_davis_evaluation_cli(
         frames = load_frames(seq)
         model_cfg = config.load("cpu-small").model
         for method in ("frame-difference", "centre-prior"):
-            prob = evaluate.baseline_probabilities(method, frames, 32, refine=model_cfg)[1:19]
+            prob = davis_eval.baseline_probabilities(method, frames, 32, refine=model_cfg)[1:19]
             np.testing.assert_allclose(
                 dm.jaccard(prob > 0.5, gt), res["methods"][method]["per_frame"][name]["J"]
             )
@@ -301,7 +301,7 @@ def test_baselines_follow_their_definitions() -> None:
     h, w = 120, 213
     y, x = np.mgrid[0:h, 0:w] + 0.5
     ellipse = ((x - w / 2) / (w / 4)) ** 2 + ((y - h / 2) / (h / 4)) ** 2 < 1
-    prior = evaluate.baseline_probabilities("centre-prior", np.zeros((2, h, w, 3), np.uint8), 32)
+    prior = davis_eval.baseline_probabilities("centre-prior", np.zeros((2, h, w, 3), np.uint8), 32)
     assert prior.shape == (2, h, w)
     np.testing.assert_array_equal(prior[1] > 0.5, ellipse)
     assert abs(ellipse.mean() - np.pi / 16) < 0.003
@@ -314,11 +314,11 @@ def test_baselines_follow_their_definitions() -> None:
     frames = np.where(square[..., None], 220, 100).astype(np.uint8).repeat(3, axis=-1)
     d = square[1:] ^ square[:-1]  # changes between t and t+1
     expect = np.concatenate((d[:1], d)) | np.concatenate((d, d[-1:]))
-    prob = evaluate.baseline_probabilities("frame-difference", frames, 32)  # working size 32x48
+    prob = davis_eval.baseline_probabilities("frame-difference", frames, 32)  # working size 32x48
     np.testing.assert_array_equal(prob > 0.5, expect)
     # refined as a model's segmentation (model.seg_refine), at the working size
     cfg = config.ModelConfig(seg_refine=0.2, seg_refine_radius=2)
-    refined = evaluate.baseline_probabilities("frame-difference", frames, 32, refine=cfg)
+    refined = davis_eval.baseline_probabilities("frame-difference", frames, 32, refine=cfg)
     video = segment.resize_frames(frames, (32, 48))[None]
     saliency = frame_difference_saliency(video)
     np.testing.assert_allclose(

@@ -236,7 +236,7 @@ def iter_inputs(path: str | Path) -> Iterator[tuple[str, np.ndarray, list[str]]]
         return
     if not path.exists():
         raise FileNotFoundError(f"--input {path} does not exist")
-    for seq in find_sequences(path):
+    for seq in find_sequences(path, incomplete_masks="warn"):  # segmenting reads frames only
         yield seq.name, load_frames(seq), [p.stem for p in seq.frames]
 
 
