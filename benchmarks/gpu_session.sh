@@ -60,7 +60,8 @@ rm -rf /tmp/vosgan-src && mkdir /tmp/vosgan-src && cp -r vosgan tests benchmarks
 # the last GPU run); "none" skips them.
 OP_TESTS="${VOSGAN_GPU_TESTS:-tests/test_composite.py tests/test_flow_warp.py \
   tests/test_conv3d_block.py tests/test_conv3d_subpixel.py tests/test_davis_metrics.py \
-  tests/test_train_graph.py tests/test_train.py::test_channels_last_trains_the_same_function}"
+  tests/test_train_graph.py tests/test_train.py::test_channels_last_trains_the_same_function \
+  tests/test_losses.py::test_generator_consistency_under_cuda_autocast}"
 if [ "$OP_TESTS" != none ]; then
   # Every test's outcome as it finishes (-v), whole in tests_ops.txt: an error inside pytest
   # itself can end the session before its summary (the twenty-second session lost the names of
