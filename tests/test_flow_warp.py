@@ -207,16 +207,22 @@ def test_deterministic_fixed_point_dx(impl: str) -> None:
     assert all(torch.equal(a, b) for a, b in zip(*runs, strict=True))
 
 
-@pytest.mark.parametrize("impl", IMPLS)
-def test_grad_only_when_requested(impl: str, monkeypatch) -> None:
-    """The fused pass computes dx only when x requires grad (spied on its grad_x argument)."""
-    real, grad_x = fw._fused_grads, []
+def _spy_fused_grads(monkeypatch: pytest.MonkeyPatch, arg: int) -> list:
+    """The list that gets positional argument ``arg`` of every ``_fused_grads`` call."""
+    real, seen = fw._fused_grads, []
 
     def spy(*args, **kw):
-        grad_x.append(args[6])
+        seen.append(args[arg])
         return real(*args, **kw)
 
     monkeypatch.setattr(fw, "_fused_grads", spy)
+    return seen
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_grad_only_when_requested(impl: str, monkeypatch) -> None:
+    """The fused pass computes dx only when x requires grad (spied on its grad_x argument)."""
+    grad_x = _spy_fused_grads(monkeypatch, 6)
     b, c, t, h, w = 1, 2, 3, 4, 5
     x = torch.randn(b, c, t, h, w)
     flow = make_flow("random", b, t, h, w).requires_grad_()
@@ -662,13 +668,7 @@ def test_offsets_past_2_31_elements(impl: str, reduction: str) -> None:
 def test_torch_deterministic_mode_selects_the_deterministic_scatter(impl: str, monkeypatch):
     """Under torch.use_deterministic_algorithms(True) the fused dx takes the fixed-point
     scatter, as if deterministic=True were passed (float atomics are not reproducible)."""
-    real, seen = fw._fused_grads, []
-
-    def spy(*args, **kw):
-        seen.append(args[7])
-        return real(*args, **kw)
-
-    monkeypatch.setattr(fw, "_fused_grads", spy)
+    seen = _spy_fused_grads(monkeypatch, 7)
     b, c, t, h, w = 1, 2, 3, 4, 5
     x = torch.randn(b, c, t, h, w, requires_grad=True)
     flow = make_flow("random", b, t, h, w).requires_grad_()

@@ -101,11 +101,8 @@ def test_shared_davis_sequence_cache(tmp_path: Path) -> None:
     assert not np.array_equal(masks[0], masks[1])  # the car moves between frames 0 and 17
 
 
-def test_resume_after_interruption(
-    src: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    with pytest.warns(UserWarning):
-        prep.prepare(src, tmp_path / "fresh", size=16, progress=False)
+def _interrupted(src: Path, out: Path, monkeypatch: pytest.MonkeyPatch) -> int:
+    """A prepare of ``src`` into ``out`` interrupted at its third decode; the decodes begun."""
     calls = {"n": 0}
     real = prep.decode_source
 
@@ -115,20 +112,29 @@ def test_resume_after_interruption(
             raise KeyboardInterrupt
         return real(entry, size)
 
-    monkeypatch.setattr(prep, "decode_source", flaky)
+    with monkeypatch.context() as m:
+        m.setattr(prep, "decode_source", flaky)
+        with pytest.raises(KeyboardInterrupt), pytest.warns(UserWarning):
+            prep.prepare(src, out, size=16, progress=False)
+    return calls["n"]
+
+
+def test_resume_after_interruption(
+    src: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with pytest.warns(UserWarning):
+        prep.prepare(src, tmp_path / "fresh", size=16, progress=False)
     out = tmp_path / "c"
-    with pytest.raises(KeyboardInterrupt), pytest.warns(UserWarning):
-        prep.prepare(src, out, size=16, progress=False)
+    decodes = _interrupted(src, out, monkeypatch)
     with pytest.raises(ValueError, match="incomplete .* to resume"):
         read_index(out)
     with open(out / "shard_00000.bin", "ab") as f:  # half-written bytes of the next video
         f.write(b"\xff" * 1000)
     with open(out / "progress.jsonl", "a") as f:  # and a line cut mid-way
         f.write('{"name": "Walk/v_Wa')
-    monkeypatch.setattr(prep, "decode_source", real)
     index = prep.prepare(src, out, size=16, progress=False)
     # the third decode raised; the videos decoded beside it (one per thread) were not written
-    assert 3 <= calls["n"] <= 2 + torch.get_num_threads()
+    assert 3 <= decodes <= 2 + torch.get_num_threads()
     assert len(index["videos"]) == 3 and not (out / "progress.jsonl").exists()
     assert (out / "shard_00000.bin").read_bytes() == (
         tmp_path / "fresh" / "shard_00000.bin"
@@ -269,23 +275,6 @@ def test_threads_write_the_same_cache(src: Path, tmp_path: Path) -> None:
     assert one["videos"] == two["videos"] and one["skipped"] == two["skipped"]
     for shard in sorted((tmp_path / "1").glob("*.bin")):
         assert shard.read_bytes() == (tmp_path / "2" / shard.name).read_bytes()
-
-
-def _interrupted(src: Path, out: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A prepare of ``src`` into ``out`` interrupted at its third decode."""
-    calls = {"n": 0}
-    real = prep.decode_source
-
-    def flaky(entry: dict, size: int) -> tuple:
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise KeyboardInterrupt
-        return real(entry, size)
-
-    with monkeypatch.context() as m:
-        m.setattr(prep, "decode_source", flaky)
-        with pytest.raises(KeyboardInterrupt), pytest.warns(UserWarning):
-            prep.prepare(src, out, size=16, progress=False)
 
 
 def test_force_starts_over_an_interrupted_cache_with_a_damaged_shard(
