@@ -4,6 +4,7 @@ import contextlib
 import csv
 import json
 import re
+import shutil
 
 import av
 import numpy as np
@@ -68,6 +69,16 @@ def ucf(tmp_path_factory):
     return root
 
 
+@pytest.fixture(scope="module")
+def ucf_noind(ucf, tmp_path_factory):
+    """``ucf`` without ``classInd.txt``: its train list's ids (1 RedRight, 2 GreenLeft,
+    3 BlueStill) are not the sorted folder order, and ``ucfTrainTestlist`` is no class."""
+    root = tmp_path_factory.mktemp("noind") / "ucf"
+    shutil.copytree(ucf, root)
+    (root / "ucfTrainTestlist" / "classInd.txt").unlink()
+    return root
+
+
 def d_state(path):
     """D's weights as the tools load them: the moving average (D_ema) where the run kept one."""
     ckpt = checkpoint.load_checkpoint(path)
@@ -117,35 +128,44 @@ class _ClipLogits(torch.nn.Module):
 
 
 class _Clips:
-    """``n`` clips of ``len(labels)`` videos: clip ``i`` is of video ``v = i % len(labels)``,
-    class ``labels[v]``."""
+    """``n`` clips of items with class ``labels[k]``, by ClipDataset's rule: clip ``i`` is of item
+    ``order[i % len(order)]`` (``order`` a permutation, not the identity)."""
 
-    def __init__(self, n, labels):
-        self.n, self.labels = n, labels
+    def __init__(self, n, labels, order):
+        self.n, self.labels, self.order = n, labels, order
 
     def __len__(self):
         return self.n
 
+    def video_of(self, i):
+        return self.order[i % len(self.order)]
+
     def batch(self, idx):
         video = torch.tensor(idx, dtype=torch.float32).view(-1, 1, 1, 1, 1).expand(-1, 3, 2, 2, 2)
-        return {
-            "video": video,
-            "label": torch.tensor([self.labels[i % len(self.labels)] for i in idx]),
-        }
+        return {"video": video, "label": torch.tensor([self.labels[self.video_of(i)] for i in idx])}
 
 
 def test_predict_videos_averages_each_videos_clips():
-    # 3 videos x 2 clips (clips i and i + 3 belong to video i), batches of 4 split video 0's
-    # clips (0, 3) from video 1's (1, 4): logits are the mean of the two clips' logits
+    # 3 items x 2 clips, order [2, 0, 1]: item 2 has clips (0, 3), item 0 (1, 4), item 1 (2, 5);
+    # batches of 4 split them; row j is item j: its logits are the mean of its clips' logits
+    clips = {0: (1, 4), 1: (2, 5), 2: (0, 3)}
     logits, labels = finetune.predict_videos(
-        _ClipLogits(), _Clips(6, [2, 0, 1]), 3, 2, CPU, 4, contextlib.nullcontext()
+        _ClipLogits(), _Clips(6, [2, 0, 1], [2, 0, 1]), [0, 1, 2], CPU, 4, contextlib.nullcontext()
     )
-    want = [[(i + i + 3) / 2, 10 - (i + i + 3) / 2, 0] for i in range(3)]
+    want = [[sum(clips[k]) / 2, 10 - sum(clips[k]) / 2, 0] for k in range(3)]
     torch.testing.assert_close(logits, torch.tensor(want))
-    assert labels.tolist() == [2, 0, 1]
+    assert labels.tolist() == [2, 0, 1]  # each row's own item's class
+    with pytest.raises(ValueError, match=r"clip 0 is of item 2, which is not in videos"):
+        finetune.predict_videos(
+            _ClipLogits(), _Clips(6, [2, 0, 1], [2, 0, 1]), [0, 1], CPU, 4, contextlib.nullcontext()
+        )
 
 
-def test_frozen_head_learns_and_tests_on_the_test_list_only(tmp_path, ucf, ckpt):
+@pytest.mark.parametrize("data", ["ucf", "ucf_noind"])
+def test_frozen_head_learns_and_tests_on_the_test_list_only(tmp_path, data, ckpt, request):
+    """With or without classInd.txt, train and test label a class alike, and every row of
+    predictions.csv is one video with its own class folder's label."""
+    ucf = request.getfixturevalue(data)
     before = d_state(ckpt)
     result, model = finetune_run(
         tmp_path, ucf, ckpt, "--mode", "frozen", "--epochs", "60", "--lr", "0.01"
@@ -158,6 +178,7 @@ def test_frozen_head_learns_and_tests_on_the_test_list_only(tmp_path, ucf, ckpt)
         rows = list(csv.DictReader(fh))
     tested = sorted(r["video"] for r in rows)  # paths relative to --data
     assert tested == sorted(name(c, g) for c in CLASSES for g in TEST_GROUPS)
+    assert [r["label"] for r in rows] == [r["video"].split("/")[0].lower() for r in rows]
     assert result["top1"] == pytest.approx(np.mean([int(r["correct"]) for r in rows]))
     check_class_accuracy(result, tmp_path / "out" / "predictions.csv")
     # colour and direction differ clearly: a linear probe on D's features separates them
@@ -314,8 +335,26 @@ def test_bad_data(tmp_path, ckpt, capsys):
     assert "does not exist" in capsys.readouterr().err
 
 
-def test_class_names(tmp_path, ucf):
+def test_class_names(tmp_path, ucf, ucf_noind):
     assert finetune.class_names(str(ucf), 3) == [c.lower() for c in CLASSES]
-    for cls in ("Walk", "apply", "Run"):  # no classInd.txt: sorted folder names, as build does
+    assert finetune.class_names(str(ucf_noind), 3) == [c.lower() for c in CLASSES]  # train ids
+    for cls in ("Walk", "apply", "Run"):  # no lists: the sorted class folders, as build does
         (tmp_path / cls).mkdir()
+        (tmp_path / cls / "v.avi").write_bytes(b"")
+    (tmp_path / "Empty").mkdir()  # holds no video: no class
+    (tmp_path / "ucfTrainTestlist").mkdir()
     assert finetune.class_names(str(tmp_path), 4) == ["apply", "run", "walk", "3"]
+
+
+def test_one_class_is_refused_before_any_video_is_read(tmp_path, ckpt, capsys):
+    root = tmp_path / "one"
+    (root / "Walk").mkdir(parents=True)
+    for g in (1, 2):  # not videos at all: probing them would fail with another message
+        (root / "Walk" / f"v_Walk_g0{g}_c01.avi").write_bytes(b"not a video")
+    (root / "trainlist01.txt").write_text("Walk/v_Walk_g01_c01.avi 1\n")
+    (root / "testlist01.txt").write_text("Walk/v_Walk_g02_c01.avi\n")
+    args = ["--checkpoint", str(ckpt), "--data", str(root), "--out", str(tmp_path / "o")]
+    assert finetune.main(args) == 2
+    err = capsys.readouterr().err
+    assert f"--data {root}: the train videos of split 1 are all of class ['walk']" in err
+    assert "at least 2 classes" in err

@@ -23,7 +23,13 @@ from vosgan import config
 from vosgan.config import ConfigError
 from vosgan.data import SyntheticVideos
 from vosgan.data import pyav as pyav_module
-from vosgan.data.build import labelled_videos, make_dataset, parse_class_index, parse_split_list
+from vosgan.data.build import (
+    class_index,
+    labelled_videos,
+    make_dataset,
+    parse_class_index,
+    parse_split_list,
+)
 from vosgan.data.cache import CacheSource
 from vosgan.data.decode import (
     AutoDecoder,
@@ -461,6 +467,55 @@ def test_ucf101_labels_and_split_lists(tmp_path: Path, vids: dict[str, Path]) ->
     bad.write_text("one ApplyEyeMakeup\n")
     with pytest.raises(ValueError, match=r"bad.txt:1: expected '<id> <ClassName>'"):
         parse_class_index(bad)
+
+
+def test_ucf101_labels_agree_across_splits_without_class_index(tmp_path: Path) -> None:
+    """No classInd.txt: the train list's ids label every split; a folder without videos
+    (``ucfTrainTestlist``, an empty one) is no class; ids that contradict the labels are refused
+    with the list file and line."""
+    root = tmp_path / "ucf"
+    (root / "Empty").mkdir(parents=True)
+    for cls in ("Walk", "Apply", "Run"):
+        (root / cls).mkdir()
+        for g in (1, 2):  # labels come from names alone: no video is opened
+            (root / cls / f"v_{cls}_g0{g}_c01.avi").write_bytes(b"")
+    lists = root / "ucfTrainTestlist"
+    lists.mkdir()
+    train = lists / "trainlist01.txt"
+
+    def write_train(ids: dict[str, int]) -> None:
+        train.write_text("".join(f"{c}/v_{c}_g01_c01.avi {k}\n" for c, k in ids.items()))
+
+    def by_folder(split: str) -> dict[str, int]:
+        return {p.parent.name.lower(): y for p, y in labelled_videos(root, split)}
+
+    (lists / "testlist01.txt").write_text(
+        "".join(f"{c}/v_{c}_g02_c01.avi\n" for c in ("Walk", "Apply", "Run"))
+    )
+    write_train({"Walk": 1, "Run": 2, "Apply": 3})  # not the sorted order
+    want = {"walk": 0, "run": 1, "apply": 2}
+    assert class_index(root) == want
+    assert by_folder("train") == by_folder("test") == by_folder("all") == want
+    assert class_index(root, "none") == {"apply": 0, "run": 1, "walk": 2}  # no list read
+    write_train({"Walk": 2, "Run": 1})  # a class the list leaves out comes after its ids
+    assert class_index(root) == by_folder("test") == {"run": 0, "walk": 1, "apply": 2}
+    # ids not one per class: the sorted class folders label every split; the list is refused
+    write_train({"Walk": 1, "Run": 1, "Apply": 3})
+    assert class_index(root) == by_folder("test") == {"apply": 0, "run": 1, "walk": 2}
+    with pytest.raises(
+        ValueError,
+        match=r"trainlist01.txt:1: Walk/v_Walk_g01_c01.avi has id 1, but its class is id 3 in "
+        r"every split \(sorted class folders: .*trainlist01.txt's ids are not one per class\); "
+        r"3 line\(s\) disagree",
+    ):
+        labelled_videos(root, "train")
+    # classInd.txt decides, for lists too
+    (lists / "classInd.txt").write_text("1 Apply\n2 Run\n3 Walk\n")
+    write_train({"Apply": 1, "Run": 2, "Walk": 1})
+    with pytest.raises(
+        ValueError, match=r"trainlist01.txt:3: Walk/\S+ has id 1, but its class is id 3"
+    ):
+        labelled_videos(root, "train")
 
 
 def test_make_dataset_routes_and_errors(tmp_path: Path, vids: dict[str, Path]) -> None:

@@ -12,8 +12,10 @@ learning rate ``--encoder-lr``). Clips have the checkpoint's frame count and res
 
 Data: UCF-101 layout (``ROOT/<Class>/*.avi``) with its split files (``classInd.txt``,
 ``trainlistNN.txt``, ``testlistNN.txt``, ``NN = --split``, in ROOT or ``ROOT/ucfTrainTestlist``),
-read by :mod:`vosgan.data.build`; the head trains on the train list only and top-1 accuracy is
-measured on the test list only, ``--test-clips`` clips per test video with their logits averaged.
+read by :mod:`vosgan.data.build` (one labelling for both lists: ``classInd.txt``, else the train
+list's ids, else the sorted class folders); the head trains on the train list only and top-1
+accuracy is measured on the test list only, ``--test-clips`` clips per test video with their
+logits averaged.
 Clip sampling follows the checkpoint's ``data`` config, overridable with ``--data.key=value``
 (``--data.stride=2``, ``--data.fps=12.5``, ``--data.flip=true`` for training clips, ...).
 Writes ``DIR/result.json`` (accuracy and protocol),
@@ -30,6 +32,7 @@ import json
 import sys
 import time
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -206,29 +209,43 @@ def train_finetune(
 def predict_videos(
     model: ActionClassifier,
     test_data: Any,
-    num_videos: int,
-    clips: int,
+    videos: Sequence[int],
     device: torch.device,
     batch: int,
     autocast: contextlib.AbstractContextManager,
 ) -> tuple[Tensor, Tensor]:
-    """Per-video logits ``(V, K)`` averaged over ``clips`` clips, and labels ``(V,)``.
+    """Per-video logits ``(V, K)`` averaged over each video's clips, and labels ``(V,)``.
 
-    Clip ``i`` of ``test_data`` (length ``clips * V``) belongs to video ``i % V``.
+    Row ``j`` is item ``videos[j]`` of ``test_data``; clip ``i`` belongs to the row of
+    ``test_data.video_of(i)`` (:meth:`vosgan.data.video.ClipDataset.video_of`: a seeded
+    permutation, not ``i % V``). Every clip must belong to a row and every row hold a clip.
     """
+    row_of = {k: j for j, k in enumerate(videos)}
+    if len(row_of) != len(videos):
+        raise ValueError(f"videos must not repeat an item, got {list(videos)}")
+    rows = []
+    for i in range(len(test_data)):
+        k = test_data.video_of(i)
+        if k not in row_of:
+            raise ValueError(f"clip {i} is of item {k}, which is not in videos")
+        rows.append(row_of[k])
+    counts = torch.bincount(torch.tensor(rows, dtype=torch.long), minlength=len(videos))
+    empty = [videos[j] for j in (counts == 0).nonzero()[:, 0].tolist()]
+    if empty:
+        raise ValueError(f"videos {empty[:5]} have no clip (of {len(test_data)} clips)")
     model.eval()
-    logits = torch.zeros(num_videos, model.head[-1].out_features)
-    labels = torch.full((num_videos,), -1, dtype=torch.long)
+    logits = torch.zeros(len(videos), model.head[-1].out_features)
+    labels = torch.full((len(videos),), -1, dtype=torch.long)
     for idx in tqdm(
         _batches(len(test_data), batch, None), desc="test", unit="batch", dynamic_ncols=True
     ):
         b = test_data.batch(idx)
         with autocast:
             out = model(b["video"].to(device)).float().cpu()
-        video_ids = torch.tensor(idx) % num_videos
-        logits.index_add_(0, video_ids, out / clips)
-        labels[video_ids] = b["label"]
-    return logits, labels
+        row = torch.tensor([rows[i] for i in idx])
+        logits.index_add_(0, row, out)
+        labels[row] = b["label"]
+    return logits / counts[:, None], labels
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -303,19 +320,42 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def class_names(root: str, num_labels: int) -> list[str]:
-    """Names of labels ``0 .. num_labels - 1`` the way :mod:`vosgan.data.build` assigns them:
-    ``classInd.txt`` (lower-cased) when present, else the sorted lower-cased class folders."""
-    from vosgan.data.build import LIST_DIRS, parse_class_index
+def class_names(root: str, num_labels: int, split_list: str = "auto") -> list[str]:
+    """Names (lower-cased) of labels ``0 .. max(num_labels, classes) - 1``, by the one labelling
+    of every split, :func:`vosgan.data.build.class_index` (``classInd.txt``, else the train
+    list's ids, else the sorted class folders that hold videos); a label without a class is
+    named by its number."""
+    from vosgan.data.build import class_index
 
-    for d in LIST_DIRS:
-        if (Path(root) / d / "classInd.txt").is_file():
-            index = {k: c for c, k in parse_class_index(Path(root) / d / "classInd.txt").items()}
-            break
-    else:
-        folders = sorted({p.name.lower() for p in Path(root).iterdir() if p.is_dir()})
-        index = dict(enumerate(folders))
-    return [index.get(k, str(k)) for k in range(max(num_labels, len(index)))]
+    index = {k: c for c, k in class_index(root, split_list).items()}
+    return [index.get(k, str(k)) for k in range(max(num_labels, max(index, default=-1) + 1))]
+
+
+def check_classes(root: str, split: int, train: list[int], test: list[int]) -> list[str]:
+    """The class names of ``root`` (:func:`class_names`) once the train and test video labels of
+    split ``split`` can be learnt and scored: every video has a label, the train videos span at
+    least 2 classes and every test class has train videos. Errors name ``--data`` and the split.
+    """
+    for name, labels in (("train", train), ("test", test)):
+        if not labels or min(labels) < 0:
+            raise ValueError(
+                f"--data {root}: the {name} videos of split {split} have no class labels "
+                "(expected one folder per class, or labels in the split list)"
+            )
+    names = class_names(root, max(train + test) + 1, str(split))
+    classes = sorted({names[k] for k in train})
+    if len(classes) < 2:
+        raise ValueError(
+            f"--data {root}: the train videos of split {split} are all of class {classes}; "
+            "action recognition needs videos of at least 2 classes"
+        )
+    missing = sorted(set(test) - set(train))
+    if missing:
+        raise ValueError(
+            f"--data {root}: test classes {[names[k] for k in missing][:5]} of split {split} "
+            "have no training video"
+        )
+    return names
 
 
 def clip_datasets(
@@ -325,14 +365,22 @@ def clip_datasets(
 
     The train dataset holds ``epochs * train_clips`` clips per video (epoch ``e`` reads clips
     ``[e * N, (e + 1) * N)``: new seeded start frames, crops and flips every epoch, still a pure
-    function of the index); the test dataset ``test_clips`` per video. Clip ``i`` comes from
-    video ``i % V`` (:class:`vosgan.data.video.ClipDataset`). Returns the datasets, the test
-    videos (``Item``s, in clip order) and the class names (from ``classInd.txt``, else indices).
+    function of the index); the test dataset ``test_clips`` per video
+    (:meth:`vosgan.data.video.ClipDataset.video_of` maps a clip to its video). Returns the
+    datasets, the test videos (``Item``s of ``test.usable``, in that order) and the class names
+    (:func:`check_classes`, checked on the split lists before any video is probed).
     """
-    from vosgan.data.build import make_dataset
+    from vosgan.data.build import labelled_videos, layout, make_dataset
 
     if not Path(root).is_dir():
         raise FileNotFoundError(f"--data {root}: no such folder (expected a UCF-101 layout root)")
+    if layout(root, "--data") == "videos":  # cheap: lists and folders, no video opened
+        check_classes(
+            root,
+            split,
+            [y for _, y in labelled_videos(root, "train", str(split))],
+            [y for _, y in labelled_videos(root, "test", str(split))],
+        )
     cfg = dataclasses.replace(
         cfg, data=dataclasses.replace(cfg.data, source=root, split_list=str(split))
     )
@@ -340,24 +388,17 @@ def clip_datasets(
     test = make_dataset(
         dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, flip=False)), "test", 1
     )
-    for name, ds in (("train", train), ("test", test)):
-        if not getattr(ds, "has_labels", False):
-            raise ValueError(
-                f"--data {root}: the {name} videos have no class labels (expected "
-                "one folder per class, or labels in the split list)"
-            )
-    # clip i comes from video i % V: V clips per pass over the videos
+    # again on the videos left after probing (short=skip and unreadable files drop some)
+    names = check_classes(
+        root,
+        split,
+        [train.items[k].label for k in train.usable],
+        [test.items[k].label for k in test.usable],
+    )
+    # every video serves once per pass over the videos: V clips per pass
     train.num_clips = epochs * train_clips * len(train.usable)
     test.num_clips = test_clips * len(test.usable)
-    videos = [test.items[k] for k in test.usable]
-    train_labels = {train.items[k].label for k in train.usable}
-    names = class_names(root, max(train_labels | {it.label for it in videos}) + 1)
-    missing = sorted({it.label for it in videos} - train_labels)
-    if missing:
-        raise ValueError(
-            f"--data {root}: test classes {[names[k] for k in missing][:5]} have no training video"
-        )
-    return train, test, videos, names
+    return train, test, [test.items[k] for k in test.usable], names
 
 
 def run(args: argparse.Namespace) -> tuple[dict[str, Any], ActionClassifier]:
@@ -372,15 +413,14 @@ def run(args: argparse.Namespace) -> tuple[dict[str, Any], ActionClassifier]:
     train, test, videos, names = clip_datasets(
         cfg, args.data, args.split, args.train_clips, args.test_clips, epochs_in_data
     )
+    rows = list(test.usable)  # the videos of the predictions, as built (a read may drop one)
     model = ActionClassifier(D, len(names), args.features, args.dropout).to(device)
     t0 = time.perf_counter()
     if args.mode == "frozen":
         losses, steps = train_frozen(model, train, args, device, autocast)
     else:
         losses, steps = train_finetune(model, train, args, device, dtype)
-    logits, labels = predict_videos(
-        model, test, len(videos), args.test_clips, device, args.batch_size, autocast
-    )
+    logits, labels = predict_videos(model, test, rows, device, args.batch_size, autocast)
     if len(test.usable) < len(videos):
         warnings.warn(
             f"{len(videos) - len(test.usable)} test video(s) failed to decode; their "
@@ -471,6 +511,8 @@ def main(argv: list[str] | None = None) -> int:
 
 __all__ = [
     "ActionClassifier",
+    "check_classes",
+    "class_names",
     "clip_datasets",
     "embed_all",
     "predict_videos",

@@ -6,11 +6,11 @@ clips. Sources: :class:`VideoFileSource` (video files through a :mod:`.decode` b
 :class:`vosgan.data.cache.CacheSource` (a prepared uint8 cache, no decoding).
 
 Clip ``i`` (``0 <= i < num_clips``) comes from video ``order[i % num_videos]``, ``order`` a
-permutation of the videos seeded by ``(seed, split)``: every video serves equally often, and
-fewer clips than videos (a small validation set of UCF-101) still span all classes. With
-``sampling="seeded"`` its start frame, crop offset and flip are drawn from
-``SeedSequence([seed, split_id, i])``, so a batch is a pure function of its indices (exact resume,
-any number of loader workers); ``"random"`` draws them afresh on every read.
+permutation of the videos seeded by ``(seed, split)`` (:meth:`ClipDataset.video_of`): every
+video serves equally often, and fewer clips than videos (a small validation set of UCF-101)
+still span all classes. With ``sampling="seeded"`` its start frame, crop offset and flip are
+drawn from ``SeedSequence([seed, split_id, i])``, so a batch is a pure function of its indices
+(exact resume, any number of loader workers); ``"random"`` draws them afresh on every read.
 
 Frames of a clip: ``start + round(k * step)`` for ``k < T``, with ``step = stride``, or
 ``native_fps / fps`` when a target ``fps`` is set and the video's rate is known. A video shorter
@@ -325,6 +325,13 @@ class ClipDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return self.num_clips
 
+    def video_of(self, i: int) -> int:
+        """Index into ``items`` of the video clip ``i`` is assigned to (``order[i % V]``, fixed
+        when the dataset is built; a video dropped since lends its clips to a stand-in)."""
+        if not 0 <= i < self.num_clips:
+            raise IndexError(f"clip index {i} out of range for {self.num_clips} clips")
+        return self._base[i % len(self._base)]
+
     def step(self, item: Item) -> float:
         """Frame step of clips from ``item`` (stride, or native / target fps)."""
         return item.fps / self.fps if self.fps > 0 and item.fps > 0 else float(self.stride)
@@ -339,14 +346,12 @@ class ClipDataset(torch.utils.data.Dataset):
     def _plan(self, i: int) -> Plan:
         """Video, frame numbers, crop fraction and flip of clip ``i``, by the videos as known now
         (a dropped video's stand-in, a shortened video's decodable length)."""
-        if not 0 <= i < self.num_clips:
-            raise IndexError(f"clip index {i} out of range for {self.num_clips} clips")
+        k = self.video_of(i)  # fixed when built: a dropped file moves no clip
         rng = np.random.default_rng(
             np.random.SeedSequence([self.seed, SPLITS[self.split], i])
             if self.sampling == "seeded"
             else None
         )
-        k = self._base[i % len(self._base)]  # fixed when built: a dropped file moves no clip
         if k not in self.usable:
             k = self._next_usable(k)
         item = self.items[k]
