@@ -91,3 +91,22 @@ def test_cli_arguments(capsys, args, message):
     out = capsys.readouterr()
     assert exc.value.code == (0 if args == ["--help"] else 2)
     assert message in out.out + out.err
+
+
+def test_the_report_names_the_gpu_it_was_asked_about(monkeypatch):
+    """``cuda:1`` is device 1's name, not the current device's (simulated: no GPU needed)."""
+    names = {0: "GPU zero", 1: "GPU one"}
+
+    def get_device_name(device=None):
+        index = 0 if device is None else torch.device(device).index
+        return names[0 if index is None else index]
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", get_device_name)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert backend.cuda_name(torch.device("cuda:1")) == "GPU one"
+    assert backend.cuda_name("cuda:0") == backend.cuda_name("cpu") == "GPU zero"
+    mode, detail = backend.triton_mode(torch.device("cuda:1"))
+    assert mode == "gpu" and detail.endswith(" on GPU one")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert backend.cuda_name("cuda:1") == "no CUDA device"

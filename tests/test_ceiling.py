@@ -6,6 +6,7 @@ import json
 import math
 
 import pytest
+import torch
 from conftest import usage_error
 
 from vosgan import ceiling
@@ -87,3 +88,50 @@ def test_cli_stops_on_a_non_finite_loss_and_creates_the_json_folder(
     assert main(["--steps", "3", "--json", str(out), *argv[4:]]) == 2
     assert "BCE is nan at step 2" in capsys.readouterr().err
     assert not out.exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA device")
+def test_cli_refuses_cuda_without_a_gpu(capsys) -> None:
+    argv = ["--steps", "1", "--train.device=cuda", *(f"--{k}={v}" for k, v in TINY.items())]
+    assert main(argv) == 2
+    assert "error: train.device: 'cuda': this machine has no CUDA device" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("data.source=/some/videos", "does not use data.source='/some/videos'; it trains on"),
+        ("loss.r1=1", "does not use loss.r1=1.0: drop this override"),
+        ("train.compile=true", "does not use train.compile=True"),
+        ("optim.lr_dense=0.5", "does not use optim.lr_dense=0.5"),
+        ("model.g_channels=32", "does not use model.g_channels=32"),
+    ],
+)
+def test_cli_refuses_overrides_it_would_ignore(override, message, capsys) -> None:
+    argv = ["--steps", "1", f"--{override}", *(f"--{k}={v}" for k, v in TINY.items())]
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_device_amp_and_unused_defaults(monkeypatch) -> None:
+    # data.source=synthetic and train.device=cpu change nothing: accepted; train.amp=bf16
+    # autocasts D's training forward (the logits reach the loss in bfloat16), not evaluation
+    seen = []
+
+    def spy(logit, mask):
+        seen.append((logit.dtype, logit.device.type))
+        return ceiling_loss(logit, mask)
+
+    ceiling_loss = ceiling.segmentation_loss
+    monkeypatch.setattr(ceiling, "segmentation_loss", spy)
+    over = {**TINY, "data.source": "synthetic", "train.device": "cpu", "train.amp": "bf16"}
+    results = train_ceiling(
+        config_mod.load("cpu-small", over), 2, 1e-3, 1e-3, eval_every=2, progress=False
+    )
+    assert seen == [(torch.bfloat16, "cpu")] * 2 and math.isfinite(results[-1]["iou"])
+    seen.clear()
+    train_ceiling(config_mod.load("cpu-small", TINY), 1, 1e-3, 1e-3, 1, progress=False)
+    assert seen == [(torch.float32, "cpu")]  # train.amp=auto: off on the CPU
+    with pytest.raises(config_mod.ConfigError, match="train.amp=fp16 needs a CUDA device"):
+        over = {**TINY, "train.device": "cpu", "train.amp": "fp16"}
+        train_ceiling(config_mod.load("cpu-small", over), 1, 1e-3, 1e-3, 1, progress=False)

@@ -1,7 +1,9 @@
 """vosgan.cli: the argument types every tool shares; argparse names the flag in each error."""
 
 import argparse
+import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -72,3 +74,43 @@ def test_add_device():
     cli.add_device(p)
     assert p.parse_args([]).device.type == ("cuda" if torch.cuda.is_available() else "cpu")
     assert p.parse_args(["--device", "cpu"]).device == torch.device("cpu")
+
+
+def test_write_atomic_text_bytes_and_writer(tmp_path):
+    assert cli.write_atomic(tmp_path / "new" / "a.txt", "héllo") == tmp_path / "new" / "a.txt"
+    assert (tmp_path / "new" / "a.txt").read_text(encoding="utf-8") == "héllo"
+    cli.write_atomic(tmp_path / "b.bin", b"\x00\x01")
+    assert (tmp_path / "b.bin").read_bytes() == b"\x00\x01"
+    cli.write_atomic(tmp_path / "c.npz", lambda fh: np.savez(fh, x=np.arange(3)))
+    assert np.load(tmp_path / "c.npz")["x"].tolist() == [0, 1, 2]  # no .npz.npz
+    assert (tmp_path / "c.npz").stat().st_mode & 0o777 == 0o644
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b.bin", "c.npz", "new"]
+
+
+def test_write_atomic_failure_keeps_the_old_file_and_no_temporary(tmp_path):
+    path = tmp_path / "r.json"
+    path.write_text("old")
+
+    def fails(fh):
+        fh.write(b"half of a new fi")
+        raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError, match="disk full"):
+        cli.write_atomic(path, fails)
+    assert path.read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["r.json"]
+
+
+def test_write_json_is_standard_json(tmp_path):
+    nan, inf = float("nan"), float("inf")
+    obj = {"auc": nan, "n": 3, "x": [1.5, -inf, {"y": (inf, "nan")}], "ok": None}
+    path = tmp_path / "sub" / "r.json"
+    cli.write_json(path, obj)
+
+    def refuse(token):
+        raise AssertionError(f"non-standard JSON token {token}")
+
+    got = json.loads(path.read_text(), parse_constant=refuse)
+    assert got == {"auc": None, "n": 3, "x": [1.5, None, {"y": [None, "nan"]}], "ok": None}
+    cli.write_json(None, obj)  # no --json: nothing
+    assert [p.name for p in path.parent.iterdir()] == ["r.json"]

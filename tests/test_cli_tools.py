@@ -1,5 +1,6 @@
 """Command-line errors of vosgan.evaluate and vosgan.generate: each names the flag or file, exits
-with status 2 before any work, and writes nothing; outputs go exactly where they are asked."""
+with status 2 before any work, and writes nothing; outputs go exactly where they are asked;
+generate runs in batches and shows every video it is asked for."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import torch
 from conftest import usage_error
 
 from vosgan import evaluate, generate
+from vosgan.models import Generator
 
 
 @pytest.mark.parametrize(
@@ -125,3 +127,42 @@ def test_checkpoint_with_mismatched_weights_is_named(tmp_path, ckpt) -> None:
     torch.save(state, bad)
     with pytest.raises(ValueError, match="weights do not fit its config"):
         evaluate.load_models(Path(bad), torch.device("cpu"))
+
+
+def test_generate_runs_in_batches_with_the_same_videos(tmp_path, ckpt, capsys, monkeypatch) -> None:
+    sizes = []
+    forward = Generator.forward
+
+    def spy(self, z_c, anchors):
+        sizes.append(z_c.shape[0])
+        return forward(self, z_c, anchors)
+
+    monkeypatch.setattr(Generator, "forward", spy)
+    base = ["--checkpoint", str(ckpt), "--num", "11", "--device", "cpu"]
+    assert generate.main([*base, "--batch-size", "4", "--out", str(tmp_path / "a.pt")]) == 0
+    assert sizes == [4, 4, 3]
+    sizes.clear()
+    assert generate.main([*base, "--out", str(tmp_path / "b.pt")]) == 0
+    assert sizes == [11]  # the default batch (16) holds them all
+    a, b = torch.load(tmp_path / "a.pt"), torch.load(tmp_path / "b.pt")
+    assert a.keys() == b.keys() == {"video", "fg", "mask", "bg"}
+    for k in a:  # the latents are drawn at once: the batch size changes nothing
+        assert a[k].shape[0] == 11 and a[k].dtype == torch.float32
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-5)
+
+
+def test_generate_grid_has_a_row_per_video(tmp_path, ckpt, capsys, monkeypatch) -> None:
+    grids = []
+    monkeypatch.setattr(evaluate, "write_video", lambda path, frames: grids.append(frames))
+    for num in (1, 12):
+        argv = ["--checkpoint", str(ckpt), "--num", str(num), "--batch-size", "5"]
+        assert generate.main([*argv, "--out", str(tmp_path / "g.gif"), "--device", "cpu"]) == 0
+    # 32x32 clips shown at 2x with 2-pixel separators: 66 pixels per row
+    assert grids[1].shape[1] - grids[0].shape[1] == 11 * 66
+    argv = ["--checkpoint", str(ckpt), "--num", "33", "--out", str(tmp_path / "g.mp4")]
+    err = usage_error(generate.main, argv, capsys)
+    assert "argument --num: a .mp4 grid shows one video per row, at most 32, got 33" in err
+    assert "write a .pt file for more" in err
+    assert "--batch-size: must be >= 1, got 0" in usage_error(
+        generate.main, [*argv[:-4], "--batch-size", "0", "--out", "x.pt"], capsys
+    )

@@ -106,7 +106,7 @@ def test_cli_reports_and_rejects_bad_input(tmp_path, capsys):
     assert "D on the real clips frozen in time: AUC" in printed
     for side in ("d_on_real", "d_on_fakes", "d_on_real_frozen", "d_on_fakes_frozen"):
         auc = report[side]["auc"]
-        assert math.isnan(auc) or 0.0 <= auc <= 1.0
+        assert auc is None or 0.0 <= auc <= 1.0  # null: undefined (one class absent)
         assert set(report[side]["iou_at"]) == {str(t) for t in diagnose.THRESHOLDS}
     assert 0.0 <= report["g_masks"]["softness"] <= 0.5
     assert diagnose.main(["--checkpoint", str(tmp_path / "missing.pt")]) == 2
@@ -135,3 +135,17 @@ def test_cli_creates_the_json_folder(tmp_path, ckpt, capsys):
     argv = ["--checkpoint", str(ckpt), "--clips", "1", "--fakes", "1", "--json", str(path)]
     assert diagnose.main(argv) == 0
     assert json.loads(path.read_text())["num_clips"] == 1
+
+
+def test_cli_json_writes_null_for_an_undefined_auc(tmp_path, ckpt, capsys, monkeypatch):
+    monkeypatch.setattr(diagnose, "ranking_auc", lambda score, positive: float("nan"))
+    path = tmp_path / "d.json"
+    argv = ["--checkpoint", str(ckpt), "--clips", "1", "--fakes", "1", "--json", str(path)]
+    assert diagnose.main(argv) == 0
+    assert "AUC nan" in capsys.readouterr().out
+
+    def refuse(token):
+        raise AssertionError(f"non-standard JSON token {token}")
+
+    report = json.loads(path.read_text(), parse_constant=refuse)
+    assert report["d_on_real"]["auc"] is None

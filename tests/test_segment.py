@@ -402,3 +402,38 @@ def test_bad_input(
         == 2
     )
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_segment_refuses_an_earlier_runs_masks_unless_overwrite(
+    tmp_path: Path, ckpt: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A shorter second run into the same --out would leave the first run's extra masks beside
+    its own: refused before any work; --overwrite deletes that run's outputs first."""
+    rng = np.random.default_rng(3)
+    video = rng.integers(0, 255, (20, 32, 40, 3), dtype=np.uint8)
+    write_video(tmp_path / "long" / "clip.mp4", video, fps=10)
+    write_video(tmp_path / "short" / "clip.mp4", video[:17], fps=10)
+    out = tmp_path / "seg"
+    base = ["--checkpoint", str(ckpt), "--out", str(out)]
+    assert segment.main([*base, "--input", str(tmp_path / "long" / "clip.mp4")]) == 0
+    masks = out / "clip" / "masks"
+    first = {p.name: p.stat().st_mtime_ns for p in masks.iterdir()}
+    assert len(first) == 20  # each written atomically: no temporary file left
+    capsys.readouterr()
+
+    argv = [*base, "--input", str(tmp_path / "short" / "clip.mp4"), "--no-video"]
+    assert segment.main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"--out: {masks} already holds masks of an earlier run" in err and "--overwrite" in err
+    assert {p.name: p.stat().st_mtime_ns for p in masks.iterdir()} == first  # untouched
+    assert (out / "clip" / "overlay.mp4").exists()
+
+    assert segment.main([*argv, "--overwrite"]) == 0
+    assert sorted(p.name for p in masks.iterdir()) == [f"{i:05d}.png" for i in range(17)]
+    # the first run's overlays (of 20 frames) went with its masks; nothing else is touched
+    assert sorted(p.name for p in (out / "clip").iterdir()) == ["masks"]
+    (masks / "notes.txt").write_text("mine")
+    assert segment.main([*argv, "--overwrite"]) == 0
+    assert (masks / "notes.txt").read_text() == "mine" and len(list(masks.glob("*.png"))) == 17
+    with pytest.raises(FileExistsError, match="already holds masks of an earlier run"):
+        segment.write_outputs(out / "clip", video[:1], np.zeros((1, 32, 40), bool), ["a"])

@@ -208,6 +208,10 @@ def test_inception_score_known_cases():
     assert inception_score(z, 3) == pytest.approx(inception_score(soft, 3, probabilities=True))
     with pytest.raises(ValueError, match="splits must be in"):
         inception_score(z, splits=31)
+    # a split of one sample scores exactly 1 (its p(y) is its p(y|x)): at least 2 per split
+    with pytest.raises(ValueError, match=r"splits must be in \[1, N/2=15\] \(at least 2"):
+        inception_score(z, splits=16)
+    assert inception_score(z, splits=15)[0] > 1.0
     with pytest.raises(ValueError, match="not probabilities: values must be >= 0"):
         inception_score(-soft, 1, probabilities=True)
     with pytest.raises(ValueError, match=r"rows summing to 1 .*row sums in \[2, 2\]"):
@@ -337,7 +341,10 @@ def test_cli_end_to_end(tmp_path, scripted, ckpt, capsys):
         "--extractor-kwargs",
         '{"size": 8}',
     ]
-    assert fvd.main(args) == 0, capsys.readouterr().err
+    # 12 generated clips, the default --kvd-subset-size 1000: every subset is all 12 (warned)
+    with pytest.warns(UserWarning, match=r"--kvd-subset-size 1000 >= 12 clips") as record:
+        assert fvd.main(args) == 0, capsys.readouterr().err
+    assert sum("--kvd-subset-size" in str(w.message) for w in record) == 1  # once
     result = json.loads((tmp_path / "out" / "metrics.json").read_text())
     m, p = result["metrics"], result["protocol"]
     assert set(m) == {"fvd", "kvd", "kvd_std", "is_mean", "is_std"}
@@ -456,6 +463,11 @@ def test_cli_shared_real_clips(tmp_path, scripted, ckpt, capsys):
         (["--extractor", "{ext}", "--data", "{tmp}/nowhere"], "--data .*nowhere: no such"),
         (["--extractor", "{ext}", "--split", "dev"], "--split must be one of"),
         (["--extractor", "{ext}", "--classifier", "{ext}", "--is-splits", "5"], "--is-splits"),
+        (  # 4 videos in 3 splits: one split of a single sample (IS exactly 1)
+            ["--extractor", "{ext}", "--classifier", "{cls}", "--is-splits", "3"],
+            r"--is-splits 3 needs --num >= 6 \(at least 2 generated videos per IS split\), "
+            "got --num 4",
+        ),
         (["--extractor", "{tmp}"], "--extractor .* is a folder, expected a TorchScript model"),
         (["--extractor", "{nan}"], "--extractor .*nan.pt returned NaN/Inf values for the real"),
         (

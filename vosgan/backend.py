@@ -96,8 +96,19 @@ def check_triton_device(op: str, device: torch.device) -> None:
         )
 
 
-def triton_mode() -> tuple[str, str]:
-    """Triton's state: ("gpu" | "interpreter" | "absent", detail)."""
+def cuda_name(device: torch.device | str | None = None) -> str:
+    """The name of CUDA device ``device`` (``cuda:N``: device N, not the current one), of the
+    current CUDA device for ``None``, ``"cuda"`` or a CPU device; ``"no CUDA device"`` without
+    one."""
+    if not torch.cuda.is_available():
+        return "no CUDA device"
+    dev = torch.device(device) if device is not None else None
+    return torch.cuda.get_device_name(dev if dev is not None and dev.type == "cuda" else None)
+
+
+def triton_mode(device: torch.device | str | None = None) -> tuple[str, str]:
+    """Triton's state: ("gpu" | "interpreter" | "absent", detail); the detail names the GPU
+    ``device`` (:func:`cuda_name`)."""
     try:
         import triton
     except ImportError as exc:  # reported, never swallowed
@@ -105,7 +116,7 @@ def triton_mode() -> tuple[str, str]:
     if os.environ.get("TRITON_INTERPRET") == "1":
         return "interpreter", f"triton {triton.__version__}, TRITON_INTERPRET=1 (CPU tensors)"
     if torch.cuda.is_available():
-        return "gpu", f"triton {triton.__version__} on {torch.cuda.get_device_name()}"
+        return "gpu", f"triton {triton.__version__} on {cuda_name(device)}"
     return "absent", f"triton {triton.__version__} installed, but no CUDA device"
 
 
@@ -129,11 +140,10 @@ def extension_status() -> tuple[bool, str]:
 def report(device: torch.device | str | None = None) -> str:
     """A multi-line report of the platform and of every op's implementation on ``device``."""
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    cuda = torch.cuda.get_device_name() if torch.cuda.is_available() else "no CUDA device"
     lines = [
         f"python   {sys.version.split()[0]} on {platform.machine()}, {os.cpu_count()} CPUs",
-        f"torch    {torch.__version__}; {cuda}; device for this report: {dev}",
-        f"triton   {': '.join(triton_mode())}",
+        f"torch    {torch.__version__}; {cuda_name(dev)}; device for this report: {dev}",
+        f"triton   {': '.join(triton_mode(dev))}",
         f"C++ ext  {extension_status()[1]}",
         f"numba    {_probe('numba')}",
         f"DALI     {_probe('nvidia.dali')}",

@@ -8,15 +8,21 @@ reach with the same architecture, preset and number of steps: a number the self-
 segmentation is chasing, measured rather than guessed.
 
 ``--lr`` sets the decoder and head learning rate and ``--lr-encoder`` the encoder's (default: the
-preset's ``optim.lr_d`` for both); any config field can be overridden with
-``--section.key=value`` as in :mod:`vosgan.train`. Prints one line per ``--eval-every`` steps and,
-with ``--json FILE``, writes them as a JSON list. A NaN or infinite BCE stops the run with an
-error naming the step (exit status 2).
+preset's ``optim.lr_d`` for both). The config fields the ceiling reads can be overridden with
+``--section.key=value`` as in :mod:`vosgan.train` (:data:`USED`: D's architecture, the synthetic
+data's sizes and seed, ``train.seed``, ``steps``, ``eval_every``, ``eval_clips``, ``device`` and
+``amp``, Adam's betas); any other field changed is an error naming it (``data.source``: the
+ceiling trains on synthetic clips only). ``train.device`` is resolved as training does (an
+error when it names a CUDA device this machine lacks); ``train.amp`` autocasts D's training
+forward as in training (a GradScaler for fp16); evaluation runs in float32. Prints one line per
+``--eval-every`` steps and, with ``--json FILE``, writes them as a JSON list. A NaN or infinite
+BCE stops the run with an error naming the step (exit status 2).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 from typing import Any
@@ -33,7 +39,36 @@ from vosgan.losses import segmentation_loss
 from vosgan.models import Discriminator
 from vosgan.train import NonFiniteLossError
 from vosgan.train_data import batch_indices
-from vosgan.train_run import d_param_groups
+from vosgan.train_run import amp_dtype, d_param_groups, resolve_device
+
+#: The config fields :func:`train_ceiling` reads; changing another is refused (:func:`check_used`).
+USED = frozenset(
+    {f"model.{k}" for k in ("size", "frames", "d_channels", "flow_scale", "flow_decoder")}
+    | {f"model.{k}" for k in ("flow_encoder", "seg_refine", "seg_refine_radius")}
+    | {f"data.{k}" for k in ("train_clips", "val_clips", "seed", "batch_size", "cache")}
+    | {f"train.{k}" for k in ("seed", "steps", "eval_every", "eval_clips", "device", "amp")}
+    | {"optim.lr_d", "optim.beta1", "optim.beta2"}
+)
+
+
+def check_used(cfg: Config) -> None:
+    """Raise :class:`~vosgan.config.ConfigError` naming every field of ``cfg`` that differs from
+    its preset and that the ceiling does not read (outside :data:`USED`): such an override would
+    otherwise be ignored without a word."""
+    base = config_mod.PRESETS[cfg.preset]
+    ignored = [
+        f"{section}.{f.name}={getattr(getattr(cfg, section), f.name)!r}"
+        for section in config_mod.SECTIONS
+        for f in dataclasses.fields(getattr(cfg, section))
+        if f"{section}.{f.name}" not in USED
+        and getattr(getattr(cfg, section), f.name) != getattr(getattr(base, section), f.name)
+    ]
+    if ignored:
+        why = "; it trains on synthetic clips only" if cfg.data.source != base.data.source else ""
+        raise config_mod.ConfigError(
+            f"the ceiling does not use {', '.join(ignored)}{why}: drop "
+            f"{'this override' if len(ignored) == 1 else 'these overrides'}"
+        )
 
 
 def train_ceiling(
@@ -42,7 +77,8 @@ def train_ceiling(
     """Train a fresh D's segmentation on ground-truth masks; return the evaluations.
 
     Args:
-        cfg: the config (model, data seed and sizes, batch size, ``train.seed``, eval clips).
+        cfg: the config (:data:`USED`; others must keep the preset's values): D and the data
+            live on ``train.device``, the training forward runs under ``train.amp``.
         steps: optimiser steps, each on ``data.batch_size`` clips ``(B, 3, T, H, W)``.
         lr: learning rate of every parameter outside the encoder (decoders, heads).
         lr_encoder: learning rate of the encoder and the real/fake head.
@@ -54,15 +90,21 @@ def train_ceiling(
 
     Raises:
         NonFiniteLossError: the BCE of a step is NaN or infinite (named in the message).
+        ConfigError: a field outside :data:`USED` changed (:func:`check_used`), ``train.device``
+            names a device this machine lacks, or ``train.amp=fp16`` without CUDA.
     """
     if steps < 1 or eval_every < 1:
         raise ValueError(f"steps and eval_every must be >= 1, got {steps} and {eval_every}")
+    check_used(cfg)
+    device = resolve_device(cfg.train.device)
+    dtype = amp_dtype(cfg.train.amp, device)
     torch.manual_seed(cfg.train.seed)
     m, d = cfg.model, cfg.data
-    D = Discriminator(m)
+    D = Discriminator(m).to(device)
     opt = torch.optim.Adam(
         d_param_groups(D, lr), lr=lr_encoder, betas=(cfg.optim.beta1, cfg.optim.beta2)
     )
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     data = SyntheticVideos(
         d.train_clips, m.frames, m.size, seed=d.seed, split="train", cache=d.cache
     )
@@ -72,19 +114,22 @@ def train_ceiling(
     )
     for step in bar:
         batch = data.batch(batch_indices(step - 1, d.batch_size, len(data), d.seed))
-        loss = segmentation_loss(D(batch["video"]).seg_logit, batch["mask"])
+        video, mask = (batch[k].to(device, non_blocking=True) for k in ("video", "mask"))
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            loss = segmentation_loss(D(video).seg_logit, mask)
         if not torch.isfinite(loss):
             raise NonFiniteLossError(
                 f"BCE is {loss.item()} at step {step}; stopped. Try a lower --lr or --lr-encoder."
             )
         opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
         if step % eval_every == 0 or step == steps:
             result = {
                 "step": step,
                 "loss": loss.item(),
-                **evaluate_model(D, cfg, torch.device("cpu"), cfg.train.eval_clips).as_dict(),
+                **evaluate_model(D, cfg, device, cfg.train.eval_clips).as_dict(),
             }
             results.append(result)
             tqdm.write(

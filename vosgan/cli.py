@@ -11,10 +11,11 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 
@@ -141,9 +142,50 @@ def add_json(parser: argparse.ArgumentParser, what: str) -> None:
     )
 
 
+def write_atomic(path: str | os.PathLike, data: str | bytes | Callable[[BinaryIO], None]) -> Path:
+    """Write ``path`` whole or not at all, creating its folder; returns it as a ``Path``.
+
+    ``data`` is text (written as UTF-8), bytes, or a callable that writes the file's content to
+    the binary file object it is given (``lambda fh: np.savez(fh, ...)``, ``torch.save``). It
+    goes to a temporary file in the same folder, flushed to disk, then renamed over ``path``
+    (``os.replace``): a crash, Ctrl-C or a failing writer leaves the old file (or none), never
+    half of one, and the temporary file is removed (as :func:`vosgan.checkpoint.save_atomic`).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            if callable(data):
+                data(fh)
+            else:
+                fh.write(data.encode() if isinstance(data, str) else data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; results are for everyone to read
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def json_safe(obj: Any) -> Any:
+    """``obj`` with every non-finite float (NaN, +-Inf) replaced by ``None`` (JSON ``null``),
+    through nested dicts, lists and tuples: standard JSON has no NaN (``json.dumps`` would
+    write the non-standard ``NaN`` token that strict parsers reject)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj
+
+
 def write_json(path: Path | None, obj: Any) -> None:
-    """Write ``obj`` as indented JSON to ``path`` (a ``--json`` value), creating its folder;
-    nothing when ``path`` is None."""
+    """Write ``obj`` as indented, standard JSON to ``path`` (a ``--json`` value) atomically
+    (:func:`write_atomic`), creating its folder; non-finite floats become ``null``
+    (:func:`json_safe`). Nothing when ``path`` is None."""
     if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(obj, indent=2))
+        write_atomic(path, json.dumps(json_safe(obj), indent=2, allow_nan=False) + "\n")

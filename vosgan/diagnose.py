@@ -21,7 +21,8 @@ is made of, on held-out synthetic clips (exact masks) and on G's own samples:
 
 A diagnostic of a trained checkpoint; nothing here feeds back into training. The real clips are
 always the built-in synthetic validation clips at the checkpoint's resolution (they have exact
-masks), whatever data the checkpoint was trained on.
+masks), whatever data the checkpoint was trained on. An undefined value (an AUC or mean with no
+foreground or no background pixel) prints as ``nan`` and is ``null`` in the ``--json`` file.
 """
 
 from __future__ import annotations

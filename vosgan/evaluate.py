@@ -20,6 +20,7 @@ import argparse
 import dataclasses
 import json
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +32,7 @@ from vosgan import checkpoint, cli
 from vosgan.config import Config
 from vosgan.data import SyntheticVideos
 from vosgan.metrics import EvalResult, evaluate_predictions
-from vosgan.models import Discriminator, Generator
+from vosgan.models import Discriminator, Generator, GenOutput
 from vosgan.refine import refine_segmentation
 from vosgan.viz import sample_grid, write_video
 
@@ -79,6 +80,34 @@ def evaluate_model(
 
 
 @torch.no_grad()
+def sample_videos(
+    G: Generator, num: int, seed: int, batch_size: int | None = None
+) -> Iterator[GenOutput]:
+    """G's outputs for ``num`` latents, ``batch_size`` at a time (default: all at once).
+
+    The latents (``z_c (num, Zc)``, ``anchors (num, K, Dm)``) are drawn together from a generator
+    seeded with ``seed`` on G's device, so sample ``i`` is the same whatever ``batch_size``; G
+    runs in whatever mode it is in (eval mode: batch-independent BatchNorm). Yields
+    :class:`~vosgan.models.GenOutput` batches of ``min(batch_size, num - start)`` samples.
+    """
+    if num < 1:
+        raise ValueError(f"num must be >= 1, got {num}")
+    if batch_size is not None and batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    device = next(G.parameters()).device
+    gen = torch.Generator(device=device).manual_seed(seed)
+    z_c, anchors = G.sample_latents(num, device, generator=gen)
+    bs = batch_size or num
+    for start in range(0, num, bs):
+        yield G(z_c[start : start + bs], anchors[start : start + bs])
+
+
+#: The most rows (samples) :func:`write_samples` puts in one grid video: at 32 the grid is
+#: 2128 x 398 pixels at 32x32 (shown at 2x) and at 64x64 alike; more samples go to a .pt file.
+MAX_GRID_ROWS = 32
+
+
+@torch.no_grad()
 def write_samples(
     G: Generator,
     D: Discriminator,
@@ -86,29 +115,31 @@ def write_samples(
     num: int = 4,
     seed: int = SAMPLE_SEED,
     formats: tuple[str, ...] = (".mp4", ".gif"),
+    batch_size: int | None = None,
 ) -> list[Path]:
-    """Write a sample grid (video | fg | mask | bg | D seg | D flow) as ``stem.<format>`` files
-    (the format is appended: a dot in ``stem`` stays, ``out/r.sh`` gives ``out/r.sh.mp4``).
+    """Write a sample grid (video | fg | mask | bg | D seg | D flow), one row for each of the
+    ``num`` samples (at most :data:`MAX_GRID_ROWS`), as ``stem.<format>`` files (the format is
+    appended: a dot in ``stem`` stays, ``out/r.sh`` gives ``out/r.sh.mp4``).
 
-    G and D run in eval mode (their modes are restored); latents come from a generator seeded with
-    ``seed``, so samples at different steps show the same latents and training RNG is untouched.
+    G and D run in eval mode (their modes are restored) on ``batch_size`` samples at a time
+    (default: all); latents come from :func:`sample_videos` seeded with ``seed``, so samples at
+    different steps show the same latents and training RNG is untouched.
     """
-    device = next(G.parameters()).device
+    if not 1 <= num <= MAX_GRID_ROWS:
+        raise ValueError(f"num must be in [1, {MAX_GRID_ROWS}] (one grid row each), got {num}")
     modes = G.training, D.training
     G.eval()
     D.eval()
+    cols: list[list[Tensor]] = [[] for _ in range(6)]  # video, fg, mask, bg, seg, flow
     try:
-        gen = torch.Generator(device=device).manual_seed(seed)
-        out = G(*G.sample_latents(num, device, generator=gen))
-        pred = predict(D, out.video)
+        for out in sample_videos(G, num, seed, batch_size):
+            pred = predict(D, out.video)
+            for col, x in zip(cols, (*out, pred["seg"], pred["flow"]), strict=True):
+                col.append(x.float().cpu())
     finally:
         G.train(modes[0])
         D.train(modes[1])
-    grid = sample_grid(
-        *(x.float().cpu() for x in (out.video, out.fg, out.mask, out.bg)),
-        pred["seg"].cpu(),
-        pred["flow"].cpu(),
-    )
+    grid = sample_grid(*(torch.cat(col) for col in cols), max_rows=num)
     stem = Path(stem)
     stem.parent.mkdir(parents=True, exist_ok=True)
     paths = [stem.with_name(stem.name + fmt) for fmt in formats]

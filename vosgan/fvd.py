@@ -28,6 +28,7 @@ import dataclasses
 import json
 import sys
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -172,8 +173,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ):
         if value < low:
             raise ConfigError(f"{flag} must be >= {low}, got {value}")
-    if args.classifier and args.is_splits > args.num:
-        raise ConfigError(f"--is-splits ({args.is_splits}) must be <= --num ({args.num})")
+    if args.classifier and args.num < 2 * args.is_splits:  # a split of one sample scores IS 1
+        raise ConfigError(
+            f"--is-splits {args.is_splits} needs --num >= {2 * args.is_splits} (at least 2 "
+            f"generated videos per IS split), got --num {args.num}"
+        )
     args.extractor_kwargs = _json_arg("--extractor-kwargs", args.extractor_kwargs)
     args.classifier_kwargs = _json_arg("--classifier-kwargs", args.classifier_kwargs)
     return args
@@ -219,6 +223,16 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
         _fake_batches(G, args.num, args.batch_size, args.seed), fake_models, args.num, "generated"
     )
     fr, ff = real["features"], fake["features"]
+    clips = min(len(fr), len(ff))
+    if args.kvd_subset_size >= clips:
+        warnings.warn(
+            f"--kvd-subset-size {args.kvd_subset_size} >= {clips} clips (the smaller of "
+            f"--num {args.num} and the {len(fr)} real clips): every KVD subset holds all of "
+            "them, so kvd_std measures only the resampling of the larger set (0 when both are "
+            "equal); pass a smaller --kvd-subset-size for a spread over subsets",
+            UserWarning,
+            stacklevel=2,
+        )
     kvd, kvd_std, subset = kernel_distance(ff, fr, args.kvd_subsets, args.kvd_subset_size)
     metrics: dict[str, Any] = {
         "fvd": frechet_distance_from_features(ff, fr),
@@ -281,17 +295,12 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
             classifier_output=args.classifier_output,
             is_splits=args.is_splits,
         )
-    out = args.out
-    out.mkdir(parents=True, exist_ok=True)
     result = {"metrics": metrics, "protocol": protocol}
-    (out / "metrics.json").write_text(json.dumps(result, indent=2))
-    if args.save_features:
-        np.savez(
-            out / "features.npz",
-            real=fr,
-            generated=ff,
-            **({"logits": fake["logits"]} if classifier is not None else {}),
-        )
+    if args.save_features:  # written first: metrics.json marks a finished run
+        arrays = {"real": fr, "generated": ff}
+        arrays |= {"logits": fake["logits"]} if classifier is not None else {}
+        cli.write_atomic(args.out / "features.npz", lambda fh: np.savez(fh, **arrays))
+    cli.write_json(args.out / "metrics.json", result)
     return result
 
 

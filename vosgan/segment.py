@@ -17,15 +17,21 @@ Protocol (:func:`segment_frames`):
 Sequences shorter than ``T`` are padded by repeating their last frame; the padded frames'
 predictions are dropped. Outputs per sequence: ``DIR/<seq>/masks/<frame stem>.png`` (0/255) and
 ``DIR/<seq>/overlay.mp4`` + ``overlay.gif`` (mask tinted red over the frames; the GIF is
-downscaled to 320 pixels on its long side). A DAVIS-layout root is processed sequence by
-sequence (one sub-folder each).
+downscaled to 320 pixels on its long side), each file written atomically. A DAVIS-layout root is
+processed sequence by sequence (one sub-folder each).
+
+A sequence folder whose ``masks/`` already holds PNG files (an earlier run) is refused before
+any work, since masks of frames this run does not have would stay beside the new ones;
+``--overwrite`` first deletes that run's outputs (``masks/*.png``, and ``overlay.mp4`` /
+``overlay.gif`` with ``--no-video``) and nothing else.
 """
 
 from __future__ import annotations
 
 import argparse
+import io
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -197,6 +203,13 @@ def _downscale(frames: np.ndarray, longest: int) -> np.ndarray:
     return np.stack([np.asarray(Image.fromarray(f).resize(size, Image.BILINEAR)) for f in frames])
 
 
+def earlier_outputs(out_dir: Path) -> list[Path]:
+    """The files an earlier run left in the sequence folder ``out_dir``: ``masks/*.png`` and
+    ``overlay.mp4`` / ``overlay.gif`` (what :func:`write_outputs` writes, nothing else)."""
+    owned = [out_dir / "overlay.mp4", out_dir / "overlay.gif"]
+    return sorted((out_dir / "masks").glob("*.png")) + [p for p in owned if p.is_file()]
+
+
 def write_outputs(
     out_dir: Path,
     frames: np.ndarray,
@@ -204,12 +217,34 @@ def write_outputs(
     stems: list[str],
     fps: int = 8,
     videos: bool = True,
+    overwrite: bool = False,
 ) -> list[Path]:
-    """Write ``masks/<stem>.png`` (0/255) per frame and ``overlay.mp4`` / ``overlay.gif``."""
+    """Write ``masks/<stem>.png`` (0/255) per frame and ``overlay.mp4`` / ``overlay.gif``, each
+    file atomically (:func:`vosgan.cli.write_atomic`).
+
+    Args:
+        out_dir: the sequence's folder (created).
+        frames: uint8 ``(N, H, W, 3)``; masks: bool ``(N, H, W)``; stems: ``N`` file stems.
+        overwrite: delete an earlier run's outputs first (:func:`earlier_outputs`); without it
+            a ``masks/`` folder holding PNG files is an error (its stale masks would stay).
+
+    Raises:
+        FileExistsError: ``masks/`` holds PNG files and ``overwrite`` is False (named).
+    """
     mask_dir = out_dir / "masks"
+    earlier = earlier_outputs(out_dir)
+    if any(p.parent == mask_dir for p in earlier) and not overwrite:
+        raise FileExistsError(
+            f"{mask_dir} already holds masks of an earlier run; pass --overwrite to replace "
+            "them, or choose another --out"
+        )
+    for path in earlier if overwrite else []:
+        path.unlink()
     mask_dir.mkdir(parents=True, exist_ok=True)
     for stem, m in zip(stems, masks, strict=True):
-        Image.fromarray(m.astype(np.uint8) * 255, mode="L").save(mask_dir / f"{stem}.png")
+        png = io.BytesIO()
+        Image.fromarray(m.astype(np.uint8) * 255, mode="L").save(png, format="PNG")
+        cli.write_atomic(mask_dir / f"{stem}.png", png.getvalue())
     written = [mask_dir]
     if videos:
         tinted = overlay(frames, masks)
@@ -219,9 +254,13 @@ def write_outputs(
     return written
 
 
-def iter_inputs(path: str | Path) -> Iterator[tuple[str, np.ndarray, list[str]]]:
-    """``(name, frames uint8 (N, H, W, 3), frame stems)`` for a video file, a frame folder, or
-    each sequence of a DAVIS-layout root (frames and masks read by :mod:`vosgan.data`)."""
+Loader = Callable[[], tuple[np.ndarray, list[str]]]
+
+
+def find_inputs(path: str | Path) -> list[tuple[str, Loader]]:
+    """``(name, load)`` per sequence of ``path`` (a video file, a frame folder, or a DAVIS-layout
+    root read by :mod:`vosgan.data`); ``load()`` reads its frames, uint8 ``(N, H, W, 3)``, and
+    their stems. The names come first, so outputs can be checked before any frame is read."""
     from vosgan.data.decode import read_video
     from vosgan.data.frames import find_sequences, load_frames
 
@@ -231,13 +270,22 @@ def iter_inputs(path: str | Path) -> Iterator[tuple[str, np.ndarray, list[str]]]
             raise ValueError(
                 f"--input {path}: not a video ({', '.join(VIDEO_SUFFIXES)}) nor a folder"
             )
-        frames = read_video(path)
-        yield path.stem, frames, [f"{i:05d}" for i in range(len(frames))]
-        return
+
+        def load_video() -> tuple[np.ndarray, list[str]]:
+            frames = read_video(path)
+            return frames, [f"{i:05d}" for i in range(len(frames))]
+
+        return [(path.stem, load_video)]
     if not path.exists():
         raise FileNotFoundError(f"--input {path} does not exist")
-    for seq in find_sequences(path, incomplete_masks="warn"):  # segmenting reads frames only
-        yield seq.name, load_frames(seq), [p.stem for p in seq.frames]
+    seqs = find_sequences(path, incomplete_masks="warn")  # segmenting reads frames only
+    return [(s.name, lambda s=s: (load_frames(s), [p.stem for p in s.frames])) for s in seqs]
+
+
+def iter_inputs(path: str | Path) -> Iterator[tuple[str, np.ndarray, list[str]]]:
+    """``(name, frames uint8 (N, H, W, 3), frame stems)`` per sequence (:func:`find_inputs`)."""
+    for name, load in find_inputs(path):
+        yield name, *load()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -275,6 +323,12 @@ def main(argv: list[str] | None = None) -> int:
         "--fps", type=cli.int_at_least(1), default=8, help="overlay video frame rate (8)"
     )
     p.add_argument("--no-video", action="store_true", help="write the PNG masks only")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an earlier run's outputs in --out (its masks/*.png and overlays); without "
+        "it a sequence folder already holding masks is an error",
+    )
     cli.add_device(p)
     args = p.parse_args(argv)
     if not 0.0 <= args.threshold < 1.0:
@@ -288,9 +342,22 @@ def main(argv: list[str] | None = None) -> int:
                 f"--size {args.size} differs from the checkpoint's resolution "
                 f"(model.size={size}); omit --size to use it"
             )
-        bar = tqdm(iter_inputs(args.input), desc="sequences", unit="seq", dynamic_ncols=True)
-        for name, frames, stems in bar:
+        inputs = find_inputs(args.input)
+        taken = [
+            str(args.out / name / "masks")
+            for name, _ in inputs
+            if any((args.out / name / "masks").glob("*.png"))
+        ]
+        if taken and not args.overwrite:
+            raise FileExistsError(
+                f"--out: {', '.join(taken)} already hold{'s' if len(taken) == 1 else ''} masks "
+                "of an earlier run (stale ones would stay beside the new); pass --overwrite to "
+                "replace them, or choose another --out"
+            )
+        bar = tqdm(inputs, desc="sequences", unit="seq", dynamic_ncols=True)
+        for name, load in bar:
             bar.set_postfix_str(name)
+            frames, stems = load()
             prob = segment_frames(
                 D,
                 frames,
@@ -308,9 +375,10 @@ def main(argv: list[str] | None = None) -> int:
                 stems,
                 fps=args.fps,
                 videos=not args.no_video,
+                overwrite=args.overwrite,
             )
             tqdm.write(f"{name}: {len(stems)} frames -> {args.out / name}")
-    except (FileNotFoundError, ValueError) as exc:
+    except (FileNotFoundError, FileExistsError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0

@@ -206,12 +206,16 @@ def inception_score(
         logits: classifier outputs ``(N, K)``: logits, or class probabilities when
             ``probabilities`` (>= 0, zeros allowed; each row must sum to 1 within
             :data:`PROB_TOL` and is renormalised).
-        splits: the N samples are cut into this many consecutive, near-equal parts.
+        splits: the N samples are cut into this many consecutive, near-equal parts, each of at
+            least 2 samples (a part of one scores exactly 1: its p(y) is its own p(y|x)).
     """
     x = _as_features("logits", logits)
     n = x.shape[0]
-    if not 1 <= splits <= n:
-        raise ValueError(f"splits must be in [1, N={n}], got {splits}")
+    if not 1 <= splits <= n // 2:
+        raise ValueError(
+            f"splits must be in [1, N/2={n // 2}] (at least 2 samples per split), got {splits} "
+            f"for N={n}"
+        )
     if probabilities:
         sums = x.sum(axis=1, keepdims=True)
         if (x < 0).any() or (np.abs(sums - 1) > PROB_TOL).any():
