@@ -23,7 +23,7 @@ from __future__ import annotations
 import argparse
 import csv
 import datetime
-import json
+import io
 import math
 import platform
 from pathlib import Path
@@ -213,27 +213,29 @@ def write_davis_outputs(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     paths = [out / "davis_jf.csv", out / "davis_jf.json", out / "davis_protocol.md"]
-    with open(paths[0], "w", newline="") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(["method", "sequence", "frames", *_COLUMNS, "convention"])
-        for m, res in result["methods"].items():
-            for row in [*res["rows"], {"sequence": "MEAN", "frames": "", **res["mean"]}]:
-                writer.writerow(
-                    [
-                        m,
-                        row["sequence"],
-                        row["frames"],
-                        *(f"{row[k]:.6f}" for k in _COLUMNS),
-                        result["convention"],
-                    ]
-                )
-    paths[1].write_text(json.dumps({"protocol": protocol, **result}, indent=1))
-    paths[2].write_text(
+    table = io.StringIO()
+    writer = csv.writer(table)
+    writer.writerow(["method", "sequence", "frames", *_COLUMNS, "convention"])
+    for m, res in result["methods"].items():
+        for row in [*res["rows"], {"sequence": "MEAN", "frames": "", **res["mean"]}]:
+            writer.writerow(
+                [
+                    m,
+                    row["sequence"],
+                    row["frames"],
+                    *(f"{row[k]:.6f}" for k in _COLUMNS),
+                    result["convention"],
+                ]
+            )
+    cli.write_atomic(paths[0], table.getvalue())  # each file whole or not at all
+    cli.write_json(paths[1], {"protocol": protocol, **result})
+    cli.write_atomic(
+        paths[2],
         "# DAVIS J&F\n\n## Protocol\n\n"
         + protocol_card(protocol)
         + "\n\n## Results\n\n"
         + format_table(result, markdown=True)
-        + "\n"
+        + "\n",
     )
     return paths
 

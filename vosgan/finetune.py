@@ -28,7 +28,7 @@ import argparse
 import contextlib
 import csv
 import dataclasses
-import json
+import io
 import sys
 import time
 import warnings
@@ -471,15 +471,16 @@ def run(args: argparse.Namespace) -> tuple[dict[str, Any], ActionClassifier]:
     }
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
-    (out / "result.json").write_text(json.dumps(result, indent=2))
-    with open(out / "predictions.csv", "w", newline="") as fh:
-        w = csv.writer(fh)
-        w.writerow(["video", "label", "predicted", "correct"])
-        root = Path(args.data).resolve()
-        for it, y, p in zip(videos, labels.tolist(), pred.tolist(), strict=True):
-            path = Path(it.name).resolve()
-            rel = path.relative_to(root).as_posix() if path.is_relative_to(root) else it.name
-            w.writerow([rel, names[y], names[p], int(y == p)])
+    cli.write_json(out / "result.json", result)  # each file whole or not at all
+    table = io.StringIO()
+    w = csv.writer(table)
+    w.writerow(["video", "label", "predicted", "correct"])
+    root = Path(args.data).resolve()
+    for it, y, p in zip(videos, labels.tolist(), pred.tolist(), strict=True):
+        path = Path(it.name).resolve()
+        rel = path.relative_to(root).as_posix() if path.is_relative_to(root) else it.name
+        w.writerow([rel, names[y], names[p], int(y == p)])
+    cli.write_atomic(out / "predictions.csv", table.getvalue())
     state = {
         "head": model.head.state_dict(),
         "classes": names,

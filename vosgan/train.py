@@ -313,7 +313,7 @@ def _train(
     writer = log = None
     if main:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(cfg.to_json())
+        cli.write_atomic(out / "config.json", cfg.to_json())
         writer = SummaryWriter(str(out / "tb"), purge_step=run.step)
         log = _open_log(out / "log.jsonl", run.step)
     pending: list[tuple[int, dict[str, Tensor]]] = []
@@ -398,7 +398,7 @@ def _train(
     save()  # again, now with the final evaluation in the history
     writer.close()
     log.close()
-    (out / "metrics.json").write_text(json.dumps({"step": run.step, **result}, indent=2))
+    cli.write_json(out / "metrics.json", {"step": run.step, **result})
     print(f"final (step {run.step}, {result['num_clips']} held-out clips): {describe(result)}")
     print(f"run folder: {out}")
     return result
