@@ -6,7 +6,10 @@ fp32 at B = 8..64, T = 16..32, 64 x 64, fused = Triton; each GPU row also record
 ``triton.testing.do_bench`` median, the bytes the op must move, the GB/s that gives and the
 fraction of a same-size device copy's bandwidth (the achievable HBM bandwidth), per call and
 replayed as a CUDA graph (GPU time only). Before timing, each fused case checks its output (and
-gradients) against the reference's on the same inputs (:func:`check_provider`).
+gradients) against the reference's on the same inputs (:func:`check_provider`); each ``compile``
+case compiles afresh with static shapes and records ``compiled_graphs`` (:mod:`compile_case`).
+With ``--benchmark-disable`` (the GPU session's checks) nothing is timed: only the checks and
+the warm-up calls run.
 
 Run: ``pytest benchmarks/bench_composite.py --benchmark-only``. First calls (numba compile or
 cache load, Triton JIT, inductor compile) happen before timing.
@@ -19,6 +22,7 @@ import platform
 
 import pytest
 import torch
+from compile_case import compile_case, graph_count, graphs_since, strict_recompiles
 from reference_check import Tol, check, outputs, upcast
 
 from vosgan.ops.composite import composite, composite_reference
@@ -30,7 +34,6 @@ PROVIDERS = ["reference", "fused", "compile"]
 #: GPU only: the fused op with its backward's frames split over programs for small batches
 #: (``VOSGAN_COMPOSITE_T_SPLIT=auto``; not yet the default).
 GPU_PROVIDERS = [*PROVIDERS, "fused-tsplit"]
-_compiled: dict = {}
 
 
 def _versions() -> dict:
@@ -41,14 +44,13 @@ def _versions() -> dict:
 
 
 def _fn(provider: str, device: str):
+    """``provider``'s ``(f, m, b) -> v`` (``compile``: a fresh compile, for one case)."""
     if provider == "reference":
         return composite_reference
     if provider in ("fused", "fused-tsplit"):
         impl = "triton" if device == "cuda" else "numba"
         return lambda f, m, b: composite(f, m, b, impl=impl)
-    if device not in _compiled:  # one compiled function per device: shapes recompile as needed
-        _compiled[device] = torch.compile(composite_reference)
-    return _compiled[device]
+    return compile_case(composite_reference)
 
 
 def _inputs(shape, dtype, device):
@@ -118,13 +120,24 @@ def _bench(benchmark, provider, shape, dtype, device, mode, rounds):
         kernels.T_SPLIT = policy
 
 
+def _warm(provider: str, run, what: str) -> dict:
+    """Three calls of ``run`` (compile / cache load / JIT) before timing; for ``compile``, the
+    ``extra_info`` entry saying how many graphs dynamo compiled for the case."""
+    start = graph_count()
+    with strict_recompiles():
+        for _ in range(3):
+            run()
+    return {"compiled_graphs": graphs_since(start, what)} if provider == "compile" else {}
+
+
 def _bench_case(benchmark, provider, shape, dtype, device, mode, rounds):
     f, m, b, g = _inputs(shape, dtype, device)
     check_provider(provider, device, f, m, b, g, mode)  # once, before timing
     run = _step(_fn(provider, device), f, m, b, g, mode)
-    for _ in range(3):  # compile / cache load / JIT before timing
-        run()
-    info = {
+    info = _warm(provider, run, f"composite {provider} {mode} {dtype} {shape}")
+    if benchmark.disabled:  # --benchmark-disable: checked and warmed up, nothing to time
+        return
+    info |= {
         **_versions(),
         "shape": "x".join(map(str, shape)),
         "dtype": str(dtype)[6:],
@@ -187,13 +200,15 @@ def test_composite_gpu(benchmark, shape, dtype, provider, mode):
 
 def interleaved(device: str = "cpu", rounds: int = 40) -> str:
     """Providers timed round by round (one call each per round), so load from other processes
-    hits them alike; a markdown table of medians and minima in ms, and the speed-ups."""
+    hits them alike; a markdown table of medians and minima in ms, and the speed-ups over the
+    reference (its median / the provider's: above 1 is faster)."""
     import statistics
     import time
 
     dtype = torch.float32 if device == "cpu" else torch.bfloat16
     lines = [
-        "| shape | mode | reference ms | fused ms | compile ms | fused/ref | compile/ref |",
+        "| shape | mode | reference ms | fused ms | compile ms | speed-up (ref/fused) "
+        "| speed-up (ref/compile) |",
         "|---|---|---|---|---|---|---|",
     ]
     for shape in CPU_SHAPES if device == "cpu" else GPU_SHAPES:
@@ -202,9 +217,8 @@ def interleaved(device: str = "cpu", rounds: int = 40) -> str:
             check_provider("fused", device, f, m, b, g, mode)
             runs = {p: _step(_fn(p, device), f, m, b, g, mode) for p in PROVIDERS}
             times: dict[str, list[float]] = {p: [] for p in PROVIDERS}
-            for run in runs.values():
-                for _ in range(3):
-                    run()
+            for p, run in runs.items():
+                _warm(p, run, f"composite {p} {mode} {dtype} {shape}")
             for _ in range(rounds):
                 for p, run in runs.items():
                     t0 = time.perf_counter()

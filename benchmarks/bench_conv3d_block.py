@@ -3,10 +3,13 @@
 Providers: ``eager`` (the ``nn.Sequential`` block: cuDNN/oneDNN conv, native BN, activation),
 ``fused`` (:class:`vosgan.nn.FusedConv3dBlock`: fused BN + activation; the same conv, except
 that on CUDA with cudnn.benchmark off a transposed conv runs in sub-pixel form, see
-:mod:`vosgan.ops.conv3d_forms`), ``compile`` (``torch.compile`` of the eager block). Modes:
-training ``fwd`` and ``fwd+bwd``.
+:mod:`vosgan.ops.conv3d_forms`), ``compile`` (``torch.compile`` of the eager block, compiled
+afresh for each case with static shapes: :mod:`compile_case`). Modes: training ``fwd`` and
+``fwd+bwd`` (``autograd.grad`` of the input and every parameter: no ``.grad`` accumulates
+between rounds).
 
-- GPU (bf16 autocast, ``channels_last_3d``): every block shape of the ``paper`` preset's G and D,
+- GPU (bf16 autocast, ``channels_last_3d``, the input in bf16 as the previous block's output is
+  in the model): every block shape of the ``paper`` preset's G and D,
   batch 16 and 64. ``python benchmarks/bench_conv3d_block.py [batch...]`` prints the markdown
   rows of ``benchmarks/RESULTS.md`` (``triton.testing.do_bench`` medians; with
   ``VOSGAN_BENCH_GRAPH=1``, ``do_bench_cudagraph``: GPU time without the host's launches).
@@ -32,7 +35,8 @@ from collections.abc import Callable
 
 import pytest
 import torch
-from reference_check import Tol, check, outputs
+from compile_case import compile_case, graph_count, graphs_since, strict_recompiles
+from reference_check import Tol, check, no_tf32, outputs, upcast
 
 from vosgan.nn import FusedConv3dBlock, FusedConvTranspose3dBlock
 from vosgan.ops import conv3d_block as conv3d_block_ops
@@ -110,7 +114,8 @@ def fused_impl(device: str) -> tuple[str, str]:
 
 def _build(provider: str, case: tuple, batch: int, device: str) -> tuple:
     """``(block, x, go, autocast)`` of ``provider``: seeded, so every provider gets the same
-    weights, input and output gradient."""
+    weights, input and output gradient. CUDA: ``x`` in bf16 (the model's activations under
+    autocast), channels_last_3d."""
     _, transpose, act, cin, cout, thw = case
     torch.manual_seed(0)
     block = conv3d_block_reference(cin, cout, transpose=transpose, act=act).to(device)
@@ -121,9 +126,10 @@ def _build(provider: str, case: tuple, batch: int, device: str) -> tuple:
         cls = FusedConvTranspose3dBlock if transpose else FusedConv3dBlock
         block = cls.from_sequential(copy.deepcopy(block), impl=fused_impl(device)[0])
     elif provider == "compile":
-        torch._dynamo.reset()
-        block = torch.compile(block)
-    x = torch.randn(batch, cin, *thw, device=device).to(memory_format=fmt).requires_grad_()
+        block = compile_case(block)
+    dtype = torch.bfloat16 if cuda else torch.float32
+    x = torch.randn(batch, cin, *thw, device=device).to(dtype, memory_format=fmt)
+    x.requires_grad_()
     autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=cuda)
     with autocast:
         go = torch.randn_like(block(x))
@@ -151,14 +157,9 @@ def check_provider(provider: str, case: tuple, batch: int, device: str, mode: st
     want = _outputs(ref, x, go, autocast, mode)
     exact = None
     if device == "cuda":
-        flags = torch.backends.cudnn
-        with flags.flags(
-            enabled=True,
-            benchmark=flags.benchmark,
-            deterministic=flags.deterministic,
-            allow_tf32=False,
-        ):
-            exact = _outputs(ref, x, go.float(), contextlib.nullcontext(), mode)
+        with no_tf32():
+            x32 = upcast([x])[0]
+            exact = _outputs(ref, x32, go.float(), contextlib.nullcontext(), mode)
     got = _outputs(_build("fused", case, batch, device)[0], x, go, autocast, mode)
     what = f"{case[0]} fused {mode} B={batch} {device}"
     check(what, got, want, Tol(1e-5, 1e-5), grad_tol=Tol(1e-4, 1e-4), exact=exact, floor=2e-3)
@@ -166,20 +167,30 @@ def check_provider(provider: str, case: tuple, batch: int, device: str, mode: st
 
 def make_step(provider: str, case: tuple, batch: int, device: str, mode: str) -> Callable[[], None]:
     """One training-mode step of the block (``fwd`` or ``fwd+bwd``) for ``provider``, checked
-    against the eager block once before it is returned."""
+    against the eager block once before it is returned; warmed up with one call (``compile``:
+    checked to have compiled a graph)."""
     check_provider(provider, case, batch, device, mode)
+    start = graph_count()  # dynamo compiles on the first call
     block, x, go, autocast = _build(provider, case, batch, device)
+    wrt = [x, *block.parameters()]
 
     def step() -> None:
         with autocast:
             out = block(x)
         if mode == "fwd+bwd":
-            out.backward(go)
+            torch.autograd.grad(out, wrt, go)
 
+    with strict_recompiles():
+        step()  # warm-up (and compile)
+    if provider == "compile":
+        graphs_since(start, f"{case[0]} compile {mode} B={batch} {device}")
     return step
 
 
-def _extra(benchmark, provider: str, case: tuple, batch: int, mode: str, device: str) -> None:
+def _extra(
+    benchmark, provider: str, case: tuple, batch: int, mode: str, device: str, start: int
+) -> None:
+    """The row's ``extra_info``; ``start``: :func:`graph_count` before the case was built."""
     import triton
 
     benchmark.extra_info.update(
@@ -196,6 +207,9 @@ def _extra(benchmark, provider: str, case: tuple, batch: int, mode: str, device:
             "mode": mode,
         }
     )
+    if provider == "compile":
+        what = f"{case[0]} compile {mode} B={batch} {device}"
+        benchmark.extra_info["compiled_graphs"] = graphs_since(start, what)
     if provider == "fused":  # what ran for BN + activation (the conv is torch's either way)
         benchmark.extra_info["bn_act_impl"] = fused_impl(device)[1]
         if device == "cuda" and case[1]:
@@ -208,9 +222,9 @@ def _extra(benchmark, provider: str, case: tuple, batch: int, mode: str, device:
 def test_cpu_block(benchmark, case, provider, mode):
     if provider == "compile" and case not in _LARGEST_CPU:
         pytest.skip("torch.compile on CPU: the two largest blocks only (8 s per compile)")
+    start = graph_count()
     step = make_step(provider, case, CPU_BATCH, "cpu", mode)
-    step()  # warm-up (and compile)
-    _extra(benchmark, provider, case, CPU_BATCH, mode, "cpu")
+    _extra(benchmark, provider, case, CPU_BATCH, mode, "cpu", start)
     benchmark.pedantic(step, rounds=15, warmup_rounds=2)
 
 
@@ -221,19 +235,20 @@ def test_cpu_block(benchmark, case, provider, mode):
 @pytest.mark.parametrize("provider", PROVIDERS)
 @pytest.mark.parametrize("case", PAPER, ids=[c[0] for c in PAPER])
 def test_gpu_block(benchmark, case, provider, mode, batch):
+    start = graph_count()
     step = make_step(provider, case, batch, "cuda", mode)
-    step()
 
     def synced() -> None:
         step()
         torch.cuda.synchronize()
 
-    _extra(benchmark, provider, case, batch, mode, "cuda")
+    _extra(benchmark, provider, case, batch, mode, "cuda", start)
     benchmark.pedantic(synced, rounds=20, warmup_rounds=3)
 
 
 def gpu_table(batches: list[int]) -> str:
-    """Markdown rows: median ms per provider (do_bench) and fused speed-ups, bf16 CL3d."""
+    """Markdown rows: median ms per provider (do_bench) and the fused block's speed-ups (the
+    other provider's median / the fused one's: above 1 is faster), bf16 CL3d."""
     import triton
     from triton.testing import do_bench, do_bench_cudagraph
 
@@ -251,10 +266,10 @@ def gpu_table(batches: list[int]) -> str:
     torch.backends.cudnn.benchmark = os.environ.get("VOSGAN_BENCH_CUDNN_BENCHMARK") == "1"
     providers = os.environ.get("VOSGAN_BENCH_PROVIDERS", ",".join(PROVIDERS)).split(",")
     rows = [
-        f"| block | B | mode | eager ms | fused ms | compile ms | fused/eager | "
-        f"fused/compile |  ({name}, torch {torch.__version__}, triton {triton.__version__}, "
-        f"cudnn.benchmark={torch.backends.cudnn.benchmark}, fused transposed convs: "
-        f"{cuda_form('transposed')}, "
+        f"| block | B | mode | eager ms | fused ms | compile ms | speed-up (eager/fused) | "
+        f"speed-up (compile/fused) |  ({name}, torch {torch.__version__}, "
+        f"triton {triton.__version__}, cudnn.benchmark={torch.backends.cudnn.benchmark}, "
+        f"fused transposed convs: {cuda_form('transposed')}, "
         f"{'CUDA-graph replay' if graph else 'eager launches'})",
         "|---|---|---|---|---|---|---|---|",
     ]
@@ -264,7 +279,6 @@ def gpu_table(batches: list[int]) -> str:
                 ms = {"compile": float("nan")}
                 for provider in providers:
                     step = make_step(provider, case, batch, "cuda", mode)
-                    step()
                     ms[provider] = bench(step)
                 rows.append(
                     f"| {case[0]} {case[3]}->{case[4]} | {batch} | {mode} | "
@@ -283,7 +297,7 @@ def bn_only_table(batch: int = 64) -> str:
     from vosgan.ops.conv3d_block import bn_act
 
     rows = [
-        "| y (C, T, H, W) | B | layout | mode | eager ms | fused ms | fused/eager |",
+        "| y (C, T, H, W) | B | layout | mode | eager ms | fused ms | speed-up (eager/fused) |",
         "|---|---|---|---|---|---|---|",
     ]
     for _, transpose, _, _, cout, thw in PAPER:
@@ -301,7 +315,7 @@ def bn_only_table(batch: int = 64) -> str:
                     def step(impl=impl, mode=mode, y=y, w=w, b=b, go=go):
                         out = bn_act(y, w, b, training=True, impl=impl)
                         if mode == "fwd+bwd":
-                            out.backward(go)
+                            torch.autograd.grad(out, (y, w, b), go)
 
                     ms[impl] = do_bench(step, warmup=25, rep=100, return_mode="median")
                 lay = "CL3d" if fmt == torch.channels_last_3d else "NCDHW"
@@ -321,7 +335,8 @@ def cpu_table(rounds: int = 30) -> str:
     import time
 
     rows = [
-        f"| block | B | mode | eager ms | fused ms | fused/eager |  (CPU {platform.machine()}, "
+        f"| block | B | mode | eager ms | fused ms | speed-up (eager/fused) |  (CPU "
+        f"{platform.machine()}, "
         f"{torch.get_num_threads()} threads, torch {torch.__version__})",
         "|---|---|---|---|---|---|",
     ]

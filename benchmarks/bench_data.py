@@ -9,15 +9,17 @@ training step.
   64 and 32); the paper shape (batch 32, T=32, 64x64) from the cache and from the real clips on
   the fly. Frames only, as training reads them (``masks=False``: DAVIS masks are not decoded).
   Reads run on ``torch.get_num_threads()`` threads (``vosgan.data.threads``).
-- ``train_step``: one cpu-small training step (D + G update, batch 8), what the loader must feed.
+- ``train_step``: one cpu-small training step (D + G update, batch 8) on CPU as ``python -m
+  vosgan.train --fused`` runs it: the consumer the loader must feed (the ``fused`` row, the
+  faster step, so the loader's target is the harder one); the reference path's step beside it.
 
-Each row records clips/s in ``extra_info``; compare loader clips/s with the step's.
+Each row records clips/s in ``extra_info``; compare loader clips/s with the fused step's (the
+target: at least 2x).
 Run: ``pytest benchmarks/bench_data.py --benchmark-only`` (about 1-2 min on 2 CPU cores).
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
 import platform
 import sys
@@ -172,26 +174,26 @@ def test_loader(benchmark, caches: dict[str, Path], name: str) -> None:
     )
 
 
-def test_train_step(benchmark) -> None:
+@pytest.mark.parametrize("provider", ["fused", "reference"])
+def test_train_step(benchmark, provider: str) -> None:
     from vosgan import train
 
     cfg = config.load("cpu-small")
-    run = train.build_run(cfg, torch.device("cpu"), fused=False)
-    if hasattr(train, "wrap_models"):  # the phase wrappers (DDP / compile) of newer train.py
-        train.wrap_models(run)
-    train_step = train.train_step
+    device = torch.device("cpu")
+    train.configure_backends(device)  # as vosgan.train sets up its step
+    run = train.build_run(cfg, device, fused=provider == "fused")
+    train.wrap_models(run)
+    step = train.make_step(run, train.autocast_for(run))
     m = cfg.model
     real = torch.rand(cfg.data.batch_size, 3, m.frames, m.size, m.size) * 2 - 1
-    benchmark.pedantic(
-        lambda: train_step(run, real, contextlib.nullcontext()),
-        rounds=3,
-        iterations=1,
-        warmup_rounds=1,
-    )
+    step(real)  # numba compile / cache load, oneDNN primitives
+    benchmark.pedantic(lambda: step(real), rounds=3, iterations=1, warmup_rounds=1)
     if benchmark.stats is None:  # --benchmark-disable: ran as a plain test
         return
     benchmark.extra_info.update(
         _info(
+            provider=provider,
+            step="python -m vosgan.train" + (" --fused" if provider == "fused" else ""),
             preset="cpu-small",
             batch=cfg.data.batch_size,
             shape=f"T={m.frames}, {m.size}x{m.size}",

@@ -2,8 +2,10 @@
 
 Providers: ``reference`` (``grid_sample`` + Charbonnier + mean, eager), ``fused``
 (:func:`vosgan.ops.flow_warp.flow_warp_loss`: Triton on GPU, numba on CPU), ``compile``
-(``torch.compile`` of the reference). Modes: ``fwd`` (no grad), ``fwd+bwd`` (D step: gradient
-w.r.t. the flow only), ``fwd+bwd_x`` (also w.r.t. the video: the bilinear scatter).
+(``torch.compile`` of the reference, compiled afresh for each case with static shapes:
+:mod:`compile_case`; each row records ``compiled_graphs``). Modes: ``fwd`` (no grad),
+``fwd+bwd`` (D step: gradient w.r.t. the flow only), ``fwd+bwd_x`` (also w.r.t. the video: the
+bilinear scatter).
 Inputs as in training: ``x (B, 3, T, H, W)``, D's flow of a few pixels, the in-bounds weight.
 
 - CPU (fp32): the ``cpu-small`` shape (16, 3, 16, 32, 32) and the ``paper`` shape at B=8
@@ -31,6 +33,7 @@ from unittest import mock
 
 import pytest
 import torch
+from compile_case import compile_case, graph_count, graphs_since, strict_recompiles
 from reference_check import Tol, check, outputs, upcast
 
 from vosgan.ops import flow_warp as fw
@@ -47,7 +50,6 @@ PROVIDERS = ("reference", "fused", "compile")
 #: (``vosgan.kernels.flow_warp.DX_MODE``), not yet timed on a GPU.
 DX_PROVIDERS = {"fused-dx-1px": "loop-1px", "fused-dx-rgbvec": "rgb-vec"}
 MODES = ("fwd", "fwd+bwd", "fwd+bwd_x")
-_COMPILED: dict[str, Callable] = {}
 
 
 def validity(flow: torch.Tensor) -> torch.Tensor:
@@ -74,8 +76,9 @@ def make_inputs(shape: tuple, device: str, dtype: torch.dtype, mode: str) -> tup
     return x, flow, weight, wrt
 
 
-def loss_fn(provider: str, device: str, mode: str) -> Callable[..., torch.Tensor]:
-    """``provider``'s ``(x, flow, weight) -> loss``."""
+def loss_fn(provider: str, device: str) -> Callable[..., torch.Tensor]:
+    """``provider``'s ``(x, flow, weight) -> loss`` (``compile``: a fresh compile, for one
+    case)."""
     impl = "triton" if device == "cuda" else "numba"
     if provider == "reference":
         return flow_warp_loss_reference
@@ -88,7 +91,7 @@ def loss_fn(provider: str, device: str, mode: str) -> Callable[..., torch.Tensor
     elif provider == "fused-alt":  # the other ONE_PASS policy, to check the default's choice
         setting = mock.patch.dict(fw.ONE_PASS, {impl: not fw.ONE_PASS[impl]})
     else:
-        return _COMPILED.setdefault(f"{device}-{mode}", torch.compile(flow_warp_loss_reference))
+        return compile_case(flow_warp_loss_reference)
 
     def fused_with_setting(*args: torch.Tensor) -> torch.Tensor:
         with setting:
@@ -118,7 +121,7 @@ def check_provider(provider: str, shape: tuple, device: str, dtype: torch.dtype,
         args32 = upcast(args)
         wrt32 = {k: args32[1 if k == "flow" else 0] for k in wrt}
         exact = _outputs(flow_warp_loss_reference, args32, wrt32)
-    got = _outputs(loss_fn(provider, device, mode), args, wrt)
+    got = _outputs(loss_fn(provider, device), args, wrt)
     what = f"flow_warp_loss {provider} {mode} {dtype} {shape}"
     check(what, got, want, Tol(1e-5, 1e-6), grad_tol=Tol(0, 1e-4, scaled=True), exact=exact)
 
@@ -127,11 +130,13 @@ def make_step(
     provider: str, shape: tuple, device: str, dtype: torch.dtype, mode: str, sync: bool = True
 ) -> Callable[[], None]:
     """One call of the loss (and its backward) for ``provider``, checked against the reference
-    once before it is returned. ``sync``: end each call with ``torch.cuda.synchronize()`` (for
-    wall-clock timers; ``do_bench`` times with CUDA events and needs none)."""
+    once before it is returned (``compile``: checked to have compiled). ``sync``: end each call
+    with ``torch.cuda.synchronize()`` (for wall-clock timers; ``do_bench`` times with CUDA events
+    and needs none)."""
     check_provider(provider, shape, device, dtype, mode)
     x, flow, weight, wrt = make_inputs(shape, device, dtype, mode)
-    fn = loss_fn(provider, device, mode)
+    start = graph_count()
+    fn = loss_fn(provider, device)
     inputs = list(wrt.values())
     wait = torch.cuda.synchronize if device == "cuda" and sync else (lambda: None)
 
@@ -143,12 +148,22 @@ def make_step(
             torch.autograd.grad(fn(x, flow, weight), inputs)
         wait()
 
-    step()  # numba / inductor compile, Triton autotune and launch caches
+    with strict_recompiles():
+        step()  # numba / inductor compile, Triton autotune and launch caches
+    if provider == "compile":
+        graphs_since(start, f"flow_warp_loss compile {mode} {dtype} {shape}")
     return step
 
 
 def min_bytes(shape: tuple, dtype: torch.dtype, mode: str) -> int:
     """Bytes a perfect implementation moves: read x, flow, weight; write dflow (and dx)."""
+    # The floor for any implementation, and what the GB/s column divides: each input read once,
+    # each gradient written once, in ``dtype``: 0.13 GB for fwd+bwd at B=64, T=32, 64x64, bf16
+    # (0.18 GB with dx). The one-pass fused op moves more by construction: its forward also
+    # writes the unit dflow in fp32 (+65 MB), its backward reads it and writes dflow (+98 MB):
+    # 0.26 GB (0.39 GB counting the eager rescale's fp32 temporary). A two-pass op re-reading
+    # x, flow and weight moves 0.23 GB. notes/performance.md's ">= ~0.55 GB" matches none of
+    # these (all of the two-pass in fp32 is 0.46 GB): 0.13 GB is the minimum to quote.
     b, c, t, h, w = shape
     e = torch.finfo(dtype).bits // 8
     pix = b * (t - 1) * h * w
@@ -167,8 +182,16 @@ def _device_name(device: str) -> str:
 
 
 def _extra(
-    benchmark, provider: str, name: str, shape: tuple, mode: str, device: str, dtype: torch.dtype
+    benchmark,
+    provider: str,
+    name: str,
+    shape: tuple,
+    mode: str,
+    device: str,
+    dtype: torch.dtype,
+    start: int,
 ) -> None:
+    """The row's ``extra_info``; ``start``: :func:`graph_count` before the case was built."""
     import triton
 
     benchmark.group = f"flow_warp {device} {name} {mode}"
@@ -184,6 +207,9 @@ def _extra(
             "min_bytes": min_bytes(shape, dtype, mode),
         }
     )
+    if provider == "compile":
+        what = f"flow_warp_loss compile {mode} {dtype} {shape}"
+        benchmark.extra_info["compiled_graphs"] = graphs_since(start, what)
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -191,8 +217,9 @@ def _extra(
 @pytest.mark.parametrize("name", sorted(CPU_SHAPES))
 def test_flow_warp_cpu(benchmark, name: str, provider: str, mode: str) -> None:
     shape = CPU_SHAPES[name]
+    start = graph_count()
     step = make_step(provider, shape, "cpu", torch.float32, mode)
-    _extra(benchmark, provider, name, shape, mode, "cpu", torch.float32)
+    _extra(benchmark, provider, name, shape, mode, "cpu", torch.float32, start)
     benchmark.pedantic(step, rounds=5, warmup_rounds=1)
 
 
@@ -205,8 +232,9 @@ def test_flow_warp_gpu(benchmark, name: str, provider: str, mode: str, dtype: to
     if provider in DX_PROVIDERS and mode != "fwd+bwd_x":
         pytest.skip("the dx scatter runs only with the video's gradient")
     shape = GPU_SHAPES[name]
+    start = graph_count()
     step = make_step(provider, shape, "cuda", dtype, mode)
-    _extra(benchmark, provider, name, shape, mode, "cuda", dtype)
+    _extra(benchmark, provider, name, shape, mode, "cuda", dtype, start)
     benchmark.pedantic(step, rounds=20, iterations=5, warmup_rounds=2)
 
 
@@ -242,7 +270,7 @@ def main(device: str, shapes: list[str], dtypes: list[torch.dtype]) -> None:
     print(f"device: {_device_name(device)}; torch {torch.__version__}, triton {triton.__version__}")
     print(
         "| shape (B,C,T,H,W) | dtype | mode | reference ms | compile ms | fused ms | alt ms | "
-        "fused vs ref | fused vs compile | fused GB/s |"
+        "speed-up (ref/fused) | speed-up (compile/fused) | fused GB/s |"
     )
     print("|---|---|---|---|---|---|---|---|---|---|")
     all_shapes = {**GPU_SHAPES, **CPU_SHAPES}

@@ -4,9 +4,12 @@ Shapes: the trajectory encoder's, B in {16, 64}, T in {16, 32}, H in {128, 256},
 d_m = 32 (the trajectory latent). CPU: fp32, fused = the C++ kernel (``impl="cpp"``), nn.GRU =
 ATen's CPU GRU. GPU (skipped without CUDA): fp32, fused = the persistent CUDA kernel, nn.GRU =
 cuDNN. Forward runs under ``no_grad``; fwd+bwd backpropagates a fixed gradient of the output
-into the input and every parameter. GPU timings synchronise inside the timed function.
-Before timing, the fused GRU's output and gradients are checked once against nn.GRU's with the
-same weights and input (:func:`check_provider`).
+into the input and every parameter (``autograd.grad``: no ``.grad`` accumulates between rounds).
+GPU timings synchronise inside the timed function. Before timing, the fused GRU's output and
+gradients are checked once against nn.GRU's with the same weights and input
+(:func:`check_provider`). The check and the timing both run without TF32 (cuDNN and cuBLAS,
+:func:`reference_check.no_tf32`): the fused CUDA GRU computes in plain fp32, so cuDNN is timed
+doing the same work it was checked doing (``extra_info["tf32"]``).
 
 Run: ``pytest benchmarks/bench_gru.py --benchmark-only`` (about 1-2 min on a 2-core CPU).
 """
@@ -18,7 +21,7 @@ import platform
 
 import pytest
 import torch
-from reference_check import Tol, check, outputs
+from reference_check import Tol, check, no_tf32, outputs
 from torch import nn
 
 from vosgan.nn import FusedGRU
@@ -82,7 +85,7 @@ def check_provider(provider: str, gru: nn.GRU, x: torch.Tensor, g: torch.Tensor,
     CPU atol 2e-5, rtol 1e-4; CUDA atol 1e-4, rtol 1e-3 against cuDNN without TF32."""
     if provider != "fused":  # grucell_loop: torch's own cell, a baseline like nn.GRU
         return
-    with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
+    with no_tf32():
         want = _outputs(gru, x, g, mode)
     got = _outputs(_module(provider, gru, x.device.type), x, g, mode)
     tol = Tol(1e-3, 1e-4) if x.is_cuda else Tol(1e-4, 2e-5)
@@ -102,6 +105,7 @@ def test_gru(benchmark, provider: str, shape: tuple[int, int, int], mode: str, d
     g = torch.randn(B, T, H, device=device)
     check_provider(provider, gru, x, g, mode)  # once, before timing
     module = _module(provider, gru, device)
+    wrt = [x, *module.parameters()]
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
 
     def run() -> None:
@@ -110,11 +114,20 @@ def test_gru(benchmark, provider: str, shape: tuple[int, int, int], mode: str, d
                 module(x)
         else:
             out, _ = module(x)
-            out.backward(g)
+            torch.autograd.grad(out, wrt, g)
         sync()
 
     benchmark.extra_info.update(
-        _versions(device), provider=provider, mode=mode, B=B, T=T, H=H, I=D_M, dtype="float32"
+        _versions(device),
+        provider=provider,
+        mode=mode,
+        B=B,
+        T=T,
+        H=H,
+        I=D_M,
+        dtype="float32",
+        tf32=False,
     )
     rounds = 200 if device == "cuda" else max(3, int(2e6 // (B * T * H)))
-    benchmark.pedantic(run, rounds=rounds, warmup_rounds=2 if device == "cpu" else 10)
+    with no_tf32():  # as checked: cuDNN's GRU in fp32, like the fused kernel
+        benchmark.pedantic(run, rounds=rounds, warmup_rounds=2 if device == "cpu" else 10)

@@ -18,6 +18,7 @@ import platform
 
 import pytest
 import torch
+import triton
 from vosgan.kernels import bn_act as kernels
 from vosgan.kernels import bn_act_small as small
 
@@ -76,6 +77,8 @@ def test_bn_act_host_time(benchmark, launches, device: str, path: str, mode: str
     benchmark.extra_info.update(
         {
             "device": torch.cuda.get_device_name() if device == "cuda" else f"CPU {cpu}",
+            "torch": torch.__version__,
+            "triton": triton.__version__,
             "cpus": os.cpu_count(),
             "shape": "x".join(map(str, shape)),
             "launches": ", ".join(per_call),

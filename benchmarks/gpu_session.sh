@@ -13,12 +13,13 @@
 # settings, fp32 flow warp, the compiled step). The conv-forms study is
 # benchmarks/gpu_conv_forms.sh. Steps run in order of value, each under its own time cap, so a
 # step that hangs or fails costs its cap and the rest still run. Results land in OUTDIR: log.txt
-# (everything, the layer map included), tests_ops.txt and tests_ext.txt (each test's outcome) and
-# pytest-benchmark JSON files (tables: benchmarks/report.py); the device tool returns at most 8
-# files. PyAV is not on the device image: put its wheel in .whl/ (see below) or the video tests
-# fail. The shared real clips (3.8 MB) can travel too: copy ../shared/data/clips to .shared-data/
-# (ignored through .git/info/exclude, never committed) and carry it; tests and benchmarks then
-# read them through VOSGAN_SHARED_DATA.
+# (everything, the layer map included), build.txt, tests_ops.txt (each test's outcome: the op
+# tests, then those that need the extension), train_metrics.json (VOSGAN_GPU_FULL=1) and
+# pytest-benchmark JSON files (tables: benchmarks/report.py): 8 files with VOSGAN_GPU_FULL=1,
+# the most the device tool returns. PyAV is not on the device image: put its wheel in .whl/
+# (see below) or the video tests fail. The shared real clips (3.8 MB) can travel too: copy
+# ../shared/data/clips to .shared-data/ (ignored through .git/info/exclude, never committed) and
+# carry it; tests and benchmarks then read them through VOSGAN_SHARED_DATA.
 #
 # Usage, from the repository root on the CUDA machine:  benchmarks/gpu_session.sh [OUTDIR]
 # Env: PYTHON (default python3), TORCH_CUDA_ARCH_LIST (default: the card's own, e.g. 9.0).
@@ -36,8 +37,8 @@ step() { echo; echo "=== [$(($(date +%s) - T0)) s] $*"; }
 step "machine"
 nvidia-smi -L
 # DALI's GPU video reader decodes with NVDEC through the driver's libnvcuvid
-echo "libnvcuvid: $(ldconfig -p | grep -c libnvcuvid) entries in ldconfig; $(find / -xdev \
-  -name 'libnvcuvid.so*' 2>/dev/null | head -3 | tr '\n' ' ')"
+echo "libnvcuvid: $(ldconfig -p | grep -c libnvcuvid) entries in ldconfig; $(timeout 60 find / \
+  -xdev -name 'libnvcuvid.so*' 2>/dev/null | head -3 | tr '\n' ' ')"
 "$PY" -c "import torch, triton; print('torch', torch.__version__, 'CUDA', torch.version.cuda, \
 'triton', triton.__version__, torch.cuda.get_device_name())" || exit 1
 if compgen -G ".whl/*.whl" >/dev/null; then
@@ -81,14 +82,17 @@ c++ --version | head -1
 SO="$("$PY" -c "import torch, vosgan._C as c; print(c.__file__)")" &&
   nm -D -C "$SO" | grep -E "_M_insert<long>|num_put" | head -5
 
-step "backend report; the tests that need the extension (each outcome in tests_ext.txt)"
+step "backend report; the tests that need the extension (each outcome appended to tests_ops.txt)"
 "$PY" -m vosgan.backend
 if [ -z "${VOSGAN_GPU_TESTS:-}" ]; then
-  # 4 workers: 84 s on an H200 (test_gru and test_compile); a crash is named by xdist's crashitem
+  # 4 workers: 84 s on an H200 (test_gru and test_compile); a crash is named by xdist's crashitem.
+  # Appended to tests_ops.txt rather than a file of its own: the device tool returns 8 files.
   PYTHONFAULTHANDLER=1 timeout 150 "$PY" -m pytest -v -p no:cacheprovider -n 4 --timeout 120 \
-    -rfEs tests/test_gru.py tests/test_backend.py tests/test_compile.py >"$OUTDIR/tests_ext.txt" 2>&1
+    -rfEs tests/test_gru.py tests/test_backend.py tests/test_compile.py >/tmp/tests_ext.txt 2>&1
   echo "tests (extension) exit $?"
-  grep -aE "FAILED|ERROR|crashitem|[0-9]+ (passed|failed)" "$OUTDIR/tests_ext.txt" |
+  { echo; echo "=== tests that need the extension"; cat /tmp/tests_ext.txt; } \
+    >>"$OUTDIR/tests_ops.txt"
+  grep -aE "FAILED|ERROR|crashitem|[0-9]+ (passed|failed)" /tmp/tests_ext.txt |
     cut -c1-200 | sort -u | head -40
 fi
 

@@ -8,7 +8,8 @@ Tolerances are those of the op's tests in ``tests/``: fp32 compares element-wise
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+import contextlib
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,6 +42,26 @@ def outputs(
         grads = torch.autograd.grad(out, list(wrt.values()), grad_out)
         res |= {f"d{k}": g for k, g in zip(wrt, grads, strict=True)}
     return {k: v.detach() for k, v in res.items()}
+
+
+@contextlib.contextmanager
+def no_tf32() -> Iterator[None]:
+    """cuDNN convs/RNNs and cuBLAS matmuls in full fp32 (no TF32) inside, the flags as they were
+    outside: the settings of the fp32 oracle, and of timing a kernel that computes in plain fp32
+    against cuDNN/cuBLAS."""
+    matmul, cudnn = torch.backends.cuda.matmul, torch.backends.cudnn
+    before = matmul.allow_tf32
+    matmul.allow_tf32 = False
+    try:
+        with cudnn.flags(
+            enabled=cudnn.enabled,
+            benchmark=cudnn.benchmark,
+            deterministic=cudnn.deterministic,
+            allow_tf32=False,
+        ):
+            yield
+    finally:
+        matmul.allow_tf32 = before
 
 
 def upcast(args: Sequence[Any]) -> list[Any]:

@@ -5,9 +5,11 @@
 
 One row per benchmark and provider: the benchmark (test function), its case (the parameters
 other than the provider), shape, device, provider, median and inter-quartile range in ms, rounds,
-the speed-up against the reference provider of the same case (``reference``, ``eager``,
-``nn_gru``, ... or ``--reference NAME``), the benchmark's remaining ``extra_info`` (peak memory,
-FLOPs, ...), the versions and the run date. One table per benchmark file.
+the speed-up against the reference provider of the same case in the same run (input file:
+``reference``, ``eager``, ``nn_gru``, ... or ``--reference NAME``), the benchmark's remaining
+``extra_info`` (peak memory, FLOPs, ...), the versions and the run date. One table per benchmark
+file. A row whose IQR is more than :data:`NOISY` of its median is marked ``noisy``, and so is
+a speed-up that involves one.
 
 With ``--out``, only the block between ``<!-- generated:begin NAME -->`` and
 ``<!-- generated:end NAME -->`` (``NAME`` = ``--section``, default ``cpu``) is rewritten; the
@@ -32,6 +34,9 @@ REFERENCE_PROVIDERS = ("reference", "eager", "nn_gru", "nn.GRU", "native", "scip
 PROVIDER_PARAMS = ("provider", "fused", "backend", "impl")
 #: extra_info keys shown in their own column (or not at all); every other key goes to "extras".
 _OWN_COLUMNS = {"device", "provider", "shape", "torch", "triton", "numpy", "numba", "date"}
+#: IQR / median above which a row's timing is flagged as noisy (a loaded machine, a warm-up
+#: still in the rounds).
+NOISY = 0.2
 
 
 class ReportError(ValueError):
@@ -90,6 +95,7 @@ def load_rows(paths: Sequence[Path]) -> list[dict[str, Any]]:
             iqr = stats.get("iqr")
             rows.append(
                 {
+                    "source": str(path),  # the run: ratios never mix two input files
                     "file": Path(file).name,
                     "benchmark": re.sub(r"\[.*\]$", "", fullname.split("::")[-1]),
                     "case": _case(bench),
@@ -110,19 +116,43 @@ def load_rows(paths: Sequence[Path]) -> list[dict[str, Any]]:
     return rows
 
 
+def _noisy(row: dict[str, Any]) -> bool:
+    iqr = row.get("iqr_ms")
+    return iqr is not None and row["median_ms"] > 0 and iqr / row["median_ms"] > NOISY
+
+
 def add_ratios(rows: list[dict[str, Any]], reference: str | None = None) -> None:
-    """Set ``row["speedup"]`` = reference median / row median within each case (else None)."""
+    """Set ``row["speedup"]`` = reference median / row median within each case of each run
+    (input file; else None), ``row["noisy"]`` (:data:`NOISY`) and ``row["speedup_noisy"]`` (the
+    row or its reference is noisy). Raises :class:`ReportError` when a case of one run has two
+    rows of the same provider: which one is the baseline would be a guess."""
     groups: dict[tuple, list[dict[str, Any]]] = {}
     for row in rows:
-        key = (row["file"], row["benchmark"], row["case"], row["shape"], row["device"])
+        key = (
+            row.get("source"),
+            row["file"],
+            row["benchmark"],
+            row["case"],
+            row["shape"],
+            row["device"],
+        )
         groups.setdefault(key, []).append(row)
     names = (reference,) if reference else REFERENCE_PROVIDERS
-    for members in groups.values():
-        by_provider = {r["provider"]: r for r in members}
+    for key, members in groups.items():
+        by_provider: dict[str, dict[str, Any]] = {}
+        for r in members:
+            if r["provider"] in by_provider:
+                raise ReportError(
+                    f"{key[0]}: {key[2]} [{key[3]}] has two '{r['provider']}' rows (shape "
+                    f"{key[4]}, device {key[5]}); give each its own case or provider"
+                )
+            by_provider[r["provider"]] = r
         base = next((by_provider[n] for n in names if n in by_provider), None)
         for row in members:
             row["speedup"] = base["median_ms"] / row["median_ms"] if base else None
             row["is_reference"] = row is base
+            row["noisy"] = _noisy(row)
+            row["speedup_noisy"] = base is not None and (row["noisy"] or _noisy(base))
 
 
 _HEADER = (
@@ -132,31 +162,29 @@ _HEADER = (
 
 
 def render(rows: list[dict[str, Any]]) -> str:
-    """Markdown: one table per benchmark file, the reference row first in each case."""
+    """Markdown: one table per benchmark file, the reference row first in each case of each
+    run."""
     out: list[str] = []
     files = list(dict.fromkeys(r["file"] for r in rows))
     for file in files:
         mine = [r for r in rows if r["file"] == file]
-        order = {
-            key: i
-            for i, key in enumerate(
-                dict.fromkeys((r["benchmark"], r["case"], r["shape"], r["device"]) for r in mine)
-            )
-        }
-        mine.sort(
-            key=lambda r: (
-                order[(r["benchmark"], r["case"], r["shape"], r["device"])],
-                not r.get("is_reference"),
-            )
-        )
+
+        def case(r: dict[str, Any]) -> tuple:  # one case of one run (input file)
+            return r["benchmark"], r["case"], r["shape"], r["device"], r.get("source")
+
+        order = {key: i for i, key in enumerate(dict.fromkeys(map(case, mine)))}
+        mine.sort(key=lambda r: (order[case(r)], not r.get("is_reference")))
         out += [f"### {file}", "", _HEADER]
         for r in mine:
             iqr = f"{r['iqr_ms']:.3f}" if r["iqr_ms"] is not None else "-"
+            iqr += " noisy" if r.get("noisy") else ""
             speed = (
                 "ref"
                 if r.get("is_reference")
                 else (f"{r['speedup']:.2f}x" if r.get("speedup") is not None else "-")
             )
+            if r.get("speedup_noisy") and not r.get("is_reference"):
+                speed += " (noisy)"
             out.append(
                 f"| {r['benchmark']} | {r['case']} | {r['shape']} | {r['device']} | "
                 f"{r['provider']} | {r['median_ms']:.3f} | {iqr} | {r['rounds']} | "

@@ -33,3 +33,34 @@ def test_fused_step_check_passes_the_step_and_fails_a_wrong_gradient(bench, fact
     else:
         with pytest.raises(AssertionError, match=r"G\.gru\.weight_ih_l0\.grad differs"):
             bench.check_fused_step("cpu-small", "cpu", 4, faulty, run)
+
+
+@pytest.fixture
+def subpixel(monkeypatch):
+    bench_dir = Path(__file__).resolve().parents[1] / "benchmarks"
+    monkeypatch.syspath_prepend(str(bench_dir))  # imports bench_conv3d_block, reference_check
+    spec = importlib.util.spec_from_file_location("bench_sp", bench_dir / "bench_conv_subpixel.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("transposed", [True, False])
+def test_subpixel_timed_check_passes_the_forms_and_fails_a_wrong_one(
+    subpixel, monkeypatch, transposed
+):
+    """The conv-forms benchmark's check in the timed configuration (on CUDA a bf16 input under
+    bf16 autocast; here CPU autocast): every sub-pixel form passes the 2x rule, and a form 5% off
+    (its weight scaled) fails it."""
+    case = next(c for c in subpixel.CPU_SMALL if c[1] == transposed)
+    for form in subpixel.FORMS[transposed][1:]:
+        subpixel.check_timed(form, case, "cpu", batch=2, amp=True)
+    wrong, conv = subpixel.FORMS[transposed][-1], subpixel.conv
+
+    def faulty(form, t):
+        fn = conv(form, t)
+        return (lambda x, w, *args: fn(x, w * 1.05, *args)) if form == wrong else fn
+
+    monkeypatch.setattr(subpixel, "conv", faulty)
+    with pytest.raises(AssertionError, match="more than 2x the reference"):
+        subpixel.check_timed(wrong, case, "cpu", batch=2, amp=True)

@@ -132,3 +132,55 @@ def test_out_appends_a_missing_block_and_reports_bad_input(tmp_path, capsys):
     md.write_text(f"{end}\n{begin}\n")  # end before begin
     assert report.main([str(_fixture(tmp_path)), "--out", str(md), "--section", "run2"]) == 2
     assert "unbalanced" in capsys.readouterr().err
+
+
+def _run(path: Path, day: str, benches: list[dict]) -> Path:
+    data = {"machine_info": {}, "datetime": f"2026-11-{day}T12:00:00", "benchmarks": benches}
+    path.write_text(json.dumps(data))
+    return path
+
+
+def test_ratios_stay_within_each_run(tmp_path):
+    """Two runs of the same cases (two JSON files): each fused row is divided into its own run's
+    reference (2.00x in both), never another run's."""
+    info = {"device": "CPU x2", "shape": "s"}
+    runs = [
+        _run(
+            tmp_path / f"run{day}.json",
+            day,
+            [
+                _bench("test_train_step", {"case": "c", "fused": False}, ref, 0.0, info),
+                _bench("test_train_step", {"case": "c", "fused": True}, ref / 2, 0.0, info),
+            ],
+        )
+        for day, ref in (("25", 3.0), ("26", 1.0))
+    ]
+    rows = report.load_rows(runs)
+    report.add_ratios(rows)
+    fused = [r for r in rows if r["provider"] == "fused"]
+    assert [r["speedup"] for r in fused] == [pytest.approx(2.0), pytest.approx(2.0)]
+    table = report.render(rows)
+    assert table.count("| 2.00x |") == 2 and "6.00x" not in table
+
+
+def test_duplicate_provider_in_a_case_is_an_error(tmp_path, capsys):
+    bench = _bench("test_train_step", {"case": "c", "fused": True}, 1.0, 0.0, {})
+    path = _run(tmp_path / "dup.json", "25", [bench, {**bench, "name": "other"}])
+    assert report.main([str(path)]) == 2
+    assert "two 'fused' rows" in capsys.readouterr().err
+
+
+def test_noisy_rows_and_their_ratios_are_flagged(tmp_path):
+    """IQR above 0.2 of the median: the row's IQR and every speed-up it enters say noisy."""
+    benches = [
+        _bench("test_train_step", {"case": "c", "fused": False}, 1.0, 0.5, {}),  # 0.5: noisy
+        _bench("test_train_step", {"case": "c", "fused": True}, 0.5, 0.05, {}),  # 0.1: quiet
+        _bench("test_train_step", {"case": "d", "fused": False}, 1.0, 0.1, {}),
+        _bench("test_train_step", {"case": "d", "fused": True}, 0.5, 0.1, {}),  # 0.2: quiet
+    ]
+    rows = report.load_rows([_run(tmp_path / "r.json", "25", benches)])
+    report.add_ratios(rows)
+    lines = [ln for ln in report.render(rows).splitlines() if ln.startswith("| test_")]
+    assert "| 500.000 noisy | 5 | ref |" in lines[0]
+    assert "| 50.000 | 5 | 2.00x (noisy) |" in lines[1]
+    assert "noisy" not in lines[2] + lines[3]
