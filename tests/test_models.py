@@ -136,6 +136,16 @@ def test_models_refuse_configs_they_cannot_build(net, fields, message):
         net(ModelConfig(**fields))
 
 
+def test_sprite_stream_takes_fewer_frames_than_the_3d_stream_needs():
+    """The 3D stream doubles T with H and W (T >= 32 at 128x128); the sprite stream draws each
+    frame in 2D and builds at 128x128 with T = 16."""
+    cfg = ModelConfig(size=128, frames=16, fg_stream="sprite", g_channels=64, gru_hidden=16)
+    out = Generator(cfg)(*Generator(cfg).sample_latents(1))
+    assert out.video.shape == (1, 3, 16, 128, 128)
+    with pytest.raises(ConfigError, match="multiple of 32"):
+        Generator(ModelConfig(size=128, frames=16))
+
+
 def test_generator_checks_inputs_and_takes_an_empty_batch():
     G = Generator(CFG)
     z_c, anchors = G.sample_latents(2)

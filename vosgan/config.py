@@ -356,10 +356,11 @@ def validate_model(m: ModelConfig, net: Literal["G", "D"] | None = None) -> None
         )
     if net != "D":
         stages = m.up_stages
-        if m.frames % 2**stages or m.frames < 2**stages:
+        # the 3D stream doubles T with H and W; the sprite stream draws every frame in 2D
+        if m.fg_stream == "conv3d" and (m.frames % 2**stages or m.frames < 2**stages):
             raise ConfigError(
                 f"model.frames must be a positive multiple of {2**stages} "
-                f"(2**up_stages for model.size={m.size}), got {m.frames}"
+                f"(2**up_stages for model.size={m.size}, model.fg_stream=conv3d), got {m.frames}"
             )
         for name in ("z_content", "z_motion", "anchors", "gru_hidden", "g_channels"):
             if getattr(m, name) < 1:

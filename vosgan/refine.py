@@ -63,7 +63,7 @@ def refine_segmentation(prob: Tensor, video: Tensor, cfg: ModelConfig) -> Tensor
     ``sigma = model.seg_refine``); ``prob`` unchanged when ``model.seg_refine`` is 0.
 
     ``prob (B, 1, T, H, W)`` in [0, 1], ``video (B, 3, T, H, W)`` in [-1, 1] -> float32
-    ``(B, 1, T, H, W)`` in [0, 1].
+    ``(B, 1, T, H, W)`` in [0, 1] (``prob`` itself, in its own dtype, when refinement is off).
     """
     if cfg.seg_refine <= 0:
         return prob
