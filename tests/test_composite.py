@@ -410,3 +410,15 @@ def test_offsets_past_2_31_elements():
     want = _run(composite_reference, f, m, b, g)
     for name, x, y in zip(("v", "df", "dm", "db"), got, want, strict=True):
         torch.testing.assert_close(x, y, rtol=2e-3, atol=2e-3, msg=name)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_forward_uses_the_references_arithmetic(impl):
+    """m * f + (1 - m) * b, not b + m (f - b): a mask of exactly 1 returns f exactly (a saturated
+    sigmoid is 1.0 in fp32) and an infinite background stays infinite, as in the reference."""
+    f = torch.tensor([1e-3, 1.0, 0.5, -2.0], device=DEV).view(1, 1, 1, 1, 4)
+    m = torch.tensor([1.0, 0.5, 0.5, 0.0], device=DEV).view(1, 1, 1, 1, 4)
+    b = torch.tensor([1e4, float("inf"), -float("inf"), 3.0], device=DEV).view(1, 1, 1, 4)
+    got = composite(f, m, b, impl=impl)
+    assert torch.equal(got, composite_reference(f, m, b))
+    assert got.flatten().tolist()[:3] == [f.flatten()[0].item(), float("inf"), -float("inf")]

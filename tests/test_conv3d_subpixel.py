@@ -442,3 +442,20 @@ def test_gpu_narrow_modules_run_their_form(monkeypatch, form, no_tf32):
         calls.clear()
         _same_function(plain, swapped, x, tol=1e-4, out_atol=1e-5, ones=True)
         assert calls == [1]
+
+
+def test_entry_points_check_the_input_and_autocast_leaves_float64_alone():
+    """A conv's sub-pixel input gradient needs even T/H/W: refused at the call, not in backward;
+    under autocast float64 stays float64, as torch's own conv does (autocast casts fp32 only)."""
+    from vosgan.ops.conv3d_subpixel import subpixel_conv3d, subpixel_form_conv
+
+    w = torch.randn(5, 3, 4, 4, 4, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"odd T/H/W \(5, 6, 2\)"):
+        subpixel_form_conv(torch.randn(2, 3, 5, 6, 2, dtype=torch.float64), w, None, "subpixel-dx")
+    with pytest.raises(ValueError, match=r"x must be \(B, 3, T, H, W\)"):
+        subpixel_conv3d(torch.randn(2, 4, 4, 6, 2, dtype=torch.float64), w, None, False)
+    x = torch.randn(2, 3, 4, 6, 2, dtype=torch.float64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, want = subpixel_conv3d(x, w, None, False), torch.nn.functional.conv3d(x, w, None, 2, 1)
+    assert out.dtype == want.dtype == torch.float64
+    torch.testing.assert_close(out, want)

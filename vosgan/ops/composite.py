@@ -36,6 +36,7 @@ any non-contiguous input. Outputs and gradients are contiguous.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -87,6 +88,10 @@ def fused_impl(device: torch.device) -> tuple[str | None, str]:
             import numba
         except ImportError as exc:
             return None, f"numba not importable ({exc})"
+        from vosgan.ops._numba.launch import fork_blocker
+
+        if fork_blocker() is not None:
+            return None, str(fork_blocker())
         threads = numba.get_num_threads()
         return "numba", f"numba {numba.__version__}, parallel over {threads} threads"
     return None, f"no fused compositing kernel for device type {device.type!r}"
@@ -143,6 +148,7 @@ def _numba_fwd(f: Tensor, m: Tensor, b: Tensor, out_dtype: torch.dtype) -> Tenso
             _np(m, cd, (bsz, t, n)),
             _np(b, cd, (bsz, c, n)),
             v.numpy().reshape(bsz, c, t, n),
+            np.float64(1) if cd == torch.float64 else np.float32(1),
         )
     return v if out_dtype == cd else v.to(out_dtype)
 

@@ -214,10 +214,14 @@ class _SubpixelConvFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, form: str) -> Tensor:
         device = x.device.type
-        if torch.is_autocast_enabled(device):
+        if torch.is_autocast_enabled(device):  # as autocast casts a conv: float32 only
             dtype = torch.get_autocast_dtype(device)
-            x, weight = x.to(dtype), weight.to(dtype)
-            bias = None if bias is None else bias.to(dtype)
+
+            def cast(t: Tensor) -> Tensor:
+                return t.to(dtype) if t.dtype == torch.float32 else t
+
+            x, weight = cast(x), cast(weight)
+            bias = None if bias is None else cast(bias)
         ctx.save_for_backward(x, weight)
         ctx.form, ctx.has_bias = form, bias is not None
         with torch.autocast(device, enabled=False):
@@ -265,6 +269,7 @@ def subpixel_conv3d(x: Tensor, weight: Tensor, bias: Tensor | None, transposed: 
     """``conv_transpose3d`` / ``conv3d`` (stride 2, padding 1, kernel 4) through the sub-pixel
     CPU path (check :func:`subpixel_applies` first); values and gradients equal the module's
     own forward up to fp32 rounding. ``x (B, C_in, T, H, W)``; weight as in the module."""
+    _check_input(x, weight, transposed)
     return _SubpixelConvFunction.apply(
         x, weight, bias, "subpixel-fwd" if transposed else "subpixel-dx"
     )
@@ -275,8 +280,24 @@ def subpixel_form_conv(x: Tensor, weight: Tensor, bias: Tensor | None, form: str
     :data:`vosgan.ops.conv3d_forms.CUDA_FORMS` that run here (``"subpixel"``, ``"subpixel-fwd"``,
     ``"subpixel-bwd"``, ``"subpixel-dx"``), on any device; values and
     gradients equal torch's up to rounding. ``x (B, C_in, T, H, W)``; weight as in the module."""
+    if form not in ("subpixel", "subpixel-fwd", "subpixel-bwd", "subpixel-dx"):
+        raise ValueError(f"form must be a sub-pixel form, got {form!r}")
+    _check_input(x, weight, transposed=form != "subpixel-dx")
     if form == "subpixel":
         return conv_transpose3d_subpixel(x, weight, bias)
-    if form not in ("subpixel-fwd", "subpixel-bwd", "subpixel-dx"):
-        raise ValueError(f"form must be a sub-pixel form, got {form!r}")
     return _SubpixelConvFunction.apply(x, weight, bias, form)
+
+
+def _check_input(x: Tensor, weight: Tensor, transposed: bool) -> None:
+    """``x (B, C_in, T, H, W)`` with ``weight``'s input channels; even T, H, W for a conv (its
+    input gradient is a sub-pixel transposed conv only then)."""
+    c_in = weight.shape[0] if transposed else weight.shape[1]
+    if x.dim() != 5 or x.shape[1] != c_in:
+        raise ValueError(
+            f"x must be (B, {c_in}, T, H, W) for weight {tuple(weight.shape)}, got {tuple(x.shape)}"
+        )
+    if not transposed and any(s % 2 for s in x.shape[2:]):
+        raise ValueError(
+            f"x has odd T/H/W {tuple(x.shape[2:])}: a stride-2 conv's input gradient has a "
+            "sub-pixel form only for even sizes"
+        )

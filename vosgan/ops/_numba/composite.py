@@ -25,8 +25,12 @@ _MIN_JOBS = 8
 
 
 @njit(parallel=True, cache=True)
-def composite_fwd_kernel(f: np.ndarray, m: np.ndarray, b: np.ndarray, v: np.ndarray) -> None:
-    """``v[i, c, t] = m[i, t] * f[i, c, t] + (1 - m[i, t]) * b[i, c]`` (all arrays preallocated).
+def composite_fwd_kernel(
+    f: np.ndarray, m: np.ndarray, b: np.ndarray, v: np.ndarray, one: np.floating
+) -> None:
+    """``v[i, c, t] = m[i, t] * f[i, c, t] + (1 - m[i, t]) * b[i, c]`` (all arrays preallocated;
+    ``one``: 1 in the arrays' dtype, so fp32 stays fp32). The reference's arithmetic, not
+    ``b + m (f - b)``: a mask of exactly 1 gives ``f`` exactly, an infinite ``b`` stays infinite.
 
     One job per ``(batch, channel)``: it walks ``f[i, c]`` and ``v[i, c]`` as one contiguous
     ``T * N`` run (the prefetcher's best case) with ``b[i, c]`` in L1; per ``(batch, frame)``
@@ -41,7 +45,7 @@ def composite_fwd_kernel(f: np.ndarray, m: np.ndarray, b: np.ndarray, v: np.ndar
             mt = m[i, t]
             vr = v[i, c, t]
             for k in range(n):
-                vr[k] = br[k] + mt[k] * (fr[k] - br[k])  # no float64 literal: stays fp32
+                vr[k] = mt[k] * fr[k] + (one - mt[k]) * br[k]
 
 
 @njit(parallel=True, cache=True)
