@@ -18,6 +18,7 @@ from vosgan.kernels import bn_act_small
 
 from vosgan import aot, backend
 from vosgan.nn import FusedConv3dBlock, FusedConvTranspose3dBlock, fuse_modules
+from vosgan.nn import conv3d_block as nn_block_mod
 from vosgan.ops import conv3d_block as ops
 from vosgan.ops.conv3d_block import bn_act, bn_act_reference, conv3d_block_reference
 
@@ -803,3 +804,22 @@ def test_gpu_transposed_block_forms_match_eager(cudnn_benchmark, monkeypatch):
     for got, want in zip(grads[1], grads[0], strict=True):
         scale = want.abs().max().item()
         torch.testing.assert_close(got, want, rtol=3e-2, atol=3e-2 * scale)
+
+
+def test_auto_resolves_float64_to_the_reference_for_the_op_and_the_module(monkeypatch):
+    """One rule for bn_act and the fused block's forward: where auto would pick Triton (CUDA),
+    float64 runs the reference (the kernels compute in fp32); an explicit impl is kept."""
+    from vosgan import backend
+
+    monkeypatch.setattr(ops, "auto_impl", lambda device_type: "triton")
+    monkeypatch.setattr(backend, "_warned", set())
+    y64, y32 = torch.zeros(2, 3, 1, 2, 2, dtype=torch.float64), torch.zeros(2, 3, 1, 2, 2)
+    with pytest.warns(UserWarning, match="float64 runs the reference"):
+        assert ops.resolve_impl("auto", y64) == "reference"
+    assert ops.resolve_impl("auto", y32) == "triton"
+    assert ops.resolve_impl("triton", y64) == "triton"  # refused later, by name
+    block = FusedConv3dBlock(3, 4, 3, 1, 1).double()
+    seen = []
+    monkeypatch.setattr(nn_block_mod, "bn_act_reference", lambda *a, **k: seen.append(1) or a[0])
+    block(torch.randn(2, 3, 1, 4, 4, dtype=torch.float64))
+    assert seen == [1]  # the module took the reference, not bn_act(impl="triton")

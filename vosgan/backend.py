@@ -66,6 +66,12 @@ def choose(op: str, device: torch.device | str) -> OpChoice:
     return _choose(op, torch.device(device).type)
 
 
+def forget_choices() -> None:
+    """Decide every op's implementation again at its next call (e.g. in a forked child whose
+    fused kernels cannot run)."""
+    _choose.cache_clear()
+
+
 @cache
 def _choose(op: str, device_type: str) -> OpChoice:
     if op not in OPS:

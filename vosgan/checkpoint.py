@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from vosgan import cli
 from vosgan import config as config_mod
 from vosgan.config import Config, ConfigError
 
@@ -20,22 +21,12 @@ LAST = "last.pt"
 
 
 def save_atomic(obj: Any, path: str | os.PathLike) -> None:
-    """``torch.save`` to a temporary file beside ``path``, fsync, then rename over ``path``.
+    """``torch.save`` to a temporary file beside ``path``, fsync, then rename over ``path``
+    (:func:`vosgan.cli.write_atomic`).
 
     A crash or Ctrl-C at any moment leaves either the old file or the new one, never half of one.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as fh:
-            torch.save(obj, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    cli.write_atomic(path, lambda fh: torch.save(obj, fh))
 
 
 def rng_state() -> dict[str, Any]:

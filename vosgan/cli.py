@@ -142,14 +142,18 @@ def add_json(parser: argparse.ArgumentParser, what: str) -> None:
     )
 
 
-def write_atomic(path: str | os.PathLike, data: str | bytes | Callable[[BinaryIO], None]) -> Path:
+def write_atomic(
+    path: str | os.PathLike, data: str | bytes | Callable[[BinaryIO], None], fsync: bool = True
+) -> Path:
     """Write ``path`` whole or not at all, creating its folder; returns it as a ``Path``.
 
     ``data`` is text (written as UTF-8), bytes, or a callable that writes the file's content to
     the binary file object it is given (``lambda fh: np.savez(fh, ...)``, ``torch.save``). It
     goes to a temporary file in the same folder, flushed to disk, then renamed over ``path``
     (``os.replace``): a crash, Ctrl-C or a failing writer leaves the old file (or none), never
-    half of one, and the temporary file is removed (as :func:`vosgan.checkpoint.save_atomic`).
+    half of one, and the temporary file is removed. ``fsync=False`` skips the flush to disk (for
+    many small files, e.g. one mask per frame: still never half a file after Ctrl-C or an
+    exception, though a power loss may lose the newest).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -161,7 +165,8 @@ def write_atomic(path: str | os.PathLike, data: str | bytes | Callable[[BinaryIO
             else:
                 fh.write(data.encode() if isinstance(data, str) else data)
             fh.flush()
-            os.fsync(fh.fileno())
+            if fsync:
+                os.fsync(fh.fileno())
         os.chmod(tmp, 0o644)  # mkstemp makes it private; results are for everyone to read
         os.replace(tmp, path)
     finally:

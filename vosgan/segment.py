@@ -244,7 +244,7 @@ def write_outputs(
     for stem, m in zip(stems, masks, strict=True):
         png = io.BytesIO()
         Image.fromarray(m.astype(np.uint8) * 255, mode="L").save(png, format="PNG")
-        cli.write_atomic(mask_dir / f"{stem}.png", png.getvalue())
+        cli.write_atomic(mask_dir / f"{stem}.png", png.getvalue(), fsync=False)  # one a frame
     written = [mask_dir]
     if videos:
         tinted = overlay(frames, masks)

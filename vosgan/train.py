@@ -19,7 +19,6 @@ import contextlib
 import dataclasses
 import functools
 import json
-import os
 import signal
 import sys
 import textwrap
@@ -415,9 +414,7 @@ def _open_log(path: Path, step: int) -> TextIO:
                     kept.append(line + "\n")
             except (ValueError, KeyError, TypeError):  # a row torn by a kill: dropped
                 continue
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text("".join(kept))
-        os.replace(tmp, path)
+        cli.write_atomic(path, "".join(kept))
     return path.open("a")
 
 

@@ -254,11 +254,16 @@ def _foreground(values: np.ndarray, may_be_soft: bool) -> tuple[np.ndarray, str]
     if not may_be_soft:
         return values > 0, ""
     if values.dtype == np.uint8:  # a 480p DAVIS mask: bincount 0.47 ms, np.unique 1.0 ms
-        levels = np.flatnonzero(np.bincount(values.ravel(), minlength=256))
+        counts = np.bincount(values.ravel(), minlength=256)
+        levels = np.flatnonzero(counts)
+        peak = int(levels[-1])
+        between = int(counts.sum() - counts[0] - (counts[peak] if peak else 0))
     else:
-        levels = np.unique(values)
-    peak = int(levels[-1])
-    between = np.count_nonzero((values != 0) & (values != peak))
+        levels, counts = np.unique(values, return_counts=True)
+        peak = int(levels[-1])
+        between = int(counts[(levels != 0) & (levels != peak)].sum())
+    if not between:  # 0 and one other value: the usual label mask
+        return values > 0, ""
     what = f"{between} pixels are neither 0 nor {peak}"
     if np.count_nonzero(levels) <= SOFT_LEVELS:
         return values > 0, f"{what}: read as more objects (foreground > 0)" if between else ""

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from vosgan import backend
 from vosgan.nn.fuse import register_fuser
-from vosgan.ops.conv3d_block import IMPLS, auto_impl, bn_act, bn_act_reference
+from vosgan.ops.conv3d_block import IMPLS, bn_act, bn_act_reference, resolve_impl
 from vosgan.ops.conv3d_forms import cuda_conv, narrow_cuda_conv
 from vosgan.ops.conv3d_subpixel import SUBPIXEL_MAX_CHANNELS, subpixel_blocker, subpixel_conv3d
 
@@ -115,7 +115,7 @@ class _FusedBlock(nn.Sequential):
                 factor = 1.0 / float(bn.num_batches_tracked)
         batch_stats = bn.training or (bn.running_mean is None and bn.running_var is None)
         use_buffers = not bn.training or bn.track_running_stats
-        impl = auto_impl(y.device.type) if self.impl == "auto" else self.impl
+        impl = resolve_impl(self.impl, y)
         # Where BN + activation run PyTorch's own ops (on CPU, always), they run straight, as
         # nn.BatchNorm3d and the activation module would, their errors included: bn_act's
         # argument checks, for its own callers, cost 5-10 us a block (a few % of a cpu-small
@@ -131,7 +131,7 @@ class _FusedBlock(nn.Sequential):
             training=batch_stats,
             momentum=factor,
             eps=bn.eps,
-            negative_slope=self.negative_slope,
+            negative_slope=float(act.negative_slope) if type(act) is nn.LeakyReLU else 0.0,
             **extra,
         )
 

@@ -90,7 +90,6 @@ def fuse_modules(
         return module
 
     # a module used in several places is fused once, and every place gets the same new module
-    # (named_children() would list it once and leave the other places unfused)
     # (named_children() would list it once and leave the other places unfused); the map keeps
     # the old module alive so that its id is not reused while the walk runs
     fused: dict[int, tuple[nn.Module, nn.Module]] = {}

@@ -90,8 +90,8 @@ def fused_impl(device: torch.device) -> tuple[str | None, str]:
             return None, f"numba not importable ({exc})"
         from vosgan.ops._numba.launch import fork_blocker
 
-        if fork_blocker() is not None:
-            return None, str(fork_blocker())
+        if (why := fork_blocker()) is not None:
+            return None, why
         threads = numba.get_num_threads()
         return "numba", f"numba {numba.__version__}, parallel over {threads} threads"
     return None, f"no fused compositing kernel for device type {device.type!r}"

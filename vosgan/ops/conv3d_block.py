@@ -343,6 +343,18 @@ def auto_impl(device_type: str) -> str:
     return "triton"
 
 
+def resolve_impl(impl: str, y: Tensor) -> str:
+    """``impl`` for ``y (B, C, T, H, W)``: ``"auto"`` becomes :func:`auto_impl`'s choice, and
+    the reference for float64 (the kernels compute in fp32; warned once); others unchanged."""
+    if impl != "auto":
+        return impl
+    impl = auto_impl(y.device.type)
+    if impl == "triton" and y.dtype == torch.float64:
+        backend.warn_once("bn_act-f64", "bn_act: float64 runs the reference (fp32 kernels)")
+        return "reference"
+    return impl
+
+
 def _dtype_names(dtypes: tuple[torch.dtype, ...]) -> str:
     return "/".join(str(d).removeprefix("torch.") for d in dtypes)
 
@@ -464,11 +476,7 @@ def bn_act(
     _validate(
         y, weight, bias, running_mean, running_var, residual, momentum, eps, negative_slope, impl
     )
-    if impl == "auto":
-        impl = auto_impl(y.device.type)
-        if impl == "triton" and y.dtype == torch.float64:
-            backend.warn_once("bn_act-f64", "bn_act: float64 runs the reference (fp32 kernels)")
-            impl = "reference"
+    impl = resolve_impl(impl, y)
     batch_stats = training or running_mean is None
     if batch_stats and y.numel() // y.shape[1] == 1:  # ATen's rule: an empty batch is fine
         raise ValueError(

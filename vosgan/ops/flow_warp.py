@@ -180,8 +180,8 @@ def fused_impl(device: torch.device) -> tuple[str | None, str]:
             return None, f"numba kernels not importable ({exc})"
         from vosgan.ops._numba.launch import fork_blocker
 
-        if fork_blocker() is not None:
-            return None, str(fork_blocker())
+        if (why := fork_blocker()) is not None:
+            return None, why
         return "numba", "numba CPU kernels (fp32; float64 inputs run the reference)"
     return None, f"no fused flow-warp loss for device type {device.type!r}"
 

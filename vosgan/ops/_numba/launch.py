@@ -39,7 +39,7 @@ def _after_fork_in_child() -> None:
         )
         from vosgan import backend
 
-        backend._choose.cache_clear()  # auto re-decides: the reference, with the reason
+        backend.forget_choices()  # auto re-decides: the reference, with the reason
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
