@@ -22,7 +22,6 @@ BCE stops the run with an error naming the step (exit status 2).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 import time
 from typing import Any
@@ -56,13 +55,8 @@ def check_used(cfg: Config) -> None:
     its preset and that the ceiling does not read (outside :data:`USED`): such an override would
     otherwise be ignored without a word."""
     base = config_mod.PRESETS[cfg.preset]
-    ignored = [
-        f"{section}.{f.name}={getattr(getattr(cfg, section), f.name)!r}"
-        for section in config_mod.SECTIONS
-        for f in dataclasses.fields(getattr(cfg, section))
-        if f"{section}.{f.name}" not in USED
-        and getattr(getattr(cfg, section), f.name) != getattr(getattr(base, section), f.name)
-    ]
+    changed = config_mod.changed_fields(base, cfg)
+    ignored = [f"{k}={new!r}" for k, (_, new) in changed.items() if k not in USED]
     if ignored:
         why = "; it trains on synthetic clips only" if cfg.data.source != base.data.source else ""
         raise config_mod.ConfigError(

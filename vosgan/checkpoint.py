@@ -108,10 +108,8 @@ def resume_config(path: str | os.PathLike, overrides: dict[str, Any]) -> Config:
     naming it (``"loss.r1: 1.0 != 0.5"``)."""
     saved = checkpoint_config(load_checkpoint(path, mmap=True))
     cfg = config_mod.apply_overrides(saved, overrides)
-    old, new = _flat(saved), _flat(cfg)
-    fixed = [
-        f"{k}: {old[k]!r} != {new[k]!r}" for k in old if old[k] != new[k] and k not in RESUMABLE
-    ]
+    changed = config_mod.changed_fields(saved, cfg)
+    fixed = [f"{k}: {a!r} != {b!r}" for k, (a, b) in changed.items() if k not in RESUMABLE]
     if fixed:
         raise ConfigError(
             f"resuming {path} continues its run with the config it was trained with; these "
@@ -120,15 +118,6 @@ def resume_config(path: str | os.PathLike, overrides: dict[str, Any]) -> Config:
             "device, precision and speed switches: RESUMABLE in vosgan/checkpoint.py)"
         )
     return cfg
-
-
-def _flat(cfg: Config) -> dict[str, Any]:
-    return {
-        f"{s}.{k}": v
-        for s, sub in cfg.to_dict().items()
-        if s in config_mod.SECTIONS
-        for k, v in sub.items()
-    }
 
 
 def latest_in(run_dir: str | os.PathLike) -> Path | None:
@@ -162,8 +151,8 @@ def find_resume(resume: str, out: str | None, preset: str, runs_root: str = "run
 
 def model_config_diff(a: Config, b: Config) -> list[str]:
     """Model fields whose values differ between two configs: ``["size: 32 != 64", ...]``."""
-    da, db = a.to_dict()["model"], b.to_dict()["model"]
-    return [f"model.{k}: {da[k]!r} != {db[k]!r}" for k in da if da[k] != db.get(k)]
+    changed = config_mod.changed_fields(a, b)
+    return [f"{k}: {x!r} != {y!r}" for k, (x, y) in changed.items() if k.startswith("model.")]
 
 
 def sha256_file(path: str | Path) -> str:

@@ -500,6 +500,17 @@ BEFORE_FIELD: dict[str, Any] = {
 }
 
 
+def changed_fields(a: Config, b: Config) -> dict[str, tuple[Any, Any]]:
+    """Every field whose value differs between ``a`` and ``b``: ``{"loss.r1": (1.0, 0.5)}``."""
+    da, db = a.to_dict(), b.to_dict()
+    return {
+        f"{s}.{k}": (v, db[s].get(k))
+        for s in SECTIONS
+        for k, v in da[s].items()
+        if v != db[s].get(k)
+    }
+
+
 def from_dict(data: dict[str, Any]) -> Config:
     """Rebuild a :class:`Config` from :meth:`Config.to_dict` output (e.g. a checkpoint); a
     field it lacks takes its :data:`BEFORE_FIELD` value, else the preset's default."""
